@@ -1,0 +1,82 @@
+"""The `egoslots` command line: one click group, every stage a subcommand.
+
+Commands are imported lazily so that `egoslots --help` is instant and one stage's heavy
+imports (torch, pybullet, ...) never slow another. Each entry names the module that defines
+the click command and the one-line description shown in `egoslots --help`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# name -> (module:attribute, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-synthetic": ("stages.synthetic:make_synthetic", "Generate MOVi-like synthetic videos with masks (pybullet)."),
+    "inspect-data": ("stages.inspect_data:inspect_data", "Summarise a dataset: videos, frames, splits, masks."),
+    "extract-features": ("stages.extract:extract_features", "Stage 1: run the frozen backbone once and cache features."),
+    "cache": ("stages.cache_cmds:cache", "List, describe, verify or remove feature stores."),
+    "pretrain-dvae": ("stages.dvae:pretrain_dvae", "Stage 2: train STEVE's dVAE on cached frames, then tokenize."),
+    "tokenize": ("stages.dvae:tokenize", "Stage 2: write a trained dVAE's token ids into the store."),
+    "train-slots": ("stages.train_slots:train_slots", "Stage 3: train the slot model from cached features and tokens."),
+    "evaluate": ("stages.evaluate:evaluate", "FG-ARI / mBO of a trained run against ground truth, with baselines."),
+    "export-slots": ("stages.export:export_slots", "Export per-frame slots, masks and tokens for downstream use."),
+    "visualize": ("stages.visualize:visualize", "Render slot masks over a video as GIF and PNG strip."),
+    "run": ("stages.run:run", "Run the whole pipeline in order, skipping finished stages."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when that command runs."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        target, short = COMMANDS[name]
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name == module_name:
+                return _missing_command(name, short)
+            raise
+        command = getattr(module, attr)
+        command.short_help = short
+        return command
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, short) for name, (_, short) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _missing_command(name: str, short: str) -> click.Command:
+    @click.command(name=name, help=short, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def missing(args):
+        raise click.ClickException(f"'{name}' is not available in this build of egoslots.")
+
+    return missing
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="egoslots")
+def main():
+    """egoslots: object-centric learning on egocentric video.
+
+    A staged pipeline: extract-features (frozen ViT, once) -> pretrain-dvae (tokens) ->
+    train-slots -> evaluate. Every stage reads a YAML config plus key=value overrides:
+
+    \b
+      egoslots run configs/demo.yaml
+      egoslots train-slots configs/base.yaml globals.NUM_SLOTS=10
+    """
+
+
+if __name__ == "__main__":
+    main()

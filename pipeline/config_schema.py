@@ -1,0 +1,262 @@
+"""The typed schema of every egoslots config: names, types and defaults.
+
+Defaults follow the users' integrated-model docs (7 slots x 128, vocab 4096, dVAE and STEVE
+decoder on) and the published SlotContrast / STEVE settings in ``shared/reference.md``.
+Section names keep the ones users already know (``globals``, ``dataset``, ``grouper``,
+``model.loss_weights``, ``losses.loss_ss``, ``optimizer``, ``trainer``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING  # noqa: F401  (re-exported for schema users)
+
+
+@dataclass
+class Globals:
+    NUM_SLOTS: int = 7
+    SLOT_DIM: int = 128
+    VOCAB_SIZE: int = 4096
+    USE_SILICON_VIT: bool = True
+    SILICON_MODEL: str = "dino_say_vitb14"
+    # The frozen encoder; by default a silicon-menagerie ViT or DINOv2 per USE_SILICON_VIT.
+    BACKBONE: str = "${if:${globals.USE_SILICON_VIT},${globals.SILICON_MODEL},vit_base_patch14_dinov2}"
+    USE_DVAE: bool = True
+    USE_STEVE_DECODER: bool = True
+    NUM_FRAMES: int = 4  # training clip length T
+    BATCH_SIZE_PER_GPU: int = 16
+    NUM_GPUS: int = 1
+    IMAGE_SIZE: int = 224  # ViT input size
+    FRAME_SIZE: int = 128  # cached frame size (dVAE input; token grid = FRAME_SIZE / 4)
+
+
+@dataclass
+class SyntheticData:
+    videos: int = 24
+    frames: int = 24
+    size: int = 128
+    seed: int = 0
+    min_objects: int = 3
+    max_objects: int = 10
+
+
+@dataclass
+class Hdf5Keys:
+    image_key: str = "image"
+    mask_key: Optional[str] = "mask"
+    # Leading axes of the image array: "video" = (V, T, H, W, C); "image" = (N, H, W, C), each
+    # image a one-frame video.
+    layout: str = "video"
+
+
+@dataclass
+class SplitFractions:
+    val: float = 0.1
+    test: float = 0.1
+
+
+@dataclass
+class Dataset:
+    source: str = "synthetic"  # frames | video | hdf5 | synthetic
+    path: str = "${work_dir}/data/synthetic"
+    fps: Optional[float] = None  # video files: subsample to this frame rate
+    hdf5: Hdf5Keys = field(default_factory=Hdf5Keys)
+    split: SplitFractions = field(default_factory=SplitFractions)
+    synthetic: SyntheticData = field(default_factory=SyntheticData)
+    max_videos: Optional[int] = None
+    skip_bad: bool = False
+    # Clips for training: length T, stride between clip starts, frame step within a clip.
+    ep_length: int = "${globals.NUM_FRAMES}"  # type: ignore[assignment]
+    clip_stride: int = 1
+    frame_step: int = 1
+    batch_size: int = "${globals.BATCH_SIZE_PER_GPU}"  # type: ignore[assignment]
+    num_workers: int = 2
+
+
+@dataclass
+class Backbone:
+    name: str = "${globals.BACKBONE}"
+    checkpoint: Optional[str] = None  # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth
+    block: Optional[int] = None  # block whose output is the feature; None = last
+    final_norm: bool = False
+    input_size: int = "${globals.IMAGE_SIZE}"  # type: ignore[assignment]
+    patch_size: Optional[int] = None  # patch-pixels only (ViTs know their own)
+    proj_dim: Optional[int] = None  # patch-pixels: fixed random projection to this dim
+    mean: Optional[list[float]] = None  # default: ImageNet, unless the backbone says otherwise
+    std: Optional[list[float]] = None
+
+
+@dataclass
+class Augment:
+    hflip: str = "none"  # none | cache
+
+
+@dataclass
+class Extract:
+    batch_size: int = 16
+    num_workers: int = 2
+    dtype: str = "float16"  # storage dtype: float16 | bfloat16 | int8 | float32
+    compute: str = "auto"  # auto | fp32 | bf16
+    device: str = "auto"
+    frame_size: int = "${globals.FRAME_SIZE}"  # type: ignore[assignment]
+    frames_per_chunk: int = 64
+    compressor: str = "none"  # none | zstd | blosc
+
+
+@dataclass
+class Geco:
+    enabled: bool = False
+    target: float = 0.01  # target reconstruction error (per pixel MSE)
+    eta: float = 1.0e-6
+    ema: float = 0.99
+    warmup_steps: int = 1000
+    beta_init: float = 1.0
+    beta_min: float = 0.55
+
+
+@dataclass
+class Dvae:
+    run_name: str = "dvae"
+    vocab_size: int = "${globals.VOCAB_SIZE}"  # type: ignore[assignment]
+    hidden: int = 64
+    lr: float = 3.0e-4
+    batch_size: int = 32
+    max_steps: int = 30000
+    tau_start: float = 1.0
+    tau_final: float = 0.1
+    tau_steps: int = 30000
+    kl_weight: float = 0.0  # optional KL to a uniform prior over codes
+    geco: Geco = field(default_factory=Geco)
+    ckpt_every: int = 1000
+    log_every: int = 50
+    image_every: int = 1000
+    num_workers: int = 2
+    tokenize_batch_size: int = 64
+
+
+@dataclass
+class Initializer:
+    name: str = "fixed"  # fixed (SlotContrast) | gaussian (VideoSAUR/STEVE)
+
+
+@dataclass
+class LossWeights:
+    loss_featrec: float = 1.0
+    loss_ss: float = 0.5
+    loss_steve_ce: float = 1.0
+
+
+@dataclass
+class Model:
+    num_slots: int = "${globals.NUM_SLOTS}"  # type: ignore[assignment]
+    slot_dim: int = "${globals.SLOT_DIM}"  # type: ignore[assignment]
+    initializer: Initializer = field(default_factory=Initializer)
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+
+
+@dataclass
+class Grouper:
+    n_iters: int = 2  # slot-attention iterations on frames after the first
+    n_iters_first: int = 3
+    eps: float = 1.0e-8
+    mlp_ratio: int = 4
+
+
+@dataclass
+class Predictor:
+    enabled: bool = True
+    num_heads: int = 4
+    ffn_ratio: int = 4
+
+
+@dataclass
+class Decoder:
+    hidden_dims: list[int] = field(default_factory=lambda: [1024, 1024, 1024])
+
+
+@dataclass
+class SteveDecoder:
+    enabled: bool = "${globals.USE_STEVE_DECODER}"  # type: ignore[assignment]
+    num_blocks: int = 8
+    num_heads: int = 4
+    d_model: int = 192
+    dropout: float = 0.1
+
+
+@dataclass
+class LossSS:
+    temperature: float = 0.1
+    batch_contrast: bool = True
+    all_gather: bool = False  # DDP: contrast against the global batch
+
+
+@dataclass
+class Losses:
+    loss_ss: LossSS = field(default_factory=LossSS)
+
+
+@dataclass
+class ParamGroup:
+    regex: str = ".*"
+    lr: float = 4.0e-4
+
+
+@dataclass
+class Optimizer:
+    lr: float = 4.0e-4
+    warmup_steps: int = 2500
+    decay: bool = True  # 0.5 ** ((step - warmup) / (max_steps - warmup)) after warmup
+    param_groups: list[ParamGroup] = field(default_factory=list)
+
+
+@dataclass
+class Trainer:
+    max_steps: int = 100000
+    gradient_clip_val: float = 0.05
+    precision: str = "auto"  # auto (bf16 where supported) | 32 | bf16-mixed
+    tf32: bool = True
+    compile: bool = False
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    ckpt_every: int = 2500
+    val_every: int = 2500
+    log_every: int = 50
+    image_every: int = 5000
+
+
+@dataclass
+class Evaluate:
+    split: str = "test"
+    probe: bool = True
+    max_videos: Optional[int] = None
+
+
+@dataclass
+class Config:
+    work_dir: str = "./egoslots-work"
+    run_name: str = "slots"
+    seed: int = 0
+    # Feature store that later stages read: a path, or a fingerprint under work_dir/stores.
+    # None: the one complete store in work_dir that matches this config's extraction settings.
+    store: Optional[str] = None
+    # dVAE run whose tokens stage 3 reads: a run directory; None = work_dir/runs/<dvae.run_name>.
+    dvae_run: Optional[str] = None
+    globals: Globals = field(default_factory=Globals)
+    dataset: Dataset = field(default_factory=Dataset)
+    backbone: Backbone = field(default_factory=Backbone)
+    augment: Augment = field(default_factory=Augment)
+    extract: Extract = field(default_factory=Extract)
+    dvae: Dvae = field(default_factory=Dvae)
+    model: Model = field(default_factory=Model)
+    grouper: Grouper = field(default_factory=Grouper)
+    predictor: Predictor = field(default_factory=Predictor)
+    decoder: Decoder = field(default_factory=Decoder)
+    steve_decoder: SteveDecoder = field(default_factory=SteveDecoder)
+    losses: Losses = field(default_factory=Losses)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    trainer: Trainer = field(default_factory=Trainer)
+    evaluate: Evaluate = field(default_factory=Evaluate)

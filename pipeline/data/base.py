@@ -1,0 +1,128 @@
+"""The contract every video source meets, and the helpers sources share.
+
+A source turns some files on disk into a *video table* (:class:`VideoInfo` rows) and reads
+frames, masks and object attributes of one video on demand. Everything downstream (feature
+extraction, pictures, evaluation) sees only this interface, so a new data format is one new
+module in this package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Protocol, Sequence
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+class SourceError(RuntimeError):
+    """Bad input data; the message names the file (and frame) at fault."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What the extraction fingerprint hashes about a file: never its contents."""
+
+    path: str  # relative to the source root
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path, root: Path) -> "FileIdentity":
+        stat = path.stat()
+        return cls(str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """One row of the video table."""
+
+    video_id: str  # stable, unique within the source (e.g. folder path relative to the root)
+    num_frames: int
+    split: str  # train | val | test
+    files: tuple[FileIdentity, ...] = field(default=(), compare=False, repr=False)
+    fps: Optional[float] = None
+
+
+@dataclass
+class Frame:
+    """One decoded frame: RGB uint8 (H, W, 3) and, where the source has them, a label map."""
+
+    video_id: str
+    index: int  # frame index within the video (after any frame-rate subsampling)
+    rgb: np.ndarray  # (H, W, 3) uint8
+    mask: Optional[np.ndarray] = None  # (H, W) uint8, 0 = background, 1..255 = objects
+
+
+class VideoSource(Protocol):
+    """What a data source offers. Implementations live beside this module."""
+
+    root: Path
+    has_masks: bool
+
+    def videos(self) -> list[VideoInfo]:
+        """The video table, in a deterministic order."""
+
+    def read_frames(self, video_id: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Frame]:
+        """Frames ``start..stop-1`` of one video, in order; raises SourceError on bad data."""
+
+    def attributes(self, video_id: str) -> Optional[dict]:
+        """Per-object attributes (mesh id, colour, size, positions...) if the source has them."""
+
+
+def split_of(video_id: str, val: float = 0.1, test: float = 0.1) -> str:
+    """Deterministic split by a hash of the video id (80/10/10 by default).
+
+    The hash (not Python's salted ``hash``) keeps splits identical across machines and runs.
+    """
+    digest = hashlib.sha256(video_id.encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test:
+        return "test"
+    if u < test + val:
+        return "val"
+    return "train"
+
+
+def to_rgb_uint8(image: np.ndarray, where: str) -> np.ndarray:
+    """Grayscale, RGBA and other 8-bit layouts to (H, W, 3) uint8 (convert, don't fail)."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+            arr = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        elif np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating):
+            arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+        else:
+            raise SourceError(f"{where}: unsupported pixel type {arr.dtype}")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    elif not (arr.ndim == 3 and arr.shape[2] == 3):
+        raise SourceError(f"{where}: expected an image of shape (H, W[, C]), got {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def binary_masks_to_labels(masks: np.ndarray, where: str) -> np.ndarray:
+    """(K, H, W) binary per-object masks (slot 0 = background, as in EfficientMORL's files) to
+    one (H, W) uint8 label map; later objects win where masks overlap."""
+    if masks.ndim != 3:
+        raise SourceError(f"{where}: expected binary masks (K, H, W), got shape {masks.shape}")
+    if masks.shape[0] > 256:
+        raise SourceError(f"{where}: {masks.shape[0]} objects do not fit a uint8 label map")
+    labels = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for k in range(1, masks.shape[0]):
+        labels[np.asarray(masks[k]) > 0] = k
+    return labels
+
+
+def check_same_size(shape: Sequence[int], expected: Sequence[int], where: str) -> None:
+    if tuple(shape[:2]) != tuple(expected[:2]):
+        raise SourceError(
+            f"{where}: size {tuple(shape[:2])} differs from the video's first frame {tuple(expected[:2])}"
+        )

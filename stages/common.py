@@ -1,0 +1,51 @@
+"""What every stage command shares: the `CONFIG [key=value ...]` shape and error handling."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import click
+
+from pipeline.config import ConfigError, load_config
+
+log = logging.getLogger("egoslots")
+
+
+class StageError(click.ClickException):
+    """An error the user can act on; printed without a traceback."""
+
+
+def config_command(name: str, example: str, **command_kwargs):
+    """Decorate a function ``f(cfg, **options)`` into a click command ``NAME CONFIG [OVERRIDES]``.
+
+    The config file and dotted overrides are loaded and validated before ``f`` runs; config,
+    data and store errors become one clean error line naming the file or key at fault.
+    ``example`` is shown at the end of ``--help``.
+    """
+
+    def decorate(func):
+        doc = (func.__doc__ or "").rstrip()
+        epilog = f"\b\nExample:\n  {example}"
+
+        @click.command(name=name, help=doc, epilog=epilog, **command_kwargs)
+        @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+        @click.argument("overrides", nargs=-1)
+        @functools.wraps(func)
+        def command(config, overrides, **options):
+            setup_logging()
+            try:
+                cfg = load_config(config, overrides)
+            except ConfigError as err:
+                raise StageError(str(err)) from err
+            return func(cfg, **options)
+
+        return command
+
+    return decorate
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
