@@ -83,6 +83,7 @@ class FeatureStore:
     def __init__(self, path: str | Path, group: zarr.Group):
         self.path = Path(path) if "://" not in str(path) else path
         self.group = group
+        self._meta: Optional[dict] = None
 
     # ------------------------------------------------------------------ creation / opening
     @classmethod
@@ -171,12 +172,16 @@ class FeatureStore:
     # ------------------------------------------------------------------ description
     @property
     def meta(self) -> dict:
-        return dict(self.group.attrs[ATTRS_KEY])
+        """The store's description (read once; :meth:`update_meta` writes through)."""
+        if self._meta is None:
+            self._meta = dict(self.group.attrs[ATTRS_KEY])
+        return self._meta
 
     def update_meta(self, **values) -> None:
-        meta = self.meta
+        meta = dict(self.group.attrs[ATTRS_KEY])
         meta.update(_jsonable(values))
         self.group.attrs[ATTRS_KEY] = meta
+        self._meta = meta
 
     @property
     def fingerprint(self) -> str:
@@ -188,7 +193,9 @@ class FeatureStore:
 
     @property
     def videos(self) -> list[VideoRecord]:
-        return [VideoRecord(**v) for v in self.meta["videos"]]
+        if getattr(self, "_videos", None) is None:
+            self._videos = [VideoRecord(**v) for v in self.meta["videos"]]
+        return self._videos
 
     def videos_in(self, split: Optional[str] = None, hflip: Optional[bool] = False) -> list[VideoRecord]:
         """Video rows of one split (None = all); hflip=None includes both variants."""
