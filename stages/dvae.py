@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
@@ -390,6 +391,10 @@ def pretrain(cfg: DictConfig, resume: Optional[str | Path] = None, overwrite: bo
 def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, run_dir: Path,
            resume: Optional[str | Path], callbacks: Sequence[Callback]) -> str:
     d = cfg.dvae
+    # Lightning warnings that are expected here: resuming mid-"epoch" is fine with random frames,
+    # and a resumed run's checkpoint directory is of course not empty.
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = Path(resume) if resume else (ckpt_dir / "last.ckpt")
     if resume and not ckpt_path.is_file():
