@@ -133,7 +133,7 @@ class FrameDataset(Dataset):
     def __init__(self, store: FeatureStore, rows: np.ndarray):
         self.path = str(store.path)
         self.rows = np.asarray(rows, dtype=np.int64)
-        self._frames = store.frames
+        self._frames = None  # opened on first use, in whichever process reads
 
     def __len__(self) -> int:
         return len(self.rows)
