@@ -384,6 +384,55 @@ class FeatureStore:
                 self._videos = None
         return done == total
 
+    # ------------------------------------------------------------------ checking
+    def data_arrays(self) -> list[str]:
+        """Names of the per-frame arrays (tokens sub-groups included) in this store."""
+        names = [n for n in DATA_ARRAYS if n in self.group]
+        names += [f"tokens/{h}/ids" for h in self.token_group_names()]
+        return names
+
+    def verify(self, progress=None) -> list[str]:
+        """Every problem found, one line each naming the chunk and array; [] if the store is sound.
+
+        Checks that every chunk is flagged done, every chunk file exists and decodes (crc32c
+        checksums catch corrupted bytes), floating-point values are finite, and the video table
+        stays inside the frame axis.
+        """
+        problems = []
+        done = self.done_chunks()
+        if not done.all():
+            missing = np.flatnonzero(~done)
+            problems.append(f"{len(missing)} chunk(s) not flagged done: {', '.join(map(str, missing[:10]))}"
+                            + (" ..." if len(missing) > 10 else ""))
+        for v in self.videos:
+            if v.first < 0 or v.stop > self.num_frames:
+                problems.append(f"video table row '{v.id}' (hflip={v.hflip}) spans rows {v.first}..{v.stop - 1}, "
+                                f"outside the {self.num_frames} frames")
+        names = self.data_arrays()
+        for chunk in range(done.size):
+            start, stop = chunk_bounds(chunk, self.chunk_len, self.num_frames)
+            for name in names:
+                where = f"chunk {chunk} of '{name}' (rows {start}..{stop - 1}"
+                path = self.chunk_file(name, chunk)
+                where += f", file {path})" if path is not None else ")"
+                if path is not None and not path.exists():
+                    problems.append(f"{where}: file missing")
+                    continue
+                try:
+                    if name == "features":
+                        values = self.read_features(start, stop)
+                    else:
+                        values = self.group[name][start:stop]
+                except Exception as err:  # noqa: BLE001 - any decode failure is a finding
+                    problems.append(f"{where}: unreadable ({type(err).__name__}: {err})")
+                    continue
+                if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                    bad = int((~np.isfinite(values)).sum())
+                    problems.append(f"{where}: {bad} non-finite value(s)")
+            if progress is not None:
+                progress(chunk)
+        return problems
+
     # ------------------------------------------------------------------ tokens (stage 2)
     def token_group_names(self) -> list[str]:
         if "tokens" not in self.group:
