@@ -345,16 +345,27 @@ def open_or_create_store(path: Path, fingerprint: str, inputs: dict, create_kwar
 
 
 # ---------------------------------------------------------------------------- the stage
-def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] = None,
-            shard_id: Optional[int] = None, skip_bad: bool = False, *, source=None) -> Path:
-    """Extract (or finish extracting) the store this config describes; returns its path.
+@dataclass
+class ExtractionPlan:
+    """What one extraction will write, worked out before any store is touched."""
+
+    source: object
+    backbone: torch.nn.Module
+    device: torch.device
+    compute: str  # fp32 | bf16, as resolved on this machine
+    inputs: dict  # the fingerprint inputs
+    fingerprint: str
+    path: Path
+    create_kwargs: dict  # FeatureStore.create arguments (layout, video table, attrs)
+
+
+def plan_extraction(cfg: DictConfig, source=None) -> ExtractionPlan:
+    """Source, backbone, compute dtype, fingerprint and store layout for a config.
 
     ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests).
     """
     from pipeline.backbones import build_backbone
 
-    shard_id, num_shards = shard_identity(num_shards, shard_id)
-    skip_bad = bool(skip_bad or cfg.dataset.get("skip_bad", False))
     if source is None:
         from pipeline.data import make_source
 
@@ -370,13 +381,11 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
     backbone = build_backbone(cfg.backbone).to(device)
     described = backbone.describe()
     frame_size, dtype, hflip = int(cfg.extract.frame_size), str(cfg.extract.dtype), str(cfg.augment.hflip)
-    records = video_rows(videos, hflip)
     preprocessing = describe_preprocessing(backbone.input_size, frame_size)
     inputs = fingerprint_inputs(videos=videos, preprocessing=preprocessing, backbone=described, compute_dtype=compute,
                                 storage_dtype=dtype, hflip=hflip, frame_size=frame_size)
     fingerprint = fingerprint_of(inputs)
     path = store_location(cfg) if cfg.get("store") else store_path(cfg.work_dir, fingerprint)
-
     attrs = {
         "fingerprint_inputs": inputs,
         "settings": extraction_settings(cfg),
@@ -391,19 +400,33 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
                      "zarr": metadata.version("zarr"), "store_format": FORMAT_VERSION},
         "config": resolve(cfg),
     }
-    create_kwargs = dict(videos=records, num_tokens=backbone.num_tokens, feature_dim=backbone.feature_dim,
-                         grid=tuple(backbone.grid), frame_size=frame_size, feature_dtype=dtype,
-                         has_masks=bool(source.has_masks), chunk_len=int(cfg.extract.frames_per_chunk),
-                         compressor=str(cfg.extract.compressor), inner_chunk_len=int(cfg.extract.inner_chunk),
-                         attrs=attrs)
-    store = open_or_create_store(Path(path), fingerprint, inputs, create_kwargs, cfg, overwrite, shard_id)
+    create_kwargs = dict(videos=video_rows(videos, hflip), num_tokens=backbone.num_tokens,
+                         feature_dim=backbone.feature_dim, grid=tuple(backbone.grid), frame_size=frame_size,
+                         feature_dtype=dtype, has_masks=bool(source.has_masks),
+                         chunk_len=int(cfg.extract.frames_per_chunk), compressor=str(cfg.extract.compressor),
+                         inner_chunk_len=int(cfg.extract.inner_chunk), attrs=attrs)
+    return ExtractionPlan(source, backbone, device, compute, inputs, fingerprint, Path(path), create_kwargs)
+
+
+def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] = None,
+            shard_id: Optional[int] = None, skip_bad: bool = False, *, source=None) -> Path:
+    """Extract (or finish extracting) the store this config describes; returns its path.
+
+    ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests).
+    """
+    shard_id, num_shards = shard_identity(num_shards, shard_id)
+    skip_bad = bool(skip_bad or cfg.dataset.get("skip_bad", False))
+    plan = plan_extraction(cfg, source)
+    store = open_or_create_store(plan.path, plan.fingerprint, plan.inputs, plan.create_kwargs, cfg, overwrite,
+                                 shard_id)
+    fingerprint = plan.fingerprint
     if store.complete:
         click.echo(f"store {store.path} is complete (fingerprint {fingerprint}); nothing to do")
         click.echo(f"later stages: store={fingerprint}")
         return Path(store.path)
 
     pending = store.pending_chunks(shard_id, num_shards)
-    _run_chunks(store, backbone, source, pending, device, compute, int(cfg.extract.batch_size),
+    _run_chunks(store, plan.backbone, plan.source, pending, plan.device, plan.compute, int(cfg.extract.batch_size),
                 int(cfg.extract.num_workers), skip_bad, shard=(shard_id, num_shards))
 
     if store.mark_complete_if_done():
