@@ -100,8 +100,8 @@ class ClipDataset(Dataset):
                 values = st.read_features(lo, hi)[::step]
                 item[name] = torch.from_numpy(np.ascontiguousarray(values))
             elif name == "tokens":
-                ids = st.tokens(self.tokens_hash, require_complete=False)[lo:hi:step]
+                ids = st.read_rows(f"tokens/{self.tokens_hash}/ids", lo, hi)[::step]
                 item[name] = torch.from_numpy(ids.astype(np.int64))
             else:
-                item[name] = torch.from_numpy(np.ascontiguousarray(st.group[name][lo:hi:step]))
+                item[name] = torch.from_numpy(np.ascontiguousarray(st.read_rows(name, lo, hi)[::step]))
         return item
