@@ -43,8 +43,7 @@ FORMAT_VERSION = 1
 ATTRS_KEY = "egoslots"
 FEATURE_DTYPES = ("float16", "bfloat16", "int8", "float32")
 DATA_ARRAYS = ("features", "features_scale", "frames", "masks")
-LOCK_NAME = "egoslots.lock"
-SKIPPED_DIR = "skipped"
+SKIPPED_GROUP = "skipped"
 
 
 class StoreError(RuntimeError):
@@ -113,7 +112,7 @@ class FeatureStore:
         chunk_len: int = 64,
         compressor: str = "none",
         attrs: Optional[dict] = None,
-        inner_chunk_len: int = 4,
+        inner_chunk_len: int = 1,
         checksum: bool = True,
     ) -> "FeatureStore":
         """Make an empty store with every array allocated and every chunk marked not done."""
@@ -347,32 +346,38 @@ class FeatureStore:
     def record_skipped(self, chunk: int, skipped: list[dict]) -> None:
         """Note videos a chunk skipped as unreadable (--skip-bad); read back by :meth:`skipped`.
 
-        One small file per chunk, so concurrent shards never write the same file.
+        Stored as the attrs of a per-chunk group ``skipped/<chunk>`` (plain zarr, and one
+        group per chunk, so concurrent shards never write the same file).
         """
-        folder = Path(self.path) / SKIPPED_DIR
+        name = f"{SKIPPED_GROUP}/{chunk}"
         if not skipped:  # a redone chunk that now reads fine forgets an old skip
-            (folder / f"{chunk}.json").unlink(missing_ok=True)
+            if name in self.group:
+                del self.group[name]
             return
-        folder.mkdir(exist_ok=True)
-        tmp = folder / f"{chunk}.json.tmp"
-        tmp.write_text(json.dumps(skipped))
-        tmp.replace(folder / f"{chunk}.json")
+        self.group.require_group(name).attrs["videos"] = _jsonable(skipped)
 
     def skipped(self) -> list[dict]:
         """Videos skipped as unreadable by any chunk: [{id, hflip, error}], one per video row."""
-        folder = Path(self.path) / SKIPPED_DIR
         seen: dict[tuple, dict] = {}
-        if folder.is_dir():
-            for f in sorted(folder.glob("*.json")):
-                for row in json.loads(f.read_text()):
+        if SKIPPED_GROUP in self.group:
+            groups = sorted(self.group[SKIPPED_GROUP].groups(), key=lambda item: int(item[0]))
+            for _, sub in groups:
+                for row in sub.attrs.get("videos", []):
                     seen.setdefault((row["id"], bool(row.get("hflip"))), row)
         return list(seen.values())
 
     @contextlib.contextmanager
     def lock(self):
-        """An exclusive inter-process lock on this store (attrs updates by concurrent shards)."""
-        with file_lock(Path(self.path) / LOCK_NAME):
+        """An exclusive inter-process lock on this store (attrs updates by concurrent shards).
+
+        ``flock`` on the store's own directory: no extra file inside the zarr hierarchy.
+        """
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def done_chunks(self) -> np.ndarray:
         return np.asarray(self.group["done"][:], dtype=bool)
@@ -568,7 +573,9 @@ class _ShardReader:
         return out
 
 def remove_store(path: str | Path) -> None:
+    """Delete a store and the config written beside it."""
     shutil.rmtree(path)
+    config_path(path).unlink(missing_ok=True)
 
 
 def list_stores(work_dir: str | Path) -> Iterator[Path]:
@@ -611,17 +618,10 @@ def _inner_len(chunk_len: int, wanted: int) -> int:
     return max(d for d in range(1, wanted + 1) if chunk_len % d == 0)
 
 
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """Exclusive ``flock`` on ``path`` (created if missing), held for the ``with`` block."""
+def config_path(path: str | Path) -> Path:
+    """Where the resolved config of the store at ``path`` is written: beside it, ``<name>.config.yaml``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return path.with_name(path.name.removesuffix(".zarr") + ".config.yaml")
 
 
 def resolve_store(cfg) -> "FeatureStore":

@@ -105,7 +105,7 @@ class Extract:
     frames_per_chunk: int = 64
     # Frames per inner (read) chunk inside a shard: a random clip reads only the inner chunks
     # it covers. Should divide frames_per_chunk (else the largest divisor below it is used).
-    inner_chunk: int = 4
+    inner_chunk: int = 1
     compressor: str = "none"  # none | zstd | blosc (lz4 + byte shuffle); see docs/store-format.md
 
 

@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from cache.fingerprint import (describe_differences, extraction_settings, fingerprint_inputs, fingerprint_of,
                                store_location)
-from cache.store import FORMAT_VERSION, FeatureStore, StoreError, VideoRecord, chunk_bounds, store_path
+from cache.store import (FORMAT_VERSION, FeatureStore, StoreError, VideoRecord, chunk_bounds, config_path,
+                         store_path)
 from pipeline.config import ConfigError, resolve, save_resolved
 from pipeline.data.base import SourceError
 from pipeline.preprocess import describe_preprocessing, preprocess_frame
@@ -330,13 +331,14 @@ def open_or_create_store(path: Path, fingerprint: str, inputs: dict, create_kwar
             trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
             os.rename(path, trash)
             shutil.rmtree(trash)
+            config_path(path).unlink(missing_ok=True)
             overwrite = False  # replaced once; a store appearing now is another shard's fresh one
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         FeatureStore.create(tmp, fingerprint=fingerprint, **create_kwargs)
-        save_resolved(cfg, tmp / "config.yaml")
         try:
             os.rename(tmp, path)
+            save_resolved(cfg, config_path(path))
             log.info("created store %s", path)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another shard created it first

@@ -8,11 +8,13 @@ tests/test_reader.py and tests/test_extract.py.
 from __future__ import annotations
 
 import errno
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 
 import cache.fingerprint as fingerprint_mod
@@ -43,7 +45,7 @@ def make_cfg(work_dir: Path, *overrides: str):
     """The demo config shrunk to test size: patch-pixels on 32 px, 16 px frames, 8-frame chunks."""
     return load_config(REPO / "configs" / "demo.yaml", [
         f"work_dir={work_dir}", "globals.IMAGE_SIZE=32", "globals.FRAME_SIZE=16", "backbone.patch_size=8",
-        "extract.frames_per_chunk=8", "extract.inner_chunk=4", "extract.batch_size=4", "extract.num_workers=0",
+        "extract.frames_per_chunk=8", "extract.batch_size=4", "extract.num_workers=0",
         "extract.compute=fp32", "extract.device=cpu", *overrides,
     ])
 
@@ -77,7 +79,7 @@ def test_fingerprint_changes_with_every_config_input_and_only_then(tmp_path):
         fp = plan_extraction(make_cfg(tmp_path, override), source).fingerprint
         assert fp not in seen, f"{override} did not change the fingerprint"
         seen.add(fp)
-    same = ["extract.batch_size=7", "extract.num_workers=2", "extract.frames_per_chunk=5", "extract.inner_chunk=1",
+    same = ["extract.batch_size=7", "extract.num_workers=2", "extract.frames_per_chunk=5", "extract.inner_chunk=4",
             "extract.compressor=zstd", f"work_dir={tmp_path / 'elsewhere'}", "run_name=other", "dataset.batch_size=3"]
     for override in same:
         assert plan_extraction(make_cfg(tmp_path, override), source).fingerprint == base, override
@@ -266,6 +268,12 @@ def test_skip_bad_drops_the_video_and_keeps_the_rest(tmp_path):
     for v in store.videos:  # every kept video's rows equal the clean run's
         np.testing.assert_array_equal(feats[v.first:v.stop], reference[v.first:v.stop])
     assert [v for v in clean["videos"] if v["id"] != "vid02"] == store.meta["videos"]
+    # the store stays a clean zarr hierarchy (no stray files), the config sits beside it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        names = sorted(name for name, _ in zarr.open_group(str(path), mode="r").members(max_depth=None))
+    assert "skipped" in names and "features" in names
+    assert path.with_name(path.stem + ".config.yaml").is_file()
 
 
 # ---------------------------------------------------------------------------- verify
