@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -133,19 +134,20 @@ class FrameDataset(Dataset):
     def __init__(self, store: FeatureStore, rows: np.ndarray):
         self.path = str(store.path)
         self.rows = np.asarray(rows, dtype=np.int64)
-        self._frames = None  # opened on first use, in whichever process reads
+        self._store: Optional[FeatureStore] = None  # opened on first use, in whichever process reads
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        if self._frames is None:
-            self._frames = FeatureStore.open(self.path).frames
-        return torch.from_numpy(np.ascontiguousarray(self._frames[int(self.rows[index])]))
+        if self._store is None:
+            self._store = FeatureStore.open(self.path)
+        row = int(self.rows[index])
+        return torch.from_numpy(np.ascontiguousarray(self._store.read_rows("frames", row, row + 1)[0]))
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_frames"] = None  # reopened in the worker process
+        state["_store"] = None  # reopened in the worker process
         return state
 
 
@@ -515,18 +517,31 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
     with ThreadPoolExecutor(max_workers=1) as reader, \
             tqdm(total=total, unit="frame", desc=f"tokenize {dvae_hash}", dynamic_ncols=True) as bar:
         # read chunk i+1 while chunk i is being encoded
-        next_frames = reader.submit(store.frames.__getitem__, slice(*bounds[0])) if bounds else None
+        next_frames = reader.submit(store.read_rows, "frames", *bounds[0]) if bounds else None
         for i, (chunk, (start, stop)) in enumerate(zip(pending, bounds)):
             frames = next_frames.result()  # (n, S, S, 3) uint8
             if i + 1 < len(bounds):
-                next_frames = reader.submit(store.frames.__getitem__, slice(*bounds[i + 1]))
+                next_frames = reader.submit(store.read_rows, "frames", *bounds[i + 1])
             ids = encode_frames(model, frames, batch_size, device)  # (n, h, w) uint16
             ids_array[start:stop] = ids
+            _fsync(store.chunk_file(f"tokens/{dvae_hash}/ids", chunk))
             done_array[chunk] = 1  # last: the chunk counts only once its ids are on disk
+            _fsync(store.chunk_file(f"tokens/{dvae_hash}/done", chunk))
             bar.update(stop - start)
     sub.attrs.update({"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     log.info("tokens of dVAE %s complete in %s", dvae_hash, store.path)
     return dvae_hash
+
+
+def _fsync(path: Optional[Path]) -> None:
+    """Flush one chunk file to disk, so a done flag never outlives its data in a power cut."""
+    if path is None or not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @torch.no_grad()
