@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -273,3 +274,17 @@ def test_cli_commands(trained, tmp_path):
     assert json.loads((run_dir / "dvae.json").read_text())["hash"] in result.output
     result = runner.invoke(main, ["tokenize", str(tmp_path)])
     assert result.exit_code == 1 and "no trained dVAE" in result.output and "Traceback" not in result.output
+
+
+def test_training_frames_are_train_split_with_flips(tmp_path):
+    store = make_store(tmp_path / "store.zarr")
+    rows = stage.training_rows(store)
+    expected = [r for v in store.videos if v.split == "train" for r in range(v.first, v.stop)]
+    assert sorted(rows.tolist()) == sorted(expected)
+    assert any(v.hflip and v.first in rows for v in store.videos)
+    data = stage.FrameDataset(store, rows)
+    clone = pickle.loads(pickle.dumps(data))  # what a spawned DataLoader worker receives
+    assert clone._store is None
+    frame = clone[3]
+    assert frame.dtype == torch.uint8 and frame.shape == (32, 32, 3)
+    assert np.array_equal(frame.numpy(), store.frames[int(rows[3])])
