@@ -310,6 +310,20 @@ def finished(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> bool:
     )
 
 
+def latest_checkpoint(ckpt_dir: Path) -> Optional[str]:
+    """``last.ckpt``, or the newest ``step=N.ckpt`` that loads if that one is damaged; None if none."""
+    steps = sorted(ckpt_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]), reverse=True)
+    for path in [ckpt_dir / "last.ckpt", *steps]:
+        if not path.is_file():
+            continue
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            return str(path)
+        except Exception as err:  # truncated by a crash, disk full, ...
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
+    return None
+
+
 def export_weights(run_dir: Path, task: DVAETask, store: FeatureStore, steps: int) -> str:
     """Write dvae.pt (weights only) then dvae.json (its hash); returns the hash."""
     weights = run_dir / "dvae.pt"
@@ -398,10 +412,9 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = Path(resume) if resume else (ckpt_dir / "last.ckpt")
-    if resume and not ckpt_path.is_file():
+    if resume and not Path(resume).is_file():
         raise StoreError(f"--resume {resume}: no such checkpoint file")
-    ckpt = str(ckpt_path) if ckpt_path.is_file() else None
+    ckpt = str(resume) if resume else latest_checkpoint(ckpt_dir)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     rows = training_rows(store)

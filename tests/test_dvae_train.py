@@ -288,3 +288,50 @@ def test_training_frames_are_train_split_with_flips(tmp_path):
     frame = clone[3]
     assert frame.dtype == torch.uint8 and frame.shape == (32, 32, 3)
     assert np.array_equal(frame.numpy(), store.frames[int(rows[3])])
+
+
+def test_damaged_last_checkpoint_falls_back_to_newest_step(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    for step in (3, 6):
+        torch.save({"global_step": step}, ckpt_dir / f"step={step}.ckpt")
+    assert stage.latest_checkpoint(ckpt_dir) == str(ckpt_dir / "step=6.ckpt")
+    (ckpt_dir / "last.ckpt").write_bytes((ckpt_dir / "step=6.ckpt").read_bytes()[:100])  # truncated
+    assert stage.latest_checkpoint(ckpt_dir) == str(ckpt_dir / "step=6.ckpt")
+    torch.save({"global_step": 6}, ckpt_dir / "last.ckpt")
+    assert stage.latest_checkpoint(ckpt_dir) == str(ckpt_dir / "last.ckpt")
+    assert stage.latest_checkpoint(tmp_path / "none") is None
+
+
+@pytest.mark.slow
+def test_cli_killed_mid_training_resumes(tmp_path):
+    """The real command, SIGKILLed after its first checkpoint, finishes when run again."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    make_store(tmp_path / "store.zarr", frames_per_video=16)
+    cfg = tmp_path / "dvae.yaml"
+    cfg.write_text(
+        f"work_dir: {tmp_path}\nstore: {tmp_path / 'store.zarr'}\n"
+        "dvae: {vocab_size: 32, hidden: 16, batch_size: 8, num_workers: 2, max_steps: 200, ckpt_every: 20,\n"
+        "       log_every: 10, image_every: 100, tau_steps: 200, accelerator: cpu}\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "cli.py", "pretrain-dvae", str(cfg)]
+    proc = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "runs" / "dvae" / "checkpoints" / "step=20.ckpt"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert first.exists() and not (tmp_path / "runs" / "dvae" / "dvae.json").exists()
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stderr
+    info = json.loads((tmp_path / "runs" / "dvae" / "dvae.json").read_text())
+    assert info["steps"] == 200
+    FeatureStore.open(tmp_path / "store.zarr").tokens(info["hash"])  # complete
