@@ -194,7 +194,7 @@ def sample_scene(rng: np.random.Generator, frames: int, fps: float = DEFAULT_FPS
             mesh_id = int(rng.integers(len(NAMED_MESHES)))
         else:
             mesh_id = len(NAMED_MESHES) + int(rng.integers(NUM_BLOBS))
-        size = float(np.exp(rng.uniform(np.log(0.10), np.log(0.30))))
+        size = float(np.exp(rng.uniform(np.log(0.12), np.log(0.35))))
         position = _free_position(rng, placed, radius=0.5 * np.sqrt(3) * size)
         placed.append((position, 0.5 * np.sqrt(3) * size))
         pushed = rng.random() < 0.6
@@ -292,7 +292,7 @@ def sample_camera_path(rng, frames: int, fps: float) -> CameraPath:
     dt = 1.0 / fps
     azimuth = smooth_walk(rng, frames, dt, rng.uniform(0, 2 * np.pi), 0.5, 1.5)
     elevation = np.radians(smooth_walk(rng, frames, dt, rng.uniform(35, 55), 6.0, 1.0))
-    distance = smooth_walk(rng, frames, dt, rng.uniform(1.1, 1.5), 0.1, 1.5)
+    distance = smooth_walk(rng, frames, dt, rng.uniform(0.95, 1.35), 0.1, 1.5)
     gaze = np.concatenate([smooth_walk(rng, frames, dt, [0.0, 0.0], 0.12, 0.8),  # pan/tilt: where it looks
                            smooth_walk(rng, frames, dt, [0.05], 0.02, 0.8)], axis=1)
     bob = smooth_walk(rng, frames, dt, [0.0, 0.0, 0.0], 0.015, 0.3)  # head bob and sway
@@ -612,9 +612,12 @@ def dataset_args(videos: int, frames: int, size: int, seed: int, min_objects: in
             "min_objects": min_objects, "max_objects": max_objects, "fps": fps}
 
 
-def check_args(videos: int, frames: int, size: int, min_objects: int, max_objects: int, fps: float) -> None:
+def check_args(videos: int, frames: int, size: int, seed: int, min_objects: int, max_objects: int,
+               fps: float) -> None:
     if videos < 0 or frames < 1 or size < 8:
         raise ValueError(f"need videos >= 0, frames >= 1 and size >= 8 (got {videos}, {frames}, {size})")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (got {seed})")
     if not 1 <= min_objects <= max_objects <= 255:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= 255 (got {min_objects}, {max_objects})")
     if not 0 < fps <= PHYSICS_HZ:
@@ -680,7 +683,7 @@ def generate_dataset(out: Path | str, videos: int, frames: int, size: int, seed:
     """
     from tqdm import tqdm
 
-    check_args(videos, frames, size, min_objects, max_objects, fps)
+    check_args(videos, frames, size, seed, min_objects, max_objects, fps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = dataset_args(videos, frames, size, seed, min_objects, max_objects, fps)
