@@ -84,7 +84,7 @@ def test_every_masked_object_is_really_there():
     with Simulation(spec, size=64) as sim:
         for t in range(6):
             if t:
-                sim.step()
+                sim.step(t)
             if t not in (0, 5):
                 continue
             rgb, labels = sim.render(t)
