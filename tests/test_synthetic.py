@@ -43,6 +43,23 @@ def test_one_video_alone_equals_it_inside_a_dataset(tmp_path):
     assert tree_bytes(tmp_path / "one" / "video_0001") == tree_bytes(tmp_path / "all" / "video_0001")
 
 
+def test_finished_dataset_is_left_alone_and_can_be_extended(tmp_path):
+    out = generate_dataset(tmp_path / "d", **TINY)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    generate_dataset(out, **TINY)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+    generate_dataset(out, **dict(TINY, videos=3))
+    assert json.loads((out / "dataset.json").read_text())["args"]["videos"] == 3
+    assert sorted(p.name for p in out.glob("video_*")) == ["video_0000", "video_0001", "video_0002"]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != "dataset.json")
+
+
+def test_worker_processes_give_the_same_bytes(tmp_path):
+    one = tree_bytes(generate_dataset(tmp_path / "one", **TINY))
+    two = tree_bytes(generate_dataset(tmp_path / "two", **TINY, workers=2))
+    assert one == two
+
+
 def test_frame_folder_layout_and_meta(tmp_path):
     out = generate_dataset(tmp_path / "d", videos=2, frames=5, size=48, seed=0, min_objects=4, max_objects=6,
                            progress=False)

@@ -679,8 +679,11 @@ def _write_dataset_json(out: Path, args: dict) -> None:
     record = {"generator": "egoslots.synthetic", "version": GENERATOR_VERSION,
               "pybullet_api": p.getAPIVersion(), "args": args, "format": "frame-folder",
               "labels": "masks/*.png: uint8, 0 = background (ground, sky), 1..n = meta.json objects[].id"}
+    text = to_json(record)
+    if path.is_file() and path.read_text() == text:
+        return  # a finished or resumed dataset: leave the file (and its mtime) alone
     temp = out / f".dataset.json.{os.getpid()}"
-    temp.write_text(to_json(record))
+    temp.write_text(text)
     os.replace(temp, path)
 
 
