@@ -213,6 +213,25 @@ def test_cli_refuses_to_mix_settings_in_one_folder(tmp_path):
     assert len(list((tmp_path / "video_0000").glob("*.png"))) == 2  # nothing already written was touched
 
 
+def test_the_frame_folder_loader_reads_what_it_wrote(tmp_path):
+    """End to end through the loader users' data goes through (dataset.source=synthetic)."""
+    from pipeline.config import load_config
+    from pipeline.data import make_source
+
+    out = generate_dataset(tmp_path / "synthetic", videos=3, frames=4, size=32, seed=0, progress=False)
+    (out / f"{synthetic.TEMP_PREFIX}video_0003-1").mkdir()  # as if another run were writing one
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"dataset.path={out}"])
+    source = make_source(cfg)
+    assert [v.video_id for v in source.videos()] == ["video_0000", "video_0001", "video_0002"]
+    assert source.has_masks and all(v.num_frames == 4 and v.fps == synthetic.DEFAULT_FPS for v in source.videos())
+    for frame in source.read_frames("video_0001"):
+        png = out / "video_0001" / f"{frame.index:05d}.png"
+        assert np.array_equal(frame.rgb, np.asarray(Image.open(png)))
+        assert np.array_equal(frame.mask, np.asarray(Image.open(png.parent / "masks" / png.name)))
+    meta = source.attributes("video_0001")
+    assert meta["objects"] == json.loads((out / "video_0001" / "meta.json").read_text())["objects"]
+
+
 def test_stage_reexports_generate_dataset():
     from stages.synthetic import generate_dataset as stage_generate
 
