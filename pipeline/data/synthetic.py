@@ -380,6 +380,8 @@ class Simulation:
         self.p, self.spec, self.size, self.fps = p, spec, size, fps
         self.substeps = max(1, int(round(PHYSICS_HZ / fps)))
         self.client = p.connect(p.DIRECT)
+        if self.client < 0:
+            raise RuntimeError("pybullet could not start a DIRECT physics client")
         self._own_dir = texture_dir is None
         self.texture_dir = texture_dir or tempfile.mkdtemp(prefix="egoslots-textures-")
         try:
