@@ -361,17 +361,18 @@ class ExtractionPlan:
     create_kwargs: dict  # FeatureStore.create arguments (layout, video table, attrs)
 
 
-def plan_extraction(cfg: DictConfig, source=None) -> ExtractionPlan:
+def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> ExtractionPlan:
     """Source, backbone, compute dtype, fingerprint and store layout for a config.
 
-    ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests).
+    ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests). With
+    ``skip_bad`` the source leaves out videos it cannot even list (they never enter the store).
     """
     from pipeline.backbones import build_backbone
 
     if source is None:
         from pipeline.data import make_source
 
-        source = make_source(cfg)
+        source = make_source(cfg, skip_bad=skip_bad)
     videos = list(source.videos())
     if cfg.dataset.get("max_videos"):
         videos = videos[: int(cfg.dataset.max_videos)]
@@ -397,7 +398,8 @@ def plan_extraction(cfg: DictConfig, source=None) -> ExtractionPlan:
                           "mean": described.get("mean"), "std": described.get("std")},
         "compute_dtype": compute,
         "hflip": hflip,
-        "source": {"kind": cfg.dataset.source, "root": str(getattr(source, "root", cfg.dataset.path))},
+        "source": {"kind": cfg.dataset.source, "root": str(getattr(source, "root", cfg.dataset.path)),
+                   "skipped_at_listing": [{"id": vid, "error": why} for vid, why in getattr(source, "skipped", [])]},
         "versions": {"egoslots": _egoslots_version(), "torch": torch.__version__,
                      "zarr": metadata.version("zarr"), "store_format": FORMAT_VERSION},
         "config": resolve(cfg),
@@ -418,7 +420,7 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
     """
     shard_id, num_shards = shard_identity(num_shards, shard_id)
     skip_bad = bool(skip_bad or cfg.dataset.get("skip_bad", False))
-    plan = plan_extraction(cfg, source)
+    plan = plan_extraction(cfg, source, skip_bad)
     store = open_or_create_store(plan.path, plan.fingerprint, plan.inputs, plan.create_kwargs, cfg, overwrite,
                                  shard_id)
     fingerprint = plan.fingerprint
