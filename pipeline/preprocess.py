@@ -49,13 +49,13 @@ def _square(image: torch.Tensor, size: int, interpolation: InterpolationMode) ->
 
 def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, size, size) uint8, resized shorter side + centre crop."""
-    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, H, W)
+    image = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1)  # (3, H, W)
     return _square(image, size, InterpolationMode.BILINEAR).contiguous()
 
 
 def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     """(H, W) uint8 label map -> (size, size) uint8, nearest neighbour with the RGB's crop."""
-    image = torch.from_numpy(np.ascontiguousarray(mask))[None]  # (1, H, W)
+    image = torch.from_numpy(np.require(mask, requirements=["C", "W"]))[None]  # (1, H, W)
     return _square(image, size, InterpolationMode.NEAREST_EXACT)[0].contiguous()
 
 

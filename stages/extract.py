@@ -246,16 +246,18 @@ class ChunkWriter:
                 return
             if self.error is not None:
                 continue  # drain without writing after a failure
-            chunk, arrays, skipped = job
+            chunk, (host, event), arrays, skipped = job
             try:
+                arrays.update(finish_storage(host, event, self.store.meta["feature_dtype"], self.store))
                 self.store.record_skipped(chunk, skipped)
                 self.store.write_chunk(chunk, arrays)
             except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                 self.error, self.failed_chunk = err, chunk
 
-    def put(self, chunk: int, arrays: dict, skipped: list) -> None:
+    def put(self, chunk: int, features: tuple, arrays: dict, skipped: list) -> None:
+        """Queue one chunk: ``features`` from :func:`start_storage_copy`, the other arrays as numpy."""
         self.raise_if_failed()
-        self.jobs.put((chunk, arrays, skipped))
+        self.jobs.put((chunk, features, arrays, skipped))
 
     def close(self) -> None:
         """Wait until every queued chunk is written; then raise the first write error, if any."""
@@ -278,15 +280,40 @@ class ChunkWriter:
         raise err
 
 
-def to_storage(feats: torch.Tensor, dtype: str, store: FeatureStore) -> dict[str, np.ndarray]:
-    """Model output (n, N, D) -> the store's storage arrays, converted on the model's device."""
+def start_storage_copy(feats: torch.Tensor, dtype: str) -> tuple[torch.Tensor, Optional["torch.cuda.Event"]]:
+    """Convert model output (n, N, D) to the storage dtype on its device and start copying it
+    to the host. On a GPU the copy is asynchronous (pinned memory + an event), so the model
+    goes on with the next chunk while the writer thread waits for the copy."""
     if dtype == "float16":
-        return {"features": feats.to(torch.float16).cpu().numpy()}
-    if dtype == "float32":
-        return {"features": feats.float().cpu().numpy()}
-    if dtype == "bfloat16":  # upper 16 bits, round-to-nearest-even (same as FeatureStore.encode_features)
-        return {"features": feats.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)}
-    return store.encode_features(feats.float().cpu().numpy())
+        out = feats.to(torch.float16)
+    elif dtype == "bfloat16":  # the bits of a bfloat16, round-to-nearest-even like encode_features
+        out = feats.to(torch.bfloat16).view(torch.int16)
+    else:  # float32, and int8 (quantised on the host by FeatureStore.encode_features)
+        out = feats.float()
+    if out.device.type != "cuda":
+        return out, None
+    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    host.copy_(out, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def finish_storage(host: torch.Tensor, event, dtype: str, store: FeatureStore) -> dict[str, np.ndarray]:
+    """Wait for :func:`start_storage_copy`'s copy; the store's storage arrays as numpy."""
+    if event is not None:
+        event.synchronize()
+    values = host.numpy()
+    if dtype == "bfloat16":
+        return {"features": values.view(np.uint16)}
+    if dtype == "int8":
+        return store.encode_features(values)
+    return {"features": values}
+
+
+def to_storage(feats: torch.Tensor, dtype: str, store: FeatureStore) -> dict[str, np.ndarray]:
+    """Model output (n, N, D) -> the store's storage arrays (synchronously)."""
+    return finish_storage(*start_storage_copy(feats, dtype), dtype, store)
 
 
 # ---------------------------------------------------------------------------- store creation
@@ -335,7 +362,11 @@ def open_or_create_store(path: Path, fingerprint: str, inputs: dict, create_kwar
             overwrite = False  # replaced once; a store appearing now is another shard's fresh one
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        FeatureStore.create(tmp, fingerprint=fingerprint, **create_kwargs)
+        try:
+            FeatureStore.create(tmp, fingerprint=fingerprint, **create_kwargs)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(f"cannot create the store {path}: {err}") from err
         try:
             os.rename(tmp, path)
             save_resolved(cfg, config_path(path))
@@ -361,17 +392,18 @@ class ExtractionPlan:
     create_kwargs: dict  # FeatureStore.create arguments (layout, video table, attrs)
 
 
-def plan_extraction(cfg: DictConfig, source=None) -> ExtractionPlan:
+def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> ExtractionPlan:
     """Source, backbone, compute dtype, fingerprint and store layout for a config.
 
-    ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests).
+    ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests). With
+    ``skip_bad`` the source leaves out videos it cannot even list (they never enter the store).
     """
     from pipeline.backbones import build_backbone
 
     if source is None:
         from pipeline.data import make_source
 
-        source = make_source(cfg)
+        source = make_source(cfg, skip_bad=skip_bad)
     videos = list(source.videos())
     if cfg.dataset.get("max_videos"):
         videos = videos[: int(cfg.dataset.max_videos)]
@@ -397,7 +429,8 @@ def plan_extraction(cfg: DictConfig, source=None) -> ExtractionPlan:
                           "mean": described.get("mean"), "std": described.get("std")},
         "compute_dtype": compute,
         "hflip": hflip,
-        "source": {"kind": cfg.dataset.source, "root": str(getattr(source, "root", cfg.dataset.path))},
+        "source": {"kind": cfg.dataset.source, "root": str(getattr(source, "root", cfg.dataset.path)),
+                   "skipped_at_listing": [{"id": vid, "error": why} for vid, why in getattr(source, "skipped", [])]},
         "versions": {"egoslots": _egoslots_version(), "torch": torch.__version__,
                      "zarr": metadata.version("zarr"), "store_format": FORMAT_VERSION},
         "config": resolve(cfg),
@@ -418,7 +451,7 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
     """
     shard_id, num_shards = shard_identity(num_shards, shard_id)
     skip_bad = bool(skip_bad or cfg.dataset.get("skip_bad", False))
-    plan = plan_extraction(cfg, source)
+    plan = plan_extraction(cfg, source, skip_bad)
     store = open_or_create_store(plan.path, plan.fingerprint, plan.inputs, plan.create_kwargs, cfg, overwrite,
                                  shard_id)
     fingerprint = plan.fingerprint
@@ -431,7 +464,12 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
     _run_chunks(store, plan.backbone, plan.source, pending, plan.device, plan.compute, int(cfg.extract.batch_size),
                 int(cfg.extract.num_workers), skip_bad, shard=(shard_id, num_shards))
 
-    if store.mark_complete_if_done():
+    try:
+        finished = store.mark_complete_if_done()
+    except OSError as err:
+        raise StoreError(f"every chunk of {store.path} is written but marking it complete failed ({err}); "
+                         "rerun the same command to finish") from err
+    if finished:
         _remove_partial_files(Path(store.path))
         skipped = store.meta.get("skipped_videos") or []
         if skipped:
@@ -474,11 +512,11 @@ def _run_chunks(store: FeatureStore, backbone, source, chunks: list[int], device
                 for lo in range(0, len(images), batch_size):  # chunk-relative batches: same in every run
                     batch = images[lo:lo + batch_size].to(device, non_blocking=True).float().div_(255.0)
                     feats.append(backbone(batch))  # (b, N, D)
-                arrays = to_storage(torch.cat(feats), meta["feature_dtype"], store)
-                arrays["frames"] = item["frames"].numpy()
+                features = start_storage_copy(torch.cat(feats), meta["feature_dtype"])  # (n, N, D)
+                arrays = {"frames": item["frames"].numpy()}
                 if item["masks"] is not None:
                     arrays["masks"] = item["masks"].numpy()
-                writer.put(item["chunk"], arrays, item["skipped"])
+                writer.put(item["chunk"], features, arrays, item["skipped"])
                 bar.update(len(images))
     finally:
         bar.close()

@@ -94,12 +94,13 @@ class FrameFolderSource(ListedSource):
         if not frame_entries:
             raise SourceError(f"{folder}: empty video folder (no {', '.join(IMAGE_SUFFIXES)} frames)")
         by_name = {e.name: e for e in frame_entries}
-        names = tuple(natsorted(by_name, alg=ns.PATH))
-        files = [self._identity(by_name[n]) for n in names]
+        names = tuple(natsorted(by_name))  # plain file names: natsort's default (fast) key suffices
+        prefix = "" if folder == self.root else video_id + "/"
+        files = [self._identity(by_name[n], prefix) for n in names]
         masks = None
         mask_dir = folder / MASK_DIR
         if mask_dir.is_dir():
-            masks, mask_files = self._match_masks(folder, names)
+            masks, mask_files = self._match_masks(folder, names, prefix)
             files.extend(mask_files)
         meta = self._read_meta(folder)
         self._meta[video_id] = meta
@@ -109,14 +110,17 @@ class FrameFolderSource(ListedSource):
         fps = meta.get("fps")
         return VideoInfo(video_id, len(names), split, tuple(files), None if fps is None else float(fps))
 
-    def _identity(self, entry: os.DirEntry) -> FileIdentity:
+    @staticmethod
+    def _identity(entry: os.DirEntry, prefix: str) -> FileIdentity:
+        """Path relative to the root (built as a string: pathlib is the bottleneck at SAYCam scale)."""
         try:
             stat = entry.stat()
         except OSError as err:
             raise SourceError(f"{entry.path}: cannot stat ({err})") from err
-        return FileIdentity(Path(entry.path).relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime_ns)
+        return FileIdentity(prefix + entry.name, stat.st_size, stat.st_mtime_ns)
 
-    def _match_masks(self, folder: Path, names: tuple[str, ...]) -> tuple[tuple[str, ...], list[FileIdentity]]:
+    def _match_masks(self, folder: Path, names: tuple[str, ...],
+                     prefix: str) -> tuple[tuple[str, ...], list[FileIdentity]]:
         """One ``masks/<frame stem>.png`` per frame, in frame order."""
         mask_dir = folder / MASK_DIR
         entries = {os.path.splitext(e.name)[0]: e for e in os.scandir(mask_dir)
@@ -131,7 +135,7 @@ class FrameFolderSource(ListedSource):
             raise SourceError(f"{mask_dir}: no mask for frame {i} ({names[i]}): expected {MASK_DIR}/{stem}.png "
                               f"({len(missing)} of {len(names)} frames lack a mask)")
         chosen = [entries[s] for s in stems]
-        return tuple(e.name for e in chosen), [self._identity(e) for e in chosen]
+        return tuple(e.name for e in chosen), [self._identity(e, prefix + MASK_DIR + "/") for e in chosen]
 
     def _read_meta(self, folder: Path) -> Optional[dict]:
         path = folder / META_FILE
