@@ -163,8 +163,8 @@ def fit_and_score(train: list, test: list, seed: int = 0, min_samples: int = 4) 
                          "n_train": len(tr), "n_test": len(te)}
         else:
             try:
-                y_train = torch.tensor([np.ravel(np.asarray(v, dtype=np.float64)) for _, v in tr])
-                y_test = torch.tensor([np.ravel(np.asarray(v, dtype=np.float64)) for _, v in te])
+                y_train = torch.from_numpy(np.stack([np.ravel(np.asarray(v, dtype=np.float64)) for _, v in tr]))
+                y_test = torch.from_numpy(np.stack([np.ravel(np.asarray(v, dtype=np.float64)) for _, v in te]))
             except (TypeError, ValueError):
                 continue  # ragged or non-numeric: not a probe target
             w = fit_ridge(xi, y_train)
