@@ -25,7 +25,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import click
 import numpy as np
@@ -116,27 +116,47 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 
 @torch.no_grad()
-def infer_video(model: torch.nn.Module, features: torch.Tensor, tokens: Optional[torch.Tensor],
-                window: int) -> dict:
-    """Run the model over one whole video in windows, carrying slots between windows.
+def infer_windows(model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> Iterator[dict]:
+    """Run the model over consecutive windows of one video, carrying the slots between them.
 
-    features (T, N, D), tokens (T, h, w) | None -> {"slots": (T, K, D), "masks": {method:
-    (T, K, N)}} on the CPU, float32. Methods without output (no STEVE decoder) are left out.
+    ``windows`` yields (features (t, N, D), tokens (t, h, w) | None); each result is
+    {"slots": (t, K, D), "masks": {method: (t, K, N)}} on the CPU, float32. Methods the model
+    does not output (no STEVE decoder) are left out.
     """
     device = model_device(model)
     state = None
-    slots, masks = [], {name: [] for name in OUTPUT_KEYS}
-    for start in range(0, features.shape[0], window):
-        feats = features[start:start + window][None].to(device)  # (1, t, N, D)
-        toks = None if tokens is None else tokens[start:start + window][None].to(device)
-        out = model(feats, toks, state)
+    for feats, toks in windows:
+        out = model(feats[None].to(device), None if toks is None else toks[None].to(device), state)
         state = out.get("next_state")
-        slots.append(out["processor"]["state"][0].float().cpu())
+        masks = {}
         for name, path in OUTPUT_KEYS.items():
             value = _get(out, path)
             if value is not None:
-                masks[name].append(value[0].float().cpu())
-    return {"slots": torch.cat(slots), "masks": {k: torch.cat(v) for k, v in masks.items() if v}}
+                masks[name] = value[0].float().cpu()
+        yield {"slots": out["processor"]["state"][0].float().cpu(), "masks": masks}
+
+
+def infer_video(model: torch.nn.Module, features: torch.Tensor, tokens: Optional[torch.Tensor],
+                window: int) -> dict:
+    """The model over one whole video in windows of ``window`` frames, slots carried across.
+
+    features (T, N, D), tokens (T, h, w) | None -> {"slots": (T, K, D), "masks": {method: (T, K, N)}}.
+    """
+    starts = range(0, features.shape[0], window)
+    parts = list(infer_windows(model, ((features[s:s + window], None if tokens is None else tokens[s:s + window])
+                                       for s in starts)))
+    return {"slots": torch.cat([p["slots"] for p in parts]),
+            "masks": {k: torch.cat([p["masks"][k] for p in parts]) for k in parts[0]["masks"]}}
+
+
+def store_windows(store, video, window: int, tokens_hash: Optional[str]) -> Iterator[tuple]:
+    """(features, tokens) windows of one video read straight from the store (long videos)."""
+    ids = store.tokens(tokens_hash) if tokens_hash else None
+    for lo in range(video.first, video.stop, window):
+        hi = min(lo + window, video.stop)
+        feats = torch.from_numpy(store.read_features(lo, hi))
+        toks = None if ids is None else torch.from_numpy(ids[lo:hi].astype(np.int64))
+        yield feats, toks
 
 
 def iter_videos(store, split: str, tokens_hash: Optional[str], max_videos: Optional[int] = None,
@@ -233,6 +253,14 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "la
                 return previous
         except (OSError, json.JSONDecodeError):
             pass  # unreadable: recompute
+    if not store.has_masks:
+        result = {"key": key, "run": str(run_dir), "split": split, "num_videos": 0, "methods": {},
+                  "skipped": f"store {store.path} has no ground-truth masks (the source had none): nothing to "
+                             "score slots against; export-slots and visualize still work"}
+        _write_atomic(out_json, json.dumps(result, indent=1))
+        _write_atomic(run_dir / "metrics.md", format_table(result) + "\n")
+        log.warning(result["skipped"])
+        return result
     device = pick_device()
     model = model.to(device).eval()
     seed = int(_cfg_get(cfg, "seed", 0) or 0)
@@ -331,6 +359,8 @@ def _fmt(stat: dict) -> str:
 
 def format_table(result: dict) -> str:
     """Markdown: method x metric, mean ± std over videos (x100), best per column in bold."""
+    if result.get("skipped"):
+        return f"No evaluation of {result.get('run', '?')}: {result['skipped']}."
     methods = result["methods"]
     keys = [k for k in metrics.METRICS if any(k in m for m in methods.values())]
     best = {}

@@ -47,7 +47,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from stages.evaluate import (checkpoint_identity, infer_video, iter_videos, load_run, pick_device, split_size,
+from stages.evaluate import (checkpoint_identity, infer_windows, load_run, pick_device, split_size, store_windows,
                              window_length)
 
 log = logging.getLogger("egoslots")
@@ -84,23 +84,31 @@ def export_slots_run(run_dir: str | Path, split: str = "test", out: str | Path |
     _remove(tmp)
     writer = _NpzWriter(tmp) if as_npz else _ZarrWriter(tmp)
     row, ids, firsts, lengths = 0, [], [], []
-    for item in tqdm(iter_videos(store, split, tokens_hash, max_videos, fields=("features",)), total=total,
-                     desc=f"export {split}", unit="video"):
-        result = infer_video(model, item["features"], item.get("tokens"), window)
-        arrays = {"slots": result["slots"].numpy().astype(np.float32)}
-        masks = result["masks"]
-        if "model_decoder" in masks:
-            arrays["masks"] = masks["model_decoder"].numpy().astype(np.float16)
-        if "model_attention" in masks:
-            arrays["attention_masks"] = masks["model_attention"].numpy().astype(np.float16)
-            arrays.setdefault("masks", arrays["attention_masks"])
-        if item.get("tokens") is not None:
-            arrays["tokens"] = item["tokens"].numpy().astype(np.uint16)
-        writer.write(row, num_frames, arrays)
-        ids.append(item["video_id"])
-        firsts.append(row)
-        lengths.append(len(arrays["slots"]))
-        row += len(arrays["slots"])
+    for video in tqdm(videos, desc=f"export {split}", unit="video"):
+        first = row
+        pending = []  # the token ids of each window, handed back next to the model's result
+
+        def windows():  # streamed from the store: long videos never sit in memory whole
+            for feats, toks in store_windows(store, video, window, tokens_hash):
+                pending.append(toks)
+                yield feats, toks
+
+        for result in infer_windows(model, windows()):
+            toks = pending.pop(0)
+            arrays = {"slots": result["slots"].numpy().astype(np.float32)}
+            masks = result["masks"]
+            if "model_decoder" in masks:
+                arrays["masks"] = masks["model_decoder"].numpy().astype(np.float16)
+            if "model_attention" in masks:
+                arrays["attention_masks"] = masks["model_attention"].numpy().astype(np.float16)
+                arrays.setdefault("masks", arrays["attention_masks"])
+            if toks is not None:
+                arrays["tokens"] = toks.numpy().astype(np.uint16)
+            writer.write(row, num_frames, arrays)
+            row += len(arrays["slots"])
+        ids.append(video.id)
+        firsts.append(first)
+        lengths.append(row - first)
     slots_shape = writer.shape("slots")
     meta.update({"num_videos": len(ids), "num_frames": row, "num_slots": slots_shape[1], "slot_dim": slots_shape[2],
                  "arrays": writer.names()})
@@ -114,17 +122,40 @@ def export_slots_run(run_dir: str | Path, split: str = "test", out: str | Path |
 
 
 class _ZarrWriter:
-    def __init__(self, path: Path):
+    """Rows arrive in order; they are buffered and written a whole chunk at a time."""
+
+    def __init__(self, path: Path, chunk_rows: int = 256):
         import zarr
 
         self.group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        self.chunk_rows = chunk_rows
+        self.buffer: dict[str, list] = {}
+        self.start = 0  # first row not yet written
+        self.total = 0
 
     def write(self, row: int, total: int, arrays: dict) -> None:
+        self.total = total
         for name, values in arrays.items():
             if name not in self.group:
                 self.group.create_array(name, shape=(total, *values.shape[1:]), dtype=values.dtype,
-                                        chunks=(min(total, 256), *values.shape[1:]), fill_value=0)
-            self.group[name][row:row + len(values)] = values
+                                        chunks=(min(total, self.chunk_rows), *values.shape[1:]), fill_value=0)
+            self.buffer.setdefault(name, []).append(values)
+        buffered = sum(len(v) for v in next(iter(self.buffer.values())))
+        if buffered >= self.chunk_rows:
+            self.flush(whole_chunks=True)
+
+    def flush(self, whole_chunks: bool = False) -> None:
+        """Write the buffered rows (only whole chunks, keeping the rest, when ``whole_chunks``)."""
+        if not self.buffer:
+            return
+        merged = {name: np.concatenate(parts) for name, parts in self.buffer.items()}
+        count = len(next(iter(merged.values())))
+        if whole_chunks:
+            count -= count % self.chunk_rows
+        for name, values in merged.items():
+            self.group[name][self.start:self.start + count] = values[:count]
+        self.buffer = {name: [values[count:]] for name, values in merged.items() if len(values) > count}
+        self.start += count
 
     def shape(self, name: str) -> tuple:
         return tuple(self.group[name].shape)
@@ -133,6 +164,7 @@ class _ZarrWriter:
         return sorted(name for name, _ in self.group.arrays())
 
     def finish(self, table: dict, meta: dict) -> None:
+        self.flush()
         for name, values in table.items():
             if values.dtype.kind == "U":
                 self.group.create_array(name, shape=values.shape, dtype=str, fill_value="")

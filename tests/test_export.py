@@ -89,3 +89,15 @@ def test_cli_export(run, tmp_path):
     assert result.exit_code == 0, result.output
     assert np.load(out)["slots"].shape == (3 * FRAMES, SLOTS, 6)
     assert "Example" in CliRunner().invoke(cli.main, ["export-slots", "--help"]).output
+
+
+def test_zarr_writer_buffers_whole_chunks(tmp_path):
+    writer = export._ZarrWriter(tmp_path / "w.zarr", chunk_rows=4)
+    rows = np.arange(11 * 2, dtype=np.float32).reshape(11, 2)
+    row = 0
+    for size in (3, 3, 1, 4):  # window sizes that do not line up with chunks
+        writer.write(row, 11, {"slots": rows[row:row + size]})
+        row += size
+        assert writer.start % 4 == 0  # only whole chunks written so far
+    writer.finish({"video_first": np.array([0])}, {"ok": True})
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "w.zarr"))["slots"][:], rows)
