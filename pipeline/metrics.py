@@ -7,7 +7,8 @@ Ground truth is a uint8 label map ``(T, H, W)``, 0 = background, 1..255 = object
 Everything is derived from one contingency table ``n[c, k]`` = number of pixels with true
 label c and predicted slot k (a ``bincount``), per video or per frame:
 
-- FG-ARI: adjusted Rand index over foreground pixels only (true background dropped).
+- ARI: adjusted Rand index over all pixels; FG-ARI: over foreground pixels only (true
+  background dropped), the one SlotContrast reports.
   ARI = 1 where its denominator is 0 (as SlotContrast: both partitions a single cluster, or
   every cluster a single point). A video (or frame) with no foreground pixel at all gets
   ARI = 1 by that same rule; :func:`video_metrics` reports it as such and counts such items
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-METRICS = ("video_fg_ari", "video_mbo", "video_miou", "frame_fg_ari", "frame_mbo")
+METRICS = ("video_fg_ari", "video_mbo", "video_miou", "frame_fg_ari", "frame_mbo", "video_ari", "frame_ari")
 
 
 # ---------------------------------------------------------------------------------- masks
@@ -169,7 +170,8 @@ def video_metrics(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slot
     """Every metric of one video from slot label maps and true label maps, both (T, H, W).
 
     Returns floats: video_fg_ari, video_mbo, video_miou, frame_fg_ari, frame_mbo (mean over
-    frames; frame_mbo over frames with an object), plus ``num_objects`` and ``empty_frames``.
+    frames; frame_mbo over frames with an object), video_ari and frame_ari (background
+    included), plus ``num_objects`` and ``empty_frames``.
     """
     if pred_labels.shape != true_labels.shape:
         raise ValueError(f"predicted labels {tuple(pred_labels.shape)} vs ground truth {tuple(true_labels.shape)}")
@@ -185,6 +187,8 @@ def video_metrics(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slot
         "video_mbo": float(mbo_from_table(video)[0]),
         "video_miou": float(hungarian_miou_from_table(video)[0]),
         "frame_fg_ari": float(frame_ari.mean()),
+        "video_ari": float(ari_from_table(video)[0]),  # background included
+        "frame_ari": float(ari_from_table(per_frame).mean()),
         "frame_mbo": float(np.nanmean(frame_mbo.numpy())) if (~torch.isnan(frame_mbo)).any() else float("nan"),
         "num_objects": int((video.sum(dim=2)[0, 1:] > 0).sum()),
         "empty_frames": int(empty.sum()),

@@ -51,6 +51,8 @@ METRIC_LABELS = {
     "video_miou": "video mIoU (Hungarian)",
     "frame_fg_ari": "frame FG-ARI",
     "frame_mbo": "frame mBO",
+    "video_ari": "video ARI (with bg)",
+    "frame_ari": "frame ARI (with bg)",
 }
 OUTPUT_KEYS = {"model_decoder": ("decoder", "masks"), "model_attention": ("processor", "corrector", "masks"),
                "model_steve": ("steve", "masks")}

@@ -41,6 +41,9 @@ def test_fg_ari_is_sklearn_on_foreground(seed):
     per_frame = [adjusted_rand_score(true[i].numpy()[fg[i]], pred[i].numpy()[fg[i]]) for i in range(3)]
     assert out["frame_fg_ari"] == pytest.approx(np.mean(per_frame), abs=1e-6)
     assert out["video_fg_ari"] == pytest.approx(expected, abs=1e-6)
+    assert out["video_ari"] == pytest.approx(adjusted_rand_score(true.flatten(), pred.flatten()), abs=1e-6)
+    frame_full = [adjusted_rand_score(true[i].flatten(), pred[i].flatten()) for i in range(3)]
+    assert out["frame_ari"] == pytest.approx(np.mean(frame_full), abs=1e-6)
 
 
 def test_perfect_prediction_and_slot_permutation():
