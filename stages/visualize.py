@@ -66,11 +66,15 @@ def dvae_reconstructions(run_dir: Path, cfg, tokens_hash: Optional[str], tokens:
             return None, "pipeline.dvae has no load_dvae(run_dir)"
         model = model.eval()
         device = next(model.parameters()).device
+        pictures = []
         with torch.no_grad():
-            images = model.decode_ids(tokens.long().to(device))  # (T, 3, S, S) in [0, 1]
-        images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
-                                                 align_corners=False)
-        return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy(), ""
+            for part in tokens.long().split(16):  # a few frames at a time: long videos fit in memory
+                images = model.decode_ids(part.to(device)).float()  # (t, 3, S', S'), unclamped
+                if images.shape[-1] != size:
+                    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                                             align_corners=False)
+                pictures.append((images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(pictures), ""
     except Exception as err:  # a picture is not worth failing the pipeline for
         log.warning("dVAE reconstructions skipped: %s", err)
         return None, f"dVAE decoding failed: {err}"
