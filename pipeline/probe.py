@@ -7,7 +7,8 @@ frame t (a sample for every frame where its object is visible) to the object's a
 
 - categorical attributes (strings, ints, bools; e.g. ``mesh``): softmax regression, accuracy;
 - numeric ones (floats or lists, e.g. ``color`` RGB, ``size``, ``position`` = positions[t]):
-  ridge regression, R^2 (mean over output dimensions, as scikit-learn's ``r2_score``).
+  ridge regression (strength picked on the last fifth of the train samples), R^2 (mean over
+  output dimensions, as scikit-learn's ``r2_score``).
 
 Probes are fit on train videos and scored on test videos; the ``chance`` column is the
 majority class (categorical) or the train mean (numeric) scored the same way. Pure torch.
@@ -105,6 +106,19 @@ def predict_linear(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1) @ w
 
 
+def choose_lambda(x: torch.Tensor, y: torch.Tensor, grid=(1e-2, 1e-1, 1.0, 10.0, 100.0)) -> float:
+    """Ridge strength by R^2 on the last fifth of the train samples (later videos), then refit on all."""
+    cut = int(len(x) * 0.8)
+    if cut < 2 or len(x) - cut < 2:
+        return 1.0
+    scores = []
+    for lam in grid:
+        w = fit_ridge(x[:cut], y[:cut], lam)
+        score = r2_score(y[cut:], predict_linear(w, x[cut:]))
+        scores.append(score if np.isfinite(score) else -np.inf)
+    return float(grid[int(np.argmax(scores))])
+
+
 def r2_score(y: torch.Tensor, pred: torch.Tensor) -> float:
     """Mean over output dims of 1 - SSE/SST (dims with zero variance left out)."""
     sse = ((y - pred) ** 2).sum(0)
@@ -167,7 +181,7 @@ def fit_and_score(train: list, test: list, seed: int = 0, min_samples: int = 4) 
                 y_test = torch.from_numpy(np.stack([np.ravel(np.asarray(v, dtype=np.float64)) for _, v in te]))
             except (TypeError, ValueError):
                 continue  # ragged or non-numeric: not a probe target
-            w = fit_ridge(xi, y_train)
+            w = fit_ridge(xi, y_train, choose_lambda(xi, y_train))
             out[name] = {"measure": "R^2", "score": r2_score(y_test, predict_linear(w, xt)),
                          "chance": r2_score(y_test, y_train.mean(0).expand_as(y_test)),
                          "n_train": len(tr), "n_test": len(te)}
