@@ -123,3 +123,11 @@ def test_cli_prints_table(run):
     assert (run / "metrics.json").exists()
     help_text = CliRunner().invoke(cli.main, ["evaluate", "--help"]).output
     assert "Example" in help_text and "egoslots evaluate" in help_text
+
+
+def test_probe_r2_matches_sklearn():
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(1)
+    y, pred = rng.standard_normal((30, 3)), rng.standard_normal((30, 3))
+    assert probe.r2_score(torch.from_numpy(y), torch.from_numpy(pred)) == pytest.approx(r2_score(y, pred))
