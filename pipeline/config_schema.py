@@ -224,6 +224,7 @@ class Trainer:
     strategy: str = "auto"
     ckpt_every: int = 2500
     val_every: int = 2500
+    val_batches: int = 50  # stage 3: validation batches per check (0 = no validation)
     log_every: int = 50
     image_every: int = 5000
 
