@@ -236,8 +236,9 @@ class Trainer:
 @dataclass
 class Evaluate:
     split: str = "test"
-    probe: bool = True
-    max_videos: Optional[int] = None
+    probe: bool = True  # property probe (needs per-object attributes, e.g. synthetic meta.json)
+    max_videos: Optional[int] = None  # evaluate only the first N videos of the split
+    probe_train_videos: Optional[int] = 200  # train videos the probe is fit on (None = all)
 
 
 @dataclass
