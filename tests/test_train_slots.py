@@ -69,7 +69,7 @@ def make_dvae_run(work: Path, store_fp: str = "fp0") -> Path:
 
 def tiny_cfg(work: Path, *extra: str):
     overrides = [
-        f"work_dir={work}", "run_name=t", "seed=0",
+        f"work_dir={work}", "store=fp0", "run_name=t", "seed=0",
         "globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", f"globals.VOCAB_SIZE={VOCAB}",
         "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=2",
         "dataset.num_workers=0", "decoder.hidden_dims=[32,32]",
@@ -152,7 +152,7 @@ def test_train_end_to_end_writes_run_dir_and_loads(work):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for name in ("train/loss", "train/loss_featrec", "train/loss_ss", "train/loss_steve_ce", "train/lr",
-                 "val/loss"):
+                 "val/loss", "val/fg_ari", "val/mbo"):
         assert name in tags, (name, tags)
     assert "slots/masks_over_time" in acc.Tags()["images"]
 
@@ -337,7 +337,7 @@ def test_cli_train_slots_help_and_run(work, repo_root):
 
 
 def tiny_cfg_args(work: Path) -> list[str]:
-    return [f"work_dir={work}", "run_name=t", "globals.SLOT_DIM=16", f"globals.VOCAB_SIZE={VOCAB}",
+    return [f"work_dir={work}", "store=fp0", "run_name=t", "globals.SLOT_DIM=16", f"globals.VOCAB_SIZE={VOCAB}",
             "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=2", "dataset.num_workers=0",
             "decoder.hidden_dims=[32]", "steve_decoder.num_blocks=1", "steve_decoder.d_model=16",
             "steve_decoder.num_heads=2", "predictor.num_heads=2", "trainer.precision=32",
