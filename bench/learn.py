@@ -93,20 +93,24 @@ def main():
 
         rows = []
         store = FeatureStore.open(store_path)
-        baselines = None
+        baseline_names = ("grid", "kmeans_frame", "kmeans_video")
+        summary = {}
         for step in range(args.every, args.steps + 1, args.every):
             model, rcfg, _, tokens = load_trained(run, step)
             scored = evaluate_model(model, rcfg, store, tokens, "test", seed=args.seed)
             summary = summarize_scores(scored["per_video"])
-            if baselines is None:
-                baselines = {k: v for k, v in summary.items() if k != "model"}
-            model_key = next(k for k in summary if k not in ("kmeans_frame", "kmeans_video", "grid"))
-            rows.append((step, summary[model_key]))
-        print("\n| step | video FG-ARI | video mBO |\n|---|---|---|")
+            rows.append((step, {k: v for k, v in summary.items() if k not in baseline_names}))
+        methods = list(rows[0][1]) if rows else []
+        print("\n| step | " + " | ".join(f"{m} FG-ARI | {m} mBO" for m in methods) + " |")
+        print("|---|" + "---|---|" * len(methods))
         for step, s in rows:
-            print(f"| {step} | {100 * s['video_fg_ari']['mean']:.1f} | {100 * s['video_mbo']['mean']:.1f} |")
-        for name, s in (baselines or {}).items():
-            print(f"| {name} (baseline) | {100 * s['video_fg_ari']['mean']:.1f} | {100 * s['video_mbo']['mean']:.1f} |")
+            print(f"| {step} | " + " | ".join(
+                f"{100 * s[m]['video_fg_ari']['mean']:.1f} | {100 * s[m]['video_mbo']['mean']:.1f}" for m in methods) + " |")
+        print("\n| baseline | video FG-ARI | video mBO |\n|---|---|---|")
+        for name in baseline_names:
+            if name in summary:
+                s = summary[name]
+                print(f"| {name} | {100 * s['video_fg_ari']['mean']:.1f} | {100 * s['video_mbo']['mean']:.1f} |")
         print(f"\n(test split: {len(store.videos_in('test'))} videos; TensorBoard: {run / 'tb'})")
 
 
