@@ -353,3 +353,44 @@ def test_precision_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
     monkeypatch.setattr(train_slots, "bf16_supported", lambda device: True)
     assert train_slots.resolve_precision(cfg) == "bf16-mixed"
     assert train_slots.resolve_precision(load_config(None, ["trainer.precision=32"])) == "32-true"
+
+
+def test_training_step_never_syncs_host_and_device(work, monkeypatch):
+    """No .item()/bool()/float() of a tensor inside the step (they would stall a GPU)."""
+    from stages import train_slots
+
+    inside = {"on": False}
+    real_step = train_slots.SlotTrainingModule.training_step
+
+    def watched(self, batch, batch_idx):
+        inside["on"] = True
+        try:
+            return real_step(self, batch, batch_idx)
+        finally:
+            inside["on"] = False
+
+    def guard(name):
+        real = getattr(torch.Tensor, name)
+
+        def check(self, *a, **k):
+            if inside["on"]:
+                raise AssertionError(f"Tensor.{name} inside training_step: a host-device sync")
+            return real(self, *a, **k)
+        return check
+
+    for name in ("item", "__bool__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    monkeypatch.setattr(train_slots.SlotTrainingModule, "training_step", watched)
+    run = train_slots.train(tiny_cfg(work, "trainer.max_steps=2", "trainer.val_every=100", "trainer.image_every=100"))
+    assert _weights(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_bf16_mixed_trains_where_native(work):
+    from stages.train_slots import bf16_supported, train
+
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU has no native bf16 (AVX-512 BF16 / AMX): auto falls back to fp32")
+    run = train(tiny_cfg(work, "trainer.precision=auto", "trainer.max_steps=2", "trainer.val_every=100",
+                         "trainer.image_every=100"))
+    sd = _weights(run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())  # fp32 master weights
