@@ -86,13 +86,14 @@ def build(cfg, feature_dim, num_tokens, token_grid=None, seed=0):
     return model, opt
 
 
-COMPONENTS = {  # report name -> attribute paths tried on SlotModel (first that exists)
-    "feature MLP": ["encoder", "feature_mlp", "input_mlp", "feature_transform"],
-    "slot attention": ["processor.corrector", "grouper", "slot_attention", "corrector"],
-    "predictor": ["processor.predictor", "predictor"],
-    "feature decoder": ["decoder", "feature_decoder"],
-    "STEVE decoder": ["steve", "steve_decoder"],
+COMPONENTS = {  # report name -> class names of the SlotModel parts (pipeline/slots.py, ...)
+    "feature MLP": ("FeatureMLP",),
+    "slot attention": ("SlotAttention",),
+    "predictor": ("SlotPredictor",),
+    "feature decoder": ("MLPBroadcastDecoder",),
+    "STEVE decoder": ("SteveDecoder",),
 }
+TIMED_METHODS = ("forward", "iterate", "project_inputs")  # slot attention is run via iterate()
 
 
 def _get(module, path):
@@ -104,24 +105,43 @@ def _get(module, path):
 
 
 class ComponentTimer:
-    """Forward time of each named part of the model (hooks; sums over repeated calls)."""
+    """Forward time of each part of the model: its forward (and iterate/project_inputs) methods
+    are wrapped on the instance with timers (synchronised on GPUs), summed over calls."""
 
     def __init__(self, model):
         self.times = defaultdict(float)
-        self.handles = []
+        self.wrapped = []
         self.sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        for name, paths in COMPONENTS.items():
-            mod = next((m for m in (_get(model, p) for p in paths) if m is not None), None)
-            if mod is None:
-                continue
-            starts = []
-            self.handles.append(mod.register_forward_pre_hook(lambda m, a, s=starts: (self.sync(), s.append(time.perf_counter()))[0]))
-            self.handles.append(mod.register_forward_hook(
-                lambda m, a, o, s=starts, n=name: (self.sync(), self.times.__setitem__(n, self.times[n] + time.perf_counter() - s.pop()))[0]))
+        self.depth = 0
+        for name, classes in COMPONENTS.items():
+            for mod in model.modules():
+                if type(mod).__name__ in classes:
+                    for method in TIMED_METHODS:
+                        if hasattr(type(mod), method):
+                            self._wrap(mod, method, name)
+
+    def _wrap(self, mod, method, name):
+        real = getattr(mod, method)
+
+        def timed(*a, **k):
+            if self.depth:  # nested (e.g. forward calling iterate): count once, at the outside
+                return real(*a, **k)
+            self.depth += 1
+            self.sync()
+            t0 = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                self.sync()
+                self.times[name] += time.perf_counter() - t0
+                self.depth -= 1
+
+        setattr(mod, method, timed)
+        self.wrapped.append((mod, method))
 
     def remove(self):
-        for h in self.handles:
-            h.remove()
+        for mod, method in self.wrapped:
+            delattr(mod, method)
 
 
 def run_variant(name, cfg, model, opt, batches, steps, *, vit=None, autocast=False, sync_each_step=True,
@@ -297,8 +317,9 @@ def steve_path(args, tmp: Path):
     tokens, dim = 64, 64  # a small feature side: this measures the STEVE decoder path
     torch.manual_seed(0)
     model = SlotModel.from_config(cfg, dim, tokens, grid).to(device)
-    steve = _get(model, "steve") or _get(model, "steve_decoder")
-    embed = next((m for m in steve.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= vocab), None)
+    steve = next((m for m in model.modules() if type(m).__name__ == "SteveDecoder"), None)
+    embed = None if steve is None else next(
+        (m for m in steve.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= vocab), None)
     feats = torch.randn(batch, t, tokens, dim, device=device)
     ids = torch.randint(0, vocab, (batch, t, *grid), device=device)
     frames = torch.rand(batch * t, 3, 128, 128, device=device)
@@ -321,8 +342,15 @@ def steve_path(args, tmp: Path):
         z = F.gumbel_softmax(logits.float(), tau=0.1, hard=True, dim=1)
         hard_ids = z.argmax(1).reshape(batch, t, *grid)
         one_hot = z.flatten(2).transpose(1, 2)  # (B*T, 1024, V)
-        emb = one_hot @ embed.weight  # the 4096-wide matmul STEVE does
-        handle = embed.register_forward_hook(lambda m, a, o: emb.reshape(o.shape[:-1] + (-1,)) if o.shape[:-1].numel() == emb.shape[0] * emb.shape[1] else o)
+        emb = one_hot @ embed.weight[:vocab]  # (B*T, 1024, d): the 4096-wide matmul STEVE does
+
+        def swap(m, a, o):  # the decoder's input becomes [BOS, one_hot @ W][:-1], as in STEVE
+            if o.shape[:-1].numel() != emb.shape[0] * emb.shape[1]:
+                return o
+            o = o.reshape(emb.shape)
+            return torch.cat([o[:, :1], emb[:, :-1]], dim=1).reshape(a[0].shape + (-1,))
+
+        handle = embed.register_forward_hook(swap)
         try:
             out = model(feats, hard_ids)
             loss = model.losses(out)["loss"]
