@@ -15,12 +15,19 @@ Layout (see ``docs/store-format.md``)::
 All arrays share one flat frame axis and one chunk length C along it, so "chunk c" means
 frames [c*C, (c+1)*C) in every array. A chunk is the unit of work, of resume and of sharding
 (a writer owns whole chunks, so concurrent writers never touch the same file). The ``done``
-flag of a chunk is written only after all its data chunks are written, so a killed job
-resumes by redoing exactly the chunks whose flag is 0.
+flag of a chunk is written only after all its data chunks are written and fsynced, so a
+killed job resumes by redoing exactly the chunks whose flag is 0.
+
+On disk each chunk c is one zarr *shard* file per array (``features/c/<c>/0/0``); inside it,
+small inner chunks of ``inner_chunk_len`` frames (each with a crc32c checksum) let a reader
+fetch a short clip without reading the whole shard, and let ``cache verify`` detect any
+corrupted byte.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -34,6 +41,10 @@ import zarr
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "egoslots"
+FEATURE_DTYPES = ("float16", "bfloat16", "int8", "float32")
+DATA_ARRAYS = ("features", "features_scale", "frames", "masks")
+LOCK_NAME = "egoslots.lock"
+SKIPPED_DIR = "skipped"
 
 
 class StoreError(RuntimeError):
@@ -102,29 +113,34 @@ class FeatureStore:
         chunk_len: int = 64,
         compressor: str = "none",
         attrs: Optional[dict] = None,
+        inner_chunk_len: int = 4,
+        checksum: bool = True,
     ) -> "FeatureStore":
         """Make an empty store with every array allocated and every chunk marked not done."""
         num_frames = sum(v.length for v in videos)
         if num_frames == 0:
             raise StoreError("cannot create a store with no frames")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise StoreError(f"unknown feature dtype '{feature_dtype}' (extract.dtype: {' | '.join(FEATURE_DTYPES)})")
+        inner = _inner_len(chunk_len, inner_chunk_len)
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        compressors = _compressors(compressor)
-        storage = {"bfloat16": "float32"}.get(feature_dtype, feature_dtype)
+        codecs = _compressors(compressor, checksum)
+
+        def add(name, shape, dtype):
+            group.create_array(name, shape=shape, dtype=dtype, shards=(chunk_len, *shape[1:]),
+                               chunks=(inner, *shape[1:]), compressors=codecs, fill_value=0,
+                               config={"write_empty_chunks": True})
+
         # bfloat16 has no zarr dtype: stored as its upper 16 bits in uint16.
-        if feature_dtype == "bfloat16":
-            storage = "uint16"
-        group.create_array("features", shape=(num_frames, num_tokens, feature_dim), dtype=storage,
-                           chunks=(chunk_len, num_tokens, feature_dim), compressors=compressors, fill_value=0)
+        storage = {"bfloat16": "uint16"}.get(feature_dtype, feature_dtype)
+        add("features", (num_frames, num_tokens, feature_dim), storage)
         if feature_dtype == "int8":
-            group.create_array("features_scale", shape=(num_frames, num_tokens), dtype="float32",
-                               chunks=(chunk_len, num_tokens), compressors=compressors, fill_value=0)
-        group.create_array("frames", shape=(num_frames, frame_size, frame_size, 3), dtype="uint8",
-                           chunks=(chunk_len, frame_size, frame_size, 3), compressors=compressors, fill_value=0)
+            add("features_scale", (num_frames, num_tokens), "float32")
+        add("frames", (num_frames, frame_size, frame_size, 3), "uint8")
         if has_masks:
-            group.create_array("masks", shape=(num_frames, frame_size, frame_size), dtype="uint8",
-                               chunks=(chunk_len, frame_size, frame_size), compressors=compressors, fill_value=0)
+            add("masks", (num_frames, frame_size, frame_size), "uint8")
         group.create_array("done", shape=(num_chunks(num_frames, chunk_len),), dtype="uint8", chunks=(1,),
-                           fill_value=0, compressors=None)
+                           fill_value=0, compressors=None, config={"write_empty_chunks": True})
         meta = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
@@ -137,6 +153,9 @@ class FeatureStore:
             "frame_size": frame_size,
             "feature_dtype": feature_dtype,
             "chunk_len": chunk_len,
+            "inner_chunk_len": inner,
+            "compressor": compressor,
+            "checksum": checksum,
             "has_masks": has_masks,
             "videos": [asdict(v) for v in videos],
         }
@@ -267,14 +286,75 @@ class FeatureStore:
             return {"features": q, "features_scale": scale}
         return {"features": feats.astype(dtype)}
 
-    def write_chunk(self, chunk: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write whole chunk ``chunk`` of the named arrays, then flag it done (last)."""
+    def write_chunk(self, chunk: int, arrays: dict[str, np.ndarray], *, durable: bool = True) -> None:
+        """Write whole chunk ``chunk`` of the named arrays, then flag it done (last).
+
+        With ``durable`` the chunk's files are fsynced before the flag is written (and the flag
+        after), so a power cut or kill -9 never leaves a chunk flagged done but not on disk.
+        """
         start, stop = chunk_bounds(chunk, self.chunk_len, self.num_frames)
         for name, values in arrays.items():
             if len(values) != stop - start:
                 raise StoreError(f"chunk {chunk} of '{name}' needs {stop - start} rows, got {len(values)}")
             self.group[name][start:stop] = values
+        if durable:
+            for name in arrays:
+                self._fsync_chunk(name, chunk)
         self.group["done"][chunk] = 1
+        if durable:
+            self._fsync_chunk("done", chunk)
+
+    def chunk_file(self, name: str, chunk: int) -> Optional[Path]:
+        """The file holding chunk ``chunk`` of array ``name`` (local stores; default key encoding)."""
+        if not isinstance(self.path, Path):
+            return None
+        ndim = len(self.group[name].shape)
+        return self.path.joinpath(name, "c", str(chunk), *(["0"] * (ndim - 1)))
+
+    def _fsync_chunk(self, name: str, chunk: int) -> None:
+        path = self.chunk_file(name, chunk)
+        if path is None or not path.exists():
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def record_skipped(self, chunk: int, skipped: list[dict]) -> None:
+        """Note videos a chunk skipped as unreadable (--skip-bad); read back by :meth:`skipped`.
+
+        One small file per chunk, so concurrent shards never write the same file.
+        """
+        folder = Path(self.path) / SKIPPED_DIR
+        if not skipped:  # a redone chunk that now reads fine forgets an old skip
+            (folder / f"{chunk}.json").unlink(missing_ok=True)
+            return
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f"{chunk}.json.tmp"
+        tmp.write_text(json.dumps(skipped))
+        tmp.replace(folder / f"{chunk}.json")
+
+    def skipped(self) -> list[dict]:
+        """Videos skipped as unreadable by any chunk: [{id, hflip, error}], one per video row."""
+        folder = Path(self.path) / SKIPPED_DIR
+        seen: dict[tuple, dict] = {}
+        if folder.is_dir():
+            for f in sorted(folder.glob("*.json")):
+                for row in json.loads(f.read_text()):
+                    seen.setdefault((row["id"], bool(row.get("hflip"))), row)
+        return list(seen.values())
+
+    @contextlib.contextmanager
+    def lock(self):
+        """An exclusive inter-process lock on this store (attrs updates by concurrent shards)."""
+        with file_lock(Path(self.path) / LOCK_NAME):
+            yield
 
     def done_chunks(self) -> np.ndarray:
         return np.asarray(self.group["done"][:], dtype=bool)
@@ -289,10 +369,69 @@ class FeatureStore:
         return [c for c in range(done.size) if not done[c] and c % num_shards == shard_id]
 
     def mark_complete_if_done(self) -> bool:
-        done, total = self.progress()
-        if done == total and not self.complete:
-            self.update_meta(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        """Set ``complete`` once every chunk is done (dropping videos recorded as skipped)."""
+        with self.lock():
+            self._meta = None
+            done, total = self.progress()
+            if done == total and not self.complete:
+                values = {"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                skipped = self.skipped()
+                if skipped:
+                    bad = {(r["id"], bool(r.get("hflip"))) for r in skipped}
+                    values["videos"] = [v for v in self.meta["videos"] if (v["id"], bool(v.get("hflip"))) not in bad]
+                    values["skipped_videos"] = skipped
+                self.update_meta(**values)
+                self._videos = None
         return done == total
+
+    # ------------------------------------------------------------------ checking
+    def data_arrays(self) -> list[str]:
+        """Names of the per-frame arrays (tokens sub-groups included) in this store."""
+        names = [n for n in DATA_ARRAYS if n in self.group]
+        names += [f"tokens/{h}/ids" for h in self.token_group_names()]
+        return names
+
+    def verify(self, progress=None) -> list[str]:
+        """Every problem found, one line each naming the chunk and array; [] if the store is sound.
+
+        Checks that every chunk is flagged done, every chunk file exists and decodes (crc32c
+        checksums catch corrupted bytes), floating-point values are finite, and the video table
+        stays inside the frame axis.
+        """
+        problems = []
+        done = self.done_chunks()
+        if not done.all():
+            missing = np.flatnonzero(~done)
+            problems.append(f"{len(missing)} chunk(s) not flagged done: {', '.join(map(str, missing[:10]))}"
+                            + (" ..." if len(missing) > 10 else ""))
+        for v in self.videos:
+            if v.first < 0 or v.stop > self.num_frames:
+                problems.append(f"video table row '{v.id}' (hflip={v.hflip}) spans rows {v.first}..{v.stop - 1}, "
+                                f"outside the {self.num_frames} frames")
+        names = self.data_arrays()
+        for chunk in range(done.size):
+            start, stop = chunk_bounds(chunk, self.chunk_len, self.num_frames)
+            for name in names:
+                where = f"chunk {chunk} of '{name}' (rows {start}..{stop - 1}"
+                path = self.chunk_file(name, chunk)
+                where += f", file {path})" if path is not None else ")"
+                if path is not None and not path.exists():
+                    problems.append(f"{where}: file missing")
+                    continue
+                try:
+                    if name == "features":
+                        values = self.read_features(start, stop)
+                    else:
+                        values = self.group[name][start:stop]
+                except Exception as err:  # noqa: BLE001 - any decode failure is a finding
+                    problems.append(f"{where}: unreadable ({type(err).__name__}: {err})")
+                    continue
+                if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                    bad = int((~np.isfinite(values)).sum())
+                    problems.append(f"{where}: {bad} non-finite value(s)")
+            if progress is not None:
+                progress(chunk)
+        return problems
 
     # ------------------------------------------------------------------ tokens (stage 2)
     def token_group_names(self) -> list[str]:
@@ -324,10 +463,12 @@ class FeatureStore:
         if name in self.group:
             return self.group[name]
         sub = self.group.require_group(name)
-        sub.create_array("ids", shape=(self.num_frames, *grid), dtype="uint16",
-                         chunks=(self.chunk_len, *grid), fill_value=0)
+        inner = int(self.meta.get("inner_chunk_len", self.chunk_len))
+        sub.create_array("ids", shape=(self.num_frames, *grid), dtype="uint16", shards=(self.chunk_len, *grid),
+                         chunks=(inner, *grid), fill_value=0, compressors=_compressors("none", True),
+                         config={"write_empty_chunks": True})
         sub.create_array("done", shape=self.group["done"].shape, dtype="uint8", chunks=(1,), fill_value=0,
-                         compressors=None)
+                         compressors=None, config={"write_empty_chunks": True})
         sub.attrs.update(_jsonable({"dvae_hash": dvae_hash, "grid": list(grid), "complete": False, **attrs}))
         return sub
 
@@ -353,18 +494,48 @@ def directory_size(path: str | Path) -> int:
     return total
 
 
-def _compressors(name: str):
-    if name in ("none", None):
-        return None
-    from zarr.codecs import BloscCodec, ZstdCodec
+def _compressors(name: Optional[str], checksum: bool = False) -> Optional[list]:
+    """The bytes-to-bytes codecs of every data array's inner chunks: compressor, then crc32c."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-    if name == "zstd":
-        return [ZstdCodec(level=3)]
-    if name == "blosc":
-        return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
-    raise StoreError(f"unknown compressor '{name}' (extract.compressor: none | zstd | blosc)")
+    if name in ("none", None):
+        codecs = []
+    elif name == "zstd":
+        codecs = [ZstdCodec(level=3)]
+    elif name == "blosc":
+        codecs = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    else:
+        raise StoreError(f"unknown compressor '{name}' (extract.compressor: none | zstd | blosc)")
+    if checksum:
+        codecs.append(Crc32cCodec())
+    return codecs or None
+
+
+def _inner_len(chunk_len: int, wanted: int) -> int:
+    """The largest inner chunk length <= wanted that divides the chunk (shard) length."""
+    wanted = max(1, min(int(wanted), chunk_len))
+    return max(d for d in range(1, wanted + 1) if chunk_len % d == 0)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Exclusive ``flock`` on ``path`` (created if missing), held for the ``with`` block."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def resolve_store(cfg) -> "FeatureStore":
+    """The store later stages read (see :func:`cache.fingerprint.resolve_store`)."""
+    from cache.fingerprint import resolve_store as _resolve
+
+    return _resolve(cfg)
 
 
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
-

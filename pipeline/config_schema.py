@@ -101,8 +101,12 @@ class Extract:
     compute: str = "auto"  # auto | fp32 | bf16
     device: str = "auto"
     frame_size: int = "${globals.FRAME_SIZE}"  # type: ignore[assignment]
+    # Unit of work, resume and sharding: one zarr shard file per array per chunk.
     frames_per_chunk: int = 64
-    compressor: str = "none"  # none | zstd | blosc
+    # Frames per inner (read) chunk inside a shard: a random clip reads only the inner chunks
+    # it covers. Should divide frames_per_chunk (else the largest divisor below it is used).
+    inner_chunk: int = 4
+    compressor: str = "none"  # none | zstd | blosc (lz4 + byte shuffle); see docs/store-format.md
 
 
 @dataclass
@@ -224,6 +228,7 @@ class Trainer:
     strategy: str = "auto"
     ckpt_every: int = 2500
     val_every: int = 2500
+    val_batches: int = 50  # stage 3: validation batches per check (0 = no validation)
     log_every: int = 50
     image_every: int = 5000
 
