@@ -131,3 +131,30 @@ def test_probe_r2_matches_sklearn():
     rng = np.random.default_rng(1)
     y, pred = rng.standard_normal((30, 3)), rng.standard_normal((30, 3))
     assert probe.r2_score(torch.from_numpy(y), torch.from_numpy(pred)) == pytest.approx(r2_score(y, pred))
+
+
+# ------------------------------------------------------------------------- a real trained run
+def test_real_run_windows_carry_slots_exactly(tmp_path_factory):
+    from stages.train_slots import load_trained
+    from test_evaluate_support import trained_run
+
+    model, cfg, store, tokens_hash = load_trained(trained_run(tmp_path_factory))
+    v = store.videos_in("test")[0]
+    feats = torch.from_numpy(store.read_features(v.first, v.stop))
+    tokens = torch.from_numpy(store.tokens(tokens_hash)[v.first:v.stop].astype(np.int64))
+    whole = ev.infer_video(model, feats, tokens, window=v.length)
+    windows = ev.infer_video(model, feats, tokens, window=4)  # 4 + 2 frames
+    assert windows["slots"].shape == (v.length, 4, 16)
+    assert set(windows["masks"]) == {"model_decoder", "model_attention", "model_steve"}
+    assert torch.allclose(whole["slots"], windows["slots"], atol=1e-4)
+
+
+def test_real_run_evaluate(tmp_path_factory):
+    from test_evaluate_support import trained_run
+
+    run = trained_run(tmp_path_factory)
+    result = ev.evaluate_run(run, split="test", overwrite=True)
+    assert result["checkpoint_step"] == 3 and result["num_videos"] == 3
+    assert set(result["methods"]) == METHODS
+    assert {"mesh", "size", "position", "color"} <= set(result["probe"]["attributes"])
+    assert "| slots: decoder masks (primary) |" in (run / "metrics.md").read_text()

@@ -57,7 +57,7 @@ def patch_features(masks: np.ndarray, rng) -> np.ndarray:
     return feats + 0.05 * rng.standard_normal(feats.shape).astype(np.float32)
 
 
-def make_store(root: Path, data_dir: Path, with_masks: bool = True) -> FeatureStore:
+def make_store(root: Path, data_dir: Path, with_masks: bool = True, name: str = "store.zarr") -> FeatureStore:
     rng = np.random.default_rng(0)
     videos, arrays, first = [], {"frames": [], "masks": [], "features": []}, 0
     for i in range(6):
@@ -70,7 +70,7 @@ def make_store(root: Path, data_dir: Path, with_masks: bool = True) -> FeatureSt
         arrays["frames"].append(frames)
         arrays["masks"].append(masks)
         arrays["features"].append(patch_features(masks, rng))
-    store = FeatureStore.create(root / "store.zarr", fingerprint="tinyfp", videos=videos, num_tokens=GRID * GRID,
+    store = FeatureStore.create(root / name, fingerprint="tinyfp", videos=videos, num_tokens=GRID * GRID,
                                 feature_dim=DIM, grid=(GRID, GRID), frame_size=SIZE, feature_dtype="float32",
                                 has_masks=with_masks, chunk_len=first)
     chunk = {k: np.concatenate(v) for k, v in arrays.items() if with_masks or k != "masks"}
@@ -80,7 +80,7 @@ def make_store(root: Path, data_dir: Path, with_masks: bool = True) -> FeatureSt
     sub["ids"][:] = rng.integers(0, VOCAB, (first, TOKEN_GRID, TOKEN_GRID)).astype(np.uint16)
     sub["done"][:] = 1
     sub.attrs["complete"] = True
-    return FeatureStore.open(root / "store.zarr")
+    return FeatureStore.open(root / name)
 
 
 class TinySlotModel(nn.Module):
@@ -154,3 +154,32 @@ def install_run(monkeypatch) -> None:
     module = types.ModuleType("stages.train_slots")
     module.load_trained = fake_load_trained
     monkeypatch.setitem(sys.modules, "stages.train_slots", module)
+
+
+_TRAINED: dict = {}
+
+
+def trained_run(tmp_path_factory) -> Path:
+    """A real train-slots run (SlotModel with the STEVE decoder, 3 steps), trained once per session."""
+    if "run" in _TRAINED:
+        return _TRAINED["run"]
+    from stages.train_slots import train
+
+    work = tmp_path_factory.mktemp("trained")
+    make_store(work / "stores", work / "data", name="tinyfp.zarr")
+    dvae = work / "runs" / "dvae"
+    dvae.mkdir(parents=True)
+    (dvae / "dvae.json").write_text(json.dumps({"hash": DVAE_HASH, "store": "tinyfp", "vocab_size": VOCAB,
+                                                "token_grid": [TOKEN_GRID, TOKEN_GRID]}))
+    cfg = load_config(None, [
+        f"work_dir={work}", "store=tinyfp", "run_name=slots", "seed=0", f"dataset.path={work / 'data'}",
+        "dataset.source=frames", f"globals.NUM_SLOTS={SLOTS}", "globals.SLOT_DIM=16", f"globals.VOCAB_SIZE={VOCAB}",
+        "globals.NUM_FRAMES=4", "globals.BATCH_SIZE_PER_GPU=2", "dataset.num_workers=0",
+        "decoder.hidden_dims=[32,32]", "steve_decoder.num_blocks=1", "steve_decoder.d_model=16",
+        "steve_decoder.num_heads=2", "predictor.num_heads=2", "optimizer.warmup_steps=1",
+        "trainer.max_steps=3", "trainer.ckpt_every=3", "trainer.val_every=100", "trainer.log_every=1",
+        "trainer.image_every=100", "trainer.precision=32", "trainer.accelerator=cpu",
+        "evaluate.probe_train_videos=null",
+    ])
+    _TRAINED["run"] = train(cfg)
+    return _TRAINED["run"]

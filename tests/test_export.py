@@ -101,3 +101,12 @@ def test_zarr_writer_buffers_whole_chunks(tmp_path):
         assert writer.start % 4 == 0  # only whole chunks written so far
     writer.finish({"video_first": np.array([0])}, {"ok": True})
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "w.zarr"))["slots"][:], rows)
+
+
+def test_real_run_export(tmp_path_factory, tmp_path):
+    from test_evaluate_support import trained_run
+
+    out = export.export_slots(trained_run(tmp_path_factory), "test", tmp_path / "real.zarr")
+    meta, ids, slots, masks, tokens, data = read_export(str(out))
+    assert slots.shape == (FRAMES, SLOTS, 16) and masks.shape == (FRAMES, SLOTS, GRID * GRID)
+    assert meta["checkpoint_step"] == 3 and meta["tokens"] == DVAE_HASH

@@ -48,3 +48,10 @@ def test_cli_visualize(run):
     result = CliRunner().invoke(cli.main, ["visualize", str(run), "--video", "video_04"])
     assert result.exit_code == 0, result.output
     assert "video_04.gif" in result.output and (run / "viz" / "video_04.png").exists()
+
+
+def test_real_run_visualize(tmp_path_factory, tmp_path):
+    from test_evaluate_support import trained_run
+
+    png = viz.visualize_run(trained_run(tmp_path_factory), out=tmp_path)
+    assert iio.imread(png.with_suffix(".gif"), index=None).shape[0] == FRAMES
