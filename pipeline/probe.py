@@ -5,9 +5,10 @@ simpler, standard read-out: per video, slots are matched one-to-one to ground-tr
 mask IoU over the whole video (Hungarian), then a linear probe maps a matched slot's vector at
 frame t (a sample for every frame where its object is visible) to the object's attributes:
 
-- categorical attributes (strings, ints, bools; e.g. ``mesh``): softmax regression, accuracy;
+- categorical attributes (strings, ints, bools; e.g. ``mesh`` id, ``texture``): softmax
+  regression, accuracy;
 - numeric ones (floats or lists, e.g. ``color`` RGB, ``size``, ``position`` = positions[t]):
-  ridge regression (strength picked on the last fifth of the train samples), R^2 (mean over
+  ``quaternion``, ``mass``: ridge regression (strength picked on the last fifth of the train samples), R^2 (mean over
   output dimensions, as scikit-learn's ``r2_score``).
 
 Probes are fit on train videos and scored on test videos; the ``chance`` column is the
@@ -23,7 +24,7 @@ import torch
 
 from pipeline import metrics
 
-SKIP_KEYS = {"id", "positions", "label", "name"}
+SKIP_KEYS = {"id", "label", "name"}
 
 
 def match_objects(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slots: int) -> dict[int, int]:
@@ -78,16 +79,36 @@ def video_samples(slots: torch.Tensor, pred: torch.Tensor, true: torch.Tensor, o
         if label is None or int(label) not in match:
             continue
         slot = match[int(label)]
-        static = {k: v for k, v in obj.items() if k not in SKIP_KEYS and v is not None}
-        positions = obj.get("positions")
+        static, per_frame = split_attributes(obj, t)
         for i in range(t):
             if not visible[i, int(label)]:
                 continue
             values = dict(static)
-            if positions is not None and i < len(positions):
-                values["position"] = positions[i]
+            values.update({name: series[i] for name, series in per_frame.items()})
             out.append((slots[i, slot].numpy().astype(np.float32), values))
     return out
+
+
+def split_attributes(obj: dict, num_frames: int) -> tuple[dict, dict]:
+    """An object's attributes -> (static {name: value}, per-frame {name: (T, ...) list}).
+
+    A list of ``num_frames`` lists is per frame and loses its plural "s" (``positions`` (T, 3)
+    -> ``position``, ``quaternions`` -> ``quaternion``); a dict with an ``id`` (the synthetic
+    generator's ``mesh: {name, id}``) stands for that id; None and other dicts are left out.
+    """
+    static, per_frame = {}, {}
+    for key, value in obj.items():
+        if key in SKIP_KEYS or value is None:
+            continue
+        if isinstance(value, dict):
+            if "id" in value:
+                static[key] = value["id"]
+            continue
+        if isinstance(value, list) and len(value) == num_frames and value and isinstance(value[0], list):
+            per_frame[key[:-1] if key.endswith("s") else key] = value
+        else:
+            static[key] = value
+    return static, per_frame
 
 
 def is_categorical(value) -> bool:

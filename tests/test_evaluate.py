@@ -158,3 +158,12 @@ def test_real_run_evaluate(tmp_path_factory):
     assert set(result["methods"]) == METHODS
     assert {"mesh", "size", "position", "color"} <= set(result["probe"]["attributes"])
     assert "| slots: decoder masks (primary) |" in (run / "metrics.md").read_text()
+
+
+def test_probe_reads_synthetic_meta_layout():
+    obj = {"id": 3, "mesh": {"name": "duck", "id": 12}, "color": [0.1, 0.2, 0.3], "size": 0.4, "texture": None,
+           "positions": [[0, 0, 0], [1, 1, 1]], "quaternions": [[0, 0, 0, 1], [0, 0, 1, 0]], "camera": {"fov": 1}}
+    static, per_frame = probe.split_attributes(obj, 2)
+    assert static == {"mesh": 12, "color": [0.1, 0.2, 0.3], "size": 0.4}
+    assert set(per_frame) == {"position", "quaternion"}
+    assert probe.is_categorical(static["mesh"]) and not probe.is_categorical(static["size"])

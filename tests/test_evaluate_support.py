@@ -41,8 +41,9 @@ def square_video(seed: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
             frames[t, yt:yt + side, xt:xt + side] = colour
             masks[t, yt:yt + side, xt:xt + side] = label
             positions.append([xt / SIZE, yt / SIZE, 0.0])
-        objects.append({"id": label, "mesh": mesh, "color": [c / 255 for c in colour], "size": side / SIZE,
-                        "positions": positions})
+        # the synthetic generator's meta.json layout: mesh {name, id}, per-frame lists, None values
+        objects.append({"id": label, "mesh": {"name": mesh, "id": label - 1}, "color": [c / 255 for c in colour],
+                        "size": side / SIZE, "texture": None, "positions": positions})
     return frames, masks, objects
 
 
