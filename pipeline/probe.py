@@ -151,20 +151,40 @@ def r2_score(y: torch.Tensor, pred: torch.Tensor) -> float:
 
 
 def fit_softmax(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3,
-                steps: int = 100, seed: int = 0) -> torch.nn.Linear:
-    """Multinomial logistic regression, full-batch L-BFGS."""
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(x.shape[1], num_classes).double()
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+                steps: int = 200) -> "SoftmaxProbe":
+    """Multinomial logistic regression (L2 on the weights), fit with scipy's L-BFGS-B.
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y) + weight_decay * model.weight.pow(2).sum()
-        loss.backward()
-        return loss
+    scipy rather than torch.optim: importing torch.optim pulls in torch._dynamo (seconds).
+    """
+    from scipy.optimize import minimize
 
-    opt.step(closure)
-    return model
+    xn = x.double().numpy()
+    n, d = xn.shape
+    onehot = np.eye(num_classes)[y.numpy()]
+    xb = np.concatenate([xn, np.ones((n, 1))], axis=1)  # bias column
+
+    def loss_and_grad(flat):
+        w = flat.reshape(d + 1, num_classes)
+        logits = xb @ w
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        loss = -np.log(np.clip((p * onehot).sum(1), 1e-300, None)).mean() + weight_decay * (w[:-1] ** 2).sum()
+        grad = xb.T @ (p - onehot) / n
+        grad[:-1] += 2 * weight_decay * w[:-1]
+        return loss, grad.ravel()
+
+    res = minimize(loss_and_grad, np.zeros((d + 1) * num_classes), jac=True, method="L-BFGS-B",
+                   options={"maxiter": steps})
+    return SoftmaxProbe(torch.from_numpy(res.x.reshape(d + 1, num_classes)))
+
+
+class SoftmaxProbe:
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights  # (D + 1, classes)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return predict_linear(self.weights, x.double())
 
 
 def fit_and_score(train: list, test: list, seed: int = 0, min_samples: int = 4) -> dict:
@@ -192,7 +212,7 @@ def fit_and_score(train: list, test: list, seed: int = 0, min_samples: int = 4) 
             if len(classes) == 1:
                 pred = torch.zeros_like(y_test)
             else:
-                pred = fit_softmax(xi, y_train, len(classes), seed=seed)(xt).argmax(1)
+                pred = fit_softmax(xi, y_train, len(classes))(xt).argmax(1)
             out[name] = {"measure": "accuracy", "score": float((pred == y_test).double().mean()),
                          "chance": float((y_test == majority).double().mean()), "classes": len(classes),
                          "n_train": len(tr), "n_test": len(te)}
