@@ -111,11 +111,13 @@ class Extract:
 
 @dataclass
 class Geco:
+    # GECO (EfficientMORL) for the dVAE: a multiplier softplus(beta) on reconstruction that rises
+    # while the error is above `target` and falls below it; balances dvae.kl_weight's prior term.
     enabled: bool = False
     target: float = 0.01  # target reconstruction error (per pixel MSE)
-    eta: float = 1.0e-6
+    eta: float = 1.0e-6  # step size of beta per unit of (summed per-frame) constraint
     ema: float = 0.99
-    warmup_steps: int = 1000
+    warmup_steps: int = 1000  # beta stays at beta_init for this many steps
     beta_init: float = 1.0
     beta_min: float = 0.55
 
@@ -138,6 +140,9 @@ class Dvae:
     image_every: int = 1000
     num_workers: int = 2
     tokenize_batch_size: int = 64
+    tokenize_device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    accelerator: str = "auto"  # Lightning accelerator for pretraining: auto | cpu | gpu
+    precision: str = "auto"  # auto (bf16-mixed on GPUs that support it, else 32) | 32 | bf16-mixed
 
 
 @dataclass
