@@ -170,8 +170,12 @@ def trained_run(tmp_path_factory) -> Path:
     make_store(work / "stores", work / "data", name="tinyfp.zarr")
     dvae = work / "runs" / "dvae"
     dvae.mkdir(parents=True)
+    from pipeline.dvae import DVAE
+
+    torch.manual_seed(0)
+    torch.save(DVAE(vocab_size=VOCAB, hidden=8).state_dict(), dvae / "dvae.pt")  # untrained weights
     (dvae / "dvae.json").write_text(json.dumps({"hash": DVAE_HASH, "store": "tinyfp", "vocab_size": VOCAB,
-                                                "token_grid": [TOKEN_GRID, TOKEN_GRID]}))
+                                                "hidden": 8, "token_grid": [TOKEN_GRID, TOKEN_GRID]}))
     cfg = load_config(None, [
         f"work_dir={work}", "store=tinyfp", "run_name=slots", "seed=0", f"dataset.path={work / 'data'}",
         "dataset.source=frames", f"globals.NUM_SLOTS={SLOTS}", "globals.SLOT_DIM=16", f"globals.VOCAB_SIZE={VOCAB}",

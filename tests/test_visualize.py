@@ -54,4 +54,6 @@ def test_real_run_visualize(tmp_path_factory, tmp_path):
     from test_evaluate_support import trained_run
 
     png = viz.visualize_run(trained_run(tmp_path_factory), out=tmp_path)
-    assert iio.imread(png.with_suffix(".gif"), index=None).shape[0] == FRAMES
+    gif = iio.imread(png.with_suffix(".gif"), index=None)
+    assert gif.shape[:3] == (FRAMES, SIZE, 3 * SIZE)  # frame | slot masks | dVAE reconstruction of the tokens
+    assert iio.imread(png).shape[0] == 3 * SIZE + 2 * 2  # three rows in the strip
