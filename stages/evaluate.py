@@ -174,6 +174,16 @@ def iter_videos(store, split: str, tokens_hash: Optional[str], max_videos: Optio
         yield data[i]
 
 
+def available_split(store, split: str) -> str:
+    """``split`` if it has videos, else the first of test, val, train that has (small datasets)."""
+    if store.videos_in(split, hflip=False):
+        return split
+    for other in ("test", "val", "train"):
+        if store.videos_in(other, hflip=False):
+            return other
+    return split
+
+
 def split_size(store, split: str, max_videos: Optional[int]) -> int:
     n = len(store.videos_in(split, hflip=False))
     return n if max_videos is None else min(n, max_videos)
@@ -255,6 +265,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "la
                 return previous
         except (OSError, json.JSONDecodeError):
             pass  # unreadable: recompute
+    requested, split = split, available_split(store, split)
+    if split != requested:
+        log.warning("store %s has no '%s' videos; evaluating the '%s' split instead", store.path, requested, split)
     if not store.has_masks:
         result = {"key": key, "run": str(run_dir), "split": split, "num_videos": 0, "methods": {},
                   "skipped": f"store {store.path} has no ground-truth masks (the source had none): nothing to "
@@ -283,6 +296,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "la
         "key": key,
         "run": str(run_dir),
         "split": split,
+        "requested_split": requested,
         "num_videos": len(scored["video_ids"]),
         "checkpoint_step": ident.get("step"),
         "store": store.fingerprint,
@@ -370,7 +384,10 @@ def format_table(result: dict) -> str:
         means = [m[k]["mean"] for m in methods.values() if k in m and m[k]["n"] > 0 and np.isfinite(m[k]["mean"])]
         best[k] = max(means) if means else None
     lines = [
-        f"Evaluation of {result.get('run', '?')} on the '{result['split']}' split: {result['num_videos']} videos, "
+        f"Evaluation of {result.get('run', '?')} on the '{result['split']}' split"
+        + (f" (the store has no '{result['requested_split']}' videos)"
+           if result.get("requested_split", result["split"]) != result["split"] else "")
+        + f": {result['num_videos']} videos, "
         f"checkpoint step {result.get('checkpoint_step')}. Mean ± std over videos, x100; best per column in bold. "
         f"Primary: {METHOD_LABELS.get(result.get('primary', PRIMARY), PRIMARY)}.",
         "",

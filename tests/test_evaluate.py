@@ -1,7 +1,6 @@
 """`evaluate` on a tiny run: metrics files, windows carrying slots, baselines, probe, CLI."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -167,3 +166,9 @@ def test_probe_reads_synthetic_meta_layout():
     assert static == {"mesh": 12, "color": [0.1, 0.2, 0.3], "size": 0.4}
     assert set(per_frame) == {"position", "quaternion"}
     assert probe.is_categorical(static["mesh"]) and not probe.is_categorical(static["size"])
+
+
+def test_empty_split_falls_back_with_a_note(run):
+    result = ev.evaluate_run(run, split="val", probe=False)  # the tiny store has no val videos
+    assert result["split"] == "test" and result["requested_split"] == "val" and result["num_videos"] == 3
+    assert "no 'val' videos" in (run / "metrics.md").read_text()
