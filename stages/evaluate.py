@@ -320,6 +320,8 @@ def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) 
 
     if not collector.has_attributes:
         return {"skipped": "no per-object attributes in this dataset (meta.json 'objects')"}
+    if split == "train":
+        return {"skipped": "the probe is fit on train videos; evaluate the val or test split to score it"}
     window = window_length(cfg)
     train_split = "train"
     limit = _cfg_get(cfg, "evaluate.probe_train_videos")
