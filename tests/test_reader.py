@@ -88,3 +88,15 @@ def test_reader_refuses_incomplete_store_and_missing_fields(tmp_path):
     with pytest.raises(StoreError, match="incomplete"):
         ClipDataset(path)
     np.testing.assert_array_equal(FeatureStore.open(path, require_complete=False).done_chunks(), True)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16),
+                                               ("int8", torch.float32)])
+def test_stored_feature_dtype_widens_to_the_float32_values(tmp_path, dtype, torch_dtype):
+    path = extract(make_cfg(tmp_path, f"extract.dtype={dtype}"), source=make_source(num_videos=2))
+    wide = ClipDataset(path, split=None, clip_length=3, frame_step=2)
+    narrow = ClipDataset(path, split=None, clip_length=3, frame_step=2, feature_dtype="stored")
+    for i in range(len(wide)):
+        a, b = wide[i]["features"], narrow[i]["features"]
+        assert a.dtype == torch.float32 and b.dtype == torch_dtype
+        assert torch.equal(a, b.float())

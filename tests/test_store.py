@@ -331,3 +331,28 @@ def test_resolve_store_by_name_or_matching_settings(tmp_path):
     FeatureStore.open(path, mode="r+").update_meta(complete=False)
     with pytest.raises(StoreError, match="incomplete"):
         resolve_store(make_cfg(tmp_path))
+
+
+# ---------------------------------------------------------------------------- fast shard reads
+@pytest.mark.parametrize("inner,frames", [(1, 37), (4, 37), (3, 40), (8, 64)])
+def test_shard_reader_matches_zarr(tmp_path, inner, frames):
+    rng = np.random.default_rng(inner)
+    videos = [VideoRecord("a", 0, frames, "train")]
+    store = FeatureStore.create(tmp_path / "s.zarr", fingerprint="x", videos=videos, num_tokens=5, feature_dim=3,
+                                grid=(1, 5), frame_size=4, chunk_len=8 if inner != 3 else 9, inner_chunk_len=inner,
+                                has_masks=True)
+    chunk_len = store.chunk_len
+    data = {"features": rng.normal(size=(frames, 5, 3)).astype(np.float16),
+            "frames": rng.integers(0, 256, (frames, 4, 4, 3), dtype=np.uint8),
+            "masks": rng.integers(0, 3, (frames, 4, 4), dtype=np.uint8)}
+    for c in range(-(-frames // chunk_len)):
+        store.write_chunk(c, {k: v[c * chunk_len:(c + 1) * chunk_len] for k, v in data.items()}, durable=False)
+    assert store.mark_complete_if_done()
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    assert store._fast_reader("features") is not None  # the plain layout is recognised
+    assert store._fast_reader("masks") is None  # compressed: zarr path
+    for a, b in [(0, frames), (0, 1), (frames - 1, frames), (3, 21), (7, 9), (8, 16), (5, 6)]:
+        for name in data:
+            got = store.read_rows(name, a, b)
+            assert got.dtype == data[name].dtype
+            np.testing.assert_array_equal(got, data[name][a:b], err_msg=f"{name}[{a}:{b}]")
