@@ -389,7 +389,7 @@ def format_table(result: dict) -> str:
         f"Evaluation of {result.get('run', '?')} on the '{result['split']}' split"
         + (f" (the store has no '{result['requested_split']}' videos)"
            if result.get("requested_split", result["split"]) != result["split"] else "")
-        + f": {result['num_videos']} videos, "
+        + f": {result['num_videos']} video{'' if result['num_videos'] == 1 else 's'}, "
         f"checkpoint step {result.get('checkpoint_step')}. Mean ± std over videos, x100; best per column in bold. "
         f"Primary: {METHOD_LABELS.get(result.get('primary', PRIMARY), PRIMARY)}.",
         "",
