@@ -375,6 +375,11 @@ def _fmt(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
 
 
+def _num(value) -> str:
+    """A probe figure; NaN (or null, once read back from JSON) shows as n/a."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
 def format_table(result: dict) -> str:
     """Markdown: method x metric, mean ± std over videos (x100), best per column in bold."""
     if result.get("skipped"):
@@ -410,7 +415,7 @@ def format_table(result: dict) -> str:
                       f"{result['split']} videos):", "",
                   "| attribute | measure | probe | chance | train / test samples |", "|---|---|---|---|---|"]
         for name, row in probe["attributes"].items():
-            lines.append(f"| {name} | {row['measure']} | {row['score']:.3f} | {row['chance']:.3f} | "
+            lines.append(f"| {name} | {row['measure']} | {_num(row.get('score'))} | {_num(row.get('chance'))} | "
                          f"{row['n_train']} / {row['n_test']} |")
     elif probe.get("skipped"):
         lines += ["", f"Property probe skipped: {probe['skipped']}."]

@@ -172,3 +172,13 @@ def test_empty_split_falls_back_with_a_note(run):
     result = ev.evaluate_run(run, split="val", probe=False)  # the tiny store has no val videos
     assert result["split"] == "test" and result["requested_split"] == "val" and result["num_videos"] == 3
     assert "no 'val' videos" in (run / "metrics.md").read_text()
+
+
+def test_table_of_metrics_read_back_from_json_with_nan():
+    result = {"run": "r", "split": "test", "num_videos": 1, "checkpoint_step": 1, "primary": "model_decoder",
+              "methods": {"grid": {"video_mbo": {"mean": None, "std": None, "n": 0},
+                                   "video_fg_ari": {"mean": 0.5, "std": 0.0, "n": 1}}},
+              "probe": {"attributes": {"size": {"measure": "R^2", "score": None, "chance": 0.1,
+                                                "n_train": 4, "n_test": 1}}}}
+    table = ev.format_table(json.loads(json.dumps(result)))
+    assert "n/a" in table and "**50.0 ± 0.0**" in table
