@@ -234,6 +234,7 @@ class Trainer:
     strategy: str = "auto"
     ckpt_every: int = 2500
     val_every: int = 2500
+    val_batches: int = 50  # stage 3: validation batches per check (0 = no validation)
     log_every: int = 50
     image_every: int = 5000
 
@@ -241,8 +242,9 @@ class Trainer:
 @dataclass
 class Evaluate:
     split: str = "test"
-    probe: bool = True
-    max_videos: Optional[int] = None
+    probe: bool = True  # property probe (needs per-object attributes, e.g. synthetic meta.json)
+    max_videos: Optional[int] = None  # evaluate only the first N videos of the split
+    probe_train_videos: Optional[int] = 200  # train videos the probe is fit on (None = all)
 
 
 @dataclass
