@@ -159,6 +159,17 @@ class PatchPixels(FrozenEncoder):
         return {**super().describe(), "proj_dim": self.proj_dim}
 
 
+def resolve_block(name: str, block: Optional[int], depth: int) -> int:
+    """``backbone.block`` as a block index in 0..depth-1 (None = the last block)."""
+    index = depth - 1 if block is None else int(block)
+    if not -depth <= index < depth:
+        raise BackboneError(
+            f"backbone.block={block} is out of range: {name} has {depth} blocks, numbered 0..{depth - 1} "
+            f"(or -{depth}..-1); SlotContrast's vit_block{depth} is block {depth - 1}"
+        )
+    return index % depth
+
+
 class ViTEncoder(FrozenEncoder):
     """A timm ViT cut after the chosen block: patch tokens of that block, prefix tokens dropped."""
 
@@ -166,14 +177,7 @@ class ViTEncoder(FrozenEncoder):
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, checkpoint_sha256: Optional[str] = None,
                  pos_embed_resample: str = "none"):
         super().__init__(mean, std)
-        depth = len(vit.blocks)
-        index = depth - 1 if block is None else int(block)
-        if not -depth <= index < depth:
-            raise BackboneError(
-                f"backbone.block={block} is out of range: {name} has {depth} blocks, numbered 0..{depth - 1} "
-                f"(or -{depth}..-1); SlotContrast's vit_block{depth} is block {depth - 1}"
-            )
-        self.block = index % depth
+        self.block = resolve_block(name, block, len(vit.blocks))
         self.final_norm = bool(final_norm)
         vit.prune_intermediate_layers([self.block], prune_norm=not self.final_norm, prune_head=True)
         self.vit = vit
@@ -203,14 +207,15 @@ class ViTEncoder(FrozenEncoder):
 # --------------------------------------------------------------------------- building models
 
 
-def silicon_vit(arch: str, input_size: int) -> nn.Module:
-    """An untrained silicon-menagerie ViT (DINO-style: CLS token, qkv bias, LayerNorm eps 1e-6)."""
+def silicon_vit(arch: str, input_size: int, weight_init: str = "") -> nn.Module:
+    """An untrained silicon-menagerie ViT (DINO-style: CLS token, qkv bias, LayerNorm eps 1e-6);
+    ``weight_init="skip"`` leaves the weights uninitialised (they are about to be loaded)."""
     from timm.models.vision_transformer import VisionTransformer
 
     patch, dim, depth, heads = SILICON_ARCHS[arch]
     return VisionTransformer(img_size=input_size, patch_size=patch, embed_dim=dim, depth=depth,
                              num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=True,
-                             global_pool="token", num_classes=0,
+                             global_pool="token", num_classes=0, weight_init=weight_init,
                              norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
@@ -228,7 +233,7 @@ def build_silicon(name: str, input_size: int, checkpoint: Optional[str]) -> tupl
     alg, _, arch = name.split("_")
     path = checkpoints.locate(name, checkpoint, download_hint=(
         f" Download {name}.pth from https://huggingface.co/eminorhan/{name}."))
-    model = checkpoints.load_model(lambda: silicon_vit(arch, input_size), path, name, TRAINING_ONLY[alg],
+    model = checkpoints.load_model(lambda: silicon_vit(arch, input_size, "skip"), path, name, TRAINING_ONLY[alg],
                           resample=checkpoints.resample_pos_embed_dino)
     return model, path
 
@@ -239,8 +244,8 @@ def _timm_model_name(name: str) -> bool:
     return timm.is_model(name)
 
 
-def build_timm(name: str, input_size: int, checkpoint: Optional[str],
-               cfg_patch_size: Optional[int] = None) -> tuple[nn.Module, Path]:
+def build_timm(name: str, input_size: int, checkpoint: Optional[str], cfg_patch_size: Optional[int] = None,
+               block: Optional[int] = None) -> tuple[nn.Module, Path]:
     import timm
 
     def build() -> nn.Module:
@@ -257,6 +262,7 @@ def build_timm(name: str, input_size: int, checkpoint: Optional[str],
             raise BackboneError(f"backbone.name={name} is a timm model but not a ViT egoslots can cut "
                                 f"after a block (it lacks {attr})")
     check_patch_grid(name, input_size, int(skeleton.patch_embed.patch_size[0]), cfg_patch_size)
+    resolve_block(name, block, len(skeleton.blocks))
     path = checkpoints.locate(name, checkpoint, skeleton.pretrained_cfg, download_hint=(
         f" To fill timm's cache, run timm.create_model('{name}', pretrained=True) once with network."))
     filter_fn = getattr(sys.modules[type(skeleton).__module__], "checkpoint_filter_fn", None)
@@ -286,11 +292,13 @@ def build_backbone(cfg: Any) -> FrozenEncoder:
             check_patch_grid(name, input_size, 8, cfg_patch_size)
             vit = tiny_test_vit(input_size)
         elif name in SILICON_MODELS:
-            check_patch_grid(name, input_size, SILICON_ARCHS[name.split("_")[2]][0], cfg_patch_size)
+            patch, _, depth, _ = SILICON_ARCHS[name.split("_")[2]]
+            check_patch_grid(name, input_size, patch, cfg_patch_size)
+            resolve_block(name, get("block"), depth)  # a bad block fails before a slow load
             vit, path = build_silicon(name, input_size, get("checkpoint"))
             sha = checkpoints.sha256_file(path)
         elif _timm_model_name(name):
-            vit, path = build_timm(name, input_size, get("checkpoint"), cfg_patch_size)
+            vit, path = build_timm(name, input_size, get("checkpoint"), cfg_patch_size, get("block"))
             sha = checkpoints.sha256_file(path)
             pos_embed_resample = "bicubic-antialias"
             mean, std = mean or vit.pretrained_cfg.get("mean"), std or vit.pretrained_cfg.get("std")
