@@ -31,11 +31,13 @@ silicon-menagerie models (as DINO and MAE do, though with the target size rather
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -62,9 +64,9 @@ SILICON_MODELS = frozenset(
     + [f"{alg}_{d}_{arch}" for alg in ("dino", "mugs", "mae") for d in ("say", "s", "a", "y")
        for arch in ("vits16", "vitb16", "vitl16")]
 )
+SILICON_RESNEXTS = frozenset(f"dino_{d}_resnext50" for d in ("say", "s", "a", "y", "sfp"))
 # Checkpoint keys that belong to the training setup, not the backbone (left over, not errors):
 # DINO's projection head, Mugs' three heads and relation blocks, MAE's decoder and mask token.
-SILICON_RESNEXTS = frozenset(f"dino_{d}_resnext50" for d in ("say", "s", "a", "y", "sfp"))
 TRAINING_ONLY = {
     "dino": ("head.",),
     "mugs": ("head.", "instance_head.", "local_group_head.", "group_head.", "relation_blocks."),
@@ -233,15 +235,27 @@ def build_silicon(name: str, input_size: int, checkpoint: Optional[str]) -> tupl
     alg, _, arch = name.split("_")
     path = checkpoints.locate(name, checkpoint, download_hint=(
         f" Download {name}.pth from https://huggingface.co/eminorhan/{name}."))
-    model = checkpoints.load_model(lambda: silicon_vit(arch, input_size, "skip"), path, name, TRAINING_ONLY[alg],
-                          resample=checkpoints.resample_pos_embed_dino)
+    model = checkpoints.load_model(lambda: silicon_vit(arch, input_size, "skip"), path, name,
+                                   TRAINING_ONLY[alg], resample=checkpoints.resample_pos_embed_dino)
     return model, path
 
 
-def _timm_model_name(name: str) -> bool:
-    import timm
+@contextlib.contextmanager
+def hub_offline():
+    """Hugging Face hub offline mode while timm builds a model (belt and braces: egoslots only
+    calls ``create_model(pretrained=False)`` and reads weights from local files itself)."""
+    import huggingface_hub.constants as hub
 
-    return timm.is_model(name)
+    saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved_flag
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 def build_timm(name: str, input_size: int, checkpoint: Optional[str], cfg_patch_size: Optional[int] = None,
@@ -249,7 +263,8 @@ def build_timm(name: str, input_size: int, checkpoint: Optional[str], cfg_patch_
     import timm
 
     def build() -> nn.Module:
-        return timm.create_model(name, pretrained=False, img_size=input_size, num_classes=0)
+        with hub_offline():
+            return timm.create_model(name, pretrained=False, img_size=input_size, num_classes=0)
 
     try:
         with torch.device("meta"):
@@ -279,6 +294,8 @@ def build_backbone(cfg: Any) -> FrozenEncoder:
         return PatchPixels(input_size, int(get("patch_size") or 8), get("proj_dim"),
                            mean or IMAGENET_MEAN, std or IMAGENET_STD).freeze()
 
+    import timm  # not needed (and slow to import) for patch-pixels
+
     if get("proj_dim"):
         raise BackboneError(f"backbone.proj_dim applies to patch-pixels only, not backbone.name={name}")
     if name in SILICON_RESNEXTS:
@@ -297,7 +314,7 @@ def build_backbone(cfg: Any) -> FrozenEncoder:
             resolve_block(name, get("block"), depth)  # a bad block fails before a slow load
             vit, path = build_silicon(name, input_size, get("checkpoint"))
             sha = checkpoints.sha256_file(path)
-        elif _timm_model_name(name):
+        elif timm.is_model(name):
             vit, path = build_timm(name, input_size, get("checkpoint"), cfg_patch_size, get("block"))
             sha = checkpoints.sha256_file(path)
             pos_embed_resample = "bicubic-antialias"
