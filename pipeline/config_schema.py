@@ -80,7 +80,7 @@ class Dataset:
 class Backbone:
     name: str = "${globals.BACKBONE}"
     checkpoint: Optional[str] = None  # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth
-    block: Optional[int] = None  # block whose output is the feature; None = last
+    block: Optional[int] = None  # block whose output is the feature: 0-based (timm blocks.N), <0 from the end; None = last
     final_norm: bool = False
     input_size: int = "${globals.IMAGE_SIZE}"  # type: ignore[assignment]
     patch_size: Optional[int] = None  # patch-pixels only (ViTs know their own)
