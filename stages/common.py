@@ -37,13 +37,22 @@ def config_command(name: str, example: str, **command_kwargs):
             setup_logging()
             try:
                 cfg = load_config(config, overrides)
-            except ConfigError as err:
+                return func(cfg, **options)
+            except user_errors() as err:
                 raise StageError(str(err)) from err
-            return func(cfg, **options)
 
         return command
 
     return decorate
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input the user can fix: shown as one line, not a traceback."""
+    from cache.store import StoreError
+    from pipeline.backbones import BackboneError
+    from pipeline.data.base import SourceError
+
+    return (ConfigError, SourceError, StoreError, BackboneError)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -1,0 +1,16 @@
+"""Shared test settings: small thread counts keep the suite fast and steady on 2 cores."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may download anything
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def repo_root() -> str:
+    return REPO_ROOT
