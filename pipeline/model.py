@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline.decoders import MLPBroadcastDecoder
@@ -44,6 +45,7 @@ class SlotModel(nn.Module):
         predictor: bool = True,
         predictor_heads: int = 4,
         predictor_ffn_ratio: int = 4,
+        predictor_attn_scale: str = "published",
         decoder_hidden_dims: tuple[int, ...] = (1024, 1024, 1024),
         steve: bool = False,
         vocab_size: int = 4096,
@@ -62,7 +64,8 @@ class SlotModel(nn.Module):
         self.initializer = build_initializer(initializer, num_slots, slot_dim)
         self.processor = SlotScan(
             SlotAttention(slot_dim, mlp_ratio=mlp_ratio, eps=eps),
-            SlotPredictor(slot_dim, predictor_heads, predictor_ffn_ratio) if predictor else None,
+            SlotPredictor(slot_dim, predictor_heads, predictor_ffn_ratio, predictor_attn_scale)
+            if predictor else None,
             n_iters=n_iters,
             n_iters_first=n_iters_first,
         )
@@ -102,6 +105,8 @@ class SlotModel(nn.Module):
             predictor=bool(cfg.predictor.enabled),
             predictor_heads=int(cfg.predictor.num_heads),
             predictor_ffn_ratio=int(cfg.predictor.ffn_ratio),
+            # Not in the schema yet: "published" (SlotContrast's sqrt(head_dim)) | "standard".
+            predictor_attn_scale=str(OmegaConf.select(cfg, "predictor.attn_scale", default="published")),
             decoder_hidden_dims=tuple(int(h) for h in cfg.decoder.hidden_dims),
             steve=bool(sd.enabled),
             vocab_size=int(cfg.dvae.vocab_size),
