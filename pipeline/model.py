@@ -122,8 +122,10 @@ class SlotModel(nn.Module):
 
     def forward(self, features: torch.Tensor, tokens: Optional[torch.Tensor] = None,
                 init_state: Optional[torch.Tensor] = None) -> dict:
-        """features (B, T, N, F); tokens (B, T, h, w) int ids (needed when the STEVE decoder is
-        on); init_state (B, K, D): slots carried from the previous window (its ``next_state``)."""
+        """features (B, T, N, F); tokens (B, T, h, w) int ids (the STEVE decoder runs only when
+        they are given, so evaluation may leave them out); init_state (B, K, D): slots carried
+        from the previous window (its ``next_state``). Every frame of a window that starts from
+        ``init_state`` gets ``grouper.n_iters`` iterations, so windows chain exactly."""
         B, T = features.shape[:2]
         inputs = self.feature_mlp(features)  # (B, T, N, D)
         init = self.initializer(B) if init_state is None else init_state  # (B, K, D)
@@ -143,9 +145,7 @@ class SlotModel(nn.Module):
         }
         if tokens is not None:
             outputs["dvae"] = {"z_hard": tokens}
-        if self.steve is not None:
-            if tokens is None:
-                raise ValueError("the STEVE decoder is on (steve_decoder.enabled) but no tokens were given")
+        if self.steve is not None and tokens is not None:  # no tokens: slots only (evaluation)
             logits, masks = self.steve(state.flatten(0, 1), tokens.flatten(0, 1))
             outputs["steve"] = {
                 "logits": logits.unflatten(0, (B, T)),  # (B, T, h*w, V)
@@ -171,6 +171,11 @@ class SlotModel(nn.Module):
                 outputs["processor"]["state"], self.ss_temperature, self.ss_batch_contrast, gather
             )
         if self.steve is not None and w["loss_steve_ce"] != 0:
+            if "steve" not in outputs:
+                raise ValueError(
+                    "the STEVE decoder is on (steve_decoder.enabled) but forward() got no tokens: "
+                    "pass the cached dVAE token ids to train it"
+                )
             out["loss_steve_ce"] = loss_steve_ce(outputs["steve"]["logits"], outputs["dvae"]["z_hard"])
         if not out:
             raise ValueError("every loss weight in model.loss_weights is 0: nothing to train")

@@ -102,8 +102,11 @@ def test_steve_needs_tokens_and_a_grid():
     with pytest.raises(ValueError, match="token grid"):
         _model(grid=None)
     features, _ = _batch()
+    model = _model()
+    out = model(features)  # slots only, e.g. for evaluation
+    assert "steve" not in out and out["processor"]["state"].shape[:2] == (B, T)
     with pytest.raises(ValueError, match="no tokens"):
-        _model()(features)
+        model.losses(out)
 
 
 def test_gaussian_initializer_from_config():
