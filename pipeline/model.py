@@ -11,6 +11,12 @@ The output dict uses the key names SlotContrast / integrated-model users know
 (``processor.state``, ``decoder.masks``, ``dvae.z_hard`` ...); ``dvae.z_hard`` holds token ids
 (B, T, h, w), not one-hot vectors. No I/O and no Lightning here: ``stages/train_slots.py``
 wraps this module.
+
+Losses (:meth:`SlotModel.losses`): ``loss_featrec`` (MSE, mean over all elements),
+``loss_ss`` (slot-slot contrast on ``processor.state``, tau ``losses.loss_ss.temperature``),
+``loss_steve_ce`` (next-token cross-entropy, **mean** over tokens and frames), and ``loss``,
+their sum weighted by ``model.loss_weights``; a loss with weight 0 is not computed.
+Long videos run in windows: pass the previous window's ``next_state`` as ``init_state``.
 """
 
 from __future__ import annotations
