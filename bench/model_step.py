@@ -7,6 +7,7 @@ machine slows both variants alike; the ratio is the robust figure.
     python bench/model_step.py                       # CPU, MOVi-C: 256 tokens x 384, 11 x 64, 4 x 4
     python bench/model_step.py --device cuda --steps 50
     python bench/model_step.py --steve --vocab 4096 --grid 32   # with the STEVE decoder
+    python bench/model_step.py --decoder-only --batch 1         # the feature decoder alone
 """
 
 from __future__ import annotations
@@ -37,10 +38,16 @@ def build(args, naive: bool) -> SlotModel:
     return model
 
 
-def step(model, features, tokens, dtype):
+def step(model, features, tokens, dtype, decoder_only=False):
     ctx = torch.autocast(features.device.type, dtype=dtype) if dtype else nullcontext()
     with ctx:
-        loss = model.losses(model(features, tokens))["loss"]
+        if decoder_only:  # the MLP broadcast decoder alone, on random slots (B, T, K, D)
+            B, T = features.shape[:2]
+            slots = torch.randn(B, T, model.num_slots, model.slot_dim, device=features.device)
+            recon, _ = model.decoder(slots.requires_grad_())
+            loss = (recon.float() - features).square().mean()
+        else:
+            loss = model.losses(model(features, tokens))["loss"]
     loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -65,6 +72,7 @@ def main():
     p.add_argument("--grid", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--decoder-only", action="store_true", help="time the feature decoder alone")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,18 +85,18 @@ def main():
 
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"B={args.batch} T={args.frames} N={args.tokens} F={args.feature_dim} "
-          f"K={args.slots} D={args.slot_dim} steve={args.steve}")
+          f"K={args.slots} D={args.slot_dim} steve={args.steve} decoder_only={args.decoder_only}")
     for label, dtype in (("fp32", None), ("bf16-autocast", torch.bfloat16)):
         models = {"factored": build(args, False), "naive": build(args, True)}
         times = {name: [] for name in models}
         for name, model in models.items():
             for _ in range(args.warmup):
-                step(model, features, tokens, dtype)
+                step(model, features, tokens, dtype, args.decoder_only)
         for _ in range(args.steps):
             for name, model in models.items():  # interleaved
                 sync(args.device)
                 t0 = time.perf_counter()
-                step(model, features, tokens, dtype)
+                step(model, features, tokens, dtype, args.decoder_only)
                 sync(args.device)
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
