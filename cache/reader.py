@@ -28,6 +28,8 @@ class ClipDataset(Dataset):
     (T, S, S, 3) uint8, ``masks`` (T, S, S) uint8 (if the store has them), ``tokens``
     (T, h, w) int64 (if ``tokens`` names a dVAE hash), plus ``video_id``, ``start``, ``hflip``.
     ``clip_length=None`` makes each item one whole video (evaluation).
+    ``feature_dtype="stored"`` returns float16 / bfloat16 features as stored (half the bytes
+    through the DataLoader; widen on the GPU); int8 stores are always dequantised to float32.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class ClipDataset(Dataset):
         tokens: Optional[str] = None,
         include_flipped: bool = True,
         video_ids: Optional[Sequence[str]] = None,
+        feature_dtype: str = "float32",
     ):
         self._store = store if isinstance(store, FeatureStore) else None
         self.path = str(store.path if isinstance(store, FeatureStore) else store)
@@ -54,6 +57,9 @@ class ClipDataset(Dataset):
             if tokens is None:
                 raise ValueError("fields include 'tokens' but no dVAE hash was given (tokens=...)")
             st.tokens(tokens)  # raises a clear StoreError if missing or incomplete
+        if feature_dtype not in ("float32", "stored"):
+            raise ValueError(f"feature_dtype must be 'float32' or 'stored', got {feature_dtype!r}")
+        self.feature_dtype = feature_dtype
         self.fields = tuple(fields)
         self.tokens_hash = tokens
         self.clip_length = clip_length
@@ -97,11 +103,17 @@ class ClipDataset(Dataset):
         item: dict = {"video_id": video.id, "start": clip.start, "hflip": video.hflip}
         for name in self.fields:
             if name == "features":
-                values = st.read_features(lo, hi)[::step]
-                item[name] = torch.from_numpy(np.ascontiguousarray(values))
+                item[name] = self._features(st, lo, hi, step)
             elif name == "tokens":
-                ids = st.tokens(self.tokens_hash, require_complete=False)[lo:hi:step]
+                ids = st.read_rows(f"tokens/{self.tokens_hash}/ids", lo, hi)[::step]
                 item[name] = torch.from_numpy(ids.astype(np.int64))
             else:
-                item[name] = torch.from_numpy(np.ascontiguousarray(st.group[name][lo:hi:step]))
+                item[name] = torch.from_numpy(np.ascontiguousarray(st.read_rows(name, lo, hi)[::step]))
         return item
+
+    def _features(self, st: FeatureStore, lo: int, hi: int, step: int) -> torch.Tensor:
+        stored = st.meta["feature_dtype"]
+        if self.feature_dtype == "stored" and stored in ("float16", "bfloat16"):
+            raw = torch.from_numpy(np.ascontiguousarray(st.read_rows("features", lo, hi)[::step]))
+            return raw.view(torch.bfloat16) if stored == "bfloat16" else raw  # uint16 bits -> bfloat16
+        return torch.from_numpy(np.ascontiguousarray(st.read_features(lo, hi)[::step]))

@@ -40,6 +40,7 @@ class SyntheticData:
     seed: int = 0
     min_objects: int = 3
     max_objects: int = 10
+    fps: float = 12.0
 
 
 @dataclass
@@ -101,17 +102,23 @@ class Extract:
     compute: str = "auto"  # auto | fp32 | bf16
     device: str = "auto"
     frame_size: int = "${globals.FRAME_SIZE}"  # type: ignore[assignment]
+    # Unit of work, resume and sharding: one zarr shard file per array per chunk.
     frames_per_chunk: int = 64
-    compressor: str = "none"  # none | zstd | blosc
+    # Frames per inner (read) chunk inside a shard: a random clip reads only the inner chunks
+    # it covers. Should divide frames_per_chunk (else the largest divisor below it is used).
+    inner_chunk: int = 1
+    compressor: str = "none"  # none | zstd | blosc (lz4 + byte shuffle); see docs/store-format.md
 
 
 @dataclass
 class Geco:
+    # GECO (EfficientMORL) for the dVAE: a multiplier softplus(beta) on reconstruction that rises
+    # while the error is above `target` and falls below it; balances dvae.kl_weight's prior term.
     enabled: bool = False
     target: float = 0.01  # target reconstruction error (per pixel MSE)
-    eta: float = 1.0e-6
+    eta: float = 1.0e-6  # step size of beta per unit of (summed per-frame) constraint
     ema: float = 0.99
-    warmup_steps: int = 1000
+    warmup_steps: int = 1000  # beta stays at beta_init for this many steps
     beta_init: float = 1.0
     beta_min: float = 0.55
 
@@ -134,6 +141,9 @@ class Dvae:
     image_every: int = 1000
     num_workers: int = 2
     tokenize_batch_size: int = 64
+    tokenize_device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    accelerator: str = "auto"  # Lightning accelerator for pretraining: auto | cpu | gpu
+    precision: str = "auto"  # auto (bf16-mixed on GPUs that support it, else 32) | 32 | bf16-mixed
 
 
 @dataclass
@@ -224,6 +234,7 @@ class Trainer:
     strategy: str = "auto"
     ckpt_every: int = 2500
     val_every: int = 2500
+    val_batches: int = 50  # stage 3: validation batches per check (0 = no validation)
     log_every: int = 50
     image_every: int = 5000
 
@@ -231,8 +242,9 @@ class Trainer:
 @dataclass
 class Evaluate:
     split: str = "test"
-    probe: bool = True
-    max_videos: Optional[int] = None
+    probe: bool = True  # property probe (needs per-object attributes, e.g. synthetic meta.json)
+    max_videos: Optional[int] = None  # evaluate only the first N videos of the split
+    probe_train_videos: Optional[int] = 200  # train videos the probe is fit on (None = all)
 
 
 @dataclass

@@ -1,0 +1,158 @@
+"""`egoslots cache ...`: list, describe, verify and remove feature stores.
+
+STORE is a store path, or a fingerprint (or a unique prefix of one) under
+``<work-dir>/stores``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cache.store import FeatureStore, StoreError, directory_size, list_stores, remove_store
+
+DEFAULT_WORK_DIR = "./egoslots-work"
+
+
+def find_store(name: str, work_dir: str) -> Path:
+    """A STORE argument as a path: an existing path, or a fingerprint (prefix) in work_dir/stores."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    candidates = [p for p in list_stores(work_dir) if p.stem.startswith(name)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(candidates) > 1:
+        raise click.ClickException(f"'{name}' matches several stores: {', '.join(p.stem for p in candidates)}")
+    have = ", ".join(p.stem for p in list_stores(work_dir)) or "none"
+    raise click.ClickException(f"no store '{name}' (not a path, and no such fingerprint in {work_dir}/stores; "
+                               f"stores there: {have})")
+
+
+def _open(path: Path) -> FeatureStore:
+    try:
+        return FeatureStore.open(path, require_complete=False)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from err
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+work_dir_option = click.option("--work-dir", default=DEFAULT_WORK_DIR, show_default=True,
+                               help="Work directory whose stores/ a fingerprint refers to.")
+
+
+@click.group(name="cache", epilog="\b\nExample:\n  egoslots cache ls ./egoslots-work")
+def cache():
+    """List, describe, verify or remove feature stores."""
+
+
+@cache.command(name="ls", epilog="\b\nExample:\n  egoslots cache ls ./egoslots-work")
+@click.argument("work_dir", required=False, default=DEFAULT_WORK_DIR)
+def ls(work_dir: str):
+    """Stores under WORK_DIR/stores: fingerprint, state, size, backbone, frames, dtype."""
+    paths = list(list_stores(work_dir))
+    if not paths:
+        click.echo(f"no stores in {Path(work_dir) / 'stores'}")
+        return
+    header = f"{'fingerprint':<18} {'state':<14} {'size':>10} {'backbone':<28} {'videos':>7} {'frames':>9} {'dtype':<8} created"
+    click.echo(header)
+    for path in paths:
+        try:
+            st = FeatureStore.open(path, require_complete=False)
+        except StoreError as err:
+            click.echo(f"{path.stem:<18} {'unreadable':<14} {human_bytes(directory_size(path)):>10} ({err})")
+            continue
+        done, total = st.progress()
+        state = "complete" if st.complete else f"{done}/{total} chunks"
+        backbone = str(st.meta.get("backbone", {}).get("name", "?"))
+        click.echo(f"{st.fingerprint:<18} {state:<14} {human_bytes(directory_size(path)):>10} {backbone:<28} "
+                   f"{len(st.videos):>7} {st.num_frames:>9} {st.meta.get('feature_dtype', '?'):<8} "
+                   f"{st.meta.get('created', '?')}")
+
+
+@cache.command(name="info", epilog="\b\nExample:\n  egoslots cache info 1432a78eda16b802 --work-dir ./egoslots-work")
+@click.argument("store")
+@work_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print every attribute as JSON.")
+def info(store: str, work_dir: str, as_json: bool):
+    """Summary of one store's attributes (STORE: path or fingerprint)."""
+    st = _open(find_store(store, work_dir))
+    meta = st.meta
+    if as_json:
+        click.echo(json.dumps(meta, indent=2))
+        return
+    done, total = st.progress()
+    splits: dict[str, int] = {}
+    for v in st.videos:
+        splits[v.split] = splits.get(v.split, 0) + 1
+    bb = meta.get("backbone", {})
+    lines = [
+        ("path", str(st.path)),
+        ("fingerprint", st.fingerprint),
+        ("state", "complete" if st.complete else f"incomplete: {done}/{total} chunks done"),
+        ("created / finished", f"{meta.get('created')} / {meta.get('finished', '-')}"),
+        ("backbone", f"{bb.get('name')} (input {bb.get('input_size')} px, patch {bb.get('patch_size')}, "
+                     f"checkpoint sha256 {str(bb.get('checkpoint_sha256'))[:12]})"),
+        ("features", f"{st.num_frames} x {meta['num_tokens']} x {st.feature_dim} {meta['feature_dtype']} "
+                     f"(grid {st.grid[0]}x{st.grid[1]}, computed in {meta.get('compute_dtype')})"),
+        ("frames / masks", f"{st.frame_size}x{st.frame_size} RGB uint8 / {'yes' if st.has_masks else 'none'}"),
+        ("videos", f"{len(st.videos)} rows ({', '.join(f'{k} {n}' for k, n in sorted(splits.items()))}), "
+                   f"hflip {meta.get('hflip', 'none')}"),
+        ("skipped videos", str(len(meta.get("skipped_videos") or []))),
+        ("layout", f"chunk {st.chunk_len} frames (one shard file per array), inner chunk "
+                   f"{meta.get('inner_chunk_len')} frames, compressor {meta.get('compressor')}, "
+                   f"crc32c {'on' if meta.get('checksum') else 'off'}"),
+        ("tokens", ", ".join(st.token_group_names()) or "none"),
+        ("size on disk", human_bytes(directory_size(st.path))),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@cache.command(name="verify", epilog="\b\nExample:\n  egoslots cache verify ./egoslots-work/stores/1432a78eda16b802.zarr")
+@click.argument("store")
+@work_dir_option
+def verify(store: str, work_dir: str):
+    """Check every chunk is flagged done, present, uncorrupted and finite; exit 1 naming each fault."""
+    from tqdm import tqdm
+
+    st = _open(find_store(store, work_dir))
+    _, total = st.progress()
+    with tqdm(total=total, unit="chunk", desc=f"verify {st.fingerprint}", leave=False) as bar:
+        problems = st.verify(progress=lambda _chunk: bar.update(1))
+    if problems:
+        for line in problems:
+            click.echo(f"FAULT {line}", err=True)
+        raise click.ClickException(f"{st.path}: {len(problems)} problem(s) found; re-extract the affected store "
+                                   "(`egoslots extract-features CONFIG --overwrite`)")
+    click.echo(f"{st.path}: OK ({total} chunks, {st.num_frames} frames, arrays {', '.join(st.data_arrays())})")
+
+
+@cache.command(name="rm", epilog="\b\nExample:\n  egoslots cache rm 1432a78eda16b802 --yes")
+@click.argument("store")
+@work_dir_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def rm(store: str, work_dir: str, yes: bool):
+    """Delete a store (asks first unless --yes)."""
+    path = find_store(store, work_dir)
+    try:
+        FeatureStore.open(path, require_complete=False)
+    except StoreError as err:
+        raise click.ClickException(f"refusing to delete {path}: {err}") from err
+    size = human_bytes(directory_size(path))
+    if not yes and not click.confirm(f"delete {path} ({size})?", default=False):
+        click.echo("kept")
+        return
+    remove_store(path)
+    click.echo(f"deleted {path} ({size})")

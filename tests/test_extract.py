@@ -1,0 +1,181 @@
+"""extract-features as users run it: real `cli.py` processes on a frame folder.
+
+kill -9 in the middle and a rerun give the same bytes as one uninterrupted run; two shard
+processes running at once give the same bytes as one process; shard identity comes from the
+flags, torchrun or SLURM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from cache.store import FeatureStore
+from pipeline.config import ConfigError
+from stages.extract import shard_identity
+from tests.test_store import assert_same_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_frame_folder(root: Path, videos: int, frames: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """`<root>/<video>/<t>.png` plus `masks/<t>.png`: smooth moving content (PNG-compressible)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for v in range(videos):
+        folder = root / f"clip{v:02d}"
+        (folder / "masks").mkdir(parents=True)
+        cx, cy, dx = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(-3, 3)
+        for t in range(frames):
+            disc = (xx - cx - dx * t) ** 2 + (yy - cy) ** 2 < (h / 5) ** 2
+            rgb = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 40 * v % 256)], -1).astype(np.uint8)
+            rgb[disc] = (255, 40, 40)
+            Image.fromarray(rgb).save(folder / f"{t:04d}.png")
+            Image.fromarray(disc.astype(np.uint8) * (v % 3 + 1)).save(folder / "masks" / f"{t:04d}.png")
+    return root
+
+
+def write_config(tmp_path: Path, data: Path, **extract) -> Path:
+    cfg = {
+        "defaults": [str(REPO / "configs" / "demo.yaml")],
+        "dataset": {"source": "frames", "path": str(data)},
+        "globals": {"IMAGE_SIZE": 64, "FRAME_SIZE": 32},
+        "backbone": {"patch_size": 8},
+        "augment": {"hflip": "cache"},
+        "extract": {"frames_per_chunk": 8, "batch_size": 4, "num_workers": 0, "compute": "fp32",
+                    "device": "cpu", **extract},
+    }
+    path = tmp_path / "extract.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli(config: Path, work_dir: Path, *flags: str) -> list[str]:
+    return [sys.executable, "cli.py", "extract-features", str(config), f"work_dir={work_dir}", *flags]
+
+
+def run_cli(config: Path, work_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cli(config, work_dir, *flags), cwd=REPO, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def only_store(work_dir: Path) -> Path:
+    stores = list((work_dir / "stores").glob("*.zarr"))
+    assert len(stores) == 1, stores
+    return stores[0]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Frame folder, config, and the store of one uninterrupted single-process run."""
+    root = tmp_path_factory.mktemp("extract")
+    data = write_frame_folder(root / "frames", videos=6, frames=20, size=(48, 64))
+    config = write_config(root, data)
+    result = run_cli(config, root / "reference")
+    store = only_store(root / "reference")
+    assert f"store={store.stem}" in result.stdout
+    return data, config, store
+
+
+def test_uninterrupted_store_is_complete_and_verifies(dataset):
+    from click.testing import CliRunner
+
+    from stages.cache_cmds import cache
+
+    _, _, store = dataset
+    st = FeatureStore.open(store)
+    assert st.num_frames == 6 * 20 * 2 and len(st.videos) == 12 and st.has_masks
+    assert [v.hflip for v in st.videos[:2]] == [False, True]
+    assert CliRunner().invoke(cache, ["verify", str(store)]).exit_code == 0
+    assert store.with_name(store.stem + ".config.yaml").is_file()
+
+
+@pytest.mark.slow  # three CLI runs on 640 frames of 240x320 PNG: ~30 s on 2 busy cores
+def test_kill_9_then_rerun_gives_the_same_bytes(dataset, tmp_path):
+    data, _, reference = dataset
+    # a bigger copy of the data so that the kill lands mid-run: 240 px frames decode slowly enough
+    big = write_frame_folder(tmp_path / "big", videos=8, frames=40, size=(240, 320), seed=1)
+    config = write_config(tmp_path, big)
+    full = tmp_path / "full"
+    run_cli(config, full)
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(cli(config, work), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done_at_kill, deadline = 0, time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            flags = list(work.glob("stores/*.zarr/done/c/*"))
+            if len(flags) >= 3:
+                os.kill(proc.pid, signal.SIGKILL)
+                done_at_kill = len(flags)
+                break
+            time.sleep(0.01)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the extraction ended before it could be killed"
+    killed = only_store(work)
+    done, total = FeatureStore.open(killed, require_complete=False).progress()
+    assert 3 <= done_at_kill <= done < total  # really interrupted, finished chunks kept
+    rerun = run_cli(config, work)
+    assert "store complete" in rerun.stdout
+    assert_same_store(killed, only_store(full))
+
+
+def test_two_shard_processes_equal_one_process(dataset, tmp_path):
+    _, config, reference = dataset
+    work = tmp_path / "sharded"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cli(config, work, "--num-shards", "2", "--shard-id", str(i)), cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert sum("store complete" in out for out, _ in outputs) >= 1  # the last shard to finish completes it
+    assert_same_store(only_store(work), reference)
+
+
+def test_shard_identity_from_flags_torchrun_or_slurm(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert shard_identity() == (0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert shard_identity() == (3, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert shard_identity() == (1, 2)  # torchrun before SLURM
+    assert shard_identity(num_shards=5, shard_id=4) == (4, 5)  # flags before both
+    with pytest.raises(ConfigError, match="--shard-id 2"):
+        shard_identity(num_shards=2, shard_id=2)
+
+
+def test_corrupt_frame_file_is_named_and_skip_bad_finishes(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.data.base import SourceError
+    from stages.extract import extract
+
+    data = write_frame_folder(tmp_path / "frames", videos=3, frames=12, size=(32, 40))
+    bad = data / "clip01" / "0005.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG: header fine, pixels missing
+    cfg = load_config(write_config(tmp_path, data), [f"work_dir={tmp_path / 'w'}"])
+    with pytest.raises(SourceError, match=r"clip01.*0005\.png"):
+        extract(cfg)
+    kept = FeatureStore.open(only_store(tmp_path / "w"), require_complete=False).done_chunks()
+    assert kept[:3].all() and not kept.all()  # clip00's chunks (and its flips') were kept
+    extract(cfg, skip_bad=True)
+    store = FeatureStore.open(only_store(tmp_path / "w"))
+    assert sorted({v.id for v in store.videos}) == ["clip00", "clip02"]
+    assert {r["id"] for r in store.meta["skipped_videos"]} == {"clip01"}
