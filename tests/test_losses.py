@@ -2,22 +2,12 @@
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.losses import loss_featrec, loss_slot_slot_contrast, loss_steve_ce
 
 TAU = 0.1
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster than two, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _orthonormal(n, d, seed=0):

@@ -17,15 +17,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster than two, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(*overrides, grid=GRID):
     cfg = load_config(None, [*TINY, *overrides])
     return SlotModel.from_config(cfg, feature_dim=F, num_tokens=N, token_grid=grid)

@@ -11,15 +11,6 @@ from pipeline.steve import SteveDecoder
 B, T, N, F, K, D = 2, 3, 16, 24, 4, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster than two, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_feature_mlp_maps_features_to_slot_dim():
     mlp = FeatureMLP(F, D)
     assert mlp(torch.randn(B, T, N, F)).shape == (B, T, N, D)
