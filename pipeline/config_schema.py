@@ -179,6 +179,9 @@ class Predictor:
     enabled: bool = True
     num_heads: int = 4
     ffn_ratio: int = 4
+    # "published": SlotContrast's code scales attention logits by sqrt(head_dim) (q / head_dim**-0.5);
+    # "standard": the usual 1/sqrt(head_dim). See pipeline/predictor.py.
+    attn_scale: str = "published"
 
 
 @dataclass

@@ -1,22 +1,36 @@
 """Stage-3 losses: feature reconstruction, slot-slot contrast, STEVE cross-entropy.
 
-All losses are computed in float32 (inputs are upcast), so they are safe under bf16 autocast,
-and none of them reads a tensor value on the host.
+All losses are computed in float32 with autocast disabled (inputs are upcast), so they are safe
+under bf16 autocast, and none of them reads a tensor value on the host.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 
+def _no_autocast(fn):
+    """Run ``fn`` with autocast off (on every device type), so its matmuls stay float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_autocast
 def loss_featrec(reconstruction: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Mean squared error between decoded (B, T, N, F) and cached features (the target)."""
     return F.mse_loss(reconstruction.float(), features.float().detach())
 
 
+@_no_autocast
 def loss_slot_slot_contrast(
     slots: torch.Tensor,
     temperature: float = 0.1,
@@ -50,6 +64,7 @@ def loss_slot_slot_contrast(
     return -log_prob.mean()
 
 
+@_no_autocast
 def loss_steve_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of predicted next tokens (B, T, L, V) vs cached ids (B, T, h, w).
 

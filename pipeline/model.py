@@ -11,6 +11,12 @@ The output dict uses the key names SlotContrast / integrated-model users know
 (``processor.state``, ``decoder.masks``, ``dvae.z_hard`` ...); ``dvae.z_hard`` holds token ids
 (B, T, h, w), not one-hot vectors. No I/O and no Lightning here: ``stages/train_slots.py``
 wraps this module.
+
+Losses (:meth:`SlotModel.losses`): ``loss_featrec`` (MSE, mean over all elements),
+``loss_ss`` (slot-slot contrast on ``processor.state``, tau ``losses.loss_ss.temperature``),
+``loss_steve_ce`` (next-token cross-entropy, **mean** over tokens and frames), and ``loss``,
+their sum weighted by ``model.loss_weights``; a loss with weight 0 is not computed.
+Long videos run in windows: pass the previous window's ``next_state`` as ``init_state``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline.decoders import MLPBroadcastDecoder
@@ -44,6 +51,7 @@ class SlotModel(nn.Module):
         predictor: bool = True,
         predictor_heads: int = 4,
         predictor_ffn_ratio: int = 4,
+        predictor_attn_scale: str = "published",
         decoder_hidden_dims: tuple[int, ...] = (1024, 1024, 1024),
         steve: bool = False,
         vocab_size: int = 4096,
@@ -62,7 +70,8 @@ class SlotModel(nn.Module):
         self.initializer = build_initializer(initializer, num_slots, slot_dim)
         self.processor = SlotScan(
             SlotAttention(slot_dim, mlp_ratio=mlp_ratio, eps=eps),
-            SlotPredictor(slot_dim, predictor_heads, predictor_ffn_ratio) if predictor else None,
+            SlotPredictor(slot_dim, predictor_heads, predictor_ffn_ratio, predictor_attn_scale)
+            if predictor else None,
             n_iters=n_iters,
             n_iters_first=n_iters_first,
         )
@@ -102,6 +111,8 @@ class SlotModel(nn.Module):
             predictor=bool(cfg.predictor.enabled),
             predictor_heads=int(cfg.predictor.num_heads),
             predictor_ffn_ratio=int(cfg.predictor.ffn_ratio),
+            # Not in the schema yet: "published" (SlotContrast's sqrt(head_dim)) | "standard".
+            predictor_attn_scale=str(OmegaConf.select(cfg, "predictor.attn_scale", default="published")),
             decoder_hidden_dims=tuple(int(h) for h in cfg.decoder.hidden_dims),
             steve=bool(sd.enabled),
             vocab_size=int(cfg.dvae.vocab_size),
@@ -117,8 +128,10 @@ class SlotModel(nn.Module):
 
     def forward(self, features: torch.Tensor, tokens: Optional[torch.Tensor] = None,
                 init_state: Optional[torch.Tensor] = None) -> dict:
-        """features (B, T, N, F); tokens (B, T, h, w) int ids (needed when the STEVE decoder is
-        on); init_state (B, K, D): slots carried from the previous window (its ``next_state``)."""
+        """features (B, T, N, F); tokens (B, T, h, w) int ids (the STEVE decoder runs only when
+        they are given, so evaluation may leave them out); init_state (B, K, D): slots carried
+        from the previous window (its ``next_state``). Every frame of a window that starts from
+        ``init_state`` gets ``grouper.n_iters`` iterations, so windows chain exactly."""
         B, T = features.shape[:2]
         inputs = self.feature_mlp(features)  # (B, T, N, D)
         init = self.initializer(B) if init_state is None else init_state  # (B, K, D)
@@ -138,9 +151,7 @@ class SlotModel(nn.Module):
         }
         if tokens is not None:
             outputs["dvae"] = {"z_hard": tokens}
-        if self.steve is not None:
-            if tokens is None:
-                raise ValueError("the STEVE decoder is on (steve_decoder.enabled) but no tokens were given")
+        if self.steve is not None and tokens is not None:  # no tokens: slots only (evaluation)
             logits, masks = self.steve(state.flatten(0, 1), tokens.flatten(0, 1))
             outputs["steve"] = {
                 "logits": logits.unflatten(0, (B, T)),  # (B, T, h*w, V)
@@ -166,6 +177,11 @@ class SlotModel(nn.Module):
                 outputs["processor"]["state"], self.ss_temperature, self.ss_batch_contrast, gather
             )
         if self.steve is not None and w["loss_steve_ce"] != 0:
+            if "steve" not in outputs:
+                raise ValueError(
+                    "the STEVE decoder is on (steve_decoder.enabled) but forward() got no tokens: "
+                    "pass the cached dVAE token ids to train it"
+                )
             out["loss_steve_ce"] = loss_steve_ce(outputs["steve"]["logits"], outputs["dvae"]["z_hard"])
         if not out:
             raise ValueError("every loss weight in model.loss_weights is 0: nothing to train")

@@ -95,6 +95,10 @@ class SlotAttention(nn.Module):
     (:meth:`project_inputs`, batched over all frames); each iteration LayerNorms the slots,
     takes a softmax over **slots**, adds ``eps`` and renormalises over inputs for the weighted
     mean, then updates with a GRUCell and a residual MLP (:meth:`iterate`).
+
+    Faithful detail of SlotContrast's / VideoSAUR's code: the GRU's previous hidden state is the
+    *LayerNormed* slots (the norm result overwrites the slots before the update), not the raw
+    slots of the previous iteration.
     """
 
     def __init__(self, dim: int, mlp_ratio: int = 4, eps: float = 1e-8):
@@ -115,7 +119,8 @@ class SlotAttention(nn.Module):
 
     def step(self, slots, keys, values):
         B, K, D = slots.shape
-        q = self.to_q(self.norm_slots(slots))  # (B, K, D)
+        slots = self.norm_slots(slots)  # (B, K, D); as in SlotContrast, also the GRU's hidden state
+        q = self.to_q(slots)  # (B, K, D)
         logits = torch.einsum("bkd,bnd->bkn", q, keys) * self.scale  # (B, K, N)
         attn = logits.softmax(dim=1)  # (B, K, N), softmax over slots: this is the mask
         weights = attn + self.eps

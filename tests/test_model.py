@@ -1,0 +1,154 @@
+"""SlotModel: config wiring, output keys, ablation toggles, window carry-over, overfitting."""
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.model import SlotModel
+
+B, T, N, F, GRID, V = 2, 3, 16, 32, (8, 8), 16
+TINY = [
+    "globals.NUM_SLOTS=4",
+    "globals.SLOT_DIM=32",
+    "globals.VOCAB_SIZE=16",
+    "decoder.hidden_dims=[64,64]",
+    "steve_decoder.num_blocks=2",
+    "steve_decoder.d_model=32",
+]
+
+
+def _model(*overrides, grid=GRID):
+    cfg = load_config(None, [*TINY, *overrides])
+    return SlotModel.from_config(cfg, feature_dim=F, num_tokens=N, token_grid=grid)
+
+
+def _batch(b=B, t=T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, N, F, generator=g), torch.randint(0, V, (b, t, *GRID), generator=g)
+
+
+def test_outputs_have_the_user_facing_keys_and_shapes():
+    model = _model()
+    features, tokens = _batch()
+    out = model(features, tokens)
+    K, D = 4, 32
+    assert out["encoder"]["backbone_features"] is features
+    assert out["processor"]["state"].shape == (B, T, K, D)
+    assert out["processor"]["state_predicted"].shape == (B, T, K, D)
+    assert out["processor"]["corrector"]["masks"].shape == (B, T, K, N)
+    assert out["decoder"]["reconstruction"].shape == (B, T, N, F)
+    assert out["decoder"]["masks"].shape == (B, T, K, N)
+    assert out["dvae"]["z_hard"] is tokens
+    assert out["steve"]["logits"].shape == (B, T, GRID[0] * GRID[1], V)
+    assert out["steve"]["masks"].shape == (B, T, K, GRID[0] * GRID[1])
+    assert out["next_state"].shape == (B, K, D)
+    torch.testing.assert_close(out["next_state"], out["processor"]["state_predicted"][:, -1])
+    for masks in (out["processor"]["corrector"]["masks"], out["decoder"]["masks"],
+                  out["steve"]["masks"]):
+        torch.testing.assert_close(masks.sum(2), torch.ones_like(masks.sum(2)))
+
+
+def test_losses_are_weighted_by_model_loss_weights():
+    model = _model("model.loss_weights.loss_ss=0.25", "model.loss_weights.loss_steve_ce=2.0")
+    out = model(*_batch())
+    losses = model.losses(out)
+    assert set(losses) == {"loss_featrec", "loss_ss", "loss_steve_ce", "loss"}
+    expected = losses["loss_featrec"] + 0.25 * losses["loss_ss"] + 2.0 * losses["loss_steve_ce"]
+    torch.testing.assert_close(losses["loss"], expected)
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+
+
+def test_every_parameter_gets_a_gradient():
+    model = _model()
+    model.losses(model(*_batch()))["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
+
+
+def test_ablation_no_steve_removes_its_outputs_and_loss():
+    model = _model("globals.USE_STEVE_DECODER=false", "globals.USE_DVAE=false", grid=None)
+    assert model.steve is None
+    features, _ = _batch()
+    out = model(features)
+    assert "steve" not in out and "dvae" not in out
+    assert set(model.losses(out)) == {"loss_featrec", "loss_ss", "loss"}
+
+
+def test_ablation_no_contrast_skips_the_loss():
+    model = _model("model.loss_weights.loss_ss=0.0")
+    losses = model.losses(model(*_batch()))
+    assert "loss_ss" not in losses
+    torch.testing.assert_close(losses["loss"], losses["loss_featrec"] + losses["loss_steve_ce"])
+
+
+def test_ablation_no_predictor_carries_slots_unchanged():
+    model = _model("predictor.enabled=false")
+    assert model.processor.predictor is None
+    out = model(*_batch())
+    torch.testing.assert_close(out["processor"]["state_predicted"], out["processor"]["state"])
+    torch.testing.assert_close(out["next_state"], out["processor"]["state"][:, -1])
+
+
+def test_steve_needs_tokens_and_a_grid():
+    with pytest.raises(ValueError, match="token grid"):
+        _model(grid=None)
+    features, _ = _batch()
+    model = _model()
+    out = model(features)  # slots only, e.g. for evaluation
+    assert "steve" not in out and out["processor"]["state"].shape[:2] == (B, T)
+    with pytest.raises(ValueError, match="no tokens"):
+        model.losses(out)
+
+
+def test_gaussian_initializer_from_config():
+    model = _model("model.initializer.name=gaussian")
+    features, tokens = _batch()
+    a = model(features, tokens)["processor"]["state"]
+    b = model(features, tokens)["processor"]["state"]
+    assert not torch.allclose(a, b)
+
+
+def test_init_state_carries_slots_across_windows():
+    torch.manual_seed(0)
+    model = _model().eval()  # dropout off; fixed init
+    features, tokens = _batch(t=6)
+    with torch.no_grad():
+        full = model(features, tokens)
+        first = model(features[:, :3], tokens[:, :3])
+        second = model(features[:, 3:], tokens[:, 3:], init_state=first["next_state"])
+    for key in ("state", "state_predicted"):
+        joined = torch.cat([first["processor"][key], second["processor"][key]], 1)
+        torch.testing.assert_close(joined, full["processor"][key], rtol=1e-5, atol=1e-5)
+    joined = torch.cat([first["decoder"]["masks"], second["decoder"]["masks"]], 1)
+    torch.testing.assert_close(joined, full["decoder"]["masks"], rtol=1e-5, atol=1e-5)
+    joined = torch.cat([first["steve"]["logits"], second["steve"]["logits"]], 1)
+    torch.testing.assert_close(joined, full["steve"]["logits"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second["next_state"], full["next_state"], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_forward_gives_float32_losses():
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.losses(model(*_batch()))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+
+
+def test_overfits_a_tiny_cached_set():
+    torch.manual_seed(0)
+    model = _model()
+    features, tokens = _batch(b=4, t=3, seed=1)  # 4 clips x 3 frames, 16 tokens x 32 dims
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with torch.no_grad():
+        start = model.losses(model(features, tokens))
+    for _ in range(200):
+        loss = model.losses(model(features, tokens))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end = model.losses(model.eval()(features, tokens))
+    summary = ({k: float(v) for k, v in start.items()}, {k: float(v) for k, v in end.items()})
+    assert float(end["loss"]) < 0.5 * float(start["loss"]), summary
+    for name in ("loss_featrec", "loss_ss", "loss_steve_ce"):
+        assert float(end[name]) < float(start[name]), summary

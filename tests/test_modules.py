@@ -1,0 +1,171 @@
+"""Stage-3 building blocks: shapes, mask normalisation, equivalences, causality."""
+
+import pytest
+import torch
+
+from pipeline.decoders import MLPBroadcastDecoder
+from pipeline.predictor import SlotPredictor, SlotScan
+from pipeline.slots import FeatureMLP, FixedInit, GaussianInit, SlotAttention, build_initializer
+from pipeline.steve import SteveDecoder
+
+B, T, N, F, K, D = 2, 3, 16, 24, 4, 32
+
+
+def test_feature_mlp_maps_features_to_slot_dim():
+    mlp = FeatureMLP(F, D)
+    assert mlp(torch.randn(B, T, N, F)).shape == (B, T, N, D)
+    assert mlp.net[1].out_features == 2 * F  # hidden width 2F as in SlotContrast
+
+
+def test_initializers():
+    fixed = FixedInit(K, D)
+    a, b = fixed(B), fixed(B)
+    assert a.shape == (B, K, D) and torch.equal(a, b) and torch.equal(a[0], a[1])
+    gauss = GaussianInit(K, D)
+    a, b = gauss(B), gauss(B)
+    assert a.shape == (B, K, D) and not torch.allclose(a, b)  # sampled every call
+    assert not torch.allclose(a[:, 0], a[:, 1])  # and per slot
+    assert isinstance(build_initializer("gaussian", K, D), GaussianInit)
+    with pytest.raises(ValueError, match="model.initializer.name"):
+        build_initializer("random", K, D)
+
+
+def test_slot_attention_shapes_and_masks_sum_to_one_over_slots():
+    sa = SlotAttention(D)
+    slots, masks = sa(torch.randn(B, K, D), torch.randn(B, N, D), n_iters=3)
+    assert slots.shape == (B, K, D) and masks.shape == (B, K, N)
+    torch.testing.assert_close(masks.sum(1), torch.ones(B, N))
+    assert (masks >= 0).all()
+
+
+def test_slot_attention_iterations_matter():
+    sa = SlotAttention(D)
+    init, inputs = torch.randn(B, K, D), torch.randn(B, N, D)
+    one, _ = sa(init, inputs, n_iters=1)
+    two, _ = sa(init, inputs, n_iters=2)
+    step_twice, _ = sa(one, inputs, n_iters=1)
+    assert not torch.allclose(one, two)
+    torch.testing.assert_close(two, step_twice)
+
+
+def test_predictor_is_permutation_equivariant_over_slots():
+    pred = SlotPredictor(D, num_heads=4)
+    slots = torch.randn(B, K, D)
+    perm = torch.randperm(K)
+    out = pred(slots)
+    assert out.shape == (B, K, D)
+    torch.testing.assert_close(pred(slots[:, perm]), out[:, perm])
+
+
+def test_predictor_attention_scale_options_differ():
+    torch.manual_seed(0)
+    pub = SlotPredictor(D, attn_scale="published")
+    std = SlotPredictor(D, attn_scale="standard")
+    std.load_state_dict(pub.state_dict())
+    slots = torch.randn(B, K, D)
+    assert not torch.allclose(pub(slots), std(slots))
+    with pytest.raises(ValueError):
+        SlotPredictor(D, attn_scale="other")
+
+
+def test_scan_shapes_and_disabled_predictor_passes_state_through():
+    scan = SlotScan(SlotAttention(D), None)
+    state, predicted, masks = scan(torch.randn(B, K, D), torch.randn(B, T, N, D))
+    assert state.shape == predicted.shape == (B, T, K, D)
+    assert masks.shape == (B, T, K, N)
+    torch.testing.assert_close(predicted, state)
+    scan = SlotScan(SlotAttention(D), SlotPredictor(D))
+    state, predicted, _ = scan(torch.randn(B, K, D), torch.randn(B, T, N, D))
+    torch.testing.assert_close(predicted[:, 0], scan.predictor(state[:, 0]))
+
+
+def test_scan_runs_n_iters_first_only_on_an_uncarried_first_frame():
+    calls = []
+    sa = SlotAttention(D)
+    original = sa.iterate
+
+    def spy(slots, keys, values, n_iters):
+        calls.append(n_iters)
+        return original(slots, keys, values, n_iters)
+
+    sa.iterate = spy
+    scan = SlotScan(sa, None, n_iters=2, n_iters_first=3)
+    scan(torch.randn(B, K, D), torch.randn(B, T, N, D))
+    assert calls == [3, 2, 2]
+    calls.clear()
+    scan(torch.randn(B, K, D), torch.randn(B, T, N, D), carried=True)
+    assert calls == [2, 2, 2]
+
+
+def test_decoder_shapes_masks_and_mixing():
+    dec = MLPBroadcastDecoder(D, F, N, hidden_dims=[64, 64])
+    slots = torch.randn(B, T, K, D)
+    recon, masks = dec(slots)
+    assert recon.shape == (B, T, N, F) and masks.shape == (B, T, K, N)
+    torch.testing.assert_close(masks.sum(2), torch.ones(B, T, N))
+
+
+def test_decoder_factored_first_layer_equals_naive_broadcast():
+    torch.manual_seed(0)
+    dec = MLPBroadcastDecoder(D, F, N, hidden_dims=[64, 48, 64])
+    with torch.no_grad():  # non-zero biases so the bias handling is checked too
+        for layer in dec.layers:
+            layer.bias.normal_()
+    slots = torch.randn(B, T, K, D, requires_grad=True)
+    recon, masks = dec(slots)
+    recon_naive, masks_naive = dec.forward_naive(slots)
+    torch.testing.assert_close(recon, recon_naive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masks, masks_naive, rtol=1e-5, atol=1e-6)
+    g1 = torch.autograd.grad(recon.square().sum(), [slots, dec.pos_emb, dec.layers[0].weight])
+    g2 = torch.autograd.grad(recon_naive.square().sum(), [slots, dec.pos_emb, dec.layers[0].weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _steve(vocab=16, grid=(4, 4)):
+    return SteveDecoder(D, vocab, grid[0] * grid[1], num_blocks=2, num_heads=4, d_model=32,
+                        dropout=0.1)
+
+
+def test_steve_shapes_and_masks_sum_to_one_over_slots():
+    steve = _steve().eval()
+    tokens = torch.randint(0, 16, (B, 4, 4))
+    logits, masks = steve(torch.randn(B, K, D), tokens)
+    assert logits.shape == (B, 16, 16) and masks.shape == (B, K, 16)
+    torch.testing.assert_close(masks.sum(1), torch.ones(B, 16))
+
+
+def test_steve_decoder_is_causal():
+    torch.manual_seed(0)
+    steve = _steve().eval()
+    slots = torch.randn(B, K, D)
+    tokens = torch.randint(0, 16, (B, 4, 4))
+    logits = steve(slots, tokens)[0]
+    for t in (0, 5, 14):
+        changed = tokens.clone().view(B, -1)
+        changed[:, t] = (changed[:, t] + 1) % 16
+        logits2 = steve(slots, changed.view(B, 4, 4))[0]
+        # position i predicts token i from tokens < i: logits up to t do not see token t ...
+        torch.testing.assert_close(logits2[:, : t + 1], logits[:, : t + 1])
+        # ... and the next position does
+        assert not torch.allclose(logits2[:, t + 1], logits[:, t + 1])
+
+
+def test_steve_depends_on_slots_and_checks_grid():
+    steve = _steve().eval()
+    tokens = torch.randint(0, 16, (B, 4, 4))
+    a = steve(torch.randn(B, K, D), tokens)[0]
+    b = steve(torch.randn(B, K, D), tokens)[0]
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="16 tokens"):
+        steve(torch.randn(B, K, D), torch.randint(0, 16, (B, 8, 8)))
+
+
+def test_steve_dropout_only_in_training():
+    torch.manual_seed(0)
+    steve = _steve()
+    slots, tokens = torch.randn(B, K, D), torch.randint(0, 16, (B, 4, 4))
+    steve.train()
+    assert not torch.allclose(steve(slots, tokens)[0], steve(slots, tokens)[0])
+    steve.eval()
+    torch.testing.assert_close(steve(slots, tokens)[0], steve(slots, tokens)[0])
