@@ -5,17 +5,71 @@ Every encoder is a :class:`FrozenEncoder`: it takes float images in [0, 1] of sh
 (B, N, D) with N = grid[0] * grid[1] (prefix tokens such as CLS and registers dropped).
 ``describe()`` says everything that changes the features' bytes; the extraction
 fingerprint and the store's attrs record it.
+
+``build_backbone(cfg.backbone)`` picks the encoder from ``backbone.name``:
+
+- ``patch-pixels``: parameter-free, each patch's normalised pixels (optionally through a fixed
+  random projection, ``backbone.proj_dim``); runs offline with no weights (the demo).
+- ``vit-tiny-test``: a 2-block ViT (dim 32, 4 heads, patch 8), randomly initialised with a fixed
+  seed, so tests can run a real ViT in milliseconds. Its features mean nothing.
+- a silicon-menagerie ViT (``dino_say_vitb14``, ``mugs_a_vits16``, ``mae_y_vitl16``, ... see
+  :data:`SILICON_MODELS`): a timm ``VisionTransformer`` of the published shape, weights from
+  ``backbone.checkpoint`` or ``$EGOSLOTS_WEIGHTS/<name>.pth`` (the file as downloaded from
+  huggingface.co/eminorhan/<name>).
+- any timm ViT name (``vit_base_patch14_dinov2``, ``vit_small_patch14_reg4_dinov2``, ...),
+  weights from ``backbone.checkpoint``, ``$EGOSLOTS_WEIGHTS/<name>.pth`` or timm's local cache.
+
+Nothing is ever downloaded. The feature is the output of block ``backbone.block`` (0-based as in
+timm's ``blocks.N``, negative counts from the end; default the last block, so SlotContrast's
+``vit_block12`` is block 11), before the final norm unless ``backbone.final_norm``. Blocks after
+the chosen one are dropped from the model. For an input size other than the checkpoint's, the
+position embedding is resampled bicubically once at load: without antialiasing for
+silicon-menagerie models (as DINO and MAE do, though with the target size rather than DINO's
+``+0.1`` scale factor), with timm's default (antialiased) for timm models, exactly what
+``timm.create_model(name, pretrained=True, img_size=S)`` would give.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import difflib
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from pipeline import checkpoints
+from pipeline.checkpoints import CheckpointError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+TINY_TEST_VIT = "vit-tiny-test"
+
+# silicon-menagerie architectures: patch size, embed dim, depth, heads.
+SILICON_ARCHS = {
+    "vits16": (16, 384, 12, 6),
+    "vitb16": (16, 768, 12, 12),
+    "vitl16": (16, 1024, 24, 16),
+    "vitb14": (14, 768, 12, 12),
+}
+SILICON_MODELS = frozenset(
+    [f"dino_{d}_vitb14" for d in ("say", "s", "a", "y", "sfp")]
+    + [f"dino_{d}_vitb14" for d in ("imagenet100", "imagenet10", "imagenet3", "imagenet1",
+                                    "kinetics-200h", "ego4d-200h")]
+    + [f"{alg}_{d}_{arch}" for alg in ("dino", "mugs", "mae") for d in ("say", "s", "a", "y")
+       for arch in ("vits16", "vitb16", "vitl16")]
+)
+# Checkpoint keys that belong to the training setup, not the backbone (left over, not errors):
+# DINO's projection head, Mugs' three heads and relation blocks, MAE's decoder and mask token.
+SILICON_RESNEXTS = frozenset(f"dino_{d}_resnext50" for d in ("say", "s", "a", "y", "sfp"))
+TRAINING_ONLY = {
+    "dino": ("head.",),
+    "mugs": ("head.", "instance_head.", "local_group_head.", "group_head.", "relation_blocks."),
+    "mae": ("decoder", "mask_token"),
+}
 
 
 class BackboneError(ValueError):
@@ -105,12 +159,165 @@ class PatchPixels(FrozenEncoder):
         return {**super().describe(), "proj_dim": self.proj_dim}
 
 
+class ViTEncoder(FrozenEncoder):
+    """A timm ViT cut after the chosen block: patch tokens of that block, prefix tokens dropped."""
+
+    def __init__(self, vit: nn.Module, name: str, block: Optional[int] = None, final_norm: bool = False,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, checkpoint_sha256: Optional[str] = None,
+                 pos_embed_resample: str = "none"):
+        super().__init__(mean, std)
+        depth = len(vit.blocks)
+        index = depth - 1 if block is None else int(block)
+        if not -depth <= index < depth:
+            raise BackboneError(
+                f"backbone.block={block} is out of range: {name} has {depth} blocks, numbered 0..{depth - 1} "
+                f"(or -{depth}..-1); SlotContrast's vit_block{depth} is block {depth - 1}"
+            )
+        self.block = index % depth
+        self.final_norm = bool(final_norm)
+        vit.prune_intermediate_layers([self.block], prune_norm=not self.final_norm, prune_head=True)
+        self.vit = vit
+        self.name = name
+        self.patch_size = int(vit.patch_embed.patch_size[0])
+        self.input_size = int(vit.patch_embed.img_size[0])
+        self.feature_dim = int(vit.embed_dim)
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.pos_embed_resample = pos_embed_resample
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) != (self.input_size, self.input_size):
+            raise ValueError(f"{self.name} expects images of {self.input_size}x{self.input_size}, "
+                             f"got {tuple(images.shape)}")
+        x = self.normalise(images)  # (B, 3, S, S)
+        (feats,) = self.vit.forward_intermediates(
+            x, indices=[self.block], norm=self.final_norm, output_fmt="NLC", intermediates_only=True,
+            stop_early=True)  # prefix tokens already split off
+        return feats  # (B, N, D)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "block": self.block, "final_norm": self.final_norm,
+                "num_prefix_tokens": self.num_prefix_tokens, "pos_embed_resample": self.pos_embed_resample}
+
+
+# --------------------------------------------------------------------------- building models
+
+
+def silicon_vit(arch: str, input_size: int) -> nn.Module:
+    """An untrained silicon-menagerie ViT (DINO-style: CLS token, qkv bias, LayerNorm eps 1e-6)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    patch, dim, depth, heads = SILICON_ARCHS[arch]
+    return VisionTransformer(img_size=input_size, patch_size=patch, embed_dim=dim, depth=depth,
+                             num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=True,
+                             global_pool="token", num_classes=0,
+                             norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
+def tiny_test_vit(input_size: int, seed: int = 0) -> nn.Module:
+    """The 2-block, dim-32, patch-8 ViT behind ``vit-tiny-test``, the same on every call."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VisionTransformer(img_size=input_size, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                                 num_classes=0)
+
+
+def build_silicon(name: str, input_size: int, checkpoint: Optional[str]) -> tuple[nn.Module, Path]:
+    alg, _, arch = name.split("_")
+    path = checkpoints.locate(name, checkpoint, download_hint=(
+        f" Download {name}.pth from https://huggingface.co/eminorhan/{name}."))
+    model = checkpoints.load_model(lambda: silicon_vit(arch, input_size), path, name, TRAINING_ONLY[alg],
+                          resample=checkpoints.resample_pos_embed_dino)
+    return model, path
+
+
+def _timm_model_name(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def build_timm(name: str, input_size: int, checkpoint: Optional[str],
+               cfg_patch_size: Optional[int] = None) -> tuple[nn.Module, Path]:
+    import timm
+
+    def build() -> nn.Module:
+        return timm.create_model(name, pretrained=False, img_size=input_size, num_classes=0)
+
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except TypeError as err:  # e.g. a CNN has no img_size argument
+        raise BackboneError(f"backbone.name={name} is a timm model but not a ViT: {err}") from err
+    for attr in ("forward_intermediates", "prune_intermediate_layers", "patch_embed", "blocks",
+                 "num_prefix_tokens"):
+        if not hasattr(skeleton, attr):
+            raise BackboneError(f"backbone.name={name} is a timm model but not a ViT egoslots can cut "
+                                f"after a block (it lacks {attr})")
+    check_patch_grid(name, input_size, int(skeleton.patch_embed.patch_size[0]), cfg_patch_size)
+    path = checkpoints.locate(name, checkpoint, skeleton.pretrained_cfg, download_hint=(
+        f" To fill timm's cache, run timm.create_model('{name}', pretrained=True) once with network."))
+    filter_fn = getattr(sys.modules[type(skeleton).__module__], "checkpoint_filter_fn", None)
+    return checkpoints.load_model(build, path, name, ("head.",), filter_fn=filter_fn), path
+
+
 def build_backbone(cfg: Any) -> FrozenEncoder:
     """Build the frozen encoder a config's ``backbone`` section names (no downloads, ever)."""
     get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
     name = get("name")
-    mean = get("mean") or IMAGENET_MEAN
-    std = get("std") or IMAGENET_STD
+    input_size = int(get("input_size"))
+    mean, std = (tuple(float(v) for v in x) if x else None for x in (get("mean"), get("std")))
     if name == "patch-pixels":
-        return PatchPixels(int(get("input_size")), int(get("patch_size") or 8), get("proj_dim"), mean, std).freeze()
-    raise BackboneError(f"unknown backbone.name '{name}'")
+        return PatchPixels(input_size, int(get("patch_size") or 8), get("proj_dim"),
+                           mean or IMAGENET_MEAN, std or IMAGENET_STD).freeze()
+
+    if get("proj_dim"):
+        raise BackboneError(f"backbone.proj_dim applies to patch-pixels only, not backbone.name={name}")
+    if name in SILICON_RESNEXTS:
+        raise BackboneError(f"backbone.name={name} is a silicon-menagerie ResNeXt, not a ViT: egoslots "
+                            f"needs patch tokens; use e.g. {name.rsplit('_', 1)[0]}_vitb14")
+    cfg_patch_size = get("patch_size")
+    sha = None
+    pos_embed_resample = "bicubic"
+    try:
+        if name == TINY_TEST_VIT:
+            check_patch_grid(name, input_size, 8, cfg_patch_size)
+            vit = tiny_test_vit(input_size)
+        elif name in SILICON_MODELS:
+            check_patch_grid(name, input_size, SILICON_ARCHS[name.split("_")[2]][0], cfg_patch_size)
+            vit, path = build_silicon(name, input_size, get("checkpoint"))
+            sha = checkpoints.sha256_file(path)
+        elif _timm_model_name(name):
+            vit, path = build_timm(name, input_size, get("checkpoint"), cfg_patch_size)
+            sha = checkpoints.sha256_file(path)
+            pos_embed_resample = "bicubic-antialias"
+            mean, std = mean or vit.pretrained_cfg.get("mean"), std or vit.pretrained_cfg.get("std")
+        else:
+            raise BackboneError(_unknown_name(name))
+    except CheckpointError as err:
+        raise BackboneError(str(err)) from err
+    encoder = ViTEncoder(vit, name, get("block"), bool(get("final_norm")), mean or IMAGENET_MEAN,
+                         std or IMAGENET_STD, sha, pos_embed_resample)
+    return encoder.freeze()
+
+
+def check_patch_grid(name: str, input_size: int, patch: int, cfg_patch_size: Optional[int]) -> None:
+    """The input must tile into whole patches; ``backbone.patch_size`` is for patch-pixels only."""
+    if cfg_patch_size and int(cfg_patch_size) != patch:
+        raise BackboneError(f"backbone.patch_size={cfg_patch_size}, but {name} has patch size {patch} "
+                            f"(leave backbone.patch_size unset for ViTs)")
+    if input_size % patch:
+        raise BackboneError(f"backbone.input_size={input_size} is not a multiple of {name}'s patch size "
+                            f"{patch} (e.g. {input_size // patch * patch} or {(input_size // patch + 1) * patch})")
+
+
+def _unknown_name(name: Any) -> str:
+    import timm
+
+    known = ["patch-pixels", TINY_TEST_VIT, *sorted(SILICON_MODELS), *timm.list_models()]
+    close = difflib.get_close_matches(str(name), known, n=6, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    return (f"unknown backbone.name={name}: not patch-pixels, {TINY_TEST_VIT}, a silicon-menagerie ViT "
+            f"or a timm model{hint}")
