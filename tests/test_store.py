@@ -364,3 +364,17 @@ def test_shard_reader_matches_zarr(tmp_path, inner, frames):
             got = store.read_rows(name, a, b)
             assert got.dtype == data[name].dtype
             np.testing.assert_array_equal(got, data[name][a:b], err_msg=f"{name}[{a}:{b}]")
+
+
+def test_done_flags_read_directly_match_zarr(tmp_path):
+    store = FeatureStore.create(tmp_path / "s.zarr", fingerprint="x", videos=[VideoRecord("a", 0, 50, "train")],
+                                num_tokens=1, feature_dim=2, grid=(1, 1), frame_size=2, chunk_len=4)
+    for chunk in (0, 3, 12):
+        lo, hi = chunk * 4, min(chunk * 4 + 4, 50)
+        store.write_chunk(chunk, {"features": np.ones((hi - lo, 1, 2), np.float16),
+                                  "frames": np.zeros((hi - lo, 2, 2, 3), np.uint8)}, durable=False)
+    store.writable("done")[5] = 0  # an explicit 0 flag file counts as not done
+    assert (tmp_path / "s.zarr" / "done" / "c" / "5").is_file()
+    fast = store.done_chunks()
+    assert fast.tolist() == np.asarray(store.group["done"][:], dtype=bool).tolist()
+    assert np.flatnonzero(fast).tolist() == [0, 3, 12] and store.pending_chunks(1, 2) == [1, 5, 7, 9, 11]
