@@ -31,11 +31,13 @@ silicon-menagerie models (as DINO and MAE do, though with the target size rather
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -62,9 +64,9 @@ SILICON_MODELS = frozenset(
     + [f"{alg}_{d}_{arch}" for alg in ("dino", "mugs", "mae") for d in ("say", "s", "a", "y")
        for arch in ("vits16", "vitb16", "vitl16")]
 )
+SILICON_RESNEXTS = frozenset(f"dino_{d}_resnext50" for d in ("say", "s", "a", "y", "sfp"))
 # Checkpoint keys that belong to the training setup, not the backbone (left over, not errors):
 # DINO's projection head, Mugs' three heads and relation blocks, MAE's decoder and mask token.
-SILICON_RESNEXTS = frozenset(f"dino_{d}_resnext50" for d in ("say", "s", "a", "y", "sfp"))
 TRAINING_ONLY = {
     "dino": ("head.",),
     "mugs": ("head.", "instance_head.", "local_group_head.", "group_head.", "relation_blocks."),
@@ -159,6 +161,17 @@ class PatchPixels(FrozenEncoder):
         return {**super().describe(), "proj_dim": self.proj_dim}
 
 
+def resolve_block(name: str, block: Optional[int], depth: int) -> int:
+    """``backbone.block`` as a block index in 0..depth-1 (None = the last block)."""
+    index = depth - 1 if block is None else int(block)
+    if not -depth <= index < depth:
+        raise BackboneError(
+            f"backbone.block={block} is out of range: {name} has {depth} blocks, numbered 0..{depth - 1} "
+            f"(or -{depth}..-1); SlotContrast's vit_block{depth} is block {depth - 1}"
+        )
+    return index % depth
+
+
 class ViTEncoder(FrozenEncoder):
     """A timm ViT cut after the chosen block: patch tokens of that block, prefix tokens dropped."""
 
@@ -166,14 +179,7 @@ class ViTEncoder(FrozenEncoder):
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, checkpoint_sha256: Optional[str] = None,
                  pos_embed_resample: str = "none"):
         super().__init__(mean, std)
-        depth = len(vit.blocks)
-        index = depth - 1 if block is None else int(block)
-        if not -depth <= index < depth:
-            raise BackboneError(
-                f"backbone.block={block} is out of range: {name} has {depth} blocks, numbered 0..{depth - 1} "
-                f"(or -{depth}..-1); SlotContrast's vit_block{depth} is block {depth - 1}"
-            )
-        self.block = index % depth
+        self.block = resolve_block(name, block, len(vit.blocks))
         self.final_norm = bool(final_norm)
         vit.prune_intermediate_layers([self.block], prune_norm=not self.final_norm, prune_head=True)
         self.vit = vit
@@ -203,14 +209,15 @@ class ViTEncoder(FrozenEncoder):
 # --------------------------------------------------------------------------- building models
 
 
-def silicon_vit(arch: str, input_size: int) -> nn.Module:
-    """An untrained silicon-menagerie ViT (DINO-style: CLS token, qkv bias, LayerNorm eps 1e-6)."""
+def silicon_vit(arch: str, input_size: int, weight_init: str = "") -> nn.Module:
+    """An untrained silicon-menagerie ViT (DINO-style: CLS token, qkv bias, LayerNorm eps 1e-6);
+    ``weight_init="skip"`` leaves the weights uninitialised (they are about to be loaded)."""
     from timm.models.vision_transformer import VisionTransformer
 
     patch, dim, depth, heads = SILICON_ARCHS[arch]
     return VisionTransformer(img_size=input_size, patch_size=patch, embed_dim=dim, depth=depth,
                              num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=True,
-                             global_pool="token", num_classes=0,
+                             global_pool="token", num_classes=0, weight_init=weight_init,
                              norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
@@ -228,23 +235,36 @@ def build_silicon(name: str, input_size: int, checkpoint: Optional[str]) -> tupl
     alg, _, arch = name.split("_")
     path = checkpoints.locate(name, checkpoint, download_hint=(
         f" Download {name}.pth from https://huggingface.co/eminorhan/{name}."))
-    model = checkpoints.load_model(lambda: silicon_vit(arch, input_size), path, name, TRAINING_ONLY[alg],
-                          resample=checkpoints.resample_pos_embed_dino)
+    model = checkpoints.load_model(lambda: silicon_vit(arch, input_size, "skip"), path, name,
+                                   TRAINING_ONLY[alg], resample=checkpoints.resample_pos_embed_dino)
     return model, path
 
 
-def _timm_model_name(name: str) -> bool:
-    import timm
+@contextlib.contextmanager
+def hub_offline():
+    """Hugging Face hub offline mode while timm builds a model (belt and braces: egoslots only
+    calls ``create_model(pretrained=False)`` and reads weights from local files itself)."""
+    import huggingface_hub.constants as hub
 
-    return timm.is_model(name)
+    saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved_flag
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
-def build_timm(name: str, input_size: int, checkpoint: Optional[str],
-               cfg_patch_size: Optional[int] = None) -> tuple[nn.Module, Path]:
+def build_timm(name: str, input_size: int, checkpoint: Optional[str], cfg_patch_size: Optional[int] = None,
+               block: Optional[int] = None) -> tuple[nn.Module, Path]:
     import timm
 
     def build() -> nn.Module:
-        return timm.create_model(name, pretrained=False, img_size=input_size, num_classes=0)
+        with hub_offline():
+            return timm.create_model(name, pretrained=False, img_size=input_size, num_classes=0)
 
     try:
         with torch.device("meta"):
@@ -257,6 +277,7 @@ def build_timm(name: str, input_size: int, checkpoint: Optional[str],
             raise BackboneError(f"backbone.name={name} is a timm model but not a ViT egoslots can cut "
                                 f"after a block (it lacks {attr})")
     check_patch_grid(name, input_size, int(skeleton.patch_embed.patch_size[0]), cfg_patch_size)
+    resolve_block(name, block, len(skeleton.blocks))
     path = checkpoints.locate(name, checkpoint, skeleton.pretrained_cfg, download_hint=(
         f" To fill timm's cache, run timm.create_model('{name}', pretrained=True) once with network."))
     filter_fn = getattr(sys.modules[type(skeleton).__module__], "checkpoint_filter_fn", None)
@@ -273,6 +294,8 @@ def build_backbone(cfg: Any) -> FrozenEncoder:
         return PatchPixels(input_size, int(get("patch_size") or 8), get("proj_dim"),
                            mean or IMAGENET_MEAN, std or IMAGENET_STD).freeze()
 
+    import timm  # not needed (and slow to import) for patch-pixels
+
     if get("proj_dim"):
         raise BackboneError(f"backbone.proj_dim applies to patch-pixels only, not backbone.name={name}")
     if name in SILICON_RESNEXTS:
@@ -286,11 +309,13 @@ def build_backbone(cfg: Any) -> FrozenEncoder:
             check_patch_grid(name, input_size, 8, cfg_patch_size)
             vit = tiny_test_vit(input_size)
         elif name in SILICON_MODELS:
-            check_patch_grid(name, input_size, SILICON_ARCHS[name.split("_")[2]][0], cfg_patch_size)
+            patch, _, depth, _ = SILICON_ARCHS[name.split("_")[2]]
+            check_patch_grid(name, input_size, patch, cfg_patch_size)
+            resolve_block(name, get("block"), depth)  # a bad block fails before a slow load
             vit, path = build_silicon(name, input_size, get("checkpoint"))
             sha = checkpoints.sha256_file(path)
-        elif _timm_model_name(name):
-            vit, path = build_timm(name, input_size, get("checkpoint"), cfg_patch_size)
+        elif timm.is_model(name):
+            vit, path = build_timm(name, input_size, get("checkpoint"), cfg_patch_size, get("block"))
             sha = checkpoints.sha256_file(path)
             pos_embed_resample = "bicubic-antialias"
             mean, std = mean or vit.pretrained_cfg.get("mean"), std or vit.pretrained_cfg.get("std")

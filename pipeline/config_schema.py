@@ -80,7 +80,7 @@ class Dataset:
 class Backbone:
     name: str = "${globals.BACKBONE}"
     checkpoint: Optional[str] = None  # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth
-    block: Optional[int] = None  # block whose output is the feature; None = last
+    block: Optional[int] = None  # block whose output is the feature: 0-based (timm blocks.N), <0 from the end; None = last
     final_norm: bool = False
     input_size: int = "${globals.IMAGE_SIZE}"  # type: ignore[assignment]
     patch_size: Optional[int] = None  # patch-pixels only (ViTs know their own)
@@ -112,11 +112,13 @@ class Extract:
 
 @dataclass
 class Geco:
+    # GECO (EfficientMORL) for the dVAE: a multiplier softplus(beta) on reconstruction that rises
+    # while the error is above `target` and falls below it; balances dvae.kl_weight's prior term.
     enabled: bool = False
     target: float = 0.01  # target reconstruction error (per pixel MSE)
-    eta: float = 1.0e-6
+    eta: float = 1.0e-6  # step size of beta per unit of (summed per-frame) constraint
     ema: float = 0.99
-    warmup_steps: int = 1000
+    warmup_steps: int = 1000  # beta stays at beta_init for this many steps
     beta_init: float = 1.0
     beta_min: float = 0.55
 
@@ -139,6 +141,9 @@ class Dvae:
     image_every: int = 1000
     num_workers: int = 2
     tokenize_batch_size: int = 64
+    tokenize_device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    accelerator: str = "auto"  # Lightning accelerator for pretraining: auto | cpu | gpu
+    precision: str = "auto"  # auto (bf16-mixed on GPUs that support it, else 32) | 32 | bf16-mixed
 
 
 @dataclass
@@ -229,6 +234,7 @@ class Trainer:
     strategy: str = "auto"
     ckpt_every: int = 2500
     val_every: int = 2500
+    val_batches: int = 50  # stage 3: validation batches per check (0 = no validation)
     log_every: int = 50
     image_every: int = 5000
 
@@ -236,8 +242,9 @@ class Trainer:
 @dataclass
 class Evaluate:
     split: str = "test"
-    probe: bool = True
-    max_videos: Optional[int] = None
+    probe: bool = True  # property probe (needs per-object attributes, e.g. synthetic meta.json)
+    max_videos: Optional[int] = None  # evaluate only the first N videos of the split
+    probe_train_videos: Optional[int] = 200  # train videos the probe is fit on (None = all)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from pathlib import Path
 
 import click
@@ -52,7 +53,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.backbones import BackboneError
     from pipeline.data.base import SourceError
 
-    return (ConfigError, SourceError, StoreError, BackboneError)
+    errors = [ConfigError, SourceError, StoreError, BackboneError]
+    # Training stops on a NaN/Inf loss name the step; they are imported only when one is raised.
+    for module, name in (("stages.dvae", "TrainingDiverged"), ("stages.train_slots", "NonFiniteLossError")):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            errors.append(getattr(mod, name))
+    return tuple(errors)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -10,6 +10,7 @@ import socket
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -67,7 +68,8 @@ def dino_checkpoint(vit: nn.Module, path: Path, head_dim: int = 32) -> Path:
                 "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "params": [0, 1]}]},
                 "dino_loss": {"center": torch.zeros(1, 64)},
                 "args": argparse.Namespace(arch="vit_base", patch_size=14, out_dim=65536, lr=0.0005,
-                                           data_path="/scratch/saycam", use_fp16=False)}, path)
+                                           data_path="/scratch/saycam", use_fp16=False,
+                                           weight_decay=np.float64(0.04))}, path)
     return path
 
 
@@ -147,9 +149,12 @@ def test_block_selection_and_final_norm(vitb14, images):
         assert torch.equal(enc(images), block_output(vit, normalise(images), 5)[:, 1:])
         normed = build_backbone({**cfg, "final_norm": True})(images)
         assert torch.equal(normed, vit.forward_features(normalise(images))[:, 1:])
-    assert build_backbone({**cfg, "block": -1}).describe()["block"] == 11
     with pytest.raises(BackboneError, match=r"backbone.block=12 .*0..11.*vit_block12 is block 11"):
         build_backbone({**cfg, "block": 12})
+    with pytest.raises(BackboneError, match=r"backbone.block=-13 is out of range"):
+        build_backbone({"name": REG_MODEL, "input_size": 56, "block": -13})
+    assert backbones.ViTEncoder(backbones.tiny_test_vit(64), "t", block=-1).describe()["block"] == 1
+    assert backbones.ViTEncoder(backbones.tiny_test_vit(64), "t", block=-2).describe()["block"] == 0
 
 
 def test_weights_found_in_egoslots_weights_dir(vitb14, monkeypatch):
@@ -240,7 +245,7 @@ def test_pos_embed_interpolated_bicubic_for_another_input_size(vits16, tmp_path)
     grid = old[:, 1:].reshape(1, 14, 14, 384).permute(0, 3, 1, 2)
     new = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, 384)
     assert torch.allclose(enc.vit.pos_embed, torch.cat([old[:, :1], new], 1), atol=1e-6)
-    ref = silicon_vit("vits16", 64).eval()
+    ref = meta_random(partial(silicon_vit, "vits16", 64))
     ref.load_state_dict({**vits16.state_dict(), "pos_embed": torch.cat([old[:, :1], new], 1)})
     with torch.no_grad():
         assert torch.allclose(enc(x), block_output(ref, normalise(x), 11)[:, 1:], atol=1e-5)
@@ -340,15 +345,18 @@ def test_bad_names_and_sizes_name_the_config_key():
 
 
 def test_every_silicon_name_has_the_published_shape():
-    assert len(backbones.SILICON_MODELS) == 11 + 36
-    for name in backbones.SILICON_MODELS:
-        patch, dim, depth, heads = backbones.SILICON_ARCHS[name.split("_")[2]]
-        assert int(name[-2:]) == patch and not (name.startswith("mae") and patch != 16)
+    names = backbones.SILICON_MODELS
+    assert len(names) == 11 + 36 and {"dino_ego4d-200h_vitb14", "mugs_y_vitl16", "mae_say_vits16"} <= names
+    assert not any(n.startswith("mae") and n.endswith("14") for n in names)  # MAE models are patch 16
+    for arch in {n.split("_")[2] for n in names}:
+        patch, dim, depth, heads = backbones.SILICON_ARCHS[arch]
+        assert int(arch[-2:]) == patch
         with torch.device("meta"):
-            vit = silicon_vit(name.split("_")[2], 224)
+            vit = silicon_vit(arch, 224)
         assert (len(vit.blocks), vit.embed_dim, vit.blocks[0].attn.num_heads) == (depth, dim, heads)
         assert vit.blocks[0].attn.qkv.bias is not None and vit.norm.eps == 1e-6
-        assert vit.pos_embed.shape == (1, 1 + (224 // patch) ** 2, dim)
+        assert vit.blocks[0].mlp.fc1.out_features == 4 * dim
+        assert vit.cls_token is not None and vit.pos_embed.shape == (1, 1 + (224 // patch) ** 2, dim)
 
 
 def test_tiny_test_vit_is_a_deterministic_real_vit():

@@ -1,0 +1,83 @@
+"""Training-free baselines that give masks in the model's (T, K, N) form.
+
+- k-means on the cached patch features with K = number of slots, per frame (each frame its
+  own clustering, so cluster ids do not persist over time) and per video (one clustering of
+  all T*N tokens, so ids persist). Features are L2-normalised first (ViT patch features are
+  compared by cosine). A small batched torch k-means with k-means++ init, seeded.
+- a fixed grid partition of the token grid into K cells (no data at all).
+
+The same metrics then apply as to the model's masks (``pipeline.metrics.evaluate_masks``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
+    """Batched k-means: points (B, P, D) -> cluster ids (B, P) int64, k-means++ init, seeded."""
+    b, p, _ = x.shape
+    x = x.float()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    batch = torch.arange(b)
+    # k-means++: first centre uniform, each next one with probability ∝ squared distance.
+    first = torch.randint(p, (b,), generator=gen)
+    centres = [x[batch, first]]  # list of (B, D)
+    dist = ((x - centres[0][:, None]) ** 2).sum(-1)  # (B, P)
+    for _ in range(1, k):
+        weights = dist.clamp_min(0) + 1e-12
+        pick = torch.multinomial(weights.cpu(), 1, generator=gen).squeeze(1)
+        centres.append(x[batch, pick])
+        dist = torch.minimum(dist, ((x - centres[-1][:, None]) ** 2).sum(-1))
+    c = torch.stack(centres, dim=1)  # (B, K, D)
+    assign = torch.cdist(x, c).argmin(-1)
+    for _ in range(iters):
+        onehot = F.one_hot(assign, k).float()  # (B, P, K)
+        counts = onehot.sum(1)  # (B, K)
+        sums = onehot.transpose(1, 2) @ x  # (B, K, D)
+        c = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], c)  # empty: keep
+        new = torch.cdist(x, c).argmin(-1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign
+
+
+def kmeans_masks(features: torch.Tensor, k: int, per: str = "frame", iters: int = 30, seed: int = 0) -> torch.Tensor:
+    """k-means masks of one video's features (T, N, D) -> one-hot (T, K, N); per = frame | video."""
+    t, n, _ = features.shape
+    x = F.normalize(features.float(), dim=-1)
+    if per == "frame":
+        ids = kmeans(x, k, iters, seed)  # (T, N)
+    elif per == "video":
+        ids = kmeans(x.reshape(1, t * n, -1), k, iters, seed).reshape(t, n)
+    else:
+        raise ValueError(f"per must be 'frame' or 'video', got {per!r}")
+    return F.one_hot(ids, k).permute(0, 2, 1).float()
+
+
+def grid_cells(k: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Cell index (h*w,) of each token for a near-square layout of k cells on an (h, w) grid.
+
+    rows = floor(sqrt(k)); the last ``k % rows`` rows get one more column than the others.
+    """
+    h, w = grid
+    rows = max(1, math.isqrt(k))
+    cols = [k // rows + (1 if r >= rows - k % rows else 0) for r in range(rows)]
+    ys = torch.arange(h)[:, None].expand(h, w)
+    xs = torch.arange(w)[None, :].expand(h, w)
+    row = torch.div(ys * rows, h, rounding_mode="floor")
+    cells_before = torch.tensor([sum(cols[:r]) for r in range(rows)])
+    ncols = torch.tensor(cols)[row]
+    col = torch.div(xs * ncols, w, rounding_mode="floor")
+    return (cells_before[row] + col).reshape(-1)
+
+
+def grid_masks(num_frames: int, k: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed grid partition into k cells, the same in every frame: one-hot (T, K, N)."""
+    cells = grid_cells(k, grid)
+    masks = F.one_hot(cells, k).T.float()  # (K, N)
+    return masks[None].expand(num_frames, -1, -1).contiguous()

@@ -1,0 +1,176 @@
+"""The stage-3 slot model: SlotContrast on cached ViT features, plus STEVE's token decoder.
+
+Reads cached features (B, T, N, F) and, when the STEVE decoder is on, cached dVAE token ids
+(B, T, h, w); never runs the ViT or the dVAE. Forward, top to bottom:
+
+    features --FeatureMLP--> (B, T, N, D) --SlotScan (slot attention + predictor)--> state (B, T, K, D)
+    state --MLP broadcast decoder--> reconstruction (B, T, N, F), masks (B, T, K, N)
+    state, token ids --STEVE decoder--> next-token logits (B, T, h*w, V), masks (B, T, K, h*w)
+
+The output dict uses the key names SlotContrast / integrated-model users know
+(``processor.state``, ``decoder.masks``, ``dvae.z_hard`` ...); ``dvae.z_hard`` holds token ids
+(B, T, h, w), not one-hot vectors. No I/O and no Lightning here: ``stages/train_slots.py``
+wraps this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from pipeline.decoders import MLPBroadcastDecoder
+from pipeline.losses import loss_featrec, loss_slot_slot_contrast, loss_steve_ce
+from pipeline.predictor import SlotPredictor, SlotScan
+from pipeline.slots import FeatureMLP, SlotAttention, build_initializer
+from pipeline.steve import SteveDecoder
+
+DEFAULT_LOSS_WEIGHTS = {"loss_featrec": 1.0, "loss_ss": 0.5, "loss_steve_ce": 1.0}
+
+
+class SlotModel(nn.Module):
+    def __init__(
+        self,
+        feature_dim: int,
+        num_tokens: int,
+        num_slots: int = 7,
+        slot_dim: int = 128,
+        initializer: str = "fixed",
+        n_iters: int = 2,
+        n_iters_first: int = 3,
+        eps: float = 1e-8,
+        mlp_ratio: int = 4,
+        predictor: bool = True,
+        predictor_heads: int = 4,
+        predictor_ffn_ratio: int = 4,
+        decoder_hidden_dims: tuple[int, ...] = (1024, 1024, 1024),
+        steve: bool = False,
+        vocab_size: int = 4096,
+        token_grid: Optional[tuple[int, int]] = None,
+        steve_blocks: int = 8,
+        steve_heads: int = 4,
+        steve_d_model: int = 192,
+        steve_dropout: float = 0.1,
+        loss_weights: Optional[dict[str, float]] = None,
+        ss_temperature: float = 0.1,
+        ss_batch_contrast: bool = True,
+    ):
+        super().__init__()
+        self.num_slots, self.slot_dim = num_slots, slot_dim
+        self.feature_mlp = FeatureMLP(feature_dim, slot_dim)
+        self.initializer = build_initializer(initializer, num_slots, slot_dim)
+        self.processor = SlotScan(
+            SlotAttention(slot_dim, mlp_ratio=mlp_ratio, eps=eps),
+            SlotPredictor(slot_dim, predictor_heads, predictor_ffn_ratio) if predictor else None,
+            n_iters=n_iters,
+            n_iters_first=n_iters_first,
+        )
+        self.decoder = MLPBroadcastDecoder(slot_dim, feature_dim, num_tokens, decoder_hidden_dims)
+        self.steve = None
+        self.token_grid = None
+        if steve:
+            if token_grid is None:
+                raise ValueError("the STEVE decoder (steve_decoder.enabled) needs the token grid (h, w)")
+            self.token_grid = tuple(token_grid)
+            self.steve = SteveDecoder(
+                slot_dim, vocab_size, token_grid[0] * token_grid[1], steve_blocks, steve_heads,
+                steve_d_model, steve_dropout,
+            )
+        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+        if self.steve is None:
+            self.loss_weights.pop("loss_steve_ce")
+        self.ss_temperature = ss_temperature
+        self.ss_batch_contrast = ss_batch_contrast
+
+    @classmethod
+    def from_config(cls, cfg: Any, feature_dim: int, num_tokens: int,
+                    token_grid: Optional[tuple[int, int]] = None) -> "SlotModel":
+        """Build from a full egoslots config (``model``, ``grouper``, ``predictor``,
+        ``decoder``, ``steve_decoder``, ``losses``, ``dvae.vocab_size``)."""
+        m, g, sd = cfg.model, cfg.grouper, cfg.steve_decoder
+        return cls(
+            feature_dim=feature_dim,
+            num_tokens=num_tokens,
+            num_slots=int(m.num_slots),
+            slot_dim=int(m.slot_dim),
+            initializer=str(m.initializer.name),
+            n_iters=int(g.n_iters),
+            n_iters_first=int(g.n_iters_first),
+            eps=float(g.eps),
+            mlp_ratio=int(g.mlp_ratio),
+            predictor=bool(cfg.predictor.enabled),
+            predictor_heads=int(cfg.predictor.num_heads),
+            predictor_ffn_ratio=int(cfg.predictor.ffn_ratio),
+            decoder_hidden_dims=tuple(int(h) for h in cfg.decoder.hidden_dims),
+            steve=bool(sd.enabled),
+            vocab_size=int(cfg.dvae.vocab_size),
+            token_grid=None if token_grid is None else (int(token_grid[0]), int(token_grid[1])),
+            steve_blocks=int(sd.num_blocks),
+            steve_heads=int(sd.num_heads),
+            steve_d_model=int(sd.d_model),
+            steve_dropout=float(sd.dropout),
+            loss_weights={k: float(v) for k, v in dict(m.loss_weights).items()},
+            ss_temperature=float(cfg.losses.loss_ss.temperature),
+            ss_batch_contrast=bool(cfg.losses.loss_ss.batch_contrast),
+        )
+
+    def forward(self, features: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+                init_state: Optional[torch.Tensor] = None) -> dict:
+        """features (B, T, N, F); tokens (B, T, h, w) int ids (needed when the STEVE decoder is
+        on); init_state (B, K, D): slots carried from the previous window (its ``next_state``)."""
+        B, T = features.shape[:2]
+        inputs = self.feature_mlp(features)  # (B, T, N, D)
+        init = self.initializer(B) if init_state is None else init_state  # (B, K, D)
+        state, state_predicted, sa_masks = self.processor(
+            init, inputs, carried=init_state is not None
+        )  # (B, T, K, D), (B, T, K, D), (B, T, K, N)
+        reconstruction, dec_masks = self.decoder(state)  # (B, T, N, F), (B, T, K, N)
+        outputs = {
+            "encoder": {"backbone_features": features},
+            "processor": {
+                "state": state,
+                "state_predicted": state_predicted,
+                "corrector": {"masks": sa_masks},
+            },
+            "decoder": {"reconstruction": reconstruction, "masks": dec_masks},
+            "next_state": state_predicted[:, -1],  # (B, K, D)
+        }
+        if tokens is not None:
+            outputs["dvae"] = {"z_hard": tokens}
+        if self.steve is not None:
+            if tokens is None:
+                raise ValueError("the STEVE decoder is on (steve_decoder.enabled) but no tokens were given")
+            logits, masks = self.steve(state.flatten(0, 1), tokens.flatten(0, 1))
+            outputs["steve"] = {
+                "logits": logits.unflatten(0, (B, T)),  # (B, T, h*w, V)
+                "masks": masks.unflatten(0, (B, T)),  # (B, T, K, h*w)
+            }
+        return outputs
+
+    def losses(self, outputs: dict,
+               gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
+        """Enabled losses and ``loss`` = their sum weighted by ``model.loss_weights``.
+
+        A loss whose weight is 0 is not computed (nor returned). ``gather`` is passed to the
+        slot-slot contrastive loss (DDP all-gather with gradients).
+        """
+        w = self.loss_weights
+        out: dict[str, torch.Tensor] = {}
+        if w["loss_featrec"] != 0:
+            out["loss_featrec"] = loss_featrec(
+                outputs["decoder"]["reconstruction"], outputs["encoder"]["backbone_features"]
+            )
+        if w["loss_ss"] != 0:
+            out["loss_ss"] = loss_slot_slot_contrast(
+                outputs["processor"]["state"], self.ss_temperature, self.ss_batch_contrast, gather
+            )
+        if self.steve is not None and w["loss_steve_ce"] != 0:
+            out["loss_steve_ce"] = loss_steve_ce(outputs["steve"]["logits"], outputs["dvae"]["z_hard"])
+        if not out:
+            raise ValueError("every loss weight in model.loss_weights is 0: nothing to train")
+        out["loss"] = sum(w[name] * value for name, value in out.items())
+        return out
+
+
+__all__ = ["SlotModel", "DEFAULT_LOSS_WEIGHTS"]

@@ -1,0 +1,472 @@
+"""`egoslots evaluate RUN`: object-discovery metrics of a trained run, with baselines.
+
+The trained model runs over every whole video of the split (never only training-length clips):
+the video is cut into windows of the training clip length and the slots are carried from one
+window to the next (``init_state`` <- ``next_state``), so slot identities persist over the
+whole video as they would online. The masks are scored against the store's ground truth with
+``pipeline.metrics``:
+
+- ``model_decoder``: the feature decoder's alpha masks. **Primary** (SlotContrast reports these).
+- ``model_attention``: slot-attention masks of the corrector.
+- ``model_steve``: the STEVE decoder's masks on the token grid (runs with a dVAE only).
+- baselines on the same videos: ``kmeans_frame``, ``kmeans_video`` (K = number of slots, on
+  the cached features) and ``grid`` (a fixed K-cell partition).
+
+Writes ``<run>/metrics.json`` (means, stds, counts, per-video values, property probe) and
+``<run>/metrics.md`` (the table, every method shown, best per column in bold) and prints the
+table. It returns at once when metrics.json exists for the same checkpoint, split and store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import baselines, metrics
+
+log = logging.getLogger("egoslots")
+
+PRIMARY = "model_decoder"
+METHOD_LABELS = {
+    "model_decoder": "slots: decoder masks (primary)",
+    "model_attention": "slots: attention masks",
+    "model_steve": "slots: STEVE decoder masks",
+    "kmeans_frame": "k-means per frame",
+    "kmeans_video": "k-means per video",
+    "grid": "fixed grid",
+}
+METRIC_LABELS = {
+    "video_fg_ari": "video FG-ARI",
+    "video_mbo": "video mBO",
+    "video_miou": "video mIoU (Hungarian)",
+    "frame_fg_ari": "frame FG-ARI",
+    "frame_mbo": "frame mBO",
+    "video_ari": "video ARI (with bg)",
+    "frame_ari": "frame ARI (with bg)",
+}
+OUTPUT_KEYS = {"model_decoder": ("decoder", "masks"), "model_attention": ("processor", "corrector", "masks"),
+               "model_steve": ("steve", "masks")}
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_run(run_dir: str | Path, checkpoint: str = "last"):
+    """(model in eval mode, resolved cfg, FeatureStore, tokens hash | None) of a trained run."""
+    from stages.train_slots import load_trained
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise click.ClickException(f"no run directory at {run_dir}; train one with `egoslots train-slots CONFIG`")
+    return load_trained(run_dir, checkpoint=checkpoint)
+
+
+def checkpoint_identity(run_dir: str | Path, checkpoint: str = "last") -> dict:
+    """Which weights a result came from: checkpoint file, size, mtime and training step."""
+    path = Path(run_dir) / "checkpoints" / f"{checkpoint}.ckpt"
+    if not path.exists():
+        return {"checkpoint": str(path.name), "step": None}
+    stat = path.stat()
+    step = None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        step = ckpt.get("global_step", ckpt.get("step")) if isinstance(ckpt, dict) else None
+    except Exception:  # an unreadable file is reported by the loader, not here
+        pass
+    return {"checkpoint": path.name, "size": stat.st_size, "mtime": int(stat.st_mtime),
+            "step": None if step is None else int(step)}
+
+
+def window_length(cfg) -> int:
+    """Training clip length T: the window the model is run over."""
+    for getter in (lambda: cfg.dataset.ep_length, lambda: cfg.globals.NUM_FRAMES):
+        try:
+            value = getter()
+            if value:
+                return int(value)
+        except Exception:
+            continue
+    return 4
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------- inference
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree or tree[key] is None:
+            return None
+        tree = tree[key]
+    return tree
+
+
+@torch.no_grad()
+def infer_windows(model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> Iterator[dict]:
+    """Run the model over consecutive windows of one video, carrying the slots between them.
+
+    ``windows`` yields (features (t, N, D), tokens (t, h, w) | None); each result is
+    {"slots": (t, K, D), "masks": {method: (t, K, N)}} on the CPU, float32. Methods the model
+    does not output (no STEVE decoder) are left out.
+    """
+    device = model_device(model)
+    state = None
+    for feats, toks in windows:
+        out = model(feats[None].to(device), None if toks is None else toks[None].to(device), state)
+        state = out.get("next_state")
+        masks = {}
+        for name, path in OUTPUT_KEYS.items():
+            value = _get(out, path)
+            if value is not None:
+                masks[name] = value[0].float().cpu()
+        yield {"slots": out["processor"]["state"][0].float().cpu(), "masks": masks}
+
+
+def infer_video(model: torch.nn.Module, features: torch.Tensor, tokens: Optional[torch.Tensor],
+                window: int) -> dict:
+    """The model over one whole video in windows of ``window`` frames, slots carried across.
+
+    features (T, N, D), tokens (T, h, w) | None -> {"slots": (T, K, D), "masks": {method: (T, K, N)}}.
+    """
+    starts = range(0, features.shape[0], window)
+    parts = list(infer_windows(model, ((features[s:s + window], None if tokens is None else tokens[s:s + window])
+                                       for s in starts)))
+    return {"slots": torch.cat([p["slots"] for p in parts]),
+            "masks": {k: torch.cat([p["masks"][k] for p in parts]) for k in parts[0]["masks"]}}
+
+
+def store_windows(store, video, window: int, tokens_hash: Optional[str]) -> Iterator[tuple]:
+    """(features, tokens) windows of one video read straight from the store (long videos)."""
+    ids = store.tokens(tokens_hash) if tokens_hash else None
+    for lo in range(video.first, video.stop, window):
+        hi = min(lo + window, video.stop)
+        feats = torch.from_numpy(store.read_features(lo, hi))
+        toks = None if ids is None else torch.from_numpy(ids[lo:hi].astype(np.int64))
+        yield feats, toks
+
+
+def iter_videos(store, split: str, tokens_hash: Optional[str], max_videos: Optional[int] = None,
+                fields=("features", "masks")) -> Iterator[dict]:
+    """Whole videos of one split (no flipped copies), as ClipDataset items."""
+    from cache.reader import ClipDataset
+
+    fields = tuple(fields) + (("tokens",) if tokens_hash else ())
+    data = ClipDataset(store, split=split, clip_length=None, fields=fields, tokens=tokens_hash,
+                       include_flipped=False)
+    count = len(data) if max_videos is None else min(len(data), max_videos)
+    for i in range(count):
+        yield data[i]
+
+
+def available_split(store, split: str) -> str:
+    """``split`` if it has videos, else the first of test, val, train that has (small datasets)."""
+    if store.videos_in(split, hflip=False):
+        return split
+    for other in ("test", "val", "train"):
+        if store.videos_in(other, hflip=False):
+            return other
+    return split
+
+
+def split_size(store, split: str, max_videos: Optional[int]) -> int:
+    n = len(store.videos_in(split, hflip=False))
+    return n if max_videos is None else min(n, max_videos)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def score_video(item: dict, result: dict, num_slots: int, grid: tuple[int, int], seed: int = 0,
+                with_baselines: bool = True) -> dict[str, dict]:
+    """{method: video_metrics} of the model's masks and the baselines on one video."""
+    true = item["masks"].long()  # (T, H, W)
+    scores = {}
+    for name, masks in result["masks"].items():
+        mask_grid = grid if masks.shape[-1] == grid[0] * grid[1] else None
+        scores[name] = metrics.evaluate_masks(masks, true, mask_grid)
+    if with_baselines:
+        feats = item["features"]
+        t = feats.shape[0]
+        scores["kmeans_frame"] = metrics.evaluate_masks(baselines.kmeans_masks(feats, num_slots, "frame", seed=seed), true, grid)
+        scores["kmeans_video"] = metrics.evaluate_masks(baselines.kmeans_masks(feats, num_slots, "video", seed=seed), true, grid)
+        scores["grid"] = metrics.evaluate_masks(baselines.grid_masks(t, num_slots, grid), true, grid)
+    return scores
+
+
+def evaluate_model(model, cfg, store, tokens_hash: Optional[str], split: str = "test",
+                   max_videos: Optional[int] = None, keep: Optional[Callable[[dict, dict], None]] = None,
+                   seed: int = 0) -> dict:
+    """Per-video scores of a model and the baselines on a split: {"video_ids", "per_video"}.
+
+    ``keep(item, result)`` is called for every video (the property probe collects slots with it).
+    """
+    if not store.has_masks:
+        raise click.ClickException(f"store {store.path} has no ground-truth masks: nothing to evaluate "
+                                   "against (export-slots and visualize still work)")
+    window = window_length(cfg)
+    num_slots = int(cfg.model.num_slots)
+    grid = tuple(store.grid)
+    per_video: dict[str, dict[str, list]] = {}
+    ids = []
+    total = split_size(store, split, max_videos)
+    if total == 0:
+        raise click.ClickException(f"store {store.path} has no videos in split '{split}'")
+    for item in tqdm(iter_videos(store, split, tokens_hash, max_videos), total=total, desc=f"evaluate {split}",
+                     unit="video"):
+        result = infer_video(model, item["features"], item.get("tokens"), window)
+        scores = score_video(item, result, num_slots, grid, seed=seed)
+        ids.append(item["video_id"])
+        for method, values in scores.items():
+            for key, value in values.items():
+                per_video.setdefault(method, {}).setdefault(key, []).append(value)
+        if keep is not None:
+            keep(item, result)
+    return {"video_ids": ids, "per_video": per_video}
+
+
+def summarize_scores(per_video: dict) -> dict:
+    """{method: {metric: {mean, std, n}}} over videos (NaN values, e.g. no objects, left out)."""
+    return {method: {key: metrics.summarize(values[key]) for key in metrics.METRICS if key in values}
+            for method, values in per_video.items()}
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "last",
+                 max_videos: Optional[int] = None, probe: Optional[bool] = None, overwrite: bool = False) -> dict:
+    """Evaluate a trained run on a split; write metrics.json and metrics.md; return the metrics dict."""
+    run_dir = Path(run_dir)
+    out_json = run_dir / "metrics.json"
+    ident = checkpoint_identity(run_dir, checkpoint)
+    model, cfg, store, tokens_hash = load_run(run_dir, checkpoint)
+    if max_videos is None:
+        max_videos = _cfg_get(cfg, "evaluate.max_videos")
+    if probe is None:
+        probe = bool(_cfg_get(cfg, "evaluate.probe", True))
+    key = {"split": split, "checkpoint": ident, "store": store.fingerprint, "tokens": tokens_hash,
+           "max_videos": max_videos, "probe": probe}
+    if out_json.exists() and not overwrite:
+        try:
+            previous = json.loads(out_json.read_text())
+            if previous.get("key") == key:
+                log.info("metrics for this checkpoint and split already in %s", out_json)
+                return previous
+        except (OSError, json.JSONDecodeError):
+            pass  # unreadable: recompute
+    requested, split = split, available_split(store, split)
+    if split != requested:
+        log.warning("store %s has no '%s' videos; evaluating the '%s' split instead", store.path, requested, split)
+    if not store.has_masks:
+        result = {"key": key, "run": str(run_dir), "split": split, "num_videos": 0, "methods": {},
+                  "skipped": f"store {store.path} has no ground-truth masks (the source had none): nothing to "
+                             "score slots against; export-slots and visualize still work"}
+        _write_atomic(out_json, json.dumps(result, indent=1))
+        _write_atomic(run_dir / "metrics.md", format_table(result) + "\n")
+        log.warning(result["skipped"])
+        return result
+    device = pick_device()
+    model = model.to(device).eval()
+    seed = int(_cfg_get(cfg, "seed", 0) or 0)
+    started = time.perf_counter()
+
+    collector = None
+    if probe:
+        from pipeline import probe as probe_mod
+
+        collector = probe_mod.SampleCollector(attribute_reader(cfg, store), int(cfg.model.num_slots))
+    scored = evaluate_model(model, cfg, store, tokens_hash, split, max_videos,
+                            keep=None if collector is None else collector.test, seed=seed)
+    probe_result = {"skipped": "disabled (evaluate.probe=false)"}
+    if collector is not None:
+        probe_result = run_probe(model, cfg, store, tokens_hash, collector, split, seed)
+
+    result = {
+        "key": key,
+        "run": str(run_dir),
+        "split": split,
+        "requested_split": requested,
+        "num_videos": len(scored["video_ids"]),
+        "checkpoint_step": ident.get("step"),
+        "store": store.fingerprint,
+        "tokens": tokens_hash,
+        "primary": PRIMARY,
+        "scale": "fractions in [0, 1]; metrics.md shows x100",
+        "methods": summarize_scores(scored["per_video"]),
+        "video_ids": scored["video_ids"],
+        "per_video": scored["per_video"],
+        "probe": probe_result,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    _write_atomic(out_json, json.dumps(_finite(result), indent=1))
+    _write_atomic(run_dir / "metrics.md", format_table(result) + "\n")
+    return result
+
+
+def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) -> dict:
+    """Collect slots of the train videos (the test ones are in ``collector``) and fit the probes."""
+    from pipeline import probe as probe_mod
+
+    if not collector.has_attributes:
+        return {"skipped": "no per-object attributes in this dataset (meta.json 'objects')"}
+    if split == "train":
+        return {"skipped": "the probe is fit on train videos; evaluate the val or test split to score it"}
+    window = window_length(cfg)
+    train_split = "train"
+    limit = _cfg_get(cfg, "evaluate.probe_train_videos")
+    total = split_size(store, train_split, limit)
+    if total == 0:
+        return {"skipped": f"no '{train_split}' videos to fit the probe on"}
+    for item in tqdm(iter_videos(store, train_split, tokens_hash, limit), total=total, desc="probe: train slots",
+                     unit="video"):
+        collector.train(item, infer_video(model, item["features"], item.get("tokens"), window))
+    return probe_mod.fit_and_score(collector.samples["train"], collector.samples["test"], seed=seed)
+
+
+def attribute_reader(cfg, store) -> Callable[[str], Optional[dict]]:
+    """video id -> per-video attributes dict (with 'objects') or None.
+
+    Uses the data source of the run's config (``pipeline.data.make_source``) when available,
+    else ``<dataset.path>/<video>/meta.json`` (the frame-folder / make-synthetic layout).
+    """
+    source = None
+    try:
+        from pipeline.data import make_source  # type: ignore[attr-defined]
+
+        source = make_source(cfg)
+    except Exception as err:  # no source module, or the data moved: fall back to meta.json
+        log.debug("no data source for attributes (%s); reading meta.json files", err)
+    root = Path(str(_cfg_get(cfg, "dataset.path", "") or ""))
+
+    def read(video_id: str) -> Optional[dict]:
+        if source is not None:
+            try:
+                attrs = source.attributes(video_id)
+                if attrs is not None:
+                    return attrs
+            except Exception:
+                pass
+        meta = root / video_id / "meta.json"
+        if meta.is_file():
+            try:
+                return json.loads(meta.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                log.warning("could not read %s: %s", meta, err)
+        return None
+
+    return read
+
+
+# ---------------------------------------------------------------------------------- table
+def _fmt(stat: dict) -> str:
+    if not stat or stat.get("n", 0) == 0 or not np.isfinite(stat.get("mean", float("nan"))):
+        return "n/a"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def _num(value) -> str:
+    """A probe figure; NaN (or null, once read back from JSON) shows as n/a."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def format_table(result: dict) -> str:
+    """Markdown: method x metric, mean ± std over videos (x100), best per column in bold."""
+    if result.get("skipped"):
+        return f"No evaluation of {result.get('run', '?')}: {result['skipped']}."
+    methods = result["methods"]
+    keys = [k for k in metrics.METRICS if any(k in m for m in methods.values())]
+    best = {}
+    for k in keys:
+        means = [m[k]["mean"] for m in methods.values() if k in m and m[k]["n"] > 0 and np.isfinite(m[k]["mean"])]
+        best[k] = max(means) if means else None
+    lines = [
+        f"Evaluation of {result.get('run', '?')} on the '{result['split']}' split"
+        + (f" (the store has no '{result['requested_split']}' videos)"
+           if result.get("requested_split", result["split"]) != result["split"] else "")
+        + f": {result['num_videos']} video{'' if result['num_videos'] == 1 else 's'}, "
+        f"checkpoint step {result.get('checkpoint_step')}. Mean ± std over videos, x100; best per column in bold. "
+        f"Primary: {METHOD_LABELS.get(result.get('primary', PRIMARY), PRIMARY)}.",
+        "",
+        "| method | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for method, values in methods.items():
+        cells = []
+        for k in keys:
+            text = _fmt(values.get(k, {}))
+            if best[k] is not None and k in values and values[k]["n"] > 0 and math.isclose(values[k]["mean"], best[k]):
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    probe = result.get("probe") or {}
+    if probe.get("attributes"):
+        lines += ["", "Property probe (linear read-out of Hungarian-matched slots; fit on train videos, scored on "
+                      f"{result['split']} videos):", "",
+                  "| attribute | measure | probe | chance | train / test samples |", "|---|---|---|---|---|"]
+        for name, row in probe["attributes"].items():
+            lines.append(f"| {name} | {row['measure']} | {_num(row.get('score'))} | {_num(row.get('chance'))} | "
+                         f"{row['n_train']} / {row['n_test']} |")
+    elif probe.get("skipped"):
+        lines += ["", f"Property probe skipped: {probe['skipped']}."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _cfg_get(cfg, dotted: str, default=None):
+    node = cfg
+    for part in dotted.split("."):
+        try:
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        except Exception:
+            return default
+        if node is None:
+            return default
+    return node
+
+
+def _finite(value):
+    """JSON has no NaN: write null instead."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@click.command(name="evaluate", epilog="\b\nExample:\n  egoslots evaluate egoslots-work/runs/slots --split test")
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", default="test", show_default=True, help="Split to evaluate: train | val | test.")
+@click.option("--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints.")
+@click.option("--max-videos", type=int, default=None, help="Evaluate only the first N videos of the split.")
+@click.option("--no-probe", is_flag=True, help="Skip the property probe.")
+@click.option("--overwrite", is_flag=True, help="Recompute even if metrics.json matches this checkpoint.")
+def evaluate(run: Path, split: str, checkpoint: str, max_videos: Optional[int], no_probe: bool,
+             overwrite: bool):
+    """FG-ARI, mBO and mIoU of a trained run's slot masks on whole videos, next to k-means and grid
+    baselines; writes RUN/metrics.json and RUN/metrics.md and prints the table."""
+    from stages.common import setup_logging
+
+    setup_logging()
+    result = evaluate_run(run, split=split, checkpoint=checkpoint, max_videos=max_videos,
+                          probe=False if no_probe else None, overwrite=overwrite)
+    click.echo(format_table(result))
+    click.echo(f"\nwritten: {Path(run) / 'metrics.json'}, {Path(run) / 'metrics.md'}")

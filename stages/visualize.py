@@ -1,0 +1,185 @@
+"""`egoslots visualize RUN --video ID`: slot masks over a video, as a GIF and a PNG strip.
+
+Each frame shows, side by side: the cached frame, the frame with the slot masks overlaid
+(decoder masks, argmax, each slot in its own colour; colours are fixed by slot index, so a
+slot keeps its colour over time and a colour change means the object changed slot), and,
+for runs with a dVAE, the dVAE's reconstruction of the cached tokens. The GIF has one image
+per frame; the PNG strip stacks the same panels as rows with up to ``max_columns`` frames.
+Default video: the first test video. Outputs go to ``RUN/viz/<video>.gif|.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import click
+import numpy as np
+import torch
+
+from pipeline.metrics import masks_to_labels
+from stages.evaluate import infer_video, load_run, pick_device, window_length
+
+log = logging.getLogger("egoslots")
+
+# 20 distinct colours (tab20 order, strong ones first); slot k always gets PALETTE[k % 20].
+PALETTE = np.array([
+    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
+    [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [174, 199, 232], [255, 187, 120],
+    [152, 223, 138], [255, 152, 150], [197, 176, 213], [196, 156, 148], [247, 182, 210], [199, 199, 199],
+    [219, 219, 141], [158, 218, 229]], dtype=np.uint8)
+
+
+def slot_colours(labels: np.ndarray) -> np.ndarray:
+    """Slot label maps (..., H, W) -> RGB (..., H, W, 3) with the fixed palette."""
+    return PALETTE[labels % len(PALETTE)]
+
+
+def overlay(frames: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Blend slot colours over frames (T, H, W, 3) uint8 and darken slot boundaries."""
+    colours = slot_colours(labels).astype(np.float32)
+    out = (1 - alpha) * frames.astype(np.float32) + alpha * colours
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[..., 1:, :] |= labels[..., 1:, :] != labels[..., :-1, :]
+    edge[..., :, 1:] |= labels[..., :, 1:] != labels[..., :, :-1]
+    out[edge] *= 0.3
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def dvae_reconstructions(run_dir: Path, cfg, tokens_hash: Optional[str], tokens: Optional[torch.Tensor],
+                         size: int) -> tuple[Optional[np.ndarray], str]:
+    """Decode cached token ids (T, h, w) with the run's dVAE -> (T, S, S, 3) uint8, or None and why."""
+    if tokens_hash is None or tokens is None:
+        return None, "the run uses no dVAE"
+    try:
+        from pipeline import dvae as dvae_mod
+    except ImportError:
+        return None, "pipeline.dvae is not available"
+    dvae_dir = find_dvae_run(run_dir, cfg, tokens_hash)
+    if dvae_dir is None:
+        return None, f"no dVAE run directory with hash {tokens_hash} found"
+    try:
+        model = dvae_mod.load_dvae(dvae_dir) if hasattr(dvae_mod, "load_dvae") else None
+        if model is None:
+            return None, "pipeline.dvae has no load_dvae(run_dir)"
+        model = model.eval()
+        device = next(model.parameters()).device
+        pictures = []
+        with torch.no_grad():
+            for part in tokens.long().split(16):  # a few frames at a time: long videos fit in memory
+                images = model.decode_ids(part.to(device)).float()  # (t, 3, S', S'), unclamped
+                if images.shape[-1] != size:
+                    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                                             align_corners=False)
+                pictures.append((images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(pictures), ""
+    except Exception as err:  # a picture is not worth failing the pipeline for
+        log.warning("dVAE reconstructions skipped: %s", err)
+        return None, f"dVAE decoding failed: {err}"
+
+
+def find_dvae_run(run_dir: Path, cfg, tokens_hash: str) -> Optional[Path]:
+    """The dVAE run directory whose dvae.json hash is ``tokens_hash``."""
+    candidates = []
+    inputs = run_dir / "inputs.json"
+    if inputs.is_file():
+        try:
+            data = json.loads(inputs.read_text())
+            for key in ("dvae_run", "dvae_dir", "dvae_run_dir"):
+                if data.get(key):
+                    candidates.append(Path(data[key]))
+        except (OSError, json.JSONDecodeError):
+            pass
+    for getter in (lambda: cfg.dvae_run, lambda: Path(cfg.work_dir) / "runs" / cfg.dvae.run_name):
+        try:
+            value = getter()
+            if value:
+                candidates.append(Path(value))
+        except Exception:
+            continue
+    for path in candidates:
+        meta = path / "dvae.json"
+        try:
+            if meta.is_file() and json.loads(meta.read_text()).get("hash") == tokens_hash:
+                return path
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def visualize_run(run_dir: str | Path, video_id: Optional[str] = None, out: str | Path | None = None,
+                  checkpoint: str = "last", max_columns: int = 16, fps: float = 6.0) -> Path:
+    """Render slot masks over one video; returns the PNG strip's path (the GIF is beside it)."""
+    from cache.reader import ClipDataset
+
+    run_dir = Path(run_dir)
+    model, cfg, store, tokens_hash = load_run(run_dir, checkpoint)
+    if video_id is None:
+        rows = store.videos_in("test", hflip=False) or store.videos_in(None, hflip=False)
+        video_id = rows[0].id
+    elif video_id not in {v.id for v in store.videos}:
+        raise click.ClickException(f"no video '{video_id}' in store {store.path}")
+    fields = ("features", "frames") + (("tokens",) if tokens_hash else ())
+    data = ClipDataset(store, split=None, clip_length=None, fields=fields, tokens=tokens_hash,
+                       include_flipped=False, video_ids=[video_id])
+    item = data[0]
+    model = model.to(pick_device()).eval()
+    result = infer_video(model, item["features"], item.get("tokens"), window_length(cfg))
+    masks = result["masks"].get("model_decoder", result["masks"].get("model_attention"))
+    frames = item["frames"].numpy()  # (T, S, S, 3)
+    size = frames.shape[1]
+    grid = tuple(store.grid) if masks.shape[-1] == store.grid[0] * store.grid[1] else None
+    labels = masks_to_labels(masks, (size, size), grid).numpy()
+    panels = [frames, overlay(frames, labels)]
+    recon, why = dvae_reconstructions(run_dir, cfg, tokens_hash, item.get("tokens"), size)
+    if recon is not None:
+        panels.append(recon)
+    elif tokens_hash is not None:
+        log.warning("no dVAE reconstructions in the picture: %s", why)
+
+    out_dir = Path(out) if out is not None else run_dir / "viz"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
+    gif_path, png_path = out_dir / f"{safe}.gif", out_dir / f"{safe}.png"
+    write_gif(gif_path, np.concatenate(panels, axis=2), fps)
+    write_strip(png_path, panels, max_columns)
+    click.echo(f"GIF: {gif_path}\nPNG: {png_path}")
+    return png_path
+
+
+def write_gif(path: Path, images: np.ndarray, fps: float) -> None:
+    """(T, H, W, 3) uint8 -> looping GIF, one image per frame."""
+    import imageio.v2 as imageio
+
+    imageio.mimsave(path, list(images), duration=1000.0 / fps, loop=0)
+
+
+def write_strip(path: Path, panels: list[np.ndarray], max_columns: int, gap: int = 2) -> None:
+    """One row per panel kind, one column per frame (evenly spaced when there are too many)."""
+    import imageio.v2 as imageio
+
+    t = panels[0].shape[0]
+    columns = np.unique(np.linspace(0, t - 1, min(t, max_columns)).round().astype(int))
+    h, w = panels[0].shape[1:3]
+    canvas = np.full((len(panels) * (h + gap) - gap, len(columns) * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for r, panel in enumerate(panels):
+        for c, t_index in enumerate(columns):
+            canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = panel[t_index]
+    imageio.imwrite(path, canvas)
+
+
+@click.command(name="visualize", epilog="\b\nExample:\n  egoslots visualize egoslots-work/runs/slots --video video_0003")
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--video", "video_id", default=None, help="Video id (default: the first test video).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: RUN/viz).")
+@click.option("--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints.")
+def visualize(run: Path, video_id: Optional[str], out: Optional[Path], checkpoint: str):
+    """Render a video's slot masks (colours fixed per slot) as a GIF and a PNG strip, with dVAE
+    reconstructions of the cached tokens when the run uses a dVAE."""
+    from stages.common import setup_logging
+
+    setup_logging()
+    visualize_run(run, video_id=video_id, out=out, checkpoint=checkpoint)

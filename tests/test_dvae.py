@@ -1,0 +1,204 @@
+"""The dVAE module (pipeline/dvae.py): shapes, temperature schedule, learning, GECO."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cache.store import FeatureStore, VideoRecord, num_chunks
+from pipeline.dvae import DVAE, Geco, code_usage, gumbel_tau, kl_to_uniform, reconstruction_loss
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared with test_dvae_train.py
+# --------------------------------------------------------------------------------------------
+def synthetic_frames(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """(n, size, size, 3) uint8: one to three coloured squares or discs on a dark background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    frames = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        img = np.broadcast_to(rng.integers(0, 80, 3), (size, size, 3)).copy()
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.integers(4, size - 4, 2)
+            r = rng.integers(3, max(4, size // 4))
+            if rng.random() < 0.5:
+                inside = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+            else:
+                inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            img[inside] = rng.integers(100, 256, 3)
+        frames[i] = img
+    return frames
+
+
+def make_store(path: Path, fingerprint: str = "fp-test", size: int = 32, frames_per_video: int = 8,
+               chunk_len: int = 8, seed: int = 0, hflip: bool = True, complete: bool = True) -> FeatureStore:
+    """A small complete store: train/train/val/test videos plus flipped rows of the train videos."""
+    splits = ["train", "train", "val", "test"]
+    videos, first = [], 0
+    for i, split in enumerate(splits):
+        videos.append(VideoRecord(f"v{i}", first, frames_per_video, split))
+        first += frames_per_video
+    if hflip:
+        for i, split in enumerate(splits[:2]):
+            videos.append(VideoRecord(f"v{i}", first, frames_per_video, split, hflip=True))
+            first += frames_per_video
+    store = FeatureStore.create(path, fingerprint=fingerprint, videos=videos, num_tokens=4, feature_dim=8,
+                                grid=(2, 2), frame_size=size, chunk_len=chunk_len)
+    frames = synthetic_frames(first, size, seed)
+    for c in range(num_chunks(first, chunk_len)):
+        a, b = c * chunk_len, min((c + 1) * chunk_len, first)
+        store.write_chunk(c, {"features": np.zeros((b - a, 4, 8), np.float16), "frames": frames[a:b]})
+    if complete:
+        store.mark_complete_if_done()
+    return store
+
+
+def as_input(frames: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared, oversubscribed CPU two threads run these tiny convs ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+def test_shapes_and_token_grid():
+    model = DVAE(vocab_size=48, hidden=16)
+    x = torch.rand(3, 3, 32, 32)
+    out = model(x, tau=1.0)
+    assert out.recon.shape == (3, 3, 32, 32)
+    assert out.log_probs.shape == (3, 48, 8, 8)
+    assert torch.allclose(out.log_probs.exp().sum(1), torch.ones(3, 8, 8), atol=1e-5)
+    assert out.ids.shape == (3, 8, 8) and out.ids.dtype == torch.int64 and not out.ids.requires_grad
+    assert int(out.ids.max()) < 48
+    ids = model.encode_ids(torch.rand(2, 3, 64, 64))
+    assert ids.shape == (2, 16, 16)
+    assert model.decode_ids(ids).shape == (2, 3, 64, 64)
+    assert model.token_grid(128) == (32, 32)
+
+
+def test_decode_ids_equals_decoder_on_one_hot():
+    model = DVAE(vocab_size=32, hidden=16)
+    ids = torch.randint(0, 32, (2, 8, 8))
+    one_hot = F.one_hot(ids, 32).permute(0, 3, 1, 2).float()
+    assert torch.allclose(model.decode_ids(ids), model.decoder(one_hot), atol=1e-5)
+
+
+def test_encode_ids_is_argmax_and_deterministic():
+    model = DVAE(vocab_size=32, hidden=16)
+    x = torch.rand(2, 3, 32, 32)
+    ids = model.encode_ids(x)
+    assert torch.equal(ids, model.log_probs(x).argmax(1))
+    assert torch.equal(ids, model.encode_ids(x))
+
+
+def test_gradient_reaches_encoder_through_relaxed_sample():
+    model = DVAE(vocab_size=32, hidden=16)
+    x = torch.rand(2, 3, 32, 32)
+    reconstruction_loss(model(x, 0.5).recon, x).backward()
+    assert model.encoder[0].conv.weight.grad.abs().sum() > 0
+    assert model.decoder[-1].weight.grad.abs().sum() > 0
+
+
+def test_kaiming_init_of_hidden_convs():
+    torch.manual_seed(0)
+    model = DVAE(vocab_size=32, hidden=64)
+    w = model.encoder[1].conv.weight.detach()  # 1x1, fan_in 64: kaiming-uniform bound sqrt(6 / 64)
+    bound = math.sqrt(6 / 64)
+    assert float(w.abs().max()) <= bound + 1e-6
+    assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.1)
+
+
+def test_reconstruction_loss_is_summed_per_frame():
+    x = torch.zeros(4, 3, 8, 8)
+    y = torch.full((4, 3, 8, 8), 0.5)
+    assert float(reconstruction_loss(y, x)) == pytest.approx(3 * 8 * 8 * 0.25)
+
+
+def test_temperature_schedule():
+    assert gumbel_tau(0, 1.0, 0.1, 30000) == pytest.approx(1.0)
+    assert gumbel_tau(15000, 1.0, 0.1, 30000) == pytest.approx(0.55)
+    assert gumbel_tau(7500, 1.0, 0.1, 30000) == pytest.approx(0.45 * math.cos(math.pi / 4) + 0.55)
+    assert gumbel_tau(30000, 1.0, 0.1, 30000) == pytest.approx(0.1)
+    assert gumbel_tau(90000, 1.0, 0.1, 30000) == pytest.approx(0.1)
+    taus = [gumbel_tau(s, 1.0, 0.1, 100) for s in range(0, 101, 10)]
+    assert all(a > b for a, b in zip(taus, taus[1:]))
+
+
+def test_kl_to_uniform():
+    uniform = torch.full((2, 16, 4, 4), -math.log(16))
+    assert float(kl_to_uniform(uniform)) == pytest.approx(0.0, abs=1e-5)
+    peaked = torch.log_softmax(torch.randn(2, 16, 4, 4) * 20, dim=1)
+    assert float(kl_to_uniform(peaked)) > 0.5 * 16 * math.log(16)  # near log V per token
+
+
+def test_code_usage():
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    perplexity, used = code_usage(ids, 8)
+    assert float(perplexity) == pytest.approx(4.0)
+    assert float(used) == pytest.approx(0.5)
+    perplexity, used = code_usage(torch.zeros(10, dtype=torch.long), 8)
+    assert float(perplexity) == pytest.approx(1.0) and float(used) == pytest.approx(1 / 8)
+
+
+def test_training_cuts_reconstruction_error_fivefold():
+    torch.manual_seed(0)
+    data = as_input(synthetic_frames(128, 32, seed=1))
+    model = DVAE(vocab_size=32, hidden=32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+
+    @torch.no_grad()
+    def error() -> tuple[float, float]:
+        soft = reconstruction_loss(model(data[:64], 1.0).recon, data[:64])
+        hard = reconstruction_loss(model.decode_ids(model.encode_ids(data[:64])), data[:64])
+        return float(soft), float(hard)
+
+    soft0, hard0 = error()
+    steps = 200
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x = data[torch.randint(0, len(data), (8,), generator=gen)]
+        loss = reconstruction_loss(model(x, gumbel_tau(step, 1.0, 0.1, steps)).recon, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    soft, hard = error()
+    assert soft <= soft0 / 5, (soft0, soft)
+    assert hard <= hard0 / 5, (hard0, hard)  # the argmax tokens reconstruct too
+
+
+@pytest.mark.parametrize("direction", ["above", "below"])
+def test_geco_multiplier_moves_with_the_error(direction):
+    values = 3 * 8 * 8
+    error_per_value = 0.05
+    target = error_per_value * 2 if direction == "above" else error_per_value / 2  # target vs error
+    geco = Geco(target, values, eta=1e-3, ema=0.5, warmup_steps=2, beta_init=1.0, beta_min=0.55)
+    recon = torch.tensor(error_per_value * values, requires_grad=True)
+    betas = []
+    for step in range(10):
+        loss = geco(recon, torch.zeros(()), step)
+        betas.append(float(geco.beta))
+    assert betas[0] == betas[1] == 1.0  # warm-up: beta holds
+    if direction == "above":  # error below target: beta falls, but not under beta_min
+        assert betas[-1] < betas[2] < 1.0
+        for _ in range(2000):
+            geco(recon, torch.zeros(()), 100)
+        assert float(geco.beta) == pytest.approx(0.55)
+    else:  # error above target: beta rises
+        assert betas[-1] > betas[2] > 1.0
+    # the loss weights reconstruction by softplus(beta), and its value is KL - w * C_ema
+    loss.backward()
+    assert float(recon.grad) == pytest.approx(float(F.softplus(torch.tensor(betas[-1]))), rel=1e-5)

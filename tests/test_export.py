@@ -1,0 +1,112 @@
+"""`export-slots` to zarr and npz: shapes, video table, fingerprint, the documented reader."""
+
+import errno
+import json
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from test_evaluate_support import DVAE_HASH, FRAMES, GRID, SLOTS, TOKEN_GRID, install_run, make_run
+
+from stages import export
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    install_run(monkeypatch)
+    run_dir, _ = make_run(tmp_path)
+    return run_dir
+
+
+def read_export(out: str):
+    """The snippet from the module docstring."""
+    if out.endswith(".npz"):
+        data = np.load(out)
+        meta = json.loads(str(data["meta"]))
+    else:
+        data = zarr.open_group(out, mode="r")
+        meta = dict(data.attrs["egoslots_export"])
+    ids = [str(v) for v in data["video_ids"][:]]
+    first, length = data["video_first"][:], data["video_length"][:]
+    v = ids.index("video_04")
+    rows = slice(int(first[v]), int(first[v] + length[v]))
+    return meta, ids, data["slots"][rows], data["masks"][rows], data["tokens"][rows], data
+
+
+@pytest.mark.parametrize("name", ["slots.zarr", "slots.npz"])
+def test_export_shapes_and_fingerprint(run, tmp_path, name):
+    out = export.export_slots(run, "test", tmp_path / name)  # the Python entry point
+    meta, ids, slots, masks, tokens, data = read_export(str(out))
+    assert ids == ["video_03", "video_04", "video_05"]
+    assert slots.shape == (FRAMES, SLOTS, 6) and slots.dtype == np.float32
+    assert masks.shape == (FRAMES, SLOTS, GRID * GRID)
+    np.testing.assert_allclose(masks.astype(np.float32).sum(1), 1.0, atol=1e-2)  # softmax over slots
+    assert tokens.shape == (FRAMES, TOKEN_GRID, TOKEN_GRID) and tokens.dtype == np.uint16
+    assert data["attention_masks"].shape == (3 * FRAMES, SLOTS, GRID * GRID)
+    assert meta["store"] == "tinyfp" and meta["tokens"] == DVAE_HASH and meta["checkpoint_step"] == 7
+    assert meta["grid"] == [GRID, GRID] and meta["num_frames"] == 3 * FRAMES
+    # tokens are the store's cached ids
+    from cache.store import FeatureStore
+
+    store = FeatureStore.open(tmp_path / "store.zarr")
+    v = store.videos_in("test")[1]
+    np.testing.assert_array_equal(tokens, store.tokens(DVAE_HASH)[v.first:v.stop])
+
+
+def test_export_is_idempotent_and_refuses_foreign_output(run, tmp_path):
+    out = tmp_path / "slots.zarr"
+    export.export_slots_run(run, "test", out)
+    stamp = (out / "zarr.json").stat().st_mtime_ns
+    export.export_slots_run(run, "test", out)  # same run and split: nothing rewritten
+    assert (out / "zarr.json").stat().st_mtime_ns == stamp
+    with pytest.raises(Exception, match="different export"):
+        export.export_slots_run(run, "train", out)
+    export.export_slots_run(run, "train", out, overwrite=True)
+    assert dict(zarr.open_group(str(out), mode="r").attrs["egoslots_export"])["split"] == "train"
+
+
+def test_failed_export_leaves_previous_output_intact(run, tmp_path, monkeypatch):
+    out = tmp_path / "slots.npz"
+    export.export_slots_run(run, "test", out)
+    before = out.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(OSError):
+        export.export_slots_run(run, "train", out, overwrite=True)
+    assert out.read_bytes() == before
+
+
+def test_cli_export(run, tmp_path):
+    import cli
+
+    out = tmp_path / "cli.npz"
+    result = CliRunner().invoke(cli.main, ["export-slots", str(run), str(out), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    assert np.load(out)["slots"].shape == (3 * FRAMES, SLOTS, 6)
+    assert "Example" in CliRunner().invoke(cli.main, ["export-slots", "--help"]).output
+
+
+def test_zarr_writer_buffers_whole_chunks(tmp_path):
+    writer = export._ZarrWriter(tmp_path / "w.zarr", chunk_rows=4)
+    rows = np.arange(11 * 2, dtype=np.float32).reshape(11, 2)
+    row = 0
+    for size in (3, 3, 1, 4):  # window sizes that do not line up with chunks
+        writer.write(row, 11, {"slots": rows[row:row + size]})
+        row += size
+        assert writer.start % 4 == 0  # only whole chunks written so far
+    writer.finish({"video_first": np.array([0])}, {"ok": True})
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "w.zarr"))["slots"][:], rows)
+
+
+def test_real_run_export(tmp_path_factory, tmp_path):
+    from test_evaluate_support import trained_run
+
+    out = export.export_slots(trained_run(tmp_path_factory), "test", tmp_path / "real.zarr")
+    meta, ids, slots, masks, tokens, data = read_export(str(out))
+    assert slots.shape == (FRAMES, SLOTS, 16) and masks.shape == (FRAMES, SLOTS, GRID * GRID)
+    assert meta["checkpoint_step"] == 3 and meta["tokens"] == DVAE_HASH

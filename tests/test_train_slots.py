@@ -1,0 +1,396 @@
+"""Stage 3 (train-slots): training from tiny cached stores, resume, errors, loading.
+
+Every test builds its own store with random features, frames, masks and token ids; nothing
+here runs a ViT or downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.store import FeatureStore, VideoRecord
+from pipeline.config import load_config
+from pipeline.schedules import lr_factor, warmup_exp_decay
+from stages.common import StageError
+
+GRID = (4, 4)  # feature grid: N = 16 tokens
+FEAT = 8  # feature dim
+TOKEN_GRID = (4, 4)
+VOCAB = 16
+FRAME = 16
+DVAE_HASH = "d0e1f2a3"
+
+
+def make_store(work: Path, *, videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 6, "val")),
+               tokens: bool = True, masks: bool = True, seed: int = 0, chunk_len: int = 4) -> FeatureStore:
+    """A complete tiny store under work/stores with random features, frames, masks, tokens."""
+    rng = np.random.default_rng(seed)
+    records, first = [], 0
+    for vid, length, split in videos:
+        records.append(VideoRecord(vid, first, length, split))
+        first += length
+    store = FeatureStore.create(work / "stores" / "fp0.zarr", fingerprint="fp0", videos=records,
+                                num_tokens=GRID[0] * GRID[1], feature_dim=FEAT, grid=GRID, frame_size=FRAME,
+                                feature_dtype="float16", has_masks=masks, chunk_len=chunk_len)
+    total = store.num_frames
+    nchunks = math.ceil(total / chunk_len)
+    for c in range(nchunks):
+        n = min(chunk_len, total - c * chunk_len)
+        arrays = dict(store.encode_features(rng.standard_normal((n, GRID[0] * GRID[1], FEAT)).astype(np.float32)))
+        arrays["frames"] = rng.integers(0, 255, (n, FRAME, FRAME, 3), dtype=np.uint8)
+        if masks:
+            m = np.zeros((n, FRAME, FRAME), np.uint8)
+            m[:, :8, :8] = 1
+            m[:, 8:, 8:] = 2
+            arrays["masks"] = m
+        store.write_chunk(c, arrays)
+    store.mark_complete_if_done()
+    if tokens:
+        sub = store.create_tokens(DVAE_HASH, TOKEN_GRID, {"vocab_size": VOCAB})
+        sub["ids"][:] = rng.integers(0, VOCAB, (total, *TOKEN_GRID)).astype(np.uint16)
+        sub["done"][:] = 1
+        sub.attrs["complete"] = True
+    return FeatureStore.open(store.path)
+
+
+def make_dvae_run(work: Path, store_fp: str = "fp0") -> Path:
+    run = work / "runs" / "dvae"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "dvae.json").write_text(json.dumps({"hash": DVAE_HASH, "store": store_fp, "vocab_size": VOCAB,
+                                               "token_grid": list(TOKEN_GRID)}))
+    return run
+
+
+def tiny_cfg(work: Path, *extra: str):
+    overrides = [
+        f"work_dir={work}", "store=fp0", "run_name=t", "seed=0",
+        "globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", f"globals.VOCAB_SIZE={VOCAB}",
+        "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=2",
+        "dataset.num_workers=0", "decoder.hidden_dims=[32,32]",
+        "steve_decoder.num_blocks=1", "steve_decoder.d_model=16", "steve_decoder.num_heads=2",
+        "predictor.num_heads=2",
+        "optimizer.warmup_steps=2", "optimizer.lr=0.001",
+        "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.val_every=2", "trainer.val_batches=2",
+        "trainer.log_every=1", "trainer.image_every=2", "trainer.precision=32",
+    ]
+    return load_config(None, overrides + list(extra))
+
+
+@pytest.fixture
+def work(tmp_path):
+    make_store(tmp_path)
+    make_dvae_run(tmp_path)
+    return tmp_path
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------- schedule
+def test_lr_schedule_warmup_then_halves_by_max_steps():
+    f = lr_factor(warmup_steps=10, max_steps=110)
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(0.5)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5 ** 0.5)
+    assert f(110) == pytest.approx(0.5)
+    assert all(f(s) >= f(s + 1) for s in range(10, 200))
+    assert warmup_exp_decay(50, 0, 100) == pytest.approx(0.5 ** 0.5)
+    assert warmup_exp_decay(500, 10, 100, decay=False) == 1.0
+    with pytest.raises(ValueError):
+        lr_factor(-1, 10)
+
+
+def test_param_group_regexes_first_match_wins_and_unmatched_is_an_error():
+    from stages.train_slots import build_param_groups
+
+    net = torch.nn.ModuleDict({"decoder": torch.nn.Linear(2, 2), "grouper": torch.nn.Linear(2, 2),
+                               "other": torch.nn.Linear(2, 2)})
+    groups = build_param_groups(net.named_parameters(),
+                                [{"regex": "decoder.*", "lr": 1e-3}, {"regex": "(decoder|grouper)", "lr": 2e-3}],
+                                base_lr=4e-4)
+    by_name = {g["name"]: g for g in groups}
+    assert [p.data_ptr() for p in by_name["decoder.*"]["params"]] == [p.data_ptr() for p in net["decoder"].parameters()]
+    assert len(by_name["(decoder|grouper)"]["params"]) == 2  # only grouper's: decoder went to the first rule
+    assert by_name["default"]["lr"] == 4e-4 and len(by_name["default"]["params"]) == 2
+    with pytest.raises(StageError, match="encoder"):
+        build_param_groups(net.named_parameters(), [{"regex": "encoder.*", "lr": 1e-5}], 4e-4)
+
+
+def test_resumable_sampler_continues_the_same_stream():
+    from stages.train_slots import ResumableRandomSampler
+
+    full = list(ResumableRandomSampler(10, total=200_000, seed=3))
+    tail = list(ResumableRandomSampler(10, total=200_000, seed=3, start=70_000))
+    assert tail == full[70_000:]
+    assert full[:50] != list(ResumableRandomSampler(10, total=50, seed=4))
+    assert set(full) == set(range(10))
+
+
+# ------------------------------------------------------------------------------- training
+def test_train_end_to_end_writes_run_dir_and_loads(work):
+    from stages.train_slots import SlotTrainingModule, load_trained, train
+
+    run = train(tiny_cfg(work))
+    ck = run / "checkpoints"
+    assert {p.name for p in ck.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "last.ckpt"}
+    assert (run / "config.yaml").is_file()
+    inputs = json.loads((run / "inputs.json").read_text())
+    assert inputs["store_fingerprint"] == "fp0" and inputs["dvae_hash"] == DVAE_HASH
+    events = list((run / "tb").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for name in ("train/loss", "train/loss_featrec", "train/loss_ss", "train/loss_steve_ce", "train/lr",
+                 "val/loss", "val/fg_ari", "val/mbo"):
+        assert name in tags, (name, tags)
+    assert "slots/masks_over_time" in acc.Tags()["images"]
+
+    # Lightning's own loader, on a batch of cached clips
+    module = SlotTrainingModule.load_from_checkpoint(ck / "last.ckpt", map_location="cpu").eval()
+    model, cfg, store, token_hash = load_trained(run)
+    assert not model.training and token_hash == DVAE_HASH and store.fingerprint == "fp0"
+    from cache.reader import ClipDataset
+
+    ds = ClipDataset(store, "val", 3, fields=("features", "tokens"), tokens=token_hash)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    with torch.no_grad():
+        out = module(batch["features"], batch["tokens"])
+    assert out["processor"]["state"].shape == (2, 3, 3, 16)
+    assert out["decoder"]["masks"].shape == (2, 3, 3, 16)
+
+    # a finished run returns at once
+    mtime = (ck / "last.ckpt").stat().st_mtime
+    assert train(tiny_cfg(work)) == run
+    assert (ck / "last.ckpt").stat().st_mtime == mtime
+
+
+def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path):
+    from stages.train_slots import train
+
+    for name in ("full", "split"):
+        make_store(tmp_path / name)
+        make_dvae_run(tmp_path / name)
+    full = train(tiny_cfg(tmp_path / "full", "trainer.max_steps=6", "trainer.ckpt_every=3"))
+    part = train(tiny_cfg(tmp_path / "split", "trainer.max_steps=3", "trainer.ckpt_every=3"))
+    assert _weights(part / "checkpoints" / "last.ckpt")["global_step"] == 3
+    resumed = train(tiny_cfg(tmp_path / "split", "trainer.max_steps=6", "trainer.ckpt_every=3"))
+    a = _weights(full / "checkpoints" / "step=6.ckpt")
+    b = _weights(resumed / "checkpoints" / "step=6.ckpt")
+    assert a["global_step"] == b["global_step"] == 6
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, msg=key)
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(sb[k][field], sa[k][field])
+    # the step-3 checkpoints agree too
+    a3 = _weights(full / "checkpoints" / "step=3.ckpt")["state_dict"]
+    b3 = _weights(resumed / "checkpoints" / "step=3.ckpt")["state_dict"]
+    for key in a3:
+        torch.testing.assert_close(a3[key], b3[key])
+
+
+def test_never_runs_the_vit(work, monkeypatch):
+    import timm
+
+    import pipeline.backbones
+    from stages.train_slots import train
+
+    def forbidden(*a, **k):
+        raise AssertionError("stage 3 must not build or run a backbone")
+
+    monkeypatch.setattr(timm, "create_model", forbidden)
+    monkeypatch.setattr(torch.hub, "load", forbidden)
+    monkeypatch.setattr(pipeline.backbones, "build_backbone", forbidden)
+    run = train(tiny_cfg(work, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100"))
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("toggles", [
+    ("globals.USE_STEVE_DECODER=false", "globals.USE_DVAE=false"),
+    ("model.loss_weights.loss_ss=0",),
+    ("predictor.enabled=false",),
+])
+def test_ablations_train_from_the_same_store(tmp_path, toggles):
+    from stages.train_slots import train
+
+    make_store(tmp_path, tokens="USE_STEVE_DECODER=false" not in toggles[0])
+    if "USE_STEVE_DECODER=false" not in toggles[0]:
+        make_dvae_run(tmp_path)
+    cfg = tiny_cfg(tmp_path, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100", *toggles)
+    run = train(cfg)
+    ck = _weights(run / "checkpoints" / "last.ckpt")
+    assert ck["global_step"] == 2
+    has_steve = any(k.startswith("model.steve") for k in ck["state_dict"])
+    assert has_steve == ("USE_STEVE_DECODER=false" not in toggles[0])
+
+
+def test_overfits_a_tiny_cached_set(tmp_path):
+    """Through the Lightning stage: the total loss on the training clips at least halves."""
+    from stages.train_slots import SlotTrainingModule, train
+
+    make_store(tmp_path, videos=(("a", 4, "train"),), masks=False)
+    make_dvae_run(tmp_path)
+    cfg = tiny_cfg(tmp_path, "globals.NUM_FRAMES=4", "trainer.max_steps=150", "trainer.ckpt_every=150",
+                   "trainer.log_every=50", "trainer.image_every=1000", "optimizer.warmup_steps=10",
+                   "optimizer.lr=0.003", "steve_decoder.dropout=0.0", "trainer.gradient_clip_val=1.0")
+    store = FeatureStore.open(tmp_path / "stores" / "fp0.zarr")
+    from cache.reader import ClipDataset
+
+    batch = torch.utils.data.default_collate(
+        [ClipDataset(store, "train", 4, fields=("features", "tokens"), tokens=DVAE_HASH)[0]] * 2)
+
+    def total_loss(module):
+        module.eval()
+        with torch.no_grad():
+            return float(module.model.losses(module(batch["features"], batch["tokens"]))["loss"])
+
+    from stages.train_slots import build_module, resolve_inputs
+    from pipeline.config import resolve
+
+    torch.manual_seed(0)
+    before = total_loss(build_module(resolve(cfg), resolve_inputs(cfg)))
+    run = train(cfg)
+    after = total_loss(SlotTrainingModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt"))
+    assert after <= 0.5 * before, (before, after)
+
+
+# ------------------------------------------------------------------------------- errors
+def test_missing_caches_name_the_stage_to_run(tmp_path):
+    from stages.train_slots import train
+
+    with pytest.raises(StageError, match="extract-features"):
+        train(tiny_cfg(tmp_path))
+    make_store(tmp_path, tokens=False)
+    with pytest.raises(StageError, match="pretrain-dvae CONFIG"):
+        train(tiny_cfg(tmp_path))
+    run = make_dvae_run(tmp_path)
+    with pytest.raises(StageError, match=f"no tokens of dVAE {DVAE_HASH} in store fp0.*egoslots tokenize {run}"):
+        train(tiny_cfg(tmp_path))
+    (run / "dvae.json").write_text(json.dumps({"hash": DVAE_HASH, "store": "other", "vocab_size": VOCAB}))
+    with pytest.raises(StageError, match="trained on store other"):
+        train(tiny_cfg(tmp_path))
+
+
+def test_changed_config_in_same_run_dir_is_refused(work):
+    from stages.train_slots import train
+
+    train(tiny_cfg(work, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100"))
+    with pytest.raises(StageError, match="globals.NUM_SLOTS|model.num_slots"):
+        train(tiny_cfg(work, "trainer.max_steps=4", "globals.NUM_SLOTS=4"))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(work, monkeypatch):
+    from stages import train_slots
+
+    real = train_slots.SlotTrainingModule._step
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        outputs, losses = real(self, batch)
+        calls["n"] += 1
+        if self.training and self.global_step >= 2:
+            losses = dict(losses, loss=losses["loss"] * float("nan"))
+        return outputs, losses
+
+    monkeypatch.setattr(train_slots.SlotTrainingModule, "_step", poisoned)
+    cfg = tiny_cfg(work, "trainer.max_steps=6", "trainer.log_every=2", "trainer.val_every=100",
+                   "trainer.image_every=100")
+    with pytest.raises(StageError, match="NaN/inf at step 3"):
+        train_slots.train(cfg)
+    ck = work / "runs" / "t" / "checkpoints"
+    assert _weights(ck / "last.ckpt")["global_step"] == 2
+    assert not (ck / "step=4.ckpt").exists()
+    sd = _weights(ck / "last.ckpt")["state_dict"]
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+def test_cli_train_slots_help_and_run(work, repo_root):
+    from click.testing import CliRunner
+
+    import cli
+
+    runner = CliRunner()
+    res = runner.invoke(cli.main, ["train-slots", "--help"])
+    assert res.exit_code == 0 and "egoslots train-slots" in res.output and "--resume" in res.output
+    cfg_file = work / "c.yaml"
+    cfg_file.write_text("globals:\n  NUM_SLOTS: 3\n")
+    args = [a for a in tiny_cfg_args(work)]
+    res = runner.invoke(cli.main, ["train-slots", str(cfg_file), *args, "trainer.max_steps=2"])
+    assert res.exit_code == 0, res.output
+    assert (work / "runs" / "t" / "checkpoints" / "last.ckpt").is_file()
+    res = runner.invoke(cli.main, ["train-slots", str(cfg_file), *args, "trainer.max_steps=3",
+                                   "--resume", str(work / "nope.ckpt")])
+    assert res.exit_code != 0 and "nope.ckpt" in res.output
+
+
+def tiny_cfg_args(work: Path) -> list[str]:
+    return [f"work_dir={work}", "store=fp0", "run_name=t", "globals.SLOT_DIM=16", f"globals.VOCAB_SIZE={VOCAB}",
+            "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=2", "dataset.num_workers=0",
+            "decoder.hidden_dims=[32]", "steve_decoder.num_blocks=1", "steve_decoder.d_model=16",
+            "steve_decoder.num_heads=2", "predictor.num_heads=2", "trainer.precision=32",
+            "trainer.image_every=100", "trainer.val_every=100"]
+
+
+def test_precision_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
+    from stages import train_slots
+
+    cfg = load_config(None, ["trainer.precision=auto", "trainer.accelerator=cpu"])
+    monkeypatch.setattr(train_slots, "bf16_supported", lambda device: False)
+    assert train_slots.resolve_precision(cfg) == "32-true"
+    monkeypatch.setattr(train_slots, "bf16_supported", lambda device: True)
+    assert train_slots.resolve_precision(cfg) == "bf16-mixed"
+    assert train_slots.resolve_precision(load_config(None, ["trainer.precision=32"])) == "32-true"
+
+
+def test_training_step_never_syncs_host_and_device(work, monkeypatch):
+    """No .item()/bool()/float() of a tensor inside the step (they would stall a GPU)."""
+    from stages import train_slots
+
+    inside = {"on": False}
+    real_step = train_slots.SlotTrainingModule.training_step
+
+    def watched(self, batch, batch_idx):
+        inside["on"] = True
+        try:
+            return real_step(self, batch, batch_idx)
+        finally:
+            inside["on"] = False
+
+    def guard(name):
+        real = getattr(torch.Tensor, name)
+
+        def check(self, *a, **k):
+            if inside["on"]:
+                raise AssertionError(f"Tensor.{name} inside training_step: a host-device sync")
+            return real(self, *a, **k)
+        return check
+
+    for name in ("item", "__bool__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    monkeypatch.setattr(train_slots.SlotTrainingModule, "training_step", watched)
+    run = train_slots.train(tiny_cfg(work, "trainer.max_steps=2", "trainer.val_every=100", "trainer.image_every=100"))
+    assert _weights(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_bf16_mixed_trains_where_native(work):
+    from stages.train_slots import bf16_supported, train
+
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU has no native bf16 (AVX-512 BF16 / AMX): auto falls back to fp32")
+    run = train(tiny_cfg(work, "trainer.precision=auto", "trainer.max_steps=2", "trainer.val_every=100",
+                         "trainer.image_every=100"))
+    sd = _weights(run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())  # fp32 master weights
