@@ -80,7 +80,8 @@ def test_fingerprint_changes_with_every_config_input_and_only_then(tmp_path):
         assert fp not in seen, f"{override} did not change the fingerprint"
         seen.add(fp)
     same = ["extract.batch_size=7", "extract.num_workers=2", "extract.frames_per_chunk=5", "extract.inner_chunk=4",
-            "extract.compressor=zstd", f"work_dir={tmp_path / 'elsewhere'}", "run_name=other", "dataset.batch_size=3"]
+            "extract.compressor=zstd", f"work_dir={tmp_path / 'elsewhere'}", "run_name=other", "dataset.batch_size=3",
+            "extract.device=auto"]
     for override in same:
         assert plan_extraction(make_cfg(tmp_path, override), source).fingerprint == base, override
 
