@@ -39,22 +39,14 @@ from pipeline.data.memory import InMemorySource  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- helpers
-class TimmViT(FrozenEncoder):
-    """A timm ViT as a FrozenEncoder (bench-only stand-in until pipeline/backbones has it)."""
+def TimmViT(name: str = "vit_small_patch14_dinov2", input_size: int = 224) -> FrozenEncoder:
+    """egoslots' ViT encoder around a randomly initialised timm ViT (no weights needed)."""
+    import timm
 
-    def __init__(self, name: str = "vit_small_patch14_dinov2", input_size: int = 224):
-        super().__init__()
-        import timm
+    from pipeline.backbones import ViTEncoder
 
-        self.model = timm.create_model(name, pretrained=False, img_size=input_size, num_classes=0)
-        self.name, self.input_size = name, input_size
-        self.patch_size = self.model.patch_embed.patch_size[0]
-        self.feature_dim = self.model.embed_dim
-        self.freeze()
-
-    def forward(self, images):
-        tokens = self.model.forward_features(self.normalise(images))  # (B, prefix + N, D)
-        return tokens[:, self.model.num_prefix_tokens:]
+    vit = timm.create_model(name, pretrained=False, img_size=input_size, num_classes=0)
+    return ViTEncoder(vit, name).freeze()
 
 
 def smooth_video(rng, frames: int, h: int, w: int) -> np.ndarray:

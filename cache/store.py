@@ -387,6 +387,22 @@ class FeatureStore:
             os.close(fd)  # releases the lock
 
     def done_chunks(self) -> np.ndarray:
+        """One bool per chunk. Local stores read the flag files directly (one 1-byte file per
+        chunk): zarr's path costs ~0.3 ms per flag, seconds for a million-frame store."""
+        folder = Path(self.path) / "done" / "c" if isinstance(self.path, Path) else None
+        size = self.group["done"].shape[0]
+        if folder is not None and folder.is_dir():
+            done = np.zeros(size, dtype=bool)
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if not entry.name.isdigit() or int(entry.name) >= size:
+                        continue
+                    with open(entry.path, "rb") as f:
+                        raw = f.read(2)
+                    if len(raw) != 1:  # not the plain 1-byte layout: let zarr decode it
+                        return np.asarray(self.group["done"][:], dtype=bool)
+                    done[int(entry.name)] = raw != b"\x00"
+            return done
         return np.asarray(self.group["done"][:], dtype=bool)
 
     def progress(self) -> tuple[int, int]:

@@ -16,6 +16,12 @@ With ``--skip-bad`` (or ``dataset.skip_bad``) a bad video's rows in the failing 
 written as zeros, the chunk records the video as skipped, and when the store completes the
 video's rows (original and flipped) are dropped from the video table, so no reader sees them.
 The store keeps its original row layout; the dropped rows are simply unreferenced.
+
+Shards: every process computes the same fingerprint and path; the first to finish creating
+the store (in a temporary folder renamed into place, which is atomic) wins and the others open
+it. ``--overwrite`` replaces a store of other settings; with several shards only shard 0
+removes it and the others wait for the new one (to redo a store that *matches*, remove it
+first with ``egoslots cache rm``).
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ def test_fingerprint_changes_with_every_config_input_and_only_then(tmp_path):
         assert fp not in seen, f"{override} did not change the fingerprint"
         seen.add(fp)
     same = ["extract.batch_size=7", "extract.num_workers=2", "extract.frames_per_chunk=5", "extract.inner_chunk=4",
-            "extract.compressor=zstd", f"work_dir={tmp_path / 'elsewhere'}", "run_name=other", "dataset.batch_size=3"]
+            "extract.compressor=zstd", f"work_dir={tmp_path / 'elsewhere'}", "run_name=other", "dataset.batch_size=3",
+            "extract.device=auto"]
     for override in same:
         assert plan_extraction(make_cfg(tmp_path, override), source).fingerprint == base, override
 
@@ -364,3 +365,17 @@ def test_shard_reader_matches_zarr(tmp_path, inner, frames):
             got = store.read_rows(name, a, b)
             assert got.dtype == data[name].dtype
             np.testing.assert_array_equal(got, data[name][a:b], err_msg=f"{name}[{a}:{b}]")
+
+
+def test_done_flags_read_directly_match_zarr(tmp_path):
+    store = FeatureStore.create(tmp_path / "s.zarr", fingerprint="x", videos=[VideoRecord("a", 0, 50, "train")],
+                                num_tokens=1, feature_dim=2, grid=(1, 1), frame_size=2, chunk_len=4)
+    for chunk in (0, 3, 12):
+        lo, hi = chunk * 4, min(chunk * 4 + 4, 50)
+        store.write_chunk(chunk, {"features": np.ones((hi - lo, 1, 2), np.float16),
+                                  "frames": np.zeros((hi - lo, 2, 2, 3), np.uint8)}, durable=False)
+    store.writable("done")[5] = 0  # an explicit 0 flag file counts as not done
+    assert (tmp_path / "s.zarr" / "done" / "c" / "5").is_file()
+    fast = store.done_chunks()
+    assert fast.tolist() == np.asarray(store.group["done"][:], dtype=bool).tolist()
+    assert np.flatnonzero(fast).tolist() == [0, 3, 12] and store.pending_chunks(1, 2) == [1, 5, 7, 9, 11]
