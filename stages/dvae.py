@@ -526,7 +526,9 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
     total = sum(b - a for a, b in bounds)
     log.info("tokenizing %d frames (%d of %d chunks) of %s with dVAE %s on %s", total, len(pending), done.size,
              store.path, dvae_hash, device)
-    ids_array, done_array = sub["ids"], sub["done"]
+    # writable(): every chunk file is written, even all-zero ones, so `cache verify` can check them
+    ids_array = store.writable(f"tokens/{dvae_hash}/ids")
+    done_array = store.writable(f"tokens/{dvae_hash}/done")
     with ThreadPoolExecutor(max_workers=1) as reader, \
             tqdm(total=total, unit="frame", desc=f"tokenize {dvae_hash}", dynamic_ncols=True) as bar:
         # read chunk i+1 while chunk i is being encoded
