@@ -302,7 +302,14 @@ class SlotTrainingModule(L.LightningModule):
 
     def _step(self, batch: dict) -> tuple[dict, dict]:
         outputs = self.model(batch["features"], batch.get("tokens"))
-        return outputs, self.model.losses(outputs)
+        return outputs, self.model.losses(outputs, gather=self._gather())
+
+    def _gather(self):
+        """DDP with losses.loss_ss.all_gather: contrast slots against the global batch."""
+        if not self.cfg.losses.loss_ss.get("all_gather", False) or self._trainer is None \
+                or self.trainer.world_size < 1 or self.trainer.world_size == 1:
+            return None
+        return lambda x: self.all_gather(x, sync_grads=True).flatten(0, 1)  # (world*B, T, K, D)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Dropout and sampled slot inits draw from a stream seeded by the step: a resumed run
