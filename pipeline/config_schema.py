@@ -40,6 +40,7 @@ class SyntheticData:
     seed: int = 0
     min_objects: int = 3
     max_objects: int = 10
+    fps: float = 12.0
 
 
 @dataclass

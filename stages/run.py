@@ -36,7 +36,7 @@ def ensure_synthetic_data(cfg: DictConfig) -> Path:
     root = Path(cfg.dataset.path)
     s = cfg.dataset.synthetic
     generate_dataset(root, videos=s.videos, frames=s.frames, size=s.size, seed=s.seed,
-                     min_objects=s.min_objects, max_objects=s.max_objects)
+                     min_objects=s.min_objects, max_objects=s.max_objects, fps=s.fps)
     return root
 
 

@@ -48,6 +48,6 @@ def make_synthetic(out, videos, frames, size, seed, min_objects, max_objects, fp
     try:
         generate_dataset(out, videos=videos, frames=frames, size=size, seed=seed, min_objects=min_objects,
                          max_objects=max_objects, fps=fps, progress=not quiet, workers=workers)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad arguments, a folder of other settings, disk full
         raise StageError(str(err)) from err
     click.echo(f"{videos} videos in {out}")

@@ -72,6 +72,7 @@ NAMED_MESHES: tuple[tuple[str, str, Optional[str]], ...] = (
     ("lego", "lego/lego.obj", None),
     ("soccerball", "soccerball.obj", None),
 )
+POKES_PER_SECOND = 0.5  # after the first second, objects get nudged at this average rate
 NUM_BLOBS = 1000
 NAMED_MESH_PROBABILITY = 0.5  # else one of the random blobs
 TEXTURE_PATTERNS = ("checker", "stripes", "dots", "noise")
@@ -157,6 +158,18 @@ class ObjectSpec:
 
 
 @dataclass
+class Poke:
+    """A later push, as if a hand nudged the object, so longer videos keep moving."""
+
+    frame: int  # applied just before the physics steps into this frame
+    object: int  # index into SceneSpec.objects
+    speed: float  # horizontal m/s, roughly towards the scene centre
+    turn: float  # radians away from the direction to the centre
+    lift: float  # upward m/s
+    spin: list[float]  # angular velocity, rad/s
+
+
+@dataclass
 class CameraPath:
     fov: float  # vertical field of view, degrees
     eye: np.ndarray  # (T, 3)
@@ -176,7 +189,8 @@ class SceneSpec:
     specular: float
     camera: CameraPath
     texture_seed: int  # seeds the texture images, drawn with the rest of the scene
-    object_textures: list[list[list[float]]] = field(default_factory=list)  # per object: 2 RGB
+    texture_tints: list[list[float]] = field(default_factory=list)  # per object: RGB of its pattern
+    pokes: list[Poke] = field(default_factory=list)
 
 
 def video_rng(seed: int, video_index: int) -> np.random.Generator:
@@ -194,7 +208,7 @@ def sample_scene(rng: np.random.Generator, frames: int, fps: float = DEFAULT_FPS
             mesh_id = int(rng.integers(len(NAMED_MESHES)))
         else:
             mesh_id = len(NAMED_MESHES) + int(rng.integers(NUM_BLOBS))
-        size = float(np.exp(rng.uniform(np.log(0.10), np.log(0.30))))
+        size = float(np.exp(rng.uniform(np.log(0.12), np.log(0.35))))
         position = _free_position(rng, placed, radius=0.5 * np.sqrt(3) * size)
         placed.append((position, 0.5 * np.sqrt(3) * size))
         pushed = rng.random() < 0.6
@@ -230,7 +244,11 @@ def sample_scene(rng: np.random.Generator, frames: int, fps: float = DEFAULT_FPS
         camera=sample_camera_path(rng, frames, fps),
         texture_seed=int(rng.integers(2**31)),
     )
-    spec.object_textures = [[[float(c) for c in _random_color(rng)] for _ in range(2)] for _ in objects]
+    spec.texture_tints = [[float(c) for c in _random_color(rng)] for _ in objects]
+    spec.pokes = [Poke(frame=t, object=int(rng.integers(n)), speed=float(rng.uniform(0.5, 1.5)),
+                       turn=float(rng.normal(0.0, 0.5)), lift=float(rng.uniform(0.0, 1.0)),
+                       spin=[float(c) for c in rng.normal(0.0, 2.0, 3)])
+                  for t in range(int(np.ceil(fps)), frames) if rng.random() < POKES_PER_SECOND / fps]
     return spec
 
 
@@ -292,7 +310,7 @@ def sample_camera_path(rng, frames: int, fps: float) -> CameraPath:
     dt = 1.0 / fps
     azimuth = smooth_walk(rng, frames, dt, rng.uniform(0, 2 * np.pi), 0.5, 1.5)
     elevation = np.radians(smooth_walk(rng, frames, dt, rng.uniform(35, 55), 6.0, 1.0))
-    distance = smooth_walk(rng, frames, dt, rng.uniform(1.1, 1.5), 0.1, 1.5)
+    distance = smooth_walk(rng, frames, dt, rng.uniform(0.95, 1.35), 0.1, 1.5)
     gaze = np.concatenate([smooth_walk(rng, frames, dt, [0.0, 0.0], 0.12, 0.8),  # pan/tilt: where it looks
                            smooth_walk(rng, frames, dt, [0.05], 0.02, 0.8)], axis=1)
     bob = smooth_walk(rng, frames, dt, [0.0, 0.0, 0.0], 0.015, 0.3)  # head bob and sway
@@ -362,6 +380,8 @@ class Simulation:
         self.p, self.spec, self.size, self.fps = p, spec, size, fps
         self.substeps = max(1, int(round(PHYSICS_HZ / fps)))
         self.client = p.connect(p.DIRECT)
+        if self.client < 0:
+            raise RuntimeError("pybullet could not start a DIRECT physics client")
         self._own_dir = texture_dir is None
         self.texture_dir = texture_dir or tempfile.mkdtemp(prefix="egoslots-textures-")
         try:
@@ -411,7 +431,7 @@ class Simulation:
                                  baseOrientation=obj.orientation, physicsClientId=c)
         if obj.texture is not None and m.has_uv:
             # The texture is multiplied by rgbaColor: keep it light so the object keeps its colour.
-            colors = [[1.0, 1.0, 1.0], [0.35 + 0.65 * x for x in self.spec.object_textures[index][1]]]
+            colors = [[1.0, 1.0, 1.0], [0.35 + 0.65 * x for x in self.spec.texture_tints[index]]]
             texture = self._texture(f"object{index}", texture_image(obj.texture, colors, rng))
             p.changeVisualShape(body, -1, textureUniqueId=texture, physicsClientId=c)
         p.changeDynamics(body, -1, lateralFriction=obj.friction, restitution=obj.restitution,
@@ -419,10 +439,20 @@ class Simulation:
         p.resetBaseVelocity(body, obj.linear_velocity, obj.angular_velocity, physicsClientId=c)
         return body
 
-    def step(self) -> None:
-        """Advance the physics by one video frame."""
+    def step(self, frame: int) -> None:
+        """Advance the physics from frame ``frame - 1`` to ``frame`` (applying its pokes first)."""
+        for poke in self.spec.pokes:
+            if poke.frame == frame:
+                self._poke(poke)
         for _ in range(self.substeps):
             self.p.stepSimulation(physicsClientId=self.client)
+
+    def _poke(self, poke: Poke) -> None:
+        p, c, body = self.p, self.client, self.bodies[poke.object]
+        position = np.asarray(p.getBasePositionAndOrientation(body, physicsClientId=c)[0])
+        toward_centre = -position[:2] / (np.linalg.norm(position[:2]) + 1e-6)
+        heading = _rotate2d(toward_centre, poke.turn) * poke.speed
+        p.resetBaseVelocity(body, [float(heading[0]), float(heading[1]), poke.lift], poke.spin, physicsClientId=c)
 
     def render(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Frame ``t`` of the camera path: RGB (S, S, 3) uint8 and labels (S, S) uint8."""
@@ -499,7 +529,7 @@ def render_video(spec: SceneSpec, frames: int, size: int, fps: float = DEFAULT_F
         for t in range(frames):
             start = time.perf_counter()
             if t > 0:
-                sim.step()
+                sim.step(t)
             positions, quaternions = sim.poses()
             middle = time.perf_counter()
             rgb, labels = sim.render(t)
@@ -596,6 +626,9 @@ def video_meta(spec: SceneSpec, index: int, seed: int, frames: int, size: int, f
                   "specular": round(spec.specular, 4)},
         "ground": {"pattern": spec.ground_pattern, "colors": [_round(c, 4) for c in spec.ground_colors]},
         "objects": objects,
+        # later pushes: before frame `frame`, object `object` got `speed` m/s sideways, `lift` up
+        "pokes": [{"frame": k.frame, "object": k.object + 1, "speed": round(k.speed, 4), "lift": round(k.lift, 4)}
+                  for k in spec.pokes],
     }
 
 
@@ -612,9 +645,12 @@ def dataset_args(videos: int, frames: int, size: int, seed: int, min_objects: in
             "min_objects": min_objects, "max_objects": max_objects, "fps": fps}
 
 
-def check_args(videos: int, frames: int, size: int, min_objects: int, max_objects: int, fps: float) -> None:
+def check_args(videos: int, frames: int, size: int, seed: int, min_objects: int, max_objects: int,
+               fps: float) -> None:
     if videos < 0 or frames < 1 or size < 8:
         raise ValueError(f"need videos >= 0, frames >= 1 and size >= 8 (got {videos}, {frames}, {size})")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (got {seed})")
     if not 1 <= min_objects <= max_objects <= 255:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= 255 (got {min_objects}, {max_objects})")
     if not 0 < fps <= PHYSICS_HZ:
@@ -645,8 +681,11 @@ def _write_dataset_json(out: Path, args: dict) -> None:
     record = {"generator": "egoslots.synthetic", "version": GENERATOR_VERSION,
               "pybullet_api": p.getAPIVersion(), "args": args, "format": "frame-folder",
               "labels": "masks/*.png: uint8, 0 = background (ground, sky), 1..n = meta.json objects[].id"}
+    text = to_json(record)
+    if path.is_file() and path.read_text() == text:
+        return  # a finished or resumed dataset: leave the file (and its mtime) alone
     temp = out / f".dataset.json.{os.getpid()}"
-    temp.write_text(to_json(record))
+    temp.write_text(text)
     os.replace(temp, path)
 
 
@@ -680,7 +719,7 @@ def generate_dataset(out: Path | str, videos: int, frames: int, size: int, seed:
     """
     from tqdm import tqdm
 
-    check_args(videos, frames, size, min_objects, max_objects, fps)
+    check_args(videos, frames, size, seed, min_objects, max_objects, fps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = dataset_args(videos, frames, size, seed, min_objects, max_objects, fps)
