@@ -268,10 +268,15 @@ def movi_c(args, tmp: Path):
 
     # ---------------------------------------------------------------- losses after N steps
     if args.equal_steps:
-        print(f"\nLosses after {args.equal_steps} steps from the same init on the same batches (cache):")
+        print(f"\nLosses after {args.equal_steps} steps on the same batches (cache); the noise reference is "
+              "fp32 from another init seed. Mean over the last 5 steps:")
         curves = {}
-        for label, ac in (("fp32", False), ("fast", native)):
-            model.load_state_dict(init)
+        for label, ac, seed in (("fp32", False, 0), ("fast", native, 0), ("fp32 (seed 1)", False, 1)):
+            if seed == 0:
+                model.load_state_dict(init)
+            else:
+                torch.manual_seed(seed)
+                model.load_state_dict(build(cfg, dim, tokens, seed=seed)[0].state_dict())
             opt = torch.optim.Adam(build_param_groups(model.named_parameters(), [], cfg.optimizer.lr),
                                    lr=cfg.optimizer.lr)
             torch.manual_seed(1)
@@ -279,12 +284,11 @@ def movi_c(args, tmp: Path):
                             args.equal_steps, autocast=ac, sync_each_step=False, warmup=0)
             curves[label] = r["losses"]
         for key in ("loss_featrec", "loss_ss", "loss"):
-            a = np.array([d[key] for d in curves["fp32"]])
-            b = np.array([d[key] for d in curves["fast"]])
-            tail = max(3, len(a) // 5)
-            noise = float(np.std(np.diff(a[-tail:])))
-            print(f"  {key}: fp32 {a[-1]:.4f}  fast {b[-1]:.4f}  |diff| {abs(a[-1] - b[-1]):.4f}  "
-                  f"(fp32 step-to-step noise over the last {tail}: {noise:.4f}; start {a[0]:.4f})")
+            last = {k: float(np.mean([d[key] for d in v[-5:]])) for k, v in curves.items()}
+            print(f"  {key}: fp32 {last['fp32']:.4f}  fast {last['fast']:.4f}  "
+                  f"|fast - fp32| {abs(last['fast'] - last['fp32']):.4f}  "
+                  f"(noise: |fp32 seed 1 - fp32| {abs(last['fp32 (seed 1)'] - last['fp32']):.4f}; "
+                  f"start {curves['fp32'][0][key]:.4f})")
     return results
 
 
