@@ -316,9 +316,10 @@ def steve_path(args, tmp: Path):
 
     vocab, grid, slots, batch, t = 4096, (32, 32), 15, 4, 3
     cfg = load_config(None, ["globals.NUM_SLOTS=15", "globals.SLOT_DIM=192", "globals.VOCAB_SIZE=4096",
-                             "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=4", "steve_decoder.enabled=true"])
+                             "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=4", "steve_decoder.enabled=true",
+                             "decoder.hidden_dims=[64]"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokens, dim = 64, 64  # a small feature side: this measures the STEVE decoder path
+    tokens, dim = 16, 32  # a tiny feature side (and decoder): this measures the STEVE decoder path
     torch.manual_seed(0)
     model = SlotModel.from_config(cfg, dim, tokens, grid).to(device)
     steve = next((m for m in model.modules() if type(m).__name__ == "SteveDecoder"), None)
