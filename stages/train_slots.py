@@ -131,10 +131,10 @@ def resolve_inputs(cfg: DictConfig) -> TrainingInputs:
             f"{store.fingerprint} ({store.path}): run `egoslots pretrain-dvae CONFIG` for this store"
         )
     vocab = info.get("vocab_size")
-    if vocab is not None and int(vocab) != int(cfg.globals.VOCAB_SIZE):
+    if vocab is not None and int(vocab) != int(cfg.dvae.vocab_size):
         raise StageError(
-            f"the dVAE in {run} has a vocabulary of {vocab} tokens but globals.VOCAB_SIZE={cfg.globals.VOCAB_SIZE}; "
-            f"set globals.VOCAB_SIZE={vocab} or pretrain a dVAE with this vocabulary"
+            f"the dVAE in {run} has a vocabulary of {vocab} tokens but dvae.vocab_size={cfg.dvae.vocab_size} "
+            f"(globals.VOCAB_SIZE); set globals.VOCAB_SIZE={vocab} or pretrain a dVAE with this vocabulary"
         )
     if f"tokens/{dvae_hash}" not in store.group:
         raise StageError(
