@@ -268,10 +268,15 @@ def movi_c(args, tmp: Path):
 
     # ---------------------------------------------------------------- losses after N steps
     if args.equal_steps:
-        print(f"\nLosses after {args.equal_steps} steps from the same init on the same batches (cache):")
+        print(f"\nLosses after {args.equal_steps} steps on the same batches (cache); the noise reference is "
+              "fp32 from another init seed. Mean over the last 5 steps:")
         curves = {}
-        for label, ac in (("fp32", False), ("fast", native)):
-            model.load_state_dict(init)
+        for label, ac, seed in (("fp32", False, 0), ("fast", native, 0), ("fp32 (seed 1)", False, 1)):
+            if seed == 0:
+                model.load_state_dict(init)
+            else:
+                torch.manual_seed(seed)
+                model.load_state_dict(build(cfg, dim, tokens, seed=seed)[0].state_dict())
             opt = torch.optim.Adam(build_param_groups(model.named_parameters(), [], cfg.optimizer.lr),
                                    lr=cfg.optimizer.lr)
             torch.manual_seed(1)
@@ -279,12 +284,11 @@ def movi_c(args, tmp: Path):
                             args.equal_steps, autocast=ac, sync_each_step=False, warmup=0)
             curves[label] = r["losses"]
         for key in ("loss_featrec", "loss_ss", "loss"):
-            a = np.array([d[key] for d in curves["fp32"]])
-            b = np.array([d[key] for d in curves["fast"]])
-            tail = max(3, len(a) // 5)
-            noise = float(np.std(np.diff(a[-tail:])))
-            print(f"  {key}: fp32 {a[-1]:.4f}  fast {b[-1]:.4f}  |diff| {abs(a[-1] - b[-1]):.4f}  "
-                  f"(fp32 step-to-step noise over the last {tail}: {noise:.4f}; start {a[0]:.4f})")
+            last = {k: float(np.mean([d[key] for d in v[-5:]])) for k, v in curves.items()}
+            print(f"  {key}: fp32 {last['fp32']:.4f}  fast {last['fast']:.4f}  "
+                  f"|fast - fp32| {abs(last['fast'] - last['fp32']):.4f}  "
+                  f"(noise: |fp32 seed 1 - fp32| {abs(last['fp32 (seed 1)'] - last['fp32']):.4f}; "
+                  f"start {curves['fp32'][0][key]:.4f})")
     return results
 
 
@@ -312,9 +316,10 @@ def steve_path(args, tmp: Path):
 
     vocab, grid, slots, batch, t = 4096, (32, 32), 15, 4, 3
     cfg = load_config(None, ["globals.NUM_SLOTS=15", "globals.SLOT_DIM=192", "globals.VOCAB_SIZE=4096",
-                             "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=4", "steve_decoder.enabled=true"])
+                             "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=4", "steve_decoder.enabled=true",
+                             "decoder.hidden_dims=[64]"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokens, dim = 64, 64  # a small feature side: this measures the STEVE decoder path
+    tokens, dim = 16, 32  # a tiny feature side (and decoder): this measures the STEVE decoder path
     torch.manual_seed(0)
     model = SlotModel.from_config(cfg, dim, tokens, grid).to(device)
     steve = next((m for m in model.modules() if type(m).__name__ == "SteveDecoder"), None)
@@ -359,16 +364,19 @@ def steve_path(args, tmp: Path):
         return loss
 
     res = {}
-    for name, fn in (("egoslots (cached ids)", ours), ("STEVE's step (dVAE + one-hot)", theirs)):
-        for i in range(1 + args.steps):
-            if i == 1:
-                start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            fn().backward()
-            opt.step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        res[name] = (time.perf_counter() - start) / args.steps
+    # interleaved twice (A B A B), best of the two, so a load change on a shared machine
+    # does not favour whichever variant ran first
+    for _ in range(2):
+        for name, fn in (("egoslots (cached ids)", ours), ("STEVE's step (dVAE + one-hot)", theirs)):
+            for i in range(1 + args.steps):
+                if i == 1:
+                    start = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                fn().backward()
+                opt.step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            res[name] = min(res.get(name, math.inf), (time.perf_counter() - start) / args.steps)
     base = res["STEVE's step (dVAE + one-hot)"]
     print("| variant | s/step | speed-up |\n|---|---|---|")
     for name, s in res.items():

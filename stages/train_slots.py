@@ -131,10 +131,10 @@ def resolve_inputs(cfg: DictConfig) -> TrainingInputs:
             f"{store.fingerprint} ({store.path}): run `egoslots pretrain-dvae CONFIG` for this store"
         )
     vocab = info.get("vocab_size")
-    if vocab is not None and int(vocab) != int(cfg.globals.VOCAB_SIZE):
+    if vocab is not None and int(vocab) != int(cfg.dvae.vocab_size):
         raise StageError(
-            f"the dVAE in {run} has a vocabulary of {vocab} tokens but globals.VOCAB_SIZE={cfg.globals.VOCAB_SIZE}; "
-            f"set globals.VOCAB_SIZE={vocab} or pretrain a dVAE with this vocabulary"
+            f"the dVAE in {run} has a vocabulary of {vocab} tokens but dvae.vocab_size={cfg.dvae.vocab_size} "
+            f"(globals.VOCAB_SIZE); set globals.VOCAB_SIZE={vocab} or pretrain a dVAE with this vocabulary"
         )
     if f"tokens/{dvae_hash}" not in store.group:
         raise StageError(
@@ -302,7 +302,14 @@ class SlotTrainingModule(L.LightningModule):
 
     def _step(self, batch: dict) -> tuple[dict, dict]:
         outputs = self.model(batch["features"], batch.get("tokens"))
-        return outputs, self.model.losses(outputs)
+        return outputs, self.model.losses(outputs, gather=self._gather())
+
+    def _gather(self):
+        """DDP with losses.loss_ss.all_gather: contrast slots against the global batch."""
+        if not self.cfg.losses.loss_ss.get("all_gather", False) or self._trainer is None \
+                or self.trainer.world_size < 1 or self.trainer.world_size == 1:
+            return None
+        return lambda x: self.all_gather(x, sync_grads=True).flatten(0, 1)  # (world*B, T, K, D)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Dropout and sampled slot inits draw from a stream seeded by the step: a resumed run
