@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("stages.dvae:tokenize", "Stage 2: write a trained dVAE's token ids into the store."),
     "train-slots": ("stages.train_slots:train_slots", "Stage 3: train the slot model from cached features and tokens."),
     "evaluate": ("stages.evaluate:evaluate", "FG-ARI / mBO of a trained run against ground truth, with baselines."),
-    "export-slots": ("stages.export:export_slots", "Export per-frame slots, masks and tokens for downstream use."),
+    "export-slots": ("stages.export:export_slots_command", "Export per-frame slots, masks and tokens for downstream use."),
     "visualize": ("stages.visualize:visualize", "Render slot masks over a video as GIF and PNG strip."),
     "run": ("stages.run:run", "Run the whole pipeline in order, skipping finished stages."),
 }

@@ -217,20 +217,7 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-class _CallableCommand(click.Command):
-    """A click command that, called with a run directory, runs :func:`export_slots_run` instead.
-
-    ``cli.py`` registers ``stages.export:export_slots`` as the command, and the documented
-    Python entry point is ``stages.export.export_slots(run_dir, split, out)``: one name, both uses.
-    """
-
-    def __call__(self, *args, **kwargs):
-        if (args and isinstance(args[0], (str, os.PathLike))) or "run_dir" in kwargs:
-            return export_slots_run(*args, **kwargs)
-        return super().__call__(*args, **kwargs)
-
-
-@click.command(name="export-slots", cls=_CallableCommand,
+@click.command(name="export-slots",
                epilog="\b\nExample:\n  egoslots export-slots egoslots-work/runs/slots --split test slots_test.zarr")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
@@ -238,10 +225,14 @@ class _CallableCommand(click.Command):
 @click.option("--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints.")
 @click.option("--max-videos", type=int, default=None, help="Export only the first N videos of the split.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a different export.")
-def export_slots(run: Path, out: Path, split: str, checkpoint: str, max_videos: Optional[int], overwrite: bool):
+def export_slots_command(run: Path, out: Path, split: str, checkpoint: str, max_videos: Optional[int], overwrite: bool):
     """Write per-frame slots (T, K, D), masks (T, K, N) and tokens of every video of a split to OUT
     (zarr, or .npz when OUT ends with .npz), with the run's fingerprint in the attributes."""
     from stages.common import setup_logging
 
     setup_logging()
     export_slots_run(run, split=split, out=out, checkpoint=checkpoint, max_videos=max_videos, overwrite=overwrite)
+
+
+# The documented Python entry point: export_slots(run_dir, split, out, ...).
+export_slots = export_slots_run
