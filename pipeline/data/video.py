@@ -184,6 +184,7 @@ class VideoFileSource(ListedSource):
         try:
             container = av.open(str(tl.path))
             stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame + slice threads: several times faster on large frames
             if seek_to is not None:
                 container.seek(seek_to, stream=stream, backward=True, any_frame=False)
         except _AV_ERRORS as err:
