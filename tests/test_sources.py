@@ -242,6 +242,40 @@ def test_hdf5_handles_are_opened_per_process(tmp_path):
     assert src._open_pid > 0
 
 
+def _checksums(src, ids):
+    return [int(sum(int(f.rgb.sum()) for f in src.read_frames(v))) for v in ids]
+
+
+_INHERITED = {}  # set before forking: children use the parent's object itself, not a pickled copy
+
+
+def _child_checksums(ids):
+    return _checksums(_INHERITED["src"], ids)
+
+
+@pytest.mark.parametrize("kind", ["hdf5", "video"])
+def test_reads_in_forked_workers_after_the_parent_read(tmp_path, kind):
+    """A parent that already holds open files/decoders forks DataLoader-style workers."""
+    import multiprocessing
+
+    if kind == "hdf5":
+        write_emorl_h5(tmp_path / "x.h5", n=3)
+        src = Hdf5Source(tmp_path / "x.h5", image_key="imgs", mask_key="masks", layout="image")
+    else:
+        write_video(tmp_path / "v.mp4", 12)
+        src = VideoFileSource(tmp_path)
+    ids = [r.video_id for r in src.videos()]
+    list(src.read_frames(ids[0], 0, 1))  # leaves a handle / decoder open in the parent
+    expected = _checksums(src, ids)
+    _INHERITED["src"] = src
+    try:
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            results = pool.map(_child_checksums, [ids] * 2)
+    finally:
+        _INHERITED.clear()
+    assert results == [expected, expected]
+
+
 # ---------------------------------------------------------------------------------- make_source
 def cfg_for(*overrides):
     return load_config(REPO / "configs" / "demo.yaml", list(overrides))
