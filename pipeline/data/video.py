@@ -32,6 +32,7 @@ from pipeline.data.base import FileIdentity, Frame, SourceError, VideoInfo, chec
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 _AV_ERRORS = (av.FFmpegError, OSError, ValueError, IndexError)
+_INHERITED: list = []  # decoders a forked child got from its parent, kept alive and untouched
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,8 @@ class VideoFileSource(ListedSource):
             return container, frames
         if pid == os.getpid():
             container.close()
+        else:  # inherited across fork: never close or free it here (its decoder threads live in the parent)
+            _INHERITED.append(cursor)
         return None
 
 
