@@ -45,6 +45,8 @@ class SyntheticData:
 
 @dataclass
 class Hdf5Keys:
+    # Defaults fit a (V, T, H, W, C) `image` array with (V, T, H, W) `mask` label maps.
+    # EfficientMORL's multi-object files need: image_key=imgs mask_key=masks layout=image.
     image_key: str = "image"
     mask_key: Optional[str] = "mask"
     # Leading axes of the image array: "video" = (V, T, H, W, C); "image" = (N, H, W, C), each

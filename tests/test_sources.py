@@ -242,6 +242,43 @@ def test_hdf5_handles_are_opened_per_process(tmp_path):
     assert src._open_pid > 0
 
 
+def _checksums(src, ids, start=0):
+    return [int(sum(int(f.rgb.sum()) for f in src.read_frames(v, start))) for v in ids]
+
+
+_INHERITED = {}  # set before forking: children use the parent's object itself, not a pickled copy
+
+
+def _child_checksums(ids):
+    return _checksums(_INHERITED["src"], ids, start=1)
+
+
+@pytest.mark.parametrize("kind", ["hdf5", "video"])
+def test_reads_in_forked_workers_after_the_parent_read(tmp_path, kind):
+    """A parent that holds an open file / decoder forks DataLoader-style workers; each must open its own."""
+    import multiprocessing
+
+    if kind == "hdf5":
+        path = tmp_path / "x.h5"
+        with h5py.File(path, "w") as f:
+            f["image"] = np.random.default_rng(0).integers(0, 255, (3, 6, 8, 8, 3), dtype=np.uint8)
+        make = lambda: Hdf5Source(path, mask_key=None)  # noqa: E731
+    else:
+        write_video(tmp_path / "v.mp4", 12)
+        make = lambda: VideoFileSource(tmp_path)  # noqa: E731
+    src = make()
+    ids = [r.video_id for r in src.videos()]
+    expected = _checksums(make(), ids, start=1)
+    list(src.read_frames(ids[0], 0, 1))  # leaves a handle / decoder positioned at frame 1 open
+    _INHERITED["src"] = src
+    try:
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            results = pool.map(_child_checksums, [ids] * 4)
+    finally:
+        _INHERITED.clear()
+    assert results == [expected] * 4
+
+
 # ---------------------------------------------------------------------------------- make_source
 def cfg_for(*overrides):
     return load_config(REPO / "configs" / "demo.yaml", list(overrides))

@@ -110,6 +110,8 @@ class ListedSource:
             log.warning("skipped %d bad video(s) in %s (skip-bad)", len(self.skipped), self.root)
         if not rows:
             why = f"; {len(self.skipped)} skipped as bad" if self.skipped else ""
+            if self.kind == "synthetic":
+                why += f"; make them with `egoslots make-synthetic {self.root}` or `egoslots run CONFIG`"
             raise SourceError(f"no videos found in {self.root} (dataset.source={self.kind}){why}")
         return rows
 

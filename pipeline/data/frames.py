@@ -217,12 +217,12 @@ def load_rgb(path: Path, where: str) -> np.ndarray:
         with Image.open(path) as im:
             im.load()  # decode now, so that a truncated file fails here and not later
             if im.mode in ("RGB", "RGBA", "L"):
-                arr = np.asarray(im)
+                arr = np.array(im)  # a writable copy (asarray's view is read-only; torch warns)
             elif im.mode.startswith("I"):  # 16/32-bit grey: scale 16-bit range down to 8 bits
                 arr = np.asarray(im).astype(np.int64)
                 arr = arr // 257 if arr.size and arr.max() > 255 else arr
             else:  # palette, CMYK, YCbCr, LA, 1-bit: let Pillow map them to RGB
-                arr = np.asarray(im.convert("RGB"))
+                arr = np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise SourceError(f"{where}: cannot decode image ({err})") from err
     return to_rgb_uint8(arr, where)
@@ -234,7 +234,7 @@ def load_mask(path: Path, where: str) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            arr = np.asarray(im)
+            arr = np.array(im)
     except (OSError, SyntaxError, ValueError) as err:
         raise SourceError(f"{where}: cannot decode mask ({err})") from err
     if mode == "1":
