@@ -130,8 +130,11 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     merged = OmegaConf.create()
     for name in defaults:
         parent = Path(name) if Path(name).is_absolute() else path.parent / name
-        if not parent.exists() and (CONFIG_DIR / name).exists():
-            parent = CONFIG_DIR / name
+        if not parent.exists():  # a shipped config: `base.yaml` or `configs/base.yaml` from anywhere
+            for shipped in (CONFIG_DIR / name, CONFIG_DIR / Path(name).name):
+                if shipped.exists():
+                    parent = shipped
+                    break
         merged = OmegaConf.merge(merged, _load_yaml(parent, seen + (path,)))
     return OmegaConf.merge(merged, node)
 
