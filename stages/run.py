@@ -40,6 +40,15 @@ def ensure_synthetic_data(cfg: DictConfig) -> Path:
     return root
 
 
+def _current_picture(run_dir: Path):
+    """A picture already drawn from the run's latest checkpoint, if there is one."""
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    pictures = sorted((run_dir / "viz").glob("*.png")) if (run_dir / "viz").is_dir() else []
+    if ckpt.exists() and pictures and pictures[0].stat().st_mtime >= ckpt.stat().st_mtime:
+        return pictures[0]
+    return None
+
+
 def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
     """Run every stage; returns {"store", "dvae_run", "run_dir", "metrics", "picture"}."""
     from stages.dvae import pretrain, tokenize_run
@@ -80,7 +89,7 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
     _done(t, f"metrics in {Path(run_dir) / 'metrics.json'}")
 
     t = _stage("visualize")
-    picture = visualize_run(run_dir)
+    picture = _current_picture(Path(run_dir)) or visualize_run(run_dir)
     result["picture"] = str(picture)
     _done(t, f"picture {picture}")
 

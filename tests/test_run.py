@@ -57,7 +57,7 @@ def test_run_writes_every_stage_output(finished_run):
     assert len(list((work / "stores").glob("*.zarr"))) == 1
     assert metrics  # the table the command printed comes from this file
     assert "Slot masks over a test video" in first.stdout
-    assert "kmeans" in first.stdout.lower() and "grid" in first.stdout.lower()
+    assert "k-means" in first.stdout and "grid" in first.stdout
 
 
 def test_second_run_does_no_work(finished_run):
