@@ -39,13 +39,7 @@ class LazyGroup(click.Group):
             return None
         target, short = COMMANDS[name]
         module_name, attr = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name == module_name:
-                return _missing_command(name, short)
-            raise
-        command = getattr(module, attr)
+        command = getattr(importlib.import_module(module_name), attr)
         command.short_help = short
         return command
 
@@ -53,15 +47,6 @@ class LazyGroup(click.Group):
         rows = [(name, short) for name, (_, short) in COMMANDS.items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
-
-
-def _missing_command(name: str, short: str) -> click.Command:
-    @click.command(name=name, help=short, context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def missing(args):
-        raise click.ClickException(f"'{name}' is not available in this build of egoslots.")
-
-    return missing
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -109,3 +109,15 @@ def test_cli_lists_every_command_with_help():
 
     for name in cli.COMMANDS:
         assert name in out.stdout
+
+
+def test_every_command_help_has_an_example():
+    from click.testing import CliRunner
+
+    import cli
+
+    runner = CliRunner()
+    for name in cli.COMMANDS:
+        result = runner.invoke(cli.main, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
+        assert "Example" in result.output or "example" in result.output, name
