@@ -316,10 +316,10 @@ class FeatureStore:
             self.writable(name)[start:stop] = values
         if durable:
             for name in arrays:
-                self._fsync_chunk(name, chunk)
+                self.fsync_chunk(name, chunk)
         self.writable("done")[chunk] = 1
         if durable:
-            self._fsync_chunk("done", chunk)
+            self.fsync_chunk("done", chunk)
 
     def writable(self, name: str) -> zarr.Array:
         """Array ``name`` set to write every chunk, even all-zero ones (zarr skips those by
@@ -335,7 +335,8 @@ class FeatureStore:
         ndim = len(self.group[name].shape)
         return self.path.joinpath(name, "c", str(chunk), *(["0"] * (ndim - 1)))
 
-    def _fsync_chunk(self, name: str, chunk: int) -> None:
+    def fsync_chunk(self, name: str, chunk: int) -> None:
+        """Flush one chunk file (and its folder) to disk, so a done flag never outlives its data."""
         path = self.chunk_file(name, chunk)
         if path is None or not path.exists():
             return

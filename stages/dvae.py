@@ -42,7 +42,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from cache.store import FeatureStore, StoreError, chunk_bounds, list_stores
+from cache.fingerprint import resolve_store
+from cache.store import FeatureStore, StoreError, chunk_bounds
 from pipeline.config import ConfigError, save_resolved
 from pipeline.dvae import (
     DVAE,
@@ -72,26 +73,7 @@ class TrainingDiverged(RuntimeError):
 # --------------------------------------------------------------------------------------------
 def open_store(cfg: DictConfig) -> FeatureStore:
     """The store this config names (``store=`` path or fingerprint, else the matching one)."""
-    try:
-        from cache.store import resolve_store  # the extract stage's resolver, when present
-    except ImportError:
-        resolve_store = _resolve_store_fallback
     return resolve_store(cfg)
-
-
-def _resolve_store_fallback(cfg: DictConfig) -> FeatureStore:
-    work = Path(cfg.work_dir)
-    if cfg.store:
-        path = Path(cfg.store)
-        if not path.exists() and (work / "stores" / f"{cfg.store}.zarr").exists():
-            path = work / "stores" / f"{cfg.store}.zarr"
-        return FeatureStore.open(path)
-    stores = list(list_stores(work))
-    if len(stores) == 1:
-        return FeatureStore.open(stores[0])
-    if not stores:
-        raise StoreError(f"no feature store in {work / 'stores'}: run `egoslots extract-features CONFIG` first")
-    raise StoreError(f"{len(stores)} stores in {work / 'stores'}: name one with store=PATH_OR_FINGERPRINT")
 
 
 def check_frames(store: FeatureStore) -> int:
@@ -539,24 +521,13 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
                 next_frames = reader.submit(store.read_rows, "frames", *bounds[i + 1])
             ids = encode_frames(model, frames, batch_size, device)  # (n, h, w) uint16
             ids_array[start:stop] = ids
-            _fsync(store.chunk_file(f"tokens/{dvae_hash}/ids", chunk))
+            store.fsync_chunk(f"tokens/{dvae_hash}/ids", chunk)
             done_array[chunk] = 1  # last: the chunk counts only once its ids are on disk
-            _fsync(store.chunk_file(f"tokens/{dvae_hash}/done", chunk))
+            store.fsync_chunk(f"tokens/{dvae_hash}/done", chunk)
             bar.update(stop - start)
     sub.attrs.update({"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     log.info("tokens of dVAE %s complete in %s", dvae_hash, store.path)
     return dvae_hash
-
-
-def _fsync(path: Optional[Path]) -> None:
-    """Flush one chunk file to disk, so a done flag never outlives its data in a power cut."""
-    if path is None or not path.exists():
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @torch.no_grad()

@@ -36,8 +36,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
+from cache.fingerprint import resolve_store
 from cache.reader import ClipDataset
-from cache.store import FeatureStore, StoreError, list_stores
+from cache.store import FeatureStore, StoreError
 from pipeline.config import resolve, save_resolved
 from pipeline.schedules import lr_factor
 from stages.common import StageError, config_command
@@ -81,29 +82,9 @@ class TrainingInputs:
 def open_store(cfg: DictConfig) -> FeatureStore:
     """The store this config trains on: ``store=`` (path or fingerprint) or the matching one."""
     try:
-        from cache.store import resolve_store  # the extract stage's resolver, when present
-    except ImportError:
-        resolve_store = _resolve_store_fallback
-    try:
         return resolve_store(cfg)
     except StoreError as err:
         raise StageError(f"{err}") from err
-
-
-def _resolve_store_fallback(cfg: DictConfig) -> FeatureStore:
-    """``store=`` as a path or fingerprint, else the one complete store in work_dir/stores."""
-    work = Path(cfg.work_dir)
-    if cfg.store:
-        path = Path(cfg.store)
-        if not path.exists():
-            path = work / "stores" / f"{cfg.store}.zarr"
-        return FeatureStore.open(path)
-    stores = list(list_stores(work))
-    if len(stores) == 1:
-        return FeatureStore.open(stores[0])
-    if not stores:
-        raise StoreError(f"no feature store in {work / 'stores'}: run `egoslots extract-features CONFIG` first")
-    raise StoreError(f"{len(stores)} stores in {work / 'stores'}: name one with store=PATH_OR_FINGERPRINT")
 
 
 def dvae_run_dir(cfg: DictConfig) -> Path:
