@@ -282,7 +282,9 @@ class SlotTrainingModule(L.LightningModule):
         return self.model(features, tokens)
 
     def _step(self, batch: dict) -> tuple[dict, dict]:
-        outputs = self.model(batch["features"], batch.get("tokens"))
+        # Clips arrive in the store's dtype (float16: half the bytes through the loader); widened
+        # here, on the training device, to exactly the float32 values the store holds.
+        outputs = self.model(batch["features"].float(), batch.get("tokens"))
         return outputs, self.model.losses(outputs, gather=self._gather())
 
     def _gather(self):
@@ -366,7 +368,7 @@ class SlotTrainingModule(L.LightningModule):
         cfg = self.cfg
         dataset = ClipDataset(d["store"], "train", cfg.dataset.ep_length, cfg.dataset.clip_stride,
                               cfg.dataset.frame_step, fields=clip_fields(cfg, d["tokens"]), tokens=d["tokens"],
-                              include_flipped=True)
+                              include_flipped=True, feature_dtype="stored")
         if len(dataset) == 0:
             raise StageError(
                 f"the train split of {d['store']} has no clip of {cfg.dataset.ep_length} frames "
