@@ -65,3 +65,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def setup_logging(level: int = logging.INFO) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # Lightning advertises a cloud logger on every Trainer start; not something our users need.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
+    # Imported before us, Lightning prints through a handler of its own: stop the same line
+    # reaching ours a second time.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lightning_log = logging.getLogger(name)
+        if lightning_log.handlers:
+            lightning_log.propagate = False
