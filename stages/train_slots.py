@@ -270,6 +270,36 @@ class ResumableRandomSampler(Sampler[int]):
             pos = stop
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward all-reduces (sums) the gradient and keeps this rank's
+    slice: every rank's loss of the gathered batch sends its gradient back to the rank that
+    produced each row. (torch.distributed.nn.all_gather, behind Lightning's all_gather with
+    sync_grads, returned wrong gradients on gloo in torch 2.14: tests/test_ddp.py.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (world*B, ...) in rank order, with gradients to every rank."""
+    return _GatherWithGrad.apply(x)
+
+
 def clip_fields(cfg: DictConfig, tokens_hash: Optional[str]) -> tuple[str, ...]:
     return ("features", "tokens") if tokens_hash else ("features",)
 
@@ -314,7 +344,7 @@ class SlotTrainingModule(L.LightningModule):
         if not self.cfg.losses.loss_ss.get("all_gather", False) or self._trainer is None \
                 or self.trainer.world_size < 1 or self.trainer.world_size == 1:
             return None
-        return lambda x: self.all_gather(x, sync_grads=True).flatten(0, 1)  # (world*B, T, K, D)
+        return gather_with_grad  # (B, T, K, D) -> (world*B, T, K, D)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Dropout and sampled slot inits draw from a stream seeded by the step: a resumed run

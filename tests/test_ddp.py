@@ -74,8 +74,9 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
 
     a, b = weights(tmp_path / "runs" / "ddp"), weights(single)
     assert a.keys() == b.keys() and a
-    moved = weights(single)  # training moved the weights: the comparison is not between two inits
+    # Adam turns float rounding in a near-zero gradient (e.g. attention key biases) into steps of
+    # up to lr; a wrong gradient anywhere moves weights by ~lr per step (3e-3 here).
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     worst = max(diffs, key=diffs.get)
-    assert diffs[worst] < 1e-5, (worst, diffs[worst])
-    assert moved
+    assert diffs[worst] < 2e-4, (worst, diffs[worst])
+    assert sorted(diffs.values())[len(diffs) // 2] < 1e-6  # the typical tensor agrees to rounding
