@@ -80,3 +80,18 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] < 2e-4, (worst, diffs[worst])
     assert sorted(diffs.values())[len(diffs) // 2] < 1e-6  # the typical tensor agrees to rounding
+
+
+def test_ranks_draw_disjoint_slices_whose_union_is_the_one_process_stream():
+    from stages.train_slots import ResumableRandomSampler
+
+    batch, world, steps = 3, 4, 30_000  # crosses the sampler's 65,536-draw blocks
+    single = list(ResumableRandomSampler(50, total=steps * batch * world, seed=7))
+    ranks = [list(ResumableRandomSampler(50, total=steps * batch, seed=7, batch=batch, rank=r, world=world))
+             for r in range(world)]
+    joined = [i for s in range(steps) for r in range(world) for i in ranks[r][s * batch:(s + 1) * batch]]
+    assert joined == single
+    assert ranks[0][:batch] != ranks[1][:batch]  # not the same draws on every rank
+    resumed = list(ResumableRandomSampler(50, total=steps * batch, seed=7, start=1234 * batch,
+                                          batch=batch, rank=2, world=world))
+    assert resumed == ranks[2][1234 * batch:]
