@@ -227,25 +227,77 @@ class ResumableRandomSampler(Sampler[int]):
 
     Index i of the stream depends only on (seed, i), so a run resumed at step s (``start`` =
     s * batch size) reads exactly the clips the uninterrupted run would have read.
+
+    Under DDP every rank reads the same global stream and takes its own ``batch``-sized slice of
+    each global batch of ``batch * world`` draws: rank r's step-s batch is global positions
+    s*batch*world + r*batch ... + batch - 1. The ranks' batches are disjoint parts of the global
+    batch and, concatenated in rank order, equal the batch a 1-process run with batch size
+    ``batch * world`` draws at step s (same seed). ``total`` and ``start`` count this rank's draws.
     """
 
     BLOCK = 1 << 16
 
-    def __init__(self, size: int, total: int, seed: int, start: int = 0):
+    def __init__(self, size: int, total: int, seed: int, start: int = 0,
+                 batch: int = 1, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
         self.size, self.total, self.seed, self.start = size, total, seed, start
+        self.batch, self.rank, self.world = max(1, int(batch)), int(rank), int(world)
 
     def __len__(self) -> int:
         return max(0, self.total - self.start)
 
+    def _global_positions(self, local: torch.Tensor) -> torch.Tensor:
+        b, w = self.batch, self.world
+        return (local // b) * b * w + self.rank * b + local % b
+
+    def _draws(self, pos: torch.Tensor) -> torch.Tensor:
+        """The global stream's values at positions ``pos`` (increasing), one generator per block."""
+        out = torch.empty_like(pos)
+        blocks = pos // self.BLOCK
+        for block in torch.unique_consecutive(blocks).tolist():
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + block)
+            draws = torch.randint(self.size, (self.BLOCK,), generator=g)
+            here = blocks == block
+            out[here] = draws[pos[here] - block * self.BLOCK]
+        return out
+
     def __iter__(self) -> Iterator[int]:
         pos = self.start
         while pos < self.total:
-            block = pos // self.BLOCK
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + block)
-            draws = torch.randint(self.size, (self.BLOCK,), generator=g)
-            stop = min(self.total, (block + 1) * self.BLOCK)
-            yield from draws[pos - block * self.BLOCK: stop - block * self.BLOCK].tolist()
+            stop = min(self.total, (pos // self.BLOCK + 1) * self.BLOCK)
+            yield from self._draws(self._global_positions(torch.arange(pos, stop))).tolist()
             pos = stop
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward all-reduces (sums) the gradient and keeps this rank's
+    slice: every rank's loss of the gathered batch sends its gradient back to the rank that
+    produced each row. (torch.distributed.nn.all_gather, behind Lightning's all_gather with
+    sync_grads, returned wrong gradients on gloo in torch 2.14: tests/test_ddp.py.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (world*B, ...) in rank order, with gradients to every rank."""
+    return _GatherWithGrad.apply(x)
 
 
 def clip_fields(cfg: DictConfig, tokens_hash: Optional[str]) -> tuple[str, ...]:
@@ -292,7 +344,7 @@ class SlotTrainingModule(L.LightningModule):
         if not self.cfg.losses.loss_ss.get("all_gather", False) or self._trainer is None \
                 or self.trainer.world_size < 1 or self.trainer.world_size == 1:
             return None
-        return lambda x: self.all_gather(x, sync_grads=True).flatten(0, 1)  # (world*B, T, K, D)
+        return gather_with_grad  # (B, T, K, D) -> (world*B, T, K, D)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Dropout and sampled slot inits draw from a stream seeded by the step: a resumed run
@@ -307,10 +359,12 @@ class SlotTrainingModule(L.LightningModule):
         self.first_bad_step = torch.where(bad & (self.first_bad_step < 0),
                                           torch.full_like(self.first_bad_step, self.global_step), self.first_bad_step)
         size = batch["features"].shape[0]
+        # Under DDP the logged losses are the mean over ranks (= the global batch's losses).
+        sync = self._trainer is not None and self.trainer.world_size > 1
         self.log_dict({f"train/{k}": v.detach().float() for k, v in losses.items()},
-                      on_step=True, on_epoch=False, batch_size=size)
+                      on_step=True, on_epoch=False, batch_size=size, sync_dist=sync)
         self.log("loss", loss.detach().float(), on_step=True, on_epoch=False, prog_bar=True, logger=False,
-                 batch_size=size)
+                 batch_size=size, sync_dist=sync)
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         if opt is not None:
             self.log("train/lr", float(opt.param_groups[-1]["lr"]), on_step=True, on_epoch=False, batch_size=size)
@@ -378,8 +432,11 @@ class SlotTrainingModule(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.global_rank if self._trainer is not None else 0
         start_step = self.trainer.global_step if self._trainer is not None else 0
+        # Every rank reads its own slice of one global stream: the union of the ranks' batches is
+        # the batch a 1-process run with batch size batch * world reads (see the sampler).
         sampler = ResumableRandomSampler(len(dataset), total=int(cfg.trainer.max_steps) * batch,
-                                         seed=int(cfg.seed) * world + rank, start=start_step * batch)
+                                         seed=int(cfg.seed), start=start_step * batch,
+                                         batch=batch, rank=rank, world=world)
         return _loader(dataset, batch, sampler, cfg, drop_last=True)
 
     def val_dataloader(self):

@@ -1,0 +1,97 @@
+"""Stage 3 under DDP: 2 CPU processes (gloo) train exactly what 1 process with the global batch trains.
+
+The 2-process run is `torchrun --nproc-per-node 2 cli.py train-slots ...` (Lightning picks the
+torchrun environment up); every rank reads its own half of the one global sample stream and the
+slot-slot contrast sees the all-gathered global batch (losses.loss_ss.all_gather=true), so after
+N steps its weights must equal those of a 1-process run with twice the per-device batch.
+Float32, no dropout, fixed (learned) slot init: nothing random differs between the two runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.test_train_slots import make_dvae_run, make_store
+
+REPO = Path(__file__).resolve().parents[1]
+PER_DEVICE = 2
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(work: Path, run_name: str, batch: int, *extra: str) -> list[str]:
+    return [
+        f"work_dir={work}", "store=fp0", f"run_name={run_name}", "seed=0",
+        "globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", "globals.VOCAB_SIZE=16",
+        "globals.NUM_FRAMES=3", f"globals.BATCH_SIZE_PER_GPU={batch}", "globals.USE_STEVE_DECODER=true",
+        "dataset.num_workers=0", "decoder.hidden_dims=[32,32]",
+        "steve_decoder.num_blocks=1", "steve_decoder.d_model=16", "steve_decoder.num_heads=2",
+        "steve_decoder.dropout=0.0", "predictor.num_heads=2", "model.initializer.name=fixed",
+        "losses.loss_ss.all_gather=true", "losses.loss_ss.batch_contrast=true",
+        "optimizer.warmup_steps=1", "optimizer.lr=0.003",
+        f"trainer.max_steps={STEPS}", f"trainer.ckpt_every={STEPS}", f"trainer.val_every={STEPS}",
+        "trainer.val_batches=1", "trainer.log_every=1", "trainer.image_every=1000",
+        "trainer.precision=32", "trainer.accelerator=cpu", "trainer.compile=false", *extra,
+    ]
+
+
+def weights(run: Path) -> dict:
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+
+
+def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
+    make_store(tmp_path, videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 7, "train"), ("v", 6, "val")))
+    make_dvae_run(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    # 2 processes, batch 2 each, via torchrun (the documented multi-GPU / multi-node launch)
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+         "cli.py", "train-slots", "configs/base.yaml",
+         *overrides(tmp_path, "ddp", PER_DEVICE, "trainer.devices=2", "trainer.strategy=ddp")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+
+    # 1 process, batch 4, in this process
+    from pipeline.config import load_config
+    from stages.train_slots import train
+
+    single = train(load_config(REPO / "configs/base.yaml", overrides(tmp_path, "single", 2 * PER_DEVICE)))
+
+    a, b = weights(tmp_path / "runs" / "ddp"), weights(single)
+    assert a.keys() == b.keys() and a
+    # Adam turns float rounding in a near-zero gradient (e.g. attention key biases) into steps of
+    # up to lr; a wrong gradient anywhere moves weights by ~lr per step (3e-3 here).
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < 2e-4, (worst, diffs[worst])
+    assert sorted(diffs.values())[len(diffs) // 2] < 1e-6  # the typical tensor agrees to rounding
+
+
+def test_ranks_draw_disjoint_slices_whose_union_is_the_one_process_stream():
+    from stages.train_slots import ResumableRandomSampler
+
+    batch, world, steps = 3, 4, 30_000  # crosses the sampler's 65,536-draw blocks
+    single = list(ResumableRandomSampler(50, total=steps * batch * world, seed=7))
+    ranks = [list(ResumableRandomSampler(50, total=steps * batch, seed=7, batch=batch, rank=r, world=world))
+             for r in range(world)]
+    joined = [i for s in range(steps) for r in range(world) for i in ranks[r][s * batch:(s + 1) * batch]]
+    assert joined == single
+    assert ranks[0][:batch] != ranks[1][:batch]  # not the same draws on every rank
+    resumed = list(ResumableRandomSampler(50, total=steps * batch, seed=7, start=1234 * batch,
+                                          batch=batch, rank=2, world=world))
+    assert resumed == ranks[2][1234 * batch:]
