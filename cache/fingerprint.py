@@ -23,7 +23,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from cache.store import FORMAT_VERSION, FeatureStore, StoreError, list_stores, store_path
+from cache.location import Location, as_location, is_remote, name_of, store_exists
+from cache.store import FORMAT_VERSION, FeatureStore, StoreError, list_stores, store_path, stores_dir
 
 FINGERPRINT_CHARS = 16
 
@@ -143,29 +144,38 @@ def settings_mismatch(recorded: dict, wanted: dict) -> list[str]:
     return diffs
 
 
-def store_location(cfg, name: Optional[str] = None) -> Path:
-    """A ``store=`` value (path or fingerprint) as a path: fingerprints live in work_dir/stores."""
+def config_stores_dir(cfg) -> Location:
+    """The stores folder a config means: ``store_dir`` (folder or URL), else work_dir/stores."""
+    return stores_dir(cfg.work_dir, cfg.get("store_dir"))
+
+
+def store_location(cfg, name: Optional[str] = None) -> Location:
+    """A ``store=`` value (path, URL or fingerprint) as a location: fingerprints live in the
+    config's stores folder (:func:`config_stores_dir`)."""
     name = str(name if name is not None else cfg.store)
+    if "://" in name:
+        return as_location(name)
     path = Path(name).expanduser()
     if path.exists() or os.sep in name or name.endswith(".zarr"):
         return path
-    return store_path(cfg.work_dir, name)
+    return store_path(config_stores_dir(cfg), name)
 
 
 def resolve_store(cfg) -> FeatureStore:
     """The complete store a later stage should read, or a StoreError saying what to run."""
+    folder = config_stores_dir(cfg)
     if cfg.get("store"):
         path = store_location(cfg)
-        if not path.exists():
-            have = ", ".join(p.stem for p in list_stores(cfg.work_dir)) or "none"
+        if not _exists(path):
+            have = ", ".join(name_of(p) for p in _stores_in(folder)) or "none"
             raise StoreError(
-                f"store={cfg.store}: no feature store at {path} (stores in {cfg.work_dir}/stores: {have}); "
+                f"store={cfg.store}: no feature store at {path} (stores in {folder}: {have}); "
                 "run `egoslots extract-features CONFIG` with the config you extracted with"
             )
         return FeatureStore.open(path)
     wanted = extraction_settings(cfg)
     complete, incomplete = [], []
-    for path in list_stores(cfg.work_dir):
+    for path in _stores_in(folder):
         try:
             store = FeatureStore.open(path, require_complete=False)
         except StoreError:
@@ -178,7 +188,7 @@ def resolve_store(cfg) -> FeatureStore:
     if len(complete) > 1:
         names = ", ".join(f"{s.fingerprint} (created {s.meta.get('created')})" for s in complete)
         raise StoreError(
-            f"several complete stores in {cfg.work_dir}/stores match this config: {names}; "
+            f"several complete stores in {folder} match this config: {names}; "
             "name one with store=FINGERPRINT (see `egoslots cache ls`)"
         )
     if incomplete:
@@ -188,8 +198,24 @@ def resolve_store(cfg) -> FeatureStore:
             "rerun `egoslots extract-features CONFIG` with this config to finish it"
         )
     raise StoreError(
-        f"no feature store in {cfg.work_dir}/stores matches this config's extraction settings "
+        f"no feature store in {folder} matches this config's extraction settings "
         f"(dataset {wanted['dataset']['path']}, backbone {wanted['backbone'].get('name')}, "
         f"dtype {wanted['dtype']}, frame size {wanted['frame_size']}, hflip {wanted['hflip']}); "
         "run `egoslots extract-features CONFIG` with this config first, or set store=PATH|FINGERPRINT"
     )
+
+
+def _exists(path: Location) -> bool:
+    try:
+        return store_exists(path)
+    except Exception as err:  # noqa: BLE001 - credentials, endpoint, bucket
+        raise StoreError(f"cannot reach {path}: {type(err).__name__}: {err}") from err
+
+
+def _stores_in(folder: Location) -> list[Location]:
+    try:
+        return list_stores(folder)
+    except Exception as err:  # noqa: BLE001 - credentials, endpoint, bucket
+        if not is_remote(folder):
+            raise
+        raise StoreError(f"cannot list the stores in {folder}: {type(err).__name__}: {err}") from err

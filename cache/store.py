@@ -30,14 +30,16 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import zarr
+
+from cache.location import Location, as_location, is_remote, join, list_zarr, remote_keys, remove, size_bytes
+from cache.location import store_exists
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "egoslots"
@@ -48,6 +50,18 @@ SKIPPED_GROUP = "skipped"
 
 class StoreError(RuntimeError):
     """A store that is missing, incomplete, or not what the caller needs."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem ``verify`` found. ``chunk``/``array`` name the bad data, when it is data."""
+
+    text: str
+    chunk: Optional[int] = None
+    array: Optional[str] = None
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
@@ -65,8 +79,15 @@ class VideoRecord:
         return self.first + self.length
 
 
-def store_path(work_dir: str | Path, fingerprint: str) -> Path:
-    return Path(work_dir) / "stores" / f"{fingerprint}.zarr"
+def stores_dir(work_dir: str | Path, store_dir: Optional[str] = None) -> Location:
+    """Where stores are created and looked up: ``store_dir`` (a folder or an fsspec URL such as
+    ``s3://bucket/egoslots``) if set, else ``<work_dir>/stores``."""
+    return as_location(store_dir) if store_dir else Path(work_dir) / "stores"
+
+
+def store_path(folder: Location, fingerprint: str) -> Location:
+    """The store of a fingerprint inside a stores folder (see :func:`stores_dir`)."""
+    return join(folder, f"{fingerprint}.zarr")
 
 
 def chunk_bounds(chunk: int, chunk_len: int, num_frames: int) -> tuple[int, int]:
@@ -91,7 +112,7 @@ class FeatureStore:
     """A handle on one store group. Create with :meth:`create`, open with :meth:`open`."""
 
     def __init__(self, path: str | Path, group: zarr.Group):
-        self.path = Path(path) if "://" not in str(path) else path
+        self.path = as_location(path)  # Path if local, the URL (str) if remote
         self.group = group
         self._meta: Optional[dict] = None
 
@@ -122,7 +143,7 @@ class FeatureStore:
         if feature_dtype not in FEATURE_DTYPES:
             raise StoreError(f"unknown feature dtype '{feature_dtype}' (extract.dtype: {' | '.join(FEATURE_DTYPES)})")
         inner = _inner_len(chunk_len, inner_chunk_len)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group = zarr.open_group(str(as_location(path)), mode="w", zarr_format=3)
         codecs = _compressors(compressor, checksum)
 
         def add(name, shape, dtype, compressors=codecs):
@@ -166,7 +187,12 @@ class FeatureStore:
     @classmethod
     def open(cls, path: str | Path, *, require_complete: bool = True, mode: str = "r") -> "FeatureStore":
         """Open an existing store; by default refuse one that extraction has not finished."""
-        if "://" not in str(path) and not Path(path).exists():
+        path = as_location(path)
+        try:
+            exists = store_exists(path)
+        except Exception as err:  # noqa: BLE001 - no credentials, unknown bucket, unreachable endpoint
+            raise StoreError(f"cannot reach the store {path}: {type(err).__name__}: {err}") from err
+        if not exists:
             raise StoreError(f"no feature store at {path}; run `egoslots extract-features CONFIG` first")
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
@@ -328,12 +354,16 @@ class FeatureStore:
         token ids through this too."""
         return self.group[name].with_config({"write_empty_chunks": True})
 
+    def chunk_key(self, name: str, chunk: int) -> str:
+        """The key (path inside the store) of chunk ``chunk`` of array ``name``: one shard."""
+        ndim = len(self.group[name].shape)
+        return "/".join([name, "c", str(chunk), *(["0"] * (ndim - 1))])
+
     def chunk_file(self, name: str, chunk: int) -> Optional[Path]:
-        """The file holding chunk ``chunk`` of array ``name`` (local stores; default key encoding)."""
+        """The file holding chunk ``chunk`` of array ``name`` (local stores only)."""
         if not isinstance(self.path, Path):
             return None
-        ndim = len(self.group[name].shape)
-        return self.path.joinpath(name, "c", str(chunk), *(["0"] * (ndim - 1)))
+        return self.path / self.chunk_key(name, chunk)
 
     def fsync_chunk(self, name: str, chunk: int) -> None:
         """Flush one chunk file (and its folder) to disk, so a done flag never outlives its data."""
@@ -378,8 +408,13 @@ class FeatureStore:
     def lock(self):
         """An exclusive inter-process lock on this store (attrs updates by concurrent shards).
 
-        ``flock`` on the store's own directory: no extra file inside the zarr hierarchy.
+        ``flock`` on the store's own directory: no extra file inside the zarr hierarchy. Object
+        stores have no locks; there the only locked write (marking the store complete) is
+        idempotent: every shard that sees all chunks done writes the same video table.
         """
+        if is_remote(self.path):
+            yield
+            return
         fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -438,7 +473,7 @@ class FeatureStore:
         names += [f"tokens/{h}/ids" for h in self.token_group_names()]
         return names
 
-    def verify(self, progress=None) -> list[str]:
+    def verify(self, progress=None) -> list[Finding]:
         """Every problem found, one line each naming the chunk and array; [] if the store is sound.
 
         Checks that every chunk is flagged done, every chunk file exists and decodes (crc32c
@@ -449,40 +484,82 @@ class FeatureStore:
         done = self.done_chunks()
         if not done.all():
             missing = np.flatnonzero(~done)
-            problems.append(f"{len(missing)} chunk(s) not flagged done: {', '.join(map(str, missing[:10]))}"
-                            + (" ..." if len(missing) > 10 else ""))
+            problems.append(Finding(f"{len(missing)} chunk(s) not flagged done: {', '.join(map(str, missing[:10]))}"
+                                    + (" ..." if len(missing) > 10 else "")))
         for v in self.videos:
             if v.first < 0 or v.stop > self.num_frames:
-                problems.append(f"video table row '{v.id}' (hflip={v.hflip}) spans rows {v.first}..{v.stop - 1}, "
-                                f"outside the {self.num_frames} frames")
+                problems.append(Finding(f"video table row '{v.id}' (hflip={v.hflip}) spans rows "
+                                        f"{v.first}..{v.stop - 1}, outside the {self.num_frames} frames"))
         for dvae_hash in self.token_group_names():
             token_done = np.asarray(self.group[f"tokens/{dvae_hash}/done"][:], dtype=bool)
             if not token_done.all():
-                problems.append(f"tokens of dVAE {dvae_hash}: {int((~token_done).sum())} chunk(s) not flagged done")
+                problems.append(Finding(f"tokens of dVAE {dvae_hash}: {int((~token_done).sum())} chunk(s) not "
+                                        "flagged done"))
         names = self.data_arrays()
+        remote_files = set(remote_keys(self.path)) if is_remote(self.path) else None
         for chunk in range(done.size):
             start, stop = chunk_bounds(chunk, self.chunk_len, self.num_frames)
             for name in names:
                 where = f"chunk {chunk} of '{name}' (rows {start}..{stop - 1}"
                 path = self.chunk_file(name, chunk)
-                where += f", file {path})" if path is not None else ")"
-                if path is not None and not path.exists():
+                if remote_files is not None:
+                    path_key = self.chunk_key(name, chunk)
+                    where += f", object {path_key})"
+                    missing = path_key not in remote_files
+                else:
+                    where += f", file {path})" if path is not None else ")"
+                    missing = path is not None and not path.exists()
+                if missing:
                     if not name.startswith("tokens/"):  # token writers may skip all-zero chunks
-                        problems.append(f"{where}: file missing")
+                        problems.append(Finding(f"{where}: file missing", chunk, name))
                     continue
                 try:  # through zarr, which checks every inner chunk's crc32c
                     values = self.group[name][start:stop]
                     if name == "features" and self.meta["feature_dtype"] == "bfloat16":
                         values = (values.astype(np.uint32) << 16).view(np.float32)
                 except Exception as err:  # noqa: BLE001 - any decode failure is a finding
-                    problems.append(f"{where}: unreadable ({type(err).__name__}: {err})")
+                    problems.append(Finding(f"{where}: unreadable ({type(err).__name__}: {err})", chunk, name))
                     continue
                 if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                     bad = int((~np.isfinite(values)).sum())
-                    problems.append(f"{where}: {bad} non-finite value(s)")
+                    problems.append(Finding(f"{where}: {bad} non-finite value(s)", chunk, name))
             if progress is not None:
                 progress(chunk)
         return problems
+
+    def unflag(self, findings: list[Finding]) -> dict[str, list[int]]:
+        """Mark the chunks holding bad data as not written, so a rerun rewrites exactly them.
+
+        Frame arrays: the store's ``done`` flag and ``complete`` (rerun ``extract-features``).
+        Token ids: that dVAE's token flags (rerun ``tokenize``). Returns {flag array: chunks}.
+        """
+        targets: dict[str, set[int]] = {}
+        for f in findings:
+            if f.chunk is None or f.array is None:
+                continue
+            flags = f.array.rsplit("/", 1)[0] + "/done" if f.array.startswith("tokens/") else "done"
+            targets.setdefault(flags, set()).add(f.chunk)
+        for flags, chunks in targets.items():
+            for chunk in sorted(chunks):
+                self.writable(flags)[chunk] = 0
+                self.fsync_chunk(flags, chunk)
+            if flags == "done":
+                with self.lock():
+                    self.update_meta(complete=False)
+            else:
+                self.group[flags.rsplit("/", 1)[0]].attrs["complete"] = False
+        return {k: sorted(v) for k, v in targets.items()}
+
+    @staticmethod
+    def unfinished_creation(path: Location) -> bool:
+        """True if ``path`` holds a zarr group that :meth:`create` started but never finished
+        (no egoslots attrs yet, nothing but the arrays ``create`` makes): safe to recreate."""
+        try:
+            group = zarr.open_group(str(as_location(path)), mode="r", zarr_format=3)
+        except Exception:  # noqa: BLE001 - not even a group: not ours to touch
+            return False
+        known = set(DATA_ARRAYS) | {"done"}
+        return ATTRS_KEY not in group.attrs and set(group.keys()) <= known
 
     # ------------------------------------------------------------------ tokens (stage 2)
     def token_group_names(self) -> list[str]:
@@ -601,27 +678,21 @@ class _ShardReader:
             row = end
         return out
 
-def remove_store(path: str | Path) -> None:
-    """Delete a store and the config written beside it."""
-    shutil.rmtree(path)
-    config_path(path).unlink(missing_ok=True)
+def remove_store(path: Location) -> None:
+    """Delete a store and the config written beside it (local or remote)."""
+    from cache.location import remove_file
+
+    remove(path)
+    remove_file(config_path(path))
 
 
-def list_stores(work_dir: str | Path) -> Iterator[Path]:
-    root = Path(work_dir) / "stores"
-    if root.is_dir():
-        yield from sorted(p for p in root.iterdir() if p.suffix == ".zarr")
+def list_stores(folder: Location) -> list[Location]:
+    """The stores (``*.zarr``) in a stores folder (see :func:`stores_dir`), local or remote."""
+    return list_zarr(folder)
 
 
-def directory_size(path: str | Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(dirpath, f))
-            except OSError:
-                pass
-    return total
+def directory_size(path: Location) -> int:
+    return size_bytes(path)
 
 
 def _compressors(name: Optional[str], checksum: bool = False) -> Optional[list]:
@@ -647,10 +718,12 @@ def _inner_len(chunk_len: int, wanted: int) -> int:
     return max(d for d in range(1, wanted + 1) if chunk_len % d == 0)
 
 
-def config_path(path: str | Path) -> Path:
+def config_path(path: Location) -> Location:
     """Where the resolved config of the store at ``path`` is written: beside it, ``<name>.config.yaml``."""
-    path = Path(path)
-    return path.with_name(path.name.removesuffix(".zarr") + ".config.yaml")
+    path = as_location(path)
+    if isinstance(path, Path):
+        return path.with_name(path.name.removesuffix(".zarr") + ".config.yaml")
+    return path.removesuffix(".zarr") + ".config.yaml"
 
 
 def resolve_store(cfg) -> "FeatureStore":

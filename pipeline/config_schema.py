@@ -260,6 +260,10 @@ class Config:
     # Feature store that later stages read: a path, or a fingerprint under work_dir/stores.
     # None: the one complete store in work_dir that matches this config's extraction settings.
     store: Optional[str] = None
+    # Folder where extraction creates stores and later stages look for them: a local path or an
+    # fsspec URL (s3://bucket/prefix, gs://..., file://...). None = work_dir/stores. Credentials
+    # and endpoints come from the environment, never from configs (see docs/scaling.md).
+    store_dir: Optional[str] = None
     # dVAE run whose tokens stage 3 reads: a run directory; None = work_dir/runs/<dvae.run_name>.
     dvae_run: Optional[str] = None
     globals: Globals = field(default_factory=Globals)

@@ -1,37 +1,47 @@
-"""`egoslots cache ...`: list, describe, verify and remove feature stores.
+"""`egoslots cache ...`: list, describe, verify (and repair) and remove feature stores.
 
-STORE is a store path, or a fingerprint (or a unique prefix of one) under
-``<work-dir>/stores``.
+STORE is a store path or URL, or a fingerprint (or a unique prefix of one) under
+``<work-dir>/stores`` (or ``--store-dir``, which may be an fsspec URL such as s3://bucket/x).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import click
 
-from cache.store import FeatureStore, StoreError, directory_size, list_stores, remove_store
+from cache.location import Location, as_location, name_of
+from cache.store import FeatureStore, StoreError, directory_size, list_stores, remove_store, stores_dir
 
 DEFAULT_WORK_DIR = "./egoslots-work"
 
 
-def find_store(name: str, work_dir: str) -> Path:
-    """A STORE argument as a path: an existing path, or a fingerprint (prefix) in work_dir/stores."""
+def find_store(name: str, work_dir: str, store_dir: Optional[str] = None) -> Location:
+    """A STORE argument as a location: a URL, an existing path, or a fingerprint (prefix) in the
+    stores folder (``store_dir``, else work_dir/stores)."""
+    if "://" in name:
+        return as_location(name)
     path = Path(name).expanduser()
     if path.exists():
         return path
-    candidates = [p for p in list_stores(work_dir) if p.stem.startswith(name)]
+    folder = stores_dir(work_dir, store_dir)
+    try:
+        stores = list_stores(folder)
+    except Exception as err:  # noqa: BLE001 - an unreachable remote folder
+        raise click.ClickException(f"cannot list the stores in {folder}: {type(err).__name__}: {err}") from err
+    candidates = [p for p in stores if name_of(p).startswith(name)]
     if len(candidates) == 1:
         return candidates[0]
     if len(candidates) > 1:
-        raise click.ClickException(f"'{name}' matches several stores: {', '.join(p.stem for p in candidates)}")
-    have = ", ".join(p.stem for p in list_stores(work_dir)) or "none"
-    raise click.ClickException(f"no store '{name}' (not a path, and no such fingerprint in {work_dir}/stores; "
+        raise click.ClickException(f"'{name}' matches several stores: {', '.join(name_of(p) for p in candidates)}")
+    have = ", ".join(name_of(p) for p in stores) or "none"
+    raise click.ClickException(f"no store '{name}' (not a path, and no such fingerprint in {folder}; "
                                f"stores there: {have})")
 
 
-def _open(path: Path) -> FeatureStore:
+def _open(path: Location) -> FeatureStore:
     try:
         return FeatureStore.open(path, require_complete=False)
     except StoreError as err:
@@ -48,6 +58,8 @@ def human_bytes(n: float) -> str:
 
 work_dir_option = click.option("--work-dir", default=DEFAULT_WORK_DIR, show_default=True,
                                help="Work directory whose stores/ a fingerprint refers to.")
+store_dir_option = click.option("--store-dir", default=None,
+                                help="Stores folder or URL (s3://bucket/prefix) instead of WORK_DIR/stores.")
 
 
 @click.group(name="cache", epilog="\b\nExample:\n  egoslots cache ls ./egoslots-work")
@@ -57,11 +69,16 @@ def cache():
 
 @cache.command(name="ls", epilog="\b\nExample:\n  egoslots cache ls ./egoslots-work")
 @click.argument("work_dir", required=False, default=DEFAULT_WORK_DIR)
-def ls(work_dir: str):
-    """Stores under WORK_DIR/stores: fingerprint, state, size, backbone, frames, dtype."""
-    paths = list(list_stores(work_dir))
+@store_dir_option
+def ls(work_dir: str, store_dir: Optional[str]):
+    """Stores under WORK_DIR/stores (or --store-dir): fingerprint, state, size, backbone, frames, dtype."""
+    folder = stores_dir(work_dir, store_dir)
+    try:
+        paths = list_stores(folder)
+    except Exception as err:  # noqa: BLE001 - an unreachable remote folder
+        raise click.ClickException(f"cannot list the stores in {folder}: {type(err).__name__}: {err}") from err
     if not paths:
-        click.echo(f"no stores in {Path(work_dir) / 'stores'}")
+        click.echo(f"no stores in {folder}")
         return
     header = f"{'fingerprint':<18} {'state':<14} {'size':>10} {'backbone':<28} {'videos':>7} {'frames':>9} {'dtype':<8} created"
     click.echo(header)
@@ -69,7 +86,7 @@ def ls(work_dir: str):
         try:
             st = FeatureStore.open(path, require_complete=False)
         except StoreError as err:
-            click.echo(f"{path.stem:<18} {'unreadable':<14} {human_bytes(directory_size(path)):>10} ({err})")
+            click.echo(f"{name_of(path):<18} {'unreadable':<14} {human_bytes(directory_size(path)):>10} ({err})")
             continue
         done, total = st.progress()
         state = "complete" if st.complete else f"{done}/{total} chunks"
@@ -82,10 +99,11 @@ def ls(work_dir: str):
 @cache.command(name="info", epilog="\b\nExample:\n  egoslots cache info 1432a78eda16b802 --work-dir ./egoslots-work")
 @click.argument("store")
 @work_dir_option
+@store_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print every attribute as JSON.")
-def info(store: str, work_dir: str, as_json: bool):
-    """Summary of one store's attributes (STORE: path or fingerprint)."""
-    st = _open(find_store(store, work_dir))
+def info(store: str, work_dir: str, store_dir: Optional[str], as_json: bool):
+    """Summary of one store's attributes (STORE: path, URL or fingerprint)."""
+    st = _open(find_store(store, work_dir, store_dir))
     meta = st.meta
     if as_json:
         click.echo(json.dumps(meta, indent=2))
@@ -123,29 +141,54 @@ def info(store: str, work_dir: str, as_json: bool):
 @cache.command(name="verify", epilog="\b\nExample:\n  egoslots cache verify ./egoslots-work/stores/1432a78eda16b802.zarr")
 @click.argument("store")
 @work_dir_option
-def verify(store: str, work_dir: str):
-    """Check every chunk is flagged done, present, uncorrupted and finite; exit 1 naming each fault."""
+@store_dir_option
+@click.option("--repair", is_flag=True,
+              help="Mark the chunks with bad data as not written, so rerunning extract-features / tokenize "
+                   "rewrites exactly those chunks.")
+def verify(store: str, work_dir: str, store_dir: Optional[str], repair: bool):
+    """Check every chunk is flagged done, present, uncorrupted and finite; exit 1 naming each fault.
+
+    With --repair, chunks with bad data are flagged not written (the store becomes incomplete)
+    and the message says which command rewrites them.
+    """
     from tqdm import tqdm
 
-    st = _open(find_store(store, work_dir))
+    location = find_store(store, work_dir, store_dir)
+    st = FeatureStore.open(location, require_complete=False, mode="r+") if repair else _open(location)
     _, total = st.progress()
     with tqdm(total=total, unit="chunk", desc=f"verify {st.fingerprint}", leave=False) as bar:
         problems = st.verify(progress=lambda _chunk: bar.update(1))
     if problems:
         for line in problems:
             click.echo(f"FAULT {line}", err=True)
-        raise click.ClickException(f"{st.path}: {len(problems)} problem(s) found; re-extract the affected store "
-                                   "(`egoslots extract-features CONFIG --overwrite`)")
+        bad = sorted({p.chunk for p in problems if p.chunk is not None})
+        if repair and bad:
+            unflagged = st.unflag(problems)
+            rerun = []
+            if "done" in unflagged:
+                rerun.append(f"`egoslots extract-features CONFIG` (the config that made it) to rewrite chunk(s) "
+                             f"{', '.join(map(str, unflagged['done']))}")
+            for flags, chunks in unflagged.items():
+                if flags != "done":
+                    rerun.append(f"`egoslots tokenize RUN` (the dVAE run of {flags.split('/')[1]}) to rewrite "
+                                 f"token chunk(s) {', '.join(map(str, chunks))}")
+            raise click.ClickException(f"{st.path}: {len(problems)} problem(s); marked the bad chunk(s) as not "
+                                       "written. Now run " + " and ".join(rerun))
+        hint = (f"run `egoslots cache verify {store} --repair`, then rerun the command that wrote them, to "
+                f"rewrite chunk(s) {', '.join(map(str, bad))}" if bad else
+                "rerun `egoslots extract-features CONFIG` (or `egoslots tokenize RUN`) to finish it")
+        raise click.ClickException(f"{st.path}: {len(problems)} problem(s) found; {hint}")
     click.echo(f"{st.path}: OK ({total} chunks, {st.num_frames} frames, arrays {', '.join(st.data_arrays())})")
 
 
 @cache.command(name="rm", epilog="\b\nExample:\n  egoslots cache rm 1432a78eda16b802 --yes")
 @click.argument("store")
 @work_dir_option
+@store_dir_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def rm(store: str, work_dir: str, yes: bool):
+def rm(store: str, work_dir: str, store_dir: Optional[str], yes: bool):
     """Delete a store (asks first unless --yes)."""
-    path = find_store(store, work_dir)
+    path = find_store(store, work_dir, store_dir)
     try:
         FeatureStore.open(path, require_complete=False)
     except StoreError as err:

@@ -47,11 +47,12 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cache.fingerprint import (describe_differences, extraction_settings, fingerprint_inputs, fingerprint_of,
-                               store_location)
+from cache.fingerprint import (config_stores_dir, describe_differences, extraction_settings, fingerprint_inputs,
+                               fingerprint_of, store_location)
+from cache.location import Location, is_remote, remove, store_exists, write_text
 from cache.store import (FORMAT_VERSION, FeatureStore, StoreError, VideoRecord, chunk_bounds, config_path,
                          store_path)
-from pipeline.config import ConfigError, resolve, save_resolved
+from pipeline.config import ConfigError, resolve, save_resolved, to_yaml
 from pipeline.data.base import SourceError
 from pipeline.preprocess import describe_preprocessing, preprocess_frame
 from stages.common import config_command
@@ -330,13 +331,16 @@ def _egoslots_version() -> str:
         return "unknown"
 
 
-def open_or_create_store(path: Path, fingerprint: str, inputs: dict, create_kwargs: dict, cfg: DictConfig,
+def open_or_create_store(path: Location, fingerprint: str, inputs: dict, create_kwargs: dict, cfg: DictConfig,
                          overwrite: bool, shard_id: int) -> FeatureStore:
     """Open the store at ``path`` if it matches, else create it (race-safe across shards).
 
     Creation happens in a temporary folder that is renamed into place: rename is atomic, so
-    when several shards race exactly one store appears and the losers open it.
+    when several shards race exactly one store appears and the losers open it. Object stores
+    have no rename: see :func:`open_or_create_remote_store`.
     """
+    if is_remote(path):
+        return open_or_create_remote_store(path, fingerprint, inputs, create_kwargs, cfg, overwrite, shard_id)
     deadline = time.monotonic() + CREATE_TIMEOUT_S
     while True:
         if path.exists():
@@ -348,13 +352,7 @@ def open_or_create_store(path: Path, fingerprint: str, inputs: dict, create_kwar
             if found == fingerprint:
                 return store
             if not overwrite:
-                recorded = store.meta.get("fingerprint_inputs", {}) if store else {}
-                diffs = describe_differences(recorded, inputs) if recorded else [f"store fingerprint {found}"]
-                raise StoreError(
-                    f"{path} holds a store extracted with different settings (fingerprint {found}, this config "
-                    f"gives {fingerprint}):\n  - " + "\n  - ".join(diffs)
-                    + "\nrerun with --overwrite to replace it, or set store= to another path"
-                )
+                _refuse_mismatch(path, store, found, fingerprint, inputs)
             if shard_id != 0:  # shard 0 replaces it; wait for the new one
                 if time.monotonic() > deadline:
                     raise StoreError(f"shard {shard_id}: timed out waiting for shard 0 to replace {path}")
@@ -383,6 +381,54 @@ def open_or_create_store(path: Path, fingerprint: str, inputs: dict, create_kwar
             raise StoreError(f"could not create or open {path}")
 
 
+def _refuse_mismatch(path, store: Optional[FeatureStore], found: str, fingerprint: str, inputs: dict):
+    recorded = store.meta.get("fingerprint_inputs", {}) if store else {}
+    diffs = describe_differences(recorded, inputs) if recorded else [f"store fingerprint {found}"]
+    raise StoreError(
+        f"{path} holds a store extracted with different settings (fingerprint {found}, this config "
+        f"gives {fingerprint}):\n  - " + "\n  - ".join(diffs)
+        + "\nrerun with --overwrite to replace it, or set store= to another path"
+    )
+
+
+def open_or_create_remote_store(url: str, fingerprint: str, inputs: dict, create_kwargs: dict, cfg: DictConfig,
+                                overwrite: bool, shard_id: int) -> FeatureStore:
+    """:func:`open_or_create_store` for an fsspec URL (e.g. ``s3://bucket/stores/x.zarr``).
+
+    Shard 0 alone creates the store, in place: its egoslots attrs are written last, so a
+    store without them is an unfinished creation (a kill during ``create``) that shard 0
+    redoes. Other shards wait until the finished store appears.
+    """
+    deadline = time.monotonic() + CREATE_TIMEOUT_S
+    while True:
+        if store_exists(url) and not FeatureStore.unfinished_creation(url):
+            try:
+                store = FeatureStore.open(url, require_complete=False, mode="r+")
+                found = store.fingerprint
+            except StoreError as err:
+                store, found = None, f"unreadable ({err})"
+            if found == fingerprint:
+                return store
+            if not overwrite:
+                _refuse_mismatch(url, store, found, fingerprint, inputs)
+            if shard_id == 0:
+                log.info("--overwrite: removing %s (fingerprint %s)", url, found)
+                remove(url)
+                overwrite = False
+        if shard_id != 0:
+            if time.monotonic() > deadline:
+                raise StoreError(f"shard {shard_id}: timed out waiting for shard 0 to create {url}")
+            time.sleep(1.0)
+            continue
+        try:
+            store = FeatureStore.create(url, fingerprint=fingerprint, **create_kwargs)
+            write_text(config_path(url), to_yaml(cfg))
+        except OSError as err:
+            raise StoreError(f"cannot create the store {url}: {err}") from err
+        log.info("created store %s", url)
+        return store
+
+
 # ---------------------------------------------------------------------------- the stage
 @dataclass
 class ExtractionPlan:
@@ -394,7 +440,7 @@ class ExtractionPlan:
     compute: str  # fp32 | bf16, as resolved on this machine
     inputs: dict  # the fingerprint inputs
     fingerprint: str
-    path: Path
+    path: Location  # a local Path, or an fsspec URL
     create_kwargs: dict  # FeatureStore.create arguments (layout, video table, attrs)
 
 
@@ -425,7 +471,7 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
     inputs = fingerprint_inputs(videos=videos, preprocessing=preprocessing, backbone=described, compute_dtype=compute,
                                 storage_dtype=dtype, hflip=hflip, frame_size=frame_size)
     fingerprint = fingerprint_of(inputs)
-    path = store_location(cfg) if cfg.get("store") else store_path(cfg.work_dir, fingerprint)
+    path = store_location(cfg) if cfg.get("store") else store_path(config_stores_dir(cfg), fingerprint)
     attrs = {
         "fingerprint_inputs": inputs,
         "settings": extraction_settings(cfg),
@@ -446,7 +492,7 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
                          feature_dtype=dtype, has_masks=bool(source.has_masks),
                          chunk_len=int(cfg.extract.frames_per_chunk), compressor=str(cfg.extract.compressor),
                          inner_chunk_len=int(cfg.extract.inner_chunk), attrs=attrs)
-    return ExtractionPlan(source, backbone, device, compute, inputs, fingerprint, Path(path), create_kwargs)
+    return ExtractionPlan(source, backbone, device, compute, inputs, fingerprint, path, create_kwargs)
 
 
 def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] = None,
@@ -464,7 +510,7 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
     if store.complete:
         click.echo(f"store {store.path} is complete (fingerprint {fingerprint}); nothing to do")
         click.echo(f"later stages: store={fingerprint}")
-        return Path(store.path)
+        return store.path
 
     pending = store.pending_chunks(shard_id, num_shards)
     _run_chunks(store, plan.backbone, plan.source, pending, plan.device, plan.compute, int(cfg.extract.batch_size),
@@ -476,7 +522,8 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
         raise StoreError(f"every chunk of {store.path} is written but marking it complete failed ({err}); "
                          "rerun the same command to finish") from err
     if finished:
-        _remove_partial_files(Path(store.path))
+        if not is_remote(store.path):
+            _remove_partial_files(store.path)
         skipped = store.meta.get("skipped_videos") or []
         if skipped:
             click.echo(f"skipped {len(skipped)} unreadable video row(s): "
@@ -487,7 +534,7 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
         done, total = store.progress()
         click.echo(f"shard {shard_id}/{num_shards} finished its chunks; store {store.path} has {done}/{total} "
                    "chunks done and completes when every shard has finished")
-    return Path(store.path)
+    return store.path
 
 
 def _run_chunks(store: FeatureStore, backbone, source, chunks: list[int], device: torch.device, compute: str,

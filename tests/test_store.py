@@ -305,6 +305,46 @@ def test_verify_finds_corrupted_and_non_finite_chunks(tmp_path):
     assert "chunk 0 of" not in result.output
 
 
+def test_verify_repair_then_rerun_rewrites_exactly_the_bad_chunks(tmp_path):
+    """Corrupt one finished chunk: verify names it, --repair unflags it (later stages refuse the
+    now-incomplete store), and rerunning extraction rewrites it back to the original bytes."""
+    from stages.cache_cmds import cache
+
+    cfg = make_cfg(tmp_path)
+    path = extract(cfg, source=make_source())
+    original = snapshot(path)
+    store = FeatureStore.open(path)
+    shard = store.chunk_file("frames", 2)
+    raw = bytearray(shard.read_bytes())
+    raw[50:60] = bytes(10)  # zeroed bytes, size unchanged: only the crc32c sees it
+    shard.write_bytes(bytes(raw))
+    store.chunk_file("masks", 4).unlink()
+    before = {c: store.chunk_file("features", c).stat().st_mtime_ns for c in range(store.progress()[1])}
+
+    runner = CliRunner()
+    found = runner.invoke(cache, ["verify", str(path)])
+    assert found.exit_code != 0
+    assert "chunk 2 of 'frames'" in found.output and "--repair" in found.output
+    assert FeatureStore.open(path).complete  # plain verify changes nothing
+
+    repaired = runner.invoke(cache, ["verify", str(path), "--repair"])
+    assert repaired.exit_code != 0 and "chunk(s) 2, 4" in repaired.output, repaired.output
+    assert "extract-features" in repaired.output
+    with pytest.raises(StoreError, match="incomplete"):
+        resolve_store(cfg)
+    assert FeatureStore.open(path, require_complete=False).pending_chunks() == [2, 4]
+
+    extract(cfg, source=make_source())  # the plain rerun
+    assert runner.invoke(cache, ["verify", str(path)]).exit_code == 0
+    after = snapshot(path)
+    assert after["videos"] == original["videos"]
+    for name, values in original["arrays"].items():
+        np.testing.assert_array_equal(after["arrays"][name], values, err_msg=name)
+    store = FeatureStore.open(path)
+    rewritten = {c for c, t in before.items() if store.chunk_file("features", c).stat().st_mtime_ns != t}
+    assert rewritten == {2, 4}  # only the bad chunks were redone
+
+
 def test_cache_ls_info_rm(tmp_path):
     from stages.cache_cmds import cache
 
