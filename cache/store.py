@@ -113,8 +113,18 @@ class FeatureStore:
 
     def __init__(self, path: str | Path, group: zarr.Group):
         self.path = as_location(path)  # Path if local, the URL (str) if remote
-        self.group = group
+        self._group, self._pid = group, os.getpid()
         self._meta: Optional[dict] = None
+
+    @property
+    def group(self) -> zarr.Group:
+        """The zarr group. A remote store's group is reopened in a forked child (a DataLoader
+        worker): its filesystem client is bound to the parent's event loop, which the child lacks."""
+        if self._pid != os.getpid() and is_remote(self.path):
+            mode = "r" if self._group.read_only else "r+"
+            self._group = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+            self._pid = os.getpid()
+        return self._group
 
     # ------------------------------------------------------------------ creation / opening
     @classmethod
@@ -530,15 +540,20 @@ class FeatureStore:
     def unflag(self, findings: list[Finding]) -> dict[str, list[int]]:
         """Mark the chunks holding bad data as not written, so a rerun rewrites exactly them.
 
-        Frame arrays: the store's ``done`` flag and ``complete`` (rerun ``extract-features``).
-        Token ids: that dVAE's token flags (rerun ``tokenize``). Returns {flag array: chunks}.
+        The bad shard files are deleted; their flags cleared: for frame arrays the store's
+        ``done`` flag and ``complete`` (rerun ``extract-features``), for token ids that dVAE's
+        token flags (rerun ``tokenize``). Returns {flag array: chunks}.
         """
+        from cache.location import remove_file
+
         targets: dict[str, set[int]] = {}
         for f in findings:
             if f.chunk is None or f.array is None:
                 continue
             flags = f.array.rsplit("/", 1)[0] + "/done" if f.array.startswith("tokens/") else "done"
             targets.setdefault(flags, set()).add(f.chunk)
+            # zarr rewrites a shard by reading it first, which fails on a damaged one: delete it
+            remove_file(join(self.path, *self.chunk_key(f.array, f.chunk).split("/")))
         for flags, chunks in targets.items():
             for chunk in sorted(chunks):
                 self.writable(flags)[chunk] = 0
