@@ -158,3 +158,44 @@ def test_s3_extraction_killed_with_9_resumes_to_the_same_bytes(s3, dataset, tmp_
     assert "store complete" in rerun.stdout
     assert_same_store(url, reference)
     assert np.asarray(FeatureStore.open(url).group["done"][:]).all()
+
+
+def test_whole_pipeline_runs_on_an_s3_store(s3, tmp_path):
+    """`egoslots run` with store_dir on S3: every stage reads and writes the remote store (tokens
+    included), and a second run finds every stage done."""
+    import sys
+
+    from tests.test_run import TINY
+
+    command = [sys.executable, "cli.py", "run", "configs/demo.yaml", f"work_dir={tmp_path}",
+               f"store_dir=s3://{BUCKET}/stores", *TINY]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (tmp_path / "stores").exists()
+    (url,) = [f"s3://{p}" for p in s3.ls(f"{BUCKET}/stores") if p.endswith(".zarr")]
+    store = FeatureStore.open(url)
+    (dvae_hash,) = store.token_group_names()
+    assert store.tokens(dvae_hash).shape[0] == store.num_frames  # complete, else tokens() raises
+    assert (tmp_path / "runs" / "demo" / "metrics.json").is_file()
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "is complete" in second.stdout, second.stderr[-3000:]
+
+
+def test_two_shards_writing_one_s3_store_equal_one_process(s3, dataset, tmp_path):  # noqa: F811
+    """Shard 1 starts first and waits for shard 0 to create the remote store; together they
+    write every chunk once and `cache verify` passes."""
+    _, config, reference = dataset
+    target = f"store_dir=s3://{BUCKET}/sharded"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for shard in (1, 0):
+        procs.append(subprocess.Popen(cli(config, tmp_path, target, "--num-shards", "2", "--shard-id", str(shard)),
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(1.0 if shard == 1 else 0)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert sum("store complete" in out for out, _ in outputs) >= 1
+    url = f"s3://{BUCKET}/sharded/{reference.stem}.zarr"
+    assert_same_store(url, reference)
+    assert CliRunner().invoke(cache, ["verify", url]).exit_code == 0
