@@ -498,7 +498,7 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
     sub = store.create_tokens(dvae_hash, grid, {"vocab_size": info["vocab_size"], "dvae_run": str(run_dir)})
     if sub.attrs.get("complete"):
         return dvae_hash
-    done = np.asarray(sub["done"][:], dtype=bool)
+    done = store.done_chunks(f"tokens/{dvae_hash}/done")
     pending = [c for c in range(done.size) if not done[c]]
     saved = run_dir / "config.yaml"
     dcfg = OmegaConf.load(saved).get("dvae", {}) if saved.is_file() else {}
