@@ -199,3 +199,13 @@ def test_two_shards_writing_one_s3_store_equal_one_process(s3, dataset, tmp_path
     url = f"s3://{BUCKET}/sharded/{reference.stem}.zarr"
     assert_same_store(url, reference)
     assert CliRunner().invoke(cache, ["verify", url]).exit_code == 0
+
+
+def test_file_urls_are_local_paths(tmp_path):
+    """`store_dir=file:///...` is the local folder (fast local reads, fsync, flock apply)."""
+    cfg = make_cfg(tmp_path / "work", f"store_dir=file://{tmp_path}/elsewhere")
+    path = extract(cfg, source=make_source())
+    assert path.parent == tmp_path / "elsewhere" and path.is_dir()
+    store = resolve_store(cfg)
+    assert store.path == path and store._fast_reader("features") is not None
+    assert CliRunner().invoke(cache, ["verify", f"file://{path}"]).exit_code == 0
