@@ -12,8 +12,9 @@ of the same command:
   and from there every checkpoint (weights, optimizer state, step, lr schedule) and the final
   weights are bit-identical to the uninterrupted run's (CPU, fp32, fixed seed).
 
-The seeded kills are `slow` (CI runs them after the default set); one seed of the cheapest
-test runs by default.
+The seeded kills are `slow` (about 2 minutes on 2 busy cores; CI runs them after the default
+set). By default two in-process tests check the part that is easiest to break: a training run
+interrupted early (step < max_steps / 2) and resumed ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -42,52 +43,15 @@ def only_store(work_dir: Path) -> Path:
     return stores[0]
 
 
-def file_times(root: Path, pattern: str) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.glob(pattern)}
+def done_chunks(store: Path, done_array: str = "done") -> list[int]:
+    flags = np.asarray(FeatureStore.open(store, require_complete=False).group[done_array][:], dtype=bool)
+    return np.flatnonzero(flags).tolist()
 
 
-# --------------------------------------------------------------------------------------------
-# Stage 1: extract-features
-# --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def extraction(tmp_path_factory):
-    """Frame folder + config (vit-tiny-test on 64 px) and one uninterrupted run's store.
-
-    240x320 PNGs decode slowly enough (~25 ms per 8-frame chunk on a busy 2-core machine) for
-    the kill to land between any two chunk flags.
-    """
-    root = tmp_path_factory.mktemp("extract")
-    data = write_frame_folder(root / "frames", videos=4, frames=24, size=(240, 320), seed=1)
-    config = write_extract_config(root, data)
-    overrides = ["globals.BACKBONE=vit-tiny-test"]
-    run_to_end(cli("extract-features", config, f"work_dir={root / 'reference'}", *overrides))
-    return config, overrides, only_store(root / "reference")
-
-
-@pytest.mark.parametrize("seed", SLOW_SEEDS)
-def test_extract_killed_at_random_chunk_then_rerun_is_byte_identical(extraction, tmp_path, seed):
-    config, overrides, reference = extraction
-    total = FeatureStore.open(reference).progress()[1]
-    work = tmp_path / "work"
-    command = cli("extract-features", config, f"work_dir={work}", *overrides)
-    # after 1 .. total-6 chunk flags, then up to one chunk's time more
-    point = KillPoint.draw(seed, 1, total - 6, max_delay=0.03)
-    killed = kill_mid_run(command, count_done_flags(work, "stores/*.zarr/done/c/*"), point, tmp_path / "killed.log")
-
-    store = only_store(work)
-    done, chunks = FeatureStore.open(store, require_complete=False).progress()
-    assert point.after <= done < chunks == total, (point, done)  # really interrupted, finished chunks kept
-    assert not FeatureStore.open(store, require_complete=False).complete
-    kept = file_times(store, "done/c/*") | file_times(store, "features/c/*/0/0")
-
-    rerun = run_to_end(command, tmp_path / "rerun.log")
-    assert "store complete" in rerun
-    assert_same_store(store, reference)
-    after = file_times(store, "done/c/*") | file_times(store, "features/c/*/0/0")
-    flagged = {k for k in kept if k.startswith("done/")}
-    assert len(flagged) == killed.progress
-    redone = [k for k in kept if after[k] != kept[k] and (k in flagged or f"done/c/{k.split('/')[2]}" in flagged)]
-    assert not redone, f"the rerun wrote chunks that were already done: {redone[:5]}"
+def chunk_file_times(store: Path, arrays: tuple[str, ...], chunks: list[int]) -> dict[str, int]:
+    """mtime of the files holding these chunks of these arrays: a rerun must not rewrite them."""
+    opened = FeatureStore.open(store, require_complete=False)
+    return {f"{name}/{c}": opened.chunk_file(name, c).stat().st_mtime_ns for name in arrays for c in chunks}
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +120,109 @@ def check_resume(killed_steps: dict[str, int], ckpt_every: int, output: str, ckp
 
 
 # --------------------------------------------------------------------------------------------
+# In-process, by default: an interrupted run resumed early (step < max_steps / 2) ends where an
+# uninterrupted one does. (The kill -9 tests below check the same through the real CLI.)
+# --------------------------------------------------------------------------------------------
+class Crash(RuntimeError):
+    pass
+
+
+def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
+    import stages.dvae as stage
+    from lightning.pytorch.callbacks import Callback
+    from tests.test_dvae import make_store
+    from tests.test_dvae_train import config
+
+    class CrashAt(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise Crash("step 3")
+
+    hashes = []
+    for name, crash in (("full", False), ("resumed", True)):
+        make_store(tmp_path / name / "store.zarr")
+        cfg = config(tmp_path / name, tmp_path / name / "store.zarr", "dvae.max_steps=8", "dvae.ckpt_every=2")
+        if crash:
+            with pytest.raises(Crash):
+                stage.pretrain(cfg, callbacks=[CrashAt()], tokenize=False)
+        stage.pretrain(cfg, tokenize=False)
+        hashes.append(json.loads((tmp_path / name / "runs" / "dvae" / "dvae.json").read_text())["hash"])
+    ckpts = [tmp_path / name / "runs" / "dvae" / "checkpoints" / "last.ckpt" for name in ("full", "resumed")]
+    assert_same_training_state(*ckpts)
+    assert hashes[0] == hashes[1]
+
+
+def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path, monkeypatch):
+    from stages import train_slots
+    from tests.test_train_slots import make_dvae_run, make_store, tiny_cfg
+
+    def cfg(work):
+        return tiny_cfg(work, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.val_every=3",
+                        "trainer.image_every=100")
+
+    real_step = train_slots.SlotTrainingModule.training_step
+
+    def crashing_step(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise Crash("step 3")
+        return real_step(self, batch, batch_idx)
+
+    for name in ("full", "resumed"):
+        make_store(tmp_path / name)
+        make_dvae_run(tmp_path / name)
+    train_slots.train(cfg(tmp_path / "full"))
+    with monkeypatch.context() as patch:
+        patch.setattr(train_slots.SlotTrainingModule, "training_step", crashing_step)
+        with pytest.raises(Crash):
+            train_slots.train(cfg(tmp_path / "resumed"))
+    assert load_ckpt(tmp_path / "resumed" / "runs" / "t" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    train_slots.train(cfg(tmp_path / "resumed"))
+    for name in ("step=4.ckpt", "step=8.ckpt", "last.ckpt"):
+        assert_same_training_state(*(tmp_path / run / "runs" / "t" / "checkpoints" / name
+                                     for run in ("full", "resumed")))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: extract-features
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def extraction(tmp_path_factory):
+    """Frame folder + config (vit-tiny-test on 64 px) and one uninterrupted run's store.
+
+    240x320 PNGs decode slowly enough (~25 ms per 8-frame chunk on a busy 2-core machine) for
+    the kill to land between any two chunk flags.
+    """
+    root = tmp_path_factory.mktemp("extract")
+    data = write_frame_folder(root / "frames", videos=4, frames=24, size=(240, 320), seed=1)
+    config = write_extract_config(root, data)
+    overrides = ["globals.BACKBONE=vit-tiny-test"]
+    run_to_end(cli("extract-features", config, f"work_dir={root / 'reference'}", *overrides))
+    return config, overrides, only_store(root / "reference")
+
+
+@pytest.mark.parametrize("seed", SLOW_SEEDS)
+def test_extract_killed_at_random_chunk_then_rerun_is_byte_identical(extraction, tmp_path, seed):
+    config, overrides, reference = extraction
+    total = FeatureStore.open(reference).progress()[1]
+    work = tmp_path / "work"
+    command = cli("extract-features", config, f"work_dir={work}", *overrides)
+    # after 1 .. total-6 chunk flags, then up to one chunk's time more
+    point = KillPoint.draw(seed, 1, total - 6, max_delay=0.03)
+    killed = kill_mid_run(command, count_done_flags(work, "stores/*.zarr/done/c/*"), point, tmp_path / "killed.log")
+
+    store = only_store(work)
+    done = done_chunks(store)
+    assert point.after <= len(done) == killed.progress < total, (point, done)  # really interrupted
+    assert not FeatureStore.open(store, require_complete=False).complete
+    kept = chunk_file_times(store, ("features", "frames", "done"), done)
+
+    rerun = run_to_end(command, tmp_path / "rerun.log")
+    assert "store complete" in rerun
+    assert_same_store(store, reference)
+    assert chunk_file_times(store, ("features", "frames", "done"), done) == kept, "the rerun redid finished chunks"
+
+
+# --------------------------------------------------------------------------------------------
 # Stage 2: tokenize and pretrain-dvae
 # --------------------------------------------------------------------------------------------
 DVAE = {"vocab_size": 32, "hidden": 16, "batch_size": 8, "num_workers": 0, "log_every": 4, "image_every": 1000,
@@ -184,7 +251,7 @@ def dvae_for_tokens(tmp_path_factory):
     make_store(root / "store.zarr", frames_per_video=64, chunk_len=8, size=64)
     cfg = load_config(write_dvae_config(root, root / "store.zarr", max_steps=2, ckpt_every=2, hidden=32), [])
     with torch.random.fork_rng():
-        run_dir = stage.pretrain(cfg, tokenize=False)
+        stage.pretrain(cfg, tokenize=False)
     return root
 
 
@@ -217,18 +284,18 @@ def test_tokenize_killed_at_random_chunk_then_rerun_is_byte_identical(dvae_for_t
     point = KillPoint.draw(seed, 1, total - 8, max_delay=0.02)
     killed = kill_mid_run(cli("tokenize", run_dir), flags, point, tmp_path / "killed.log")
 
-    sub = FeatureStore.open(store_path).group[f"tokens/{dvae_hash}"]
-    done = np.asarray(sub["done"][:], dtype=bool)
-    assert point.after <= done.sum() < total and not sub.attrs.get("complete"), (point, done.sum())
-    kept = file_times(store_path, f"tokens/{dvae_hash}/done/c/*")
+    arrays = (f"tokens/{dvae_hash}/ids", f"tokens/{dvae_hash}/done")
+    done = done_chunks(store_path, arrays[1])
+    assert point.after <= len(done) == killed.progress < total, (point, done)  # really interrupted
+    assert not FeatureStore.open(store_path).group[f"tokens/{dvae_hash}"].attrs.get("complete")
+    kept = chunk_file_times(store_path, arrays, done)
 
     rerun = run_to_end(cli("tokenize", run_dir), tmp_path / "rerun.log")
     assert dvae_hash in rerun
     ids = FeatureStore.open(store_path).tokens(dvae_hash)  # complete, or this raises
     assert ids.dtype == np.uint16
     assert np.asarray(ids[:]).tobytes() == np.asarray(reference.tokens(dvae_hash)[:]).tobytes()
-    after = file_times(store_path, f"tokens/{dvae_hash}/done/c/*")
-    assert len(kept) == killed.progress and all(after[k] == kept[k] for k in kept), "done chunks were redone"
+    assert chunk_file_times(store_path, arrays, done) == kept, "the rerun redid finished chunks"
 
 
 DVAE_STEPS, DVAE_CKPT = 48, 4
