@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cache.fingerprint import resolve_store
@@ -58,6 +58,7 @@ from pipeline.dvae import (
     reconstruction_loss,
 )
 from stages.common import StageError, config_command, setup_logging
+from stages.train_slots import ResumableRandomSampler
 
 log = logging.getLogger("egoslots")
 
@@ -151,7 +152,7 @@ class DVAETask(L.LightningModule):
 
     def __init__(self, vocab_size: int, hidden: int, frame_size: int, lr: float, tau_start: float,
                  tau_final: float, tau_steps: int, kl_weight: float = 0.0, geco: Optional[dict] = None,
-                 image_every: int = 1000):
+                 image_every: int = 1000, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.dvae = DVAE(vocab_size, hidden)
@@ -170,6 +171,11 @@ class DVAETask(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.dvae.parameters(), lr=self.hparams.lr)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Step s's Gumbel noise comes from a generator seeded by (seed, s): Lightning checkpoints
+        # no RNG state, so this is what lets a resumed run draw what the uninterrupted run drew.
+        torch.manual_seed(int(self.hparams.get("seed", 0)) * 1_000_003 + self.global_step)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         step = self.global_step
@@ -353,7 +359,7 @@ def make_task(cfg: DictConfig, frame_size: int) -> DVAETask:
         vocab_size=int(d.vocab_size), hidden=int(d.hidden), frame_size=frame_size, lr=float(d.lr),
         tau_start=float(d.tau_start), tau_final=float(d.tau_final), tau_steps=int(d.tau_steps),
         kl_weight=float(d.kl_weight), geco=OmegaConf.to_container(d.geco, resolve=True),
-        image_every=int(d.image_every),
+        image_every=int(d.image_every), seed=int(cfg.seed),
     )
 
 
@@ -403,10 +409,14 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
     rows = training_rows(store)
     batch = int(d.batch_size)
     workers = int(d.num_workers)
+    start_step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"]) if ckpt else 0
     loader = DataLoader(
         FrameDataset(store, rows), batch_size=batch, drop_last=True,
-        # one "epoch" covers the whole run, so the progress bar counts steps to max_steps
-        sampler=RandomSampler(range(len(rows)), num_samples=int(d.max_steps) * batch),
+        # One "epoch" covers the whole run, so the progress bar counts steps to max_steps. Frame
+        # i of the stream depends only on (seed, i) and a resumed run starts at its step's
+        # frames: it reads exactly the frames the uninterrupted run would have read.
+        sampler=ResumableRandomSampler(len(rows), total=int(d.max_steps) * batch, seed=int(cfg.seed),
+                                       start=min(start_step, int(d.max_steps)) * batch),
         num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
     )
     accelerator, precision = _device_settings(cfg)
