@@ -17,6 +17,15 @@ once ``dvae.pt`` exists for ``dvae.max_steps`` steps it returns at once (a large
 continues training and gives a new hash). Tokens go into the store as
 ``tokens/<hash>/ids`` (F, h, w) uint16, one done flag per chunk written after the chunk's ids,
 so an interrupted `tokenize` redoes only the chunks whose flag is 0.
+
+Several GPUs / nodes: ``dvae.devices``, ``dvae.num_nodes``, ``dvae.strategy=ddp`` (as
+``trainer.*`` for stage 3; launch with torchrun or srun, or let Lightning start the processes).
+``dvae.batch_size`` is per device. Every rank reads its own slice of one seeded frame stream and
+draws each frame's Gumbel noise from a generator keyed by the frame's place in that stream, so W
+ranks with batch B train the weights of one process with batch B*W (tests/test_ddp.py). Rank 0
+alone writes the run directory (checkpoints, TensorBoard, dvae.pt) and then tokenizes the store
+while the other ranks exit: tokenizing is one encoder pass, short next to training, and a
+single writer needs no coordination over the store.
 """
 
 from __future__ import annotations
@@ -38,8 +47,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cache.fingerprint import resolve_store
@@ -49,6 +59,7 @@ from pipeline.dvae import (
     DVAE,
     MAX_VOCAB,
     PATCH,
+    DVAEOutput,
     Geco,
     code_usage,
     gumbel_tau,
@@ -57,6 +68,7 @@ from pipeline.dvae import (
     reconstruction_loss,
 )
 from stages.common import StageError, config_command, setup_logging
+from stages.train_slots import ResumableRandomSampler
 
 log = logging.getLogger("egoslots")
 
@@ -162,6 +174,52 @@ class DVAETask(L.LightningModule):
         # First step whose loss was not finite (-1: none). Kept on the device so that watching
         # it costs no synchronisation; read before every checkpoint and every few steps.
         self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self.frames: Optional[FrameDataset] = None  # set by _train(), read by train_dataloader()
+        self.loader: dict = {}  # batch_size, num_workers, seed, max_steps
+
+    @property
+    def world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def train_dataloader(self) -> DataLoader:
+        """This rank's slice of one seeded stream of frames, from the step training (re)starts at.
+
+        Rank r's step-s batch is draws s*B*W + r*B ... of the stream (stage 3's sampler), so the
+        ranks together read the batch of one process with batch B*W, and a resumed run reads
+        what the uninterrupted run would have read.
+        """
+        if self.frames is None:
+            raise RuntimeError("DVAETask.frames is not set; train with stages.dvae.pretrain()")
+        o = self.loader
+        batch, workers = int(o["batch_size"]), int(o["num_workers"])
+        start = self.trainer.global_step if self._trainer is not None else 0
+        sampler = ResumableRandomSampler(len(self.frames), total=int(o["max_steps"]) * batch, seed=int(o["seed"]),
+                                         start=start * batch, batch=batch, rank=self.global_rank, world=self.world)
+        return DataLoader(self.frames, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+    def gumbel_noise(self, log_probs: torch.Tensor, step: int) -> torch.Tensor:
+        """Gumbel(0, 1) noise like ``log_probs`` (B, V, h, w), one seeded generator per frame.
+
+        The generator of a frame is keyed by its position in the global sample stream, so DDP
+        ranks (each with a slice of the global batch) and resumed runs draw exactly the noise
+        one uninterrupted process draws.
+        """
+        batch = log_probs.shape[0]
+        first = (step * self.world + self.global_rank) * batch  # global position of this rank's frame 0
+        seed = int(self.loader.get("seed", 0))
+        noise = torch.empty_like(log_probs)
+        for i in range(batch):
+            g = torch.Generator(device=log_probs.device).manual_seed((seed << 40) + first + i)
+            noise[i].exponential_(generator=g)
+        return -noise.log()  # as F.gumbel_softmax: -log(Exp(1))
+
+    def sample(self, frames: torch.Tensor, tau: float, step: int) -> DVAEOutput:
+        """DVAE.forward with :meth:`gumbel_noise` in place of F.gumbel_softmax's global RNG."""
+        log_probs = self.dvae.log_probs(frames)  # (B, V, h, w)
+        z_soft = ((log_probs + self.gumbel_noise(log_probs, step)) / tau).softmax(dim=1)  # (B, V, h, w)
+        ids = z_soft.detach().argmax(dim=1)  # (B, h, w)
+        return DVAEOutput(recon=self.dvae.decoder(z_soft), log_probs=log_probs, ids=ids)
 
     def tau(self, step: int) -> float:
         h = self.hparams
@@ -174,15 +232,16 @@ class DVAETask(L.LightningModule):
         step = self.global_step
         frames = batch.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S) in [0, 1]
         tau = self.tau(step)
-        out = self.dvae(frames, tau)
+        out = self.sample(frames, tau, step)
         recon = reconstruction_loss(out.recon, frames)
+        sync = self.world > 1  # logged values: means over the ranks (the global batch's values)
         prior = frames.new_zeros(())
         if self.hparams.kl_weight > 0:
             kl = kl_to_uniform(out.log_probs)
             prior = self.hparams.kl_weight * kl
-            self.log("train/kl", kl)
+            self.log("train/kl", kl, sync_dist=sync)
         if self.geco is not None:
-            loss = self.geco(recon, prior, step)
+            loss = self.geco(self._global_value(recon), prior, step)
             self.log("train/geco_beta", self.geco.beta)
             self.log("train/geco_weight", self.geco.weight)
         else:
@@ -190,23 +249,47 @@ class DVAETask(L.LightningModule):
         self._watch(loss, step)
 
         perplexity, used = code_usage(out.ids, self.hparams.vocab_size)
-        self.log("train/loss_dvae_recon", recon, prog_bar=True)
-        self.log("train/loss", loss)
-        self.log("train/mse", recon / frames[0].numel())  # per pixel value, comparable across sizes
+        self.log("train/loss_dvae_recon", recon, prog_bar=True, sync_dist=sync)
+        self.log("train/loss", loss, sync_dist=sync)
+        self.log("train/mse", recon / frames[0].numel(), sync_dist=sync)  # per pixel value, comparable across sizes
         self.log("train/tau", tau, prog_bar=True)
-        self.log("train/perplexity", perplexity)
-        self.log("train/codes_used", used)
-        if self.hparams.image_every and step % self.hparams.image_every == 0:
+        self.log("train/perplexity", perplexity, sync_dist=sync)
+        self.log("train/codes_used", used, sync_dist=sync)
+        if self.hparams.image_every and step % self.hparams.image_every == 0 and self.global_rank == 0:
             self._log_pictures(frames, out.recon, step)
         return loss
+
+    def _global_value(self, value: torch.Tensor) -> torch.Tensor:
+        """Under DDP: the mean of ``value`` over the ranks, with this rank's gradient.
+
+        GECO's multiplier follows the reconstruction error; every rank must see the global
+        batch's error (as one process would) or the ranks' multipliers drift apart.
+        """
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        mean = value.detach().clone()
+        dist.all_reduce(mean)
+        return value + (mean / self.world - value.detach())
 
     # -------------------------------------------------------------- NaN / Inf watch
     def _watch(self, loss: torch.Tensor, step: int) -> None:
         bad = ~torch.isfinite(loss.detach())
         self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
 
-    def check_finite(self) -> None:
-        bad = int(self.first_bad_step)
+    def check_finite(self, all_ranks: bool = True) -> None:
+        """Raise TrainingDiverged if the loss was ever NaN/Inf. Under DDP every rank checks at the
+        same steps and they agree on the first bad step of any rank, so all stop together."""
+        first = self.first_bad_step
+        if all_ranks and self.world > 1:
+            import torch.distributed as dist
+
+            never = torch.iinfo(first.dtype).max
+            first = torch.where(first < 0, never, first)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == never, -1, first)
+        bad = int(first)
         if bad >= 0:
             raise TrainingDiverged(
                 f"the dVAE loss became NaN/Inf at step {bad}; stopped without saving a checkpoint after it. "
@@ -368,26 +451,47 @@ def pretrain(cfg: DictConfig, resume: Optional[str | Path] = None, overwrite: bo
     store = open_store(cfg)
     frame_size = check_frames(store)
     run_dir = run_dir_of(cfg)
-    if overwrite and run_dir.exists():
-        log.info("--overwrite: removing %s", run_dir)
-        shutil.rmtree(run_dir)
-    check_run_dir(run_dir, cfg, store)
+    # Under DDP (torchrun, SLURM or Lightning's own launcher) every rank runs this function;
+    # only rank 0 writes into the run directory and the store. All ranks must agree on whether
+    # to train, so only rank 0 deletes, and the other ranks of an --overwrite run always train.
+    zero = is_rank_zero()
+    if zero:
+        if overwrite and run_dir.exists():
+            log.info("--overwrite: removing %s", run_dir)
+            shutil.rmtree(run_dir)
+        check_run_dir(run_dir, cfg, store)
 
-    if resume is None and finished(run_dir, cfg, store):
+    if resume is None and (zero or not overwrite) and finished(run_dir, cfg, store):
         log.info("dVAE in %s is already trained for %d steps on store %s", run_dir, cfg.dvae.max_steps,
                  store.fingerprint)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, run_dir / "config.yaml")
-        _write_json(run_dir / "inputs.json", {"store": str(store.path), "store_fingerprint": store.fingerprint})
+        if zero:
+            _write_run_files(run_dir, cfg, store)
         _train(cfg, store, frame_size, vocab, run_dir, resume, callbacks)
-    if tokenize:
+    if tokenize and zero:  # tokenization is one encoder pass over the store: rank 0 alone does it
         tokenize_run(run_dir)
     return run_dir
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 of a DDP launch (or not under DDP at all).
+
+    Known before the Trainer starts: Lightning reads RANK / LOCAL_RANK / SLURM_PROCID into
+    ``rank_zero_only.rank``; NODE_RANK / GROUP_RANK > 0 is another node of a multi-node launch.
+    """
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)) or 0)
+    return getattr(rank_zero_only, "rank", 0) == 0 and node == 0
+
+
+def _write_run_files(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir / "config.yaml")
+    _write_json(run_dir / "inputs.json", {"store": str(store.path), "store_fingerprint": store.fingerprint})
+
+
 def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, run_dir: Path,
-           resume: Optional[str | Path], callbacks: Sequence[Callback]) -> str:
+           resume: Optional[str | Path], callbacks: Sequence[Callback]) -> Optional[str]:
+    """Fit the dVAE (on every DDP rank); rank 0 exports dvae.pt and returns its hash."""
     d = cfg.dvae
     # Lightning warnings that are expected here: resuming mid-"epoch" is fine with random frames,
     # and a resumed run's checkpoint directory is of course not empty.
@@ -400,20 +504,19 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     rows = training_rows(store)
-    batch = int(d.batch_size)
-    workers = int(d.num_workers)
-    loader = DataLoader(
-        FrameDataset(store, rows), batch_size=batch, drop_last=True,
-        # one "epoch" covers the whole run, so the progress bar counts steps to max_steps
-        sampler=RandomSampler(range(len(rows)), num_samples=int(d.max_steps) * batch),
-        num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-    )
     accelerator, precision = _device_settings(cfg)
     task = make_task(cfg, frame_size)
+    # one "epoch" covers the whole run, so the progress bar counts steps to max_steps
+    task.frames = FrameDataset(store, rows)
+    task.loader = {"batch_size": int(d.batch_size), "num_workers": int(d.num_workers), "seed": int(cfg.seed),
+                   "max_steps": int(d.max_steps)}
     trainer = L.Trainer(
         default_root_dir=run_dir,
         accelerator=accelerator,
-        devices=1,
+        devices=d.devices,
+        num_nodes=int(d.num_nodes),
+        strategy=str(d.strategy),
+        use_distributed_sampler=False,  # train_dataloader() slices the sample stream by rank itself
         precision=precision,
         max_steps=int(d.max_steps),
         max_epochs=-1,
@@ -429,10 +532,12 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
     )
     log.info("dVAE: %d train frames of %d px, vocab %d, %d steps, %s, %s -> %s%s", len(rows), frame_size, vocab,
              d.max_steps, accelerator, precision, run_dir, f" (resuming {ckpt})" if ckpt else "")
-    trainer.fit(task, train_dataloaders=loader, ckpt_path=ckpt)
-    task.check_finite()
+    trainer.fit(task, ckpt_path=ckpt)
+    task.check_finite(all_ranks=False)  # the ranks agreed at every check during training
     if trainer.global_step < int(d.max_steps):
         raise TrainingDiverged(f"dVAE training stopped at step {trainer.global_step} of {d.max_steps}; rerun to resume")
+    if not trainer.is_global_zero:
+        return None
     dvae_hash = export_weights(run_dir, task, store, trainer.global_step)
     log.info("dVAE %s written to %s", dvae_hash, run_dir / "dvae.pt")
     return dvae_hash
