@@ -30,6 +30,7 @@ single writer needs no coordination over the store.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -68,7 +69,7 @@ from pipeline.dvae import (
     reconstruction_loss,
 )
 from stages.common import StageError, config_command, setup_logging
-from stages.train_slots import ResumableRandomSampler
+from stages.train_slots import WRITE_FAULTS, ResumableRandomSampler, output_writes
 
 log = logging.getLogger("egoslots")
 
@@ -78,6 +79,14 @@ ARCHITECTURE_KEYS = ("vocab_size", "hidden")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the checkpoints on disk are from before it."""
+
+
+class TokenWriteError(StoreError, OSError):
+    """Writing token ids into the store failed (disk full, read-only, no permission). A StoreError
+    (one clear line for the user) and still an OSError for callers that catch those."""
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] strerror"
+        return str(self.args[0]) if self.args else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +391,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[str]:
         if not path.is_file():
             continue
         try:
-            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return str(path)
         except Exception as err:  # truncated by a crash, disk full, ...
             log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
@@ -465,9 +474,11 @@ def pretrain(cfg: DictConfig, resume: Optional[str | Path] = None, overwrite: bo
         log.info("dVAE in %s is already trained for %d steps on store %s", run_dir, cfg.dvae.max_steps,
                  store.fingerprint)
     else:
-        if zero:
-            _write_run_files(run_dir, cfg, store)
-        _train(cfg, store, frame_size, vocab, run_dir, resume, callbacks)
+        # an unwritable or full run directory: one error naming the file, checkpoints kept
+        with output_writes(run_dir):
+            if zero:
+                _write_run_files(run_dir, cfg, store)
+            _train(cfg, store, frame_size, vocab, run_dir, resume, callbacks)
     if tokenize and zero:  # tokenization is one encoder pass over the store: rank 0 alone does it
         tokenize_run(run_dir)
     return run_dir
@@ -532,7 +543,7 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
     )
     log.info("dVAE: %d train frames of %d px, vocab %d, %d steps, %s, %s -> %s%s", len(rows), frame_size, vocab,
              d.max_steps, accelerator, precision, run_dir, f" (resuming {ckpt})" if ckpt else "")
-    trainer.fit(task, ckpt_path=ckpt)
+    trainer.fit(task, ckpt_path=ckpt, weights_only=True)
     task.check_finite(all_ranks=False)  # the ranks agreed at every check during training
     if trainer.global_step < int(d.max_steps):
         raise TrainingDiverged(f"dVAE training stopped at step {trainer.global_step} of {d.max_steps}; rerun to resume")
@@ -598,7 +609,10 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
         raise StoreError(f"{store.path} caches {frame_size} px frames; the dVAE in {run_dir} expects "
                          f"a token grid of {info['token_grid']}")
 
-    sub = store.create_tokens(dvae_hash, grid, {"vocab_size": info["vocab_size"], "dvae_run": str(run_dir)})
+    try:
+        sub = store.create_tokens(dvae_hash, grid, {"vocab_size": info["vocab_size"], "dvae_run": str(run_dir)})
+    except OSError as err:
+        raise _token_write_error(err, f"cannot create tokens/{dvae_hash} in {store.path}", run_dir) from err
     if sub.attrs.get("complete"):
         return dvae_hash
     done = np.asarray(sub["done"][:], dtype=bool)
@@ -625,14 +639,33 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
             if i + 1 < len(bounds):
                 next_frames = reader.submit(store.read_rows, "frames", *bounds[i + 1])
             ids = encode_frames(model, frames, batch_size, device)  # (n, h, w) uint16
-            ids_array[start:stop] = ids
-            store.fsync_chunk(f"tokens/{dvae_hash}/ids", chunk)
-            done_array[chunk] = 1  # last: the chunk counts only once its ids are on disk
-            store.fsync_chunk(f"tokens/{dvae_hash}/done", chunk)
+            try:
+                ids_array[start:stop] = ids
+                store.fsync_chunk(f"tokens/{dvae_hash}/ids", chunk)
+                done_array[chunk] = 1  # last: the chunk counts only once its ids are on disk
+                store.fsync_chunk(f"tokens/{dvae_hash}/done", chunk)
+            except OSError as err:
+                raise _token_write_error(err, f"cannot write token chunk {chunk} of {store.path}", run_dir) from err
             bar.update(stop - start)
-    sub.attrs.update({"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    try:
+        sub.attrs.update({"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except OSError as err:
+        raise _token_write_error(err, f"every token chunk of {store.path} is written but marking them complete "
+                                      "failed", run_dir) from err
     log.info("tokens of dVAE %s complete in %s", dvae_hash, store.path)
     return dvae_hash
+
+
+def _token_write_error(err: OSError, what: str, run_dir: Path) -> OSError:
+    """The clear error for a failed token write (like extraction's): what failed, the errno's
+    meaning, that finished chunks are kept, and the command that resumes."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = what.replace("cannot write", "disk full while writing", 1)
+    hint = WRITE_FAULTS.get(err.errno, "check the store's disk")
+    wrapped = TokenWriteError(f"{what} ({err}): {hint}; finished token chunks are kept: rerun "
+                              f"`egoslots tokenize {run_dir}` (or the same pretrain-dvae command) to resume")
+    wrapped.errno, wrapped.filename = err.errno, err.filename
+    return wrapped
 
 
 @torch.no_grad()
