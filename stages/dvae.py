@@ -69,7 +69,7 @@ from pipeline.dvae import (
     reconstruction_loss,
 )
 from stages.common import StageError, config_command, setup_logging
-from stages.train_slots import WRITE_FAULTS, ResumableRandomSampler, output_writes
+from stages.train_slots import WRITE_FAULTS, RaisingCheckpointIO, ResumableRandomSampler, output_writes
 
 log = logging.getLogger("egoslots")
 
@@ -540,6 +540,7 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
         ],
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        plugins=[RaisingCheckpointIO()],  # a checkpoint that cannot be written stops the run
     )
     log.info("dVAE: %d train frames of %d px, vocab %d, %d steps, %s, %s -> %s%s", len(rows), frame_size, vocab,
              d.max_steps, accelerator, precision, run_dir, f" (resuming {ckpt})" if ckpt else "")

@@ -20,6 +20,7 @@ and progress bars look only every few steps), and DataLoader workers that read a
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import math
@@ -32,9 +33,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import click
+import fsspec
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -755,6 +758,26 @@ def write_fault(err: OSError, out_dir: Path, kept: str, resume: str) -> Optional
             f"{kept}; {resume}")
 
 
+class RaisingCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, except that a failed write raises.
+
+    Lightning 2.6's ``_atomic_save`` swallows PermissionError (EACCES/EPERM): the run would go on
+    for days with no checkpoint saved and no word said. This one writes the same way (whole
+    file through an fsspec transaction: a temporary file renamed into place) and lets every
+    OSError through to :func:`output_writes`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"storage_options is not supported by {type(self).__name__}")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        fs, urlpath = fsspec.core.url_to_fs(str(path))
+        fs.makedirs(os.path.dirname(urlpath), exist_ok=True)
+        with fs.transaction, fs.open(urlpath, "wb") as f:
+            f.write(buffer.getvalue())
+
+
 @contextmanager
 def output_writes(out_dir: Path, kept: str = "", resume: str = "then rerun the same command to resume"):
     """Turn a permission / read-only / disk-full OSError inside the block into one StageError
@@ -870,6 +893,7 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
         enable_model_summary=False,
+        plugins=[RaisingCheckpointIO()],
     )
     try:
         with output_writes(run_dir):
