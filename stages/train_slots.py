@@ -656,7 +656,8 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def check_checkpoint_fits(path: Path, ckpt: dict, expected: "SlotTrainingModule", against: str) -> None:
+def check_checkpoint_fits(path: Path, ckpt: dict, expected: "SlotTrainingModule", against: str,
+                          remedy: str) -> None:
     """Refuse a checkpoint whose slot model differs from ``expected`` (another NUM_SLOTS, SLOT_DIM,
     vocabulary, store, ...): one error naming the checkpoint, the weights whose names or shapes
     differ and the config keys behind them, instead of load_state_dict's traceback."""
@@ -674,7 +675,7 @@ def check_checkpoint_fits(path: Path, ckpt: dict, expected: "SlotTrainingModule"
     listed = lambda items: ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")  # noqa: E731
     parts = []
     if shapes:
-        parts.append(f"{len(shapes)} weights differ in shape (checkpoint vs {against}): {listed(shapes)}")
+        parts.append(f"{len(shapes)} weights differ in shape (checkpoint vs expected): {listed(shapes)}")
     if missing:
         parts.append(f"{len(missing)} weights missing from the checkpoint: {listed(missing)}")
     if unexpected:
@@ -690,7 +691,7 @@ def check_checkpoint_fits(path: Path, ckpt: dict, expected: "SlotTrainingModule"
     raise StageError(
         f"checkpoint {path} holds another slot model than {against}: {'; '.join(parts)}. "
         + (f"Config differences: {listed(keys)}. " if keys else "")
-        + "Set these keys as they were for the checkpoint (its config is saved in it), or train without it."
+        + remedy
     )
 
 
@@ -854,7 +855,9 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
 
     module = build_module(cfg_dict, inputs)
     if ckpt_path is not None:
-        check_checkpoint_fits(ckpt_path, read_checkpoint(ckpt_path), module, "this config")
+        check_checkpoint_fits(ckpt_path, read_checkpoint(ckpt_path), module, "this config",
+                              "Set these keys as they were for the checkpoint (its config is saved in it), "
+                              "or train without --resume.")
     if tc.compile:
         module.model.compile()
     store = inputs.store
@@ -958,7 +961,9 @@ def _check_checkpoint_of_run(path: Path, ckpt: dict, run_dir: Path, store: Featu
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         expected = SlotTrainingModule(cfg_dict, store.feature_dim, int(store.meta["num_tokens"]),
                                       list(grid) if grid else None)
-    check_checkpoint_fits(path, ckpt, expected, f"run {run_dir} (its config.yaml and store)")
+    check_checkpoint_fits(path, ckpt, expected, f"run {run_dir} (its config.yaml and store)",
+                          f"The checkpoint comes from another run: use that run's directory, or move it out of "
+                          f"{run_dir / 'checkpoints'}.")
 
 
 @config_command("train-slots", example="egoslots train-slots configs/base.yaml run_name=slots-10 globals.NUM_SLOTS=10")

@@ -50,8 +50,9 @@ def test_nan_features_stop_train_slots_naming_the_step(tmp_path):
     store = make_store(tmp_path)
     make_dvae_run(tmp_path)
     zarr.open_array(str(store.path) + "/features", mode="r+")[:] = np.nan
-    with pytest.raises(StageError, match=r"NaN/inf at step \d+"):
+    with pytest.raises(StageError, match=r"NaN/inf at step \d+") as info:
         train(tiny_cfg(tmp_path, "trainer.max_steps=3", "trainer.val_every=100", "trainer.image_every=100"))
+    assert f"`egoslots cache verify {store.path}`" in str(info.value)  # the command that finds the bad chunks
     assert not (tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt").exists()
 
 
