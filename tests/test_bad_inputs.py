@@ -60,18 +60,18 @@ def test_nan_features_stop_train_slots_naming_the_step(tmp_path):
 # We run as root, so chmod proves nothing: the real write raises the OSError a read-only mount,
 # a directory of another user or a full disk would raise.
 def _fail_open_for(monkeypatch, name: str, err: int):
-    """Make fsspec's local open-for-write (Lightning's checkpoint write) of file ``name`` fail."""
-    from fsspec.implementations.local import LocalFileSystem
+    """Make the open-for-write of checkpoint ``name`` (its temporary file) fail like the OS would."""
+    import builtins
 
-    real = LocalFileSystem._open
+    real = builtins.open
 
-    def failing(self, path, mode="rb", *args, **kwargs):
-        if "w" in mode and Path(str(path)).name == name:
+    def failing(file, mode="r", *args, **kwargs):
+        if "w" in str(mode) and isinstance(file, (str, os.PathLike)) and Path(file).name.startswith(f".{name}.tmp"):
             raise (PermissionError if err in (errno.EACCES, errno.EPERM) else OSError)(
-                err, os.strerror(err), str(path))
-        return real(self, path, mode, *args, **kwargs)
+                err, os.strerror(err), str(file))
+        return real(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(LocalFileSystem, "_open", failing)
+    monkeypatch.setattr(builtins, "open", failing)
 
 
 def _fail_write_text_for(monkeypatch, name: str, err: int):
@@ -258,6 +258,7 @@ def test_unwritable_train_slots_run_dir_names_the_file_and_keeps_checkpoints(tmp
         assert f"checkpoints already in {ckpts} are kept" in result.output
         assert _step(ckpts / "step=2.ckpt") == 2
     assert _step(ckpts / "last.ckpt") == 2  # the failed writes never replaced it
+    assert not list(ckpts.glob(".*"))  # and left no temporary files behind
 
     result = runner.invoke(cli.main, args)  # fixed: resumes from step 2 (or 4) and finishes
     assert result.exit_code == 0, result.output
