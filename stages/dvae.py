@@ -69,7 +69,13 @@ from pipeline.dvae import (
     reconstruction_loss,
 )
 from stages.common import StageError, config_command, setup_logging
-from stages.train_slots import WRITE_FAULTS, RaisingCheckpointIO, ResumableRandomSampler, output_writes
+from stages.train_slots import (
+    WRITE_FAULTS,
+    RaisingCheckpointIO,
+    ResumableRandomSampler,
+    output_writes,
+    read_checkpoint,
+)
 
 log = logging.getLogger("egoslots")
 
@@ -398,6 +404,18 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[str]:
     return None
 
 
+def check_resume_checkpoint(path: Path, cfg: DictConfig) -> None:
+    """A ``--resume`` checkpoint must be a pretrain-dvae checkpoint of this vocab_size / hidden."""
+    hp = read_checkpoint(path).get("hyper_parameters") or {}
+    if "vocab_size" not in hp or "hidden" not in hp:
+        raise StoreError(f"--resume {path} is not a pretrain-dvae checkpoint (no dVAE vocab_size / hidden in it)")
+    wrong = [f"dvae.{key}={hp[key]} (checkpoint) vs {cfg.dvae[key]}" for key in ARCHITECTURE_KEYS
+             if int(hp[key]) != int(cfg.dvae[key])]
+    if wrong:
+        raise ConfigError(f"--resume {path} holds another dVAE than this config: {', '.join(wrong)}; set those "
+                          "keys as they were for the checkpoint, or train without --resume")
+
+
 def export_weights(run_dir: Path, task: DVAETask, store: FeatureStore, steps: int) -> str:
     """Write dvae.pt (weights only) then dvae.json (its hash); returns the hash."""
     weights = run_dir / "dvae.pt"
@@ -512,6 +530,8 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
     if resume and not Path(resume).is_file():
         raise StoreError(f"--resume {resume}: no such checkpoint file")
     ckpt = str(resume) if resume else latest_checkpoint(ckpt_dir)
+    if resume:
+        check_resume_checkpoint(Path(resume), cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     rows = training_rows(store)

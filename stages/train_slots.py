@@ -777,7 +777,8 @@ class RaisingCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, buffer)
         fs, urlpath = fsspec.core.url_to_fs(str(path))
         fs.makedirs(os.path.dirname(urlpath), exist_ok=True)
-        if fs.protocol not in ("file", "local") and "file" not in fs.protocol:
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        if "file" not in protocols:  # object stores: one upload, whole or nothing
             fs.pipe_file(urlpath, buffer.getvalue())
             return
         target = Path(urlpath)

@@ -16,7 +16,7 @@ from PIL import Image
 
 import stages.dvae as stage_dvae
 from cache.store import FeatureStore, StoreError
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.dvae import load_dvae
 from pipeline.data.base import SourceError
 from pipeline.data.frames import FrameFolderSource
@@ -334,3 +334,32 @@ class Payload:
 def _mark_loaded():
     Payload.loaded = True
     return None
+
+
+def test_pretrain_dvae_resume_from_another_dvae_is_refused(tmp_path):
+    from test_dvae import make_store as make_frame_store
+
+    make_frame_store(tmp_path / "store.zarr")
+    base = _dvae_overrides(tmp_path, tmp_path / "store.zarr")
+    run_dir = stage_dvae.pretrain(load_config(None, [*base, "dvae.max_steps=2"]), tokenize=False)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    cfg = load_config(None, [*base, "dvae.run_name=wide", "dvae.vocab_size=32", "dvae.hidden=12"])
+    with pytest.raises(ConfigError, match=r"last\.ckpt holds another dVAE than this config: dvae\.vocab_size=16 "
+                                          r"\(checkpoint\) vs 32, dvae\.hidden=8 \(checkpoint\) vs 12"):
+        stage_dvae.pretrain(cfg, resume=ckpt, tokenize=False)
+    assert not (tmp_path / "runs" / "wide" / "checkpoints").exists()
+
+
+def test_checkpoint_writer_round_trips_locally_and_on_object_stores(tmp_path):
+    """RaisingCheckpointIO writes what torch.load reads back, on disk (atomic rename) and through fsspec."""
+    import fsspec
+
+    from stages.train_slots import RaisingCheckpointIO
+
+    state = {"state_dict": {"w": torch.arange(6.0)}, "global_step": 7}
+    io = RaisingCheckpointIO()
+    io.save_checkpoint(state, tmp_path / "a" / "last.ckpt")
+    assert _step(tmp_path / "a" / "last.ckpt") == 7 and not list((tmp_path / "a").glob(".*"))
+    io.save_checkpoint(state, "memory://egoslots-test/last.ckpt")
+    with fsspec.open("memory://egoslots-test/last.ckpt", "rb") as f:
+        assert torch.equal(torch.load(f, weights_only=True)["state_dict"]["w"], torch.arange(6.0))
