@@ -66,6 +66,7 @@ def store_exists(location) -> bool:
     if isinstance(location, Path):
         return location.exists()
     fs, path = filesystem(location)
+    fs.invalidate_cache(path)  # another process may have written it since we last looked
     return fs.exists(f"{path}/zarr.json")
 
 
@@ -75,8 +76,9 @@ def list_zarr(folder) -> list[Location]:
     if isinstance(folder, Path):
         return sorted(p for p in folder.iterdir() if p.suffix == ".zarr") if folder.is_dir() else []
     fs, path = filesystem(folder)
+    fs.invalidate_cache(path)
     try:
-        entries = fs.ls(path, detail=False, refresh=True)
+        entries = fs.ls(path, detail=False)
     except FileNotFoundError:
         return []
     return sorted(_url(fs, e) for e in entries if e.rstrip("/").endswith(".zarr"))

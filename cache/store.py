@@ -39,7 +39,7 @@ import numpy as np
 import zarr
 
 from cache.location import Location, as_location, is_remote, join, list_zarr, remote_keys, remove, size_bytes
-from cache.location import store_exists
+from cache.location import filesystem, store_exists
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "egoslots"
@@ -113,8 +113,18 @@ class FeatureStore:
 
     def __init__(self, path: str | Path, group: zarr.Group):
         self.path = as_location(path)  # Path if local, the URL (str) if remote
-        self.group = group
+        self._group, self._pid = group, os.getpid()
         self._meta: Optional[dict] = None
+
+    @property
+    def group(self) -> zarr.Group:
+        """The zarr group. A remote store's group is reopened in a forked child (a DataLoader
+        worker): its filesystem client is bound to the parent's event loop, which the child lacks."""
+        if self._pid != os.getpid() and is_remote(self.path):
+            mode = "r" if self._group.read_only else "r+"
+            self._group = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+            self._pid = os.getpid()
+        return self._group
 
     # ------------------------------------------------------------------ creation / opening
     @classmethod
@@ -422,24 +432,41 @@ class FeatureStore:
         finally:
             os.close(fd)  # releases the lock
 
-    def done_chunks(self) -> np.ndarray:
-        """One bool per chunk. Local stores read the flag files directly (one 1-byte file per
-        chunk): zarr's path costs ~0.3 ms per flag, seconds for a million-frame store."""
-        folder = Path(self.path) / "done" / "c" if isinstance(self.path, Path) else None
-        size = self.group["done"].shape[0]
-        if folder is not None and folder.is_dir():
-            done = np.zeros(size, dtype=bool)
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if not entry.name.isdigit() or int(entry.name) >= size:
-                        continue
-                    with open(entry.path, "rb") as f:
-                        raw = f.read(2)
-                    if len(raw) != 1:  # not the plain 1-byte layout: let zarr decode it
-                        return np.asarray(self.group["done"][:], dtype=bool)
-                    done[int(entry.name)] = raw != b"\x00"
+    def done_chunks(self, flags: str = "done") -> np.ndarray:
+        """One bool per chunk from a flag array (``done``, or ``tokens/<hash>/done``).
+
+        Flags are one tiny file/object per chunk, and one is present exactly when it says done
+        (:meth:`unflag` deletes flags). Local stores read the files directly (zarr's path costs
+        ~0.3 ms per flag, seconds for a million-frame store); remote stores list the flag folder
+        (a few LIST requests instead of one GET per chunk: 0.6 s instead of 20 s for 3000 flags
+        on a loopback S3 server).
+        """
+        size = self.group[flags].shape[0]
+        done = np.zeros(size, dtype=bool)
+        if is_remote(self.path):
+            fs, root = filesystem(str(self.path))
+            folder = f"{root}/{flags}/c"
+            fs.invalidate_cache(folder)
+            try:
+                names = [key.rsplit("/", 1)[-1] for key in fs.ls(folder, detail=False)]
+            except FileNotFoundError:
+                names = []
+            chunks = [int(n) for n in names if n.isdigit() and int(n) < size]
+            done[chunks] = True
             return done
-        return np.asarray(self.group["done"][:], dtype=bool)
+        folder = Path(self.path) / flags / "c"
+        if not folder.is_dir():
+            return done
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.isdigit() or int(entry.name) >= size:
+                    continue
+                with open(entry.path, "rb") as f:
+                    raw = f.read(2)
+                if len(raw) != 1:  # not the plain 1-byte layout: let zarr decode it
+                    return np.asarray(self.group[flags][:], dtype=bool)
+                done[int(entry.name)] = raw != b"\x00"
+        return done
 
     def progress(self) -> tuple[int, int]:
         done = self.done_chunks()
@@ -491,7 +518,7 @@ class FeatureStore:
                 problems.append(Finding(f"video table row '{v.id}' (hflip={v.hflip}) spans rows "
                                         f"{v.first}..{v.stop - 1}, outside the {self.num_frames} frames"))
         for dvae_hash in self.token_group_names():
-            token_done = np.asarray(self.group[f"tokens/{dvae_hash}/done"][:], dtype=bool)
+            token_done = self.done_chunks(f"tokens/{dvae_hash}/done")
             if not token_done.all():
                 problems.append(Finding(f"tokens of dVAE {dvae_hash}: {int((~token_done).sum())} chunk(s) not "
                                         "flagged done"))
@@ -530,19 +557,23 @@ class FeatureStore:
     def unflag(self, findings: list[Finding]) -> dict[str, list[int]]:
         """Mark the chunks holding bad data as not written, so a rerun rewrites exactly them.
 
-        Frame arrays: the store's ``done`` flag and ``complete`` (rerun ``extract-features``).
-        Token ids: that dVAE's token flags (rerun ``tokenize``). Returns {flag array: chunks}.
+        The bad shard files are deleted; their flags cleared: for frame arrays the store's
+        ``done`` flag and ``complete`` (rerun ``extract-features``), for token ids that dVAE's
+        token flags (rerun ``tokenize``). Returns {flag array: chunks}.
         """
+        from cache.location import remove_file
+
         targets: dict[str, set[int]] = {}
         for f in findings:
             if f.chunk is None or f.array is None:
                 continue
             flags = f.array.rsplit("/", 1)[0] + "/done" if f.array.startswith("tokens/") else "done"
             targets.setdefault(flags, set()).add(f.chunk)
+            # zarr rewrites a shard by reading it first, which fails on a damaged one: delete it
+            remove_file(join(self.path, *self.chunk_key(f.array, f.chunk).split("/")))
         for flags, chunks in targets.items():
-            for chunk in sorted(chunks):
-                self.writable(flags)[chunk] = 0
-                self.fsync_chunk(flags, chunk)
+            for chunk in sorted(chunks):  # a flag is present exactly when its chunk is done
+                remove_file(join(self.path, *self.chunk_key(flags, chunk).split("/")))
             if flags == "done":
                 with self.lock():
                     self.update_meta(complete=False)
@@ -578,7 +609,7 @@ class FeatureStore:
             )
         sub = self.group[name]
         if require_complete and not sub.attrs.get("complete", False):
-            done = int(np.asarray(sub["done"][:]).sum())
+            done = int(self.done_chunks(f"{name}/done").sum())
             raise StoreError(
                 f"tokens of dVAE {dvae_hash} in {self.path} are incomplete ({done}/{sub['done'].shape[0]} "
                 "chunks); rerun `egoslots tokenize RUN` to finish them"

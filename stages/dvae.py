@@ -54,7 +54,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cache.fingerprint import resolve_store
-from cache.store import FeatureStore, StoreError, chunk_bounds
+from cache.location import as_location, store_exists
+from cache.store import FeatureStore, StoreError, chunk_bounds, store_path, stores_dir
 from pipeline.config import ConfigError, save_resolved
 from pipeline.dvae import (
     DVAE,
@@ -578,18 +579,19 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
 # --------------------------------------------------------------------------------------------
 # Tokenization
 # --------------------------------------------------------------------------------------------
-def _store_of_run(run_dir: Path, info: dict) -> Path:
+def _store_of_run(run_dir: Path, info: dict):
     """The store a dVAE run trained on: inputs.json's path, else work_dir/stores/<fingerprint>."""
     inputs = _read_json(run_dir / "inputs.json") or {}
     candidates = [inputs.get("store"), info.get("store_path")]
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        work_dir = OmegaConf.load(saved).get("work_dir")
-        if work_dir:
-            candidates.append(str(Path(work_dir) / "stores" / f"{info['store']}.zarr"))
+        saved_cfg = OmegaConf.load(saved)
+        if saved_cfg.get("work_dir"):
+            folder = stores_dir(saved_cfg.work_dir, saved_cfg.get("store_dir"))
+            candidates.append(str(store_path(folder, info["store"])))
     for path in candidates:
-        if path and Path(path).exists():
-            return Path(path)
+        if path and store_exists(path):
+            return as_location(path)
     raise StoreError(
         f"the store dVAE run {run_dir} was trained on ({info['store']}) is not at "
         f"{', '.join(str(p) for p in candidates if p)}; was it moved or removed?"
@@ -636,7 +638,7 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
         raise _token_write_error(err, f"cannot create tokens/{dvae_hash} in {store.path}", run_dir) from err
     if sub.attrs.get("complete"):
         return dvae_hash
-    done = np.asarray(sub["done"][:], dtype=bool)
+    done = store.done_chunks(f"tokens/{dvae_hash}/done")
     pending = [c for c in range(done.size) if not done[c]]
     saved = run_dir / "config.yaml"
     dcfg = OmegaConf.load(saved).get("dvae", {}) if saved.is_file() else {}

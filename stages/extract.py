@@ -344,21 +344,14 @@ def open_or_create_store(path: Location, fingerprint: str, inputs: dict, create_
     deadline = time.monotonic() + CREATE_TIMEOUT_S
     while True:
         if path.exists():
-            try:
-                store = FeatureStore.open(path, require_complete=False, mode="r+")
-                found = store.fingerprint
-            except StoreError as err:
-                store, found = None, f"unreadable ({err})"
-            if found == fingerprint:
+            store = _matching_store(path, fingerprint, inputs, overwrite)
+            if store is not None:
                 return store
-            if not overwrite:
-                _refuse_mismatch(path, store, found, fingerprint, inputs)
             if shard_id != 0:  # shard 0 replaces it; wait for the new one
                 if time.monotonic() > deadline:
                     raise StoreError(f"shard {shard_id}: timed out waiting for shard 0 to replace {path}")
                 time.sleep(1.0)
                 continue
-            log.info("--overwrite: removing %s (fingerprint %s)", path, found)
             trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
             os.rename(path, trash)
             shutil.rmtree(trash)
@@ -381,7 +374,19 @@ def open_or_create_store(path: Location, fingerprint: str, inputs: dict, create_
             raise StoreError(f"could not create or open {path}")
 
 
-def _refuse_mismatch(path, store: Optional[FeatureStore], found: str, fingerprint: str, inputs: dict):
+def _matching_store(path: Location, fingerprint: str, inputs: dict, overwrite: bool) -> Optional[FeatureStore]:
+    """The existing store at ``path`` if it has this fingerprint; None if ``overwrite`` says to
+    replace it; else a StoreError listing how its settings differ from this config's."""
+    try:
+        store = FeatureStore.open(path, require_complete=False, mode="r+")
+        found = store.fingerprint
+    except StoreError as err:
+        store, found = None, f"unreadable ({err})"
+    if found == fingerprint:
+        return store
+    if overwrite:
+        log.info("--overwrite: replacing %s (fingerprint %s)", path, found)
+        return None
     recorded = store.meta.get("fingerprint_inputs", {}) if store else {}
     diffs = describe_differences(recorded, inputs) if recorded else [f"store fingerprint {found}"]
     raise StoreError(
@@ -402,17 +407,10 @@ def open_or_create_remote_store(url: str, fingerprint: str, inputs: dict, create
     deadline = time.monotonic() + CREATE_TIMEOUT_S
     while True:
         if store_exists(url) and not FeatureStore.unfinished_creation(url):
-            try:
-                store = FeatureStore.open(url, require_complete=False, mode="r+")
-                found = store.fingerprint
-            except StoreError as err:
-                store, found = None, f"unreadable ({err})"
-            if found == fingerprint:
+            store = _matching_store(url, fingerprint, inputs, overwrite)
+            if store is not None:
                 return store
-            if not overwrite:
-                _refuse_mismatch(url, store, found, fingerprint, inputs)
             if shard_id == 0:
-                log.info("--overwrite: removing %s (fingerprint %s)", url, found)
                 remove(url)
                 overwrite = False
         if shard_id != 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,29 @@ def test_two_shard_processes_equal_one_process(dataset, tmp_path):
         assert p.returncode == 0, err[-3000:]
     assert sum("store complete" in out for out, _ in outputs) >= 1  # the last shard to finish completes it
     assert_same_store(only_store(work), reference)
+
+
+def test_torchrun_two_processes_write_one_store(dataset, tmp_path):
+    """`torchrun --no-python --nproc-per-node 2 egoslots extract-features ...`: each rank takes its
+    shard from RANK/WORLD_SIZE; the store equals one process's and `cache verify` passes."""
+    from click.testing import CliRunner
+
+    from stages.cache_cmds import cache
+
+    _, config, reference = dataset
+    work = tmp_path / "torchrun"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--no-python", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(port), *cli(config, work)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "shard 0/2" in result.stderr and "shard 1/2" in result.stderr  # really two shards
+    store = only_store(work)
+    assert_same_store(store, reference)
+    assert CliRunner().invoke(cache, ["verify", str(store)]).exit_code == 0
 
 
 def test_shard_identity_from_flags_torchrun_or_slurm(monkeypatch):

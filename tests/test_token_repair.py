@@ -1,0 +1,39 @@
+"""A damaged chunk of stage 2's token ids: `cache verify` names it, `--repair` unflags it (the
+tokens become incomplete, so stage 3 refuses them), and `egoslots tokenize RUN` rewrites exactly
+that chunk back to the original ids."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import stages.dvae as stage
+from cache.store import FeatureStore, StoreError
+from stages.cache_cmds import cache
+from tests.test_dvae_train import copy_run, trained  # noqa: F401 - fixture
+
+
+def test_damaged_token_chunk_is_found_repaired_and_rewritten(trained, tmp_path):  # noqa: F811
+    store_path, run_dir = copy_run(trained[0], tmp_path / "w")
+    dvae_hash = stage.tokenize_run(run_dir)
+    store = FeatureStore.open(store_path)
+    original = store.tokens(dvae_hash)[:]
+    shard = store.chunk_file(f"tokens/{dvae_hash}/ids", 1)
+    raw = bytearray(shard.read_bytes())
+    raw[8:16] = b"\xab" * 8
+    shard.write_bytes(bytes(raw))
+
+    runner = CliRunner()
+    found = runner.invoke(cache, ["verify", str(store_path)])
+    assert found.exit_code != 0 and f"chunk 1 of 'tokens/{dvae_hash}/ids'" in found.output, found.output
+    repaired = runner.invoke(cache, ["verify", str(store_path), "--repair"])
+    assert "tokenize RUN" in repaired.output and "token chunk(s) 1" in repaired.output, repaired.output
+    store = FeatureStore.open(store_path)
+    assert store.complete  # the features are fine: only the tokens need rewriting
+    with pytest.raises(StoreError, match="incomplete"):
+        store.tokens(dvae_hash)
+
+    assert stage.tokenize_run(run_dir) == dvae_hash
+    store = FeatureStore.open(store_path)
+    assert store.tokens(dvae_hash)[:].tobytes() == original.tobytes()
+    assert runner.invoke(cache, ["verify", str(store_path)]).exit_code == 0
