@@ -684,7 +684,12 @@ def _token_write_error(err: OSError, what: str, run_dir: Path) -> OSError:
     meaning, that finished chunks are kept, and the command that resumes."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         what = what.replace("cannot write", "disk full while writing", 1)
-    hint = WRITE_FAULTS.get(err.errno, "check the store's disk")
+        hint = WRITE_FAULTS[err.errno]
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = ("tokens are written into the feature store, so it must be writable: make it writable, or copy "
+                "it to a writable disk and point the dVAE run's inputs.json \"store\" at the copy")
+    else:
+        hint = "check the store's disk"
     wrapped = TokenWriteError(f"{what} ({err}): {hint}; finished token chunks are kept: rerun "
                               f"`egoslots tokenize {run_dir}` (or the same pretrain-dvae command) to resume")
     wrapped.errno, wrapped.filename = err.errno, err.filename

@@ -802,7 +802,7 @@ def output_writes(out_dir: Path, kept: str = "", resume: str = "then rerun the s
     try:
         yield
     except OSError as err:
-        message = write_fault(err, out_dir, kept or f"checkpoints already in {out_dir / 'checkpoints'} are kept",
+        message = write_fault(err, out_dir, kept or f"Checkpoints already in {out_dir / 'checkpoints'} are kept",
                               resume)
         if message is None:
             raise

@@ -255,7 +255,7 @@ def test_unwritable_train_slots_run_dir_names_the_file_and_keeps_checkpoints(tmp
             result = runner.invoke(cli.main, args)
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert re.search(rf"cannot write .*{re.escape(name)}: {meaning} \({errno.errorcode[err]}\)", result.output)
-        assert f"checkpoints already in {ckpts} are kept" in result.output
+        assert f"Checkpoints already in {ckpts} are kept" in result.output
         assert _step(ckpts / "step=2.ckpt") == 2
     assert _step(ckpts / "last.ckpt") == 2  # the failed writes never replaced it
     assert not list(ckpts.glob(".*"))  # and left no temporary files behind
