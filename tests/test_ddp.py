@@ -142,3 +142,49 @@ def test_pretrain_dvae_two_processes_equal_one_process_with_the_global_batch(tmp
     info = json.loads((ddp_run / "dvae.json").read_text())  # rank 0 exported and tokenized
     assert info["steps"] == 4
     assert FeatureStore.open(tmp_path / "store.zarr").tokens(info["hash"]).shape[0] == 48
+
+
+NAN_DRIVER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import stages.dvae as stage
+from pipeline.config import load_config
+
+rank, calls, real = int(os.environ["RANK"]), [0], stage.reconstruction_loss
+
+def poisoned(recon, frames):  # rank 1 alone sees a NaN reconstruction at training step 3
+    calls[0] += 1
+    return real(recon * float("nan") if rank == 1 and calls[0] == 4 else recon, frames)
+
+stage.reconstruction_loss = poisoned
+try:
+    stage.pretrain(load_config(None, sys.argv[1:]), tokenize=False)
+except stage.TrainingDiverged as err:
+    print(f"rank {{rank}}: {{err}}", flush=True)
+    sys.exit(3)
+"""
+
+
+def test_pretrain_dvae_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    """A NaN loss on rank 1 only: both ranks agree on the step and stop together (no hang, no rank
+    killed mid-collective), and no checkpoint after it is written."""
+    from test_dvae import make_store as make_frame_store
+
+    make_frame_store(tmp_path / "store.zarr")
+    (tmp_path / "driver.py").write_text(NAN_DRIVER.format(repo=str(REPO)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(tmp_path / "driver.py"),
+         f"work_dir={tmp_path}", f"store={tmp_path / 'store.zarr'}", "dvae.vocab_size=16", "dvae.hidden=8",
+         "dvae.batch_size=4", "dvae.num_workers=0", "dvae.max_steps=8", "dvae.ckpt_every=2", "dvae.log_every=1",
+         "dvae.image_every=100", "dvae.accelerator=cpu", "dvae.precision=32", "dvae.devices=2", "dvae.strategy=ddp"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: the dVAE loss became NaN/Inf at step 3" in out, out[-3000:]
+    ckpts = tmp_path / "runs" / "dvae" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step=2.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
