@@ -146,6 +146,11 @@ class Dvae:
     tokenize_device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     accelerator: str = "auto"  # Lightning accelerator for pretraining: auto | cpu | gpu
     precision: str = "auto"  # auto (bf16-mixed on GPUs that support it, else 32) | 32 | bf16-mixed
+    # Multi-GPU / multi-node pretraining (Lightning DDP, as trainer.* for stage 3): batch_size is
+    # per device, the global batch is batch_size x devices x num_nodes. Tokenization runs on rank 0.
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
 
 
 @dataclass

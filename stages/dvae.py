@@ -17,10 +17,20 @@ once ``dvae.pt`` exists for ``dvae.max_steps`` steps it returns at once (a large
 continues training and gives a new hash). Tokens go into the store as
 ``tokens/<hash>/ids`` (F, h, w) uint16, one done flag per chunk written after the chunk's ids,
 so an interrupted `tokenize` redoes only the chunks whose flag is 0.
+
+Several GPUs / nodes: ``dvae.devices``, ``dvae.num_nodes``, ``dvae.strategy=ddp`` (as
+``trainer.*`` for stage 3; launch with torchrun or srun, or let Lightning start the processes).
+``dvae.batch_size`` is per device. Every rank reads its own slice of one seeded frame stream and
+draws each frame's Gumbel noise from a generator keyed by the frame's place in that stream, so W
+ranks with batch B train the weights of one process with batch B*W (tests/test_ddp.py). Rank 0
+alone writes the run directory (checkpoints, TensorBoard, dvae.pt) and then tokenizes the store
+while the other ranks exit: tokenizing is one encoder pass, short next to training, and a
+single writer needs no coordination over the store.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -38,6 +48,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -50,6 +61,7 @@ from pipeline.dvae import (
     DVAE,
     MAX_VOCAB,
     PATCH,
+    DVAEOutput,
     Geco,
     code_usage,
     gumbel_tau,
@@ -58,7 +70,13 @@ from pipeline.dvae import (
     reconstruction_loss,
 )
 from stages.common import StageError, config_command, setup_logging
-from stages.train_slots import ResumableRandomSampler
+from stages.train_slots import (
+    WRITE_FAULTS,
+    RaisingCheckpointIO,
+    ResumableRandomSampler,
+    output_writes,
+    read_checkpoint,
+)
 
 log = logging.getLogger("egoslots")
 
@@ -68,6 +86,14 @@ ARCHITECTURE_KEYS = ("vocab_size", "hidden")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the checkpoints on disk are from before it."""
+
+
+class TokenWriteError(StoreError, OSError):
+    """Writing token ids into the store failed (disk full, read-only, no permission). A StoreError
+    (one clear line for the user) and still an OSError for callers that catch those."""
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] strerror"
+        return str(self.args[0]) if self.args else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +190,52 @@ class DVAETask(L.LightningModule):
         # First step whose loss was not finite (-1: none). Kept on the device so that watching
         # it costs no synchronisation; read before every checkpoint and every few steps.
         self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self.frames: Optional[FrameDataset] = None  # set by _train(), read by train_dataloader()
+        self.loader: dict = {}  # batch_size, num_workers, seed, max_steps
+
+    @property
+    def world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def train_dataloader(self) -> DataLoader:
+        """This rank's slice of one seeded stream of frames, from the step training (re)starts at.
+
+        Rank r's step-s batch is draws s*B*W + r*B ... of the stream (stage 3's sampler), so the
+        ranks together read the batch of one process with batch B*W, and a resumed run reads
+        what the uninterrupted run would have read.
+        """
+        if self.frames is None:
+            raise RuntimeError("DVAETask.frames is not set; train with stages.dvae.pretrain()")
+        o = self.loader
+        batch, workers = int(o["batch_size"]), int(o["num_workers"])
+        start = self.trainer.global_step if self._trainer is not None else 0
+        sampler = ResumableRandomSampler(len(self.frames), total=int(o["max_steps"]) * batch, seed=int(o["seed"]),
+                                         start=start * batch, batch=batch, rank=self.global_rank, world=self.world)
+        return DataLoader(self.frames, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+    def gumbel_noise(self, log_probs: torch.Tensor, step: int) -> torch.Tensor:
+        """Gumbel(0, 1) noise like ``log_probs`` (B, V, h, w), one seeded generator per frame.
+
+        The generator of a frame is keyed by its position in the global sample stream, so DDP
+        ranks (each with a slice of the global batch) and resumed runs draw exactly the noise
+        one uninterrupted process draws.
+        """
+        batch = log_probs.shape[0]
+        first = (step * self.world + self.global_rank) * batch  # global position of this rank's frame 0
+        seed = int(self.loader.get("seed", 0))
+        noise = torch.empty_like(log_probs)
+        for i in range(batch):
+            g = torch.Generator(device=log_probs.device).manual_seed((seed << 40) + first + i)
+            noise[i].exponential_(generator=g)
+        return -noise.log()  # as F.gumbel_softmax: -log(Exp(1))
+
+    def sample(self, frames: torch.Tensor, tau: float, step: int) -> DVAEOutput:
+        """DVAE.forward with :meth:`gumbel_noise` in place of F.gumbel_softmax's global RNG."""
+        log_probs = self.dvae.log_probs(frames)  # (B, V, h, w)
+        z_soft = ((log_probs + self.gumbel_noise(log_probs, step)) / tau).softmax(dim=1)  # (B, V, h, w)
+        ids = z_soft.detach().argmax(dim=1)  # (B, h, w)
+        return DVAEOutput(recon=self.dvae.decoder(z_soft), log_probs=log_probs, ids=ids)
 
     def tau(self, step: int) -> float:
         h = self.hparams
@@ -172,24 +244,20 @@ class DVAETask(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(self.dvae.parameters(), lr=self.hparams.lr)
 
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        # Step s's Gumbel noise comes from a generator seeded by (seed, s): Lightning checkpoints
-        # no RNG state, so this is what lets a resumed run draw what the uninterrupted run drew.
-        torch.manual_seed(int(self.hparams.get("seed", 0)) * 1_000_003 + self.global_step)
-
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         step = self.global_step
         frames = batch.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S) in [0, 1]
         tau = self.tau(step)
-        out = self.dvae(frames, tau)
+        out = self.sample(frames, tau, step)
         recon = reconstruction_loss(out.recon, frames)
+        sync = self.world > 1  # logged values: means over the ranks (the global batch's values)
         prior = frames.new_zeros(())
         if self.hparams.kl_weight > 0:
             kl = kl_to_uniform(out.log_probs)
             prior = self.hparams.kl_weight * kl
-            self.log("train/kl", kl)
+            self.log("train/kl", kl, sync_dist=sync)
         if self.geco is not None:
-            loss = self.geco(recon, prior, step)
+            loss = self.geco(self._global_value(recon), prior, step)
             self.log("train/geco_beta", self.geco.beta)
             self.log("train/geco_weight", self.geco.weight)
         else:
@@ -197,23 +265,47 @@ class DVAETask(L.LightningModule):
         self._watch(loss, step)
 
         perplexity, used = code_usage(out.ids, self.hparams.vocab_size)
-        self.log("train/loss_dvae_recon", recon, prog_bar=True)
-        self.log("train/loss", loss)
-        self.log("train/mse", recon / frames[0].numel())  # per pixel value, comparable across sizes
+        self.log("train/loss_dvae_recon", recon, prog_bar=True, sync_dist=sync)
+        self.log("train/loss", loss, sync_dist=sync)
+        self.log("train/mse", recon / frames[0].numel(), sync_dist=sync)  # per pixel value, comparable across sizes
         self.log("train/tau", tau, prog_bar=True)
-        self.log("train/perplexity", perplexity)
-        self.log("train/codes_used", used)
-        if self.hparams.image_every and step % self.hparams.image_every == 0:
+        self.log("train/perplexity", perplexity, sync_dist=sync)
+        self.log("train/codes_used", used, sync_dist=sync)
+        if self.hparams.image_every and step % self.hparams.image_every == 0 and self.global_rank == 0:
             self._log_pictures(frames, out.recon, step)
         return loss
+
+    def _global_value(self, value: torch.Tensor) -> torch.Tensor:
+        """Under DDP: the mean of ``value`` over the ranks, with this rank's gradient.
+
+        GECO's multiplier follows the reconstruction error; every rank must see the global
+        batch's error (as one process would) or the ranks' multipliers drift apart.
+        """
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        mean = value.detach().clone()
+        dist.all_reduce(mean)
+        return value + (mean / self.world - value.detach())
 
     # -------------------------------------------------------------- NaN / Inf watch
     def _watch(self, loss: torch.Tensor, step: int) -> None:
         bad = ~torch.isfinite(loss.detach())
         self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
 
-    def check_finite(self) -> None:
-        bad = int(self.first_bad_step)
+    def check_finite(self, all_ranks: bool = True) -> None:
+        """Raise TrainingDiverged if the loss was ever NaN/Inf. Under DDP every rank checks at the
+        same steps and they agree on the first bad step of any rank, so all stop together."""
+        first = self.first_bad_step
+        if all_ranks and self.world > 1:
+            import torch.distributed as dist
+
+            never = torch.iinfo(first.dtype).max
+            first = torch.where(first < 0, never, first)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == never, -1, first)
+        bad = int(first)
         if bad >= 0:
             raise TrainingDiverged(
                 f"the dVAE loss became NaN/Inf at step {bad}; stopped without saving a checkpoint after it. "
@@ -306,11 +398,23 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[str]:
         if not path.is_file():
             continue
         try:
-            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return str(path)
         except Exception as err:  # truncated by a crash, disk full, ...
             log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
     return None
+
+
+def check_resume_checkpoint(path: Path, cfg: DictConfig) -> None:
+    """A ``--resume`` checkpoint must be a pretrain-dvae checkpoint of this vocab_size / hidden."""
+    hp = read_checkpoint(path).get("hyper_parameters") or {}
+    if "vocab_size" not in hp or "hidden" not in hp:
+        raise StoreError(f"--resume {path} is not a pretrain-dvae checkpoint (no dVAE vocab_size / hidden in it)")
+    wrong = [f"dvae.{key}={hp[key]} (checkpoint) vs {cfg.dvae[key]}" for key in ARCHITECTURE_KEYS
+             if int(hp[key]) != int(cfg.dvae[key])]
+    if wrong:
+        raise ConfigError(f"--resume {path} holds another dVAE than this config: {', '.join(wrong)}; set those "
+                          "keys as they were for the checkpoint, or train without --resume")
 
 
 def export_weights(run_dir: Path, task: DVAETask, store: FeatureStore, steps: int) -> str:
@@ -375,26 +479,49 @@ def pretrain(cfg: DictConfig, resume: Optional[str | Path] = None, overwrite: bo
     store = open_store(cfg)
     frame_size = check_frames(store)
     run_dir = run_dir_of(cfg)
-    if overwrite and run_dir.exists():
-        log.info("--overwrite: removing %s", run_dir)
-        shutil.rmtree(run_dir)
-    check_run_dir(run_dir, cfg, store)
+    # Under DDP (torchrun, SLURM or Lightning's own launcher) every rank runs this function;
+    # only rank 0 writes into the run directory and the store. All ranks must agree on whether
+    # to train, so only rank 0 deletes, and the other ranks of an --overwrite run always train.
+    zero = is_rank_zero()
+    if zero:
+        if overwrite and run_dir.exists():
+            log.info("--overwrite: removing %s", run_dir)
+            shutil.rmtree(run_dir)
+        check_run_dir(run_dir, cfg, store)
 
-    if resume is None and finished(run_dir, cfg, store):
+    if resume is None and (zero or not overwrite) and finished(run_dir, cfg, store):
         log.info("dVAE in %s is already trained for %d steps on store %s", run_dir, cfg.dvae.max_steps,
                  store.fingerprint)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, run_dir / "config.yaml")
-        _write_json(run_dir / "inputs.json", {"store": str(store.path), "store_fingerprint": store.fingerprint})
-        _train(cfg, store, frame_size, vocab, run_dir, resume, callbacks)
-    if tokenize:
+        # an unwritable or full run directory: one error naming the file, checkpoints kept
+        with output_writes(run_dir):
+            if zero:
+                _write_run_files(run_dir, cfg, store)
+            _train(cfg, store, frame_size, vocab, run_dir, resume, callbacks)
+    if tokenize and zero:  # tokenization is one encoder pass over the store: rank 0 alone does it
         tokenize_run(run_dir)
     return run_dir
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 of a DDP launch (or not under DDP at all).
+
+    Known before the Trainer starts: Lightning reads RANK / LOCAL_RANK / SLURM_PROCID into
+    ``rank_zero_only.rank``; NODE_RANK / GROUP_RANK > 0 is another node of a multi-node launch.
+    """
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)) or 0)
+    return getattr(rank_zero_only, "rank", 0) == 0 and node == 0
+
+
+def _write_run_files(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir / "config.yaml")
+    _write_json(run_dir / "inputs.json", {"store": str(store.path), "store_fingerprint": store.fingerprint})
+
+
 def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, run_dir: Path,
-           resume: Optional[str | Path], callbacks: Sequence[Callback]) -> str:
+           resume: Optional[str | Path], callbacks: Sequence[Callback]) -> Optional[str]:
+    """Fit the dVAE (on every DDP rank); rank 0 exports dvae.pt and returns its hash."""
     d = cfg.dvae
     # Lightning warnings that are expected here: resuming mid-"epoch" is fine with random frames,
     # and a resumed run's checkpoint directory is of course not empty.
@@ -404,27 +531,24 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
     if resume and not Path(resume).is_file():
         raise StoreError(f"--resume {resume}: no such checkpoint file")
     ckpt = str(resume) if resume else latest_checkpoint(ckpt_dir)
+    if resume:
+        check_resume_checkpoint(Path(resume), cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     rows = training_rows(store)
-    batch = int(d.batch_size)
-    workers = int(d.num_workers)
-    start_step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"]) if ckpt else 0
-    loader = DataLoader(
-        FrameDataset(store, rows), batch_size=batch, drop_last=True,
-        # One "epoch" covers the whole run, so the progress bar counts steps to max_steps. Frame
-        # i of the stream depends only on (seed, i) and a resumed run starts at its step's
-        # frames: it reads exactly the frames the uninterrupted run would have read.
-        sampler=ResumableRandomSampler(len(rows), total=int(d.max_steps) * batch, seed=int(cfg.seed),
-                                       start=min(start_step, int(d.max_steps)) * batch),
-        num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-    )
     accelerator, precision = _device_settings(cfg)
     task = make_task(cfg, frame_size)
+    # one "epoch" covers the whole run, so the progress bar counts steps to max_steps
+    task.frames = FrameDataset(store, rows)
+    task.loader = {"batch_size": int(d.batch_size), "num_workers": int(d.num_workers), "seed": int(cfg.seed),
+                   "max_steps": int(d.max_steps)}
     trainer = L.Trainer(
         default_root_dir=run_dir,
         accelerator=accelerator,
-        devices=1,
+        devices=d.devices,
+        num_nodes=int(d.num_nodes),
+        strategy=str(d.strategy),
+        use_distributed_sampler=False,  # train_dataloader() slices the sample stream by rank itself
         precision=precision,
         max_steps=int(d.max_steps),
         max_epochs=-1,
@@ -437,13 +561,16 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
         ],
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        plugins=[RaisingCheckpointIO()],  # a checkpoint that cannot be written stops the run
     )
     log.info("dVAE: %d train frames of %d px, vocab %d, %d steps, %s, %s -> %s%s", len(rows), frame_size, vocab,
              d.max_steps, accelerator, precision, run_dir, f" (resuming {ckpt})" if ckpt else "")
-    trainer.fit(task, train_dataloaders=loader, ckpt_path=ckpt)
-    task.check_finite()
+    trainer.fit(task, ckpt_path=ckpt, weights_only=True)
+    task.check_finite(all_ranks=False)  # the ranks agreed at every check during training
     if trainer.global_step < int(d.max_steps):
         raise TrainingDiverged(f"dVAE training stopped at step {trainer.global_step} of {d.max_steps}; rerun to resume")
+    if not trainer.is_global_zero:
+        return None
     dvae_hash = export_weights(run_dir, task, store, trainer.global_step)
     log.info("dVAE %s written to %s", dvae_hash, run_dir / "dvae.pt")
     return dvae_hash
@@ -505,7 +632,10 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
         raise StoreError(f"{store.path} caches {frame_size} px frames; the dVAE in {run_dir} expects "
                          f"a token grid of {info['token_grid']}")
 
-    sub = store.create_tokens(dvae_hash, grid, {"vocab_size": info["vocab_size"], "dvae_run": str(run_dir)})
+    try:
+        sub = store.create_tokens(dvae_hash, grid, {"vocab_size": info["vocab_size"], "dvae_run": str(run_dir)})
+    except OSError as err:
+        raise _token_write_error(err, f"cannot create tokens/{dvae_hash} in {store.path}", run_dir) from err
     if sub.attrs.get("complete"):
         return dvae_hash
     done = store.done_chunks(f"tokens/{dvae_hash}/done")
@@ -532,14 +662,38 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
             if i + 1 < len(bounds):
                 next_frames = reader.submit(store.read_rows, "frames", *bounds[i + 1])
             ids = encode_frames(model, frames, batch_size, device)  # (n, h, w) uint16
-            ids_array[start:stop] = ids
-            store.fsync_chunk(f"tokens/{dvae_hash}/ids", chunk)
-            done_array[chunk] = 1  # last: the chunk counts only once its ids are on disk
-            store.fsync_chunk(f"tokens/{dvae_hash}/done", chunk)
+            try:
+                ids_array[start:stop] = ids
+                store.fsync_chunk(f"tokens/{dvae_hash}/ids", chunk)
+                done_array[chunk] = 1  # last: the chunk counts only once its ids are on disk
+                store.fsync_chunk(f"tokens/{dvae_hash}/done", chunk)
+            except OSError as err:
+                raise _token_write_error(err, f"cannot write token chunk {chunk} of {store.path}", run_dir) from err
             bar.update(stop - start)
-    sub.attrs.update({"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    try:
+        sub.attrs.update({"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except OSError as err:
+        raise _token_write_error(err, f"every token chunk of {store.path} is written but marking them complete "
+                                      "failed", run_dir) from err
     log.info("tokens of dVAE %s complete in %s", dvae_hash, store.path)
     return dvae_hash
+
+
+def _token_write_error(err: OSError, what: str, run_dir: Path) -> OSError:
+    """The clear error for a failed token write (like extraction's): what failed, the errno's
+    meaning, that finished chunks are kept, and the command that resumes."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = what.replace("cannot write", "disk full while writing", 1)
+        hint = WRITE_FAULTS[err.errno]
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = ("tokens are written into the feature store, so it must be writable: make it writable, or copy "
+                "it to a writable disk and point the dVAE run's inputs.json \"store\" at the copy")
+    else:
+        hint = "check the store's disk"
+    wrapped = TokenWriteError(f"{what} ({err}): {hint}; finished token chunks are kept: rerun "
+                              f"`egoslots tokenize {run_dir}` (or the same pretrain-dvae command) to resume")
+    wrapped.errno, wrapped.filename = err.errno, err.filename
+    return wrapped
 
 
 @torch.no_grad()

@@ -77,7 +77,7 @@ def checkpoint_identity(run_dir: str | Path, checkpoint: str = "last") -> dict:
     stat = path.stat()
     step = None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         step = ckpt.get("global_step", ckpt.get("step")) if isinstance(ckpt, dict) else None
     except Exception:  # an unreadable file is reported by the loader, not here
         pass

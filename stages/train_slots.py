@@ -19,18 +19,25 @@ and progress bars look only every few steps), and DataLoader workers that read a
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import math
+import os
+import pickle
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import click
+import fsspec
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -495,11 +502,13 @@ def clip_metrics(outputs: dict, masks: torch.Tensor, key: str, grid) -> Optional
 # Callbacks: NaN guard, final checkpoint, pictures
 # --------------------------------------------------------------------------------------------
 class NonFiniteLossError(RuntimeError):
-    def __init__(self, step: int, checkpoint: Optional[Path]):
+    def __init__(self, step: int, checkpoint: Optional[Path], store: Optional[str] = None):
         where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
         super().__init__(
             f"the training loss became NaN/inf at step {step}; training stopped and {where}. "
-            "Try a lower optimizer.lr, a larger optimizer.warmup_steps, or trainer.precision=32."
+            f"If the cached features may hold NaN/inf, `egoslots cache verify {store or 'STORE'}` names the bad "
+            "chunks (--repair, then rerun extract-features, rewrites them). Otherwise try a lower optimizer.lr, "
+            "a larger optimizer.warmup_steps, or trainer.precision=32."
         )
         self.step = step
 
@@ -507,9 +516,10 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteGuard(Callback):
     """Stops on a NaN/inf loss before any checkpoint holds the damage (one sync every few steps)."""
 
-    def __init__(self, every: list[int], ckpt_dir: Path):
+    def __init__(self, every: list[int], ckpt_dir: Path, store: Optional[str] = None):
         self.every = [max(1, int(e)) for e in every]
         self.ckpt_dir = ckpt_dir
+        self.store = store  # named in the error: `egoslots cache verify STORE` finds NaN/inf features
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -520,7 +530,7 @@ class NonFiniteGuard(Callback):
         bad = int(pl_module.first_bad_step)
         if bad >= 0:
             last = self.ckpt_dir / "last.ckpt"
-            raise NonFiniteLossError(bad + 1, last if last.exists() else None)
+            raise NonFiniteLossError(bad + 1, last if last.exists() else None, self.store)
 
 
 class FinalCheckpoint(Callback):
@@ -616,7 +626,7 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
         if not path.is_file():
             continue
         try:
-            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return path
         except Exception as err:  # noqa: BLE001 - a truncated file: try the next one
             log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
@@ -629,7 +639,65 @@ def _step_of(path: Path) -> int:
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    return int(read_checkpoint(path)["global_step"])
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint, loaded with ``weights_only=True``: tensors and plain containers only
+    (all a checkpoint of ours holds), so a .ckpt carrying other Python objects is refused, never run."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise StageError(f"refused to load {path}: it holds Python objects other than tensors and plain "
+                         f"containers, which egoslots checkpoints never do (torch.load weights_only=True: "
+                         f"{reason})") from err
+    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, ...
+        raise StageError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}): is it a truncated "
+                         "file or not a checkpoint?") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise StageError(f"{path} is not a Lightning checkpoint (no state_dict / global_step): give a "
+                         "checkpoints/*.ckpt file of a train-slots run")
+    return ckpt
+
+
+def check_checkpoint_fits(path: Path, ckpt: dict, expected: "SlotTrainingModule", against: str,
+                          remedy: str) -> None:
+    """Refuse a checkpoint whose slot model differs from ``expected`` (another NUM_SLOTS, SLOT_DIM,
+    vocabulary, store, ...): one error naming the checkpoint, the weights whose names or shapes
+    differ and the config keys behind them, instead of load_state_dict's traceback."""
+    hp = ckpt.get("hyper_parameters") or {}
+    if not isinstance(hp.get("config"), dict):
+        raise StageError(f"{path} is not a train-slots checkpoint (it has no slot-model config; a "
+                         "pretrain-dvae checkpoint?)")
+    state, own = ckpt["state_dict"], expected.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    listed = lambda items: ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")  # noqa: E731
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} weights differ in shape (checkpoint vs expected): {listed(shapes)}")
+    if missing:
+        parts.append(f"{len(missing)} weights missing from the checkpoint: {listed(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weights only in the checkpoint: {listed(unexpected)}")
+    ours = dict(expected.hparams)
+    keys = [f"{k}={_flat(hp['config']).get(k)} (checkpoint) vs {_flat(ours['config']).get(k)}"
+            for k in config_changes(hp["config"], ours["config"])]
+    keys += [f"store {name}: {hp.get(name)} (checkpoint) vs {ours.get(name)}"
+             for name in ("feature_dim", "num_tokens", "token_grid")
+             if (list(hp[name]) if isinstance(hp.get(name), (list, tuple)) else hp.get(name))
+             != (list(ours[name]) if isinstance(ours.get(name), (list, tuple)) else ours.get(name))]
+    keys.sort(key=lambda k: not k.startswith(("globals.", "store ")))  # the usual culprits first
+    raise StageError(
+        f"checkpoint {path} holds another slot model than {against}: {'; '.join(parts)}. "
+        + (f"Config differences: {listed(keys)}. " if keys else "")
+        + remedy
+    )
 
 
 def _flat(d: Any, prefix: str = "") -> dict:
@@ -669,6 +737,81 @@ def _check_same_run(run_dir: Path, cfg_dict: dict, inputs: TrainingInputs) -> No
                     f"{run_dir} was trained with {key} {old.get(key)}, this config gives {new.get(key)}; "
                     "choose a new run_name=NAME"
                 )
+
+
+# What a failed write means, by errno, and what the user can do about it.
+WRITE_FAULTS = {
+    errno.EACCES: "make it writable for this user, or set work_dir to a directory you can write",
+    errno.EPERM: "make it writable for this user, or set work_dir to a directory you can write",
+    errno.EROFS: "the file system is mounted read-only: set work_dir to a writable disk",
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "the disk quota is exceeded: free some space or raise the quota",
+}
+
+
+def write_fault(err: OSError, out_dir: Path, kept: str, resume: str) -> Optional[str]:
+    """The one-line message for an OSError of writing into ``out_dir``; None if not a write fault."""
+    hint = WRITE_FAULTS.get(err.errno)
+    if hint is None:
+        return None
+    target = Path(err.filename) if err.filename else out_dir
+    try:
+        inside = target.resolve().is_relative_to(out_dir.resolve())
+    except (OSError, ValueError):
+        inside = False
+    verb = "write" if inside or not err.filename else "access"
+    return (f"cannot {verb} {target}: {os.strerror(err.errno)} ({errno.errorcode[err.errno]}): {hint}. "
+            f"{kept}; {resume}")
+
+
+class RaisingCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, except that a failed write raises and a local write is atomic.
+
+    Lightning 2.6's ``_atomic_save`` swallows PermissionError (EACCES/EPERM): the run would go on
+    for days with no checkpoint saved and no word said. Its local "atomic" write also stages the
+    whole file in the system temp dir and moves it over (a copy when /tmp is another disk). Here
+    a local checkpoint goes to a hidden temporary file next to it, is fsynced and renamed into
+    place, so last.ckpt is either the old or the new one; remote paths use fsspec. Every OSError
+    reaches :func:`output_writes`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"storage_options is not supported by {type(self).__name__}")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        fs, urlpath = fsspec.core.url_to_fs(str(path))
+        fs.makedirs(os.path.dirname(urlpath), exist_ok=True)
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        if "file" not in protocols:  # object stores: one upload, whole or nothing
+            fs.pipe_file(urlpath, buffer.getvalue())
+            return
+        target = Path(urlpath)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except OSError as err:  # name the checkpoint, not its temporary file
+            raise type(err)(err.errno, err.strerror, str(target)) from err
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def output_writes(out_dir: Path, kept: str = "", resume: str = "then rerun the same command to resume"):
+    """Turn a permission / read-only / disk-full OSError inside the block into one StageError
+    naming the file and the errno's meaning (no traceback); other errors pass unchanged."""
+    try:
+        yield
+    except OSError as err:
+        message = write_fault(err, out_dir, kept or f"Checkpoints already in {out_dir / 'checkpoints'} are kept",
+                              resume)
+        if message is None:
+            raise
+        raise StageError(message) from err
 
 
 @rank_zero_only
@@ -723,7 +866,8 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
             return run_dir
         log.info("resuming %s from %s (step %d)", run_dir, ckpt_path, step)
 
-    _write_run_files(run_dir, cfg, inputs)
+    with output_writes(run_dir):
+        _write_run_files(run_dir, cfg, inputs)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     set_fast_math(cfg)
     precision = resolve_precision(cfg)
@@ -731,6 +875,10 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
              inputs.store.fingerprint, f", dVAE {inputs.tokens_hash}" if inputs.tokens_hash else "")
 
     module = build_module(cfg_dict, inputs)
+    if ckpt_path is not None:
+        check_checkpoint_fits(ckpt_path, read_checkpoint(ckpt_path), module, "this config",
+                              "Set these keys as they were for the checkpoint (its config is saved in it), "
+                              "or train without --resume.")
     if tc.compile:
         module.model.compile()
     store = inputs.store
@@ -738,7 +886,7 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
     module.data_stream = {"store": str(store.path), "tokens": inputs.tokens_hash,
                           "masks": store.has_masks, "val": has_val}
 
-    guard = NonFiniteGuard([tc.log_every, tc.ckpt_every], ckpt_dir)
+    guard = NonFiniteGuard([tc.log_every, tc.ckpt_every], ckpt_dir, str(store.path))
     callbacks = [
         guard,
         SlotPictures(tc.image_every, example_clip(store, cfg, inputs.tokens_hash), store.grid, inputs.token_grid),
@@ -769,9 +917,11 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
         enable_model_summary=False,
+        plugins=[RaisingCheckpointIO()],
     )
     try:
-        trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        with output_writes(run_dir):
+            trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     except NonFiniteLossError as err:
         raise StageError(str(err)) from err
     return run_dir
@@ -801,8 +951,7 @@ def load_trained(run_dir: str | Path, checkpoint: str | int | Path = "last", map
     """A trained run -> (SlotModel in eval mode, resolved cfg, FeatureStore, tokens hash | None)."""
     run_dir = Path(run_dir)
     path = checkpoint_path(run_dir, checkpoint)
-    module = SlotTrainingModule.load_from_checkpoint(path, map_location=map_location)
-    cfg = OmegaConf.create(module.hparams.config)
+    ckpt = read_checkpoint(path)
     inputs_path = run_dir / "inputs.json"
     if not inputs_path.is_file():
         raise StageError(f"{run_dir} has no inputs.json: it is not a train-slots run directory")
@@ -814,7 +963,28 @@ def load_trained(run_dir: str | Path, checkpoint: str | int | Path = "last", map
     if store.fingerprint != inputs["store_fingerprint"]:
         raise StageError(f"{inputs['store']} now holds store {store.fingerprint}, but {run_dir} was trained on "
                          f"{inputs['store_fingerprint']}: re-extract with the run's config.yaml")
+    _check_checkpoint_of_run(path, ckpt, run_dir, store, inputs)
+    module = SlotTrainingModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    cfg = OmegaConf.create(module.hparams.config)
     return module.model.eval(), cfg, store, inputs.get("dvae_hash")
+
+
+def _check_checkpoint_of_run(path: Path, ckpt: dict, run_dir: Path, store: FeatureStore, inputs: dict) -> None:
+    """The checkpoint must hold the slot model of the run's config.yaml on the run's store (a
+    checkpoint copied in from another run would otherwise fail deep inside the model)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():  # nothing to compare with; load_from_checkpoint needs the saved config
+        if not isinstance((ckpt.get("hyper_parameters") or {}).get("config"), dict):
+            raise StageError(f"{path} is not a train-slots checkpoint (it has no slot-model config)")
+        return
+    cfg_dict = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    grid = inputs.get("token_grid")
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = SlotTrainingModule(cfg_dict, store.feature_dim, int(store.meta["num_tokens"]),
+                                      list(grid) if grid else None)
+    check_checkpoint_fits(path, ckpt, expected, f"run {run_dir} (its config.yaml and store)",
+                          f"The checkpoint comes from another run: use that run's directory, or move it out of "
+                          f"{run_dir / 'checkpoints'}.")
 
 
 @config_command("train-slots", example="egoslots train-slots configs/base.yaml run_name=slots-10 globals.NUM_SLOTS=10")

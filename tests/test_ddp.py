@@ -1,14 +1,17 @@
-"""Stage 3 under DDP: 2 CPU processes (gloo) train exactly what 1 process with the global batch trains.
+"""Stages 2 and 3 under DDP: 2 CPU processes (gloo) train exactly what 1 process with the global batch trains.
 
 The 2-process run is `torchrun --nproc-per-node 2 cli.py train-slots ...` (Lightning picks the
 torchrun environment up); every rank reads its own half of the one global sample stream and the
 slot-slot contrast sees the all-gathered global batch (losses.loss_ss.all_gather=true), so after
 N steps its weights must equal those of a 1-process run with twice the per-device batch.
 Float32, no dropout, fixed (learned) slot init: nothing random differs between the two runs.
+`pretrain-dvae` likewise: each frame's Gumbel noise is keyed by its place in the global sample
+stream and GECO follows the global batch's error, so 2 ranks train the weights of 1 process.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -95,3 +98,93 @@ def test_ranks_draw_disjoint_slices_whose_union_is_the_one_process_stream():
     resumed = list(ResumableRandomSampler(50, total=steps * batch, seed=7, start=1234 * batch,
                                           batch=batch, rank=2, world=world))
     assert resumed == ranks[2][1234 * batch:]
+
+
+def test_pretrain_dvae_two_processes_equal_one_process_with_the_global_batch(tmp_path):
+    """`pretrain-dvae` under torchrun (2 gloo ranks, batch 4 each) == 1 process with batch 8; rank 0
+    alone writes the run directory and tokenizes the store."""
+    from pipeline.config import load_config
+    from stages.dvae import pretrain
+    from cache.store import FeatureStore
+    from test_dvae import make_store as make_frame_store
+
+    make_frame_store(tmp_path / "store.zarr")
+    dvae = ["dvae.vocab_size=16", "dvae.hidden=8", "dvae.num_workers=0", "dvae.max_steps=4", "dvae.ckpt_every=2",
+            "dvae.log_every=1", "dvae.image_every=2", "dvae.tau_steps=4", "dvae.lr=0.003", "dvae.accelerator=cpu",
+            "dvae.precision=32", "dvae.tokenize_batch_size=16", "dvae.kl_weight=0.1", "dvae.geco.enabled=true",
+            "dvae.geco.warmup_steps=0", "dvae.geco.target=0.001", "dvae.geco.eta=0.01", "seed=3"]
+    common = [f"work_dir={tmp_path}", f"store={tmp_path / 'store.zarr'}", *dvae]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+         "cli.py", "pretrain-dvae", "configs/base.yaml", *common, "dvae.run_name=ddp", "dvae.batch_size=4",
+         "dvae.devices=2", "dvae.strategy=ddp"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    single = pretrain(load_config(REPO / "configs/base.yaml", [*common, "dvae.run_name=one", "dvae.batch_size=8"]),
+                      tokenize=False)
+
+    ddp_run = tmp_path / "runs" / "ddp"
+    assert sorted(p.name for p in (ddp_run / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step=2.ckpt",
+                                                                               "step=4.ckpt"]
+    a = torch.load(ddp_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    b = torch.load(single / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and "geco.beta" in a
+    assert float(a["geco.beta"]) != 1.0  # the GECO multiplier moved, and moved the same way in both runs
+    diffs = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()}
+    worst = max(diffs, key=diffs.get)
+    # a wrong batch, wrong noise or a rank-local GECO moves weights by ~lr (3e-3) per step
+    assert diffs[worst] < 1e-4, (worst, diffs[worst])
+    assert sorted(diffs.values())[len(diffs) // 2] < 1e-6
+
+    info = json.loads((ddp_run / "dvae.json").read_text())  # rank 0 exported and tokenized
+    assert info["steps"] == 4
+    assert FeatureStore.open(tmp_path / "store.zarr").tokens(info["hash"]).shape[0] == 48
+
+
+NAN_DRIVER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import stages.dvae as stage
+from pipeline.config import load_config
+
+rank, calls, real = int(os.environ["RANK"]), [0], stage.reconstruction_loss
+
+def poisoned(recon, frames):  # rank 1 alone sees a NaN reconstruction at training step 3
+    calls[0] += 1
+    return real(recon * float("nan") if rank == 1 and calls[0] == 4 else recon, frames)
+
+stage.reconstruction_loss = poisoned
+try:
+    stage.pretrain(load_config(None, sys.argv[1:]), tokenize=False)
+except stage.TrainingDiverged as err:
+    print(f"rank {{rank}}: {{err}}", flush=True)
+    sys.exit(3)
+"""
+
+
+def test_pretrain_dvae_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    """A NaN loss on rank 1 only: both ranks agree on the step and stop together (no hang, no rank
+    killed mid-collective), and no checkpoint after it is written."""
+    from test_dvae import make_store as make_frame_store
+
+    make_frame_store(tmp_path / "store.zarr")
+    (tmp_path / "driver.py").write_text(NAN_DRIVER.format(repo=str(REPO)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(tmp_path / "driver.py"),
+         f"work_dir={tmp_path}", f"store={tmp_path / 'store.zarr'}", "dvae.vocab_size=16", "dvae.hidden=8",
+         "dvae.batch_size=4", "dvae.num_workers=0", "dvae.max_steps=8", "dvae.ckpt_every=2", "dvae.log_every=1",
+         "dvae.image_every=100", "dvae.accelerator=cpu", "dvae.precision=32", "dvae.devices=2", "dvae.strategy=ddp"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: the dVAE loss became NaN/Inf at step 3" in out, out[-3000:]
+    ckpts = tmp_path / "runs" / "dvae" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step=2.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
