@@ -70,6 +70,7 @@ from pipeline.dvae import (
     reconstruction_loss,
 )
 from stages.common import StageError, config_command, setup_logging
+from stages.interrupts import CheckpointOnSigterm, SIGTERMException, ignore_sigterm_in_worker
 from stages.train_slots import (
     WRITE_FAULTS,
     RaisingCheckpointIO,
@@ -212,7 +213,8 @@ class DVAETask(L.LightningModule):
         sampler = ResumableRandomSampler(len(self.frames), total=int(o["max_steps"]) * batch, seed=int(o["seed"]),
                                          start=start * batch, batch=batch, rank=self.global_rank, world=self.world)
         return DataLoader(self.frames, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=ignore_sigterm_in_worker if workers > 0 else None)
 
     def gumbel_noise(self, log_probs: torch.Tensor, step: int) -> torch.Tensor:
         """Gumbel(0, 1) noise like ``log_probs`` (B, V, h, w), one seeded generator per frame.
@@ -557,6 +559,7 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
         callbacks=[
             ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
                             every_n_train_steps=int(d.ckpt_every), save_top_k=-1, save_last=True),
+            sigterm := CheckpointOnSigterm(ckpt_dir, "egoslots pretrain-dvae"),
             *callbacks,
         ],
         enable_model_summary=False,
@@ -565,7 +568,10 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
     )
     log.info("dVAE: %d train frames of %d px, vocab %d, %d steps, %s, %s -> %s%s", len(rows), frame_size, vocab,
              d.max_steps, accelerator, precision, run_dir, f" (resuming {ckpt})" if ckpt else "")
-    trainer.fit(task, ckpt_path=ckpt, weights_only=True)
+    try:
+        trainer.fit(task, ckpt_path=ckpt, weights_only=True)
+    except SIGTERMException:
+        raise sigterm.stopped() from None
     task.check_finite(all_ranks=False)  # the ranks agreed at every check during training
     if trainer.global_step < int(d.max_steps):
         raise TrainingDiverged(f"dVAE training stopped at step {trainer.global_step} of {d.max_steps}; rerun to resume")

@@ -49,6 +49,7 @@ from cache.store import FeatureStore, StoreError
 from pipeline.config import resolve, save_resolved
 from pipeline.schedules import lr_factor
 from stages.common import StageError, config_command
+from stages.interrupts import CheckpointOnSigterm, SIGTERMException, ignore_sigterm_in_worker
 
 log = logging.getLogger("egoslots")
 
@@ -468,6 +469,7 @@ def _loader(dataset, batch: int, sampler, cfg: DictConfig, drop_last: bool) -> D
         dataset, batch_size=batch, sampler=sampler, shuffle=False, drop_last=drop_last,
         num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None, collate_fn=collate_clips,
+        worker_init_fn=ignore_sigterm_in_worker if workers > 0 else None,
     )
 
 
@@ -895,6 +897,7 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
         ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
                         every_n_train_steps=int(tc.ckpt_every), save_top_k=-1, save_last=True,
                         save_on_train_epoch_end=False),
+        sigterm := CheckpointOnSigterm(ckpt_dir, "egoslots train-slots"),
     ]
     val_batches = int(tc.get("val_batches", 50)) if has_val else 0
     trainer = L.Trainer(
@@ -924,6 +927,8 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
             trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     except NonFiniteLossError as err:
         raise StageError(str(err)) from err
+    except SIGTERMException:
+        raise sigterm.stopped() from None
     return run_dir
 
 
