@@ -74,6 +74,7 @@ from stages.train_slots import (
     WRITE_FAULTS,
     RaisingCheckpointIO,
     ResumableRandomSampler,
+    first_bad_step_of_all_ranks,
     output_writes,
     read_checkpoint,
 )
@@ -297,15 +298,7 @@ class DVAETask(L.LightningModule):
     def check_finite(self, all_ranks: bool = True) -> None:
         """Raise TrainingDiverged if the loss was ever NaN/Inf. Under DDP every rank checks at the
         same steps and they agree on the first bad step of any rank, so all stop together."""
-        first = self.first_bad_step
-        if all_ranks and self.world > 1:
-            import torch.distributed as dist
-
-            never = torch.iinfo(first.dtype).max
-            first = torch.where(first < 0, never, first)
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-            first = torch.where(first == never, -1, first)
-        bad = int(first)
+        bad = int(first_bad_step_of_all_ranks(self) if all_ranks else self.first_bad_step)
         if bad >= 0:
             raise TrainingDiverged(
                 f"the dVAE loss became NaN/Inf at step {bad}; stopped without saving a checkpoint after it. "
