@@ -233,3 +233,74 @@ def test_train_slots_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
         assert f"rank {rank}: the training loss became NaN/inf at step 3" in out, out[-3000:]
     ckpts = tmp_path / "runs" / "nan" / "checkpoints"
     assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+def test_pretrain_dvae_resumed_run_trains_the_uninterrupted_weights(tmp_path):
+    """The frame stream and the Gumbel noise are keyed by step and sample position, not by a
+    process-wide RNG: a run crashed at step 3 and resumed from its step-2 checkpoint ends with
+    the weights of the uninterrupted run (the same property that makes DDP exact)."""
+    import pytest
+    from lightning.pytorch.callbacks import Callback
+
+    from pipeline.config import load_config
+    from stages.dvae import pretrain
+    from test_dvae import make_store as make_frame_store
+
+    class CrashAt(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise RuntimeError("injected crash at step 3")
+
+    make_frame_store(tmp_path / "store.zarr")
+    base = [f"work_dir={tmp_path}", f"store={tmp_path / 'store.zarr'}", "dvae.vocab_size=16", "dvae.hidden=8",
+            "dvae.batch_size=4", "dvae.num_workers=0", "dvae.max_steps=5", "dvae.ckpt_every=2", "dvae.log_every=1",
+            "dvae.image_every=100", "dvae.tau_steps=5", "dvae.lr=0.003", "dvae.accelerator=cpu", "dvae.precision=32"]
+    whole = pretrain(load_config(None, [*base, "dvae.run_name=whole"]), tokenize=False)
+    cfg = load_config(None, [*base, "dvae.run_name=crashed"])
+    with pytest.raises(RuntimeError, match="injected crash"):
+        pretrain(cfg, tokenize=False, callbacks=[CrashAt()])
+    resumed = pretrain(cfg, tokenize=False)
+
+    a = torch.load(whole / "dvae.pt", weights_only=True)
+    b = torch.load(resumed / "dvae.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+
+
+def test_train_slots_resumed_mid_run_trains_the_uninterrupted_weights(tmp_path):
+    """train-slots crashed at step 3 and resumed from its step-2 checkpoint (mid-"epoch" for
+    Lightning) reads the clips the uninterrupted run reads and ends with its weights."""
+    import pytest
+    from lightning.pytorch.callbacks import Callback
+
+    import stages.train_slots as stage
+    from pipeline.config import load_config
+
+    class CrashAt(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise RuntimeError("injected crash at step 3")
+
+    make_store(tmp_path)
+    make_dvae_run(tmp_path)
+    cfg = lambda name: load_config(REPO / "configs/base.yaml", [  # noqa: E731
+        a for a in overrides(tmp_path, name, PER_DEVICE, "trainer.max_steps=5", "trainer.ckpt_every=2")
+        if a not in ("trainer.max_steps=3", "trainer.ckpt_every=3")])
+    whole = stage.train(cfg("whole"))
+    real_fit = stage.L.Trainer.fit
+
+    def crashing_fit(self, *args, **kwargs):
+        self.callbacks.append(CrashAt())
+        return real_fit(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(stage.L.Trainer, "fit", crashing_fit)
+        with pytest.raises(RuntimeError, match="injected crash"):
+            stage.train(cfg("crashed"))
+    assert torch.load(tmp_path / "runs" / "crashed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed = stage.train(cfg("crashed"))
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], msg=key)
