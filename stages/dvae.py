@@ -180,7 +180,7 @@ class DVAETask(L.LightningModule):
 
     def __init__(self, vocab_size: int, hidden: int, frame_size: int, lr: float, tau_start: float,
                  tau_final: float, tau_steps: int, kl_weight: float = 0.0, geco: Optional[dict] = None,
-                 image_every: int = 1000):
+                 image_every: int = 1000, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.dvae = DVAE(vocab_size, hidden)
@@ -458,7 +458,7 @@ def make_task(cfg: DictConfig, frame_size: int) -> DVAETask:
         vocab_size=int(d.vocab_size), hidden=int(d.hidden), frame_size=frame_size, lr=float(d.lr),
         tau_start=float(d.tau_start), tau_final=float(d.tau_final), tau_steps=int(d.tau_steps),
         kl_weight=float(d.kl_weight), geco=OmegaConf.to_container(d.geco, resolve=True),
-        image_every=int(d.image_every),
+        image_every=int(d.image_every), seed=int(cfg.seed),
     )
 
 

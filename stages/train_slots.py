@@ -252,7 +252,12 @@ class ResumableRandomSampler(Sampler[int]):
         self.batch, self.rank, self.world = max(1, int(batch)), int(rank), int(world)
 
     def __len__(self) -> int:
-        return max(0, self.total - self.start)
+        # The whole stream, also when iteration resumes at ``start``: Lightning restores its
+        # in-epoch batch counter to the resumed step and ends the epoch when that counter
+        # reaches len(loader). With the remaining length instead (total - start) a run resumed
+        # at step s < max_steps / 2 ended its "epoch" early, restarted the stream at ``start``
+        # and trained its last steps on clips it had already seen.
+        return self.total
 
     def _global_positions(self, local: torch.Tensor) -> torch.Tensor:
         b, w = self.batch, self.world

@@ -1,0 +1,413 @@
+"""kill -9 every stage at seeded random points, rerun, and compare with an uninterrupted run.
+
+Each test starts the real `cli.py` command in a subprocess, SIGKILLs its process group at a
+point drawn from ``random.Random(seed)`` (tests/crashkit.py), checks the kill really landed
+mid-run, reruns the same command to the end and compares the result with one uninterrupted run
+of the same command:
+
+- extract-features: the store is byte-identical (array data, done flags, video table), and the
+  chunks finished before the kill were not written again;
+- tokenize: the token ids are byte-identical;
+- pretrain-dvae and train-slots: the rerun resumes at the newest readable checkpoint's step,
+  and from there every checkpoint (weights, optimizer state, step, lr schedule) and the final
+  weights are bit-identical to the uninterrupted run's (CPU, fp32, fixed seed).
+
+The seeded kills are `slow` (about 2 minutes on 2 busy cores; CI runs them after the default
+set). By default two in-process tests check the part that is easiest to break: a training run
+interrupted early (step < max_steps / 2) and resumed ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.store import FeatureStore
+from tests.crashkit import KillPoint, cli, count_done_flags, count_files, kill_mid_run, run_to_end
+from tests.test_extract import write_config as write_extract_config
+from tests.test_extract import write_frame_folder
+from tests.test_store import assert_same_store
+
+SEEDS = [0, 1, 2]
+SLOW_SEEDS = [pytest.param(seed, marks=pytest.mark.slow) for seed in SEEDS]
+
+
+def only_store(work_dir: Path) -> Path:
+    stores = list((work_dir / "stores").glob("*.zarr"))
+    assert len(stores) == 1, stores
+    return stores[0]
+
+
+def done_chunks(store: Path, done_array: str = "done") -> list[int]:
+    flags = np.asarray(FeatureStore.open(store, require_complete=False).group[done_array][:], dtype=bool)
+    return np.flatnonzero(flags).tolist()
+
+
+def chunk_file_times(store: Path, arrays: tuple[str, ...], chunks: list[int]) -> dict[str, int]:
+    """mtime of the files holding these chunks of these arrays: a rerun must not rewrite them."""
+    opened = FeatureStore.open(store, require_complete=False)
+    return {f"{name}/{c}": opened.chunk_file(name, c).stat().st_mtime_ns for name in arrays for c in chunks}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared: checkpoints of two runs must hold the same training state
+# --------------------------------------------------------------------------------------------
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_identical(a, b, where: str = "") -> None:
+    """Nested dicts/lists of tensors and plain values: equal bit for bit (NaN-free)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), f"{where}: tensors differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+TRAINING_STATE = ("global_step", "state_dict", "optimizer_states", "lr_schedulers")
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    """Step, weights, optimizer state (Adam moments and step counts) and lr schedule are equal."""
+    ca, cb = load_ckpt(a), load_ckpt(b)
+    for key in TRAINING_STATE:
+        assert (key in ca) == (key in cb), key
+        if key in ca:
+            assert_identical(ca[key], cb[key], f"{b.name}:{key}")
+
+
+def readable_steps(ckpt_dir: Path) -> dict[str, int]:
+    """{file name: global_step} of every checkpoint that loads (a kill can truncate one)."""
+    steps = {}
+    for path in ckpt_dir.glob("*.ckpt"):
+        try:
+            steps[path.name] = int(load_ckpt(path)["global_step"])
+        except Exception:  # noqa: BLE001 - truncated by the kill
+            pass
+    return steps
+
+
+def resumed_from(output: str, ckpt_dir: Path) -> str:
+    """The checkpoint file name a rerun says it resumed from."""
+    names = [name for name in ("last.ckpt", *sorted(p.name for p in ckpt_dir.glob("step=*.ckpt")))
+             if f"{ckpt_dir / name}" in output]
+    assert len(names) == 1, f"no single resumed checkpoint named in the rerun's output: {names}\n{output[-2000:]}"
+    return names[0]
+
+
+def check_resume(killed_steps: dict[str, int], ckpt_every: int, output: str, ckpt_dir: Path) -> int:
+    """The rerun resumed from a checkpoint the killed run had finished writing, at most one
+    checkpoint interval before its newest one; returns that step."""
+    assert "resum" in output.lower()
+    name = resumed_from(output, ckpt_dir)
+    assert name in killed_steps, f"resumed from {name}, which did not load after the kill: {killed_steps}"
+    step = killed_steps[name]
+    assert step >= max(killed_steps.values()) - ckpt_every, (name, killed_steps)
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# In-process, by default: an interrupted run resumed early (step < max_steps / 2) ends where an
+# uninterrupted one does. (The kill -9 tests below check the same through the real CLI.)
+# --------------------------------------------------------------------------------------------
+class Crash(RuntimeError):
+    pass
+
+
+def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
+    import stages.dvae as stage
+    from lightning.pytorch.callbacks import Callback
+    from tests.test_dvae import make_store
+    from tests.test_dvae_train import config
+
+    class CrashAt(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise Crash("step 3")
+
+    hashes = []
+    for name, crash in (("full", False), ("resumed", True)):
+        make_store(tmp_path / name / "store.zarr")
+        cfg = config(tmp_path / name, tmp_path / name / "store.zarr", "dvae.max_steps=8", "dvae.ckpt_every=2")
+        if crash:
+            with pytest.raises(Crash):
+                stage.pretrain(cfg, callbacks=[CrashAt()], tokenize=False)
+        stage.pretrain(cfg, tokenize=False)
+        hashes.append(json.loads((tmp_path / name / "runs" / "dvae" / "dvae.json").read_text())["hash"])
+    ckpts = [tmp_path / name / "runs" / "dvae" / "checkpoints" / "last.ckpt" for name in ("full", "resumed")]
+    assert_same_training_state(*ckpts)
+    assert hashes[0] == hashes[1]
+
+
+def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path, monkeypatch):
+    from stages import train_slots
+    from tests.test_train_slots import make_dvae_run, make_store, tiny_cfg
+
+    def cfg(work):
+        return tiny_cfg(work, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.val_every=3",
+                        "trainer.image_every=100")
+
+    real_step = train_slots.SlotTrainingModule.training_step
+
+    def crashing_step(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise Crash("step 3")
+        return real_step(self, batch, batch_idx)
+
+    for name in ("full", "resumed"):
+        make_store(tmp_path / name)
+        make_dvae_run(tmp_path / name)
+    train_slots.train(cfg(tmp_path / "full"))
+    with monkeypatch.context() as patch:
+        patch.setattr(train_slots.SlotTrainingModule, "training_step", crashing_step)
+        with pytest.raises(Crash):
+            train_slots.train(cfg(tmp_path / "resumed"))
+    assert load_ckpt(tmp_path / "resumed" / "runs" / "t" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    train_slots.train(cfg(tmp_path / "resumed"))
+    for name in ("step=4.ckpt", "step=8.ckpt", "last.ckpt"):
+        assert_same_training_state(*(tmp_path / run / "runs" / "t" / "checkpoints" / name
+                                     for run in ("full", "resumed")))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: extract-features
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def extraction(tmp_path_factory):
+    """Frame folder + config (vit-tiny-test on 64 px) and one uninterrupted run's store.
+
+    240x320 PNGs decode slowly enough (~25 ms per 8-frame chunk on a busy 2-core machine) for
+    the kill to land between any two chunk flags.
+    """
+    root = tmp_path_factory.mktemp("extract")
+    data = write_frame_folder(root / "frames", videos=4, frames=24, size=(240, 320), seed=1)
+    config = write_extract_config(root, data)
+    overrides = ["globals.BACKBONE=vit-tiny-test"]
+    run_to_end(cli("extract-features", config, f"work_dir={root / 'reference'}", *overrides))
+    return config, overrides, only_store(root / "reference")
+
+
+@pytest.mark.parametrize("seed", [*SLOW_SEEDS, pytest.param(None, id="creating-the-store", marks=pytest.mark.slow)])
+def test_extract_killed_at_random_chunk_then_rerun_is_byte_identical(extraction, tmp_path, seed):
+    config, overrides, reference = extraction
+    total = FeatureStore.open(reference).progress()[1]
+    work = tmp_path / "work"
+    command = cli("extract-features", config, f"work_dir={work}", *overrides)
+    flags = count_done_flags(work, "stores/*.zarr/done/c/*")
+    if seed is None:  # within 0.1 s of the store folder appearing: while it is created or its first chunk written
+        point, progress = KillPoint.draw(0, 1, 1, max_delay=0.1), count_files(work, "stores/*.zarr")
+    else:  # after 1 .. total-6 chunk flags, then up to one chunk's time more
+        point, progress = KillPoint.draw(seed, 1, total - 6, max_delay=0.03), flags
+    kill_mid_run(command, progress, point, tmp_path / "killed.log")
+
+    store = only_store(work)
+    done = sorted(int(p.name) for p in (store / "done" / "c").glob("*") if p.read_bytes() == b"\x01")
+    assert len(done) == flags() < total and (seed is None or len(done) >= point.after), (point, done)
+    assert not (store / "zarr.json").exists() or not FeatureStore.open(store, require_complete=False).complete
+    kept = chunk_file_times(store, ("features", "frames", "done"), done) if done else {}
+
+    rerun = run_to_end(command, tmp_path / "rerun.log")
+    assert "store complete" in rerun
+    assert_same_store(store, reference)
+    assert chunk_file_times(store, ("features", "frames", "done"), done) == kept, "the rerun redid finished chunks"
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: tokenize and pretrain-dvae
+# --------------------------------------------------------------------------------------------
+DVAE = {"vocab_size": 32, "hidden": 16, "batch_size": 8, "num_workers": 0, "log_every": 4, "image_every": 1000,
+        "tau_steps": 40, "accelerator": "cpu", "precision": "32", "tokenize_batch_size": 4,
+        "tokenize_device": "cpu"}
+
+
+def write_dvae_config(work: Path, store: Path, **dvae) -> Path:
+    import yaml
+
+    path = work / "dvae.yaml"
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"work_dir": str(work), "store": str(store), "seed": 0, "dvae": {**DVAE, **dvae}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dvae_for_tokens(tmp_path_factory):
+    """A 2-step dVAE (64 px frames, 48 chunks of 8) trained in this process, not yet tokenized."""
+    from tests.test_dvae import make_store
+
+    import stages.dvae as stage
+    from pipeline.config import load_config
+
+    root = tmp_path_factory.mktemp("tokens")
+    make_store(root / "store.zarr", frames_per_video=64, chunk_len=8, size=64)
+    cfg = load_config(write_dvae_config(root, root / "store.zarr", max_steps=2, ckpt_every=2, hidden=32), [])
+    with torch.random.fork_rng():
+        stage.pretrain(cfg, tokenize=False)
+    return root
+
+
+def copy_dvae_run(src: Path, dst: Path) -> Path:
+    """A copy of a store + dVAE run whose inputs.json names the copied store; returns the run dir."""
+    shutil.copytree(src, dst)
+    run_dir = dst / "runs" / "dvae"
+    inputs = json.loads((run_dir / "inputs.json").read_text())
+    inputs["store"] = str(dst / "store.zarr")
+    (run_dir / "inputs.json").write_text(json.dumps(inputs))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(dvae_for_tokens, tmp_path_factory):
+    run_dir = copy_dvae_run(dvae_for_tokens, tmp_path_factory.mktemp("tokens-ref") / "w")
+    run_to_end(cli("tokenize", run_dir))
+    dvae_hash = json.loads((run_dir / "dvae.json").read_text())["hash"]
+    return dvae_hash, FeatureStore.open(run_dir.parents[1] / "store.zarr")
+
+
+@pytest.mark.parametrize("seed", SLOW_SEEDS)
+def test_tokenize_killed_at_random_chunk_then_rerun_is_byte_identical(dvae_for_tokens, reference_tokens, tmp_path,
+                                                                        seed):
+    dvae_hash, reference = reference_tokens
+    run_dir = copy_dvae_run(dvae_for_tokens, tmp_path / "w")
+    store_path = run_dir.parents[1] / "store.zarr"
+    total = reference.progress()[1]
+    flags = count_done_flags(store_path, f"tokens/{dvae_hash}/done/c/*")
+    point = KillPoint.draw(seed, 1, total - 8, max_delay=0.02)
+    killed = kill_mid_run(cli("tokenize", run_dir), flags, point, tmp_path / "killed.log")
+
+    arrays = (f"tokens/{dvae_hash}/ids", f"tokens/{dvae_hash}/done")
+    done = done_chunks(store_path, arrays[1])
+    assert point.after <= len(done) == killed.progress < total, (point, done)  # really interrupted
+    assert not FeatureStore.open(store_path).group[f"tokens/{dvae_hash}"].attrs.get("complete")
+    kept = chunk_file_times(store_path, arrays, done)
+
+    rerun = run_to_end(cli("tokenize", run_dir), tmp_path / "rerun.log")
+    assert dvae_hash in rerun
+    ids = FeatureStore.open(store_path).tokens(dvae_hash)  # complete, or this raises
+    assert ids.dtype == np.uint16
+    assert np.asarray(ids[:]).tobytes() == np.asarray(reference.tokens(dvae_hash)[:]).tobytes()
+    assert chunk_file_times(store_path, arrays, done) == kept, "the rerun redid finished chunks"
+
+
+DVAE_STEPS, DVAE_CKPT = 48, 4
+
+
+@pytest.fixture(scope="module")
+def dvae_source(tmp_path_factory):
+    from tests.test_dvae import make_store
+
+    root = tmp_path_factory.mktemp("dvae-src")
+    make_store(root / "store.zarr", frames_per_video=8, size=32)
+    return root / "store.zarr"
+
+
+def dvae_work(store: Path, work: Path) -> list[str]:
+    """A fresh work dir with its own copy of the store; returns the pretrain-dvae command."""
+    work.mkdir(parents=True)
+    shutil.copytree(store, work / "store.zarr")
+    config = write_dvae_config(work, work / "store.zarr", max_steps=DVAE_STEPS, ckpt_every=DVAE_CKPT)
+    return cli("pretrain-dvae", config)
+
+
+@pytest.fixture(scope="module")
+def reference_dvae(dvae_source, tmp_path_factory):
+    work = tmp_path_factory.mktemp("dvae-ref") / "w"
+    run_to_end(dvae_work(dvae_source, work))
+    return work / "runs" / "dvae"
+
+
+@pytest.mark.parametrize("seed", SLOW_SEEDS)
+def test_pretrain_dvae_killed_after_random_checkpoint_resumes_bit_identically(dvae_source, reference_dvae,
+                                                                              tmp_path, seed):
+    work = tmp_path / "w"
+    command = dvae_work(dvae_source, work)
+    run_dir = work / "runs" / "dvae"
+    ckpt_dir = run_dir / "checkpoints"
+    # after the 1st .. (n-3)th step=N.ckpt file, then up to two checkpoint intervals more
+    point = KillPoint.draw(seed, 1, DVAE_STEPS // DVAE_CKPT - 3, max_delay=0.1)
+    kill_mid_run(command, count_files(ckpt_dir, "step=*.ckpt"), point, tmp_path / "killed.log")
+    assert not (run_dir / "dvae.json").exists() and not (run_dir / "dvae.pt").exists()  # killed mid-training
+    killed_steps = readable_steps(ckpt_dir)
+    assert killed_steps and max(killed_steps.values()) < DVAE_STEPS
+
+    rerun = run_to_end(command, tmp_path / "rerun.log")
+    step = check_resume(killed_steps, DVAE_CKPT, rerun, ckpt_dir)
+    # the checkpoint it resumed from, and every later one, equal the uninterrupted run's
+    for resumed in range(step, DVAE_STEPS + 1, DVAE_CKPT):
+        if resumed > 0:
+            assert_same_training_state(reference_dvae / "checkpoints" / f"step={resumed}.ckpt",
+                                       ckpt_dir / f"step={resumed}.ckpt")
+    ours, theirs = (json.loads((d / "dvae.json").read_text()) for d in (run_dir, reference_dvae))
+    assert ours["steps"] == theirs["steps"] == DVAE_STEPS
+    assert ours["hash"] == theirs["hash"]  # sha256 of dvae.pt: the final weights are bit-identical
+    FeatureStore.open(work / "store.zarr").tokens(ours["hash"])  # and the store was tokenized
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: train-slots
+# --------------------------------------------------------------------------------------------
+SLOT_STEPS, SLOT_CKPT = 40, 4
+
+
+@pytest.fixture(scope="module")
+def slot_source(tmp_path_factory):
+    """A tiny store with features + tokens of a (recorded, not trained) dVAE run."""
+    from tests.test_train_slots import make_dvae_run, make_store
+
+    root = tmp_path_factory.mktemp("slots-src")
+    make_store(root)
+    make_dvae_run(root)
+    return root
+
+
+def slot_work(source: Path, work: Path) -> list[str]:
+    """A fresh work dir with its own copy of the store; returns the train-slots command."""
+    from tests.test_train_slots import tiny_cfg_args
+
+    shutil.copytree(source, work)
+    config = work / "slots.yaml"
+    config.write_text("globals:\n  NUM_SLOTS: 3\n")
+    return cli("train-slots", config, *tiny_cfg_args(work), "seed=0", "trainer.accelerator=cpu",
+               "dataset.num_workers=1", "optimizer.warmup_steps=4", f"trainer.max_steps={SLOT_STEPS}",
+               f"trainer.ckpt_every={SLOT_CKPT}", "trainer.val_every=6", "trainer.val_batches=1",
+               "trainer.log_every=2", "trainer.image_every=10")
+
+
+@pytest.fixture(scope="module")
+def reference_slots(slot_source, tmp_path_factory):
+    work = tmp_path_factory.mktemp("slots-ref") / "w"
+    run_to_end(slot_work(slot_source, work))
+    return work / "runs" / "t"
+
+
+@pytest.mark.parametrize("seed", SLOW_SEEDS)
+def test_train_slots_killed_after_random_checkpoint_resumes_bit_identically(slot_source, reference_slots, tmp_path,
+                                                                            seed):
+    work = tmp_path / "w"
+    command = slot_work(slot_source, work)
+    ckpt_dir = work / "runs" / "t" / "checkpoints"
+    point = KillPoint.draw(seed, 1, SLOT_STEPS // SLOT_CKPT - 3, max_delay=0.15)
+    kill_mid_run(command, count_files(ckpt_dir, "step=*.ckpt"), point, tmp_path / "killed.log")
+    killed_steps = readable_steps(ckpt_dir)
+    assert killed_steps and max(killed_steps.values()) < SLOT_STEPS  # killed mid-training
+
+    rerun = run_to_end(command, tmp_path / "rerun.log")
+    step = check_resume(killed_steps, SLOT_CKPT, rerun, ckpt_dir)
+    for resumed in range(step, SLOT_STEPS + 1, SLOT_CKPT):
+        if resumed > 0:
+            assert_same_training_state(reference_slots / "checkpoints" / f"step={resumed}.ckpt",
+                                       ckpt_dir / f"step={resumed}.ckpt")
+    assert_same_training_state(reference_slots / "checkpoints" / "last.ckpt", ckpt_dir / "last.ckpt")
+    assert load_ckpt(ckpt_dir / "last.ckpt")["global_step"] == SLOT_STEPS
