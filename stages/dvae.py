@@ -77,7 +77,6 @@ from stages.train_slots import (
     first_bad_step_of_all_ranks,
     output_writes,
     read_checkpoint,
-    stream_total,
 )
 
 log = logging.getLogger("egoslots")
@@ -211,8 +210,8 @@ class DVAETask(L.LightningModule):
         o = self.loader
         batch, workers = int(o["batch_size"]), int(o["num_workers"])
         start = self.trainer.global_step if self._trainer is not None else 0
-        sampler = ResumableRandomSampler(len(self.frames), total=stream_total(int(o["max_steps"]), start, batch),
-                                         seed=int(o["seed"]), start=start * batch, batch=batch,
+        sampler = ResumableRandomSampler(len(self.frames), total=int(o["max_steps"]) * batch, seed=int(o["seed"]),
+                                         start=min(start, int(o["max_steps"])) * batch, batch=batch,
                                          rank=self.global_rank, world=self.world)
         return DataLoader(self.frames, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())

@@ -282,18 +282,6 @@ class ResumableRandomSampler(Sampler[int]):
             pos = stop
 
 
-def stream_total(max_steps: int, start_step: int, batch: int) -> int:
-    """Draws for a sampler that starts at ``start_step``: enough for ``max_steps`` more batches.
-
-    Lightning resumes a checkpoint written mid-epoch by counting the epoch's batches on from the
-    checkpoint's step while it iterates a fresh loader. A loader of only the remaining
-    ``max_steps - start_step`` batches would end the epoch early and the next epoch would read
-    the stream again from ``start_step``; at ``max_steps`` batches long the epoch outlasts the
-    run, and the draws past max_steps are never read.
-    """
-    return (max_steps + start_step) * batch
-
-
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward all-reduces (sums) the gradient and keeps this rank's
     slice: every rank's loss of the gathered batch sends its gradient back to the rank that
@@ -458,8 +446,7 @@ class SlotTrainingModule(L.LightningModule):
         start_step = self.trainer.global_step if self._trainer is not None else 0
         # Every rank reads its own slice of one global stream: the union of the ranks' batches is
         # the batch a 1-process run with batch size batch * world reads (see the sampler).
-        # The loader stays max_steps batches long after a resume (see stream_total).
-        sampler = ResumableRandomSampler(len(dataset), total=stream_total(int(cfg.trainer.max_steps), start_step, batch),
+        sampler = ResumableRandomSampler(len(dataset), total=int(cfg.trainer.max_steps) * batch,
                                          seed=int(cfg.seed), start=start_step * batch,
                                          batch=batch, rank=rank, world=world)
         return _loader(dataset, batch, sampler, cfg, drop_last=True)
