@@ -517,6 +517,7 @@ def is_rank_zero() -> bool:
 
 def _write_run_files(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    RaisingCheckpointIO.remove_leftovers(run_dir / "checkpoints")
     save_resolved(cfg, run_dir / "config.yaml")
     _write_json(run_dir / "inputs.json", {"store": str(store.path), "store_fingerprint": store.fingerprint})
 

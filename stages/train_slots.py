@@ -801,6 +801,26 @@ class RaisingCheckpointIO(TorchCheckpointIO):
         finally:
             tmp.unlink(missing_ok=True)
 
+    @staticmethod
+    def remove_leftovers(ckpt_dir: Path) -> None:
+        """Delete the temporary files of checkpoint writes that a kill -9 or power cut cut short
+        (``.NAME.ckpt.tmp-PID`` of a process no longer running). Each is as large as a
+        checkpoint, and a job killed again and again would pile them up. Rank 0, before training."""
+        for tmp in Path(ckpt_dir).glob(".*.ckpt.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _process_running(int(pid)):
+                tmp.unlink(missing_ok=True)
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
+
 
 @contextmanager
 def output_writes(out_dir: Path, kept: str = "", resume: str = "then rerun the same command to resume"):
@@ -819,6 +839,7 @@ def output_writes(out_dir: Path, kept: str = "", resume: str = "then rerun the s
 @rank_zero_only
 def _write_run_files(run_dir: Path, cfg: DictConfig, inputs: TrainingInputs) -> None:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    RaisingCheckpointIO.remove_leftovers(run_dir / "checkpoints")
     save_resolved(cfg, run_dir / "config.yaml")
     tmp = run_dir / "inputs.json.tmp"
     tmp.write_text(json.dumps(inputs.describe(), indent=2) + "\n")
