@@ -20,7 +20,9 @@ interrupted early (step < max_steps / 2) and resumed ends bit-identical to an un
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,18 @@ class Crash(RuntimeError):
     pass
 
 
+def plant_leftovers(ckpt_dir: Path) -> tuple[Path, Path]:
+    """The temporary file a checkpoint write killed by -9 leaves (its process is gone), and one
+    of a write still in progress (its process runs): a rerun removes the first, keeps the second."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = ckpt_dir / f".last.ckpt.tmp-{gone.pid}"
+    live = ckpt_dir / f".step=2.ckpt.tmp-{os.getpid()}"
+    for path in (stale, live):
+        path.write_bytes(b"half a checkpoint")
+    return stale, live
+
+
 def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
     import stages.dvae as stage
     from lightning.pytorch.callbacks import Callback
@@ -145,11 +159,13 @@ def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
         if crash:
             with pytest.raises(Crash):
                 stage.pretrain(cfg, callbacks=[CrashAt()], tokenize=False)
+            stale, live = plant_leftovers(tmp_path / name / "runs" / "dvae" / "checkpoints")
         stage.pretrain(cfg, tokenize=False)
         hashes.append(json.loads((tmp_path / name / "runs" / "dvae" / "dvae.json").read_text())["hash"])
     ckpts = [tmp_path / name / "runs" / "dvae" / "checkpoints" / "last.ckpt" for name in ("full", "resumed")]
     assert_same_training_state(*ckpts)
     assert hashes[0] == hashes[1]
+    assert not stale.exists() and live.exists()
 
 
 def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path, monkeypatch):
@@ -176,7 +192,9 @@ def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path,
         with pytest.raises(Crash):
             train_slots.train(cfg(tmp_path / "resumed"))
     assert load_ckpt(tmp_path / "resumed" / "runs" / "t" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    stale, live = plant_leftovers(tmp_path / "resumed" / "runs" / "t" / "checkpoints")
     train_slots.train(cfg(tmp_path / "resumed"))
+    assert not stale.exists() and live.exists()
     for name in ("step=4.ckpt", "step=8.ckpt", "last.ckpt"):
         assert_same_training_state(*(tmp_path / run / "runs" / "t" / "checkpoints" / name
                                      for run in ("full", "resumed")))
@@ -349,6 +367,7 @@ def test_pretrain_dvae_killed_after_random_checkpoint_resumes_bit_identically(dv
         if resumed > 0:
             assert_same_training_state(reference_dvae / "checkpoints" / f"step={resumed}.ckpt",
                                        ckpt_dir / f"step={resumed}.ckpt")
+    assert not list(ckpt_dir.glob(".*.tmp-*")), "temporary files of interrupted checkpoint writes were left"
     ours, theirs = (json.loads((d / "dvae.json").read_text()) for d in (run_dir, reference_dvae))
     assert ours["steps"] == theirs["steps"] == DVAE_STEPS
     assert ours["hash"] == theirs["hash"]  # sha256 of dvae.pt: the final weights are bit-identical
@@ -410,4 +429,5 @@ def test_train_slots_killed_after_random_checkpoint_resumes_bit_identically(slot
             assert_same_training_state(reference_slots / "checkpoints" / f"step={resumed}.ckpt",
                                        ckpt_dir / f"step={resumed}.ckpt")
     assert_same_training_state(reference_slots / "checkpoints" / "last.ckpt", ckpt_dir / "last.ckpt")
+    assert not list(ckpt_dir.glob(".*.tmp-*")), "temporary files of interrupted checkpoint writes were left"
     assert load_ckpt(ckpt_dir / "last.ckpt")["global_step"] == SLOT_STEPS
