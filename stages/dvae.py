@@ -75,6 +75,7 @@ from stages.train_slots import (
     WRITE_FAULTS,
     RaisingCheckpointIO,
     ResumableRandomSampler,
+    find_resume_checkpoint,
     output_writes,
     read_checkpoint,
 )
@@ -394,17 +395,10 @@ def finished(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> bool:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[str]:
-    """``last.ckpt``, or the newest ``step=N.ckpt`` that loads if that one is damaged; None if none."""
-    steps = sorted(ckpt_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]), reverse=True)
-    for path in [ckpt_dir / "last.ckpt", *steps]:
-        if not path.is_file():
-            continue
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return str(path)
-        except Exception as err:  # truncated by a crash, disk full, ...
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
-    return None
+    """The newest checkpoint that loads (``last.ckpt`` or a ``step=N.ckpt``), as train-slots
+    picks it (:func:`stages.train_slots.find_resume_checkpoint`); None if none."""
+    path = find_resume_checkpoint(ckpt_dir)
+    return str(path) if path else None
 
 
 def check_resume_checkpoint(path: Path, cfg: DictConfig) -> None:

@@ -621,18 +621,28 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """last.ckpt if it loads, else the newest step=N.ckpt that does (a crash mid-write is survivable)."""
+    """The checkpoint of the highest step that loads: last.ckpt or the newest step=N.ckpt.
+
+    Lightning writes step=N.ckpt before last.ckpt, so a kill between the two leaves last.ckpt one
+    interval behind; resuming from it would redo those steps and save them as step=N-v1.ckpt
+    beside step=N.ckpt. An unreadable file (damaged) is skipped with a warning.
+    """
+    best, best_step = None, -1
     candidates = [ckpt_dir / "last.ckpt"] + sorted(
         ckpt_dir.glob("step=*.ckpt"), key=lambda p: _step_of(p), reverse=True)
     for path in candidates:
         if not path.is_file():
             continue
         try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return path
+            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
         except Exception as err:  # noqa: BLE001 - a truncated file: try the next one
             log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
-    return None
+            continue
+        if step > best_step:
+            best, best_step = path, step
+        if path.name != "last.ckpt":
+            break  # step=N files come newest first: the first that loads is the newest
+    return best
 
 
 def _step_of(path: Path) -> int:
