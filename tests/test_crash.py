@@ -45,6 +45,11 @@ def only_store(work_dir: Path) -> Path:
     return stores[0]
 
 
+def files_under(root: Path) -> set[str]:
+    """Every file under ``root`` (hidden ones too), relative: a rerun must leave no debris."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
 def done_chunks(store: Path, done_array: str = "done") -> list[int]:
     flags = np.asarray(FeatureStore.open(store, require_complete=False).group[done_array][:], dtype=bool)
     return np.flatnonzero(flags).tolist()
@@ -122,23 +127,37 @@ def check_resume(killed_steps: dict[str, int], ckpt_every: int, output: str, ckp
 
 
 # --------------------------------------------------------------------------------------------
-# In-process, by default: an interrupted run resumed early (step < max_steps / 2) ends where an
-# uninterrupted one does. (The kill -9 tests below check the same through the real CLI.)
+# In-process, by default: a run interrupted early (step 5 of 12) and resumed ends bit-identical
+# to an uninterrupted one, after the worst a kill -9 leaves in the checkpoint folder: last.ckpt
+# one interval behind step=4.ckpt (killed between the two writes) and the temporary file of a
+# write cut short. (The kill -9 tests below check the same through the real CLI.)
 # --------------------------------------------------------------------------------------------
 class Crash(RuntimeError):
     pass
 
 
-def plant_leftovers(ckpt_dir: Path) -> tuple[Path, Path]:
-    """The temporary file a checkpoint write killed by -9 leaves (its process is gone), and one
-    of a write still in progress (its process runs): a rerun removes the first, keeps the second."""
+def leave_kill_debris(ckpt_dir: Path) -> tuple[Path, Path]:
+    """Make ``ckpt_dir`` (step=2, step=4, last=4) look like a kill -9 right after step=4.ckpt was
+    written: last.ckpt still holds step 2, and a dead writer's temporary file lies beside them.
+    Also adds the temporary file of a writer that still runs (our parent), which must be kept.
+    Returns (dead writer's file, live writer's file)."""
+    assert load_ckpt(ckpt_dir / "last.ckpt")["global_step"] == 4
+    shutil.copyfile(ckpt_dir / "step=2.ckpt", ckpt_dir / "last.ckpt")
     gone = subprocess.Popen(["true"])
     gone.wait()
     stale = ckpt_dir / f".last.ckpt.tmp-{gone.pid}"
-    live = ckpt_dir / f".step=2.ckpt.tmp-{os.getpid()}"
+    live = ckpt_dir / f".step=6.ckpt.tmp-{os.getppid()}"  # not ours: this process writes .step=6.ckpt.tmp-PID
     for path in (stale, live):
         path.write_bytes(b"half a checkpoint")
     return stale, live
+
+
+def assert_resumed_like_uninterrupted(full: Path, resumed: Path, live: Path) -> None:
+    """Same checkpoint files (no step=N-v1.ckpt from redone steps, no dead temporaries), each
+    holding the same training state."""
+    assert files_under(resumed) == files_under(full) | {live.name}
+    for name in files_under(full):
+        assert_same_training_state(full / name, resumed / name)
 
 
 def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
@@ -149,23 +168,23 @@ def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
 
     class CrashAt(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 3:
-                raise Crash("step 3")
+            if trainer.global_step == 5:
+                raise Crash("step 5")
 
-    hashes = []
-    for name, crash in (("full", False), ("resumed", True)):
+    ckpt_dirs, hashes = [], []
+    for name in ("full", "resumed"):
         make_store(tmp_path / name / "store.zarr")
-        cfg = config(tmp_path / name, tmp_path / name / "store.zarr", "dvae.max_steps=8", "dvae.ckpt_every=2")
-        if crash:
+        cfg = config(tmp_path / name, tmp_path / name / "store.zarr", "dvae.max_steps=12", "dvae.ckpt_every=2")
+        ckpt_dirs.append(tmp_path / name / "runs" / "dvae" / "checkpoints")
+        if name == "resumed":
             with pytest.raises(Crash):
                 stage.pretrain(cfg, callbacks=[CrashAt()], tokenize=False)
-            stale, live = plant_leftovers(tmp_path / name / "runs" / "dvae" / "checkpoints")
+            stale, live = leave_kill_debris(ckpt_dirs[-1])
         stage.pretrain(cfg, tokenize=False)
         hashes.append(json.loads((tmp_path / name / "runs" / "dvae" / "dvae.json").read_text())["hash"])
-    ckpts = [tmp_path / name / "runs" / "dvae" / "checkpoints" / "last.ckpt" for name in ("full", "resumed")]
-    assert_same_training_state(*ckpts)
-    assert hashes[0] == hashes[1]
-    assert not stale.exists() and live.exists()
+    assert not stale.exists()
+    assert_resumed_like_uninterrupted(*ckpt_dirs, live)
+    assert hashes[0] == hashes[1]  # dvae.pt: the same final weights
 
 
 def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path, monkeypatch):
@@ -173,14 +192,14 @@ def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path,
     from tests.test_train_slots import make_dvae_run, make_store, tiny_cfg
 
     def cfg(work):
-        return tiny_cfg(work, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.val_every=3",
+        return tiny_cfg(work, "trainer.max_steps=12", "trainer.ckpt_every=2", "trainer.val_every=3",
                         "trainer.image_every=100")
 
     real_step = train_slots.SlotTrainingModule.training_step
 
     def crashing_step(self, batch, batch_idx):
-        if self.global_step == 3:
-            raise Crash("step 3")
+        if self.global_step == 5:
+            raise Crash("step 5")
         return real_step(self, batch, batch_idx)
 
     for name in ("full", "resumed"):
@@ -191,13 +210,11 @@ def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path,
         patch.setattr(train_slots.SlotTrainingModule, "training_step", crashing_step)
         with pytest.raises(Crash):
             train_slots.train(cfg(tmp_path / "resumed"))
-    assert load_ckpt(tmp_path / "resumed" / "runs" / "t" / "checkpoints" / "last.ckpt")["global_step"] == 2
-    stale, live = plant_leftovers(tmp_path / "resumed" / "runs" / "t" / "checkpoints")
+    stale, live = leave_kill_debris(tmp_path / "resumed" / "runs" / "t" / "checkpoints")
     train_slots.train(cfg(tmp_path / "resumed"))
-    assert not stale.exists() and live.exists()
-    for name in ("step=4.ckpt", "step=8.ckpt", "last.ckpt"):
-        assert_same_training_state(*(tmp_path / run / "runs" / "t" / "checkpoints" / name
-                                     for run in ("full", "resumed")))
+    assert not stale.exists()
+    assert_resumed_like_uninterrupted(*(tmp_path / run / "runs" / "t" / "checkpoints" for run in ("full", "resumed")),
+                                      live)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +257,7 @@ def test_extract_killed_at_random_chunk_then_rerun_is_byte_identical(extraction,
     rerun = run_to_end(command, tmp_path / "rerun.log")
     assert "store complete" in rerun
     assert_same_store(store, reference)
+    assert files_under(store) == files_under(reference)
     assert chunk_file_times(store, ("features", "frames", "done"), done) == kept, "the rerun redid finished chunks"
 
 
@@ -316,6 +334,7 @@ def test_tokenize_killed_at_random_chunk_then_rerun_is_byte_identical(dvae_for_t
     ids = FeatureStore.open(store_path).tokens(dvae_hash)  # complete, or this raises
     assert ids.dtype == np.uint16
     assert np.asarray(ids[:]).tobytes() == np.asarray(reference.tokens(dvae_hash)[:]).tobytes()
+    assert files_under(store_path) == files_under(reference.path)
     assert chunk_file_times(store_path, arrays, done) == kept, "the rerun redid finished chunks"
 
 
@@ -367,7 +386,7 @@ def test_pretrain_dvae_killed_after_random_checkpoint_resumes_bit_identically(dv
         if resumed > 0:
             assert_same_training_state(reference_dvae / "checkpoints" / f"step={resumed}.ckpt",
                                        ckpt_dir / f"step={resumed}.ckpt")
-    assert not list(ckpt_dir.glob(".*.tmp-*")), "temporary files of interrupted checkpoint writes were left"
+    assert files_under(ckpt_dir) == files_under(reference_dvae / "checkpoints")  # no temp files left either
     ours, theirs = (json.loads((d / "dvae.json").read_text()) for d in (run_dir, reference_dvae))
     assert ours["steps"] == theirs["steps"] == DVAE_STEPS
     assert ours["hash"] == theirs["hash"]  # sha256 of dvae.pt: the final weights are bit-identical
@@ -429,5 +448,5 @@ def test_train_slots_killed_after_random_checkpoint_resumes_bit_identically(slot
             assert_same_training_state(reference_slots / "checkpoints" / f"step={resumed}.ckpt",
                                        ckpt_dir / f"step={resumed}.ckpt")
     assert_same_training_state(reference_slots / "checkpoints" / "last.ckpt", ckpt_dir / "last.ckpt")
-    assert not list(ckpt_dir.glob(".*.tmp-*")), "temporary files of interrupted checkpoint writes were left"
+    assert files_under(ckpt_dir) == files_under(reference_slots / "checkpoints")  # no temp files left either
     assert load_ckpt(ckpt_dir / "last.ckpt")["global_step"] == SLOT_STEPS
