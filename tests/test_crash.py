@@ -116,13 +116,13 @@ def resumed_from(output: str, ckpt_dir: Path) -> str:
 
 
 def check_resume(killed_steps: dict[str, int], ckpt_every: int, output: str, ckpt_dir: Path) -> int:
-    """The rerun resumed from a checkpoint the killed run had finished writing, at most one
-    checkpoint interval before its newest one; returns that step."""
+    """The rerun resumed from the newest checkpoint the killed run had finished writing (which
+    may be a step=N.ckpt newer than last.ckpt); returns its step."""
     assert "resum" in output.lower()
     name = resumed_from(output, ckpt_dir)
     assert name in killed_steps, f"resumed from {name}, which did not load after the kill: {killed_steps}"
     step = killed_steps[name]
-    assert step >= max(killed_steps.values()) - ckpt_every, (name, killed_steps)
+    assert step == max(killed_steps.values()) and step % ckpt_every == 0, (name, killed_steps)
     return step
 
 
@@ -336,6 +336,23 @@ def test_tokenize_killed_at_random_chunk_then_rerun_is_byte_identical(dvae_for_t
     assert np.asarray(ids[:]).tobytes() == np.asarray(reference.tokens(dvae_hash)[:]).tobytes()
     assert files_under(store_path) == files_under(reference.path)
     assert chunk_file_times(store_path, arrays, done) == kept, "the rerun redid finished chunks"
+
+
+def test_tokenize_removes_partial_files_of_killed_writes(dvae_for_tokens, tmp_path):
+    """zarr writes a chunk to NAME.<uuid>.partial and renames it: a kill -9 mid-write leaves the
+    .partial file (found by the test above). Finishing the tokens removes them."""
+    import stages.dvae as stage
+
+    run_dir = copy_dvae_run(dvae_for_tokens, tmp_path / "w")
+    dvae_hash = json.loads((run_dir / "dvae.json").read_text())["hash"]
+    store = FeatureStore.open(run_dir.parents[1] / "store.zarr", mode="r+")
+    store.create_tokens(dvae_hash, (16, 16), {"vocab_size": 32})
+    debris = store.path / "tokens" / dvae_hash / "ids" / "c" / "3" / "0" / "0.0123456789abcdef.partial"
+    debris.parent.mkdir(parents=True)
+    debris.write_bytes(b"half a chunk")
+    assert stage.tokenize_run(run_dir) == dvae_hash
+    assert not debris.exists()
+    assert not list(store.path.rglob("*.partial"))
 
 
 DVAE_STEPS, DVAE_CKPT = 48, 4
