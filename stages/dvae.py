@@ -75,6 +75,7 @@ from stages.train_slots import (
     WRITE_FAULTS,
     RaisingCheckpointIO,
     ResumableRandomSampler,
+    find_resume_checkpoint,
     first_bad_step_of_all_ranks,
     output_writes,
     read_checkpoint,
@@ -391,17 +392,10 @@ def finished(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> bool:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[str]:
-    """``last.ckpt``, or the newest ``step=N.ckpt`` that loads if that one is damaged; None if none."""
-    steps = sorted(ckpt_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]), reverse=True)
-    for path in [ckpt_dir / "last.ckpt", *steps]:
-        if not path.is_file():
-            continue
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return str(path)
-        except Exception as err:  # truncated by a crash, disk full, ...
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
-    return None
+    """The newest checkpoint that loads (``last.ckpt`` or a ``step=N.ckpt``), as train-slots
+    picks it (:func:`stages.train_slots.find_resume_checkpoint`); None if none."""
+    path = find_resume_checkpoint(ckpt_dir)
+    return str(path) if path else None
 
 
 def check_resume_checkpoint(path: Path, cfg: DictConfig) -> None:
@@ -514,6 +508,7 @@ def is_rank_zero() -> bool:
 
 def _write_run_files(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    RaisingCheckpointIO.remove_leftovers(run_dir / "checkpoints")
     save_resolved(cfg, run_dir / "config.yaml")
     _write_json(run_dir / "inputs.json", {"store": str(store.path), "store_fingerprint": store.fingerprint})
 
@@ -673,6 +668,8 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
             except OSError as err:
                 raise _token_write_error(err, f"cannot write token chunk {chunk} of {store.path}", run_dir) from err
             bar.update(stop - start)
+    if isinstance(store.path, Path):  # a local store: remove what writes killed mid-way left (see below)
+        _remove_partial_files(store.path / "tokens" / dvae_hash)
     try:
         sub.attrs.update({"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     except OSError as err:
@@ -680,6 +677,14 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
                                       "failed", run_dir) from err
     log.info("tokens of dVAE %s complete in %s", dvae_hash, store.path)
     return dvae_hash
+
+
+def _remove_partial_files(root: Path) -> None:
+    """zarr writes a local chunk to ``NAME.<uuid>.partial`` and renames it; a kill -9 mid-write
+    leaves that file, a whole chunk's size, behind. Never read, so safe to delete once every
+    chunk under ``root`` is done (extraction does the same for its store)."""
+    for partial in root.rglob("*.partial"):
+        partial.unlink(missing_ok=True)
 
 
 def _token_write_error(err: OSError, what: str, run_dir: Path) -> OSError:

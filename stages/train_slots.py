@@ -635,18 +635,28 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """last.ckpt if it loads, else the newest step=N.ckpt that does (a crash mid-write is survivable)."""
+    """The checkpoint of the highest step that loads: last.ckpt or the newest step=N.ckpt.
+
+    Lightning writes step=N.ckpt before last.ckpt, so a kill between the two leaves last.ckpt one
+    interval behind; resuming from it would redo those steps and save them as step=N-v1.ckpt
+    beside step=N.ckpt. An unreadable file (damaged) is skipped with a warning.
+    """
+    best, best_step = None, -1
     candidates = [ckpt_dir / "last.ckpt"] + sorted(
         ckpt_dir.glob("step=*.ckpt"), key=lambda p: _step_of(p), reverse=True)
     for path in candidates:
         if not path.is_file():
             continue
         try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return path
+            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
         except Exception as err:  # noqa: BLE001 - a truncated file: try the next one
             log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
-    return None
+            continue
+        if step > best_step:
+            best, best_step = path, step
+        if path.name != "last.ckpt":
+            break  # step=N files come newest first: the first that loads is the newest
+    return best
 
 
 def _step_of(path: Path) -> int:
@@ -815,6 +825,26 @@ class RaisingCheckpointIO(TorchCheckpointIO):
         finally:
             tmp.unlink(missing_ok=True)
 
+    @staticmethod
+    def remove_leftovers(ckpt_dir: Path) -> None:
+        """Delete the temporary files of checkpoint writes that a kill -9 or power cut cut short
+        (``.NAME.ckpt.tmp-PID`` of a process no longer running). Each is as large as a
+        checkpoint, and a job killed again and again would pile them up. Rank 0, before training."""
+        for tmp in Path(ckpt_dir).glob(".*.ckpt.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _process_running(int(pid)):
+                tmp.unlink(missing_ok=True)
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
+
 
 @contextmanager
 def output_writes(out_dir: Path, kept: str = "", resume: str = "then rerun the same command to resume"):
@@ -833,6 +863,7 @@ def output_writes(out_dir: Path, kept: str = "", resume: str = "then rerun the s
 @rank_zero_only
 def _write_run_files(run_dir: Path, cfg: DictConfig, inputs: TrainingInputs) -> None:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    RaisingCheckpointIO.remove_leftovers(run_dir / "checkpoints")
     save_resolved(cfg, run_dir / "config.yaml")
     tmp = run_dir / "inputs.json.tmp"
     tmp.write_text(json.dumps(inputs.describe(), indent=2) + "\n")

@@ -20,7 +20,9 @@ interrupted early (step < max_steps / 2) and resumed ends bit-identical to an un
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,11 @@ def only_store(work_dir: Path) -> Path:
     stores = list((work_dir / "stores").glob("*.zarr"))
     assert len(stores) == 1, stores
     return stores[0]
+
+
+def files_under(root: Path) -> set[str]:
+    """Every file under ``root`` (hidden ones too), relative: a rerun must leave no debris."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
 def done_chunks(store: Path, done_array: str = "done") -> list[int]:
@@ -109,22 +116,48 @@ def resumed_from(output: str, ckpt_dir: Path) -> str:
 
 
 def check_resume(killed_steps: dict[str, int], ckpt_every: int, output: str, ckpt_dir: Path) -> int:
-    """The rerun resumed from a checkpoint the killed run had finished writing, at most one
-    checkpoint interval before its newest one; returns that step."""
+    """The rerun resumed from the newest checkpoint the killed run had finished writing (which
+    may be a step=N.ckpt newer than last.ckpt); returns its step."""
     assert "resum" in output.lower()
     name = resumed_from(output, ckpt_dir)
     assert name in killed_steps, f"resumed from {name}, which did not load after the kill: {killed_steps}"
     step = killed_steps[name]
-    assert step >= max(killed_steps.values()) - ckpt_every, (name, killed_steps)
+    assert step == max(killed_steps.values()) and step % ckpt_every == 0, (name, killed_steps)
     return step
 
 
 # --------------------------------------------------------------------------------------------
-# In-process, by default: an interrupted run resumed early (step < max_steps / 2) ends where an
-# uninterrupted one does. (The kill -9 tests below check the same through the real CLI.)
+# In-process, by default: a run interrupted early (step 5 of 12) and resumed ends bit-identical
+# to an uninterrupted one, after the worst a kill -9 leaves in the checkpoint folder: last.ckpt
+# one interval behind step=4.ckpt (killed between the two writes) and the temporary file of a
+# write cut short. (The kill -9 tests below check the same through the real CLI.)
 # --------------------------------------------------------------------------------------------
 class Crash(RuntimeError):
     pass
+
+
+def leave_kill_debris(ckpt_dir: Path) -> tuple[Path, Path]:
+    """Make ``ckpt_dir`` (step=2, step=4, last=4) look like a kill -9 right after step=4.ckpt was
+    written: last.ckpt still holds step 2, and a dead writer's temporary file lies beside them.
+    Also adds the temporary file of a writer that still runs (our parent), which must be kept.
+    Returns (dead writer's file, live writer's file)."""
+    assert load_ckpt(ckpt_dir / "last.ckpt")["global_step"] == 4
+    shutil.copyfile(ckpt_dir / "step=2.ckpt", ckpt_dir / "last.ckpt")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = ckpt_dir / f".last.ckpt.tmp-{gone.pid}"
+    live = ckpt_dir / f".step=6.ckpt.tmp-{os.getppid()}"  # not ours: this process writes .step=6.ckpt.tmp-PID
+    for path in (stale, live):
+        path.write_bytes(b"half a checkpoint")
+    return stale, live
+
+
+def assert_resumed_like_uninterrupted(full: Path, resumed: Path, live: Path) -> None:
+    """Same checkpoint files (no step=N-v1.ckpt from redone steps, no dead temporaries), each
+    holding the same training state."""
+    assert files_under(resumed) == files_under(full) | {live.name}
+    for name in files_under(full):
+        assert_same_training_state(full / name, resumed / name)
 
 
 def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
@@ -135,21 +168,23 @@ def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
 
     class CrashAt(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 3:
-                raise Crash("step 3")
+            if trainer.global_step == 5:
+                raise Crash("step 5")
 
-    hashes = []
-    for name, crash in (("full", False), ("resumed", True)):
+    ckpt_dirs, hashes = [], []
+    for name in ("full", "resumed"):
         make_store(tmp_path / name / "store.zarr")
-        cfg = config(tmp_path / name, tmp_path / name / "store.zarr", "dvae.max_steps=8", "dvae.ckpt_every=2")
-        if crash:
+        cfg = config(tmp_path / name, tmp_path / name / "store.zarr", "dvae.max_steps=12", "dvae.ckpt_every=2")
+        ckpt_dirs.append(tmp_path / name / "runs" / "dvae" / "checkpoints")
+        if name == "resumed":
             with pytest.raises(Crash):
                 stage.pretrain(cfg, callbacks=[CrashAt()], tokenize=False)
+            stale, live = leave_kill_debris(ckpt_dirs[-1])
         stage.pretrain(cfg, tokenize=False)
         hashes.append(json.loads((tmp_path / name / "runs" / "dvae" / "dvae.json").read_text())["hash"])
-    ckpts = [tmp_path / name / "runs" / "dvae" / "checkpoints" / "last.ckpt" for name in ("full", "resumed")]
-    assert_same_training_state(*ckpts)
-    assert hashes[0] == hashes[1]
+    assert not stale.exists()
+    assert_resumed_like_uninterrupted(*ckpt_dirs, live)
+    assert hashes[0] == hashes[1]  # dvae.pt: the same final weights
 
 
 def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path, monkeypatch):
@@ -157,14 +192,14 @@ def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path,
     from tests.test_train_slots import make_dvae_run, make_store, tiny_cfg
 
     def cfg(work):
-        return tiny_cfg(work, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.val_every=3",
+        return tiny_cfg(work, "trainer.max_steps=12", "trainer.ckpt_every=2", "trainer.val_every=3",
                         "trainer.image_every=100")
 
     real_step = train_slots.SlotTrainingModule.training_step
 
     def crashing_step(self, batch, batch_idx):
-        if self.global_step == 3:
-            raise Crash("step 3")
+        if self.global_step == 5:
+            raise Crash("step 5")
         return real_step(self, batch, batch_idx)
 
     for name in ("full", "resumed"):
@@ -175,11 +210,11 @@ def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path,
         patch.setattr(train_slots.SlotTrainingModule, "training_step", crashing_step)
         with pytest.raises(Crash):
             train_slots.train(cfg(tmp_path / "resumed"))
-    assert load_ckpt(tmp_path / "resumed" / "runs" / "t" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    stale, live = leave_kill_debris(tmp_path / "resumed" / "runs" / "t" / "checkpoints")
     train_slots.train(cfg(tmp_path / "resumed"))
-    for name in ("step=4.ckpt", "step=8.ckpt", "last.ckpt"):
-        assert_same_training_state(*(tmp_path / run / "runs" / "t" / "checkpoints" / name
-                                     for run in ("full", "resumed")))
+    assert not stale.exists()
+    assert_resumed_like_uninterrupted(*(tmp_path / run / "runs" / "t" / "checkpoints" for run in ("full", "resumed")),
+                                      live)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +257,7 @@ def test_extract_killed_at_random_chunk_then_rerun_is_byte_identical(extraction,
     rerun = run_to_end(command, tmp_path / "rerun.log")
     assert "store complete" in rerun
     assert_same_store(store, reference)
+    assert files_under(store) == files_under(reference)
     assert chunk_file_times(store, ("features", "frames", "done"), done) == kept, "the rerun redid finished chunks"
 
 
@@ -298,7 +334,25 @@ def test_tokenize_killed_at_random_chunk_then_rerun_is_byte_identical(dvae_for_t
     ids = FeatureStore.open(store_path).tokens(dvae_hash)  # complete, or this raises
     assert ids.dtype == np.uint16
     assert np.asarray(ids[:]).tobytes() == np.asarray(reference.tokens(dvae_hash)[:]).tobytes()
+    assert files_under(store_path) == files_under(reference.path)
     assert chunk_file_times(store_path, arrays, done) == kept, "the rerun redid finished chunks"
+
+
+def test_tokenize_removes_partial_files_of_killed_writes(dvae_for_tokens, tmp_path):
+    """zarr writes a chunk to NAME.<uuid>.partial and renames it: a kill -9 mid-write leaves the
+    .partial file (found by the test above). Finishing the tokens removes them."""
+    import stages.dvae as stage
+
+    run_dir = copy_dvae_run(dvae_for_tokens, tmp_path / "w")
+    dvae_hash = json.loads((run_dir / "dvae.json").read_text())["hash"]
+    store = FeatureStore.open(run_dir.parents[1] / "store.zarr", mode="r+")
+    store.create_tokens(dvae_hash, (16, 16), {"vocab_size": 32})
+    debris = store.path / "tokens" / dvae_hash / "ids" / "c" / "3" / "0" / "0.0123456789abcdef.partial"
+    debris.parent.mkdir(parents=True)
+    debris.write_bytes(b"half a chunk")
+    assert stage.tokenize_run(run_dir) == dvae_hash
+    assert not debris.exists()
+    assert not list(store.path.rglob("*.partial"))
 
 
 DVAE_STEPS, DVAE_CKPT = 48, 4
@@ -349,6 +403,7 @@ def test_pretrain_dvae_killed_after_random_checkpoint_resumes_bit_identically(dv
         if resumed > 0:
             assert_same_training_state(reference_dvae / "checkpoints" / f"step={resumed}.ckpt",
                                        ckpt_dir / f"step={resumed}.ckpt")
+    assert files_under(ckpt_dir) == files_under(reference_dvae / "checkpoints")  # no temp files left either
     ours, theirs = (json.loads((d / "dvae.json").read_text()) for d in (run_dir, reference_dvae))
     assert ours["steps"] == theirs["steps"] == DVAE_STEPS
     assert ours["hash"] == theirs["hash"]  # sha256 of dvae.pt: the final weights are bit-identical
@@ -410,4 +465,5 @@ def test_train_slots_killed_after_random_checkpoint_resumes_bit_identically(slot
             assert_same_training_state(reference_slots / "checkpoints" / f"step={resumed}.ckpt",
                                        ckpt_dir / f"step={resumed}.ckpt")
     assert_same_training_state(reference_slots / "checkpoints" / "last.ckpt", ckpt_dir / "last.ckpt")
+    assert files_under(ckpt_dir) == files_under(reference_slots / "checkpoints")  # no temp files left either
     assert load_ckpt(ckpt_dir / "last.ckpt")["global_step"] == SLOT_STEPS
