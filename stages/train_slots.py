@@ -27,6 +27,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -550,7 +551,8 @@ class NonFiniteGuard(Callback):
 
 
 class FinalCheckpoint(Callback):
-    """Writes step=N.ckpt and last.ckpt at the end, when N is not a multiple of ckpt_every."""
+    """At the end: step=N.ckpt when N is not a multiple of ckpt_every, and last.ckpt whenever it
+    is not step N (e.g. a write of last.ckpt failed, and the rerun resumed from step=N.ckpt)."""
 
     def __init__(self, ckpt_dir: Path, guard: NonFiniteGuard):
         self.ckpt_dir, self.guard = ckpt_dir, guard
@@ -560,10 +562,19 @@ class FinalCheckpoint(Callback):
             return
         self.guard.check(pl_module)
         step = trainer.global_step
-        path = self.ckpt_dir / f"step={step}.ckpt"
+        path, last = self.ckpt_dir / f"step={step}.ckpt", self.ckpt_dir / "last.ckpt"
         if not path.exists():
             trainer.save_checkpoint(path)
-            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+            trainer.save_checkpoint(last)
+        elif not last.exists() or _step_or_none(last) != step:
+            trainer.save_checkpoint(last)
+
+
+def _step_or_none(path: Path) -> Optional[int]:
+    try:
+        return checkpoint_step(path)
+    except Exception:  # noqa: BLE001 - a damaged last.ckpt is rewritten like a stale one
+        return None
 
 
 PALETTE = torch.tensor([  # one fixed colour per slot (tab20), so a slot keeps its colour over time
@@ -910,6 +921,13 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
         if step >= int(tc.max_steps):
             log.info("run %s already trained to step %d (trainer.max_steps=%d): nothing to do",
                      run_dir, step, tc.max_steps)
+            last = ckpt_dir / "last.ckpt"
+            if resume is None and ckpt_path != last:  # last.ckpt's own write failed or was cut short
+                with output_writes(run_dir):
+                    tmp = last.with_name(".last.ckpt.tmp")
+                    shutil.copyfile(ckpt_path, tmp)
+                    os.replace(tmp, last)
+                log.info("last.ckpt now holds step %d (copied from %s)", step, ckpt_path.name)
             return run_dir
         log.info("resuming %s from %s (step %d)", run_dir, ckpt_path, step)
 
