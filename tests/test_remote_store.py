@@ -24,6 +24,7 @@ from cache.reader import ClipDataset
 from cache.store import FeatureStore, StoreError
 from stages.cache_cmds import cache
 from stages.extract import extract
+from tests.crashkit import KillPoint, kill_mid_run
 from tests.test_extract import REPO, cli, dataset, only_store, run_cli  # noqa: F401 - fixture
 from tests.test_store import assert_same_store, make_cfg, make_source, snapshot
 
@@ -50,8 +51,11 @@ def s3(s3_server, monkeypatch):
     """A fresh bucket; this process and its children talk to the loopback server."""
     import fsspec.config
 
+    import tests.crashkit as crashkit
+
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(crashkit, "ENV", {**crashkit.ENV, **s3_server})  # its children's environment
     monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_server["FSSPEC_S3_ENDPOINT_URL"]})
     fs, _ = filesystem(f"s3://{BUCKET}")
     if fs.exists(BUCKET):
@@ -128,31 +132,24 @@ def test_unreachable_or_missing_remote_store_is_a_clear_error(s3, tmp_path):
         resolve_store(cfg)
 
 
-def test_s3_extraction_killed_with_9_resumes_to_the_same_bytes(s3, dataset, tmp_path):  # noqa: F811
-    """The real command writing to S3, SIGKILLed after a few chunks, finishes on rerun and
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_s3_extraction_killed_with_9_resumes_to_the_same_bytes(s3, dataset, tmp_path, seed):  # noqa: F811
+    """The real command writing to S3, SIGKILLed at a seeded random chunk, finishes on rerun and
     equals the local uninterrupted run byte for byte."""
     _, config, reference = dataset
     target = f"store_dir=s3://{BUCKET}/killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cli(config, tmp_path, target), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    flags_prefix = f"{BUCKET}/killed/{reference.stem}.zarr/done/c"
-    done_at_kill, deadline = 0, time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            s3.invalidate_cache()
-            flags = s3.ls(flags_prefix) if s3.exists(flags_prefix) else []
-            if len(flags) >= 3:
-                os.kill(proc.pid, signal.SIGKILL)
-                done_at_kill = len(flags)
-                break
-            time.sleep(0.05)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"ended before the kill: {proc.stderr.read().decode()[-2000:]}"
+    flags = f"{BUCKET}/killed/{reference.stem}.zarr/done/c"
+
+    def flags_written() -> int:
+        s3.invalidate_cache()
+        return len(s3.ls(flags)) if s3.exists(flags) else 0
+
+    total = FeatureStore.open(reference).progress()[1]
+    point = KillPoint.draw(seed, 2, total - 8, max_delay=0.05)
+    killed = kill_mid_run(cli(config, tmp_path, target), flags_written, point, tmp_path / "killed.log")
     url = f"s3://{BUCKET}/killed/{reference.stem}.zarr"
-    done, total = FeatureStore.open(url, require_complete=False).progress()
-    assert 3 <= done_at_kill <= done < total  # interrupted, finished chunks kept
+    done, _ = FeatureStore.open(url, require_complete=False).progress()
+    assert point.after <= killed.progress == done < total  # interrupted, finished chunks kept
 
     rerun = run_cli(config, tmp_path, target)
     assert "store complete" in rerun.stdout
