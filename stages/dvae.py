@@ -76,6 +76,7 @@ from stages.train_slots import (
     RaisingCheckpointIO,
     ResumableRandomSampler,
     find_resume_checkpoint,
+    first_bad_step_of_all_ranks,
     output_writes,
     read_checkpoint,
 )
@@ -193,7 +194,11 @@ class DVAETask(L.LightningModule):
         # it costs no synchronisation; read before every checkpoint and every few steps.
         self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
         self.frames: Optional[FrameDataset] = None  # set by _train(), read by train_dataloader()
-        self.loader: dict = {}  # batch_size, num_workers, seed, max_steps
+        self.loader: dict = {}  # batch_size, num_workers, max_steps
+
+    @property
+    def seed(self) -> int:
+        return int(self.hparams.get("seed", 0))
 
     @property
     def world(self) -> int:
@@ -211,8 +216,9 @@ class DVAETask(L.LightningModule):
         o = self.loader
         batch, workers = int(o["batch_size"]), int(o["num_workers"])
         start = self.trainer.global_step if self._trainer is not None else 0
-        sampler = ResumableRandomSampler(len(self.frames), total=int(o["max_steps"]) * batch, seed=int(o["seed"]),
-                                         start=start * batch, batch=batch, rank=self.global_rank, world=self.world)
+        sampler = ResumableRandomSampler(len(self.frames), total=int(o["max_steps"]) * batch, seed=self.seed,
+                                         start=min(start, int(o["max_steps"])) * batch, batch=batch,
+                                         rank=self.global_rank, world=self.world)
         return DataLoader(self.frames, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                           worker_init_fn=ignore_sigterm_in_worker if workers > 0 else None)
@@ -226,10 +232,9 @@ class DVAETask(L.LightningModule):
         """
         batch = log_probs.shape[0]
         first = (step * self.world + self.global_rank) * batch  # global position of this rank's frame 0
-        seed = int(self.loader.get("seed", 0))
         noise = torch.empty_like(log_probs)
         for i in range(batch):
-            g = torch.Generator(device=log_probs.device).manual_seed((seed << 40) + first + i)
+            g = torch.Generator(device=log_probs.device).manual_seed((self.seed << 40) + first + i)
             noise[i].exponential_(generator=g)
         return -noise.log()  # as F.gumbel_softmax: -log(Exp(1))
 
@@ -300,15 +305,7 @@ class DVAETask(L.LightningModule):
     def check_finite(self, all_ranks: bool = True) -> None:
         """Raise TrainingDiverged if the loss was ever NaN/Inf. Under DDP every rank checks at the
         same steps and they agree on the first bad step of any rank, so all stop together."""
-        first = self.first_bad_step
-        if all_ranks and self.world > 1:
-            import torch.distributed as dist
-
-            never = torch.iinfo(first.dtype).max
-            first = torch.where(first < 0, never, first)
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-            first = torch.where(first == never, -1, first)
-        bad = int(first)
+        bad = int(first_bad_step_of_all_ranks(self) if all_ranks else self.first_bad_step)
         if bad >= 0:
             raise TrainingDiverged(
                 f"the dVAE loss became NaN/Inf at step {bad}; stopped without saving a checkpoint after it. "
@@ -537,7 +534,7 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
     task = make_task(cfg, frame_size)
     # one "epoch" covers the whole run, so the progress bar counts steps to max_steps
     task.frames = FrameDataset(store, rows)
-    task.loader = {"batch_size": int(d.batch_size), "num_workers": int(d.num_workers), "seed": int(cfg.seed),
+    task.loader = {"batch_size": int(d.batch_size), "num_workers": int(d.num_workers),
                    "max_steps": int(d.max_steps)}
     trainer = L.Trainer(
         default_root_dir=run_dir,

@@ -281,6 +281,12 @@ class ChunkWriter:
                 f"disk full while writing chunk {self.failed_chunk} of {path} ({err}); finished chunks are kept: "
                 "free some space and rerun the same command to resume"
             ) from err
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise StoreError(
+                f"cannot write chunk {self.failed_chunk} of {path}: {err}; the store's folder must be writable "
+                "(a read-only mount, or another user's folder): make it writable or set work_dir / store_dir to a "
+                "writable place; finished chunks are kept, rerun the same command to resume"
+            ) from err
         if isinstance(err, OSError):
             raise StoreError(f"cannot write chunk {self.failed_chunk} of {path}: {err}; "
                              "rerun the same command to resume") from err
@@ -366,10 +372,16 @@ def open_or_create_store(path: Location, fingerprint: str, inputs: dict, create_
             raise StoreError(f"cannot create the store {path}: {err}") from err
         try:
             os.rename(tmp, path)
-            save_resolved(cfg, config_path(path))
-            log.info("created store %s", path)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another shard created it first
+            if time.monotonic() > deadline:
+                raise StoreError(f"could not create or open {path}") from None
+            continue
+        log.info("created store %s", path)
+        try:
+            save_resolved(cfg, config_path(path))
+        except OSError as err:  # the store is fine without it; say so rather than fail or hide it
+            log.warning("could not write %s (%s); the store's attrs hold the same config", config_path(path), err)
         if time.monotonic() > deadline:
             raise StoreError(f"could not create or open {path}")
 

@@ -515,6 +515,20 @@ class NonFiniteLossError(RuntimeError):
         self.step = step
 
 
+def first_bad_step_of_all_ranks(module: L.LightningModule) -> torch.Tensor:
+    """``module.first_bad_step``; under DDP the first over all ranks (-1: none). Every rank checks
+    at the same steps, so they agree and stop together instead of one rank leaving the others
+    blocked in the next all-reduce."""
+    first = module.first_bad_step
+    trainer = module._trainer
+    if trainer is None or trainer.world_size < 2 or not torch.distributed.is_initialized():
+        return first
+    never = torch.iinfo(first.dtype).max
+    first = torch.where(first < 0, never, first)
+    torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+    return torch.where(first == never, -1, first)
+
+
 class NonFiniteGuard(Callback):
     """Stops on a NaN/inf loss before any checkpoint holds the damage (one sync every few steps)."""
 
@@ -529,7 +543,7 @@ class NonFiniteGuard(Callback):
             self.check(pl_module)
 
     def check(self, pl_module) -> None:
-        bad = int(pl_module.first_bad_step)
+        bad = int(first_bad_step_of_all_ranks(pl_module))
         if bad >= 0:
             last = self.ckpt_dir / "last.ckpt"
             raise NonFiniteLossError(bad + 1, last if last.exists() else None, self.store)

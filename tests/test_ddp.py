@@ -188,3 +188,49 @@ def test_pretrain_dvae_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
     ckpts = tmp_path / "runs" / "dvae" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step=2.ckpt"]
     assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+SLOTS_NAN_DRIVER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import stages.train_slots as stage
+from pipeline.config import load_config
+from stages.common import StageError
+
+rank, real = int(os.environ["RANK"]), stage.SlotTrainingModule._step
+
+def poisoned(self, batch):  # rank 1 alone sees a NaN loss at training step 2 (reported as step 3)
+    outputs, losses = real(self, batch)
+    if rank == 1 and self.training and self.global_step == 2:
+        losses["loss"] = losses["loss"] * float("nan")
+    return outputs, losses
+
+stage.SlotTrainingModule._step = poisoned
+try:
+    stage.train(load_config({base!r}, sys.argv[1:]))
+except StageError as err:
+    print(f"rank {{rank}}: {{err}}", flush=True)
+    sys.exit(3)
+"""
+
+
+def test_train_slots_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    make_store(tmp_path, videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 7, "train")))
+    make_dvae_run(tmp_path)
+    (tmp_path / "driver.py").write_text(SLOTS_NAN_DRIVER.format(repo=str(REPO), base=str(REPO / "configs/base.yaml")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = [a for a in overrides(tmp_path, "nan", PER_DEVICE, "trainer.devices=2", "trainer.strategy=ddp",
+                                 "trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.val_batches=0")
+            if not a.startswith(("trainer.max_steps=3", "trainer.ckpt_every=3"))]
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), str(tmp_path / "driver.py"), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: the training loss became NaN/inf at step 3" in out, out[-3000:]
+    ckpts = tmp_path / "runs" / "nan" / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+

@@ -209,3 +209,28 @@ def test_file_urls_are_local_paths(tmp_path):
     store = resolve_store(cfg)
     assert store.path == path and store._fast_reader("features") is not None
     assert CliRunner().invoke(cache, ["verify", f"file://{path}"]).exit_code == 0
+
+
+def test_remote_store_whose_creation_was_killed_is_recreated(s3, tmp_path):
+    """A kill inside FeatureStore.create leaves arrays without the egoslots attrs (written last):
+    the rerun recognises that and recreates the store; a foreign zarr group is never touched."""
+    import zarr
+
+    from cache.store import ATTRS_KEY
+
+    cfg = make_cfg(tmp_path, f"store_dir=s3://{BUCKET}/stores")
+    url = extract(cfg, source=make_source())
+    reference = snapshot(url)
+    group = zarr.open_group(url, mode="r+", zarr_format=3)
+    del group.attrs[ATTRS_KEY]  # what a kill between creating the arrays and writing the attrs leaves
+    assert FeatureStore.unfinished_creation(url)
+    assert extract(cfg, source=make_source()) == url
+    after = snapshot(url)
+    for name, values in reference["arrays"].items():
+        assert after["arrays"][name].tobytes() == values.tobytes(), name
+
+    foreign = zarr.open_group(f"s3://{BUCKET}/stores/other.zarr", mode="w", zarr_format=3)
+    foreign.create_array("images", shape=(2,), dtype="uint8")
+    assert not FeatureStore.unfinished_creation(f"s3://{BUCKET}/stores/other.zarr")
+    with pytest.raises(StoreError, match="not an egoslots feature store"):
+        extract(make_cfg(tmp_path, f"store=s3://{BUCKET}/stores/other.zarr"), source=make_source())
