@@ -225,8 +225,14 @@ def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path,
     stale, live = leave_kill_debris(tmp_path / "resumed" / "runs" / "t" / "checkpoints")
     train_slots.train(cfg(tmp_path / "resumed"))
     assert not stale.exists()
-    assert_resumed_like_uninterrupted(*(tmp_path / run / "runs" / "t" / "checkpoints" for run in ("full", "resumed")),
-                                      live)
+    full, resumed = (tmp_path / run / "runs" / "t" / "checkpoints" for run in ("full", "resumed"))
+    assert_resumed_like_uninterrupted(full, resumed, live)
+
+    # killed between the last step=12.ckpt and last.ckpt: nothing is left to train, but last.ckpt
+    # (what evaluate / export read) must catch up
+    shutil.copyfile(resumed / "step=10.ckpt", resumed / "last.ckpt")
+    train_slots.train(cfg(tmp_path / "resumed"))
+    assert_same_checkpoints(full, resumed)
 
 
 # --------------------------------------------------------------------------------------------
