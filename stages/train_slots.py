@@ -670,6 +670,22 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return best
 
 
+@rank_zero_only
+def _catch_up_last(newest: Path) -> None:
+    """Copy ``newest`` (a step=N.ckpt) over last.ckpt, which a kill between the two writes left
+    older (or damaged): evaluate, export and visualize read last.ckpt, also when the run has
+    nothing left to train. Atomic, as every checkpoint write."""
+    tmp = newest.with_name(f".last.ckpt.tmp-{os.getpid()}")
+    try:
+        with open(newest, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, newest.with_name("last.ckpt"))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _step_of(path: Path) -> int:
     m = re.match(r"step=(\d+)", path.stem)
     return int(m.group(1)) if m else -1
@@ -916,6 +932,9 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
     if ckpt_path is None and ckpt_dir.is_dir():
         _check_same_run(run_dir, cfg_dict, inputs)
         ckpt_path = find_resume_checkpoint(ckpt_dir)
+        if ckpt_path is not None and ckpt_path.name != "last.ckpt":
+            with output_writes(run_dir):
+                _catch_up_last(ckpt_path)
     if ckpt_path is not None:
         step = checkpoint_step(ckpt_path)
         if step >= int(tc.max_steps):

@@ -93,7 +93,9 @@ def kill_mid_run(args: Sequence[str], progress: Callable[[], int], point: KillPo
     assert alive and proc.returncode == -signal.SIGKILL, (
         f"the command ended (exit {proc.returncode}) before the kill point {point} "
         f"(progress {progress()}):\n{output[-2000:]}")
-    return Killed(point, progress(), output)
+    done = progress()
+    print(f"{args[2]}: killed with progress {done} at {point}")  # shown with the output of a failing test
+    return Killed(point, done, output)
 
 
 def count_files(root: Path, pattern: str) -> Callable[[], int]:
