@@ -940,13 +940,6 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
         if step >= int(tc.max_steps):
             log.info("run %s already trained to step %d (trainer.max_steps=%d): nothing to do",
                      run_dir, step, tc.max_steps)
-            last = ckpt_dir / "last.ckpt"
-            if resume is None and ckpt_path != last:  # last.ckpt's own write failed or was cut short
-                with output_writes(run_dir):
-                    tmp = last.with_name(".last.ckpt.tmp")
-                    shutil.copyfile(ckpt_path, tmp)
-                    os.replace(tmp, last)
-                log.info("last.ckpt now holds step %d (copied from %s)", step, ckpt_path.name)
             return run_dir
         log.info("resuming %s from %s (step %d)", run_dir, ckpt_path, step)
 
