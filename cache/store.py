@@ -38,8 +38,8 @@ from typing import Optional
 import numpy as np
 import zarr
 
-from cache.location import Location, as_location, is_remote, join, list_zarr, remote_keys, remove, size_bytes
-from cache.location import filesystem, store_exists
+from cache.location import (Location, as_location, filesystem, is_remote, join, list_zarr, remote_keys, remove,
+                            remove_file, size_bytes, store_exists)
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "egoslots"
@@ -50,6 +50,10 @@ SKIPPED_GROUP = "skipped"
 
 class StoreError(RuntimeError):
     """A store that is missing, incomplete, or not what the caller needs."""
+
+
+class StoreUnreachable(StoreError):
+    """The store's location could not be reached (network, credentials): says nothing about it."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,7 @@ class FeatureStore:
         try:
             exists = store_exists(path)
         except Exception as err:  # noqa: BLE001 - no credentials, unknown bucket, unreachable endpoint
-            raise StoreError(f"cannot reach the store {path}: {type(err).__name__}: {err}") from err
+            raise StoreUnreachable(f"cannot reach the store {path}: {type(err).__name__}: {err}") from err
         if not exists:
             raise StoreError(f"no feature store at {path}; run `egoslots extract-features CONFIG` first")
         try:
@@ -419,8 +423,9 @@ class FeatureStore:
         """An exclusive inter-process lock on this store (attrs updates by concurrent shards).
 
         ``flock`` on the store's own directory: no extra file inside the zarr hierarchy. Object
-        stores have no locks; there the only locked write (marking the store complete) is
-        idempotent: every shard that sees all chunks done writes the same video table.
+        stores have no locks: there, marking the store complete is idempotent (every shard that
+        sees all chunks done writes the same video table), and :meth:`forget_chunks` runs only
+        with no writer active.
         """
         if is_remote(self.path):
             yield
@@ -518,15 +523,22 @@ class FeatureStore:
                 problems.append(Finding(f"video table row '{v.id}' (hflip={v.hflip}) spans rows "
                                         f"{v.first}..{v.stop - 1}, outside the {self.num_frames} frames"))
         for dvae_hash in self.token_group_names():
+            if f"tokens/{dvae_hash}/done" not in self.group:
+                problems.append(Finding(f"tokens of dVAE {dvae_hash}: an unfinished token group (no done flags); "
+                                        "rerun `egoslots tokenize RUN` to recreate it"))
+                continue
             token_done = self.done_chunks(f"tokens/{dvae_hash}/done")
             if not token_done.all():
                 problems.append(Finding(f"tokens of dVAE {dvae_hash}: {int((~token_done).sum())} chunk(s) not "
                                         "flagged done"))
         names = self.data_arrays()
+        token_flags = {f"tokens/{h}/ids": self.done_chunks(f"tokens/{h}/done") for h in self.token_group_names()}
         remote_files = set(remote_keys(self.path)) if is_remote(self.path) else None
         for chunk in range(done.size):
             start, stop = chunk_bounds(chunk, self.chunk_len, self.num_frames)
             for name in names:
+                if not token_flags.get(name, done)[chunk]:
+                    continue  # not written yet (counted above): nothing to check
                 where = f"chunk {chunk} of '{name}' (rows {start}..{stop - 1}"
                 path = self.chunk_file(name, chunk)
                 if remote_files is not None:
@@ -554,31 +566,40 @@ class FeatureStore:
                 progress(chunk)
         return problems
 
-    def unflag(self, findings: list[Finding]) -> dict[str, list[int]]:
-        """Mark the chunks holding bad data as not written, so a rerun rewrites exactly them.
+    def forget_chunks(self, findings: list[Finding]) -> dict[str, list[int]]:
+        """Delete the chunks holding bad data and their flags, so a rerun rewrites exactly them.
 
-        The bad shard files are deleted; their flags cleared: for frame arrays the store's
-        ``done`` flag and ``complete`` (rerun ``extract-features``), for token ids that dVAE's
-        token flags (rerun ``tokenize``). Returns {flag array: chunks}.
+        Frame arrays: the store's ``done`` flags and ``complete`` (rerun ``extract-features``);
+        token ids are computed from frames, so the same chunks of every token group are
+        forgotten too. Token ids: that dVAE's token flags (rerun ``tokenize``). Crash-safe order:
+        first mark incomplete, then delete flags, then data; a chunk whose data is gone is never
+        flagged done in a complete store. Run it with no writer active (``cache verify --repair``
+        refuses incomplete stores). Returns {flag array: chunks}.
         """
-        from cache.location import remove_file
-
         targets: dict[str, set[int]] = {}
+        bad_data: set[tuple[str, int]] = set()
+        token_groups = [f"tokens/{h}" for h in self.token_group_names()]
         for f in findings:
             if f.chunk is None or f.array is None:
                 continue
-            flags = f.array.rsplit("/", 1)[0] + "/done" if f.array.startswith("tokens/") else "done"
-            targets.setdefault(flags, set()).add(f.chunk)
-            # zarr rewrites a shard by reading it first, which fails on a damaged one: delete it
-            remove_file(join(self.path, *self.chunk_key(f.array, f.chunk).split("/")))
+            bad_data.add((f.array, f.chunk))
+            if f.array.startswith("tokens/"):
+                targets.setdefault(f.array.rsplit("/", 1)[0] + "/done", set()).add(f.chunk)
+            else:
+                targets.setdefault("done", set()).add(f.chunk)
+                for group in token_groups:  # tokens of a rewritten frame chunk must be rewritten too
+                    targets.setdefault(f"{group}/done", set()).add(f.chunk)
+        if "done" in targets:
+            with self.lock():
+                self.update_meta(complete=False)
+        for flags in targets:
+            if flags != "done":
+                self.group[flags.rsplit("/", 1)[0]].attrs["complete"] = False
         for flags, chunks in targets.items():
             for chunk in sorted(chunks):  # a flag is present exactly when its chunk is done
                 remove_file(join(self.path, *self.chunk_key(flags, chunk).split("/")))
-            if flags == "done":
-                with self.lock():
-                    self.update_meta(complete=False)
-            else:
-                self.group[flags.rsplit("/", 1)[0]].attrs["complete"] = False
+        for array, chunk in sorted(bad_data):  # zarr rewrites a shard by reading it first: a damaged one fails
+            remove_file(join(self.path, *self.chunk_key(array, chunk).split("/")))
         return {k: sorted(v) for k, v in targets.items()}
 
     @staticmethod
@@ -620,7 +641,10 @@ class FeatureStore:
         """Allocate (or reopen, to resume) the token sub-group of one dVAE."""
         name = f"tokens/{dvae_hash}"
         if name in self.group:
-            return self.group[name]
+            sub = self.group[name]
+            if "ids" in sub and "done" in sub and sub.attrs.get("dvae_hash") == dvae_hash:
+                return sub
+            del self.group[name]  # a creation cut short by a kill: nothing in it is flagged done
         sub = self.group.require_group(name)
         inner = int(self.meta.get("inner_chunk_len", self.chunk_len))
         sub.create_array("ids", shape=(self.num_frames, *grid), dtype="uint16", shards=(self.chunk_len, *grid),
@@ -711,8 +735,6 @@ class _ShardReader:
 
 def remove_store(path: Location) -> None:
     """Delete a store and the config written beside it (local or remote)."""
-    from cache.location import remove_file
-
     remove(path)
     remove_file(config_path(path))
 

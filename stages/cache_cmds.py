@@ -41,9 +41,9 @@ def find_store(name: str, work_dir: str, store_dir: Optional[str] = None) -> Loc
                                f"stores there: {have})")
 
 
-def _open(path: Location) -> FeatureStore:
+def _open(path: Location, mode: str = "r") -> FeatureStore:
     try:
-        return FeatureStore.open(path, require_complete=False)
+        return FeatureStore.open(path, require_complete=False, mode=mode)
     except StoreError as err:
         raise click.ClickException(str(err)) from err
 
@@ -153,8 +153,10 @@ def verify(store: str, work_dir: str, store_dir: Optional[str], repair: bool):
     """
     from tqdm import tqdm
 
-    location = find_store(store, work_dir, store_dir)
-    st = FeatureStore.open(location, require_complete=False, mode="r+") if repair else _open(location)
+    st = _open(find_store(store, work_dir, store_dir), mode="r+" if repair else "r")
+    if repair and not st.complete:  # a writer may still be at work: repairing beside it could race
+        raise click.ClickException(f"{st.path} is incomplete: --repair works on finished stores. Finish it first "
+                                   "(rerun `egoslots extract-features CONFIG`; stop any other writer), then verify again")
     _, total = st.progress()
     with tqdm(total=total, unit="chunk", desc=f"verify {st.fingerprint}", leave=False) as bar:
         problems = st.verify(progress=lambda _chunk: bar.update(1))
@@ -163,7 +165,7 @@ def verify(store: str, work_dir: str, store_dir: Optional[str], repair: bool):
             click.echo(f"FAULT {line}", err=True)
         bad = sorted({p.chunk for p in problems if p.chunk is not None})
         if repair and bad:
-            unflagged = st.unflag(problems)
+            unflagged = st.forget_chunks(problems)
             rerun = []
             if "done" in unflagged:
                 rerun.append(f"`egoslots extract-features CONFIG` (the config that made it) to rewrite chunk(s) "
@@ -174,9 +176,13 @@ def verify(store: str, work_dir: str, store_dir: Optional[str], repair: bool):
                                  f"token chunk(s) {', '.join(map(str, chunks))}")
             raise click.ClickException(f"{st.path}: {len(problems)} problem(s); marked the bad chunk(s) as not "
                                        "written. Now run " + " and ".join(rerun))
-        hint = (f"run `egoslots cache verify {store} --repair`, then rerun the command that wrote them, to "
-                f"rewrite chunk(s) {', '.join(map(str, bad))}" if bad else
-                "rerun `egoslots extract-features CONFIG` (or `egoslots tokenize RUN`) to finish it")
+        if bad:
+            hint = (f"run `egoslots cache verify {st.path} --repair`, then rerun the command that wrote them, to "
+                    f"rewrite chunk(s) {', '.join(map(str, bad))}")
+        elif not st.complete or any("not flagged done" in p.text for p in problems):
+            hint = "rerun `egoslots extract-features CONFIG` (or `egoslots tokenize RUN`) to finish it"
+        else:
+            hint = "the video table is damaged: re-extract (`egoslots extract-features CONFIG --overwrite`)"
         raise click.ClickException(f"{st.path}: {len(problems)} problem(s) found; {hint}")
     click.echo(f"{st.path}: OK ({total} chunks, {st.num_frames} frames, arrays {', '.join(st.data_arrays())})")
 

@@ -50,8 +50,8 @@ from tqdm import tqdm
 from cache.fingerprint import (config_stores_dir, describe_differences, extraction_settings, fingerprint_inputs,
                                fingerprint_of, store_location)
 from cache.location import Location, is_remote, remove, store_exists, write_text
-from cache.store import (FORMAT_VERSION, FeatureStore, StoreError, VideoRecord, chunk_bounds, config_path,
-                         store_path)
+from cache.store import (FORMAT_VERSION, FeatureStore, StoreError, StoreUnreachable, VideoRecord, chunk_bounds,
+                         config_path, store_path)
 from pipeline.config import ConfigError, resolve, save_resolved, to_yaml
 from pipeline.data.base import SourceError
 from pipeline.preprocess import describe_preprocessing, preprocess_frame
@@ -61,6 +61,7 @@ log = logging.getLogger("egoslots")
 
 COMPUTE_CHOICES = ("auto", "fp32", "bf16")
 CREATE_TIMEOUT_S = 600.0  # how long a shard waits for another shard to replace a store
+REMOTE_CREATE_TIMEOUT_S = 6 * 3600.0  # ... for shard 0 to create a remote store (job arrays start late)
 
 
 # ---------------------------------------------------------------------------- shards, device, dtype
@@ -392,6 +393,8 @@ def _matching_store(path: Location, fingerprint: str, inputs: dict, overwrite: b
     try:
         store = FeatureStore.open(path, require_complete=False, mode="r+")
         found = store.fingerprint
+    except StoreUnreachable:
+        raise  # a network or credentials error says nothing about the store: never replace it
     except StoreError as err:
         store, found = None, f"unreadable ({err})"
     if found == fingerprint:
@@ -414,9 +417,10 @@ def open_or_create_remote_store(url: str, fingerprint: str, inputs: dict, create
 
     Shard 0 alone creates the store, in place: its egoslots attrs are written last, so a
     store without them is an unfinished creation (a kill during ``create``) that shard 0
-    redoes. Other shards wait until the finished store appears.
+    redoes. Other shards wait until the finished store appears (job arrays may start shard 0
+    late: up to ``REMOTE_CREATE_TIMEOUT_S``).
     """
-    deadline = time.monotonic() + CREATE_TIMEOUT_S
+    started = time.monotonic()
     while True:
         if store_exists(url) and not FeatureStore.unfinished_creation(url):
             store = _matching_store(url, fingerprint, inputs, overwrite)
@@ -426,8 +430,12 @@ def open_or_create_remote_store(url: str, fingerprint: str, inputs: dict, create
                 remove(url)
                 overwrite = False
         if shard_id != 0:
-            if time.monotonic() > deadline:
-                raise StoreError(f"shard {shard_id}: timed out waiting for shard 0 to create {url}")
+            waited = time.monotonic() - started
+            if waited > REMOTE_CREATE_TIMEOUT_S:
+                raise StoreError(f"shard {shard_id}: shard 0 has not created {url} in {waited / 3600:.1f} h; "
+                                 "start shard 0 (it alone creates a remote store), then rerun this shard")
+            if int(waited) % 60 == 0:
+                log.info("shard %d: waiting for shard 0 to create %s", shard_id, url)
             time.sleep(1.0)
             continue
         try:
@@ -506,7 +514,7 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
 
 
 def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] = None,
-            shard_id: Optional[int] = None, skip_bad: bool = False, *, source=None) -> Path:
+            shard_id: Optional[int] = None, skip_bad: bool = False, *, source=None) -> Location:
     """Extract (or finish extracting) the store this config describes; returns its path.
 
     ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests).

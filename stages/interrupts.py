@@ -8,7 +8,14 @@ and exit status 143 (128 + SIGTERM), the status job schedulers expect from a ter
 
 DataLoader workers ignore SIGTERM (:func:`ignore_sigterm_in_worker`): a scheduler signals
 every process of the job, and a worker that died first would turn the clean stop into a
-"DataLoader worker exited unexpectedly" crash. The parent shuts its workers down itself.
+"DataLoader worker exited unexpectedly" crash. The parent shuts its workers down itself (and
+kills any still alive at exit).
+
+Under DDP every rank must get SIGTERM (schedulers and ``kill`` of the process group do this):
+Lightning stops each rank at the end of the step in which it saw the signal, so ranks signalled
+at different moments may wait on each other. Lightning's own SLURM auto-requeue (SIGUSR1 with
+``#SBATCH --signal``) saves from inside the signal handler, possibly mid-step: prefer SIGTERM
+and ``--requeue``.
 
 Ctrl-C (SIGINT) is not handled here: it can land in the middle of an optimizer step, so the
 weights at that moment are not a consistent checkpoint. Use ``kill -TERM PID`` to stop a run
@@ -17,7 +24,10 @@ and keep its last step.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
+import multiprocessing
 import signal
 from pathlib import Path
 from typing import Optional
@@ -45,6 +55,7 @@ class CheckpointOnSigterm(Callback):
         self.ckpt_dir, self.command = Path(ckpt_dir), command  # command: e.g. "egoslots train-slots"
         self.saved: Optional[Path] = None
         self.step = 0
+        _kill_daemon_children_at_exit()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
@@ -53,10 +64,14 @@ class CheckpointOnSigterm(Callback):
         if self.step == 0:
             return  # nothing trained yet: nothing worth a checkpoint
         path = self.ckpt_dir / f"step={self.step}.ckpt"
-        if not path.exists():
-            trainer.save_checkpoint(path)
-        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
-        self.saved = path
+        try:
+            # every rank takes part in the (collective) saves: decide on rank 0's view of the disk
+            if not trainer.strategy.broadcast(path.exists()):
+                trainer.save_checkpoint(path)
+            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+            self.saved = path
+        except Exception:  # noqa: BLE001 - a failed save must not stop Lightning's teardown
+            log.exception("could not save the checkpoint of step %d on SIGTERM", self.step)
 
     def stopped(self) -> Stopped:
         """The error to raise once ``trainer.fit`` has raised ``SIGTERMException``."""
@@ -65,6 +80,23 @@ class CheckpointOnSigterm(Callback):
                            "command to start again")
         return Stopped(f"stopped by SIGTERM after step {self.step}; saved {self.saved}; rerun the same "
                        f"`{self.command}` command to resume from it")
+
+
+def _kill_daemon_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+@functools.cache
+def _kill_daemon_children_at_exit() -> None:
+    """At exit, SIGKILL daemon children (DataLoader workers) still alive.
+
+    multiprocessing's own exit handler stops them with SIGTERM, which workers ignore here, and
+    then waits for them without a timeout: a run whose teardown was skipped would hang. atexit
+    runs handlers last-registered first, and multiprocessing registered its handler on import.
+    """
+    atexit.register(_kill_daemon_children)
 
 
 def ignore_sigterm_in_worker(worker_id: int = 0) -> None:

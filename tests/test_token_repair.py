@@ -4,6 +4,7 @@ that chunk back to the original ids."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -37,3 +38,20 @@ def test_damaged_token_chunk_is_found_repaired_and_rewritten(trained, tmp_path):
     store = FeatureStore.open(store_path)
     assert store.tokens(dvae_hash)[:].tobytes() == original.tobytes()
     assert runner.invoke(cache, ["verify", str(store_path)]).exit_code == 0
+
+
+def test_repairing_frames_also_forgets_the_tokens_made_from_them(trained, tmp_path):  # noqa: F811
+    store_path, run_dir = copy_run(trained[0], tmp_path / "w")
+    dvae_hash = stage.tokenize_run(run_dir)
+    store = FeatureStore.open(store_path)
+    store.chunk_file("frames", 1).write_bytes(b"garbage")
+
+    runner = CliRunner()
+    repaired = runner.invoke(cache, ["verify", str(store_path), "--repair"])
+    assert "extract-features" in repaired.output and "tokenize RUN" in repaired.output, repaired.output
+    store = FeatureStore.open(store_path, require_complete=False)
+    assert not store.complete and store.pending_chunks() == [1]
+    assert list(np.flatnonzero(~store.done_chunks(f"tokens/{dvae_hash}/done"))) == [1]
+    assert not store.chunk_file("frames", 1).exists()  # deleted, so the rerun can write it afresh
+    again = runner.invoke(cache, ["verify", str(store_path), "--repair"])  # a writer may be at work now
+    assert again.exit_code != 0 and "incomplete" in again.output
