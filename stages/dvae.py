@@ -71,7 +71,7 @@ from pipeline.dvae import (
 )
 from stages.common import StageError, config_command, setup_logging
 from stages.interrupts import CheckpointOnSigterm, SIGTERMException, ignore_sigterm_in_worker
-from stages.train_slots import (
+from stages.training import (
     WRITE_FAULTS,
     RaisingCheckpointIO,
     ResumableRandomSampler,
@@ -393,7 +393,7 @@ def finished(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> bool:
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[str]:
     """The newest checkpoint that loads (``last.ckpt`` or a ``step=N.ckpt``), as train-slots
-    picks it (:func:`stages.train_slots.find_resume_checkpoint`); None if none."""
+    picks it (:func:`stages.training.find_resume_checkpoint`); None if none."""
     path = find_resume_checkpoint(ckpt_dir)
     return str(path) if path else None
 

@@ -354,7 +354,7 @@ def test_checkpoint_writer_round_trips_locally_and_on_object_stores(tmp_path):
     """RaisingCheckpointIO writes what torch.load reads back, on disk (atomic rename) and through fsspec."""
     import fsspec
 
-    from stages.train_slots import RaisingCheckpointIO
+    from stages.training import RaisingCheckpointIO
 
     state = {"state_dict": {"w": torch.arange(6.0)}, "global_step": 7}
     io = RaisingCheckpointIO()

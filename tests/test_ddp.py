@@ -86,7 +86,7 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
 
 
 def test_ranks_draw_disjoint_slices_whose_union_is_the_one_process_stream():
-    from stages.train_slots import ResumableRandomSampler
+    from stages.training import ResumableRandomSampler
 
     batch, world, steps = 3, 4, 30_000  # crosses the sampler's 65,536-draw blocks
     single = list(ResumableRandomSampler(50, total=steps * batch * world, seed=7))

@@ -125,7 +125,7 @@ def test_param_group_regexes_first_match_wins_and_unmatched_is_an_error():
 
 
 def test_resumable_sampler_continues_the_same_stream():
-    from stages.train_slots import ResumableRandomSampler
+    from stages.training import ResumableRandomSampler
 
     full = list(ResumableRandomSampler(10, total=200_000, seed=3))
     tail = list(ResumableRandomSampler(10, total=200_000, seed=3, start=70_000))
