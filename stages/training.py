@@ -212,7 +212,7 @@ def read_checkpoint(path: Path) -> dict:
                          "file or not a checkpoint?") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise StageError(f"{path} is not a Lightning checkpoint (no state_dict / global_step): give a "
-                         "checkpoints/*.ckpt file of a train-slots run")
+                         "checkpoints/*.ckpt file of a train-slots or pretrain-dvae run")
     return ckpt
 
 
