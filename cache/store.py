@@ -489,7 +489,9 @@ class FeatureStore:
             done, total = self.progress()
             if done == total and not self.complete:
                 values = {"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                skipped = self.skipped()
+                # with those of an earlier completion (a repaired chunk is rewritten without its skipped videos)
+                earlier = {(r["id"], bool(r.get("hflip"))): r for r in self.meta.get("skipped_videos") or []}
+                skipped = list({**earlier, **{(r["id"], bool(r.get("hflip"))): r for r in self.skipped()}}.values())
                 if skipped:
                     bad = {(r["id"], bool(r.get("hflip"))) for r in skipped}
                     values["videos"] = [v for v in self.meta["videos"] if (v["id"], bool(v.get("hflip"))) not in bad]

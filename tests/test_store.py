@@ -20,7 +20,7 @@ from click.testing import CliRunner
 import cache.fingerprint as fingerprint_mod
 import zarr.storage._local as zarr_local
 from cache.fingerprint import fingerprint_inputs, fingerprint_of, resolve_store
-from cache.store import FeatureStore, StoreError, VideoRecord
+from cache.store import FeatureStore, Finding, StoreError, VideoRecord
 from pipeline.config import load_config
 from pipeline.data.base import FileIdentity, SourceError, VideoInfo
 from pipeline.data.memory import InMemorySource
@@ -419,3 +419,27 @@ def test_done_flags_read_directly_match_zarr(tmp_path):
     fast = store.done_chunks()
     assert fast.tolist() == np.asarray(store.group["done"][:], dtype=bool).tolist()
     assert np.flatnonzero(fast).tolist() == [0, 3, 12] and store.pending_chunks(1, 2) == [1, 5, 7, 9, 11]
+
+
+def test_repaired_chunks_keep_the_record_of_skipped_videos(tmp_path):
+    """Two videos skipped as unreadable; --repair + rerun of every chunk of one of them: both stay
+    recorded in skipped_videos and out of the video table."""
+    class TwoBroken(BrokenSource):
+        def read_frames(self, video_id, start=0, stop=None):
+            if video_id == "vid00":
+                raise SourceError(f"/data/{video_id}/00000.jpg: cannot decode (truncated file)")
+            yield from super().read_frames(video_id, start, stop)
+
+    source = TwoBroken(make_source(), "vid02", 4)
+    cfg = make_cfg(tmp_path)
+    path = extract(cfg, source=source, skip_bad=True)
+    store = FeatureStore.open(path)
+    assert {r["id"] for r in store.meta["skipped_videos"]} == {"vid00", "vid02"}
+    table = store.meta["videos"]
+    vid00_chunks = {0, 1}  # vid00 = rows 0..8 with 8-frame chunks
+    findings = [Finding("damaged", chunk, "frames") for chunk in sorted(vid00_chunks)]
+    FeatureStore.open(path, mode="r+").forget_chunks(findings)
+    extract(cfg, source=source, skip_bad=True)  # rewrites chunks 0 and 1 without vid00
+    store = FeatureStore.open(path)
+    assert {r["id"] for r in store.meta["skipped_videos"]} == {"vid00", "vid02"}
+    assert store.meta["videos"] == table
