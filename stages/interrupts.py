@@ -3,7 +3,7 @@
 Lightning already turns SIGTERM into a clean stop: it finishes the step in flight, then raises
 ``SIGTERMException`` on every rank. :class:`CheckpointOnSigterm` writes that step's checkpoint
 (``step=N.ckpt`` and ``last.ckpt``) at that moment, so the rerun resumes at step N instead of
-at the last periodic checkpoint; :func:`stopped` turns the exception into one line for the user
+at the last periodic checkpoint; :meth:`CheckpointOnSigterm.stopped` turns the exception into one line for the user
 and exit status 143 (128 + SIGTERM), the status job schedulers expect from a terminated job.
 
 DataLoader workers ignore SIGTERM (:func:`ignore_sigterm_in_worker`): a scheduler signals
