@@ -395,6 +395,17 @@ class FeatureStore:
         finally:
             os.close(dfd)
 
+    def remove_partial_files(self, under: str = "") -> None:
+        """Delete the temporary files killed writes left under ``under`` (e.g. ``tokens/<hash>``).
+
+        zarr writes a local chunk to ``NAME.<uuid>.partial`` and renames it; a kill -9 mid-write
+        leaves that file, a whole chunk's size, behind. Never read, so safe to delete once every
+        chunk there is done. Object stores write whole objects: nothing to do.
+        """
+        if isinstance(self.path, Path):
+            for partial in (self.path / under).rglob("*.partial"):
+                partial.unlink(missing_ok=True)
+
     def record_skipped(self, chunk: int, skipped: list[dict]) -> None:
         """Note videos a chunk skipped as unreadable (--skip-bad); read back by :meth:`skipped`.
 

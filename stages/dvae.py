@@ -668,8 +668,7 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
             except OSError as err:
                 raise _token_write_error(err, f"cannot write token chunk {chunk} of {store.path}", run_dir) from err
             bar.update(stop - start)
-    if isinstance(store.path, Path):  # a local store: remove what writes killed mid-way left (see below)
-        _remove_partial_files(store.path / "tokens" / dvae_hash)
+    store.remove_partial_files(f"tokens/{dvae_hash}")  # what writes killed mid-way left
     try:
         sub.attrs.update({"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     except OSError as err:
@@ -677,14 +676,6 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
                                       "failed", run_dir) from err
     log.info("tokens of dVAE %s complete in %s", dvae_hash, store.path)
     return dvae_hash
-
-
-def _remove_partial_files(root: Path) -> None:
-    """zarr writes a local chunk to ``NAME.<uuid>.partial`` and renames it; a kill -9 mid-write
-    leaves that file, a whole chunk's size, behind. Never read, so safe to delete once every
-    chunk under ``root`` is done (extraction does the same for its store)."""
-    for partial in root.rglob("*.partial"):
-        partial.unlink(missing_ok=True)
 
 
 def _token_write_error(err: OSError, what: str, run_dir: Path) -> OSError:

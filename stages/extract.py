@@ -52,7 +52,7 @@ from cache.fingerprint import (config_stores_dir, describe_differences, extracti
 from cache.location import Location, is_remote, remove, store_exists, write_text
 from cache.store import (FORMAT_VERSION, FeatureStore, StoreError, StoreUnreachable, VideoRecord, chunk_bounds,
                          config_path, store_path)
-from pipeline.config import ConfigError, resolve, save_resolved, to_yaml
+from pipeline.config import ConfigError, resolve, to_yaml
 from pipeline.data.base import SourceError
 from pipeline.preprocess import describe_preprocessing, preprocess_frame
 from stages.common import config_command
@@ -380,7 +380,7 @@ def open_or_create_store(path: Location, fingerprint: str, inputs: dict, create_
             continue
         log.info("created store %s", path)
         try:
-            save_resolved(cfg, config_path(path))
+            write_text(config_path(path), to_yaml(cfg))
         except OSError as err:  # the store is fine without it; say so rather than fail or hide it
             log.warning("could not write %s (%s); the store's attrs hold the same config", config_path(path), err)
         if time.monotonic() > deadline:
@@ -540,8 +540,7 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
         raise StoreError(f"every chunk of {store.path} is written but marking it complete failed ({err}); "
                          "rerun the same command to finish") from err
     if finished:
-        if not is_remote(store.path):
-            _remove_partial_files(store.path)
+        store.remove_partial_files()
         skipped = store.meta.get("skipped_videos") or []
         if skipped:
             click.echo(f"skipped {len(skipped)} unreadable video row(s): "
@@ -592,12 +591,6 @@ def _run_chunks(store: FeatureStore, backbone, source, chunks: list[int], device
     finally:
         bar.close()
         writer.close()  # writes what is queued, then raises a write error if there was one
-
-
-def _remove_partial_files(root: Path) -> None:
-    """Temporary files a killed zarr write left behind (never read; safe once every chunk is done)."""
-    for partial in root.rglob("*.partial"):
-        partial.unlink(missing_ok=True)
 
 
 @config_command("extract-features", example="egoslots extract-features configs/base.yaml dataset.path=/data/saycam")
