@@ -452,7 +452,7 @@ class FeatureStore:
         """One bool per chunk from a flag array (``done``, or ``tokens/<hash>/done``).
 
         Flags are one tiny file/object per chunk, and one is present exactly when it says done
-        (:meth:`unflag` deletes flags). Local stores read the files directly (zarr's path costs
+        (:meth:`forget_chunks` deletes flags). Local stores read the files directly (zarr's path costs
         ~0.3 ms per flag, seconds for a million-frame store); remote stores list the flag folder
         (a few LIST requests instead of one GET per chunk: 0.6 s instead of 20 s for 3000 flags
         on a loopback S3 server).
