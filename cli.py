@@ -8,22 +8,48 @@ the click command and the one-line description shown in `egoslots --help`.
 from __future__ import annotations
 
 import importlib
-import sys
 
 import click
 
 # name -> (module:attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-synthetic": ("stages.synthetic:make_synthetic", "Generate MOVi-like synthetic videos with masks (pybullet)."),
-    "inspect-data": ("stages.inspect_data:inspect_data", "Summarise a dataset: videos, frames, splits, masks."),
-    "extract-features": ("stages.extract:extract_features", "Stage 1: run the frozen backbone once and cache features."),
+    "make-synthetic": (
+        "stages.synthetic:make_synthetic",
+        "Generate MOVi-like synthetic videos with masks (pybullet).",
+    ),
+    "inspect-data": (
+        "stages.inspect_data:inspect_data",
+        "Summarise a dataset: videos, frames, splits, masks.",
+    ),
+    "extract-features": (
+        "stages.extract:extract_features",
+        "Stage 1: run the frozen backbone once and cache features.",
+    ),
     "cache": ("stages.cache_cmds:cache", "List, describe, verify or remove feature stores."),
-    "pretrain-dvae": ("stages.dvae:pretrain_dvae", "Stage 2: train STEVE's dVAE on cached frames, then tokenize."),
-    "tokenize": ("stages.dvae:tokenize", "Stage 2: write a trained dVAE's token ids into the store."),
-    "train-slots": ("stages.train_slots:train_slots", "Stage 3: train the slot model from cached features and tokens."),
-    "evaluate": ("stages.evaluate:evaluate", "FG-ARI / mBO of a trained run against ground truth, with baselines."),
-    "export-slots": ("stages.export:export_slots_command", "Export per-frame slots, masks and tokens for downstream use."),
-    "visualize": ("stages.visualize:visualize", "Render slot masks over a video as GIF and PNG strip."),
+    "pretrain-dvae": (
+        "stages.dvae:pretrain_dvae",
+        "Stage 2: train STEVE's dVAE on cached frames, then tokenize.",
+    ),
+    "tokenize": (
+        "stages.dvae:tokenize",
+        "Stage 2: write a trained dVAE's token ids into the store.",
+    ),
+    "train-slots": (
+        "stages.train_slots:train_slots",
+        "Stage 3: train the slot model from cached features and tokens.",
+    ),
+    "evaluate": (
+        "stages.evaluate:evaluate",
+        "FG-ARI / mBO of a trained run against ground truth, with baselines.",
+    ),
+    "export-slots": (
+        "stages.export:export_slots_command",
+        "Export per-frame slots, masks and tokens for downstream use.",
+    ),
+    "visualize": (
+        "stages.visualize:visualize",
+        "Render slot masks over a video as GIF and PNG strip.",
+    ),
     "run": ("stages.run:run", "Run the whole pipeline in order, skipping finished stages."),
 }
 

@@ -38,7 +38,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_steps_per_s(size: int, vocab: int, batch: int, steps: int, device: torch.device, precision: str) -> float:
+def train_steps_per_s(
+    size: int, vocab: int, batch: int, steps: int, device: torch.device, precision: str
+) -> float:
     torch.manual_seed(0)
     model = DVAE(vocab).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4)
@@ -61,7 +63,9 @@ def train_steps_per_s(size: int, vocab: int, batch: int, steps: int, device: tor
     return steps / (time.perf_counter() - start)
 
 
-def tokenize_frames_per_s(size: int, vocab: int, frames: int, batch: int, device: torch.device, precision: str) -> float:
+def tokenize_frames_per_s(
+    size: int, vocab: int, frames: int, batch: int, device: torch.device, precision: str
+) -> float:
     torch.manual_seed(0)
     model = DVAE(vocab).to(device).eval()
     data = torch.randint(0, 256, (frames, size, size, 3), dtype=torch.uint8).numpy()
@@ -75,7 +79,9 @@ def tokenize_frames_per_s(size: int, vocab: int, frames: int, batch: int, device
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=32)
@@ -87,20 +93,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"vocab {args.vocab}, batch {args.batch}")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"vocab {args.vocab}, batch {args.batch}"
+    )
     print("| frame px | tokens | precision | train steps/s | train frames/s | tokenize frames/s |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
         for precision in args.precisions:
             steps = train_steps_per_s(size, args.vocab, args.batch, args.steps, device, precision)
-            tokens = tokenize_frames_per_s(size, args.vocab, args.frames, args.tokenize_batch, device, precision)
-            print(f"| {size} | {(size // 4) ** 2} | {precision} | {steps:.3g} | {steps * args.batch:.3g} | "
-                  f"{tokens:.3g} |", flush=True)
+            tokens = tokenize_frames_per_s(
+                size, args.vocab, args.frames, args.tokenize_batch, device, precision
+            )
+            print(
+                f"| {size} | {(size // 4) ** 2} | {precision} | {steps:.3g} | {steps * args.batch:.3g} | "
+                f"{tokens:.3g} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

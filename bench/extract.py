@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -53,8 +52,16 @@ def smooth_video(rng, frames: int, h: int, w: int) -> np.ndarray:
     """Camera-like frames: gradients, a few moving discs and mild noise (compress like real video)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], -1) * 160 + 40
-    discs = [(rng.uniform(0, w), rng.uniform(0, h), rng.uniform(h / 10, h / 4), rng.uniform(0, 255, 3),
-              rng.normal(0, 2, 2)) for _ in range(4)]
+    discs = [
+        (
+            rng.uniform(0, w),
+            rng.uniform(0, h),
+            rng.uniform(h / 10, h / 4),
+            rng.uniform(0, 255, 3),
+            rng.normal(0, 2, 2),
+        )
+        for _ in range(4)
+    ]
     out = np.empty((frames, h, w, 3), np.uint8)
     for t in range(frames):
         img = base.copy()
@@ -73,8 +80,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} threads {torch.get_num_threads()}, "
-            f"load avg {os.getloadavg()[0]:.1f}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} threads {torch.get_num_threads()}, "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
 
 
 def bench_cfg(work_dir: Path, *overrides: str):
@@ -89,34 +98,46 @@ def bench_extraction(args) -> None:
 
     rng = np.random.default_rng(0)
     per_video = args.frames // args.videos
-    videos = {f"v{i}": smooth_video(rng, per_video, args.height, args.width) for i in range(args.videos)}
+    videos = {
+        f"v{i}": smooth_video(rng, per_video, args.height, args.width) for i in range(args.videos)
+    }
     source = InMemorySource(videos)
     device = pick_device("auto")
     compute = resolve_compute("auto", device)
     encoder = TimmViT(input_size=args.size).to(device)
     backbones.build_backbone = lambda cfg: encoder  # extract() builds its backbone through this
     print(f"machine: {machine()}; device {device}, compute {compute}")
-    print(f"{args.videos} videos x {per_video} frames of {args.height}x{args.width} -> ViT-S/14 at {args.size} px, "
-          f"batch {args.batch}, chunk {args.chunk}, {args.workers} decode worker(s)")
+    print(
+        f"{args.videos} videos x {per_video} frames of {args.height}x{args.width} -> ViT-S/14 at {args.size} px, "
+        f"batch {args.batch}, chunk {args.chunk}, {args.workers} decode worker(s)"
+    )
 
     # bare forward on already-preprocessed uint8 batches, same dtype handling as extraction
-    images = torch.stack([preprocess_frame(f, None, args.size, 128)[0] for v in videos.values() for f in v])
+    images = torch.stack(
+        [preprocess_frame(f, None, args.size, 128)[0] for v in videos.values() for f in v]
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute == "bf16")
 
     def bare() -> float:
         start = time.perf_counter()
         with torch.inference_mode(), autocast:
             for lo in range(0, len(images), args.batch):
-                out = encoder(images[lo:lo + args.batch].to(device).float().div_(255.0))
+                out = encoder(images[lo : lo + args.batch].to(device).float().div_(255.0))
                 out.to(torch.float16).cpu()
         return len(images) / (time.perf_counter() - start)
 
     def full(i: int) -> float:
         work = Path(tempfile.mkdtemp(prefix="egoslots-bench-"))
         try:
-            cfg = bench_cfg(work, f"globals.IMAGE_SIZE={args.size}", "globals.FRAME_SIZE=128",
-                            f"extract.batch_size={args.batch}", f"extract.frames_per_chunk={args.chunk}",
-                            f"extract.num_workers={args.workers}", f"run_name=bench{i}")
+            cfg = bench_cfg(
+                work,
+                f"globals.IMAGE_SIZE={args.size}",
+                "globals.FRAME_SIZE=128",
+                f"extract.batch_size={args.batch}",
+                f"extract.frames_per_chunk={args.chunk}",
+                f"extract.num_workers={args.workers}",
+                f"run_name=bench{i}",
+            )
             start = time.perf_counter()
             extract(cfg, source=source)
             return len(images) / (time.perf_counter() - start)
@@ -128,9 +149,13 @@ def bench_extraction(args) -> None:
     for i in range(args.repeats):  # interleaved so drifting load hits both alike
         b, f = bare(), full(i)
         rows.append((b, f))
-        print(f"  run {i}: bare forward {b:7.1f} frames/s   extract-features {f:7.1f} frames/s   ratio {f / b:.2f}")
+        print(
+            f"  run {i}: bare forward {b:7.1f} frames/s   extract-features {f:7.1f} frames/s   ratio {f / b:.2f}"
+        )
     b, f = np.median([r[0] for r in rows]), np.median([r[1] for r in rows])
-    print(f"median: bare {b:.1f} frames/s, extraction {f:.1f} frames/s, ratio {f / b:.2f} (target >= 0.9)")
+    print(
+        f"median: bare {b:.1f} frames/s, extraction {f:.1f} frames/s, ratio {f / b:.2f} (target >= 0.9)"
+    )
 
 
 # ---------------------------------------------------------------------------- 2. bytes per frame
@@ -142,24 +167,51 @@ def bench_bytes(args) -> None:
     encoder = TimmViT(input_size=224)
     video = smooth_video(rng, frames_n, 224, 224)
     with torch.inference_mode():
-        feats = torch.cat([encoder(torch.from_numpy(video[i:i + 16]).permute(0, 3, 1, 2).float() / 255)
-                           for i in range(0, frames_n, 16)])
-    small = torch.nn.functional.interpolate(torch.from_numpy(video).permute(0, 3, 1, 2).float(), size=128,
-                                            mode="bilinear", antialias=True).round().clamp(0, 255).byte()
+        feats = torch.cat(
+            [
+                encoder(torch.from_numpy(video[i : i + 16]).permute(0, 3, 1, 2).float() / 255)
+                for i in range(0, frames_n, 16)
+            ]
+        )
+    small = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(video).permute(0, 3, 1, 2).float(),
+            size=128,
+            mode="bilinear",
+            antialias=True,
+        )
+        .round()
+        .clamp(0, 255)
+        .byte()
+    )
     small = small.permute(0, 2, 3, 1).numpy()
     masks = (small[..., 0] > 128).astype(np.uint8) * 3
     print(f"machine: {machine()}")
-    print(f"{frames_n} frames; ViT-S/14 (random init) features 256 x 384 at 224 px; frames 128x128x3; masks 128x128")
-    print(f"{'dtype':<9} {'compressor':<10} {'features B/frame':>17} {'frames B/frame':>15} {'masks B/frame':>14} "
-          f"{'write MB/s':>11} {'read MB/s':>10}")
+    print(
+        f"{frames_n} frames; ViT-S/14 (random init) features 256 x 384 at 224 px; frames 128x128x3; masks 128x128"
+    )
+    print(
+        f"{'dtype':<9} {'compressor':<10} {'features B/frame':>17} {'frames B/frame':>15} {'masks B/frame':>14} "
+        f"{'write MB/s':>11} {'read MB/s':>10}"
+    )
     for dtype in ("float32", "float16", "bfloat16", "int8"):
         for comp in ("none", "zstd", "blosc"):
             root = Path(tempfile.mkdtemp(prefix="egoslots-bytes-"))
             try:
-                store = FeatureStore.create(root / "s.zarr", fingerprint="bench",
-                                            videos=[VideoRecord("v", 0, frames_n, "train")], num_tokens=256,
-                                            feature_dim=384, grid=(16, 16), frame_size=128, feature_dtype=dtype,
-                                            has_masks=True, chunk_len=64, compressor=comp, inner_chunk_len=1)
+                store = FeatureStore.create(
+                    root / "s.zarr",
+                    fingerprint="bench",
+                    videos=[VideoRecord("v", 0, frames_n, "train")],
+                    num_tokens=256,
+                    feature_dim=384,
+                    grid=(16, 16),
+                    frame_size=128,
+                    feature_dtype=dtype,
+                    has_masks=True,
+                    chunk_len=64,
+                    compressor=comp,
+                    inner_chunk_len=1,
+                )
                 start, raw = time.perf_counter(), 0
                 for c in range(-(-frames_n // 64)):
                     lo, hi = c * 64, min(c * 64 + 64, frames_n)
@@ -175,11 +227,18 @@ def bench_bytes(args) -> None:
                     for lo in range(0, frames_n, 4):  # as training reads: 4-frame clips
                         store.read_rows(name, lo, lo + 4)
                 read = raw / (time.perf_counter() - start) / 1e6
-                sizes = {n: directory_size(root / "s.zarr" / n) / frames_n for n in ("features", "frames", "masks")}
+                sizes = {
+                    n: directory_size(root / "s.zarr" / n) / frames_n
+                    for n in ("features", "frames", "masks")
+                }
                 if dtype == "int8":
-                    sizes["features"] += directory_size(root / "s.zarr" / "features_scale") / frames_n
-                print(f"{dtype:<9} {comp:<10} {sizes['features']:17.0f} {sizes['frames']:15.0f} "
-                      f"{sizes['masks']:14.0f} {write:11.0f} {read:10.0f}")
+                    sizes["features"] += (
+                        directory_size(root / "s.zarr" / "features_scale") / frames_n
+                    )
+                print(
+                    f"{dtype:<9} {comp:<10} {sizes['features']:17.0f} {sizes['frames']:15.0f} "
+                    f"{sizes['masks']:14.0f} {write:11.0f} {read:10.0f}"
+                )
             finally:
                 shutil.rmtree(root, ignore_errors=True)
 
@@ -214,28 +273,52 @@ def bench_read(args) -> None:
     rng = np.random.default_rng(0)
     n, tokens, dim, T = args.frames, 256, 384, args.clip
     print(f"machine: {machine()}")
-    print(f"store: {n} frames of float16 features 256 x 384 ({tokens * dim * 2 / 1e3:.0f} kB/frame), "
-          f"64-frame chunks; {args.clips} random clips of T={T} frames per measurement; features field only; "
-          "MB/s counts the stored (float16) bytes of the clips; features float32 = widened in the reader, "
-          "stored = float16 tensors")
+    print(
+        f"store: {n} frames of float16 features 256 x 384 ({tokens * dim * 2 / 1e3:.0f} kB/frame), "
+        f"64-frame chunks; {args.clips} random clips of T={T} frames per measurement; features field only; "
+        "MB/s counts the stored (float16) bytes of the clips; features float32 = widened in the reader, "
+        "stored = float16 tensors"
+    )
     feats = rng.normal(size=(64, tokens, dim)).astype(np.float16)
-    print(f"{'inner':>5} {'features':<8} {'cache':<5} {'clips MB/s':>11} {'dd MB/s':>8} {'ratio':>6}  cold via")
+    print(
+        f"{'inner':>5} {'features':<8} {'cache':<5} {'clips MB/s':>11} {'dd MB/s':>8} {'ratio':>6}  cold via"
+    )
     for inner in args.inner:
         root = Path(tempfile.mkdtemp(prefix="egoslots-read-", dir=args.dir))
         try:
             per_video = 256
-            videos = [VideoRecord(f"v{i}", i * per_video, per_video, "train") for i in range(n // per_video)]
-            store = FeatureStore.create(root / "s.zarr", fingerprint="bench", videos=videos, num_tokens=tokens,
-                                        feature_dim=dim, grid=(16, 16), frame_size=8, chunk_len=64,
-                                        inner_chunk_len=inner)
+            videos = [
+                VideoRecord(f"v{i}", i * per_video, per_video, "train")
+                for i in range(n // per_video)
+            ]
+            store = FeatureStore.create(
+                root / "s.zarr",
+                fingerprint="bench",
+                videos=videos,
+                num_tokens=tokens,
+                feature_dim=dim,
+                grid=(16, 16),
+                frame_size=8,
+                chunk_len=64,
+                inner_chunk_len=inner,
+            )
             for c in range(n // 64):
-                store.write_chunk(c, {"features": feats, "frames": np.zeros((64, 8, 8, 3), np.uint8)}, durable=False)
+                store.write_chunk(
+                    c,
+                    {"features": feats, "frames": np.zeros((64, 8, 8, 3), np.uint8)},
+                    durable=False,
+                )
             store.mark_complete_if_done()
             files = sorted((root / "s.zarr" / "features").rglob("c/*/0/0"))
             clip_bytes = T * tokens * dim * 2
             for dtype in ("float32", "stored"):
-                ds = ClipDataset(root / "s.zarr", split="train", clip_length=T, fields=("features",),
-                                 feature_dtype=dtype)
+                ds = ClipDataset(
+                    root / "s.zarr",
+                    split="train",
+                    clip_length=T,
+                    fields=("features",),
+                    feature_dtype=dtype,
+                )
                 order = rng.permutation(len(ds))[: args.clips]
                 for cache in ("cold", "warm"):
                     how = drop_cache(files) if cache == "cold" else ""
@@ -246,7 +329,9 @@ def bench_read(args) -> None:
                     if cache == "cold":
                         drop_cache(files)
                     dd = dd_read(files)
-                    print(f"{inner:5d} {dtype:<8} {cache:<5} {clips:11.0f} {dd:8.0f} {clips / dd:6.2f}  {how}")
+                    print(
+                        f"{inner:5d} {dtype:<8} {cache:<5} {clips:11.0f} {dd:8.0f} {clips / dd:6.2f}  {how}"
+                    )
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -289,17 +374,25 @@ def bench_rss(args) -> None:
         work = tempfile.mkdtemp(prefix="egoslots-rss-")
         try:
             start = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(REPO), str(videos), "16", work],
-                                 check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, "-c", RSS_CHILD, str(REPO), str(videos), "16", work],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             main_kb, worker_kb = map(int, out.stdout.split()[-2:])
-            print(f"{videos:6d} videos ({videos * 16:7d} frames): peak RSS main {main_kb / 1024:6.0f} MiB, "
-                  f"worker {worker_kb / 1024:6.0f} MiB, {time.perf_counter() - start:5.1f} s")
+            print(
+                f"{videos:6d} videos ({videos * 16:7d} frames): peak RSS main {main_kb / 1024:6.0f} MiB, "
+                f"worker {worker_kb / 1024:6.0f} MiB, {time.perf_counter() - start:5.1f} s"
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("what", choices=["extraction", "bytes", "read", "rss", "all"])
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--videos", type=int, default=None)
@@ -313,7 +406,9 @@ def main() -> None:
     parser.add_argument("--clip", type=int, default=4)
     parser.add_argument("--clips", type=int, default=300)
     parser.add_argument("--inner", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
-    parser.add_argument("--dir", default=None, help="where the read benchmark writes its store (default: tmp)")
+    parser.add_argument(
+        "--dir", default=None, help="where the read benchmark writes its store (default: tmp)"
+    )
     args = parser.parse_args()
     runs = ["extraction", "bytes", "read", "rss"] if args.what == "all" else [args.what]
     for what in runs:

@@ -28,7 +28,9 @@ from pipeline.backbones import PatchPixels  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 
-def synthetic_store(path: Path, videos: int, frames: int, size: int, patch: int, seed: int) -> FeatureStore:
+def synthetic_store(
+    path: Path, videos: int, frames: int, size: int, patch: int, seed: int
+) -> FeatureStore:
     """Render videos and write frames, masks and patch-pixel features into one store."""
     from pipeline.data import synthetic as syn
 
@@ -36,9 +38,18 @@ def synthetic_store(path: Path, videos: int, frames: int, size: int, patch: int,
     splits = ["test" if i % 5 == 0 else "val" if i % 5 == 1 else "train" for i in range(videos)]
     records = [VideoRecord(f"video{i:03d}", i * frames, frames, splits[i]) for i in range(videos)]
     grid = encoder.grid
-    store = FeatureStore.create(path, fingerprint="learn", videos=records, num_tokens=encoder.num_tokens,
-                                feature_dim=encoder.feature_dim, grid=grid, frame_size=size,
-                                feature_dtype="float16", has_masks=True, chunk_len=frames)
+    store = FeatureStore.create(
+        path,
+        fingerprint="learn",
+        videos=records,
+        num_tokens=encoder.num_tokens,
+        feature_dim=encoder.feature_dim,
+        grid=grid,
+        frame_size=size,
+        feature_dtype="float16",
+        has_masks=True,
+        chunk_len=frames,
+    )
     for i in range(videos):
         rng = syn.video_rng(seed, i)
         spec = syn.sample_scene(rng, frames, min_objects=3, max_objects=5)
@@ -57,7 +68,9 @@ def synthetic_store(path: Path, videos: int, frames: int, size: int, patch: int,
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--videos", type=int, default=24)
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--size", type=int, default=64)
@@ -66,7 +79,9 @@ def main():
     ap.add_argument("--every", type=int, default=150)
     ap.add_argument("--slots", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, default=None, help="keep the store and run here (default: a temp dir)")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="keep the store and run here (default: a temp dir)"
+    )
     args = ap.parse_args()
 
     from stages.evaluate import evaluate_model, summarize_scores
@@ -77,19 +92,36 @@ def main():
         store_path = work / "stores" / "learn.zarr"
         t0 = time.perf_counter()
         if not store_path.exists():
-            print(f"# rendering {args.videos} synthetic videos x {args.frames} frames at {args.size} px")
+            print(
+                f"# rendering {args.videos} synthetic videos x {args.frames} frames at {args.size} px"
+            )
             synthetic_store(store_path, args.videos, args.frames, args.size, args.patch, args.seed)
         print(f"  store ready ({time.perf_counter() - t0:.0f} s)")
-        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
-            f"work_dir={work}", "store=learn", "run_name=learn", f"seed={args.seed}",
-            f"globals.NUM_SLOTS={args.slots}", "globals.USE_STEVE_DECODER=false", "globals.USE_DVAE=false",
-            "dataset.num_workers=1", f"trainer.max_steps={args.steps}", f"trainer.ckpt_every={args.every}",
-            f"trainer.val_every={args.every}", f"trainer.image_every={args.every}", "trainer.log_every=25",
-            f"optimizer.warmup_steps={max(1, args.steps // 10)}"])
+        cfg = load_config(
+            Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+            [
+                f"work_dir={work}",
+                "store=learn",
+                "run_name=learn",
+                f"seed={args.seed}",
+                f"globals.NUM_SLOTS={args.slots}",
+                "globals.USE_STEVE_DECODER=false",
+                "globals.USE_DVAE=false",
+                "dataset.num_workers=1",
+                f"trainer.max_steps={args.steps}",
+                f"trainer.ckpt_every={args.every}",
+                f"trainer.val_every={args.every}",
+                f"trainer.image_every={args.every}",
+                "trainer.log_every=25",
+                f"optimizer.warmup_steps={max(1, args.steps // 10)}",
+            ],
+        )
         t0 = time.perf_counter()
         run = train(cfg)
         train_s = time.perf_counter() - t0
-        print(f"  trained {args.steps} steps in {train_s:.0f} s ({args.steps / train_s:.2f} steps/s)")
+        print(
+            f"  trained {args.steps} steps in {train_s:.0f} s ({args.steps / train_s:.2f} steps/s)"
+        )
 
         rows = []
         store = FeatureStore.open(store_path)
@@ -104,13 +136,21 @@ def main():
         print("\n| step | " + " | ".join(f"{m} FG-ARI | {m} mBO" for m in methods) + " |")
         print("|---|" + "---|---|" * len(methods))
         for step, s in rows:
-            print(f"| {step} | " + " | ".join(
-                f"{100 * s[m]['video_fg_ari']['mean']:.1f} | {100 * s[m]['video_mbo']['mean']:.1f}" for m in methods) + " |")
+            print(
+                f"| {step} | "
+                + " | ".join(
+                    f"{100 * s[m]['video_fg_ari']['mean']:.1f} | {100 * s[m]['video_mbo']['mean']:.1f}"
+                    for m in methods
+                )
+                + " |"
+            )
         print("\n| baseline | video FG-ARI | video mBO |\n|---|---|---|")
         for name in baseline_names:
             if name in summary:
                 s = summary[name]
-                print(f"| {name} | {100 * s['video_fg_ari']['mean']:.1f} | {100 * s['video_mbo']['mean']:.1f} |")
+                print(
+                    f"| {name} | {100 * s['video_fg_ari']['mean']:.1f} | {100 * s['video_mbo']['mean']:.1f} |"
+                )
         print(f"\n(test split: {len(store.videos_in('test'))} videos; TensorBoard: {run / 'tb'})")
 
 

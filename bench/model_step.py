@@ -29,8 +29,12 @@ from pipeline.model import SlotModel  # noqa: E402
 def build(args, naive: bool) -> SlotModel:
     torch.manual_seed(0)
     model = SlotModel(
-        feature_dim=args.feature_dim, num_tokens=args.tokens, num_slots=args.slots,
-        slot_dim=args.slot_dim, steve=args.steve, vocab_size=args.vocab,
+        feature_dim=args.feature_dim,
+        num_tokens=args.tokens,
+        num_slots=args.slots,
+        slot_dim=args.slot_dim,
+        steve=args.steve,
+        vocab_size=args.vocab,
         token_grid=(args.grid, args.grid) if args.steve else None,
     ).to(args.device)
     if naive:
@@ -58,7 +62,9 @@ def sync(device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch", type=int, default=4)
@@ -79,17 +85,21 @@ def main():
 
     g = torch.Generator().manual_seed(0)
     features = torch.randn(args.batch, args.frames, args.tokens, args.feature_dim, generator=g)
-    tokens = torch.randint(0, args.vocab, (args.batch, args.frames, args.grid, args.grid), generator=g)
+    tokens = torch.randint(
+        0, args.vocab, (args.batch, args.frames, args.grid, args.grid), generator=g
+    )
     features = features.to(args.device)
     tokens = tokens.to(args.device) if args.steve else None
 
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"B={args.batch} T={args.frames} N={args.tokens} F={args.feature_dim} "
-          f"K={args.slots} D={args.slot_dim} steve={args.steve} decoder_only={args.decoder_only}")
+    print(
+        f"B={args.batch} T={args.frames} N={args.tokens} F={args.feature_dim} "
+        f"K={args.slots} D={args.slot_dim} steve={args.steve} decoder_only={args.decoder_only}"
+    )
     for label, dtype in (("fp32", None), ("bf16-autocast", torch.bfloat16)):
         models = {"factored": build(args, False), "naive": build(args, True)}
         times = {name: [] for name in models}
-        for name, model in models.items():
+        for model in models.values():
             for _ in range(args.warmup):
                 step(model, features, tokens, dtype, args.decoder_only)
         for _ in range(args.steps):
@@ -100,8 +110,10 @@ def main():
                 sync(args.device)
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
-        print(f"{label:14s} factored {med['factored'] * 1e3:8.1f} ms/step   "
-              f"naive {med['naive'] * 1e3:8.1f} ms/step   naive/factored {med['naive'] / med['factored']:.2f}x")
+        print(
+            f"{label:14s} factored {med['factored'] * 1e3:8.1f} ms/step   "
+            f"naive {med['naive'] * 1e3:8.1f} ms/step   naive/factored {med['naive'] / med['factored']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

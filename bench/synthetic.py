@@ -33,18 +33,28 @@ def bench(size: int, videos: int, frames: int, seed: int) -> None:
         for i in range(videos):
             total.add(generate_video(out, i, seed=seed, frames=frames, size=size))
         wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    split = ", ".join(f"{k} {100 * getattr(total, k) / total.total:.0f}% ({1000 * getattr(total, k) / total.frames:.1f} ms)"
-                      for k in ("setup", "physics", "render", "write"))
-    print(f"{size:4d} px: {total.frames / wall:6.1f} frames/s wall, {total.frames / cpu:6.1f} frames/s of CPU time "
-          f"({videos} videos x {frames} frames in {wall:.1f} s; per frame: {split})")
+    split = ", ".join(
+        f"{k} {100 * getattr(total, k) / total.total:.0f}% ({1000 * getattr(total, k) / total.frames:.1f} ms)"
+        for k in ("setup", "physics", "render", "write")
+    )
+    print(
+        f"{size:4d} px: {total.frames / wall:6.1f} frames/s wall, {total.frames / cpu:6.1f} frames/s of CPU time "
+        f"({videos} videos x {frames} frames in {wall:.1f} s; per frame: {split})"
+    )
 
 
-def picture(path: Path, size: int, seed: int, videos: int = 3, frames: int = 24, shown: int = 4) -> None:
+def picture(
+    path: Path, size: int, seed: int, videos: int = 3, frames: int = 24, shown: int = 4
+) -> None:
     """Rows of (frame, mask) pairs from a few videos, masks colour-coded per label."""
-    palette = np.array([[0, 0, 0]] + [[int(255 * c) for c in _hue(k)] for k in range(1, 256)], dtype=np.uint8)
+    palette = np.array(
+        [[0, 0, 0]] + [[int(255 * c) for c in _hue(k)] for k in range(1, 256)], dtype=np.uint8
+    )
     steps = np.linspace(0, frames - 1, shown).round().astype(int)
     gap = 4
-    sheet = Image.new("RGB", (shown * (2 * size + gap) + gap * (shown - 1), videos * (size + gap) - gap), "white")
+    sheet = Image.new(
+        "RGB", (shown * (2 * size + gap) + gap * (shown - 1), videos * (size + gap) - gap), "white"
+    )
     with tempfile.TemporaryDirectory() as out:
         for v in range(videos):
             generate_video(out, v, seed=seed, frames=frames, size=size)
@@ -67,12 +77,16 @@ def _hue(k: int) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--videos", type=int, default=6)
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--picture", type=Path, help="write the frames-and-masks picture here instead")
+    parser.add_argument(
+        "--picture", type=Path, help="write the frames-and-masks picture here instead"
+    )
     parser.add_argument("--picture-size", type=int, default=128)
     args = parser.parse_args()
     if args.picture:

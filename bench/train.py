@@ -40,23 +40,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.reader import ClipDataset  # noqa: E402
 from cache.store import FeatureStore, VideoRecord  # noqa: E402
-from pipeline.config import load_config, resolve  # noqa: E402
-from stages.train_slots import build_param_groups, bf16_supported, collate_clips  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from stages.train_slots import bf16_supported, build_param_groups, collate_clips  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------ data
-def make_store(path: Path, videos: int, frames: int, tokens: int, dim: int, frame_size: int,
-               token_grid=None, vocab: int = 0, seed: int = 0) -> FeatureStore:
+def make_store(
+    path: Path,
+    videos: int,
+    frames: int,
+    tokens: int,
+    dim: int,
+    frame_size: int,
+    token_grid=None,
+    vocab: int = 0,
+    seed: int = 0,
+) -> FeatureStore:
     rng = np.random.default_rng(seed)
     recs = [VideoRecord(f"v{i}", i * frames, frames, "train") for i in range(videos)]
     side = int(math.isqrt(tokens))
-    st = FeatureStore.create(path, fingerprint="bench", videos=recs, num_tokens=tokens, feature_dim=dim,
-                             grid=(side, side), frame_size=frame_size, feature_dtype="float16", chunk_len=frames)
+    st = FeatureStore.create(
+        path,
+        fingerprint="bench",
+        videos=recs,
+        num_tokens=tokens,
+        feature_dim=dim,
+        grid=(side, side),
+        frame_size=frame_size,
+        feature_dtype="float16",
+        chunk_len=frames,
+    )
     for c in range(videos):
-        st.write_chunk(c, {"features": rng.standard_normal((frames, tokens, dim), dtype=np.float32).astype(np.float16),
-                           "frames": rng.integers(0, 255, (frames, frame_size, frame_size, 3), dtype=np.uint8)})
+        st.write_chunk(
+            c,
+            {
+                "features": rng.standard_normal((frames, tokens, dim), dtype=np.float32).astype(
+                    np.float16
+                ),
+                "frames": rng.integers(0, 255, (frames, frame_size, frame_size, 3), dtype=np.uint8),
+            },
+        )
     st.mark_complete_if_done()
     if token_grid:
         sub = st.create_tokens("bench", token_grid, {})
@@ -70,9 +95,16 @@ def loader(store, cfg, fields, tokens, workers: int, seed: int = 0):
     ds = ClipDataset(store, "train", cfg.dataset.ep_length, fields=fields, tokens=tokens)
     g = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10_000, generator=g)
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.dataset.batch_size, sampler=sampler, num_workers=workers,
-                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                                       pin_memory=torch.cuda.is_available(), collate_fn=collate_clips)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=cfg.dataset.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_clips,
+    )
 
 
 # ------------------------------------------------------------------------------ model + step
@@ -81,7 +113,9 @@ def build(cfg, feature_dim, num_tokens, token_grid=None, seed=0):
 
     torch.manual_seed(seed)
     model = SlotModel.from_config(cfg, feature_dim, num_tokens, token_grid)
-    groups = build_param_groups(model.named_parameters(), cfg.optimizer.param_groups, cfg.optimizer.lr)
+    groups = build_param_groups(
+        model.named_parameters(), cfg.optimizer.param_groups, cfg.optimizer.lr
+    )
     opt = torch.optim.Adam(groups, lr=cfg.optimizer.lr)
     return model, opt
 
@@ -144,12 +178,28 @@ class ComponentTimer:
             delattr(mod, method)
 
 
-def run_variant(name, cfg, model, opt, batches, steps, *, vit=None, autocast=False, sync_each_step=True,
-                timer=None, warmup=2):
+def run_variant(
+    name,
+    cfg,
+    model,
+    opt,
+    batches,
+    steps,
+    *,
+    vit=None,
+    autocast=False,
+    sync_each_step=True,
+    timer=None,
+    warmup=2,
+):
     """Run warmup + steps training steps; returns a dict of timings and the losses."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     device = next(model.parameters()).device
-    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    ctx = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if autocast
+        else contextlib.nullcontext
+    )
     model.train()
     t_data = t_fwd = t_bwd = t_opt = 0.0
     losses = []
@@ -172,7 +222,7 @@ def run_variant(name, cfg, model, opt, batches, steps, *, vit=None, autocast=Fal
                 b, t = frames.shape[:2]
                 x = frames.flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
                 with torch.no_grad():
-                    f = vit.forward_features(x)[:, vit.num_prefix_tokens:]
+                    f = vit.forward_features(x)[:, vit.num_prefix_tokens :]
                 feats = f.reshape(b, t, *f.shape[1:])
             out = model(feats, tokens)
             loss_dict = model.losses(out)
@@ -197,25 +247,49 @@ def run_variant(name, cfg, model, opt, batches, steps, *, vit=None, autocast=Fal
     total = time.perf_counter() - start
     losses = [{k: float(v) for k, v in d.items()} for d in losses]
     b = cfg.dataset.batch_size
-    return {"name": name, "step_s": total / steps, "steps_per_s": steps / total, "clips_per_s": steps * b / total,
-            "data": t_data / total, "forward": t_fwd / total, "backward": t_bwd / total, "optimizer": t_opt / total,
-            "components": {k: v / total for k, v in (timer.times.items() if timer else [])}, "losses": losses}
+    return {
+        "name": name,
+        "step_s": total / steps,
+        "steps_per_s": steps / total,
+        "clips_per_s": steps * b / total,
+        "data": t_data / total,
+        "forward": t_fwd / total,
+        "backward": t_bwd / total,
+        "optimizer": t_opt / total,
+        "components": {k: v / total for k, v in (timer.times.items() if timer else [])},
+        "losses": losses,
+    }
 
 
 # ------------------------------------------------------------------------------ MOVi-C
 def movi_c(args, tmp: Path):
-    cfg = load_config(ROOT / "configs" / "slotcontrast_movi_c.yaml", [
-        f"work_dir={tmp}", "globals.BATCH_SIZE_PER_GPU=4", "globals.NUM_FRAMES=4", "trainer.precision=auto"])
+    cfg = load_config(
+        ROOT / "configs" / "slotcontrast_movi_c.yaml",
+        [
+            f"work_dir={tmp}",
+            "globals.BATCH_SIZE_PER_GPU=4",
+            "globals.NUM_FRAMES=4",
+            "trainer.precision=auto",
+        ],
+    )
     tokens, dim = 256, 384
-    store = make_store(tmp / "movi.zarr", videos=8, frames=8, tokens=tokens, dim=dim, frame_size=224)
+    store = make_store(
+        tmp / "movi.zarr", videos=8, frames=8, tokens=tokens, dim=dim, frame_size=224
+    )
     native = bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"# MOVi-C setting: {tokens} tokens x {dim}, {cfg.model.num_slots} slots x {cfg.model.slot_dim}, "
-          f"batch {cfg.dataset.batch_size} clips x {cfg.dataset.ep_length} frames; device {device}, "
-          f"threads {torch.get_num_threads()}, native bf16: {native}")
+    print(
+        f"# MOVi-C setting: {tokens} tokens x {dim}, {cfg.model.num_slots} slots x {cfg.model.slot_dim}, "
+        f"batch {cfg.dataset.batch_size} clips x {cfg.dataset.ep_length} frames; device {device}, "
+        f"threads {torch.get_num_threads()}, native bf16: {native}"
+    )
     import timm
 
-    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=0).to(device).eval()
+    vit = (
+        timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=0)
+        .to(device)
+        .eval()
+    )
     for p in vit.parameters():
         p.requires_grad_(False)
 
@@ -225,22 +299,47 @@ def movi_c(args, tmp: Path):
     model.to(device)
     online = loader(store, cfg, ("frames",), None, workers=0)
     timer = ComponentTimer(model)
-    results.append(run_variant("online-fp32", cfg, model, opt, online, args.steps, vit=vit, timer=timer))
+    results.append(
+        run_variant("online-fp32", cfg, model, opt, online, args.steps, vit=vit, timer=timer)
+    )
     timer.remove()
 
     model.load_state_dict(init)
-    opt = torch.optim.Adam(build_param_groups(model.named_parameters(), [], cfg.optimizer.lr), lr=cfg.optimizer.lr)
+    opt = torch.optim.Adam(
+        build_param_groups(model.named_parameters(), [], cfg.optimizer.lr), lr=cfg.optimizer.lr
+    )
     timer = ComponentTimer(model)
-    results.append(run_variant("cache-fp32", cfg, model, opt, loader(store, cfg, ("features",), None, 0),
-                               args.steps, timer=timer))
+    results.append(
+        run_variant(
+            "cache-fp32",
+            cfg,
+            model,
+            opt,
+            loader(store, cfg, ("features",), None, 0),
+            args.steps,
+            timer=timer,
+        )
+    )
     timer.remove()
 
     model.load_state_dict(init)
-    opt = torch.optim.Adam(build_param_groups(model.named_parameters(), [], cfg.optimizer.lr), lr=cfg.optimizer.lr,
-                           fused=True if device.type == "cuda" else None)
+    opt = torch.optim.Adam(
+        build_param_groups(model.named_parameters(), [], cfg.optimizer.lr),
+        lr=cfg.optimizer.lr,
+        fused=True if device.type == "cuda" else None,
+    )
     timer = ComponentTimer(model)
-    fast = run_variant("cache-fast", cfg, model, opt, loader(store, cfg, ("features",), None, args.workers),
-                       args.steps, autocast=native, sync_each_step=False, timer=timer)
+    fast = run_variant(
+        "cache-fast",
+        cfg,
+        model,
+        opt,
+        loader(store, cfg, ("features",), None, args.workers),
+        args.steps,
+        autocast=native,
+        sync_each_step=False,
+        timer=timer,
+    )
     timer.remove()
     fast["name"] += " (bf16)" if native else " (fp32: no native bf16)"
     results.append(fast)
@@ -249,8 +348,10 @@ def movi_c(args, tmp: Path):
     print("\n| variant | s/step | steps/s | clips/s | speed-up vs online-fp32 | data wait |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['name']} | {r['step_s']:.2f} | {r['steps_per_s']:.3f} | {r['clips_per_s']:.2f} | "
-              f"{base / r['step_s']:.2f}x | {100 * r['data']:.1f}% |")
+        print(
+            f"| {r['name']} | {r['step_s']:.2f} | {r['steps_per_s']:.3f} | {r['clips_per_s']:.2f} | "
+            f"{base / r['step_s']:.2f}x | {100 * r['data']:.1f}% |"
+        )
     print("\nShare of step time (forward parts from hooks; backward and optimizer as a whole):")
     names = list(COMPONENTS) + ["backward (all)", "optimizer + clip", "data wait"]
     print("| part | " + " | ".join(r["name"] for r in results) + " |")
@@ -258,8 +359,11 @@ def movi_c(args, tmp: Path):
     for n in names:
         cells = []
         for r in results:
-            v = {"backward (all)": r["backward"], "optimizer + clip": r["optimizer"], "data wait": r["data"]}.get(
-                n, r["components"].get(n))
+            v = {
+                "backward (all)": r["backward"],
+                "optimizer + clip": r["optimizer"],
+                "data wait": r["data"],
+            }.get(n, r["components"].get(n))
             cells.append("-" if v is None else f"{100 * v:.1f}%")
         print(f"| {n} | " + " | ".join(cells) + " |")
     if results[0]["components"]:
@@ -268,27 +372,46 @@ def movi_c(args, tmp: Path):
 
     # ---------------------------------------------------------------- losses after N steps
     if args.equal_steps:
-        print(f"\nLosses after {args.equal_steps} steps on the same batches (cache); the noise reference is "
-              "fp32 from another init seed. Mean over the last 5 steps:")
+        print(
+            f"\nLosses after {args.equal_steps} steps on the same batches (cache); the noise reference is "
+            "fp32 from another init seed. Mean over the last 5 steps:"
+        )
         curves = {}
-        for label, ac, seed in (("fp32", False, 0), ("fast", native, 0), ("fp32 (seed 1)", False, 1)):
+        for label, ac, seed in (
+            ("fp32", False, 0),
+            ("fast", native, 0),
+            ("fp32 (seed 1)", False, 1),
+        ):
             if seed == 0:
                 model.load_state_dict(init)
             else:
                 torch.manual_seed(seed)
                 model.load_state_dict(build(cfg, dim, tokens, seed=seed)[0].state_dict())
-            opt = torch.optim.Adam(build_param_groups(model.named_parameters(), [], cfg.optimizer.lr),
-                                   lr=cfg.optimizer.lr)
+            opt = torch.optim.Adam(
+                build_param_groups(model.named_parameters(), [], cfg.optimizer.lr),
+                lr=cfg.optimizer.lr,
+            )
             torch.manual_seed(1)
-            r = run_variant(label, cfg, model, opt, loader(store, cfg, ("features",), None, 0, seed=5),
-                            args.equal_steps, autocast=ac, sync_each_step=False, warmup=0)
+            r = run_variant(
+                label,
+                cfg,
+                model,
+                opt,
+                loader(store, cfg, ("features",), None, 0, seed=5),
+                args.equal_steps,
+                autocast=ac,
+                sync_each_step=False,
+                warmup=0,
+            )
             curves[label] = r["losses"]
         for key in ("loss_featrec", "loss_ss", "loss"):
             last = {k: float(np.mean([d[key] for d in v[-5:]])) for k, v in curves.items()}
-            print(f"  {key}: fp32 {last['fp32']:.4f}  fast {last['fast']:.4f}  "
-                  f"|fast - fp32| {abs(last['fast'] - last['fp32']):.4f}  "
-                  f"(noise: |fp32 seed 1 - fp32| {abs(last['fp32 (seed 1)'] - last['fp32']):.4f}; "
-                  f"start {curves['fp32'][0][key]:.4f})")
+            print(
+                f"  {key}: fp32 {last['fp32']:.4f}  fast {last['fast']:.4f}  "
+                f"|fast - fp32| {abs(last['fast'] - last['fp32']):.4f}  "
+                f"(noise: |fp32 seed 1 - fp32| {abs(last['fp32 (seed 1)'] - last['fp32']):.4f}; "
+                f"start {curves['fp32'][0][key]:.4f})"
+            )
     return results
 
 
@@ -300,10 +423,18 @@ class SteveDVAEEncoder(torch.nn.Module):
         super().__init__()
         c = hidden
         self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(3, c, 4, 4), torch.nn.ReLU(),
-            torch.nn.Conv2d(c, c, 1), torch.nn.ReLU(), torch.nn.Conv2d(c, c, 1), torch.nn.ReLU(),
-            torch.nn.Conv2d(c, c, 1), torch.nn.ReLU(), torch.nn.Conv2d(c, c, 1), torch.nn.ReLU(),
-            torch.nn.Conv2d(c, vocab, 1))
+            torch.nn.Conv2d(3, c, 4, 4),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(c, c, 1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(c, c, 1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(c, c, 1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(c, c, 1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(c, vocab, 1),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -315,23 +446,44 @@ def steve_path(args, tmp: Path):
     from pipeline.model import SlotModel
 
     vocab, grid, slots, batch, t = 4096, (32, 32), 15, 4, 3
-    cfg = load_config(None, ["globals.NUM_SLOTS=15", "globals.SLOT_DIM=192", "globals.VOCAB_SIZE=4096",
-                             "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=4", "steve_decoder.enabled=true",
-                             "decoder.hidden_dims=[64]"])
+    cfg = load_config(
+        None,
+        [
+            "globals.NUM_SLOTS=15",
+            "globals.SLOT_DIM=192",
+            "globals.VOCAB_SIZE=4096",
+            "globals.NUM_FRAMES=3",
+            "globals.BATCH_SIZE_PER_GPU=4",
+            "steve_decoder.enabled=true",
+            "decoder.hidden_dims=[64]",
+        ],
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens, dim = 16, 32  # a tiny feature side (and decoder): this measures the STEVE decoder path
     torch.manual_seed(0)
     model = SlotModel.from_config(cfg, dim, tokens, grid).to(device)
     steve = next((m for m in model.modules() if type(m).__name__ == "SteveDecoder"), None)
-    embed = None if steve is None else next(
-        (m for m in steve.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= vocab), None)
+    embed = (
+        None
+        if steve is None
+        else next(
+            (
+                m
+                for m in steve.modules()
+                if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= vocab
+            ),
+            None,
+        )
+    )
     feats = torch.randn(batch, t, tokens, dim, device=device)
     ids = torch.randint(0, vocab, (batch, t, *grid), device=device)
     frames = torch.rand(batch * t, 3, 128, 128, device=device)
     dvae = SteveDVAEEncoder(vocab).to(device)
     opt = torch.optim.Adam(list(model.parameters()) + list(dvae.parameters()), lr=1e-4)
-    print(f"\n# STEVE path: 128 px frames -> {grid[0]}x{grid[1]} = {grid[0] * grid[1]} tokens, {slots} slots, "
-          f"batch {batch} clips x {t} frames, vocab {vocab}")
+    print(
+        f"\n# STEVE path: 128 px frames -> {grid[0]}x{grid[1]} = {grid[0] * grid[1]} tokens, {slots} slots, "
+        f"batch {batch} clips x {t} frames, vocab {vocab}"
+    )
     if embed is None:
         print("  (the STEVE decoder has no token nn.Embedding to swap: skipped)")
         return None
@@ -367,7 +519,10 @@ def steve_path(args, tmp: Path):
     # interleaved twice (A B A B), best of the two, so a load change on a shared machine
     # does not favour whichever variant ran first
     for _ in range(2):
-        for name, fn in (("egoslots (cached ids)", ours), ("STEVE's step (dVAE + one-hot)", theirs)):
+        for name, fn in (
+            ("egoslots (cached ids)", ours),
+            ("STEVE's step (dVAE + one-hot)", theirs),
+        ):
             for i in range(1 + args.steps):
                 if i == 1:
                     start = time.perf_counter()
@@ -385,9 +540,18 @@ def steve_path(args, tmp: Path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per variant (after 2 warm-up steps)")
-    ap.add_argument("--equal-steps", type=int, default=20, help="steps for the fp32-vs-fast loss comparison (0: skip)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--steps", type=int, default=4, help="timed steps per variant (after 2 warm-up steps)"
+    )
+    ap.add_argument(
+        "--equal-steps",
+        type=int,
+        default=20,
+        help="steps for the fp32-vs-fast loss comparison (0: skip)",
+    )
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers for the fast path")
     ap.add_argument("--skip-steve", action="store_true")
     ap.add_argument("--skip-movi", action="store_true")

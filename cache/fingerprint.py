@@ -20,11 +20,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from cache.location import Location, as_location, is_remote, name_of, store_exists
-from cache.store import FORMAT_VERSION, FeatureStore, StoreError, list_stores, store_path, stores_dir
+from cache.store import (
+    FORMAT_VERSION,
+    FeatureStore,
+    StoreError,
+    list_stores,
+    store_path,
+    stores_dir,
+)
 
 FINGERPRINT_CHARS = 16
 
@@ -51,8 +59,16 @@ def video_table_inputs(videos: Iterable) -> list[list]:
     return rows
 
 
-def fingerprint_inputs(*, videos: Iterable, preprocessing: dict, backbone: dict, compute_dtype: str,
-                       storage_dtype: str, hflip: str, frame_size: int) -> dict:
+def fingerprint_inputs(
+    *,
+    videos: Iterable,
+    preprocessing: dict,
+    backbone: dict,
+    compute_dtype: str,
+    storage_dtype: str,
+    hflip: str,
+    frame_size: int,
+) -> dict:
     """Everything that changes the bytes of a store, as one JSON-able dict."""
     return {
         "format_version": FORMAT_VERSION,
@@ -82,7 +98,9 @@ def describe_differences(recorded: dict, current: dict) -> list[str]:
         elif isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
                 if canonical_json(a.get(sub)) != canonical_json(b.get(sub)):
-                    lines.append(f"{key}.{sub}: store has {a.get(sub)!r}, config gives {b.get(sub)!r}")
+                    lines.append(
+                        f"{key}.{sub}: store has {a.get(sub)!r}, config gives {b.get(sub)!r}"
+                    )
         else:
             lines.append(f"{key}: store has {a!r}, config gives {b!r}")
     return lines
@@ -95,7 +113,11 @@ def _video_differences(old: list, new: list) -> str:
     removed = [v for v in old_by_id if v not in new_by_id]
     changed = [v for v in new_by_id if v in old_by_id and old_by_id[v] != new_by_id[v]]
     parts = []
-    for what, ids in (("added", added), ("removed", removed), ("changed (length, split or files)", changed)):
+    for what, ids in (
+        ("added", added),
+        ("removed", removed),
+        ("changed (length, split or files)", changed),
+    ):
         if ids:
             parts.append(f"{len(ids)} {what}: {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}")
     if not parts:
@@ -138,7 +160,11 @@ def settings_mismatch(recorded: dict, wanted: dict) -> list[str]:
         if key == "compute" and b == "auto":
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if canonical_json(a.get(k)) != canonical_json(b.get(k))]
+            diffs += [
+                f"{key}.{k}"
+                for k in sorted(set(a) | set(b))
+                if canonical_json(a.get(k)) != canonical_json(b.get(k))
+            ]
         elif canonical_json(a) != canonical_json(b):
             diffs.append(key)
     return diffs
@@ -149,7 +175,7 @@ def config_stores_dir(cfg) -> Location:
     return stores_dir(cfg.work_dir, cfg.get("store_dir"))
 
 
-def store_location(cfg, name: Optional[str] = None) -> Location:
+def store_location(cfg, name: str | None = None) -> Location:
     """A ``store=`` value (path, URL or fingerprint) as a location: fingerprints live in the
     config's stores folder (:func:`config_stores_dir`)."""
     name = str(name if name is not None else cfg.store)
@@ -218,4 +244,6 @@ def _stores_in(folder: Location) -> list[Location]:
     except Exception as err:  # noqa: BLE001 - credentials, endpoint, bucket
         if not is_remote(folder):
             raise
-        raise StoreError(f"cannot list the stores in {folder}: {type(err).__name__}: {err}") from err
+        raise StoreError(
+            f"cannot list the stores in {folder}: {type(err).__name__}: {err}"
+        ) from err

@@ -14,10 +14,10 @@ ranks, SLURM tasks and DataLoader workers, then sees the same settings.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
 
-Location = Union[Path, str]  # a local folder, or a remote URL (str)
+Location = Path | str  # a local folder, or a remote URL (str)
 
 
 def is_remote(location) -> bool:
@@ -30,7 +30,7 @@ def as_location(location) -> Location:
     """A user's path or URL in the form the store code uses: Path if local, else the URL."""
     text = str(location)
     if text.startswith("file://"):
-        return Path(text[len("file://"):]).expanduser()
+        return Path(text[len("file://") :]).expanduser()
     if is_remote(text):
         return text.rstrip("/")
     return Path(text).expanduser()
@@ -121,7 +121,7 @@ def remote_keys(url: str) -> Iterator[str]:
     fs, path = filesystem(url)
     prefix = path.rstrip("/") + "/"
     for key in fs.find(path):
-        yield key[len(prefix):] if key.startswith(prefix) else key
+        yield key[len(prefix) :] if key.startswith(prefix) else key
 
 
 def write_text(location, text: str) -> None:

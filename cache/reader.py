@@ -8,8 +8,8 @@ for DataLoader workers under both fork and spawn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,14 +35,14 @@ class ClipDataset(Dataset):
     def __init__(
         self,
         store: FeatureStore | str | Path,
-        split: Optional[str] = "train",
-        clip_length: Optional[int] = 4,
+        split: str | None = "train",
+        clip_length: int | None = 4,
         stride: int = 1,
         frame_step: int = 1,
         fields: Sequence[str] = ("features",),
-        tokens: Optional[str] = None,
+        tokens: str | None = None,
         include_flipped: bool = True,
-        video_ids: Optional[Sequence[str]] = None,
+        video_ids: Sequence[str] | None = None,
         feature_dtype: str = "float32",
     ):
         self._store = store if isinstance(store, FeatureStore) else None
@@ -65,7 +65,8 @@ class ClipDataset(Dataset):
         self.clip_length = clip_length
         self.frame_step = frame_step
         self.videos: list[VideoRecord] = [
-            v for v in st.videos
+            v
+            for v in st.videos
             if (split is None or v.split == split)
             and (include_flipped or not v.hflip)
             and (video_ids is None or v.id in video_ids)
@@ -73,8 +74,13 @@ class ClipDataset(Dataset):
         if clip_length is None:
             self.clips = [Clip(row, 0) for row in range(len(self.videos))]
         else:
-            self.clips = build_clip_index([v.length for v in self.videos], clip_length, stride, frame_step,
-                                          names=[v.id for v in self.videos])
+            self.clips = build_clip_index(
+                [v.length for v in self.videos],
+                clip_length,
+                stride,
+                frame_step,
+                names=[v.id for v in self.videos],
+            )
 
     @property
     def store(self) -> FeatureStore:
@@ -108,12 +114,16 @@ class ClipDataset(Dataset):
                 ids = st.read_rows(f"tokens/{self.tokens_hash}/ids", lo, hi)[::step]
                 item[name] = torch.from_numpy(ids.astype(np.int64))
             else:
-                item[name] = torch.from_numpy(np.ascontiguousarray(st.read_rows(name, lo, hi)[::step]))
+                item[name] = torch.from_numpy(
+                    np.ascontiguousarray(st.read_rows(name, lo, hi)[::step])
+                )
         return item
 
     def _features(self, st: FeatureStore, lo: int, hi: int, step: int) -> torch.Tensor:
         stored = st.meta["feature_dtype"]
         if self.feature_dtype == "stored" and stored in ("float16", "bfloat16"):
             raw = torch.from_numpy(np.ascontiguousarray(st.read_rows("features", lo, hi)[::step]))
-            return raw.view(torch.bfloat16) if stored == "bfloat16" else raw  # uint16 bits -> bfloat16
+            return (
+                raw.view(torch.bfloat16) if stored == "bfloat16" else raw
+            )  # uint16 bits -> bfloat16
         return torch.from_numpy(np.ascontiguousarray(st.read_features(lo, hi)[::step]))

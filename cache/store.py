@@ -33,13 +33,23 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import zarr
 
-from cache.location import (Location, as_location, filesystem, is_remote, join, list_zarr, remote_keys, remove,
-                            remove_file, size_bytes, store_exists)
+from cache.location import (
+    Location,
+    as_location,
+    filesystem,
+    is_remote,
+    join,
+    list_zarr,
+    remote_keys,
+    remove,
+    remove_file,
+    size_bytes,
+    store_exists,
+)
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "egoslots"
@@ -61,8 +71,8 @@ class Finding:
     """One problem ``verify`` found. ``chunk``/``array`` name the bad data, when it is data."""
 
     text: str
-    chunk: Optional[int] = None
-    array: Optional[str] = None
+    chunk: int | None = None
+    array: str | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -83,7 +93,7 @@ class VideoRecord:
         return self.first + self.length
 
 
-def stores_dir(work_dir: str | Path, store_dir: Optional[str] = None) -> Location:
+def stores_dir(work_dir: str | Path, store_dir: str | None = None) -> Location:
     """Where stores are created and looked up: ``store_dir`` (a folder or an fsspec URL such as
     ``s3://bucket/egoslots``) if set, else ``<work_dir>/stores``."""
     return as_location(store_dir) if store_dir else Path(work_dir) / "stores"
@@ -118,7 +128,7 @@ class FeatureStore:
     def __init__(self, path: str | Path, group: zarr.Group):
         self.path = as_location(path)  # Path if local, the URL (str) if remote
         self._group, self._pid = group, os.getpid()
-        self._meta: Optional[dict] = None
+        self._meta: dict | None = None
 
     @property
     def group(self) -> zarr.Group:
@@ -146,24 +156,33 @@ class FeatureStore:
         has_masks: bool = False,
         chunk_len: int = 64,
         compressor: str = "none",
-        attrs: Optional[dict] = None,
+        attrs: dict | None = None,
         inner_chunk_len: int = 1,
         checksum: bool = True,
-    ) -> "FeatureStore":
+    ) -> FeatureStore:
         """Make an empty store with every array allocated and every chunk marked not done."""
         num_frames = sum(v.length for v in videos)
         if num_frames == 0:
             raise StoreError("cannot create a store with no frames")
         if feature_dtype not in FEATURE_DTYPES:
-            raise StoreError(f"unknown feature dtype '{feature_dtype}' (extract.dtype: {' | '.join(FEATURE_DTYPES)})")
+            raise StoreError(
+                f"unknown feature dtype '{feature_dtype}' (extract.dtype: {' | '.join(FEATURE_DTYPES)})"
+            )
         inner = _inner_len(chunk_len, inner_chunk_len)
         group = zarr.open_group(str(as_location(path)), mode="w", zarr_format=3)
         codecs = _compressors(compressor, checksum)
 
         def add(name, shape, dtype, compressors=codecs):
-            group.create_array(name, shape=shape, dtype=dtype, shards=(chunk_len, *shape[1:]),
-                               chunks=(inner, *shape[1:]), compressors=compressors, fill_value=0,
-                               config={"write_empty_chunks": True})
+            group.create_array(
+                name,
+                shape=shape,
+                dtype=dtype,
+                shards=(chunk_len, *shape[1:]),
+                chunks=(inner, *shape[1:]),
+                compressors=compressors,
+                fill_value=0,
+                config={"write_empty_chunks": True},
+            )
 
         # bfloat16 has no zarr dtype: stored as its upper 16 bits in uint16.
         storage = {"bfloat16": "uint16"}.get(feature_dtype, feature_dtype)
@@ -174,8 +193,15 @@ class FeatureStore:
         if has_masks:  # label maps compress ~50x with zstd at no measurable cost: always compressed
             mask_codecs = _compressors("zstd" if compressor == "none" else compressor, checksum)
             add("masks", (num_frames, frame_size, frame_size), "uint8", mask_codecs)
-        group.create_array("done", shape=(num_chunks(num_frames, chunk_len),), dtype="uint8", chunks=(1,),
-                           fill_value=0, compressors=None, config={"write_empty_chunks": True})
+        group.create_array(
+            "done",
+            shape=(num_chunks(num_frames, chunk_len),),
+            dtype="uint8",
+            chunks=(1,),
+            fill_value=0,
+            compressors=None,
+            config={"write_empty_chunks": True},
+        )
         meta = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
@@ -199,21 +225,29 @@ class FeatureStore:
         return cls(path, group)
 
     @classmethod
-    def open(cls, path: str | Path, *, require_complete: bool = True, mode: str = "r") -> "FeatureStore":
+    def open(
+        cls, path: str | Path, *, require_complete: bool = True, mode: str = "r"
+    ) -> FeatureStore:
         """Open an existing store; by default refuse one that extraction has not finished."""
         path = as_location(path)
         try:
             exists = store_exists(path)
         except Exception as err:  # noqa: BLE001 - no credentials, unknown bucket, unreachable endpoint
-            raise StoreUnreachable(f"cannot reach the store {path}: {type(err).__name__}: {err}") from err
+            raise StoreUnreachable(
+                f"cannot reach the store {path}: {type(err).__name__}: {err}"
+            ) from err
         if not exists:
-            raise StoreError(f"no feature store at {path}; run `egoslots extract-features CONFIG` first")
+            raise StoreError(
+                f"no feature store at {path}; run `egoslots extract-features CONFIG` first"
+            )
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
         except Exception as err:
             raise StoreError(f"{path} is not a readable zarr v3 store: {err}") from err
         if ATTRS_KEY not in group.attrs:
-            raise StoreError(f"{path} is a zarr group but not an egoslots feature store (no '{ATTRS_KEY}' attrs)")
+            raise StoreError(
+                f"{path} is a zarr group but not an egoslots feature store (no '{ATTRS_KEY}' attrs)"
+            )
         store = cls(path, group)
         if store.meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(
@@ -256,10 +290,11 @@ class FeatureStore:
             self._videos = [VideoRecord(**v) for v in self.meta["videos"]]
         return self._videos
 
-    def videos_in(self, split: Optional[str] = None, hflip: Optional[bool] = False) -> list[VideoRecord]:
+    def videos_in(self, split: str | None = None, hflip: bool | None = False) -> list[VideoRecord]:
         """Video rows of one split (None = all); hflip=None includes both variants."""
         return [
-            v for v in self.videos
+            v
+            for v in self.videos
             if (split is None or v.split == split) and (hflip is None or v.hflip == hflip)
         ]
 
@@ -296,7 +331,7 @@ class FeatureStore:
         return self.group["frames"]
 
     @property
-    def masks(self) -> Optional[zarr.Array]:
+    def masks(self) -> zarr.Array | None:
         return self.group["masks"] if self.has_masks else None
 
     # ------------------------------------------------------------------ reading
@@ -322,7 +357,7 @@ class FeatureStore:
         values = None if reader is None else reader.read(start, stop)
         return self.group[name][start:stop] if values is None else values
 
-    def _fast_reader(self, name: str) -> Optional["_ShardReader"]:
+    def _fast_reader(self, name: str) -> _ShardReader | None:
         cache = self.__dict__.setdefault("_readers", {})
         if name not in cache:
             cache[name] = _ShardReader.for_array(self, name) if self.complete else None
@@ -343,7 +378,9 @@ class FeatureStore:
             return {"features": q, "features_scale": scale}
         return {"features": feats.astype(dtype)}
 
-    def write_chunk(self, chunk: int, arrays: dict[str, np.ndarray], *, durable: bool = True) -> None:
+    def write_chunk(
+        self, chunk: int, arrays: dict[str, np.ndarray], *, durable: bool = True
+    ) -> None:
         """Write whole chunk ``chunk`` of the named arrays, then flag it done (last).
 
         With ``durable`` the chunk's files are fsynced before the flag is written (and the flag
@@ -352,7 +389,9 @@ class FeatureStore:
         start, stop = chunk_bounds(chunk, self.chunk_len, self.num_frames)
         for name, values in arrays.items():
             if len(values) != stop - start:
-                raise StoreError(f"chunk {chunk} of '{name}' needs {stop - start} rows, got {len(values)}")
+                raise StoreError(
+                    f"chunk {chunk} of '{name}' needs {stop - start} rows, got {len(values)}"
+                )
             self.writable(name)[start:stop] = values
         if durable:
             for name in arrays:
@@ -373,7 +412,7 @@ class FeatureStore:
         ndim = len(self.group[name].shape)
         return "/".join([name, "c", str(chunk), *(["0"] * (ndim - 1))])
 
-    def chunk_file(self, name: str, chunk: int) -> Optional[Path]:
+    def chunk_file(self, name: str, chunk: int) -> Path | None:
         """The file holding chunk ``chunk`` of array ``name`` (local stores only)."""
         if not isinstance(self.path, Path):
             return None
@@ -501,11 +540,21 @@ class FeatureStore:
             if done == total and not self.complete:
                 values = {"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                 # with those of an earlier completion (a repaired chunk is rewritten without its skipped videos)
-                earlier = {(r["id"], bool(r.get("hflip"))): r for r in self.meta.get("skipped_videos") or []}
-                skipped = list({**earlier, **{(r["id"], bool(r.get("hflip"))): r for r in self.skipped()}}.values())
+                earlier = {
+                    (r["id"], bool(r.get("hflip"))): r
+                    for r in self.meta.get("skipped_videos") or []
+                }
+                skipped = list(
+                    {
+                        **earlier,
+                        **{(r["id"], bool(r.get("hflip"))): r for r in self.skipped()},
+                    }.values()
+                )
                 if skipped:
                     bad = {(r["id"], bool(r.get("hflip"))) for r in skipped}
-                    values["videos"] = [v for v in self.meta["videos"] if (v["id"], bool(v.get("hflip"))) not in bad]
+                    values["videos"] = [
+                        v for v in self.meta["videos"] if (v["id"], bool(v.get("hflip"))) not in bad
+                    ]
                     values["skipped_videos"] = skipped
                 self.update_meta(**values)
                 self._videos = None
@@ -529,23 +578,42 @@ class FeatureStore:
         done = self.done_chunks()
         if not done.all():
             missing = np.flatnonzero(~done)
-            problems.append(Finding(f"{len(missing)} chunk(s) not flagged done: {', '.join(map(str, missing[:10]))}"
-                                    + (" ..." if len(missing) > 10 else "")))
+            problems.append(
+                Finding(
+                    f"{len(missing)} chunk(s) not flagged done: {', '.join(map(str, missing[:10]))}"
+                    + (" ..." if len(missing) > 10 else "")
+                )
+            )
         for v in self.videos:
             if v.first < 0 or v.stop > self.num_frames:
-                problems.append(Finding(f"video table row '{v.id}' (hflip={v.hflip}) spans rows "
-                                        f"{v.first}..{v.stop - 1}, outside the {self.num_frames} frames"))
+                problems.append(
+                    Finding(
+                        f"video table row '{v.id}' (hflip={v.hflip}) spans rows "
+                        f"{v.first}..{v.stop - 1}, outside the {self.num_frames} frames"
+                    )
+                )
         for dvae_hash in self.token_group_names():
             if f"tokens/{dvae_hash}/done" not in self.group:
-                problems.append(Finding(f"tokens of dVAE {dvae_hash}: an unfinished token group (no done flags); "
-                                        "rerun `egoslots tokenize RUN` to recreate it"))
+                problems.append(
+                    Finding(
+                        f"tokens of dVAE {dvae_hash}: an unfinished token group (no done flags); "
+                        "rerun `egoslots tokenize RUN` to recreate it"
+                    )
+                )
                 continue
             token_done = self.done_chunks(f"tokens/{dvae_hash}/done")
             if not token_done.all():
-                problems.append(Finding(f"tokens of dVAE {dvae_hash}: {int((~token_done).sum())} chunk(s) not "
-                                        "flagged done"))
+                problems.append(
+                    Finding(
+                        f"tokens of dVAE {dvae_hash}: {int((~token_done).sum())} chunk(s) not "
+                        "flagged done"
+                    )
+                )
         names = self.data_arrays()
-        token_flags = {f"tokens/{h}/ids": self.done_chunks(f"tokens/{h}/done") for h in self.token_group_names()}
+        token_flags = {
+            f"tokens/{h}/ids": self.done_chunks(f"tokens/{h}/done")
+            for h in self.token_group_names()
+        }
         remote_files = set(remote_keys(self.path)) if is_remote(self.path) else None
         for chunk in range(done.size):
             start, stop = chunk_bounds(chunk, self.chunk_len, self.num_frames)
@@ -570,7 +638,9 @@ class FeatureStore:
                     if name == "features" and self.meta["feature_dtype"] == "bfloat16":
                         values = (values.astype(np.uint32) << 16).view(np.float32)
                 except Exception as err:  # noqa: BLE001 - any decode failure is a finding
-                    problems.append(Finding(f"{where}: unreadable ({type(err).__name__}: {err})", chunk, name))
+                    problems.append(
+                        Finding(f"{where}: unreadable ({type(err).__name__}: {err})", chunk, name)
+                    )
                     continue
                 if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                     bad = int((~np.isfinite(values)).sum())
@@ -600,7 +670,9 @@ class FeatureStore:
                 targets.setdefault(f.array.rsplit("/", 1)[0] + "/done", set()).add(f.chunk)
             else:
                 targets.setdefault("done", set()).add(f.chunk)
-                for group in token_groups:  # tokens of a rewritten frame chunk must be rewritten too
+                for (
+                    group
+                ) in token_groups:  # tokens of a rewritten frame chunk must be rewritten too
                     targets.setdefault(f"{group}/done", set()).add(f.chunk)
         if "done" in targets:
             with self.lock():
@@ -611,7 +683,9 @@ class FeatureStore:
         for flags, chunks in targets.items():
             for chunk in sorted(chunks):  # a flag is present exactly when its chunk is done
                 remove_file(join(self.path, *self.chunk_key(flags, chunk).split("/")))
-        for array, chunk in sorted(bad_data):  # zarr rewrites a shard by reading it first: a damaged one fails
+        for array, chunk in sorted(
+            bad_data
+        ):  # zarr rewrites a shard by reading it first: a damaged one fails
             remove_file(join(self.path, *self.chunk_key(array, chunk).split("/")))
         return {k: sorted(v) for k, v in targets.items()}
 
@@ -660,12 +734,28 @@ class FeatureStore:
             del self.group[name]  # a creation cut short by a kill: nothing in it is flagged done
         sub = self.group.require_group(name)
         inner = int(self.meta.get("inner_chunk_len", self.chunk_len))
-        sub.create_array("ids", shape=(self.num_frames, *grid), dtype="uint16", shards=(self.chunk_len, *grid),
-                         chunks=(inner, *grid), fill_value=0, compressors=_compressors("none", True),
-                         config={"write_empty_chunks": True})
-        sub.create_array("done", shape=self.group["done"].shape, dtype="uint8", chunks=(1,), fill_value=0,
-                         compressors=None, config={"write_empty_chunks": True})
-        sub.attrs.update(_jsonable({"dvae_hash": dvae_hash, "grid": list(grid), "complete": False, **attrs}))
+        sub.create_array(
+            "ids",
+            shape=(self.num_frames, *grid),
+            dtype="uint16",
+            shards=(self.chunk_len, *grid),
+            chunks=(inner, *grid),
+            fill_value=0,
+            compressors=_compressors("none", True),
+            config={"write_empty_chunks": True},
+        )
+        sub.create_array(
+            "done",
+            shape=self.group["done"].shape,
+            dtype="uint8",
+            chunks=(1,),
+            fill_value=0,
+            compressors=None,
+            config={"write_empty_chunks": True},
+        )
+        sub.attrs.update(
+            _jsonable({"dvae_hash": dvae_hash, "grid": list(grid), "complete": False, **attrs})
+        )
         return sub
 
 
@@ -691,7 +781,7 @@ class _ShardReader:
         self.indexes: dict[int, np.ndarray] = {}
 
     @classmethod
-    def for_array(cls, store: "FeatureStore", name: str) -> Optional["_ShardReader"]:
+    def for_array(cls, store: FeatureStore, name: str) -> _ShardReader | None:
         """A reader if ``name`` has the plain layout this class understands, else None."""
         from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
@@ -703,13 +793,23 @@ class _ShardReader:
             return None
         shard = codecs[0]
         inner_codecs = tuple(shard.codecs)
-        plain = (len(inner_codecs) == 2 and isinstance(inner_codecs[0], BytesCodec)
-                 and isinstance(inner_codecs[1], Crc32cCodec) and shard.index_location.value == "end"
-                 and (array.dtype.itemsize == 1 or inner_codecs[0].endian.value == "little"))
+        plain = (
+            len(inner_codecs) == 2
+            and isinstance(inner_codecs[0], BytesCodec)
+            and isinstance(inner_codecs[1], Crc32cCodec)
+            and shard.index_location.value == "end"
+            and (array.dtype.itemsize == 1 or inner_codecs[0].endian.value == "little")
+        )
         shard_shape, inner_shape = array.metadata.chunk_grid.chunk_shape, shard.chunk_shape
-        if not plain or tuple(shard_shape[1:]) != tuple(array.shape[1:]) or tuple(inner_shape[1:]) != tuple(array.shape[1:]):
+        if (
+            not plain
+            or tuple(shard_shape[1:]) != tuple(array.shape[1:])
+            or tuple(inner_shape[1:]) != tuple(array.shape[1:])
+        ):
             return None
-        return cls(Path(store.path) / name, name, array.shape, array.dtype, shard_shape[0], inner_shape[0])
+        return cls(
+            Path(store.path) / name, name, array.shape, array.dtype, shard_shape[0], inner_shape[0]
+        )
 
     def _index(self, shard: int, f) -> np.ndarray:
         if shard not in self.indexes:
@@ -722,17 +822,26 @@ class _ShardReader:
     def read(self, start: int, stop: int) -> np.ndarray:
         start, stop = max(0, start), min(stop, self.shape[0])
         out = np.zeros((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
-        flat = out.reshape(len(out), -1).view(np.uint8).reshape(len(out), self.row_bytes) if len(out) else None
+        flat = (
+            out.reshape(len(out), -1).view(np.uint8).reshape(len(out), self.row_bytes)
+            if len(out)
+            else None
+        )
         row = start
         while row < stop:
             shard, local = divmod(row, self.shard_len)
             end = min(stop, (shard + 1) * self.shard_len)
-            first_inner, last_inner = local // self.inner, (end - 1 - shard * self.shard_len) // self.inner
+            first_inner, last_inner = (
+                local // self.inner,
+                (end - 1 - shard * self.shard_len) // self.inner,
+            )
             path = self.root.joinpath("c", str(shard), *(["0"] * (len(self.shape) - 1)))
             with open(path, "rb") as f:
                 index = self._index(shard, f)
-                offsets = index[first_inner:last_inner + 1, 0]
-                if (offsets == self.MISSING).any() or (np.diff(offsets.astype(np.int64)) != self.stride).any():
+                offsets = index[first_inner : last_inner + 1, 0]
+                if (offsets == self.MISSING).any() or (
+                    np.diff(offsets.astype(np.int64)) != self.stride
+                ).any():
                     return None  # unusual layout: caller falls back to zarr
                 lo = int(offsets[0])
                 n_inner = last_inner - first_inner + 1
@@ -740,11 +849,14 @@ class _ShardReader:
             if buf.size < n_inner * self.stride - 4:
                 return None
             buf = np.pad(buf, (0, n_inner * self.stride - buf.size))
-            rows = buf.reshape(n_inner, self.stride)[:, :-4].reshape(n_inner * self.inner, self.row_bytes)
+            rows = buf.reshape(n_inner, self.stride)[:, :-4].reshape(
+                n_inner * self.inner, self.row_bytes
+            )
             skip = local - first_inner * self.inner
-            flat[row - start:end - start] = rows[skip:skip + end - row]
+            flat[row - start : end - start] = rows[skip : skip + end - row]
             row = end
         return out
+
 
 def remove_store(path: Location) -> None:
     """Delete a store and the config written beside it (local or remote)."""
@@ -761,7 +873,7 @@ def directory_size(path: Location) -> int:
     return size_bytes(path)
 
 
-def _compressors(name: Optional[str], checksum: bool = False) -> Optional[list]:
+def _compressors(name: str | None, checksum: bool = False) -> list | None:
     """The bytes-to-bytes codecs of every data array's inner chunks: compressor, then crc32c."""
     from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
@@ -792,7 +904,7 @@ def config_path(path: Location) -> Location:
     return path.removesuffix(".zarr") + ".config.yaml"
 
 
-def resolve_store(cfg) -> "FeatureStore":
+def resolve_store(cfg) -> FeatureStore:
     """The store later stages read (see :func:`cache.fingerprint.resolve_store`)."""
     from cache.fingerprint import resolve_store as _resolve
 

@@ -37,7 +37,7 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,10 +59,23 @@ SILICON_ARCHS = {
 }
 SILICON_MODELS = frozenset(
     [f"dino_{d}_vitb14" for d in ("say", "s", "a", "y", "sfp")]
-    + [f"dino_{d}_vitb14" for d in ("imagenet100", "imagenet10", "imagenet3", "imagenet1",
-                                    "kinetics-200h", "ego4d-200h")]
-    + [f"{alg}_{d}_{arch}" for alg in ("dino", "mugs", "mae") for d in ("say", "s", "a", "y")
-       for arch in ("vits16", "vitb16", "vitl16")]
+    + [
+        f"dino_{d}_vitb14"
+        for d in (
+            "imagenet100",
+            "imagenet10",
+            "imagenet3",
+            "imagenet1",
+            "kinetics-200h",
+            "ego4d-200h",
+        )
+    ]
+    + [
+        f"{alg}_{d}_{arch}"
+        for alg in ("dino", "mugs", "mae")
+        for d in ("say", "s", "a", "y")
+        for arch in ("vits16", "vitb16", "vitl16")
+    ]
 )
 SILICON_RESNEXTS = frozenset(f"dino_{d}_resnext50" for d in ("say", "s", "a", "y", "sfp"))
 # Checkpoint keys that belong to the training setup, not the backbone (left over, not errors):
@@ -85,12 +98,16 @@ class FrozenEncoder(nn.Module):
     patch_size: int
     input_size: int
     feature_dim: int
-    checkpoint_sha256: Optional[str] = None
+    checkpoint_sha256: str | None = None
 
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -104,7 +121,7 @@ class FrozenEncoder(nn.Module):
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
-    def freeze(self) -> "FrozenEncoder":
+    def freeze(self) -> FrozenEncoder:
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -130,8 +147,15 @@ class PatchPixels(FrozenEncoder):
     Lets the whole pipeline run offline with no weights at all (the demo default).
     """
 
-    def __init__(self, input_size: int, patch_size: int = 8, proj_dim: Optional[int] = None,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int = 0):
+    def __init__(
+        self,
+        input_size: int,
+        patch_size: int = 8,
+        proj_dim: int | None = None,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        seed: int = 0,
+    ):
         super().__init__(mean, std)
         if input_size % patch_size:
             raise BackboneError(
@@ -161,7 +185,7 @@ class PatchPixels(FrozenEncoder):
         return {**super().describe(), "proj_dim": self.proj_dim}
 
 
-def resolve_block(name: str, block: Optional[int], depth: int) -> int:
+def resolve_block(name: str, block: int | None, depth: int) -> int:
     """``backbone.block`` as a block index in 0..depth-1 (None = the last block)."""
     index = depth - 1 if block is None else int(block)
     if not -depth <= index < depth:
@@ -175,9 +199,17 @@ def resolve_block(name: str, block: Optional[int], depth: int) -> int:
 class ViTEncoder(FrozenEncoder):
     """A timm ViT cut after the chosen block: patch tokens of that block, prefix tokens dropped."""
 
-    def __init__(self, vit: nn.Module, name: str, block: Optional[int] = None, final_norm: bool = False,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, checkpoint_sha256: Optional[str] = None,
-                 pos_embed_resample: str = "none"):
+    def __init__(
+        self,
+        vit: nn.Module,
+        name: str,
+        block: int | None = None,
+        final_norm: bool = False,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        checkpoint_sha256: str | None = None,
+        pos_embed_resample: str = "none",
+    ):
         super().__init__(mean, std)
         self.block = resolve_block(name, block, len(vit.blocks))
         self.final_norm = bool(final_norm)
@@ -193,17 +225,29 @@ class ViTEncoder(FrozenEncoder):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) != (self.input_size, self.input_size):
-            raise ValueError(f"{self.name} expects images of {self.input_size}x{self.input_size}, "
-                             f"got {tuple(images.shape)}")
+            raise ValueError(
+                f"{self.name} expects images of {self.input_size}x{self.input_size}, "
+                f"got {tuple(images.shape)}"
+            )
         x = self.normalise(images)  # (B, 3, S, S)
         (feats,) = self.vit.forward_intermediates(
-            x, indices=[self.block], norm=self.final_norm, output_fmt="NLC", intermediates_only=True,
-            stop_early=True)  # prefix tokens already split off
+            x,
+            indices=[self.block],
+            norm=self.final_norm,
+            output_fmt="NLC",
+            intermediates_only=True,
+            stop_early=True,
+        )  # prefix tokens already split off
         return feats  # (B, N, D)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "block": self.block, "final_norm": self.final_norm,
-                "num_prefix_tokens": self.num_prefix_tokens, "pos_embed_resample": self.pos_embed_resample}
+        return {
+            **super().describe(),
+            "block": self.block,
+            "final_norm": self.final_norm,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "pos_embed_resample": self.pos_embed_resample,
+        }
 
 
 # --------------------------------------------------------------------------- building models
@@ -215,10 +259,20 @@ def silicon_vit(arch: str, input_size: int, weight_init: str = "") -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     patch, dim, depth, heads = SILICON_ARCHS[arch]
-    return VisionTransformer(img_size=input_size, patch_size=patch, embed_dim=dim, depth=depth,
-                             num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=True,
-                             global_pool="token", num_classes=0, weight_init=weight_init,
-                             norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    return VisionTransformer(
+        img_size=input_size,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        class_token=True,
+        global_pool="token",
+        num_classes=0,
+        weight_init=weight_init,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
 
 
 def tiny_test_vit(input_size: int, seed: int = 0) -> nn.Module:
@@ -227,16 +281,25 @@ def tiny_test_vit(input_size: int, seed: int = 0) -> nn.Module:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return VisionTransformer(img_size=input_size, patch_size=8, embed_dim=32, depth=2, num_heads=4,
-                                 num_classes=0)
+        return VisionTransformer(
+            img_size=input_size, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0
+        )
 
 
-def build_silicon(name: str, input_size: int, checkpoint: Optional[str]) -> tuple[nn.Module, Path]:
+def build_silicon(name: str, input_size: int, checkpoint: str | None) -> tuple[nn.Module, Path]:
     alg, _, arch = name.split("_")
-    path = checkpoints.locate(name, checkpoint, download_hint=(
-        f" Download {name}.pth from https://huggingface.co/eminorhan/{name}."))
-    model = checkpoints.load_model(lambda: silicon_vit(arch, input_size, "skip"), path, name,
-                                   TRAINING_ONLY[alg], resample=checkpoints.resample_pos_embed_dino)
+    path = checkpoints.locate(
+        name,
+        checkpoint,
+        download_hint=(f" Download {name}.pth from https://huggingface.co/eminorhan/{name}."),
+    )
+    model = checkpoints.load_model(
+        lambda: silicon_vit(arch, input_size, "skip"),
+        path,
+        name,
+        TRAINING_ONLY[alg],
+        resample=checkpoints.resample_pos_embed_dino,
+    )
     return model, path
 
 
@@ -258,8 +321,13 @@ def hub_offline():
             os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
-def build_timm(name: str, input_size: int, checkpoint: Optional[str], cfg_patch_size: Optional[int] = None,
-               block: Optional[int] = None) -> tuple[nn.Module, Path]:
+def build_timm(
+    name: str,
+    input_size: int,
+    checkpoint: str | None,
+    cfg_patch_size: int | None = None,
+    block: int | None = None,
+) -> tuple[nn.Module, Path]:
     import timm
 
     def build() -> nn.Module:
@@ -271,15 +339,28 @@ def build_timm(name: str, input_size: int, checkpoint: Optional[str], cfg_patch_
             skeleton = build()
     except TypeError as err:  # e.g. a CNN has no img_size argument
         raise BackboneError(f"backbone.name={name} is a timm model but not a ViT: {err}") from err
-    for attr in ("forward_intermediates", "prune_intermediate_layers", "patch_embed", "blocks",
-                 "num_prefix_tokens"):
+    for attr in (
+        "forward_intermediates",
+        "prune_intermediate_layers",
+        "patch_embed",
+        "blocks",
+        "num_prefix_tokens",
+    ):
         if not hasattr(skeleton, attr):
-            raise BackboneError(f"backbone.name={name} is a timm model but not a ViT egoslots can cut "
-                                f"after a block (it lacks {attr})")
+            raise BackboneError(
+                f"backbone.name={name} is a timm model but not a ViT egoslots can cut "
+                f"after a block (it lacks {attr})"
+            )
     check_patch_grid(name, input_size, int(skeleton.patch_embed.patch_size[0]), cfg_patch_size)
     resolve_block(name, block, len(skeleton.blocks))
-    path = checkpoints.locate(name, checkpoint, skeleton.pretrained_cfg, download_hint=(
-        f" To fill timm's cache, run timm.create_model('{name}', pretrained=True) once with network."))
+    path = checkpoints.locate(
+        name,
+        checkpoint,
+        skeleton.pretrained_cfg,
+        download_hint=(
+            f" To fill timm's cache, run timm.create_model('{name}', pretrained=True) once with network."
+        ),
+    )
     filter_fn = getattr(sys.modules[type(skeleton).__module__], "checkpoint_filter_fn", None)
     return checkpoints.load_model(build, path, name, ("head.",), filter_fn=filter_fn), path
 
@@ -291,16 +372,25 @@ def build_backbone(cfg: Any) -> FrozenEncoder:
     input_size = int(get("input_size"))
     mean, std = (tuple(float(v) for v in x) if x else None for x in (get("mean"), get("std")))
     if name == "patch-pixels":
-        return PatchPixels(input_size, int(get("patch_size") or 8), get("proj_dim"),
-                           mean or IMAGENET_MEAN, std or IMAGENET_STD).freeze()
+        return PatchPixels(
+            input_size,
+            int(get("patch_size") or 8),
+            get("proj_dim"),
+            mean or IMAGENET_MEAN,
+            std or IMAGENET_STD,
+        ).freeze()
 
     import timm  # not needed (and slow to import) for patch-pixels
 
     if get("proj_dim"):
-        raise BackboneError(f"backbone.proj_dim applies to patch-pixels only, not backbone.name={name}")
+        raise BackboneError(
+            f"backbone.proj_dim applies to patch-pixels only, not backbone.name={name}"
+        )
     if name in SILICON_RESNEXTS:
-        raise BackboneError(f"backbone.name={name} is a silicon-menagerie ResNeXt, not a ViT: egoslots "
-                            f"needs patch tokens; use e.g. {name.rsplit('_', 1)[0]}_vitb14")
+        raise BackboneError(
+            f"backbone.name={name} is a silicon-menagerie ResNeXt, not a ViT: egoslots "
+            f"needs patch tokens; use e.g. {name.rsplit('_', 1)[0]}_vitb14"
+        )
     cfg_patch_size = get("patch_size")
     sha = None
     pos_embed_resample = "bicubic"
@@ -315,7 +405,9 @@ def build_backbone(cfg: Any) -> FrozenEncoder:
             vit, path = build_silicon(name, input_size, get("checkpoint"))
             sha = checkpoints.sha256_file(path)
         elif timm.is_model(name):
-            vit, path = build_timm(name, input_size, get("checkpoint"), cfg_patch_size, get("block"))
+            vit, path = build_timm(
+                name, input_size, get("checkpoint"), cfg_patch_size, get("block")
+            )
             sha = checkpoints.sha256_file(path)
             pos_embed_resample = "bicubic-antialias"
             mean, std = mean or vit.pretrained_cfg.get("mean"), std or vit.pretrained_cfg.get("std")
@@ -323,19 +415,31 @@ def build_backbone(cfg: Any) -> FrozenEncoder:
             raise BackboneError(_unknown_name(name))
     except CheckpointError as err:
         raise BackboneError(str(err)) from err
-    encoder = ViTEncoder(vit, name, get("block"), bool(get("final_norm")), mean or IMAGENET_MEAN,
-                         std or IMAGENET_STD, sha, pos_embed_resample)
+    encoder = ViTEncoder(
+        vit,
+        name,
+        get("block"),
+        bool(get("final_norm")),
+        mean or IMAGENET_MEAN,
+        std or IMAGENET_STD,
+        sha,
+        pos_embed_resample,
+    )
     return encoder.freeze()
 
 
-def check_patch_grid(name: str, input_size: int, patch: int, cfg_patch_size: Optional[int]) -> None:
+def check_patch_grid(name: str, input_size: int, patch: int, cfg_patch_size: int | None) -> None:
     """The input must tile into whole patches; ``backbone.patch_size`` is for patch-pixels only."""
     if cfg_patch_size and int(cfg_patch_size) != patch:
-        raise BackboneError(f"backbone.patch_size={cfg_patch_size}, but {name} has patch size {patch} "
-                            f"(leave backbone.patch_size unset for ViTs)")
+        raise BackboneError(
+            f"backbone.patch_size={cfg_patch_size}, but {name} has patch size {patch} "
+            f"(leave backbone.patch_size unset for ViTs)"
+        )
     if input_size % patch:
-        raise BackboneError(f"backbone.input_size={input_size} is not a multiple of {name}'s patch size "
-                            f"{patch} (e.g. {input_size // patch * patch} or {(input_size // patch + 1) * patch})")
+        raise BackboneError(
+            f"backbone.input_size={input_size} is not a multiple of {name}'s patch size "
+            f"{patch} (e.g. {input_size // patch * patch} or {(input_size // patch + 1) * patch})"
+        )
 
 
 def _unknown_name(name: Any) -> str:
@@ -344,5 +448,7 @@ def _unknown_name(name: Any) -> str:
     known = ["patch-pixels", TINY_TEST_VIT, *sorted(SILICON_MODELS), *timm.list_models()]
     close = difflib.get_close_matches(str(name), known, n=6, cutoff=0.6)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
-    return (f"unknown backbone.name={name}: not patch-pixels, {TINY_TEST_VIT}, a silicon-menagerie ViT "
-            f"or a timm model{hint}")
+    return (
+        f"unknown backbone.name={name}: not patch-pixels, {TINY_TEST_VIT}, a silicon-menagerie ViT "
+        f"or a timm model{hint}"
+    )

@@ -38,7 +38,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Ten
         onehot = F.one_hot(assign, k).float()  # (B, P, K)
         counts = onehot.sum(1)  # (B, K)
         sums = onehot.transpose(1, 2) @ x  # (B, K, D)
-        c = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], c)  # empty: keep
+        c = torch.where(
+            counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], c
+        )  # empty: keep
         new = torch.cdist(x, c).argmin(-1)
         if torch.equal(new, assign):
             break
@@ -46,7 +48,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Ten
     return assign
 
 
-def kmeans_masks(features: torch.Tensor, k: int, per: str = "frame", iters: int = 30, seed: int = 0) -> torch.Tensor:
+def kmeans_masks(
+    features: torch.Tensor, k: int, per: str = "frame", iters: int = 30, seed: int = 0
+) -> torch.Tensor:
     """k-means masks of one video's features (T, N, D) -> one-hot (T, K, N); per = frame | video."""
     t, n, _ = features.shape
     x = F.normalize(features.float(), dim=-1)

@@ -21,8 +21,9 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +38,13 @@ WRAPPER_PREFIXES = ("module.", "backbone.", "encoder.")
 
 def _numpy_safe_globals() -> list:
     core = getattr(np, "_core", None) or np.core
-    return [core.multiarray.scalar, np.dtype, type(np.dtype(np.float32)), type(np.dtype(np.float64)),
-            type(np.dtype(np.int64))]
+    return [
+        core.multiarray.scalar,
+        np.dtype,
+        type(np.dtype(np.float32)),
+        type(np.dtype(np.float64)),
+        type(np.dtype(np.int64)),
+    ]
 
 
 SAFE_GLOBALS = [argparse.Namespace, *_numpy_safe_globals()]
@@ -65,7 +71,7 @@ def weights_dir_candidates(name: str) -> list[Path]:
     return [Path(root).expanduser() / f"{name}{ext}" for ext in (".pth", ".safetensors")]
 
 
-def explicit_checkpoint(path: Optional[str]) -> Optional[Path]:
+def explicit_checkpoint(path: str | None) -> Path | None:
     """``backbone.checkpoint`` as a Path, or None; a path that is not a file is an error."""
     if not path:
         return None
@@ -75,20 +81,28 @@ def explicit_checkpoint(path: Optional[str]) -> Optional[Path]:
     return p
 
 
-def timm_cache_candidates(pretrained_cfg: Mapping[str, Any]) -> list[tuple[str, Optional[Path]]]:
+def timm_cache_candidates(pretrained_cfg: Mapping[str, Any]) -> list[tuple[str, Path | None]]:
     """Where timm would have cached this model's weights, looked up on disk only (no network):
     (description, path or None) pairs."""
-    found: list[tuple[str, Optional[Path]]] = []
+    found: list[tuple[str, Path | None]] = []
     hub_id = pretrained_cfg.get("hf_hub_id")
     if hub_id:
         from huggingface_hub import try_to_load_from_cache
 
         repo_id, _, revision = hub_id.partition("@")
-        names = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") else [
-            "model.safetensors", "pytorch_model.bin"]
+        names = (
+            [pretrained_cfg["hf_hub_filename"]]
+            if pretrained_cfg.get("hf_hub_filename")
+            else ["model.safetensors", "pytorch_model.bin"]
+        )
         for filename in names:
             hit = try_to_load_from_cache(repo_id, filename, revision=revision or None)
-            found.append((f"Hugging Face cache {repo_id}/{filename}", Path(hit) if isinstance(hit, str) else None))
+            found.append(
+                (
+                    f"Hugging Face cache {repo_id}/{filename}",
+                    Path(hit) if isinstance(hit, str) else None,
+                )
+            )
     url = pretrained_cfg.get("url")
     if url:
         path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
@@ -96,15 +110,19 @@ def timm_cache_candidates(pretrained_cfg: Mapping[str, Any]) -> list[tuple[str, 
     return found
 
 
-def locate(name: str, checkpoint: Optional[str], timm_cfg: Optional[Mapping[str, Any]] = None,
-           download_hint: str = "") -> Path:
+def locate(
+    name: str,
+    checkpoint: str | None,
+    timm_cfg: Mapping[str, Any] | None = None,
+    download_hint: str = "",
+) -> Path:
     """The weights file for backbone ``name``: ``backbone.checkpoint``, else
     ``$EGOSLOTS_WEIGHTS/<name>.pth|.safetensors``, else (timm models) timm's local caches.
     None found is an error listing every place looked in."""
     path = explicit_checkpoint(checkpoint)
     if path is not None:
         return path
-    places: list[tuple[str, Optional[Path]]] = [(str(p), p) for p in weights_dir_candidates(name)]
+    places: list[tuple[str, Path | None]] = [(str(p), p) for p in weights_dir_candidates(name)]
     if not places:
         places.append(("$EGOSLOTS_WEIGHTS (not set)", None))
     if timm_cfg is not None:
@@ -132,13 +150,16 @@ def read_weights_file(path: Path) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             # mmap: a DINO checkpoint also holds the student and optimizer state; map it instead
             # of reading it all into memory (only the zip format supports mmap).
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            return torch.load(
+                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+            )
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if not found:
             reason = re.search(r"WeightsUnpickler error: (.*)", str(err))
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
-                                  f"{reason.group(1) if reason else err}") from err
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint: {reason.group(1) if reason else err}"
+            ) from err
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled Python objects other than tensors and "
             f"containers (unsupported global {found.group(1)}). egoslots loads weights with "
@@ -177,8 +198,13 @@ def _listing(keys: Iterable[str], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-                     training_only: tuple[str, ...], path: Path, name: str) -> dict[str, torch.Tensor]:
+def check_state_dict(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    training_only: tuple[str, ...],
+    path: Path,
+    name: str,
+) -> dict[str, torch.Tensor]:
     """The checkpoint's backbone tensors, after checking they match the model exactly.
 
     Missing keys, unexpected keys (other than known training-only parts whose names start with
@@ -191,15 +217,24 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
     unexpected = {k for k in state if k not in expected and not k.startswith(training_only)}
     if unexpected:
         raise CheckpointError(f"{path} has unexpected keys: {_listing(unexpected)} ({hint})")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
-             if state[k].shape != expected[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if state[k].shape != expected[k].shape
+    ]
     if wrong:
         raise CheckpointError(f"{path} has tensors of the wrong shape: {_listing(wrong)} ({hint})")
     return {k: state[k] for k in expected}
 
 
-def load_model(build: Callable[[], nn.Module], path: Path, name: str, training_only: tuple[str, ...],
-               filter_fn: Optional[Callable] = None, resample: Optional[Callable] = None) -> nn.Module:
+def load_model(
+    build: Callable[[], nn.Module],
+    path: Path,
+    name: str,
+    training_only: tuple[str, ...],
+    filter_fn: Callable | None = None,
+    resample: Callable | None = None,
+) -> nn.Module:
     """Build a model skeleton on the meta device (no wasted random init) and fill it from ``path``:
     unwrap the training layout, convert (``filter_fn``, e.g. timm's ``checkpoint_filter_fn``),
     resample the position embedding for the model's grid, check keys and shapes, load."""
@@ -210,7 +245,9 @@ def load_model(build: Callable[[], nn.Module], path: Path, name: str, training_o
         try:
             state = filter_fn(state, model)
         except Exception as err:  # a third-party converter: report it against the file
-            raise CheckpointError(f"{path}: could not convert it for backbone.name={name}: {err!r}") from err
+            raise CheckpointError(
+                f"{path}: could not convert it for backbone.name={name}: {err!r}"
+            ) from err
     if resample is not None and "pos_embed" in state:
         state["pos_embed"] = resample(state["pos_embed"], model)
     state = check_state_dict(state, model.state_dict(), training_only, path, name)
@@ -230,6 +267,11 @@ def resample_pos_embed_dino(pos_embed: torch.Tensor, model: nn.Module) -> torch.
     old = round((pos_embed.shape[1] - 1) ** 0.5)
     if old * old != pos_embed.shape[1] - 1:
         return pos_embed  # not a square grid: check_state_dict reports the shape mismatch
-    return resample_abs_pos_embed(pos_embed.float(), new_size=list(model.patch_embed.grid_size),
-                                  old_size=[old, old], num_prefix_tokens=1, interpolation="bicubic",
-                                  antialias=False)
+    return resample_abs_pos_embed(
+        pos_embed.float(),
+        new_size=list(model.patch_embed.grid_size),
+        old_size=[old, old],
+        num_prefix_tokens=1,
+        interpolation="bicubic",
+        antialias=False,
+    )

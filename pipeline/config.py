@@ -12,8 +12,9 @@ design does not have get an explanation instead of a bare "unknown key".
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -90,7 +91,9 @@ def _check_keys(raw: dict, source: str, schema: DictConfig) -> None:
     valid = set(_schema_keys(schema))
     for path in _flatten_keys(raw):
         if path in FOREIGN_KEYS:
-            raise ConfigError(f"{source}: key '{path}' is not used by egoslots: {FOREIGN_KEYS[path]}")
+            raise ConfigError(
+                f"{source}: key '{path}' is not used by egoslots: {FOREIGN_KEYS[path]}"
+            )
         parent = path.rsplit(".", 1)[0] if "." in path else ""
         if path in valid:
             continue
@@ -108,14 +111,20 @@ def _check_keys(raw: dict, source: str, schema: DictConfig) -> None:
 
 def _is_open_dict(schema: DictConfig, path: str) -> bool:
     node = OmegaConf.select(schema, path)
-    return isinstance(node, DictConfig) and node._metadata.ref_type in (dict, Any) and not node._metadata.object_type
+    return (
+        isinstance(node, DictConfig)
+        and node._metadata.ref_type in (dict, Any)
+        and not node._metadata.object_type
+    )
 
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """Load one YAML file and, first, the files its ``defaults`` list names."""
     path = path.resolve()
     if path in seen:
-        raise ConfigError(f"{path}: circular 'defaults' chain: {' -> '.join(map(str, seen + (path,)))}")
+        raise ConfigError(
+            f"{path}: circular 'defaults' chain: {' -> '.join(map(str, seen + (path,)))}"
+        )
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -130,7 +139,9 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     merged = OmegaConf.create()
     for name in defaults:
         parent = Path(name) if Path(name).is_absolute() else path.parent / name
-        if not parent.exists():  # a shipped config: `base.yaml` or `configs/base.yaml` from anywhere
+        if (
+            not parent.exists()
+        ):  # a shipped config: `base.yaml` or `configs/base.yaml` from anywhere
             for shipped in (CONFIG_DIR / name, CONFIG_DIR / Path(name).name):
                 if shipped.exists():
                     parent = shipped
@@ -144,7 +155,9 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     items = list(overrides)
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. globals.NUM_SLOTS=10)")
+            raise ConfigError(
+                f"override '{item}' is not of the form key=value (e.g. globals.NUM_SLOTS=10)"
+            )
     try:
         return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as err:

@@ -9,7 +9,7 @@ Section names keep the ones users already know (``globals``, ``dataset``, ``grou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING  # noqa: F401  (re-exported for schema users)
 
@@ -22,7 +22,9 @@ class Globals:
     USE_SILICON_VIT: bool = True
     SILICON_MODEL: str = "dino_say_vitb14"
     # The frozen encoder; by default a silicon-menagerie ViT or DINOv2 per USE_SILICON_VIT.
-    BACKBONE: str = "${if:${globals.USE_SILICON_VIT},${globals.SILICON_MODEL},vit_base_patch14_dinov2}"
+    BACKBONE: str = (
+        "${if:${globals.USE_SILICON_VIT},${globals.SILICON_MODEL},vit_base_patch14_dinov2}"
+    )
     USE_DVAE: bool = True
     USE_STEVE_DECODER: bool = True
     NUM_FRAMES: int = 4  # training clip length T
@@ -48,7 +50,7 @@ class Hdf5Keys:
     # Defaults fit a (V, T, H, W, C) `image` array with (V, T, H, W) `mask` label maps.
     # EfficientMORL's multi-object files need: image_key=imgs mask_key=masks layout=image.
     image_key: str = "image"
-    mask_key: Optional[str] = "mask"
+    mask_key: str | None = "mask"
     # Leading axes of the image array: "video" = (V, T, H, W, C); "image" = (N, H, W, C), each
     # image a one-frame video.
     layout: str = "video"
@@ -64,11 +66,11 @@ class SplitFractions:
 class Dataset:
     source: str = "synthetic"  # frames | video | hdf5 | synthetic
     path: str = "${work_dir}/data/synthetic"
-    fps: Optional[float] = None  # video files: subsample to this frame rate
+    fps: float | None = None  # video files: subsample to this frame rate
     hdf5: Hdf5Keys = field(default_factory=Hdf5Keys)
     split: SplitFractions = field(default_factory=SplitFractions)
     synthetic: SyntheticData = field(default_factory=SyntheticData)
-    max_videos: Optional[int] = None
+    max_videos: int | None = None
     skip_bad: bool = False
     # Clips for training: length T, stride between clip starts, frame step within a clip.
     ep_length: int = "${globals.NUM_FRAMES}"  # type: ignore[assignment]
@@ -81,14 +83,16 @@ class Dataset:
 @dataclass
 class Backbone:
     name: str = "${globals.BACKBONE}"
-    checkpoint: Optional[str] = None  # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth
-    block: Optional[int] = None  # block whose output is the feature: 0-based (timm blocks.N), <0 from the end; None = last
+    checkpoint: str | None = None  # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth
+    block: int | None = (
+        None  # block whose output is the feature: 0-based (timm blocks.N), <0 from the end; None = last
+    )
     final_norm: bool = False
     input_size: int = "${globals.IMAGE_SIZE}"  # type: ignore[assignment]
-    patch_size: Optional[int] = None  # patch-pixels only (ViTs know their own)
-    proj_dim: Optional[int] = None  # patch-pixels: fixed random projection to this dim
-    mean: Optional[list[float]] = None  # default: ImageNet, unless the backbone says otherwise
-    std: Optional[list[float]] = None
+    patch_size: int | None = None  # patch-pixels only (ViTs know their own)
+    proj_dim: int | None = None  # patch-pixels: fixed random projection to this dim
+    mean: list[float] | None = None  # default: ImageNet, unless the backbone says otherwise
+    std: list[float] | None = None
 
 
 @dataclass
@@ -253,8 +257,8 @@ class Trainer:
 class Evaluate:
     split: str = "test"
     probe: bool = True  # property probe (needs per-object attributes, e.g. synthetic meta.json)
-    max_videos: Optional[int] = None  # evaluate only the first N videos of the split
-    probe_train_videos: Optional[int] = 200  # train videos the probe is fit on (None = all)
+    max_videos: int | None = None  # evaluate only the first N videos of the split
+    probe_train_videos: int | None = 200  # train videos the probe is fit on (None = all)
 
 
 @dataclass
@@ -264,13 +268,13 @@ class Config:
     seed: int = 0
     # Feature store that later stages read: a path, or a fingerprint under work_dir/stores.
     # None: the one complete store in work_dir that matches this config's extraction settings.
-    store: Optional[str] = None
+    store: str | None = None
     # Folder where extraction creates stores and later stages look for them: a local path or an
     # fsspec URL (s3://bucket/prefix, gs://..., file://...). None = work_dir/stores. Credentials
     # and endpoints come from the environment, never from configs (see docs/scaling.md).
-    store_dir: Optional[str] = None
+    store_dir: str | None = None
     # dVAE run whose tokens stage 3 reads: a run directory; None = work_dir/runs/<dvae.run_name>.
-    dvae_run: Optional[str] = None
+    dvae_run: str | None = None
     globals: Globals = field(default_factory=Globals)
     dataset: Dataset = field(default_factory=Dataset)
     backbone: Backbone = field(default_factory=Backbone)

@@ -19,8 +19,13 @@ from torch import nn
 
 
 class MLPBroadcastDecoder(nn.Module):
-    def __init__(self, slot_dim: int, feature_dim: int, num_tokens: int,
-                 hidden_dims: list[int] | tuple[int, ...] = (1024, 1024, 1024)):
+    def __init__(
+        self,
+        slot_dim: int,
+        feature_dim: int,
+        num_tokens: int,
+        hidden_dims: list[int] | tuple[int, ...] = (1024, 1024, 1024),
+    ):
         super().__init__()
         if not hidden_dims:
             raise ValueError("decoder.hidden_dims must list at least one hidden layer")

@@ -30,7 +30,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +85,9 @@ class DVAE(nn.Module):
     def __init__(self, vocab_size: int = 4096, hidden: int = 64, channels: int = 3):
         super().__init__()
         if not 2 <= vocab_size <= MAX_VOCAB:
-            raise ValueError(f"dVAE vocabulary must be in [2, {MAX_VOCAB}] (ids are cached as uint16), got {vocab_size}")
+            raise ValueError(
+                f"dVAE vocabulary must be in [2, {MAX_VOCAB}] (ids are cached as uint16), got {vocab_size}"
+            )
         self.vocab_size = vocab_size
         self.hidden = hidden
         c = hidden
@@ -184,8 +185,16 @@ class Geco(nn.Module):
     buffers, so it is saved in training checkpoints.
     """
 
-    def __init__(self, target: float, values_per_frame: int, eta: float = 1e-6, ema: float = 0.99,
-                 warmup_steps: int = 1000, beta_init: float = 1.0, beta_min: float = 0.55):
+    def __init__(
+        self,
+        target: float,
+        values_per_frame: int,
+        eta: float = 1e-6,
+        ema: float = 0.99,
+        warmup_steps: int = 1000,
+        beta_init: float = 1.0,
+        beta_min: float = 0.55,
+    ):
         super().__init__()
         self.target = float(target) * values_per_frame
         self.eta, self.ema, self.warmup_steps, self.beta_min = eta, ema, warmup_steps, beta_min
@@ -226,6 +235,6 @@ def load_dvae(run_dir: str | Path, map_location: str | torch.device = "cpu") -> 
     return model.eval()
 
 
-def read_dvae_info(run_dir: str | Path) -> Optional[dict]:
+def read_dvae_info(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / "dvae.json"
     return json.loads(path.read_text()) if path.is_file() else None

@@ -7,7 +7,7 @@ under bf16 autocast, and none of them reads a tensor value on the host.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ def loss_slot_slot_contrast(
     slots: torch.Tensor,
     temperature: float = 0.1,
     batch_contrast: bool = True,
-    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """SlotContrast's slot-slot contrastive loss on slots (B, T, K, D).
 

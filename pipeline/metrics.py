@@ -26,18 +26,25 @@ per-frame values over the frames of a video. All functions are pure (no I/O).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-METRICS = ("video_fg_ari", "video_mbo", "video_miou", "frame_fg_ari", "frame_mbo", "video_ari", "frame_ari")
+METRICS = (
+    "video_fg_ari",
+    "video_mbo",
+    "video_miou",
+    "frame_fg_ari",
+    "frame_mbo",
+    "video_ari",
+    "frame_ari",
+)
 
 
 # ---------------------------------------------------------------------------------- masks
-def infer_grid(num_tokens: int, grid: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+def infer_grid(num_tokens: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
     """The (h, w) token grid: given, or square when N is a square number."""
     if grid is not None:
         h, w = int(grid[0]), int(grid[1])
@@ -50,8 +57,9 @@ def infer_grid(num_tokens: int, grid: Optional[tuple[int, int]] = None) -> tuple
     return side, side
 
 
-def masks_to_labels(masks: torch.Tensor, size: tuple[int, int], grid: Optional[tuple[int, int]] = None,
-                    chunk: int = 64) -> torch.Tensor:
+def masks_to_labels(
+    masks: torch.Tensor, size: tuple[int, int], grid: tuple[int, int] | None = None, chunk: int = 64
+) -> torch.Tensor:
     """Soft masks (..., K, N) -> slot label maps (..., H, W) int64, as SlotContrast does.
 
     Reshape N to the grid, bilinear resize to ``size`` (align_corners=False), argmax over K.
@@ -62,7 +70,7 @@ def masks_to_labels(masks: torch.Tensor, size: tuple[int, int], grid: Optional[t
     flat = masks.reshape(-1, k, h, w).float()
     out = []
     for i in range(0, flat.shape[0], chunk):
-        part = flat[i:i + chunk]
+        part = flat[i : i + chunk]
         if (h, w) != tuple(size):
             part = F.interpolate(part, size=tuple(size), mode="bilinear", align_corners=False)
         out.append(part.argmax(dim=1))
@@ -80,8 +88,13 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- tables
-def contingency(true: torch.Tensor, pred: torch.Tensor, num_pred: int,
-                groups: Optional[torch.Tensor] = None, num_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def contingency(
+    true: torch.Tensor,
+    pred: torch.Tensor,
+    num_pred: int,
+    groups: torch.Tensor | None = None,
+    num_groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Contingency tables n[g, c, k] of compacted true labels c vs predicted labels k.
 
     ``true`` and ``pred`` are integer tensors of the same shape; ``groups`` (same shape) splits
@@ -109,10 +122,14 @@ def ari_from_table(table: torch.Tensor) -> torch.Tensor:
     a_index = (a * (a - 1)).sum(dim=1)
     b_index = (b * (b - 1)).sum(dim=1)
     pairs = n * (n - 1)
-    expected = torch.where(pairs > 0, a_index * b_index / pairs.clamp_min(1), torch.zeros_like(pairs))
+    expected = torch.where(
+        pairs > 0, a_index * b_index / pairs.clamp_min(1), torch.zeros_like(pairs)
+    )
     max_index = (a_index + b_index) / 2
     denominator = max_index - expected
-    ari = (index - expected) / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    ari = (index - expected) / torch.where(
+        denominator > 0, denominator, torch.ones_like(denominator)
+    )
     return torch.where(denominator > 0, ari, torch.ones_like(ari))
 
 
@@ -174,10 +191,14 @@ def video_metrics(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slot
     included), plus ``num_objects`` and ``empty_frames``.
     """
     if pred_labels.shape != true_labels.shape:
-        raise ValueError(f"predicted labels {tuple(pred_labels.shape)} vs ground truth {tuple(true_labels.shape)}")
+        raise ValueError(
+            f"predicted labels {tuple(pred_labels.shape)} vs ground truth {tuple(true_labels.shape)}"
+        )
     t = true_labels.shape[0]
     frame_index = torch.arange(t).view(t, *([1] * (true_labels.dim() - 1))).expand_as(true_labels)
-    per_frame, _ = contingency(true_labels, pred_labels, num_slots, groups=frame_index, num_groups=t)
+    per_frame, _ = contingency(
+        true_labels, pred_labels, num_slots, groups=frame_index, num_groups=t
+    )
     video = per_frame.sum(dim=0, keepdim=True)  # (1, C, K)
     frame_ari = ari_from_table(per_frame[:, 1:, :])
     frame_mbo = mbo_from_table(per_frame)
@@ -189,13 +210,17 @@ def video_metrics(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slot
         "frame_fg_ari": float(frame_ari.mean()),
         "video_ari": float(ari_from_table(video)[0]),  # background included
         "frame_ari": float(ari_from_table(per_frame).mean()),
-        "frame_mbo": float(np.nanmean(frame_mbo.numpy())) if (~torch.isnan(frame_mbo)).any() else float("nan"),
+        "frame_mbo": float(np.nanmean(frame_mbo.numpy()))
+        if (~torch.isnan(frame_mbo)).any()
+        else float("nan"),
         "num_objects": int((video.sum(dim=2)[0, 1:] > 0).sum()),
         "empty_frames": int(empty.sum()),
     }
 
 
-def evaluate_masks(masks: torch.Tensor, true_labels: torch.Tensor, grid: Optional[tuple[int, int]] = None) -> dict:
+def evaluate_masks(
+    masks: torch.Tensor, true_labels: torch.Tensor, grid: tuple[int, int] | None = None
+) -> dict:
     """:func:`video_metrics` of soft masks (T, K, N) against true label maps (T, H, W)."""
     true_labels = torch.as_tensor(true_labels)
     pred = masks_to_labels(torch.as_tensor(masks), tuple(true_labels.shape[-2:]), grid)

@@ -21,7 +21,8 @@ Long videos run in windows: pass the previous window's ``next_state`` as ``init_
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -55,12 +56,12 @@ class SlotModel(nn.Module):
         decoder_hidden_dims: tuple[int, ...] = (1024, 1024, 1024),
         steve: bool = False,
         vocab_size: int = 4096,
-        token_grid: Optional[tuple[int, int]] = None,
+        token_grid: tuple[int, int] | None = None,
         steve_blocks: int = 8,
         steve_heads: int = 4,
         steve_d_model: int = 192,
         steve_dropout: float = 0.1,
-        loss_weights: Optional[dict[str, float]] = None,
+        loss_weights: dict[str, float] | None = None,
         ss_temperature: float = 0.1,
         ss_batch_contrast: bool = True,
     ):
@@ -71,7 +72,8 @@ class SlotModel(nn.Module):
         self.processor = SlotScan(
             SlotAttention(slot_dim, mlp_ratio=mlp_ratio, eps=eps),
             SlotPredictor(slot_dim, predictor_heads, predictor_ffn_ratio, predictor_attn_scale)
-            if predictor else None,
+            if predictor
+            else None,
             n_iters=n_iters,
             n_iters_first=n_iters_first,
         )
@@ -80,11 +82,18 @@ class SlotModel(nn.Module):
         self.token_grid = None
         if steve:
             if token_grid is None:
-                raise ValueError("the STEVE decoder (steve_decoder.enabled) needs the token grid (h, w)")
+                raise ValueError(
+                    "the STEVE decoder (steve_decoder.enabled) needs the token grid (h, w)"
+                )
             self.token_grid = tuple(token_grid)
             self.steve = SteveDecoder(
-                slot_dim, vocab_size, token_grid[0] * token_grid[1], steve_blocks, steve_heads,
-                steve_d_model, steve_dropout,
+                slot_dim,
+                vocab_size,
+                token_grid[0] * token_grid[1],
+                steve_blocks,
+                steve_heads,
+                steve_d_model,
+                steve_dropout,
             )
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
         if self.steve is None:
@@ -93,8 +102,9 @@ class SlotModel(nn.Module):
         self.ss_batch_contrast = ss_batch_contrast
 
     @classmethod
-    def from_config(cls, cfg: Any, feature_dim: int, num_tokens: int,
-                    token_grid: Optional[tuple[int, int]] = None) -> "SlotModel":
+    def from_config(
+        cls, cfg: Any, feature_dim: int, num_tokens: int, token_grid: tuple[int, int] | None = None
+    ) -> SlotModel:
         """Build from a full egoslots config (``model``, ``grouper``, ``predictor``,
         ``decoder``, ``steve_decoder``, ``losses``, ``dvae.vocab_size``)."""
         m, g, sd = cfg.model, cfg.grouper, cfg.steve_decoder
@@ -112,7 +122,9 @@ class SlotModel(nn.Module):
             predictor_heads=int(cfg.predictor.num_heads),
             predictor_ffn_ratio=int(cfg.predictor.ffn_ratio),
             # Not in the schema yet: "published" (SlotContrast's sqrt(head_dim)) | "standard".
-            predictor_attn_scale=str(OmegaConf.select(cfg, "predictor.attn_scale", default="published")),
+            predictor_attn_scale=str(
+                OmegaConf.select(cfg, "predictor.attn_scale", default="published")
+            ),
             decoder_hidden_dims=tuple(int(h) for h in cfg.decoder.hidden_dims),
             steve=bool(sd.enabled),
             vocab_size=int(cfg.dvae.vocab_size),
@@ -126,8 +138,12 @@ class SlotModel(nn.Module):
             ss_batch_contrast=bool(cfg.losses.loss_ss.batch_contrast),
         )
 
-    def forward(self, features: torch.Tensor, tokens: Optional[torch.Tensor] = None,
-                init_state: Optional[torch.Tensor] = None) -> dict:
+    def forward(
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        init_state: torch.Tensor | None = None,
+    ) -> dict:
         """features (B, T, N, F); tokens (B, T, h, w) int ids (the STEVE decoder runs only when
         they are given, so evaluation may leave them out); init_state (B, K, D): slots carried
         from the previous window (its ``next_state``). Every frame of a window that starts from
@@ -159,8 +175,9 @@ class SlotModel(nn.Module):
             }
         return outputs
 
-    def losses(self, outputs: dict,
-               gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
+    def losses(
+        self, outputs: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> dict:
         """Enabled losses and ``loss`` = their sum weighted by ``model.loss_weights``.
 
         A loss whose weight is 0 is not computed (nor returned). ``gather`` is passed to the
@@ -182,7 +199,9 @@ class SlotModel(nn.Module):
                     "the STEVE decoder is on (steve_decoder.enabled) but forward() got no tokens: "
                     "pass the cached dVAE token ids to train it"
                 )
-            out["loss_steve_ce"] = loss_steve_ce(outputs["steve"]["logits"], outputs["dvae"]["z_hard"])
+            out["loss_steve_ce"] = loss_steve_ce(
+                outputs["steve"]["logits"], outputs["dvae"]["z_hard"]
+            )
         if not out:
             raise ValueError("every loss weight in model.loss_weights is 0: nothing to train")
         out["loss"] = sum(w[name] * value for name, value in out.items())

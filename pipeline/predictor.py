@@ -30,8 +30,9 @@ class SlotPredictor(nn.Module):
     published numbers; ``"standard"`` uses the usual 1/sqrt(head_dim).
     """
 
-    def __init__(self, dim: int, num_heads: int = 4, ffn_ratio: int = 4,
-                 attn_scale: str = "published"):
+    def __init__(
+        self, dim: int, num_heads: int = 4, ffn_ratio: int = 4, attn_scale: str = "published"
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"slot dim {dim} is not divisible by predictor.num_heads={num_heads}")
@@ -71,8 +72,13 @@ class SlotScan(nn.Module):
     gives the same slots as running it in one go.
     """
 
-    def __init__(self, corrector: SlotAttention, predictor: nn.Module | None,
-                 n_iters: int = 2, n_iters_first: int = 3):
+    def __init__(
+        self,
+        corrector: SlotAttention,
+        predictor: nn.Module | None,
+        n_iters: int = 2,
+        n_iters_first: int = 3,
+    ):
         super().__init__()
         self.corrector = corrector
         self.predictor = predictor

@@ -14,8 +14,6 @@ fingerprint: bump ``PREPROCESS_VERSION`` whenever a change here changes output b
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from torchvision.transforms.v2 import InterpolationMode
@@ -59,8 +57,9 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     return _square(image, size, InterpolationMode.NEAREST_EXACT)[0].contiguous()
 
 
-def preprocess_frame(rgb: np.ndarray, mask: Optional[np.ndarray], input_size: int, frame_size: int,
-                     hflip: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def preprocess_frame(
+    rgb: np.ndarray, mask: np.ndarray | None, input_size: int, frame_size: int, hflip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One decoded frame -> (ViT input (3, I, I), cached frame (S, S, 3), cached mask (S, S) | None).
 
     ``hflip`` mirrors all three (the centre crop is symmetric, so flipping after cropping is

@@ -17,7 +17,7 @@ majority class (categorical) or the train mean (numeric) scored the same way. Pu
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,7 +27,9 @@ from pipeline import metrics
 SKIP_KEYS = {"id", "label", "name"}
 
 
-def match_objects(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slots: int) -> dict[int, int]:
+def match_objects(
+    pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slots: int
+) -> dict[int, int]:
     """Hungarian matching of present objects to slots by IoU over the video: {object label: slot}."""
     from scipy.optimize import linear_sum_assignment
 
@@ -43,7 +45,7 @@ def match_objects(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slot
 class SampleCollector:
     """Gathers (slot vector, attributes) samples per split from evaluated videos."""
 
-    def __init__(self, read_attributes: Callable[[str], Optional[dict]], num_slots: int):
+    def __init__(self, read_attributes: Callable[[str], dict | None], num_slots: int):
         self.read_attributes = read_attributes
         self.num_slots = num_slots
         self.samples = {"train": [], "test": []}
@@ -64,15 +66,20 @@ class SampleCollector:
         masks = result["masks"].get("model_decoder", result["masks"].get("model_attention"))
         true = item["masks"].long()  # (T, H, W)
         pred = metrics.masks_to_labels(masks, tuple(true.shape[-2:]))
-        self.samples[split].extend(video_samples(result["slots"], pred, true, objects, self.num_slots))
+        self.samples[split].extend(
+            video_samples(result["slots"], pred, true, objects, self.num_slots)
+        )
 
 
-def video_samples(slots: torch.Tensor, pred: torch.Tensor, true: torch.Tensor, objects: list[dict],
-                  num_slots: int) -> list[tuple[np.ndarray, dict]]:
+def video_samples(
+    slots: torch.Tensor, pred: torch.Tensor, true: torch.Tensor, objects: list[dict], num_slots: int
+) -> list[tuple[np.ndarray, dict]]:
     """(slot vector at t, attributes) for every matched object and frame t where it is visible."""
     match = match_objects(pred, true, num_slots)
     t = true.shape[0]
-    visible = torch.stack([torch.bincount(true[i].flatten(), minlength=256)[:256] > 0 for i in range(t)])  # (T, 256)
+    visible = torch.stack(
+        [torch.bincount(true[i].flatten(), minlength=256)[:256] > 0 for i in range(t)]
+    )  # (T, 256)
     out = []
     for obj in objects:
         label = obj.get("id")
@@ -104,7 +111,12 @@ def split_attributes(obj: dict, num_frames: int) -> tuple[dict, dict]:
             if "id" in value:
                 static[key] = value["id"]
             continue
-        if isinstance(value, list) and len(value) == num_frames and value and isinstance(value[0], list):
+        if (
+            isinstance(value, list)
+            and len(value) == num_frames
+            and value
+            and isinstance(value[0], list)
+        ):
             per_frame[key[:-1] if key.endswith("s") else key] = value
         else:
             static[key] = value
@@ -150,8 +162,9 @@ def r2_score(y: torch.Tensor, pred: torch.Tensor) -> float:
     return float((1 - sse[keep] / sst[keep]).mean())
 
 
-def fit_softmax(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3,
-                steps: int = 200) -> "SoftmaxProbe":
+def fit_softmax(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3, steps: int = 200
+) -> SoftmaxProbe:
     """Multinomial logistic regression (L2 on the weights), fit with scipy's L-BFGS-B.
 
     scipy rather than torch.optim: importing torch.optim pulls in torch._dynamo (seconds).
@@ -169,13 +182,21 @@ def fit_softmax(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
-        loss = -np.log(np.clip((p * onehot).sum(1), 1e-300, None)).mean() + weight_decay * (w[:-1] ** 2).sum()
+        loss = (
+            -np.log(np.clip((p * onehot).sum(1), 1e-300, None)).mean()
+            + weight_decay * (w[:-1] ** 2).sum()
+        )
         grad = xb.T @ (p - onehot) / n
         grad[:-1] += 2 * weight_decay * w[:-1]
         return loss, grad.ravel()
 
-    res = minimize(loss_and_grad, np.zeros((d + 1) * num_classes), jac=True, method="L-BFGS-B",
-                   options={"maxiter": steps})
+    res = minimize(
+        loss_and_grad,
+        np.zeros((d + 1) * num_classes),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": steps},
+    )
     return SoftmaxProbe(torch.from_numpy(res.x.reshape(d + 1, num_classes)))
 
 
@@ -213,19 +234,32 @@ def fit_and_score(train: list, test: list, seed: int = 0, min_samples: int = 4) 
                 pred = torch.zeros_like(y_test)
             else:
                 pred = fit_softmax(xi, y_train, len(classes))(xt).argmax(1)
-            out[name] = {"measure": "accuracy", "score": float((pred == y_test).double().mean()),
-                         "chance": float((y_test == majority).double().mean()), "classes": len(classes),
-                         "n_train": len(tr), "n_test": len(te)}
+            out[name] = {
+                "measure": "accuracy",
+                "score": float((pred == y_test).double().mean()),
+                "chance": float((y_test == majority).double().mean()),
+                "classes": len(classes),
+                "n_train": len(tr),
+                "n_test": len(te),
+            }
         else:
             try:
-                y_train = torch.from_numpy(np.stack([np.ravel(np.asarray(v, dtype=np.float64)) for _, v in tr]))
-                y_test = torch.from_numpy(np.stack([np.ravel(np.asarray(v, dtype=np.float64)) for _, v in te]))
+                y_train = torch.from_numpy(
+                    np.stack([np.ravel(np.asarray(v, dtype=np.float64)) for _, v in tr])
+                )
+                y_test = torch.from_numpy(
+                    np.stack([np.ravel(np.asarray(v, dtype=np.float64)) for _, v in te])
+                )
             except (TypeError, ValueError):
                 continue  # ragged or non-numeric: not a probe target
             w = fit_ridge(xi, y_train, choose_lambda(xi, y_train))
-            out[name] = {"measure": "R^2", "score": r2_score(y_test, predict_linear(w, xt)),
-                         "chance": r2_score(y_test, y_train.mean(0).expand_as(y_test)),
-                         "n_train": len(tr), "n_test": len(te)}
+            out[name] = {
+                "measure": "R^2",
+                "score": r2_score(y_test, predict_linear(w, xt)),
+                "chance": r2_score(y_test, y_train.mean(0).expand_as(y_test)),
+                "n_train": len(tr),
+                "n_test": len(te),
+            }
     if not out:
         return {"skipped": "no attribute had enough matched samples"}
     return {"attributes": out, "n_train": len(train), "n_test": len(test)}

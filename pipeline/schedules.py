@@ -9,7 +9,7 @@ exponential decay that halves the rate by ``max_steps``:
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 
 def warmup_exp_decay(step: int, warmup_steps: int, max_steps: int, decay: bool = True) -> float:
@@ -25,5 +25,9 @@ def warmup_exp_decay(step: int, warmup_steps: int, max_steps: int, decay: bool =
 def lr_factor(warmup_steps: int, max_steps: int, decay: bool = True) -> Callable[[int], float]:
     """A picklable ``step -> factor`` function for ``torch.optim.lr_scheduler.LambdaLR``."""
     if warmup_steps < 0 or max_steps < 1:
-        raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1 (got {warmup_steps}, {max_steps})")
-    return functools.partial(warmup_exp_decay, warmup_steps=warmup_steps, max_steps=max_steps, decay=decay)
+        raise ValueError(
+            f"need warmup_steps >= 0 and max_steps >= 1 (got {warmup_steps}, {max_steps})"
+        )
+    return functools.partial(
+        warmup_exp_decay, warmup_steps=warmup_steps, max_steps=max_steps, decay=decay
+    )

@@ -61,8 +61,11 @@ class GaussianInit(nn.Module):
 
     def forward(self, batch_size: int) -> torch.Tensor:
         noise = torch.randn(
-            batch_size, self.num_slots, self.mean.shape[-1],
-            device=self.mean.device, dtype=self.mean.dtype,
+            batch_size,
+            self.num_slots,
+            self.mean.shape[-1],
+            device=self.mean.device,
+            dtype=self.mean.dtype,
         )
         return self.mean + self.log_std.exp() * noise  # (B, K, D)
 

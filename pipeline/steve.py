@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _linear(d_in: int, d_out: int, bias: bool = True, gain: float = 1.0,
-            kaiming: bool = False) -> nn.Linear:
+def _linear(
+    d_in: int, d_out: int, bias: bool = True, gain: float = 1.0, kaiming: bool = False
+) -> nn.Linear:
     layer = nn.Linear(d_in, d_out, bias=bias)
     if kaiming:
         nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
@@ -47,7 +48,9 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, dropout: float, gain: float):
         super().__init__()
         if d_model % num_heads:
-            raise ValueError(f"steve_decoder.d_model={d_model} is not divisible by num_heads={num_heads}")
+            raise ValueError(
+                f"steve_decoder.d_model={d_model} is not divisible by num_heads={num_heads}"
+            )
         self.num_heads = num_heads
         self.dropout = dropout
         self.proj_q = _linear(d_model, d_model, bias=False)
@@ -114,8 +117,16 @@ class DecoderBlock(nn.Module):
 class SteveDecoder(nn.Module):
     """Slots (B, K, D) + token ids (B, h, w) -> next-token logits (B, h*w, V), masks (B, K, h*w)."""
 
-    def __init__(self, slot_dim: int, vocab_size: int, num_tokens: int, num_blocks: int = 8,
-                 num_heads: int = 4, d_model: int = 192, dropout: float = 0.1):
+    def __init__(
+        self,
+        slot_dim: int,
+        vocab_size: int,
+        num_tokens: int,
+        num_blocks: int = 8,
+        num_heads: int = 4,
+        d_model: int = 192,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.vocab_size = vocab_size
         self.num_tokens = num_tokens
@@ -137,7 +148,9 @@ class SteveDecoder(nn.Module):
         B = tokens.shape[0]
         ids = tokens.reshape(B, -1).long()  # (B, L), L = h*w
         if ids.shape[1] != self.num_tokens:
-            raise ValueError(f"STEVE decoder built for {self.num_tokens} tokens, got {ids.shape[1]}")
+            raise ValueError(
+                f"STEVE decoder built for {self.num_tokens} tokens, got {ids.shape[1]}"
+            )
         bos = ids.new_full((B, 1), self.vocab_size)
         x = self.embed(torch.cat([bos, ids[:, :-1]], dim=1))  # (B, L, d): last position dropped
         x = self.pos_dropout(x + self.pos_emb[:, :-1])  # (B, L, d)

@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import click
 
 from cache.location import Location, as_location, name_of
-from cache.store import FeatureStore, StoreError, directory_size, list_stores, remove_store, stores_dir
+from cache.store import (
+    FeatureStore,
+    StoreError,
+    directory_size,
+    list_stores,
+    remove_store,
+    stores_dir,
+)
 
 DEFAULT_WORK_DIR = "./egoslots-work"
 
 
-def find_store(name: str, work_dir: str, store_dir: Optional[str] = None) -> Location:
+def find_store(name: str, work_dir: str, store_dir: str | None = None) -> Location:
     """A STORE argument as a location: a URL, an existing path, or a fingerprint (prefix) in the
     stores folder (``store_dir``, else work_dir/stores)."""
     if "://" in name:
@@ -30,15 +36,20 @@ def find_store(name: str, work_dir: str, store_dir: Optional[str] = None) -> Loc
     try:
         stores = list_stores(folder)
     except Exception as err:  # noqa: BLE001 - an unreachable remote folder
-        raise click.ClickException(f"cannot list the stores in {folder}: {type(err).__name__}: {err}") from err
+        raise click.ClickException(
+            f"cannot list the stores in {folder}: {type(err).__name__}: {err}"
+        ) from err
     candidates = [p for p in stores if name_of(p).startswith(name)]
     if len(candidates) == 1:
         return candidates[0]
     if len(candidates) > 1:
-        raise click.ClickException(f"'{name}' matches several stores: {', '.join(name_of(p) for p in candidates)}")
+        raise click.ClickException(
+            f"'{name}' matches several stores: {', '.join(name_of(p) for p in candidates)}"
+        )
     have = ", ".join(name_of(p) for p in stores) or "none"
-    raise click.ClickException(f"no store '{name}' (not a path, and no such fingerprint in {folder}; "
-                               f"stores there: {have})")
+    raise click.ClickException(
+        f"no store '{name}' (not a path, and no such fingerprint in {folder}; stores there: {have})"
+    )
 
 
 def _open(path: Location, mode: str = "r") -> FeatureStore:
@@ -56,10 +67,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-work_dir_option = click.option("--work-dir", default=DEFAULT_WORK_DIR, show_default=True,
-                               help="Work directory whose stores/ a fingerprint refers to.")
-store_dir_option = click.option("--store-dir", default=None,
-                                help="Stores folder or URL (s3://bucket/prefix) instead of WORK_DIR/stores.")
+work_dir_option = click.option(
+    "--work-dir",
+    default=DEFAULT_WORK_DIR,
+    show_default=True,
+    help="Work directory whose stores/ a fingerprint refers to.",
+)
+store_dir_option = click.option(
+    "--store-dir",
+    default=None,
+    help="Stores folder or URL (s3://bucket/prefix) instead of WORK_DIR/stores.",
+)
 
 
 @click.group(name="cache", epilog="\b\nExample:\n  egoslots cache ls ./egoslots-work")
@@ -70,13 +88,15 @@ def cache():
 @cache.command(name="ls", epilog="\b\nExample:\n  egoslots cache ls ./egoslots-work")
 @click.argument("work_dir", required=False, default=DEFAULT_WORK_DIR)
 @store_dir_option
-def ls(work_dir: str, store_dir: Optional[str]):
+def ls(work_dir: str, store_dir: str | None):
     """Stores under WORK_DIR/stores (or --store-dir): fingerprint, state, size, backbone, frames, dtype."""
     folder = stores_dir(work_dir, store_dir)
     try:
         paths = list_stores(folder)
     except Exception as err:  # noqa: BLE001 - an unreachable remote folder
-        raise click.ClickException(f"cannot list the stores in {folder}: {type(err).__name__}: {err}") from err
+        raise click.ClickException(
+            f"cannot list the stores in {folder}: {type(err).__name__}: {err}"
+        ) from err
     if not paths:
         click.echo(f"no stores in {folder}")
         return
@@ -86,22 +106,29 @@ def ls(work_dir: str, store_dir: Optional[str]):
         try:
             st = FeatureStore.open(path, require_complete=False)
         except StoreError as err:
-            click.echo(f"{name_of(path):<18} {'unreadable':<14} {human_bytes(directory_size(path)):>10} ({err})")
+            click.echo(
+                f"{name_of(path):<18} {'unreadable':<14} {human_bytes(directory_size(path)):>10} ({err})"
+            )
             continue
         done, total = st.progress()
         state = "complete" if st.complete else f"{done}/{total} chunks"
         backbone = str(st.meta.get("backbone", {}).get("name", "?"))
-        click.echo(f"{st.fingerprint:<18} {state:<14} {human_bytes(directory_size(path)):>10} {backbone:<28} "
-                   f"{len(st.videos):>7} {st.num_frames:>9} {st.meta.get('feature_dtype', '?'):<8} "
-                   f"{st.meta.get('created', '?')}")
+        click.echo(
+            f"{st.fingerprint:<18} {state:<14} {human_bytes(directory_size(path)):>10} {backbone:<28} "
+            f"{len(st.videos):>7} {st.num_frames:>9} {st.meta.get('feature_dtype', '?'):<8} "
+            f"{st.meta.get('created', '?')}"
+        )
 
 
-@cache.command(name="info", epilog="\b\nExample:\n  egoslots cache info 1432a78eda16b802 --work-dir ./egoslots-work")
+@cache.command(
+    name="info",
+    epilog="\b\nExample:\n  egoslots cache info 1432a78eda16b802 --work-dir ./egoslots-work",
+)
 @click.argument("store")
 @work_dir_option
 @store_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print every attribute as JSON.")
-def info(store: str, work_dir: str, store_dir: Optional[str], as_json: bool):
+def info(store: str, work_dir: str, store_dir: str | None, as_json: bool):
     """Summary of one store's attributes (STORE: path, URL or fingerprint)."""
     st = _open(find_store(store, work_dir, store_dir))
     meta = st.meta
@@ -118,17 +145,32 @@ def info(store: str, work_dir: str, store_dir: Optional[str], as_json: bool):
         ("fingerprint", st.fingerprint),
         ("state", "complete" if st.complete else f"incomplete: {done}/{total} chunks done"),
         ("created / finished", f"{meta.get('created')} / {meta.get('finished', '-')}"),
-        ("backbone", f"{bb.get('name')} (input {bb.get('input_size')} px, patch {bb.get('patch_size')}, "
-                     f"checkpoint sha256 {str(bb.get('checkpoint_sha256'))[:12]})"),
-        ("features", f"{st.num_frames} x {meta['num_tokens']} x {st.feature_dim} {meta['feature_dtype']} "
-                     f"(grid {st.grid[0]}x{st.grid[1]}, computed in {meta.get('compute_dtype')})"),
-        ("frames / masks", f"{st.frame_size}x{st.frame_size} RGB uint8 / {'yes' if st.has_masks else 'none'}"),
-        ("videos", f"{len(st.videos)} rows ({', '.join(f'{k} {n}' for k, n in sorted(splits.items()))}), "
-                   f"hflip {meta.get('hflip', 'none')}"),
+        (
+            "backbone",
+            f"{bb.get('name')} (input {bb.get('input_size')} px, patch {bb.get('patch_size')}, "
+            f"checkpoint sha256 {str(bb.get('checkpoint_sha256'))[:12]})",
+        ),
+        (
+            "features",
+            f"{st.num_frames} x {meta['num_tokens']} x {st.feature_dim} {meta['feature_dtype']} "
+            f"(grid {st.grid[0]}x{st.grid[1]}, computed in {meta.get('compute_dtype')})",
+        ),
+        (
+            "frames / masks",
+            f"{st.frame_size}x{st.frame_size} RGB uint8 / {'yes' if st.has_masks else 'none'}",
+        ),
+        (
+            "videos",
+            f"{len(st.videos)} rows ({', '.join(f'{k} {n}' for k, n in sorted(splits.items()))}), "
+            f"hflip {meta.get('hflip', 'none')}",
+        ),
         ("skipped videos", str(len(meta.get("skipped_videos") or []))),
-        ("layout", f"chunk {st.chunk_len} frames (one shard file per array), inner chunk "
-                   f"{meta.get('inner_chunk_len')} frames, compressor {meta.get('compressor')}, "
-                   f"crc32c {'on' if meta.get('checksum') else 'off'}"),
+        (
+            "layout",
+            f"chunk {st.chunk_len} frames (one shard file per array), inner chunk "
+            f"{meta.get('inner_chunk_len')} frames, compressor {meta.get('compressor')}, "
+            f"crc32c {'on' if meta.get('checksum') else 'off'}",
+        ),
         ("tokens", ", ".join(st.token_group_names()) or "none"),
         ("size on disk", human_bytes(directory_size(st.path))),
         ("versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())),
@@ -138,14 +180,20 @@ def info(store: str, work_dir: str, store_dir: Optional[str], as_json: bool):
         click.echo(f"{key:<{width}}  {value}")
 
 
-@cache.command(name="verify", epilog="\b\nExample:\n  egoslots cache verify ./egoslots-work/stores/1432a78eda16b802.zarr")
+@cache.command(
+    name="verify",
+    epilog="\b\nExample:\n  egoslots cache verify ./egoslots-work/stores/1432a78eda16b802.zarr",
+)
 @click.argument("store")
 @work_dir_option
 @store_dir_option
-@click.option("--repair", is_flag=True,
-              help="Mark the chunks with bad data as not written, so rerunning extract-features / tokenize "
-                   "rewrites exactly those chunks.")
-def verify(store: str, work_dir: str, store_dir: Optional[str], repair: bool):
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Mark the chunks with bad data as not written, so rerunning extract-features / tokenize "
+    "rewrites exactly those chunks.",
+)
+def verify(store: str, work_dir: str, store_dir: str | None, repair: bool):
     """Check every chunk is flagged done, present, uncorrupted and finite; exit 1 naming each fault.
 
     With --repair, chunks with bad data are flagged not written (the store becomes incomplete)
@@ -155,8 +203,10 @@ def verify(store: str, work_dir: str, store_dir: Optional[str], repair: bool):
 
     st = _open(find_store(store, work_dir, store_dir), mode="r+" if repair else "r")
     if repair and not st.complete:  # a writer may still be at work: repairing beside it could race
-        raise click.ClickException(f"{st.path} is incomplete: --repair works on finished stores. Finish it first "
-                                   "(rerun `egoslots extract-features CONFIG`; stop any other writer), then verify again")
+        raise click.ClickException(
+            f"{st.path} is incomplete: --repair works on finished stores. Finish it first "
+            "(rerun `egoslots extract-features CONFIG`; stop any other writer), then verify again"
+        )
     _, total = st.progress()
     with tqdm(total=total, unit="chunk", desc=f"verify {st.fingerprint}", leave=False) as bar:
         problems = st.verify(progress=lambda _chunk: bar.update(1))
@@ -168,23 +218,35 @@ def verify(store: str, work_dir: str, store_dir: Optional[str], repair: bool):
             unflagged = st.forget_chunks(problems)
             rerun = []
             if "done" in unflagged:
-                rerun.append(f"`egoslots extract-features CONFIG` (the config that made it) to rewrite chunk(s) "
-                             f"{', '.join(map(str, unflagged['done']))}")
+                rerun.append(
+                    f"`egoslots extract-features CONFIG` (the config that made it) to rewrite chunk(s) "
+                    f"{', '.join(map(str, unflagged['done']))}"
+                )
             for flags, chunks in unflagged.items():
                 if flags != "done":
-                    rerun.append(f"`egoslots tokenize RUN` (the dVAE run of {flags.split('/')[1]}) to rewrite "
-                                 f"token chunk(s) {', '.join(map(str, chunks))}")
-            raise click.ClickException(f"{st.path}: {len(problems)} problem(s); marked the bad chunk(s) as not "
-                                       "written. Now run " + " and ".join(rerun))
+                    rerun.append(
+                        f"`egoslots tokenize RUN` (the dVAE run of {flags.split('/')[1]}) to rewrite "
+                        f"token chunk(s) {', '.join(map(str, chunks))}"
+                    )
+            raise click.ClickException(
+                f"{st.path}: {len(problems)} problem(s); marked the bad chunk(s) as not "
+                "written. Now run " + " and ".join(rerun)
+            )
         if bad:
-            hint = (f"run `egoslots cache verify {st.path} --repair`, then rerun the command that wrote them, to "
-                    f"rewrite chunk(s) {', '.join(map(str, bad))}")
+            hint = (
+                f"run `egoslots cache verify {st.path} --repair`, then rerun the command that wrote them, to "
+                f"rewrite chunk(s) {', '.join(map(str, bad))}"
+            )
         elif not st.complete or any("not flagged done" in p.text for p in problems):
-            hint = "rerun `egoslots extract-features CONFIG` (or `egoslots tokenize RUN`) to finish it"
+            hint = (
+                "rerun `egoslots extract-features CONFIG` (or `egoslots tokenize RUN`) to finish it"
+            )
         else:
             hint = "the video table is damaged: re-extract (`egoslots extract-features CONFIG --overwrite`)"
         raise click.ClickException(f"{st.path}: {len(problems)} problem(s) found; {hint}")
-    click.echo(f"{st.path}: OK ({total} chunks, {st.num_frames} frames, arrays {', '.join(st.data_arrays())})")
+    click.echo(
+        f"{st.path}: OK ({total} chunks, {st.num_frames} frames, arrays {', '.join(st.data_arrays())})"
+    )
 
 
 @cache.command(name="rm", epilog="\b\nExample:\n  egoslots cache rm 1432a78eda16b802 --yes")
@@ -192,7 +254,7 @@ def verify(store: str, work_dir: str, store_dir: Optional[str], repair: bool):
 @work_dir_option
 @store_dir_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def rm(store: str, work_dir: str, store_dir: Optional[str], yes: bool):
+def rm(store: str, work_dir: str, store_dir: str | None, yes: bool):
     """Delete a store (asks first unless --yes)."""
     path = find_store(store, work_dir, store_dir)
     try:

@@ -55,7 +55,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     errors = [ConfigError, SourceError, StoreError, BackboneError]
     # Training stops on a NaN/Inf loss name the step; they are imported only when one is raised.
-    for module, name in (("stages.dvae", "TrainingDiverged"), ("stages.train_slots", "NonFiniteLossError")):
+    for module, name in (
+        ("stages.dvae", "TrainingDiverged"),
+        ("stages.train_slots", "NonFiniteLossError"),
+    ):
         mod = sys.modules.get(module)
         if mod is not None:
             errors.append(getattr(mod, name))
@@ -64,7 +67,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def setup_logging(level: int = logging.INFO) -> None:
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+        )
     # Lightning advertises a cloud logger on every Trainer start; not something our users need.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())

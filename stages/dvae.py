@@ -38,9 +38,9 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence
 
 import click
 import lightning as L
@@ -147,7 +147,7 @@ class FrameDataset(Dataset):
     def __init__(self, store: FeatureStore, rows: np.ndarray):
         self.path = str(store.path)
         self.rows = np.asarray(rows, dtype=np.int64)
-        self._store: Optional[FeatureStore] = None  # opened on first use, in whichever process reads
+        self._store: FeatureStore | None = None  # opened on first use, in whichever process reads
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -156,7 +156,9 @@ class FrameDataset(Dataset):
         if self._store is None:
             self._store = FeatureStore.open(self.path)
         row = int(self.rows[index])
-        return torch.from_numpy(np.ascontiguousarray(self._store.read_rows("frames", row, row + 1)[0]))
+        return torch.from_numpy(
+            np.ascontiguousarray(self._store.read_rows("frames", row, row + 1)[0])
+        )
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -168,7 +170,11 @@ def training_rows(store: FeatureStore) -> np.ndarray:
     """Frame rows of the train split (flipped variants included); all rows if it is empty."""
     videos = store.videos_in("train", hflip=None)
     if not videos:
-        log.warning("%s has no train-split videos: the dVAE trains on all %d frames", store.path, store.num_frames)
+        log.warning(
+            "%s has no train-split videos: the dVAE trains on all %d frames",
+            store.path,
+            store.num_frames,
+        )
         videos = store.videos_in(None, hflip=None)
     return np.concatenate([np.arange(v.first, v.stop) for v in videos])
 
@@ -179,21 +185,38 @@ def training_rows(store: FeatureStore) -> np.ndarray:
 class DVAETask(L.LightningModule):
     """One training step of the dVAE: Gumbel-softmax reconstruction (+ optional prior / GECO)."""
 
-    def __init__(self, vocab_size: int, hidden: int, frame_size: int, lr: float, tau_start: float,
-                 tau_final: float, tau_steps: int, kl_weight: float = 0.0, geco: Optional[dict] = None,
-                 image_every: int = 1000, seed: int = 0):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden: int,
+        frame_size: int,
+        lr: float,
+        tau_start: float,
+        tau_final: float,
+        tau_steps: int,
+        kl_weight: float = 0.0,
+        geco: dict | None = None,
+        image_every: int = 1000,
+        seed: int = 0,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.dvae = DVAE(vocab_size, hidden)
         self.geco = None
         if geco and geco.get("enabled"):
-            self.geco = Geco(geco["target"], frame_size * frame_size * 3, eta=geco["eta"], ema=geco["ema"],
-                             warmup_steps=geco["warmup_steps"], beta_init=geco["beta_init"],
-                             beta_min=geco["beta_min"])
+            self.geco = Geco(
+                geco["target"],
+                frame_size * frame_size * 3,
+                eta=geco["eta"],
+                ema=geco["ema"],
+                warmup_steps=geco["warmup_steps"],
+                beta_init=geco["beta_init"],
+                beta_min=geco["beta_min"],
+            )
         # First step whose loss was not finite (-1: none). Kept on the device so that watching
         # it costs no synchronisation; read before every checkpoint and every few steps.
         self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
-        self.frames: Optional[FrameDataset] = None  # set by _train(), read by train_dataloader()
+        self.frames: FrameDataset | None = None  # set by _train(), read by train_dataloader()
         self.loader: dict = {}  # batch_size, num_workers, max_steps
 
     @property
@@ -216,12 +239,25 @@ class DVAETask(L.LightningModule):
         o = self.loader
         batch, workers = int(o["batch_size"]), int(o["num_workers"])
         start = self.trainer.global_step if self._trainer is not None else 0
-        sampler = ResumableRandomSampler(len(self.frames), total=int(o["max_steps"]) * batch, seed=self.seed,
-                                         start=min(start, int(o["max_steps"])) * batch, batch=batch,
-                                         rank=self.global_rank, world=self.world)
-        return DataLoader(self.frames, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                          worker_init_fn=ignore_sigterm_in_worker if workers > 0 else None)
+        sampler = ResumableRandomSampler(
+            len(self.frames),
+            total=int(o["max_steps"]) * batch,
+            seed=self.seed,
+            start=min(start, int(o["max_steps"])) * batch,
+            batch=batch,
+            rank=self.global_rank,
+            world=self.world,
+        )
+        return DataLoader(
+            self.frames,
+            batch_size=batch,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_sigterm_in_worker if workers > 0 else None,
+        )
 
     def gumbel_noise(self, log_probs: torch.Tensor, step: int) -> torch.Tensor:
         """Gumbel(0, 1) noise like ``log_probs`` (B, V, h, w), one seeded generator per frame.
@@ -231,7 +267,9 @@ class DVAETask(L.LightningModule):
         one uninterrupted process draws.
         """
         batch = log_probs.shape[0]
-        first = (step * self.world + self.global_rank) * batch  # global position of this rank's frame 0
+        first = (
+            step * self.world + self.global_rank
+        ) * batch  # global position of this rank's frame 0
         noise = torch.empty_like(log_probs)
         for i in range(batch):
             g = torch.Generator(device=log_probs.device).manual_seed((self.seed << 40) + first + i)
@@ -241,7 +279,9 @@ class DVAETask(L.LightningModule):
     def sample(self, frames: torch.Tensor, tau: float, step: int) -> DVAEOutput:
         """DVAE.forward with :meth:`gumbel_noise` in place of F.gumbel_softmax's global RNG."""
         log_probs = self.dvae.log_probs(frames)  # (B, V, h, w)
-        z_soft = ((log_probs + self.gumbel_noise(log_probs, step)) / tau).softmax(dim=1)  # (B, V, h, w)
+        z_soft = ((log_probs + self.gumbel_noise(log_probs, step)) / tau).softmax(
+            dim=1
+        )  # (B, V, h, w)
         ids = z_soft.detach().argmax(dim=1)  # (B, h, w)
         return DVAEOutput(recon=self.dvae.decoder(z_soft), log_probs=log_probs, ids=ids)
 
@@ -275,11 +315,17 @@ class DVAETask(L.LightningModule):
         perplexity, used = code_usage(out.ids, self.hparams.vocab_size)
         self.log("train/loss_dvae_recon", recon, prog_bar=True, sync_dist=sync)
         self.log("train/loss", loss, sync_dist=sync)
-        self.log("train/mse", recon / frames[0].numel(), sync_dist=sync)  # per pixel value, comparable across sizes
+        self.log(
+            "train/mse", recon / frames[0].numel(), sync_dist=sync
+        )  # per pixel value, comparable across sizes
         self.log("train/tau", tau, prog_bar=True)
         self.log("train/perplexity", perplexity, sync_dist=sync)
         self.log("train/codes_used", used, sync_dist=sync)
-        if self.hparams.image_every and step % self.hparams.image_every == 0 and self.global_rank == 0:
+        if (
+            self.hparams.image_every
+            and step % self.hparams.image_every == 0
+            and self.global_rank == 0
+        ):
             self._log_pictures(frames, out.recon, step)
         return loss
 
@@ -300,7 +346,9 @@ class DVAETask(L.LightningModule):
     # -------------------------------------------------------------- NaN / Inf watch
     def _watch(self, loss: torch.Tensor, step: int) -> None:
         bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+        self.first_bad_step = torch.where(
+            bad & (self.first_bad_step < 0), step, self.first_bad_step
+        )
 
     def check_finite(self, all_ranks: bool = True) -> None:
         """Raise TrainingDiverged if the loss was ever NaN/Inf. Under DDP every rank checks at the
@@ -313,7 +361,10 @@ class DVAETask(L.LightningModule):
             )
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.device.type == "cpu" or self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        if (
+            self.device.type == "cpu"
+            or self.global_step % max(1, self.trainer.log_every_n_steps) == 0
+        ):
             self.check_finite()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -321,7 +372,9 @@ class DVAETask(L.LightningModule):
 
     # -------------------------------------------------------------- pictures
     @torch.no_grad()
-    def _log_pictures(self, frames: torch.Tensor, recon: torch.Tensor, step: int, count: int = 8) -> None:
+    def _log_pictures(
+        self, frames: torch.Tensor, recon: torch.Tensor, step: int, count: int = 8
+    ) -> None:
         """Rows: input frames, reconstructions from the relaxed sample, from the argmax tokens."""
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image"):
@@ -355,7 +408,7 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -384,14 +437,15 @@ def finished(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> bool:
     info = _read_json(run_dir / "dvae.json")
     weights = run_dir / "dvae.pt"
     return bool(
-        info and weights.is_file()
+        info
+        and weights.is_file()
         and info.get("store") == store.fingerprint
         and int(info.get("steps", -1)) >= int(cfg.dvae.max_steps)
         and sha256_16(weights) == info.get("hash")
     )
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Optional[str]:
+def latest_checkpoint(ckpt_dir: Path) -> str | None:
     """The newest checkpoint that loads (``last.ckpt`` or a ``step=N.ckpt``), as train-slots
     picks it (:func:`stages.training.find_resume_checkpoint`); None if none."""
     path = find_resume_checkpoint(ckpt_dir)
@@ -402,12 +456,19 @@ def check_resume_checkpoint(path: Path, cfg: DictConfig) -> None:
     """A ``--resume`` checkpoint must be a pretrain-dvae checkpoint of this vocab_size / hidden."""
     hp = read_checkpoint(path).get("hyper_parameters") or {}
     if "vocab_size" not in hp or "hidden" not in hp:
-        raise StoreError(f"--resume {path} is not a pretrain-dvae checkpoint (no dVAE vocab_size / hidden in it)")
-    wrong = [f"dvae.{key}={hp[key]} (checkpoint) vs {cfg.dvae[key]}" for key in ARCHITECTURE_KEYS
-             if int(hp[key]) != int(cfg.dvae[key])]
+        raise StoreError(
+            f"--resume {path} is not a pretrain-dvae checkpoint (no dVAE vocab_size / hidden in it)"
+        )
+    wrong = [
+        f"dvae.{key}={hp[key]} (checkpoint) vs {cfg.dvae[key]}"
+        for key in ARCHITECTURE_KEYS
+        if int(hp[key]) != int(cfg.dvae[key])
+    ]
     if wrong:
-        raise ConfigError(f"--resume {path} holds another dVAE than this config: {', '.join(wrong)}; set those "
-                          "keys as they were for the checkpoint, or train without --resume")
+        raise ConfigError(
+            f"--resume {path} holds another dVAE than this config: {', '.join(wrong)}; set those "
+            "keys as they were for the checkpoint, or train without --resume"
+        )
 
 
 def export_weights(run_dir: Path, task: DVAETask, store: FeatureStore, steps: int) -> str:
@@ -419,17 +480,20 @@ def export_weights(run_dir: Path, task: DVAETask, store: FeatureStore, steps: in
     dvae_hash = sha256_16(tmp)
     tmp.replace(weights)
     size = store.frame_size
-    _write_json(run_dir / "dvae.json", {
-        "hash": dvae_hash,
-        "store": store.fingerprint,
-        "store_path": str(store.path),
-        "vocab_size": task.dvae.vocab_size,
-        "hidden": task.dvae.hidden,
-        "frame_size": size,
-        "token_grid": [size // PATCH, size // PATCH],
-        "steps": steps,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    _write_json(
+        run_dir / "dvae.json",
+        {
+            "hash": dvae_hash,
+            "store": store.fingerprint,
+            "store_path": str(store.path),
+            "vocab_size": task.dvae.vocab_size,
+            "hidden": task.dvae.hidden,
+            "frame_size": size,
+            "token_grid": [size // PATCH, size // PATCH],
+            "steps": steps,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
     return dvae_hash
 
 
@@ -453,15 +517,27 @@ def _device_settings(cfg: DictConfig) -> tuple[str, str]:
 def make_task(cfg: DictConfig, frame_size: int) -> DVAETask:
     d = cfg.dvae
     return DVAETask(
-        vocab_size=int(d.vocab_size), hidden=int(d.hidden), frame_size=frame_size, lr=float(d.lr),
-        tau_start=float(d.tau_start), tau_final=float(d.tau_final), tau_steps=int(d.tau_steps),
-        kl_weight=float(d.kl_weight), geco=OmegaConf.to_container(d.geco, resolve=True),
-        image_every=int(d.image_every), seed=int(cfg.seed),
+        vocab_size=int(d.vocab_size),
+        hidden=int(d.hidden),
+        frame_size=frame_size,
+        lr=float(d.lr),
+        tau_start=float(d.tau_start),
+        tau_final=float(d.tau_final),
+        tau_steps=int(d.tau_steps),
+        kl_weight=float(d.kl_weight),
+        geco=OmegaConf.to_container(d.geco, resolve=True),
+        image_every=int(d.image_every),
+        seed=int(cfg.seed),
     )
 
 
-def pretrain(cfg: DictConfig, resume: Optional[str | Path] = None, overwrite: bool = False,
-             callbacks: Sequence[Callback] = (), tokenize: bool = True) -> Path:
+def pretrain(
+    cfg: DictConfig,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    callbacks: Sequence[Callback] = (),
+    tokenize: bool = True,
+) -> Path:
     """Train the dVAE on the store's train frames, export it, tokenize the store; returns the run dir.
 
     Resumes from ``checkpoints/last.ckpt`` of the run directory (or ``resume``); returns at once
@@ -483,8 +559,12 @@ def pretrain(cfg: DictConfig, resume: Optional[str | Path] = None, overwrite: bo
         check_run_dir(run_dir, cfg, store)
 
     if resume is None and (zero or not overwrite) and finished(run_dir, cfg, store):
-        log.info("dVAE in %s is already trained for %d steps on store %s", run_dir, cfg.dvae.max_steps,
-                 store.fingerprint)
+        log.info(
+            "dVAE in %s is already trained for %d steps on store %s",
+            run_dir,
+            cfg.dvae.max_steps,
+            store.fingerprint,
+        )
     else:
         # an unwritable or full run directory: one error naming the file, checkpoints kept
         with output_writes(run_dir):
@@ -510,17 +590,30 @@ def _write_run_files(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> Non
     run_dir.mkdir(parents=True, exist_ok=True)
     RaisingCheckpointIO.remove_leftovers(run_dir / "checkpoints")
     save_resolved(cfg, run_dir / "config.yaml")
-    _write_json(run_dir / "inputs.json", {"store": str(store.path), "store_fingerprint": store.fingerprint})
+    _write_json(
+        run_dir / "inputs.json", {"store": str(store.path), "store_fingerprint": store.fingerprint}
+    )
 
 
-def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, run_dir: Path,
-           resume: Optional[str | Path], callbacks: Sequence[Callback]) -> Optional[str]:
+def _train(
+    cfg: DictConfig,
+    store: FeatureStore,
+    frame_size: int,
+    vocab: int,
+    run_dir: Path,
+    resume: str | Path | None,
+    callbacks: Sequence[Callback],
+) -> str | None:
     """Fit the dVAE (on every DDP rank); rank 0 exports dvae.pt and returns its hash."""
     d = cfg.dvae
     # Lightning warnings that are expected here: resuming mid-"epoch" is fine with random frames,
     # and a resumed run's checkpoint directory is of course not empty.
-    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    warnings.filterwarnings(
+        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*"
+    )
+    warnings.filterwarnings(
+        "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
+    )
     ckpt_dir = run_dir / "checkpoints"
     if resume and not Path(resume).is_file():
         raise StoreError(f"--resume {resume}: no such checkpoint file")
@@ -534,8 +627,11 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
     task = make_task(cfg, frame_size)
     # one "epoch" covers the whole run, so the progress bar counts steps to max_steps
     task.frames = FrameDataset(store, rows)
-    task.loader = {"batch_size": int(d.batch_size), "num_workers": int(d.num_workers),
-                   "max_steps": int(d.max_steps)}
+    task.loader = {
+        "batch_size": int(d.batch_size),
+        "num_workers": int(d.num_workers),
+        "max_steps": int(d.max_steps),
+    }
     trainer = L.Trainer(
         default_root_dir=run_dir,
         accelerator=accelerator,
@@ -546,11 +642,19 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
         precision=precision,
         max_steps=int(d.max_steps),
         max_epochs=-1,
-        logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False),
+        logger=TensorBoardLogger(
+            save_dir=str(run_dir), name="tb", version="", default_hp_metric=False
+        ),
         log_every_n_steps=int(d.log_every),
         callbacks=[
-            ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
-                            every_n_train_steps=int(d.ckpt_every), save_top_k=-1, save_last=True),
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="step={step}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=int(d.ckpt_every),
+                save_top_k=-1,
+                save_last=True,
+            ),
             sigterm := CheckpointOnSigterm(ckpt_dir, "egoslots pretrain-dvae"),
             *callbacks,
         ],
@@ -558,15 +662,26 @@ def _train(cfg: DictConfig, store: FeatureStore, frame_size: int, vocab: int, ru
         num_sanity_val_steps=0,
         plugins=[RaisingCheckpointIO()],  # a checkpoint that cannot be written stops the run
     )
-    log.info("dVAE: %d train frames of %d px, vocab %d, %d steps, %s, %s -> %s%s", len(rows), frame_size, vocab,
-             d.max_steps, accelerator, precision, run_dir, f" (resuming {ckpt})" if ckpt else "")
+    log.info(
+        "dVAE: %d train frames of %d px, vocab %d, %d steps, %s, %s -> %s%s",
+        len(rows),
+        frame_size,
+        vocab,
+        d.max_steps,
+        accelerator,
+        precision,
+        run_dir,
+        f" (resuming {ckpt})" if ckpt else "",
+    )
     try:
         trainer.fit(task, ckpt_path=ckpt, weights_only=True)
     except SIGTERMException:
         raise sigterm.stopped() from None
     task.check_finite(all_ranks=False)  # the ranks agreed at every check during training
     if trainer.global_step < int(d.max_steps):
-        raise TrainingDiverged(f"dVAE training stopped at step {trainer.global_step} of {d.max_steps}; rerun to resume")
+        raise TrainingDiverged(
+            f"dVAE training stopped at step {trainer.global_step} of {d.max_steps}; rerun to resume"
+        )
     if not trainer.is_global_zero:
         return None
     dvae_hash = export_weights(run_dir, task, store, trainer.global_step)
@@ -602,7 +717,9 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: Optional[str] = None) -> str:
+def tokenize_run(
+    run_dir: str | Path, batch_size: int | None = None, device: str | None = None
+) -> str:
     """Encode every cached frame of the run's store to argmax token ids; returns the dVAE hash.
 
     Writes ``tokens/<hash>/ids`` (F, h, w) uint16 chunk by chunk, each chunk's done flag after its
@@ -611,7 +728,9 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
     run_dir = Path(run_dir)
     info = _read_json(run_dir / "dvae.json")
     if info is None or not (run_dir / "dvae.pt").is_file():
-        raise StoreError(f"{run_dir} holds no trained dVAE (dvae.json / dvae.pt): run `egoslots pretrain-dvae CONFIG`")
+        raise StoreError(
+            f"{run_dir} holds no trained dVAE (dvae.json / dvae.pt): run `egoslots pretrain-dvae CONFIG`"
+        )
     dvae_hash = info["hash"]
     if sha256_16(run_dir / "dvae.pt") != dvae_hash:
         raise StoreError(
@@ -627,13 +746,19 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
     frame_size = check_frames(store)
     grid = (frame_size // PATCH, frame_size // PATCH)
     if list(grid) != list(info["token_grid"]):
-        raise StoreError(f"{store.path} caches {frame_size} px frames; the dVAE in {run_dir} expects "
-                         f"a token grid of {info['token_grid']}")
+        raise StoreError(
+            f"{store.path} caches {frame_size} px frames; the dVAE in {run_dir} expects "
+            f"a token grid of {info['token_grid']}"
+        )
 
     try:
-        sub = store.create_tokens(dvae_hash, grid, {"vocab_size": info["vocab_size"], "dvae_run": str(run_dir)})
+        sub = store.create_tokens(
+            dvae_hash, grid, {"vocab_size": info["vocab_size"], "dvae_run": str(run_dir)}
+        )
     except OSError as err:
-        raise _token_write_error(err, f"cannot create tokens/{dvae_hash} in {store.path}", run_dir) from err
+        raise _token_write_error(
+            err, f"cannot create tokens/{dvae_hash} in {store.path}", run_dir
+        ) from err
     if sub.attrs.get("complete"):
         return dvae_hash
     done = store.done_chunks(f"tokens/{dvae_hash}/done")
@@ -646,13 +771,22 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
 
     bounds = [chunk_bounds(c, store.chunk_len, store.num_frames) for c in pending]
     total = sum(b - a for a, b in bounds)
-    log.info("tokenizing %d frames (%d of %d chunks) of %s with dVAE %s on %s", total, len(pending), done.size,
-             store.path, dvae_hash, device)
+    log.info(
+        "tokenizing %d frames (%d of %d chunks) of %s with dVAE %s on %s",
+        total,
+        len(pending),
+        done.size,
+        store.path,
+        dvae_hash,
+        device,
+    )
     # writable(): every chunk file is written, even all-zero ones, so `cache verify` can check them
     ids_array = store.writable(f"tokens/{dvae_hash}/ids")
     done_array = store.writable(f"tokens/{dvae_hash}/done")
-    with ThreadPoolExecutor(max_workers=1) as reader, \
-            tqdm(total=total, unit="frame", desc=f"tokenize {dvae_hash}", dynamic_ncols=True) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=1) as reader,
+        tqdm(total=total, unit="frame", desc=f"tokenize {dvae_hash}", dynamic_ncols=True) as bar,
+    ):
         # read chunk i+1 while chunk i is being encoded
         next_frames = reader.submit(store.read_rows, "frames", *bounds[0]) if bounds else None
         for i, (chunk, (start, stop)) in enumerate(zip(pending, bounds)):
@@ -666,14 +800,19 @@ def tokenize_run(run_dir: str | Path, batch_size: Optional[int] = None, device: 
                 done_array[chunk] = 1  # last: the chunk counts only once its ids are on disk
                 store.fsync_chunk(f"tokens/{dvae_hash}/done", chunk)
             except OSError as err:
-                raise _token_write_error(err, f"cannot write token chunk {chunk} of {store.path}", run_dir) from err
+                raise _token_write_error(
+                    err, f"cannot write token chunk {chunk} of {store.path}", run_dir
+                ) from err
             bar.update(stop - start)
     store.remove_partial_files(f"tokens/{dvae_hash}")  # what writes killed mid-way left
     try:
         sub.attrs.update({"complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     except OSError as err:
-        raise _token_write_error(err, f"every token chunk of {store.path} is written but marking them complete "
-                                      "failed", run_dir) from err
+        raise _token_write_error(
+            err,
+            f"every token chunk of {store.path} is written but marking them complete failed",
+            run_dir,
+        ) from err
     log.info("tokens of dVAE %s complete in %s", dvae_hash, store.path)
     return dvae_hash
 
@@ -685,22 +824,28 @@ def _token_write_error(err: OSError, what: str, run_dir: Path) -> OSError:
         what = what.replace("cannot write", "disk full while writing", 1)
         hint = WRITE_FAULTS[err.errno]
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = ("tokens are written into the feature store, so it must be writable: make it writable, or copy "
-                "it to a writable disk and point the dVAE run's inputs.json \"store\" at the copy")
+        hint = (
+            "tokens are written into the feature store, so it must be writable: make it writable, or copy "
+            'it to a writable disk and point the dVAE run\'s inputs.json "store" at the copy'
+        )
     else:
         hint = "check the store's disk"
-    wrapped = TokenWriteError(f"{what} ({err}): {hint}; finished token chunks are kept: rerun "
-                              f"`egoslots tokenize {run_dir}` (or the same pretrain-dvae command) to resume")
+    wrapped = TokenWriteError(
+        f"{what} ({err}): {hint}; finished token chunks are kept: rerun "
+        f"`egoslots tokenize {run_dir}` (or the same pretrain-dvae command) to resume"
+    )
     wrapped.errno, wrapped.filename = err.errno, err.filename
     return wrapped
 
 
 @torch.no_grad()
-def encode_frames(model: DVAE, frames: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+def encode_frames(
+    model: DVAE, frames: np.ndarray, batch_size: int, device: torch.device
+) -> np.ndarray:
     """(n, S, S, 3) uint8 -> (n, S/4, S/4) uint16 argmax token ids, in batches."""
     out = []
     for i in range(0, len(frames), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(frames[i:i + batch_size])).to(device)
+        x = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch_size])).to(device)
         x = x.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S)
         out.append(model.encode_ids(x).to(torch.int32).cpu().numpy().astype(np.uint16))
     return np.concatenate(out)
@@ -709,11 +854,21 @@ def encode_frames(model: DVAE, frames: np.ndarray, batch_size: int, device: torc
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
-@config_command("pretrain-dvae", example="egoslots pretrain-dvae configs/base.yaml dvae.max_steps=30000")
-@click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Resume from this checkpoint (default: the run directory's last.ckpt, if any).")
-@click.option("--overwrite", is_flag=True, help="Delete the run directory <work_dir>/runs/<dvae.run_name> first.")
-def pretrain_dvae(cfg: DictConfig, resume: Optional[Path] = None, overwrite: bool = False):
+@config_command(
+    "pretrain-dvae", example="egoslots pretrain-dvae configs/base.yaml dvae.max_steps=30000"
+)
+@click.option(
+    "--resume",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Resume from this checkpoint (default: the run directory's last.ckpt, if any).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Delete the run directory <work_dir>/runs/<dvae.run_name> first.",
+)
+def pretrain_dvae(cfg: DictConfig, resume: Path | None = None, overwrite: bool = False):
     """Stage 2: train STEVE's dVAE on the cached frames, then tokenize every frame.
 
     Reads the feature store named by store= (or the one matching the config), trains for
@@ -732,9 +887,16 @@ def pretrain_dvae(cfg: DictConfig, resume: Optional[Path] = None, overwrite: boo
     epilog="\b\nExample:\n  egoslots tokenize egoslots-work/runs/dvae",
 )
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--batch-size", type=int, default=None, help="Frames per forward pass (default dvae.tokenize_batch_size).")
-@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default dvae.tokenize_device).")
-def tokenize(run: Path, batch_size: Optional[int], device: Optional[str]):
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Frames per forward pass (default dvae.tokenize_batch_size).",
+)
+@click.option(
+    "--device", default=None, help="auto | cpu | cuda | cuda:N (default dvae.tokenize_device)."
+)
+def tokenize(run: Path, batch_size: int | None, device: str | None):
     """Stage 2: write a trained dVAE's token ids for every cached frame into its store.
 
     RUN is a `pretrain-dvae` run directory. Resumable: rerun after an interruption and only

@@ -24,8 +24,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
 
 import click
 import numpy as np
@@ -54,8 +54,11 @@ METRIC_LABELS = {
     "video_ari": "video ARI (with bg)",
     "frame_ari": "frame ARI (with bg)",
 }
-OUTPUT_KEYS = {"model_decoder": ("decoder", "masks"), "model_attention": ("processor", "corrector", "masks"),
-               "model_steve": ("steve", "masks")}
+OUTPUT_KEYS = {
+    "model_decoder": ("decoder", "masks"),
+    "model_attention": ("processor", "corrector", "masks"),
+    "model_steve": ("steve", "masks"),
+}
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -65,7 +68,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "last"):
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise click.ClickException(f"no run directory at {run_dir}; train one with `egoslots train-slots CONFIG`")
+        raise click.ClickException(
+            f"no run directory at {run_dir}; train one with `egoslots train-slots CONFIG`"
+        )
     return load_trained(run_dir, checkpoint=checkpoint)
 
 
@@ -81,8 +86,12 @@ def checkpoint_identity(run_dir: str | Path, checkpoint: str = "last") -> dict:
         step = ckpt.get("global_step", ckpt.get("step")) if isinstance(ckpt, dict) else None
     except Exception:  # an unreadable file is reported by the loader, not here
         pass
-    return {"checkpoint": path.name, "size": stat.st_size, "mtime": int(stat.st_mtime),
-            "step": None if step is None else int(step)}
+    return {
+        "checkpoint": path.name,
+        "size": stat.st_size,
+        "mtime": int(stat.st_mtime),
+        "step": None if step is None else int(step),
+    }
 
 
 def window_length(cfg) -> int:
@@ -118,7 +127,9 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 
 @torch.no_grad()
-def infer_windows(model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> Iterator[dict]:
+def infer_windows(
+    model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, torch.Tensor | None]]
+) -> Iterator[dict]:
     """Run the model over consecutive windows of one video, carrying the slots between them.
 
     ``windows`` yields (features (t, N, D), tokens (t, h, w) | None); each result is
@@ -138,20 +149,30 @@ def infer_windows(model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, 
         yield {"slots": out["processor"]["state"][0].float().cpu(), "masks": masks}
 
 
-def infer_video(model: torch.nn.Module, features: torch.Tensor, tokens: Optional[torch.Tensor],
-                window: int) -> dict:
+def infer_video(
+    model: torch.nn.Module, features: torch.Tensor, tokens: torch.Tensor | None, window: int
+) -> dict:
     """The model over one whole video in windows of ``window`` frames, slots carried across.
 
     features (T, N, D), tokens (T, h, w) | None -> {"slots": (T, K, D), "masks": {method: (T, K, N)}}.
     """
     starts = range(0, features.shape[0], window)
-    parts = list(infer_windows(model, ((features[s:s + window], None if tokens is None else tokens[s:s + window])
-                                       for s in starts)))
-    return {"slots": torch.cat([p["slots"] for p in parts]),
-            "masks": {k: torch.cat([p["masks"][k] for p in parts]) for k in parts[0]["masks"]}}
+    parts = list(
+        infer_windows(
+            model,
+            (
+                (features[s : s + window], None if tokens is None else tokens[s : s + window])
+                for s in starts
+            ),
+        )
+    )
+    return {
+        "slots": torch.cat([p["slots"] for p in parts]),
+        "masks": {k: torch.cat([p["masks"][k] for p in parts]) for k in parts[0]["masks"]},
+    }
 
 
-def store_windows(store, video, window: int, tokens_hash: Optional[str]) -> Iterator[tuple]:
+def store_windows(store, video, window: int, tokens_hash: str | None) -> Iterator[tuple]:
     """(features, tokens) windows of one video read straight from the store (long videos)."""
     ids = store.tokens(tokens_hash) if tokens_hash else None
     for lo in range(video.first, video.stop, window):
@@ -161,14 +182,25 @@ def store_windows(store, video, window: int, tokens_hash: Optional[str]) -> Iter
         yield feats, toks
 
 
-def iter_videos(store, split: str, tokens_hash: Optional[str], max_videos: Optional[int] = None,
-                fields=("features", "masks")) -> Iterator[dict]:
+def iter_videos(
+    store,
+    split: str,
+    tokens_hash: str | None,
+    max_videos: int | None = None,
+    fields=("features", "masks"),
+) -> Iterator[dict]:
     """Whole videos of one split (no flipped copies), as ClipDataset items."""
     from cache.reader import ClipDataset
 
     fields = tuple(fields) + (("tokens",) if tokens_hash else ())
-    data = ClipDataset(store, split=split, clip_length=None, fields=fields, tokens=tokens_hash,
-                       include_flipped=False)
+    data = ClipDataset(
+        store,
+        split=split,
+        clip_length=None,
+        fields=fields,
+        tokens=tokens_hash,
+        include_flipped=False,
+    )
     count = len(data) if max_videos is None else min(len(data), max_videos)
     for i in range(count):
         yield data[i]
@@ -184,14 +216,20 @@ def available_split(store, split: str) -> str:
     return split
 
 
-def split_size(store, split: str, max_videos: Optional[int]) -> int:
+def split_size(store, split: str, max_videos: int | None) -> int:
     n = len(store.videos_in(split, hflip=False))
     return n if max_videos is None else min(n, max_videos)
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def score_video(item: dict, result: dict, num_slots: int, grid: tuple[int, int], seed: int = 0,
-                with_baselines: bool = True) -> dict[str, dict]:
+def score_video(
+    item: dict,
+    result: dict,
+    num_slots: int,
+    grid: tuple[int, int],
+    seed: int = 0,
+    with_baselines: bool = True,
+) -> dict[str, dict]:
     """{method: video_metrics} of the model's masks and the baselines on one video."""
     true = item["masks"].long()  # (T, H, W)
     scores = {}
@@ -201,22 +239,37 @@ def score_video(item: dict, result: dict, num_slots: int, grid: tuple[int, int],
     if with_baselines:
         feats = item["features"]
         t = feats.shape[0]
-        scores["kmeans_frame"] = metrics.evaluate_masks(baselines.kmeans_masks(feats, num_slots, "frame", seed=seed), true, grid)
-        scores["kmeans_video"] = metrics.evaluate_masks(baselines.kmeans_masks(feats, num_slots, "video", seed=seed), true, grid)
-        scores["grid"] = metrics.evaluate_masks(baselines.grid_masks(t, num_slots, grid), true, grid)
+        scores["kmeans_frame"] = metrics.evaluate_masks(
+            baselines.kmeans_masks(feats, num_slots, "frame", seed=seed), true, grid
+        )
+        scores["kmeans_video"] = metrics.evaluate_masks(
+            baselines.kmeans_masks(feats, num_slots, "video", seed=seed), true, grid
+        )
+        scores["grid"] = metrics.evaluate_masks(
+            baselines.grid_masks(t, num_slots, grid), true, grid
+        )
     return scores
 
 
-def evaluate_model(model, cfg, store, tokens_hash: Optional[str], split: str = "test",
-                   max_videos: Optional[int] = None, keep: Optional[Callable[[dict, dict], None]] = None,
-                   seed: int = 0) -> dict:
+def evaluate_model(
+    model,
+    cfg,
+    store,
+    tokens_hash: str | None,
+    split: str = "test",
+    max_videos: int | None = None,
+    keep: Callable[[dict, dict], None] | None = None,
+    seed: int = 0,
+) -> dict:
     """Per-video scores of a model and the baselines on a split: {"video_ids", "per_video"}.
 
     ``keep(item, result)`` is called for every video (the property probe collects slots with it).
     """
     if not store.has_masks:
-        raise click.ClickException(f"store {store.path} has no ground-truth masks: nothing to evaluate "
-                                   "against (export-slots and visualize still work)")
+        raise click.ClickException(
+            f"store {store.path} has no ground-truth masks: nothing to evaluate "
+            "against (export-slots and visualize still work)"
+        )
     window = window_length(cfg)
     num_slots = int(cfg.model.num_slots)
     grid = tuple(store.grid)
@@ -225,8 +278,12 @@ def evaluate_model(model, cfg, store, tokens_hash: Optional[str], split: str = "
     total = split_size(store, split, max_videos)
     if total == 0:
         raise click.ClickException(f"store {store.path} has no videos in split '{split}'")
-    for item in tqdm(iter_videos(store, split, tokens_hash, max_videos), total=total, desc=f"evaluate {split}",
-                     unit="video"):
+    for item in tqdm(
+        iter_videos(store, split, tokens_hash, max_videos),
+        total=total,
+        desc=f"evaluate {split}",
+        unit="video",
+    ):
         result = infer_video(model, item["features"], item.get("tokens"), window)
         scores = score_video(item, result, num_slots, grid, seed=seed)
         ids.append(item["video_id"])
@@ -240,12 +297,20 @@ def evaluate_model(model, cfg, store, tokens_hash: Optional[str], split: str = "
 
 def summarize_scores(per_video: dict) -> dict:
     """{method: {metric: {mean, std, n}}} over videos (NaN values, e.g. no objects, left out)."""
-    return {method: {key: metrics.summarize(values[key]) for key in metrics.METRICS if key in values}
-            for method, values in per_video.items()}
+    return {
+        method: {key: metrics.summarize(values[key]) for key in metrics.METRICS if key in values}
+        for method, values in per_video.items()
+    }
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "last",
-                 max_videos: Optional[int] = None, probe: Optional[bool] = None, overwrite: bool = False) -> dict:
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    checkpoint: str = "last",
+    max_videos: int | None = None,
+    probe: bool | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Evaluate a trained run on a split; write metrics.json and metrics.md; return the metrics dict."""
     run_dir = Path(run_dir)
     out_json = run_dir / "metrics.json"
@@ -255,8 +320,14 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "la
         max_videos = _cfg_get(cfg, "evaluate.max_videos")
     if probe is None:
         probe = bool(_cfg_get(cfg, "evaluate.probe", True))
-    key = {"split": split, "checkpoint": ident, "store": store.fingerprint, "tokens": tokens_hash,
-           "max_videos": max_videos, "probe": probe}
+    key = {
+        "split": split,
+        "checkpoint": ident,
+        "store": store.fingerprint,
+        "tokens": tokens_hash,
+        "max_videos": max_videos,
+        "probe": probe,
+    }
     if out_json.exists() and not overwrite:
         try:
             previous = json.loads(out_json.read_text())
@@ -267,11 +338,22 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "la
             pass  # unreadable: recompute
     requested, split = split, available_split(store, split)
     if split != requested:
-        log.warning("store %s has no '%s' videos; evaluating the '%s' split instead", store.path, requested, split)
+        log.warning(
+            "store %s has no '%s' videos; evaluating the '%s' split instead",
+            store.path,
+            requested,
+            split,
+        )
     if not store.has_masks:
-        result = {"key": key, "run": str(run_dir), "split": split, "num_videos": 0, "methods": {},
-                  "skipped": f"store {store.path} has no ground-truth masks (the source had none): nothing to "
-                             "score slots against; export-slots and visualize still work"}
+        result = {
+            "key": key,
+            "run": str(run_dir),
+            "split": split,
+            "num_videos": 0,
+            "methods": {},
+            "skipped": f"store {store.path} has no ground-truth masks (the source had none): nothing to "
+            "score slots against; export-slots and visualize still work",
+        }
         _write_atomic(out_json, json.dumps(result, indent=1))
         _write_atomic(run_dir / "metrics.md", format_table(result) + "\n")
         log.warning(result["skipped"])
@@ -285,9 +367,19 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "la
     if probe:
         from pipeline import probe as probe_mod
 
-        collector = probe_mod.SampleCollector(attribute_reader(cfg, store), int(cfg.model.num_slots))
-    scored = evaluate_model(model, cfg, store, tokens_hash, split, max_videos,
-                            keep=None if collector is None else collector.test, seed=seed)
+        collector = probe_mod.SampleCollector(
+            attribute_reader(cfg, store), int(cfg.model.num_slots)
+        )
+    scored = evaluate_model(
+        model,
+        cfg,
+        store,
+        tokens_hash,
+        split,
+        max_videos,
+        keep=None if collector is None else collector.test,
+        seed=seed,
+    )
     probe_result = {"skipped": "disabled (evaluate.probe=false)"}
     if collector is not None:
         probe_result = run_probe(model, cfg, store, tokens_hash, collector, split, seed)
@@ -321,20 +413,26 @@ def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) 
     if not collector.has_attributes:
         return {"skipped": "no per-object attributes in this dataset (meta.json 'objects')"}
     if split == "train":
-        return {"skipped": "the probe is fit on train videos; evaluate the val or test split to score it"}
+        return {
+            "skipped": "the probe is fit on train videos; evaluate the val or test split to score it"
+        }
     window = window_length(cfg)
     train_split = "train"
     limit = _cfg_get(cfg, "evaluate.probe_train_videos")
     total = split_size(store, train_split, limit)
     if total == 0:
         return {"skipped": f"no '{train_split}' videos to fit the probe on"}
-    for item in tqdm(iter_videos(store, train_split, tokens_hash, limit), total=total, desc="probe: train slots",
-                     unit="video"):
+    for item in tqdm(
+        iter_videos(store, train_split, tokens_hash, limit),
+        total=total,
+        desc="probe: train slots",
+        unit="video",
+    ):
         collector.train(item, infer_video(model, item["features"], item.get("tokens"), window))
     return probe_mod.fit_and_score(collector.samples["train"], collector.samples["test"], seed=seed)
 
 
-def attribute_reader(cfg, store) -> Callable[[str], Optional[dict]]:
+def attribute_reader(cfg, store) -> Callable[[str], dict | None]:
     """video id -> per-video attributes dict (with 'objects') or None.
 
     Uses the data source of the run's config (``pipeline.data.make_source``) when available,
@@ -349,7 +447,7 @@ def attribute_reader(cfg, store) -> Callable[[str], Optional[dict]]:
         log.debug("no data source for attributes (%s); reading meta.json files", err)
     root = Path(str(_cfg_get(cfg, "dataset.path", "") or ""))
 
-    def read(video_id: str) -> Optional[dict]:
+    def read(video_id: str) -> dict | None:
         if source is not None:
             try:
                 attrs = source.attributes(video_id)
@@ -388,12 +486,19 @@ def format_table(result: dict) -> str:
     keys = [k for k in metrics.METRICS if any(k in m for m in methods.values())]
     best = {}
     for k in keys:
-        means = [m[k]["mean"] for m in methods.values() if k in m and m[k]["n"] > 0 and np.isfinite(m[k]["mean"])]
+        means = [
+            m[k]["mean"]
+            for m in methods.values()
+            if k in m and m[k]["n"] > 0 and np.isfinite(m[k]["mean"])
+        ]
         best[k] = max(means) if means else None
     lines = [
         f"Evaluation of {result.get('run', '?')} on the '{result['split']}' split"
-        + (f" (the store has no '{result['requested_split']}' videos)"
-           if result.get("requested_split", result["split"]) != result["split"] else "")
+        + (
+            f" (the store has no '{result['requested_split']}' videos)"
+            if result.get("requested_split", result["split"]) != result["split"]
+            else ""
+        )
         + f": {result['num_videos']} video{'' if result['num_videos'] == 1 else 's'}, "
         f"checkpoint step {result.get('checkpoint_step')}. Mean ± std over videos, x100; best per column in bold. "
         f"Primary: {METHOD_LABELS.get(result.get('primary', PRIMARY), PRIMARY)}.",
@@ -405,18 +510,30 @@ def format_table(result: dict) -> str:
         cells = []
         for k in keys:
             text = _fmt(values.get(k, {}))
-            if best[k] is not None and k in values and values[k]["n"] > 0 and math.isclose(values[k]["mean"], best[k]):
+            if (
+                best[k] is not None
+                and k in values
+                and values[k]["n"] > 0
+                and math.isclose(values[k]["mean"], best[k])
+            ):
                 text = f"**{text}**"
             cells.append(text)
         lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
     probe = result.get("probe") or {}
     if probe.get("attributes"):
-        lines += ["", "Property probe (linear read-out of Hungarian-matched slots; fit on train videos, scored on "
-                      f"{result['split']} videos):", "",
-                  "| attribute | measure | probe | chance | train / test samples |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Property probe (linear read-out of Hungarian-matched slots; fit on train videos, scored on "
+            f"{result['split']} videos):",
+            "",
+            "| attribute | measure | probe | chance | train / test samples |",
+            "|---|---|---|---|---|",
+        ]
         for name, row in probe["attributes"].items():
-            lines.append(f"| {name} | {row['measure']} | {_num(row.get('score'))} | {_num(row.get('chance'))} | "
-                         f"{row['n_train']} / {row['n_test']} |")
+            lines.append(
+                f"| {name} | {row['measure']} | {_num(row.get('score'))} | {_num(row.get('chance'))} | "
+                f"{row['n_train']} / {row['n_test']} |"
+            )
     elif probe.get("skipped"):
         lines += ["", f"Property probe skipped: {probe['skipped']}."]
     return "\n".join(lines)
@@ -452,21 +569,39 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@click.command(name="evaluate", epilog="\b\nExample:\n  egoslots evaluate egoslots-work/runs/slots --split test")
+@click.command(
+    name="evaluate",
+    epilog="\b\nExample:\n  egoslots evaluate egoslots-work/runs/slots --split test",
+)
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--split", default="test", show_default=True, help="Split to evaluate: train | val | test.")
-@click.option("--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints.")
-@click.option("--max-videos", type=int, default=None, help="Evaluate only the first N videos of the split.")
+@click.option(
+    "--split", default="test", show_default=True, help="Split to evaluate: train | val | test."
+)
+@click.option(
+    "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
+)
+@click.option(
+    "--max-videos", type=int, default=None, help="Evaluate only the first N videos of the split."
+)
 @click.option("--no-probe", is_flag=True, help="Skip the property probe.")
-@click.option("--overwrite", is_flag=True, help="Recompute even if metrics.json matches this checkpoint.")
-def evaluate(run: Path, split: str, checkpoint: str, max_videos: Optional[int], no_probe: bool,
-             overwrite: bool):
+@click.option(
+    "--overwrite", is_flag=True, help="Recompute even if metrics.json matches this checkpoint."
+)
+def evaluate(
+    run: Path, split: str, checkpoint: str, max_videos: int | None, no_probe: bool, overwrite: bool
+):
     """FG-ARI, mBO and mIoU of a trained run's slot masks on whole videos, next to k-means and grid
     baselines; writes RUN/metrics.json and RUN/metrics.md and prints the table."""
     from stages.common import setup_logging
 
     setup_logging()
-    result = evaluate_run(run, split=split, checkpoint=checkpoint, max_videos=max_videos,
-                          probe=False if no_probe else None, overwrite=overwrite)
+    result = evaluate_run(
+        run,
+        split=split,
+        checkpoint=checkpoint,
+        max_videos=max_videos,
+        probe=False if no_probe else None,
+        overwrite=overwrite,
+    )
     click.echo(format_table(result))
     click.echo(f"\nwritten: {Path(run) / 'metrics.json'}, {Path(run) / 'metrics.md'}")

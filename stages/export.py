@@ -41,36 +41,57 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import click
 import numpy as np
 from tqdm import tqdm
 
-from stages.evaluate import (checkpoint_identity, infer_windows, load_run, pick_device, split_size, store_windows,
-                             window_length)
+from stages.evaluate import (
+    checkpoint_identity,
+    infer_windows,
+    load_run,
+    pick_device,
+    split_size,
+    store_windows,
+    window_length,
+)
 
 log = logging.getLogger("egoslots")
 ATTRS_KEY = "egoslots_export"
 
 
-def export_slots_run(run_dir: str | Path, split: str = "test", out: str | Path | None = None,
-                     checkpoint: str = "last", max_videos: Optional[int] = None, overwrite: bool = False) -> Path:
+def export_slots_run(
+    run_dir: str | Path,
+    split: str = "test",
+    out: str | Path | None = None,
+    checkpoint: str = "last",
+    max_videos: int | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Export slots, masks and tokens of every video of ``split``; returns the output path."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / f"slots_{split}.zarr"
     as_npz = out.suffix == ".npz"
     ident = checkpoint_identity(run_dir, checkpoint)
     model, cfg, store, tokens_hash = load_run(run_dir, checkpoint)
-    meta = {"run": str(run_dir), "split": split, "store": store.fingerprint, "tokens": tokens_hash,
-            "checkpoint": ident, "checkpoint_step": ident.get("step"), "grid": list(store.grid),
-            "max_videos": max_videos}
+    meta = {
+        "run": str(run_dir),
+        "split": split,
+        "store": store.fingerprint,
+        "tokens": tokens_hash,
+        "checkpoint": ident,
+        "checkpoint_step": ident.get("step"),
+        "grid": list(store.grid),
+        "max_videos": max_videos,
+    }
     if out.exists() and not overwrite:
         previous = _read_meta(out)
         if previous is not None and {k: previous.get(k) for k in meta} == meta:
             log.info("export already in %s", out)
             return out
-        raise click.ClickException(f"{out} exists and holds a different export; pass --overwrite or another OUT")
+        raise click.ClickException(
+            f"{out} exists and holds a different export; pass --overwrite or another OUT"
+        )
 
     model = model.to(pick_device()).eval()
     window = window_length(cfg)
@@ -88,7 +109,7 @@ def export_slots_run(run_dir: str | Path, split: str = "test", out: str | Path |
         first = row
         pending = []  # the token ids of each window, handed back next to the model's result
 
-        def windows():  # streamed from the store: long videos never sit in memory whole
+        def windows(video=video, pending=pending):  # streamed: long videos never sit in memory
             for feats, toks in store_windows(store, video, window, tokens_hash):
                 pending.append(toks)
                 yield feats, toks
@@ -110,10 +131,23 @@ def export_slots_run(run_dir: str | Path, split: str = "test", out: str | Path |
         firsts.append(first)
         lengths.append(row - first)
     slots_shape = writer.shape("slots")
-    meta.update({"num_videos": len(ids), "num_frames": row, "num_slots": slots_shape[1], "slot_dim": slots_shape[2],
-                 "arrays": writer.names()})
-    writer.finish({"video_ids": np.asarray(ids, dtype=str), "video_first": np.asarray(firsts, dtype=np.int64),
-                   "video_length": np.asarray(lengths, dtype=np.int64)}, meta)
+    meta.update(
+        {
+            "num_videos": len(ids),
+            "num_frames": row,
+            "num_slots": slots_shape[1],
+            "slot_dim": slots_shape[2],
+            "arrays": writer.names(),
+        }
+    )
+    writer.finish(
+        {
+            "video_ids": np.asarray(ids, dtype=str),
+            "video_first": np.asarray(firsts, dtype=np.int64),
+            "video_length": np.asarray(lengths, dtype=np.int64),
+        },
+        meta,
+    )
     if out.exists():
         _remove(out)
     os.replace(tmp, out)
@@ -137,8 +171,13 @@ class _ZarrWriter:
         self.total = total
         for name, values in arrays.items():
             if name not in self.group:
-                self.group.create_array(name, shape=(total, *values.shape[1:]), dtype=values.dtype,
-                                        chunks=(min(total, self.chunk_rows), *values.shape[1:]), fill_value=0)
+                self.group.create_array(
+                    name,
+                    shape=(total, *values.shape[1:]),
+                    dtype=values.dtype,
+                    chunks=(min(total, self.chunk_rows), *values.shape[1:]),
+                    fill_value=0,
+                )
             self.buffer.setdefault(name, []).append(values)
         buffered = sum(len(v) for v in next(iter(self.buffer.values())))
         if buffered >= self.chunk_rows:
@@ -153,8 +192,10 @@ class _ZarrWriter:
         if whole_chunks:
             count -= count % self.chunk_rows
         for name, values in merged.items():
-            self.group[name][self.start:self.start + count] = values[:count]
-        self.buffer = {name: [values[count:]] for name, values in merged.items() if len(values) > count}
+            self.group[name][self.start : self.start + count] = values[:count]
+        self.buffer = {
+            name: [values[count:]] for name, values in merged.items() if len(values) > count
+        }
         self.start += count
 
     def shape(self, name: str) -> tuple:
@@ -198,7 +239,7 @@ class _NpzWriter:
             np.savez(fh, **arrays)
 
 
-def _read_meta(path: Path) -> Optional[dict]:
+def _read_meta(path: Path) -> dict | None:
     try:
         if path.suffix == ".npz":
             with np.load(path) as data:
@@ -217,21 +258,33 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-@click.command(name="export-slots",
-               epilog="\b\nExample:\n  egoslots export-slots egoslots-work/runs/slots --split test slots_test.zarr")
+@click.command(
+    name="export-slots",
+    epilog="\b\nExample:\n  egoslots export-slots egoslots-work/runs/slots --split test slots_test.zarr",
+)
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--split", default="test", show_default=True, help="Split to export: train | val | test.")
-@click.option("--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints.")
-@click.option("--max-videos", type=int, default=None, help="Export only the first N videos of the split.")
+@click.option(
+    "--split", default="test", show_default=True, help="Split to export: train | val | test."
+)
+@click.option(
+    "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
+)
+@click.option(
+    "--max-videos", type=int, default=None, help="Export only the first N videos of the split."
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a different export.")
-def export_slots_command(run: Path, out: Path, split: str, checkpoint: str, max_videos: Optional[int], overwrite: bool):
+def export_slots_command(
+    run: Path, out: Path, split: str, checkpoint: str, max_videos: int | None, overwrite: bool
+):
     """Write per-frame slots (T, K, D), masks (T, K, N) and tokens of every video of a split to OUT
     (zarr, or .npz when OUT ends with .npz), with the run's fingerprint in the attributes."""
     from stages.common import setup_logging
 
     setup_logging()
-    export_slots_run(run, split=split, out=out, checkpoint=checkpoint, max_videos=max_videos, overwrite=overwrite)
+    export_slots_run(
+        run, split=split, out=out, checkpoint=checkpoint, max_videos=max_videos, overwrite=overwrite
+    )
 
 
 # The documented Python entry point: export_slots(run_dir, split, out, ...).

@@ -38,7 +38,6 @@ import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
 
 import click
 import numpy as np
@@ -47,11 +46,25 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cache.fingerprint import (config_stores_dir, describe_differences, extraction_settings, fingerprint_inputs,
-                               fingerprint_of, store_location)
+from cache.fingerprint import (
+    config_stores_dir,
+    describe_differences,
+    extraction_settings,
+    fingerprint_inputs,
+    fingerprint_of,
+    store_location,
+)
 from cache.location import Location, is_remote, remove, store_exists, write_text
-from cache.store import (FORMAT_VERSION, FeatureStore, StoreError, StoreUnreachable, VideoRecord, chunk_bounds,
-                         config_path, store_path)
+from cache.store import (
+    FORMAT_VERSION,
+    FeatureStore,
+    StoreError,
+    StoreUnreachable,
+    VideoRecord,
+    chunk_bounds,
+    config_path,
+    store_path,
+)
 from pipeline.config import ConfigError, resolve, to_yaml
 from pipeline.data.base import SourceError
 from pipeline.preprocess import describe_preprocessing, preprocess_frame
@@ -61,11 +74,13 @@ log = logging.getLogger("egoslots")
 
 COMPUTE_CHOICES = ("auto", "fp32", "bf16")
 CREATE_TIMEOUT_S = 600.0  # how long a shard waits for another shard to replace a store
-REMOTE_CREATE_TIMEOUT_S = 6 * 3600.0  # ... for shard 0 to create a remote store (job arrays start late)
+REMOTE_CREATE_TIMEOUT_S = (
+    6 * 3600.0
+)  # ... for shard 0 to create a remote store (job arrays start late)
 
 
 # ---------------------------------------------------------------------------- shards, device, dtype
-def shard_identity(num_shards: Optional[int] = None, shard_id: Optional[int] = None) -> tuple[int, int]:
+def shard_identity(num_shards: int | None = None, shard_id: int | None = None) -> tuple[int, int]:
     """(shard_id, num_shards): the flags, else torchrun's RANK/WORLD_SIZE, else SLURM's, else (0, 1)."""
     if num_shards is None and shard_id is None:
         for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
@@ -86,7 +101,9 @@ def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        )
     return torch.device("cpu")
 
 
@@ -101,7 +118,9 @@ def _cpu_has_fast_bf16() -> bool:
 def resolve_compute(requested: str, device: torch.device) -> str:
     """``auto|fp32|bf16`` -> the dtype actually used: bf16 only where a tiny probe runs it natively."""
     if requested not in COMPUTE_CHOICES:
-        raise ConfigError(f"extract.compute={requested!r}: choose one of {', '.join(COMPUTE_CHOICES)}")
+        raise ConfigError(
+            f"extract.compute={requested!r}: choose one of {', '.join(COMPUTE_CHOICES)}"
+        )
     if requested == "fp32":
         return "fp32"
     if device.type == "cuda":
@@ -133,7 +152,7 @@ def video_rows(videos, hflip: str) -> list[VideoRecord]:
         raise ConfigError(f"augment.hflip={hflip!r}: choose none or cache")
     rows, first = [], 0
     for v in videos:
-        for flipped in ((False, True) if hflip == "cache" else (False,)):
+        for flipped in (False, True) if hflip == "cache" else (False,):
             rows.append(VideoRecord(v.video_id, first, int(v.num_frames), v.split, flipped))
             first += int(v.num_frames)
     return rows
@@ -148,7 +167,9 @@ class Segment:
     stop: int
 
 
-def chunk_segments(records: list[VideoRecord], firsts: list[int], lo: int, hi: int) -> list[Segment]:
+def chunk_segments(
+    records: list[VideoRecord], firsts: list[int], lo: int, hi: int
+) -> list[Segment]:
     """Video segments covering store rows [lo, hi), in row order."""
     segments = []
     i = max(0, bisect.bisect_right(firsts, lo) - 1)
@@ -171,8 +192,18 @@ class ChunkFrames(Dataset):
     stop cleanly after writing what is finished.
     """
 
-    def __init__(self, source, records: list[VideoRecord], chunks: list[int], chunk_len: int, num_frames: int,
-                 input_size: int, frame_size: int, has_masks: bool, skip_bad: bool):
+    def __init__(
+        self,
+        source,
+        records: list[VideoRecord],
+        chunks: list[int],
+        chunk_len: int,
+        num_frames: int,
+        input_size: int,
+        frame_size: int,
+        has_masks: bool,
+        skip_bad: bool,
+    ):
         self.source = source
         self.records = records
         self.firsts = [r.first for r in records]
@@ -194,13 +225,22 @@ class ChunkFrames(Dataset):
         images = torch.zeros(n, 3, inp, inp, dtype=torch.uint8)
         frames = torch.zeros(n, s, s, 3, dtype=torch.uint8)
         masks = torch.zeros(n, s, s, dtype=torch.uint8) if self.has_masks else None
-        item = {"chunk": chunk, "images": images, "frames": frames, "masks": masks, "skipped": [], "error": None}
+        item = {
+            "chunk": chunk,
+            "images": images,
+            "frames": frames,
+            "masks": masks,
+            "skipped": [],
+            "error": None,
+        }
         for seg in chunk_segments(self.records, self.firsts, lo, hi):
             row = seg.record.first + seg.start - lo
             try:
                 self._decode(seg, images, frames, masks, row)
             except Exception as err:  # noqa: BLE001 - reported with the video and chunk
-                message = str(err) if isinstance(err, SourceError) else f"{type(err).__name__}: {err}"
+                message = (
+                    str(err) if isinstance(err, SourceError) else f"{type(err).__name__}: {err}"
+                )
                 where = f"video '{seg.record.id}' frames {seg.start}..{seg.stop - 1} (store chunk {chunk})"
                 if not self.skip_bad:
                     item["error"] = f"{where}: {message}"
@@ -209,8 +249,10 @@ class ChunkFrames(Dataset):
                 count = seg.stop - seg.start
                 for array in (images, frames, masks):
                     if array is not None:
-                        array[row:row + count] = 0
-                item["skipped"].append({"id": seg.record.id, "hflip": seg.record.hflip, "error": message})
+                        array[row : row + count] = 0
+                item["skipped"].append(
+                    {"id": seg.record.id, "hflip": seg.record.hflip, "error": message}
+                )
         return item
 
     def _decode(self, seg: Segment, images, frames, masks, row: int) -> None:
@@ -220,15 +262,18 @@ class ChunkFrames(Dataset):
                 break
             if self.has_masks and frame.mask is None:
                 raise SourceError(f"frame {frame.index} has no mask although the source has masks")
-            vit, small, mask = preprocess_frame(frame.rgb, frame.mask, self.input_size, self.frame_size,
-                                                hflip=seg.record.hflip)
+            vit, small, mask = preprocess_frame(
+                frame.rgb, frame.mask, self.input_size, self.frame_size, hflip=seg.record.hflip
+            )
             images[row + got] = vit
             frames[row + got] = small
             if masks is not None:
                 masks[row + got] = mask
             got += 1
         if got != seg.stop - seg.start:
-            raise SourceError(f"expected {seg.stop - seg.start} frames from frame {seg.start}, the source gave {got}")
+            raise SourceError(
+                f"expected {seg.stop - seg.start} frames from frame {seg.start}, the source gave {got}"
+            )
 
 
 def _worker_init(_):
@@ -242,8 +287,8 @@ class ChunkWriter:
     def __init__(self, store: FeatureStore, max_pending: int = 4):
         self.store = store
         self.jobs: queue.Queue = queue.Queue(maxsize=max_pending)
-        self.error: Optional[BaseException] = None
-        self.failed_chunk: Optional[int] = None
+        self.error: BaseException | None = None
+        self.failed_chunk: int | None = None
         self.thread = threading.Thread(target=self._run, name="egoslots-chunk-writer", daemon=True)
         self.thread.start()
 
@@ -256,7 +301,9 @@ class ChunkWriter:
                 continue  # drain without writing after a failure
             chunk, (host, event), arrays, skipped = job
             try:
-                arrays.update(finish_storage(host, event, self.store.meta["feature_dtype"], self.store))
+                arrays.update(
+                    finish_storage(host, event, self.store.meta["feature_dtype"], self.store)
+                )
                 self.store.record_skipped(chunk, skipped)
                 self.store.write_chunk(chunk, arrays)
             except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
@@ -289,12 +336,16 @@ class ChunkWriter:
                 "writable place; finished chunks are kept, rerun the same command to resume"
             ) from err
         if isinstance(err, OSError):
-            raise StoreError(f"cannot write chunk {self.failed_chunk} of {path}: {err}; "
-                             "rerun the same command to resume") from err
+            raise StoreError(
+                f"cannot write chunk {self.failed_chunk} of {path}: {err}; "
+                "rerun the same command to resume"
+            ) from err
         raise err
 
 
-def start_storage_copy(feats: torch.Tensor, dtype: str) -> tuple[torch.Tensor, Optional["torch.cuda.Event"]]:
+def start_storage_copy(
+    feats: torch.Tensor, dtype: str
+) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """Convert model output (n, N, D) to the storage dtype on its device and start copying it
     to the host. On a GPU the copy is asynchronous (pinned memory + an event), so the model
     goes on with the next chunk while the writer thread waits for the copy."""
@@ -313,7 +364,9 @@ def start_storage_copy(feats: torch.Tensor, dtype: str) -> tuple[torch.Tensor, O
     return host, event
 
 
-def finish_storage(host: torch.Tensor, event, dtype: str, store: FeatureStore) -> dict[str, np.ndarray]:
+def finish_storage(
+    host: torch.Tensor, event, dtype: str, store: FeatureStore
+) -> dict[str, np.ndarray]:
     """Wait for :func:`start_storage_copy`'s copy; the store's storage arrays as numpy."""
     if event is not None:
         event.synchronize()
@@ -338,8 +391,15 @@ def _egoslots_version() -> str:
         return "unknown"
 
 
-def open_or_create_store(path: Location, fingerprint: str, inputs: dict, create_kwargs: dict, cfg: DictConfig,
-                         overwrite: bool, shard_id: int) -> FeatureStore:
+def open_or_create_store(
+    path: Location,
+    fingerprint: str,
+    inputs: dict,
+    create_kwargs: dict,
+    cfg: DictConfig,
+    overwrite: bool,
+    shard_id: int,
+) -> FeatureStore:
     """Open the store at ``path`` if it matches, else create it (race-safe across shards).
 
     Creation happens in a temporary folder that is renamed into place: rename is atomic, so
@@ -347,7 +407,9 @@ def open_or_create_store(path: Location, fingerprint: str, inputs: dict, create_
     have no rename: see :func:`open_or_create_remote_store`.
     """
     if is_remote(path):
-        return open_or_create_remote_store(path, fingerprint, inputs, create_kwargs, cfg, overwrite, shard_id)
+        return open_or_create_remote_store(
+            path, fingerprint, inputs, create_kwargs, cfg, overwrite, shard_id
+        )
     deadline = time.monotonic() + CREATE_TIMEOUT_S
     while True:
         if path.exists():
@@ -356,7 +418,9 @@ def open_or_create_store(path: Location, fingerprint: str, inputs: dict, create_
                 return store
             if shard_id != 0:  # shard 0 replaces it; wait for the new one
                 if time.monotonic() > deadline:
-                    raise StoreError(f"shard {shard_id}: timed out waiting for shard 0 to replace {path}")
+                    raise StoreError(
+                        f"shard {shard_id}: timed out waiting for shard 0 to replace {path}"
+                    )
                 time.sleep(1.0)
                 continue
             trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
@@ -382,12 +446,18 @@ def open_or_create_store(path: Location, fingerprint: str, inputs: dict, create_
         try:
             write_text(config_path(path), to_yaml(cfg))
         except OSError as err:  # the store is fine without it; say so rather than fail or hide it
-            log.warning("could not write %s (%s); the store's attrs hold the same config", config_path(path), err)
+            log.warning(
+                "could not write %s (%s); the store's attrs hold the same config",
+                config_path(path),
+                err,
+            )
         if time.monotonic() > deadline:
             raise StoreError(f"could not create or open {path}")
 
 
-def _matching_store(path: Location, fingerprint: str, inputs: dict, overwrite: bool) -> Optional[FeatureStore]:
+def _matching_store(
+    path: Location, fingerprint: str, inputs: dict, overwrite: bool
+) -> FeatureStore | None:
     """The existing store at ``path`` if it has this fingerprint; None if ``overwrite`` says to
     replace it; else a StoreError listing how its settings differ from this config's."""
     try:
@@ -406,13 +476,21 @@ def _matching_store(path: Location, fingerprint: str, inputs: dict, overwrite: b
     diffs = describe_differences(recorded, inputs) if recorded else [f"store fingerprint {found}"]
     raise StoreError(
         f"{path} holds a store extracted with different settings (fingerprint {found}, this config "
-        f"gives {fingerprint}):\n  - " + "\n  - ".join(diffs)
+        f"gives {fingerprint}):\n  - "
+        + "\n  - ".join(diffs)
         + "\nrerun with --overwrite to replace it, or set store= to another path"
     )
 
 
-def open_or_create_remote_store(url: str, fingerprint: str, inputs: dict, create_kwargs: dict, cfg: DictConfig,
-                                overwrite: bool, shard_id: int) -> FeatureStore:
+def open_or_create_remote_store(
+    url: str,
+    fingerprint: str,
+    inputs: dict,
+    create_kwargs: dict,
+    cfg: DictConfig,
+    overwrite: bool,
+    shard_id: int,
+) -> FeatureStore:
     """:func:`open_or_create_store` for an fsspec URL (e.g. ``s3://bucket/stores/x.zarr``).
 
     Shard 0 alone creates the store, in place: its egoslots attrs are written last, so a
@@ -432,8 +510,10 @@ def open_or_create_remote_store(url: str, fingerprint: str, inputs: dict, create
         if shard_id != 0:
             waited = time.monotonic() - started
             if waited > REMOTE_CREATE_TIMEOUT_S:
-                raise StoreError(f"shard {shard_id}: shard 0 has not created {url} in {waited / 3600:.1f} h; "
-                                 "start shard 0 (it alone creates a remote store), then rerun this shard")
+                raise StoreError(
+                    f"shard {shard_id}: shard 0 has not created {url} in {waited / 3600:.1f} h; "
+                    "start shard 0 (it alone creates a remote store), then rerun this shard"
+                )
             if int(waited) % 60 == 0:
                 log.info("shard %d: waiting for shard 0 to create %s", shard_id, url)
             time.sleep(1.0)
@@ -478,43 +558,87 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
     if cfg.dataset.get("max_videos"):
         videos = videos[: int(cfg.dataset.max_videos)]
     if not videos:
-        raise SourceError(f"no videos found in {cfg.dataset.path} (dataset.source={cfg.dataset.source})")
+        raise SourceError(
+            f"no videos found in {cfg.dataset.path} (dataset.source={cfg.dataset.source})"
+        )
 
     device = pick_device(cfg.extract.device)
     compute = resolve_compute(cfg.extract.compute, device)
     backbone = build_backbone(cfg.backbone).to(device)
     described = backbone.describe()
-    frame_size, dtype, hflip = int(cfg.extract.frame_size), str(cfg.extract.dtype), str(cfg.augment.hflip)
+    frame_size, dtype, hflip = (
+        int(cfg.extract.frame_size),
+        str(cfg.extract.dtype),
+        str(cfg.augment.hflip),
+    )
     preprocessing = describe_preprocessing(backbone.input_size, frame_size)
-    inputs = fingerprint_inputs(videos=videos, preprocessing=preprocessing, backbone=described, compute_dtype=compute,
-                                storage_dtype=dtype, hflip=hflip, frame_size=frame_size)
+    inputs = fingerprint_inputs(
+        videos=videos,
+        preprocessing=preprocessing,
+        backbone=described,
+        compute_dtype=compute,
+        storage_dtype=dtype,
+        hflip=hflip,
+        frame_size=frame_size,
+    )
     fingerprint = fingerprint_of(inputs)
-    path = store_location(cfg) if cfg.get("store") else store_path(config_stores_dir(cfg), fingerprint)
+    path = (
+        store_location(cfg) if cfg.get("store") else store_path(config_stores_dir(cfg), fingerprint)
+    )
     attrs = {
         "fingerprint_inputs": inputs,
         "settings": extraction_settings(cfg),
         "backbone": described,
         "preprocessing": preprocessing,
-        "normalisation": {"input": "RGB scaled to [0, 1], then (x - mean) / std inside the backbone",
-                          "mean": described.get("mean"), "std": described.get("std")},
+        "normalisation": {
+            "input": "RGB scaled to [0, 1], then (x - mean) / std inside the backbone",
+            "mean": described.get("mean"),
+            "std": described.get("std"),
+        },
         "compute_dtype": compute,
         "hflip": hflip,
-        "source": {"kind": cfg.dataset.source, "root": str(getattr(source, "root", cfg.dataset.path)),
-                   "skipped_at_listing": [{"id": vid, "error": why} for vid, why in getattr(source, "skipped", [])]},
-        "versions": {"egoslots": _egoslots_version(), "torch": torch.__version__,
-                     "zarr": metadata.version("zarr"), "store_format": FORMAT_VERSION},
+        "source": {
+            "kind": cfg.dataset.source,
+            "root": str(getattr(source, "root", cfg.dataset.path)),
+            "skipped_at_listing": [
+                {"id": vid, "error": why} for vid, why in getattr(source, "skipped", [])
+            ],
+        },
+        "versions": {
+            "egoslots": _egoslots_version(),
+            "torch": torch.__version__,
+            "zarr": metadata.version("zarr"),
+            "store_format": FORMAT_VERSION,
+        },
         "config": resolve(cfg),
     }
-    create_kwargs = dict(videos=video_rows(videos, hflip), num_tokens=backbone.num_tokens,
-                         feature_dim=backbone.feature_dim, grid=tuple(backbone.grid), frame_size=frame_size,
-                         feature_dtype=dtype, has_masks=bool(source.has_masks),
-                         chunk_len=int(cfg.extract.frames_per_chunk), compressor=str(cfg.extract.compressor),
-                         inner_chunk_len=int(cfg.extract.inner_chunk), attrs=attrs)
-    return ExtractionPlan(source, backbone, device, compute, inputs, fingerprint, path, create_kwargs)
+    create_kwargs = dict(
+        videos=video_rows(videos, hflip),
+        num_tokens=backbone.num_tokens,
+        feature_dim=backbone.feature_dim,
+        grid=tuple(backbone.grid),
+        frame_size=frame_size,
+        feature_dtype=dtype,
+        has_masks=bool(source.has_masks),
+        chunk_len=int(cfg.extract.frames_per_chunk),
+        compressor=str(cfg.extract.compressor),
+        inner_chunk_len=int(cfg.extract.inner_chunk),
+        attrs=attrs,
+    )
+    return ExtractionPlan(
+        source, backbone, device, compute, inputs, fingerprint, path, create_kwargs
+    )
 
 
-def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] = None,
-            shard_id: Optional[int] = None, skip_bad: bool = False, *, source=None) -> Location:
+def extract(
+    cfg: DictConfig,
+    overwrite: bool = False,
+    num_shards: int | None = None,
+    shard_id: int | None = None,
+    skip_bad: bool = False,
+    *,
+    source=None,
+) -> Location:
     """Extract (or finish extracting) the store this config describes; returns its path.
 
     ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests).
@@ -522,8 +646,9 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
     shard_id, num_shards = shard_identity(num_shards, shard_id)
     skip_bad = bool(skip_bad or cfg.dataset.get("skip_bad", False))
     plan = plan_extraction(cfg, source, skip_bad)
-    store = open_or_create_store(plan.path, plan.fingerprint, plan.inputs, plan.create_kwargs, cfg, overwrite,
-                                 shard_id)
+    store = open_or_create_store(
+        plan.path, plan.fingerprint, plan.inputs, plan.create_kwargs, cfg, overwrite, shard_id
+    )
     fingerprint = plan.fingerprint
     if store.complete:
         click.echo(f"store {store.path} is complete (fingerprint {fingerprint}); nothing to do")
@@ -531,56 +656,113 @@ def extract(cfg: DictConfig, overwrite: bool = False, num_shards: Optional[int] 
         return store.path
 
     pending = store.pending_chunks(shard_id, num_shards)
-    _run_chunks(store, plan.backbone, plan.source, pending, plan.device, plan.compute, int(cfg.extract.batch_size),
-                int(cfg.extract.num_workers), skip_bad, shard=(shard_id, num_shards))
+    _run_chunks(
+        store,
+        plan.backbone,
+        plan.source,
+        pending,
+        plan.device,
+        plan.compute,
+        int(cfg.extract.batch_size),
+        int(cfg.extract.num_workers),
+        skip_bad,
+        shard=(shard_id, num_shards),
+    )
 
     try:
         finished = store.mark_complete_if_done()
     except OSError as err:
-        raise StoreError(f"every chunk of {store.path} is written but marking it complete failed ({err}); "
-                         "rerun the same command to finish") from err
+        raise StoreError(
+            f"every chunk of {store.path} is written but marking it complete failed ({err}); "
+            "rerun the same command to finish"
+        ) from err
     if finished:
         store.remove_partial_files()
         skipped = store.meta.get("skipped_videos") or []
         if skipped:
-            click.echo(f"skipped {len(skipped)} unreadable video row(s): "
-                       + ", ".join(sorted({r['id'] for r in skipped})[:5]))
+            click.echo(
+                f"skipped {len(skipped)} unreadable video row(s): "
+                + ", ".join(sorted({r["id"] for r in skipped})[:5])
+            )
         click.echo(f"store complete: {store.path}")
         click.echo(f"later stages: store={fingerprint}   (or store={store.path})")
     else:
         done, total = store.progress()
-        click.echo(f"shard {shard_id}/{num_shards} finished its chunks; store {store.path} has {done}/{total} "
-                   "chunks done and completes when every shard has finished")
+        click.echo(
+            f"shard {shard_id}/{num_shards} finished its chunks; store {store.path} has {done}/{total} "
+            "chunks done and completes when every shard has finished"
+        )
     return store.path
 
 
-def _run_chunks(store: FeatureStore, backbone, source, chunks: list[int], device: torch.device, compute: str,
-                batch_size: int, num_workers: int, skip_bad: bool, shard: tuple[int, int]) -> None:
+def _run_chunks(
+    store: FeatureStore,
+    backbone,
+    source,
+    chunks: list[int],
+    device: torch.device,
+    compute: str,
+    batch_size: int,
+    num_workers: int,
+    skip_bad: bool,
+    shard: tuple[int, int],
+) -> None:
     """Decode, encode and write ``chunks``; finished chunks are kept whatever goes wrong."""
     if not chunks:
         return
     meta = store.meta
-    dataset = ChunkFrames(source, store.videos, chunks, store.chunk_len, store.num_frames,
-                          backbone.input_size, store.frame_size, store.has_masks, skip_bad)
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init if num_workers else None,
-                        prefetch_factor=4 if num_workers else None)
+    dataset = ChunkFrames(
+        source,
+        store.videos,
+        chunks,
+        store.chunk_len,
+        store.num_frames,
+        backbone.input_size,
+        store.frame_size,
+        store.has_masks,
+        skip_bad,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
+    )
     bounds = [chunk_bounds(c, store.chunk_len, store.num_frames) for c in chunks]
     total = sum(hi - lo for lo, hi in bounds)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute == "bf16")
     writer = ChunkWriter(store)
-    bar = tqdm(total=int(total), unit="frame", unit_scale=True, dynamic_ncols=True, smoothing=0.05,
-               desc=f"extract {store.fingerprint}" + (f" shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""))
+    bar = tqdm(
+        total=int(total),
+        unit="frame",
+        unit_scale=True,
+        dynamic_ncols=True,
+        smoothing=0.05,
+        desc=f"extract {store.fingerprint}"
+        + (f" shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""),
+    )
     try:
         with torch.inference_mode(), autocast:
             for item in loader:
                 if item["error"]:
-                    raise SourceError(item["error"] + "; finished chunks are kept (rerun to resume, or pass "
-                                      "--skip-bad to skip unreadable videos)")
+                    raise SourceError(
+                        item["error"] + "; finished chunks are kept (rerun to resume, or pass "
+                        "--skip-bad to skip unreadable videos)"
+                    )
                 images = item["images"]  # (n, 3, I, I) uint8
                 feats = []
-                for lo in range(0, len(images), batch_size):  # chunk-relative batches: same in every run
-                    batch = images[lo:lo + batch_size].to(device, non_blocking=True).float().div_(255.0)
+                for lo in range(
+                    0, len(images), batch_size
+                ):  # chunk-relative batches: same in every run
+                    batch = (
+                        images[lo : lo + batch_size]
+                        .to(device, non_blocking=True)
+                        .float()
+                        .div_(255.0)
+                    )
                     feats.append(backbone(batch))  # (b, N, D)
                 features = start_storage_copy(torch.cat(feats), meta["feature_dtype"])  # (n, N, D)
                 arrays = {"frames": item["frames"].numpy()}
@@ -593,13 +775,30 @@ def _run_chunks(store: FeatureStore, backbone, source, chunks: list[int], device
         writer.close()  # writes what is queued, then raises a write error if there was one
 
 
-@config_command("extract-features", example="egoslots extract-features configs/base.yaml dataset.path=/data/saycam")
-@click.option("--overwrite", is_flag=True, help="Replace a store at the target path that was made with other settings.")
-@click.option("--num-shards", type=int, default=None, help="Split the work over this many processes (default: torchrun/SLURM, else 1).")
+@config_command(
+    "extract-features",
+    example="egoslots extract-features configs/base.yaml dataset.path=/data/saycam",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a store at the target path that was made with other settings.",
+)
+@click.option(
+    "--num-shards",
+    type=int,
+    default=None,
+    help="Split the work over this many processes (default: torchrun/SLURM, else 1).",
+)
 @click.option("--shard-id", type=int, default=None, help="Which shard this process is (0-based).")
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable videos (dropped from the video table) instead of stopping.")
-def extract_features(cfg: DictConfig, overwrite: bool, num_shards: Optional[int], shard_id: Optional[int],
-                     skip_bad: bool):
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Skip unreadable videos (dropped from the video table) instead of stopping.",
+)
+def extract_features(
+    cfg: DictConfig, overwrite: bool, num_shards: int | None, shard_id: int | None, skip_bad: bool
+):
     """Stage 1: run the frozen backbone over every frame once and cache its patch features,
     resized frames and masks in <work_dir>/stores/<fingerprint>.zarr.
 

@@ -43,7 +43,11 @@ def summarize(cfg, skip_bad: bool = False, check: bool = False) -> dict:
     bad_frames = []
     if check:
         bad_frames = check_frames(source, videos, skip_bad)
-    t, stride, fstep = int(cfg.dataset.ep_length), int(cfg.dataset.clip_stride), int(cfg.dataset.frame_step)
+    t, stride, fstep = (
+        int(cfg.dataset.ep_length),
+        int(cfg.dataset.clip_stride),
+        int(cfg.dataset.frame_step),
+    )
     train = per_split["train"]
     return {
         "source": str(cfg.dataset.source),
@@ -103,23 +107,35 @@ def format_summary(s: dict) -> str:
     lines.append(f"masks         {'yes' if s['masks'] else 'no'}")
     if s["objects_per_video"]:
         lo_o, hi_o = s["objects_per_video"]
-        lines.append(f"objects       {lo_o}-{hi_o} per video; attributes: {', '.join(s['object_attributes'])}")
+        lines.append(
+            f"objects       {lo_o}-{hi_o} per video; attributes: {', '.join(s['object_attributes'])}"
+        )
     t, stride, fstep, length = s["clip"]
-    lines.append(f"train clips   {s['train_clips']:,}  (T={t}, stride {stride}, frame step {fstep}; "
-                 f"{s['too_short_for_a_clip']} train video(s) shorter than {length} frames)")
+    lines.append(
+        f"train clips   {s['train_clips']:,}  (T={t}, stride {stride}, frame step {fstep}; "
+        f"{s['too_short_for_a_clip']} train video(s) shorter than {length} frames)"
+    )
     lines.append(f"skipped       {len(s['skipped'])} bad video(s)")
     for vid, why in s["skipped"][:10]:
         lines.append(f"  {vid}: {why}")
     if s["bad_frames"]:
-        lines.append(f"bad frames    {len(s['bad_frames'])} video(s) with frames that do not decode")
+        lines.append(
+            f"bad frames    {len(s['bad_frames'])} video(s) with frames that do not decode"
+        )
         for vid, why in s["bad_frames"][:10]:
             lines.append(f"  {vid}: {why}")
     return "\n".join(lines)
 
 
-@config_command("inspect-data", example="egoslots inspect-data configs/demo.yaml dataset.max_videos=10")
-@click.option("--skip-bad", is_flag=True, help="Skip bad videos (counted and listed) instead of stopping.")
-@click.option("--check", is_flag=True, help="Decode every frame to find corrupt files (slow on big datasets).")
+@config_command(
+    "inspect-data", example="egoslots inspect-data configs/demo.yaml dataset.max_videos=10"
+)
+@click.option(
+    "--skip-bad", is_flag=True, help="Skip bad videos (counted and listed) instead of stopping."
+)
+@click.option(
+    "--check", is_flag=True, help="Decode every frame to find corrupt files (slow on big datasets)."
+)
 def inspect_data(cfg, skip_bad: bool = False, check: bool = False):
     """Summarise the dataset a config names: videos and frames per split, frame size, masks,
     object attributes, training clips and skipped videos. Reads no more than headers and a few

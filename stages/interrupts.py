@@ -30,7 +30,6 @@ import logging
 import multiprocessing
 import signal
 from pathlib import Path
-from typing import Optional
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -52,8 +51,11 @@ class CheckpointOnSigterm(Callback):
     """Saves the finished step when Lightning stops for SIGTERM (see the module docstring)."""
 
     def __init__(self, ckpt_dir: Path, command: str):
-        self.ckpt_dir, self.command = Path(ckpt_dir), command  # command: e.g. "egoslots train-slots"
-        self.saved: Optional[Path] = None
+        self.ckpt_dir, self.command = (
+            Path(ckpt_dir),
+            command,
+        )  # command: e.g. "egoslots train-slots"
+        self.saved: Path | None = None
         self.step = 0
         _kill_daemon_children_at_exit()
 
@@ -76,10 +78,14 @@ class CheckpointOnSigterm(Callback):
     def stopped(self) -> Stopped:
         """The error to raise once ``trainer.fit`` has raised ``SIGTERMException``."""
         if self.saved is None:
-            return Stopped(f"stopped by SIGTERM before the first step finished; rerun the same `{self.command}` "
-                           "command to start again")
-        return Stopped(f"stopped by SIGTERM after step {self.step}; saved {self.saved}; rerun the same "
-                       f"`{self.command}` command to resume from it")
+            return Stopped(
+                f"stopped by SIGTERM before the first step finished; rerun the same `{self.command}` "
+                "command to start again"
+            )
+        return Stopped(
+            f"stopped by SIGTERM after step {self.step}; saved {self.saved}; rerun the same "
+            f"`{self.command}` command to resume from it"
+        )
 
 
 def _kill_daemon_children() -> None:

@@ -35,8 +35,16 @@ def ensure_synthetic_data(cfg: DictConfig) -> Path:
 
     root = Path(cfg.dataset.path)
     s = cfg.dataset.synthetic
-    generate_dataset(root, videos=s.videos, frames=s.frames, size=s.size, seed=s.seed,
-                     min_objects=s.min_objects, max_objects=s.max_objects, fps=s.fps)
+    generate_dataset(
+        root,
+        videos=s.videos,
+        frames=s.frames,
+        size=s.size,
+        seed=s.seed,
+        min_objects=s.min_objects,
+        max_objects=s.max_objects,
+        fps=s.fps,
+    )
     return root
 
 
@@ -99,7 +107,11 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
 
 
 @config_command("run", example="egoslots run configs/demo.yaml")
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable videos (counted and reported) instead of stopping.")
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Skip unreadable videos (counted and reported) instead of stopping.",
+)
 def run(cfg: DictConfig, skip_bad: bool = False):
     """Run the whole pipeline (data, extract, dVAE, slots, evaluate, visualize) in order.
 

@@ -25,7 +25,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 import lightning as L
@@ -59,8 +59,18 @@ log = logging.getLogger("egoslots")
 
 # Config keys that may change when a run resumes in its own directory (they do not change
 # what is being trained). Anything else differing is an error: start a new run_name instead.
-RESUMABLE_CHANGES = ("trainer.", "evaluate.", "dataset.num_workers", "store", "dvae_run", "dvae.", "extract.",
-                     "work_dir", "backbone.checkpoint", "dataset.path")
+RESUMABLE_CHANGES = (
+    "trainer.",
+    "evaluate.",
+    "dataset.num_workers",
+    "store",
+    "dvae_run",
+    "dvae.",
+    "extract.",
+    "work_dir",
+    "backbone.checkpoint",
+    "dataset.path",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,11 +79,11 @@ RESUMABLE_CHANGES = ("trainer.", "evaluate.", "dataset.num_workers", "store", "d
 @dataclass
 class TrainingInputs:
     store: FeatureStore
-    tokens_hash: Optional[str]  # dVAE hash whose tokens the STEVE decoder predicts; None without it
-    dvae_run: Optional[Path]
+    tokens_hash: str | None  # dVAE hash whose tokens the STEVE decoder predicts; None without it
+    dvae_run: Path | None
 
     @property
-    def token_grid(self) -> Optional[tuple[int, int]]:
+    def token_grid(self) -> tuple[int, int] | None:
         if self.tokens_hash is None:
             return None
         return tuple(self.store.tokens(self.tokens_hash).shape[1:])  # type: ignore[return-value]
@@ -180,7 +190,11 @@ def resolve_precision(cfg: DictConfig) -> str:
         return "32-true"
     if setting in ("bf16", "bf16-mixed"):
         if not bf16_supported(device):
-            log.warning("trainer.precision=%s: bf16 is not native on this %s; it will be slow", setting, device)
+            log.warning(
+                "trainer.precision=%s: bf16 is not native on this %s; it will be slow",
+                setting,
+                device,
+            )
         return "bf16-mixed"
     return setting  # anything else Lightning understands (16-mixed, ...)
 
@@ -208,7 +222,9 @@ def build_param_groups(named_parameters, groups_cfg, base_lr: float) -> list[dic
         try:
             rules.append((re.compile(str(g["regex"])), float(g["lr"]), str(g["regex"])))
         except re.error as err:
-            raise StageError(f"optimizer.param_groups[{i}].regex '{g['regex']}' is not a valid regex: {err}") from err
+            raise StageError(
+                f"optimizer.param_groups[{i}].regex '{g['regex']}' is not a valid regex: {err}"
+            ) from err
     buckets: list[list] = [[] for _ in rules]
     rest = []
     for name, p in named:
@@ -234,7 +250,7 @@ def build_param_groups(named_parameters, groups_cfg, base_lr: float) -> list[dic
 # --------------------------------------------------------------------------------------------
 # Data: the fields of a clip (the seeded, resumable clip order is stages/training.py)
 # --------------------------------------------------------------------------------------------
-def clip_fields(cfg: DictConfig, tokens_hash: Optional[str]) -> tuple[str, ...]:
+def clip_fields(cfg: DictConfig, tokens_hash: str | None) -> tuple[str, ...]:
     return ("features", "tokens") if tokens_hash else ("features",)
 
 
@@ -250,7 +266,9 @@ class SlotTrainingModule(L.LightningModule):
     (B, T, h, w) token ids.
     """
 
-    def __init__(self, config: dict, feature_dim: int, num_tokens: int, token_grid: Optional[tuple] = None):
+    def __init__(
+        self, config: dict, feature_dim: int, num_tokens: int, token_grid: tuple | None = None
+    ):
         super().__init__()
         self.save_hyperparameters()
         from pipeline.model import SlotModel
@@ -260,11 +278,11 @@ class SlotTrainingModule(L.LightningModule):
         self.model = SlotModel.from_config(self.cfg, feature_dim, num_tokens, grid)
         # First step whose loss was not finite (-1: none). Kept on the device: no sync per step.
         self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
-        self.data_stream: Optional[dict] = None  # set by train(): store path, split, ... for loaders
-        self.example_clip: Optional[dict] = None  # fixed clip (with frames) for pictures
+        self.data_stream: dict | None = None  # set by train(): store path, split, ... for loaders
+        self.example_clip: dict | None = None  # fixed clip (with frames) for pictures
 
     # ------------------------------------------------------------------ model
-    def forward(self, features: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> dict:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor | None = None) -> dict:
         return self.model(features, tokens)
 
     def _step(self, batch: dict) -> tuple[dict, dict]:
@@ -275,8 +293,12 @@ class SlotTrainingModule(L.LightningModule):
 
     def _gather(self):
         """DDP with losses.loss_ss.all_gather: contrast slots against the global batch."""
-        if not self.cfg.losses.loss_ss.get("all_gather", False) or self._trainer is None \
-                or self.trainer.world_size < 1 or self.trainer.world_size == 1:
+        if (
+            not self.cfg.losses.loss_ss.get("all_gather", False)
+            or self._trainer is None
+            or self.trainer.world_size < 1
+            or self.trainer.world_size == 1
+        ):
             return None
         return gather_with_grad  # (B, T, K, D) -> (world*B, T, K, D)
 
@@ -290,33 +312,66 @@ class SlotTrainingModule(L.LightningModule):
         _, losses = self._step(batch)
         loss = losses["loss"]
         bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0),
-                                          torch.full_like(self.first_bad_step, self.global_step), self.first_bad_step)
+        self.first_bad_step = torch.where(
+            bad & (self.first_bad_step < 0),
+            torch.full_like(self.first_bad_step, self.global_step),
+            self.first_bad_step,
+        )
         size = batch["features"].shape[0]
         # Under DDP the logged losses are the mean over ranks (= the global batch's losses).
         sync = self._trainer is not None and self.trainer.world_size > 1
-        self.log_dict({f"train/{k}": v.detach().float() for k, v in losses.items()},
-                      on_step=True, on_epoch=False, batch_size=size, sync_dist=sync)
-        self.log("loss", loss.detach().float(), on_step=True, on_epoch=False, prog_bar=True, logger=False,
-                 batch_size=size, sync_dist=sync)
+        self.log_dict(
+            {f"train/{k}": v.detach().float() for k, v in losses.items()},
+            on_step=True,
+            on_epoch=False,
+            batch_size=size,
+            sync_dist=sync,
+        )
+        self.log(
+            "loss",
+            loss.detach().float(),
+            on_step=True,
+            on_epoch=False,
+            prog_bar=True,
+            logger=False,
+            batch_size=size,
+            sync_dist=sync,
+        )
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         if opt is not None:
-            self.log("train/lr", float(opt.param_groups[-1]["lr"]), on_step=True, on_epoch=False, batch_size=size)
+            self.log(
+                "train/lr",
+                float(opt.param_groups[-1]["lr"]),
+                on_step=True,
+                on_epoch=False,
+                batch_size=size,
+            )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
         outputs, losses = self._step(batch)
         size = batch["features"].shape[0]
-        self.log_dict({f"val/{k}": v.detach().float() for k, v in losses.items()},
-                      on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log_dict(
+            {f"val/{k}": v.detach().float() for k, v in losses.items()},
+            on_step=False,
+            on_epoch=True,
+            batch_size=size,
+            sync_dist=True,
+        )
         if "masks" in batch:
             for key, name in (("decoder", ""), ("corrector", "_corrector")):
                 scores = clip_metrics(outputs, batch["masks"], key, self.store_grid)
                 if scores is None:
                     break
                 for metric, values in scores.items():
-                    self.log(f"val/{metric}{name}", values.mean(), on_step=False, on_epoch=True,
-                             batch_size=size, sync_dist=True)
+                    self.log(
+                        f"val/{metric}{name}",
+                        values.mean(),
+                        on_step=False,
+                        on_epoch=True,
+                        batch_size=size,
+                        sync_dist=True,
+                    )
 
     @property
     def store_grid(self) -> tuple[int, int]:
@@ -330,9 +385,14 @@ class SlotTrainingModule(L.LightningModule):
         groups = build_param_groups(self.model.named_parameters(), opt_cfg.param_groups, opt_cfg.lr)
         fused = self.device.type == "cuda"
         optimizer = torch.optim.Adam(groups, lr=float(opt_cfg.lr), fused=fused or None)
-        factor = lr_factor(int(opt_cfg.warmup_steps), int(self.cfg.trainer.max_steps), bool(opt_cfg.decay))
+        factor = lr_factor(
+            int(opt_cfg.warmup_steps), int(self.cfg.trainer.max_steps), bool(opt_cfg.decay)
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def on_train_start(self):
         # A run resumed with a new optimizer.lr / param-group lr uses the new rates: the restored
@@ -340,8 +400,14 @@ class SlotTrainingModule(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
             groups = sched.optimizer.param_groups
-            wanted = {g["name"]: g["lr"] for g in build_param_groups(
-                self.model.named_parameters(), self.cfg.optimizer.param_groups, self.cfg.optimizer.lr)}
+            wanted = {
+                g["name"]: g["lr"]
+                for g in build_param_groups(
+                    self.model.named_parameters(),
+                    self.cfg.optimizer.param_groups,
+                    self.cfg.optimizer.lr,
+                )
+            }
             for i, group in enumerate(groups):
                 if group.get("name") in wanted:
                     sched.base_lrs[i] = wanted[group["name"]]
@@ -352,11 +418,21 @@ class SlotTrainingModule(L.LightningModule):
     def train_dataloader(self):
         d = self.data_stream
         if d is None:
-            raise RuntimeError("SlotTrainingModule.data_stream is not set; train with stages.train_slots.train()")
+            raise RuntimeError(
+                "SlotTrainingModule.data_stream is not set; train with stages.train_slots.train()"
+            )
         cfg = self.cfg
-        dataset = ClipDataset(d["store"], "train", cfg.dataset.ep_length, cfg.dataset.clip_stride,
-                              cfg.dataset.frame_step, fields=clip_fields(cfg, d["tokens"]), tokens=d["tokens"],
-                              include_flipped=True, feature_dtype="stored")
+        dataset = ClipDataset(
+            d["store"],
+            "train",
+            cfg.dataset.ep_length,
+            cfg.dataset.clip_stride,
+            cfg.dataset.frame_step,
+            fields=clip_fields(cfg, d["tokens"]),
+            tokens=d["tokens"],
+            include_flipped=True,
+            feature_dtype="stored",
+        )
         if len(dataset) == 0:
             raise StageError(
                 f"the train split of {d['store']} has no clip of {cfg.dataset.ep_length} frames "
@@ -368,9 +444,15 @@ class SlotTrainingModule(L.LightningModule):
         start_step = self.trainer.global_step if self._trainer is not None else 0
         # Every rank reads its own slice of one global stream: the union of the ranks' batches is
         # the batch a 1-process run with batch size batch * world reads (see the sampler).
-        sampler = ResumableRandomSampler(len(dataset), total=int(cfg.trainer.max_steps) * batch,
-                                         seed=int(cfg.seed), start=start_step * batch,
-                                         batch=batch, rank=rank, world=world)
+        sampler = ResumableRandomSampler(
+            len(dataset),
+            total=int(cfg.trainer.max_steps) * batch,
+            seed=int(cfg.seed),
+            start=start_step * batch,
+            batch=batch,
+            rank=rank,
+            world=world,
+        )
         return _loader(dataset, batch, sampler, cfg, drop_last=True)
 
     def val_dataloader(self):
@@ -379,17 +461,32 @@ class SlotTrainingModule(L.LightningModule):
             return []
         cfg = self.cfg
         fields = clip_fields(cfg, d["tokens"]) + (("masks",) if d["masks"] else ())
-        dataset = ClipDataset(d["store"], "val", cfg.dataset.ep_length, cfg.dataset.ep_length,
-                              cfg.dataset.frame_step, fields=fields, tokens=d["tokens"], include_flipped=False)
+        dataset = ClipDataset(
+            d["store"],
+            "val",
+            cfg.dataset.ep_length,
+            cfg.dataset.ep_length,
+            cfg.dataset.frame_step,
+            fields=fields,
+            tokens=d["tokens"],
+            include_flipped=False,
+        )
         return _loader(dataset, int(cfg.dataset.batch_size), None, cfg, drop_last=False)
 
 
 def _loader(dataset, batch: int, sampler, cfg: DictConfig, drop_last: bool) -> DataLoader:
     workers = int(cfg.dataset.num_workers)
     return DataLoader(
-        dataset, batch_size=batch, sampler=sampler, shuffle=False, drop_last=drop_last,
-        num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None, collate_fn=collate_clips,
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        shuffle=False,
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        collate_fn=collate_clips,
         worker_init_fn=ignore_sigterm_in_worker if workers > 0 else None,
     )
 
@@ -403,13 +500,17 @@ def collate_clips(items: list[dict]) -> dict:
     return out
 
 
-def clip_metrics(outputs: dict, masks: torch.Tensor, key: str, grid) -> Optional[dict]:
+def clip_metrics(outputs: dict, masks: torch.Tensor, key: str, grid) -> dict | None:
     """Video FG-ARI and mBO of each clip, from pipeline.metrics (None when it is not available)."""
     try:
         from pipeline.metrics import evaluate_masks
     except ImportError:  # the evaluate stage's metrics are not in this build: val losses only
         return None
-    pred = outputs["decoder"]["masks"] if key == "decoder" else outputs["processor"]["corrector"]["masks"]
+    pred = (
+        outputs["decoder"]["masks"]
+        if key == "decoder"
+        else outputs["processor"]["corrector"]["masks"]
+    )
     pred = pred.detach().float().cpu()
     masks = masks.cpu()
     ari, mbo = [], []
@@ -425,8 +526,12 @@ def clip_metrics(outputs: dict, masks: torch.Tensor, key: str, grid) -> Optional
 # Callbacks: NaN guard, final checkpoint, pictures
 # --------------------------------------------------------------------------------------------
 class NonFiniteLossError(RuntimeError):
-    def __init__(self, step: int, checkpoint: Optional[Path], store: Optional[str] = None):
-        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+    def __init__(self, step: int, checkpoint: Path | None, store: str | None = None):
+        where = (
+            f"the last good checkpoint is {checkpoint}"
+            if checkpoint
+            else "no checkpoint was written yet"
+        )
         super().__init__(
             f"the training loss became NaN/inf at step {step}; training stopped and {where}. "
             f"If the cached features may hold NaN/inf, `egoslots cache verify {store or 'STORE'}` names the bad "
@@ -439,10 +544,12 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteGuard(Callback):
     """Stops on a NaN/inf loss before any checkpoint holds the damage (one sync every few steps)."""
 
-    def __init__(self, every: list[int], ckpt_dir: Path, store: Optional[str] = None):
+    def __init__(self, every: list[int], ckpt_dir: Path, store: str | None = None):
         self.every = [max(1, int(e)) for e in every]
         self.ckpt_dir = ckpt_dir
-        self.store = store  # named in the error: `egoslots cache verify STORE` finds NaN/inf features
+        self.store = (
+            store  # named in the error: `egoslots cache verify STORE` finds NaN/inf features
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -476,21 +583,46 @@ class FinalCheckpoint(Callback):
             trainer.save_checkpoint(last)
 
 
-def _step_or_none(path: Path) -> Optional[int]:
+def _step_or_none(path: Path) -> int | None:
     try:
         return checkpoint_step(path)
     except Exception:  # noqa: BLE001 - a damaged last.ckpt is rewritten like a stale one
         return None
 
 
-PALETTE = torch.tensor([  # one fixed colour per slot (tab20), so a slot keeps its colour over time
-    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
-    [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [174, 199, 232], [255, 187, 120],
-    [152, 223, 138], [255, 152, 150], [197, 176, 213], [196, 156, 148], [247, 182, 210], [199, 199, 199],
-    [219, 219, 141], [158, 218, 229]], dtype=torch.float32) / 255.0
+PALETTE = (
+    torch.tensor(
+        [  # one fixed colour per slot (tab20), so a slot keeps its colour over time
+            [31, 119, 180],
+            [255, 127, 14],
+            [44, 160, 44],
+            [214, 39, 40],
+            [148, 103, 189],
+            [140, 86, 75],
+            [227, 119, 194],
+            [127, 127, 127],
+            [188, 189, 34],
+            [23, 190, 207],
+            [174, 199, 232],
+            [255, 187, 120],
+            [152, 223, 138],
+            [255, 152, 150],
+            [197, 176, 213],
+            [196, 156, 148],
+            [247, 182, 210],
+            [199, 199, 199],
+            [219, 219, 141],
+            [158, 218, 229],
+        ],
+        dtype=torch.float32,
+    )
+    / 255.0
+)
 
 
-def mask_overlay(frames: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int], alpha: float = 0.55) -> torch.Tensor:
+def mask_overlay(
+    frames: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int], alpha: float = 0.55
+) -> torch.Tensor:
     """Frames (T, S, S, 3) uint8 and soft masks (T, K, N) -> (T, 3, S, S) in [0, 1], each
     pixel tinted with the colour of its arg-max slot (masks upsampled bilinearly)."""
     t, k, _ = masks.shape
@@ -506,8 +638,15 @@ def mask_overlay(frames: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int
 class SlotPictures(Callback):
     """Every ``every`` steps: slot masks over the frames of one fixed clip, in TensorBoard."""
 
-    def __init__(self, every: int, clip: Optional[dict], grid: tuple[int, int], token_grid: Optional[tuple]):
-        self.every, self.clip, self.grid, self.token_grid = max(1, int(every)), clip, grid, token_grid
+    def __init__(
+        self, every: int, clip: dict | None, grid: tuple[int, int], token_grid: tuple | None
+    ):
+        self.every, self.clip, self.grid, self.token_grid = (
+            max(1, int(every)),
+            clip,
+            grid,
+            token_grid,
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -531,9 +670,11 @@ class SlotPictures(Callback):
             out = pl_module.model(feats, tokens)
         pl_module.train(was_training)
         frames = clip["frames"]
-        rows = [frames.permute(0, 3, 1, 2).float() / 255.0,
-                mask_overlay(frames, out["decoder"]["masks"][0].cpu(), self.grid),
-                mask_overlay(frames, out["processor"]["corrector"]["masks"][0].cpu(), self.grid)]
+        rows = [
+            frames.permute(0, 3, 1, 2).float() / 255.0,
+            mask_overlay(frames, out["decoder"]["masks"][0].cpu(), self.grid),
+            mask_overlay(frames, out["processor"]["corrector"]["masks"][0].cpu(), self.grid),
+        ]
         names = "rows: frames | feature-decoder masks | slot-attention masks"
         steve = out.get("steve", {}).get("masks") if isinstance(out.get("steve"), dict) else None
         if steve is not None and self.token_grid is not None:
@@ -551,37 +692,52 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.work_dir) / "runs" / str(cfg.run_name)
 
 
-def check_checkpoint_fits(path: Path, ckpt: dict, expected: "SlotTrainingModule", against: str,
-                          remedy: str) -> None:
+def check_checkpoint_fits(
+    path: Path, ckpt: dict, expected: SlotTrainingModule, against: str, remedy: str
+) -> None:
     """Refuse a checkpoint whose slot model differs from ``expected`` (another NUM_SLOTS, SLOT_DIM,
     vocabulary, store, ...): one error naming the checkpoint, the weights whose names or shapes
     differ and the config keys behind them, instead of load_state_dict's traceback."""
     hp = ckpt.get("hyper_parameters") or {}
     if not isinstance(hp.get("config"), dict):
-        raise StageError(f"{path} is not a train-slots checkpoint (it has no slot-model config; a "
-                         "pretrain-dvae checkpoint?)")
+        raise StageError(
+            f"{path} is not a train-slots checkpoint (it has no slot-model config; a "
+            "pretrain-dvae checkpoint?)"
+        )
     state, own = ckpt["state_dict"], expected.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if not (missing or unexpected or shapes):
         return
-    listed = lambda items: ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")  # noqa: E731
+
+    def listed(items):
+        return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+
     parts = []
     if shapes:
-        parts.append(f"{len(shapes)} weights differ in shape (checkpoint vs expected): {listed(shapes)}")
+        parts.append(
+            f"{len(shapes)} weights differ in shape (checkpoint vs expected): {listed(shapes)}"
+        )
     if missing:
         parts.append(f"{len(missing)} weights missing from the checkpoint: {listed(missing)}")
     if unexpected:
         parts.append(f"{len(unexpected)} weights only in the checkpoint: {listed(unexpected)}")
     ours = dict(expected.hparams)
-    keys = [f"{k}={_flat(hp['config']).get(k)} (checkpoint) vs {_flat(ours['config']).get(k)}"
-            for k in config_changes(hp["config"], ours["config"])]
-    keys += [f"store {name}: {hp.get(name)} (checkpoint) vs {ours.get(name)}"
-             for name in ("feature_dim", "num_tokens", "token_grid")
-             if (list(hp[name]) if isinstance(hp.get(name), (list, tuple)) else hp.get(name))
-             != (list(ours[name]) if isinstance(ours.get(name), (list, tuple)) else ours.get(name))]
+    keys = [
+        f"{k}={_flat(hp['config']).get(k)} (checkpoint) vs {_flat(ours['config']).get(k)}"
+        for k in config_changes(hp["config"], ours["config"])
+    ]
+    keys += [
+        f"store {name}: {hp.get(name)} (checkpoint) vs {ours.get(name)}"
+        for name in ("feature_dim", "num_tokens", "token_grid")
+        if (list(hp[name]) if isinstance(hp.get(name), (list, tuple)) else hp.get(name))
+        != (list(ours[name]) if isinstance(ours.get(name), (list, tuple)) else ours.get(name))
+    ]
     keys.sort(key=lambda k: not k.startswith(("globals.", "store ")))  # the usual culprits first
     raise StageError(
         f"checkpoint {path} holds another slot model than {against}: {'; '.join(parts)}. "
@@ -603,8 +759,14 @@ def config_changes(old: dict, new: dict) -> list[str]:
     """Keys (dotted) whose values differ and that matter for what is trained."""
     a, b = _flat(old), _flat(new)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k)
-            and not any(k == p or k.startswith(p) if p.endswith(".") else k == p for p in RESUMABLE_CHANGES)]
+    return [
+        k
+        for k in keys
+        if a.get(k) != b.get(k)
+        and not any(
+            k == p or k.startswith(p) if p.endswith(".") else k == p for p in RESUMABLE_CHANGES
+        )
+    ]
 
 
 def _check_same_run(run_dir: Path, cfg_dict: dict, inputs: TrainingInputs) -> None:
@@ -639,12 +801,20 @@ def _write_run_files(run_dir: Path, cfg: DictConfig, inputs: TrainingInputs) -> 
     tmp.replace(run_dir / "inputs.json")
 
 
-def example_clip(store: FeatureStore, cfg: DictConfig, tokens_hash: Optional[str]) -> Optional[dict]:
+def example_clip(store: FeatureStore, cfg: DictConfig, tokens_hash: str | None) -> dict | None:
     """The first clip of the val split (else train) with its frames, for pictures."""
     fields = clip_fields(cfg, tokens_hash) + ("frames",)
     for split in ("val", "train"):
-        ds = ClipDataset(store, split, cfg.dataset.ep_length, 1, cfg.dataset.frame_step, fields=fields,
-                         tokens=tokens_hash, include_flipped=False)
+        ds = ClipDataset(
+            store,
+            split,
+            cfg.dataset.ep_length,
+            1,
+            cfg.dataset.frame_step,
+            fields=fields,
+            tokens=tokens_hash,
+            include_flipped=False,
+        )
         if len(ds):
             return ds[0]
     return None
@@ -652,11 +822,15 @@ def example_clip(store: FeatureStore, cfg: DictConfig, tokens_hash: Optional[str
 
 def build_module(cfg_dict: dict, inputs: TrainingInputs) -> SlotTrainingModule:
     store = inputs.store
-    return SlotTrainingModule(cfg_dict, store.feature_dim, int(store.meta["num_tokens"]),
-                              list(inputs.token_grid) if inputs.token_grid else None)
+    return SlotTrainingModule(
+        cfg_dict,
+        store.feature_dim,
+        int(store.meta["num_tokens"]),
+        list(inputs.token_grid) if inputs.token_grid else None,
+    )
 
 
-def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
+def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     """Train the slot model of ``cfg`` from its caches; returns the run directory.
 
     Resumes from ``resume`` (a checkpoint path) or from the run's own ``last.ckpt``; returns at
@@ -668,7 +842,7 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     tc = cfg.trainer
 
-    ckpt_path: Optional[Path] = Path(resume) if resume else None
+    ckpt_path: Path | None = Path(resume) if resume else None
     if ckpt_path is not None and not ckpt_path.is_file():
         raise StageError(f"--resume {ckpt_path}: no such checkpoint file")
     if ckpt_path is None and ckpt_dir.is_dir():
@@ -680,8 +854,12 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
     if ckpt_path is not None:
         step = checkpoint_step(ckpt_path)
         if step >= int(tc.max_steps):
-            log.info("run %s already trained to step %d (trainer.max_steps=%d): nothing to do",
-                     run_dir, step, tc.max_steps)
+            log.info(
+                "run %s already trained to step %d (trainer.max_steps=%d): nothing to do",
+                run_dir,
+                step,
+                tc.max_steps,
+            )
             return run_dir
         log.info("resuming %s from %s (step %d)", run_dir, ckpt_path, step)
 
@@ -690,30 +868,56 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     set_fast_math(cfg)
     precision = resolve_precision(cfg)
-    log.info("stage 3: %s on %s, precision %s, store %s%s", run_dir.name, device_type(cfg), precision,
-             inputs.store.fingerprint, f", dVAE {inputs.tokens_hash}" if inputs.tokens_hash else "")
+    log.info(
+        "stage 3: %s on %s, precision %s, store %s%s",
+        run_dir.name,
+        device_type(cfg),
+        precision,
+        inputs.store.fingerprint,
+        f", dVAE {inputs.tokens_hash}" if inputs.tokens_hash else "",
+    )
 
     module = build_module(cfg_dict, inputs)
     if ckpt_path is not None:
-        check_checkpoint_fits(ckpt_path, read_checkpoint(ckpt_path), module, "this config",
-                              "Set these keys as they were for the checkpoint (its config is saved in it), "
-                              "or train without --resume.")
+        check_checkpoint_fits(
+            ckpt_path,
+            read_checkpoint(ckpt_path),
+            module,
+            "this config",
+            "Set these keys as they were for the checkpoint (its config is saved in it), "
+            "or train without --resume.",
+        )
     if tc.compile:
         module.model.compile()
     store = inputs.store
     has_val = len(store.videos_in("val")) > 0
-    module.data_stream = {"store": str(store.path), "tokens": inputs.tokens_hash,
-                          "masks": store.has_masks, "val": has_val}
+    module.data_stream = {
+        "store": str(store.path),
+        "tokens": inputs.tokens_hash,
+        "masks": store.has_masks,
+        "val": has_val,
+    }
 
     guard = NonFiniteGuard([tc.log_every, tc.ckpt_every], ckpt_dir, str(store.path))
     callbacks = [
         guard,
-        SlotPictures(tc.image_every, example_clip(store, cfg, inputs.tokens_hash), store.grid, inputs.token_grid),
+        SlotPictures(
+            tc.image_every,
+            example_clip(store, cfg, inputs.tokens_hash),
+            store.grid,
+            inputs.token_grid,
+        ),
         FinalCheckpoint(ckpt_dir, guard),
         TQDMProgressBar(refresh_rate=max(1, min(int(tc.log_every), 20))),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
-                        every_n_train_steps=int(tc.ckpt_every), save_top_k=-1, save_last=True,
-                        save_on_train_epoch_end=False),
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step={step}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=int(tc.ckpt_every),
+            save_top_k=-1,
+            save_last=True,
+            save_on_train_epoch_end=False,
+        ),
         sigterm := CheckpointOnSigterm(ckpt_dir, "egoslots train-slots"),
     ]
     val_batches = int(tc.get("val_batches", 50)) if has_val else 0
@@ -755,7 +959,9 @@ def train(cfg: DictConfig, resume: Optional[str | Path] = None) -> Path:
 def checkpoint_path(run_dir: str | Path, checkpoint: str | int | Path = "last") -> Path:
     """``last``, a step number, ``step=N`` or a path -> the checkpoint file of a run."""
     run_dir = Path(run_dir)
-    if isinstance(checkpoint, Path) or (isinstance(checkpoint, str) and checkpoint.endswith(".ckpt")):
+    if isinstance(checkpoint, Path) or (
+        isinstance(checkpoint, str) and checkpoint.endswith(".ckpt")
+    ):
         path = Path(checkpoint)
     elif checkpoint == "last":
         path = run_dir / "checkpoints" / "last.ckpt"
@@ -763,13 +969,21 @@ def checkpoint_path(run_dir: str | Path, checkpoint: str | int | Path = "last") 
         step = str(checkpoint).removeprefix("step=")
         path = run_dir / "checkpoints" / f"step={step}.ckpt"
     if not path.is_file():
-        have = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
-        raise StageError(f"no checkpoint {path} (have: {', '.join(have) or 'none'}); "
-                         f"train it with `egoslots train-slots {run_dir / 'config.yaml'}`")
+        have = (
+            sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+            if (run_dir / "checkpoints").is_dir()
+            else []
+        )
+        raise StageError(
+            f"no checkpoint {path} (have: {', '.join(have) or 'none'}); "
+            f"train it with `egoslots train-slots {run_dir / 'config.yaml'}`"
+        )
     return path
 
 
-def load_trained(run_dir: str | Path, checkpoint: str | int | Path = "last", map_location: str = "cpu"):
+def load_trained(
+    run_dir: str | Path, checkpoint: str | int | Path = "last", map_location: str = "cpu"
+):
     """A trained run -> (SlotModel in eval mode, resolved cfg, FeatureStore, tokens hash | None)."""
     run_dir = Path(run_dir)
     path = checkpoint_path(run_dir, checkpoint)
@@ -783,36 +997,59 @@ def load_trained(run_dir: str | Path, checkpoint: str | int | Path = "last", map
     except StoreError as err:
         raise StageError(f"{err} (the store run {run_dir} was trained on)") from err
     if store.fingerprint != inputs["store_fingerprint"]:
-        raise StageError(f"{inputs['store']} now holds store {store.fingerprint}, but {run_dir} was trained on "
-                         f"{inputs['store_fingerprint']}: re-extract with the run's config.yaml")
+        raise StageError(
+            f"{inputs['store']} now holds store {store.fingerprint}, but {run_dir} was trained on "
+            f"{inputs['store_fingerprint']}: re-extract with the run's config.yaml"
+        )
     _check_checkpoint_of_run(path, ckpt, run_dir, store, inputs)
-    module = SlotTrainingModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    module = SlotTrainingModule.load_from_checkpoint(
+        path, map_location=map_location, weights_only=True
+    )
     cfg = OmegaConf.create(module.hparams.config)
     return module.model.eval(), cfg, store, inputs.get("dvae_hash")
 
 
-def _check_checkpoint_of_run(path: Path, ckpt: dict, run_dir: Path, store: FeatureStore, inputs: dict) -> None:
+def _check_checkpoint_of_run(
+    path: Path, ckpt: dict, run_dir: Path, store: FeatureStore, inputs: dict
+) -> None:
     """The checkpoint must hold the slot model of the run's config.yaml on the run's store (a
     checkpoint copied in from another run would otherwise fail deep inside the model)."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():  # nothing to compare with; load_from_checkpoint needs the saved config
         if not isinstance((ckpt.get("hyper_parameters") or {}).get("config"), dict):
-            raise StageError(f"{path} is not a train-slots checkpoint (it has no slot-model config)")
+            raise StageError(
+                f"{path} is not a train-slots checkpoint (it has no slot-model config)"
+            )
         return
     cfg_dict = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
     grid = inputs.get("token_grid")
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        expected = SlotTrainingModule(cfg_dict, store.feature_dim, int(store.meta["num_tokens"]),
-                                      list(grid) if grid else None)
-    check_checkpoint_fits(path, ckpt, expected, f"run {run_dir} (its config.yaml and store)",
-                          f"The checkpoint comes from another run: use that run's directory, or move it out of "
-                          f"{run_dir / 'checkpoints'}.")
+        expected = SlotTrainingModule(
+            cfg_dict, store.feature_dim, int(store.meta["num_tokens"]), list(grid) if grid else None
+        )
+    check_checkpoint_fits(
+        path,
+        ckpt,
+        expected,
+        f"run {run_dir} (its config.yaml and store)",
+        f"The checkpoint comes from another run: use that run's directory, or move it out of "
+        f"{run_dir / 'checkpoints'}.",
+    )
 
 
-@config_command("train-slots", example="egoslots train-slots configs/base.yaml run_name=slots-10 globals.NUM_SLOTS=10")
-@click.option("--resume", "--continue", "resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Checkpoint to resume from (default: the run's own checkpoints/last.ckpt, if any).")
-def train_slots(cfg: DictConfig, resume: Optional[Path] = None):
+@config_command(
+    "train-slots",
+    example="egoslots train-slots configs/base.yaml run_name=slots-10 globals.NUM_SLOTS=10",
+)
+@click.option(
+    "--resume",
+    "--continue",
+    "resume",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Checkpoint to resume from (default: the run's own checkpoints/last.ckpt, if any).",
+)
+def train_slots(cfg: DictConfig, resume: Path | None = None):
     """Stage 3: train the slot model (SlotContrast + STEVE decoder) from cached features and tokens.
 
     Never runs the ViT. Writes <work_dir>/runs/<run_name>/ (config.yaml, inputs.json,

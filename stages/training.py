@@ -25,9 +25,9 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import fsspec
 import lightning as L
@@ -59,8 +59,16 @@ class ResumableRandomSampler(Sampler[int]):
 
     BLOCK = 1 << 16
 
-    def __init__(self, size: int, total: int, seed: int, start: int = 0,
-                 batch: int = 1, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        size: int,
+        total: int,
+        seed: int,
+        start: int = 0,
+        batch: int = 1,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
         self.size, self.total, self.seed, self.start = size, total, seed, start
@@ -136,7 +144,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +155,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Checkpoints: finding, reading, catching up
 # --------------------------------------------------------------------------------------------
-def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
     """The checkpoint of the highest step that loads: last.ckpt or the newest step=N.ckpt.
 
     Lightning writes step=N.ckpt before last.ckpt, so a kill between the two leaves last.ckpt one
@@ -156,12 +164,15 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     """
     best, best_step = None, -1
     candidates = [ckpt_dir / "last.ckpt"] + sorted(
-        ckpt_dir.glob("step=*.ckpt"), key=lambda p: _step_of(p), reverse=True)
+        ckpt_dir.glob("step=*.ckpt"), key=lambda p: _step_of(p), reverse=True
+    )
     for path in candidates:
         if not path.is_file():
             continue
         try:
-            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+            step = int(
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+            )
         except Exception as err:  # noqa: BLE001 - a truncated file: try the next one
             log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
             continue
@@ -204,15 +215,21 @@ def read_checkpoint(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise StageError(f"refused to load {path}: it holds Python objects other than tensors and plain "
-                         f"containers, which egoslots checkpoints never do (torch.load weights_only=True: "
-                         f"{reason})") from err
+        raise StageError(
+            f"refused to load {path}: it holds Python objects other than tensors and plain "
+            f"containers, which egoslots checkpoints never do (torch.load weights_only=True: "
+            f"{reason})"
+        ) from err
     except Exception as err:  # noqa: BLE001 - truncated, not a torch file, ...
-        raise StageError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}): is it a truncated "
-                         "file or not a checkpoint?") from err
+        raise StageError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {err}): is it a truncated "
+            "file or not a checkpoint?"
+        ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        raise StageError(f"{path} is not a Lightning checkpoint (no state_dict / global_step): give a "
-                         "checkpoints/*.ckpt file of a train-slots or pretrain-dvae run")
+        raise StageError(
+            f"{path} is not a Lightning checkpoint (no state_dict / global_step): give a "
+            "checkpoints/*.ckpt file of a train-slots or pretrain-dvae run"
+        )
     return ckpt
 
 
@@ -229,7 +246,7 @@ WRITE_FAULTS = {
 }
 
 
-def write_fault(err: OSError, out_dir: Path, kept: str, resume: str) -> Optional[str]:
+def write_fault(err: OSError, out_dir: Path, kept: str, resume: str) -> str | None:
     """The one-line message for an OSError of writing into ``out_dir``; None if not a write fault."""
     hint = WRITE_FAULTS.get(err.errno)
     if hint is None:
@@ -240,8 +257,10 @@ def write_fault(err: OSError, out_dir: Path, kept: str, resume: str) -> Optional
     except (OSError, ValueError):
         inside = False
     verb = "write" if inside or not err.filename else "access"
-    return (f"cannot {verb} {target}: {os.strerror(err.errno)} ({errno.errorcode[err.errno]}): {hint}. "
-            f"{kept}; {resume}")
+    return (
+        f"cannot {verb} {target}: {os.strerror(err.errno)} ({errno.errorcode[err.errno]}): {hint}. "
+        f"{kept}; {resume}"
+    )
 
 
 class RaisingCheckpointIO(TorchCheckpointIO):
@@ -301,14 +320,20 @@ def _process_running(pid: int) -> bool:
 
 
 @contextmanager
-def output_writes(out_dir: Path, kept: str = "", resume: str = "then rerun the same command to resume"):
+def output_writes(
+    out_dir: Path, kept: str = "", resume: str = "then rerun the same command to resume"
+):
     """Turn a permission / read-only / disk-full OSError inside the block into one StageError
     naming the file and the errno's meaning (no traceback); other errors pass unchanged."""
     try:
         yield
     except OSError as err:
-        message = write_fault(err, out_dir, kept or f"Checkpoints already in {out_dir / 'checkpoints'} are kept",
-                              resume)
+        message = write_fault(
+            err,
+            out_dir,
+            kept or f"Checkpoints already in {out_dir / 'checkpoints'} are kept",
+            resume,
+        )
         if message is None:
             raise
         raise StageError(message) from err

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import click
 import numpy as np
@@ -25,11 +24,31 @@ from stages.evaluate import infer_video, load_run, pick_device, window_length
 log = logging.getLogger("egoslots")
 
 # 20 distinct colours (tab20 order, strong ones first); slot k always gets PALETTE[k % 20].
-PALETTE = np.array([
-    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
-    [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [174, 199, 232], [255, 187, 120],
-    [152, 223, 138], [255, 152, 150], [197, 176, 213], [196, 156, 148], [247, 182, 210], [199, 199, 199],
-    [219, 219, 141], [158, 218, 229]], dtype=np.uint8)
+PALETTE = np.array(
+    [
+        [31, 119, 180],
+        [255, 127, 14],
+        [44, 160, 44],
+        [214, 39, 40],
+        [148, 103, 189],
+        [140, 86, 75],
+        [227, 119, 194],
+        [127, 127, 127],
+        [188, 189, 34],
+        [23, 190, 207],
+        [174, 199, 232],
+        [255, 187, 120],
+        [152, 223, 138],
+        [255, 152, 150],
+        [197, 176, 213],
+        [196, 156, 148],
+        [247, 182, 210],
+        [199, 199, 199],
+        [219, 219, 141],
+        [158, 218, 229],
+    ],
+    dtype=np.uint8,
+)
 
 
 def slot_colours(labels: np.ndarray) -> np.ndarray:
@@ -48,8 +67,9 @@ def overlay(frames: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.n
     return out.clip(0, 255).astype(np.uint8)
 
 
-def dvae_reconstructions(run_dir: Path, cfg, tokens_hash: Optional[str], tokens: Optional[torch.Tensor],
-                         size: int) -> tuple[Optional[np.ndarray], str]:
+def dvae_reconstructions(
+    run_dir: Path, cfg, tokens_hash: str | None, tokens: torch.Tensor | None, size: int
+) -> tuple[np.ndarray | None, str]:
     """Decode cached token ids (T, h, w) with the run's dVAE -> (T, S, S, 3) uint8, or None and why."""
     if tokens_hash is None or tokens is None:
         return None, "the run uses no dVAE"
@@ -68,19 +88,24 @@ def dvae_reconstructions(run_dir: Path, cfg, tokens_hash: Optional[str], tokens:
         device = next(model.parameters()).device
         pictures = []
         with torch.no_grad():
-            for part in tokens.long().split(16):  # a few frames at a time: long videos fit in memory
+            for part in tokens.long().split(
+                16
+            ):  # a few frames at a time: long videos fit in memory
                 images = model.decode_ids(part.to(device)).float()  # (t, 3, S', S'), unclamped
                 if images.shape[-1] != size:
-                    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
-                                                             align_corners=False)
-                pictures.append((images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+                    images = torch.nn.functional.interpolate(
+                        images, size=(size, size), mode="bilinear", align_corners=False
+                    )
+                pictures.append(
+                    (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+                )
         return np.concatenate(pictures), ""
     except Exception as err:  # a picture is not worth failing the pipeline for
         log.warning("dVAE reconstructions skipped: %s", err)
         return None, f"dVAE decoding failed: {err}"
 
 
-def find_dvae_run(run_dir: Path, cfg, tokens_hash: str) -> Optional[Path]:
+def find_dvae_run(run_dir: Path, cfg, tokens_hash: str) -> Path | None:
     """The dVAE run directory whose dvae.json hash is ``tokens_hash``."""
     candidates = []
     inputs = run_dir / "inputs.json"
@@ -109,8 +134,14 @@ def find_dvae_run(run_dir: Path, cfg, tokens_hash: str) -> Optional[Path]:
     return None
 
 
-def visualize_run(run_dir: str | Path, video_id: Optional[str] = None, out: str | Path | None = None,
-                  checkpoint: str = "last", max_columns: int = 16, fps: float = 6.0) -> Path:
+def visualize_run(
+    run_dir: str | Path,
+    video_id: str | None = None,
+    out: str | Path | None = None,
+    checkpoint: str = "last",
+    max_columns: int = 16,
+    fps: float = 6.0,
+) -> Path:
     """Render slot masks over one video; returns the PNG strip's path (the GIF is beside it)."""
     from cache.reader import ClipDataset
 
@@ -122,8 +153,15 @@ def visualize_run(run_dir: str | Path, video_id: Optional[str] = None, out: str 
     elif video_id not in {v.id for v in store.videos}:
         raise click.ClickException(f"no video '{video_id}' in store {store.path}")
     fields = ("features", "frames") + (("tokens",) if tokens_hash else ())
-    data = ClipDataset(store, split=None, clip_length=None, fields=fields, tokens=tokens_hash,
-                       include_flipped=False, video_ids=[video_id])
+    data = ClipDataset(
+        store,
+        split=None,
+        clip_length=None,
+        fields=fields,
+        tokens=tokens_hash,
+        include_flipped=False,
+        video_ids=[video_id],
+    )
     item = data[0]
     model = model.to(pick_device()).eval()
     result = infer_video(model, item["features"], item.get("tokens"), window_length(cfg))
@@ -163,20 +201,33 @@ def write_strip(path: Path, panels: list[np.ndarray], max_columns: int, gap: int
     t = panels[0].shape[0]
     columns = np.unique(np.linspace(0, t - 1, min(t, max_columns)).round().astype(int))
     h, w = panels[0].shape[1:3]
-    canvas = np.full((len(panels) * (h + gap) - gap, len(columns) * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    canvas = np.full(
+        (len(panels) * (h + gap) - gap, len(columns) * (w + gap) - gap, 3), 255, dtype=np.uint8
+    )
     for r, panel in enumerate(panels):
         for c, t_index in enumerate(columns):
-            canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = panel[t_index]
+            canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = panel[
+                t_index
+            ]
     imageio.imwrite(path, canvas)
 
 
-@click.command(name="visualize", epilog="\b\nExample:\n  egoslots visualize egoslots-work/runs/slots --video video_0003")
+@click.command(
+    name="visualize",
+    epilog="\b\nExample:\n  egoslots visualize egoslots-work/runs/slots --video video_0003",
+)
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--video", "video_id", default=None, help="Video id (default: the first test video).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default: RUN/viz).")
-@click.option("--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints.")
-def visualize(run: Path, video_id: Optional[str], out: Optional[Path], checkpoint: str):
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (default: RUN/viz).",
+)
+@click.option(
+    "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
+)
+def visualize(run: Path, video_id: str | None, out: Path | None, checkpoint: str):
     """Render a video's slot masks (colours fixed per slot) as a GIF and a PNG strip, with dVAE
     reconstructions of the cached tokens when the run uses a dVAE."""
     from stages.common import setup_logging

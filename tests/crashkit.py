@@ -16,9 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread per process: steady timings on a shared 2-core machine, and the same float results
@@ -33,7 +33,9 @@ def cli(command: str, *args: object) -> list[str]:
 
 def run_to_end(args: Sequence[str], log: Path | None = None, timeout: float = 300) -> str:
     """Run a command to completion; fail the test with its last output if it fails. Returns stdout+stderr."""
-    result = subprocess.run(list(args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        list(args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     output = result.stdout + result.stderr
     if log is not None:
         log.write_text(output)
@@ -49,7 +51,7 @@ class KillPoint:
     delay: float
 
     @classmethod
-    def draw(cls, seed: int, low: int, high: int, max_delay: float) -> "KillPoint":
+    def draw(cls, seed: int, low: int, high: int, max_delay: float) -> KillPoint:
         rng = random.Random(seed)
         return cls(rng.randint(low, high), rng.uniform(0.0, max_delay))
 
@@ -61,8 +63,14 @@ class Killed:
     output: str  # what it printed before it died
 
 
-def kill_mid_run(args: Sequence[str], progress: Callable[[], int], point: KillPoint, log: Path,
-                 timeout: float = 240, poll: float = 0.002) -> Killed:
+def kill_mid_run(
+    args: Sequence[str],
+    progress: Callable[[], int],
+    point: KillPoint,
+    log: Path,
+    timeout: float = 240,
+    poll: float = 0.002,
+) -> Killed:
     """Start ``args`` and SIGKILL its process group at ``point``; assert the kill, not an exit, ended it.
 
     ``progress`` is polled every ``poll`` seconds. Output goes to ``log`` (kept for debugging
@@ -70,8 +78,14 @@ def kill_mid_run(args: Sequence[str], progress: Callable[[], int], point: KillPo
     """
     deadline = time.monotonic() + timeout
     with open(log, "w") as out:
-        proc = subprocess.Popen(list(args), cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            list(args),
+            cwd=REPO,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             reached = False
             while proc.poll() is None and time.monotonic() < deadline:
@@ -89,12 +103,17 @@ def kill_mid_run(args: Sequence[str], progress: Callable[[], int], point: KillPo
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     output = log.read_text()
-    assert reached, f"progress never reached {point.after} in {timeout} s (at {progress()}):\n{output[-2000:]}"
+    assert reached, (
+        f"progress never reached {point.after} in {timeout} s (at {progress()}):\n{output[-2000:]}"
+    )
     assert alive and proc.returncode == -signal.SIGKILL, (
         f"the command ended (exit {proc.returncode}) before the kill point {point} "
-        f"(progress {progress()}):\n{output[-2000:]}")
+        f"(progress {progress()}):\n{output[-2000:]}"
+    )
     done = progress()
-    print(f"{args[2]}: killed with progress {done} at {point}")  # shown with the output of a failing test
+    print(
+        f"{args[2]}: killed with progress {done} at {point}"
+    )  # shown with the output of a failing test
     return Killed(point, done, output)
 
 
@@ -109,6 +128,7 @@ def count_done_flags(root: Path, pattern: str) -> Callable[[], int]:
     A store's ``done/c/<chunk>`` files (and ``tokens/<hash>/done/c/<chunk>``) appear when a
     chunk is flagged; reading the byte also ignores a flag file written as 0.
     """
+
     def flags() -> int:
         total = 0
         for path in root.glob(pattern):
@@ -117,4 +137,5 @@ def count_done_flags(root: Path, pattern: str) -> Callable[[], int]:
             except OSError:  # removed or being replaced right now
                 pass
         return total
+
     return flags

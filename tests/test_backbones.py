@@ -60,16 +60,33 @@ def dino_checkpoint(vit: nn.Module, path: Path, head_dim: int = 32) -> Path:
     """silicon-menagerie's DINO layout: teacher/student under module.backbone., the DINO head,
     the loss centre, optimizer state and the argparse args."""
     gen = torch.Generator().manual_seed(1)
-    head = {"mlp.0.weight": torch.randn(head_dim, vit.embed_dim, generator=gen), "mlp.0.bias": torch.zeros(head_dim),
-            "last_layer.weight_g": torch.ones(64, 1), "last_layer.weight_v": torch.randn(64, head_dim, generator=gen)}
+    head = {
+        "mlp.0.weight": torch.randn(head_dim, vit.embed_dim, generator=gen),
+        "mlp.0.bias": torch.zeros(head_dim),
+        "last_layer.weight_g": torch.ones(64, 1),
+        "last_layer.weight_v": torch.randn(64, head_dim, generator=gen),
+    }
     teacher = {f"module.backbone.{k}": v for k, v in vit.state_dict().items()}
     teacher.update({f"module.head.{k}": v for k, v in head.items()})
-    torch.save({"teacher": teacher, "student": dict(teacher), "epoch": 100,
-                "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "params": [0, 1]}]},
-                "dino_loss": {"center": torch.zeros(1, 64)},
-                "args": argparse.Namespace(arch="vit_base", patch_size=14, out_dim=65536, lr=0.0005,
-                                           data_path="/scratch/saycam", use_fp16=False,
-                                           weight_decay=np.float64(0.04))}, path)
+    torch.save(
+        {
+            "teacher": teacher,
+            "student": dict(teacher),
+            "epoch": 100,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "params": [0, 1]}]},
+            "dino_loss": {"center": torch.zeros(1, 64)},
+            "args": argparse.Namespace(
+                arch="vit_base",
+                patch_size=14,
+                out_dim=65536,
+                lr=0.0005,
+                data_path="/scratch/saycam",
+                use_fp16=False,
+                weight_decay=np.float64(0.04),
+            ),
+        },
+        path,
+    )
     return path
 
 
@@ -77,13 +94,29 @@ def mae_checkpoint(vit: nn.Module, path: Path) -> Path:
     """MAE's layout: everything under "model", with the decoder and the mask token."""
     dim = vit.embed_dim
     model = dict(vit.state_dict())
-    model.update({"mask_token": torch.zeros(1, 1, 16), "decoder_embed.weight": torch.randn(16, dim),
-                  "decoder_embed.bias": torch.zeros(16), "decoder_pos_embed": torch.zeros(1, 17, 16),
-                  "decoder_blocks.0.norm1.weight": torch.ones(16), "decoder_norm.weight": torch.ones(16),
-                  "decoder_pred.weight": torch.randn(768, 16)})
-    torch.save({"model": model, "epoch": 1, "scaler": {"scale": 65536.0, "growth_factor": 2.0},
-                "optimizer": {"state": {}, "param_groups": []},
-                "args": argparse.Namespace(model="mae_vit_small_patch16", mask_ratio=0.75, norm_pix_loss=True)}, path)
+    model.update(
+        {
+            "mask_token": torch.zeros(1, 1, 16),
+            "decoder_embed.weight": torch.randn(16, dim),
+            "decoder_embed.bias": torch.zeros(16),
+            "decoder_pos_embed": torch.zeros(1, 17, 16),
+            "decoder_blocks.0.norm1.weight": torch.ones(16),
+            "decoder_norm.weight": torch.ones(16),
+            "decoder_pred.weight": torch.randn(768, 16),
+        }
+    )
+    torch.save(
+        {
+            "model": model,
+            "epoch": 1,
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0},
+            "optimizer": {"state": {}, "param_groups": []},
+            "args": argparse.Namespace(
+                model="mae_vit_small_patch16", mask_ratio=0.75, norm_pix_loss=True
+            ),
+        },
+        path,
+    )
     return path
 
 
@@ -111,7 +144,9 @@ def reg_weights(tmp_path_factory):
     """A random timm DINOv2 ViT-S/14 with 4 registers at 56 px, saved as safetensors."""
     from safetensors.torch import save_file
 
-    vit = meta_random(lambda: timm.create_model(REG_MODEL, pretrained=False, img_size=56, num_classes=0), seed=5)
+    vit = meta_random(
+        lambda: timm.create_model(REG_MODEL, pretrained=False, img_size=56, num_classes=0), seed=5
+    )
     path = tmp_path_factory.mktemp("timm") / "model.safetensors"
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
     return vit, path
@@ -136,7 +171,11 @@ def test_dino_vitb14_checkpoint_gives_the_saved_models_patch_features(vitb14, im
     assert enc.checkpoint_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     desc = enc.describe()
     assert desc["block"] == 11 and desc["final_norm"] is False and desc["grid"] == [4, 4]
-    assert desc["patch_size"] == 14 and desc["input_size"] == 56 and desc["checkpoint_sha256"] == enc.checkpoint_sha256
+    assert (
+        desc["patch_size"] == 14
+        and desc["input_size"] == 56
+        and desc["checkpoint_sha256"] == enc.checkpoint_sha256
+    )
     assert not any(p.requires_grad for p in enc.parameters()) and not enc.training
 
 
@@ -163,20 +202,27 @@ def test_weights_found_in_egoslots_weights_dir(vitb14, monkeypatch):
         build_backbone({"name": "dino_say_vitb14", "input_size": 56})
     assert "backbone.checkpoint" in str(err.value) and "EGOSLOTS_WEIGHTS" in str(err.value)
     monkeypatch.setenv("EGOSLOTS_WEIGHTS", str(path.parent))
-    assert build_backbone({"name": "dino_say_vitb14", "input_size": 56}).checkpoint_sha256 == \
-        checkpoints.sha256_file(path)
+    assert build_backbone(
+        {"name": "dino_say_vitb14", "input_size": 56}
+    ).checkpoint_sha256 == checkpoints.sha256_file(path)
     empty = path.parent / "empty"
     empty.mkdir(exist_ok=True)
     monkeypatch.setenv("EGOSLOTS_WEIGHTS", str(empty))
-    with pytest.raises(BackboneError, match=r"backbone.checkpoint \(not set\).*empty/dino_say_vitb14.pth"):
+    with pytest.raises(
+        BackboneError, match=r"backbone.checkpoint \(not set\).*empty/dino_say_vitb14.pth"
+    ):
         build_backbone({"name": "dino_say_vitb14", "input_size": 56})
     with pytest.raises(BackboneError, match=r"backbone.checkpoint=.*nope.pth: no such file"):
-        build_backbone({"name": "dino_say_vitb14", "input_size": 56, "checkpoint": str(empty / "nope.pth")})
+        build_backbone(
+            {"name": "dino_say_vitb14", "input_size": 56, "checkpoint": str(empty / "nope.pth")}
+        )
 
 
 def test_mae_checkpoint_with_decoder_loads(vits16, tmp_path):
     path = mae_checkpoint(vits16, tmp_path / "mae_say_vits16.pth")
-    enc = build_backbone({"name": "mae_say_vits16", "checkpoint": str(path), "input_size": 224, "block": 1})
+    enc = build_backbone(
+        {"name": "mae_say_vits16", "checkpoint": str(path), "input_size": 224, "block": 1}
+    )
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(enc(x), block_output(vits16, normalise(x), 1)[:, 1:])
@@ -184,31 +230,57 @@ def test_mae_checkpoint_with_decoder_loads(vits16, tmp_path):
 
 
 def test_mugs_heads_are_training_only(vits16, tmp_path):
-    state = {f"module.backbone.encoder.{k}": v for k, v in vits16.state_dict().items()}  # any prefix order
-    state.update({"module.instance_head.mlp.0.weight": torch.zeros(4, 384),
-                  "module.group_head.last_layer.weight": torch.zeros(8, 4),
-                  "module.local_group_head.relation_blocks.0.norm1.weight": torch.zeros(4)})
+    state = {
+        f"module.backbone.encoder.{k}": v for k, v in vits16.state_dict().items()
+    }  # any prefix order
+    state.update(
+        {
+            "module.instance_head.mlp.0.weight": torch.zeros(4, 384),
+            "module.group_head.last_layer.weight": torch.zeros(8, 4),
+            "module.local_group_head.relation_blocks.0.norm1.weight": torch.zeros(4),
+        }
+    )
     torch.save({"teacher": state}, tmp_path / "m.pth")
-    enc = build_backbone({"name": "mugs_say_vits16", "checkpoint": str(tmp_path / "m.pth"), "input_size": 64})
+    enc = build_backbone(
+        {"name": "mugs_say_vits16", "checkpoint": str(tmp_path / "m.pth"), "input_size": 64}
+    )
     assert enc.grid == (4, 4)
 
 
 def test_missing_and_unexpected_keys_are_listed(vits16, tmp_path):
     state = dict(vits16.state_dict())
     del state["blocks.3.mlp.fc1.weight"]
-    torch.save({"teacher": {f"backbone.{k}": v for k, v in state.items()}}, tmp_path / "missing.pth")
-    with pytest.raises(BackboneError, match=r"missing.pth lacks backbone keys: blocks.3.mlp.fc1.weight"):
-        build_backbone({"name": "dino_say_vits16", "checkpoint": str(tmp_path / "missing.pth"), "input_size": 64})
+    torch.save(
+        {"teacher": {f"backbone.{k}": v for k, v in state.items()}}, tmp_path / "missing.pth"
+    )
+    with pytest.raises(
+        BackboneError, match=r"missing.pth lacks backbone keys: blocks.3.mlp.fc1.weight"
+    ):
+        build_backbone(
+            {
+                "name": "dino_say_vits16",
+                "checkpoint": str(tmp_path / "missing.pth"),
+                "input_size": 64,
+            }
+        )
 
-    state = {**vits16.state_dict(), "blocks.0.attn.q_norm.weight": torch.ones(64), "head.mlp.0.bias": torch.ones(3)}
+    state = {
+        **vits16.state_dict(),
+        "blocks.0.attn.q_norm.weight": torch.ones(64),
+        "head.mlp.0.bias": torch.ones(3),
+    }
     torch.save({"teacher": state}, tmp_path / "extra.pth")
     with pytest.raises(BackboneError, match=r"unexpected keys: blocks.0.attn.q_norm.weight \("):
-        build_backbone({"name": "dino_say_vits16", "checkpoint": str(tmp_path / "extra.pth"), "input_size": 64})
+        build_backbone(
+            {"name": "dino_say_vits16", "checkpoint": str(tmp_path / "extra.pth"), "input_size": 64}
+        )
     # MAE's decoder is not a training-only part of a DINO model: the wrong file is caught.
     path = mae_checkpoint(vits16, tmp_path / "mae.pth")
     with pytest.raises(BackboneError, match=r"unexpected keys: decoder_.*mask_token"):
         build_backbone({"name": "dino_say_vits16", "checkpoint": str(path), "input_size": 64})
-    with pytest.raises(BackboneError, match=r"wrong shape: blocks.0.attn.proj.bias \(384,\) vs \(768,\)"):
+    with pytest.raises(
+        BackboneError, match=r"wrong shape: blocks.0.attn.proj.bias \(384,\) vs \(768,\)"
+    ):
         build_backbone({"name": "mae_say_vitb16", "checkpoint": str(path), "input_size": 64})
 
 
@@ -229,7 +301,9 @@ def test_checkpoint_with_disallowed_global_is_refused(vits16, tmp_path):
     torch.save({"teacher": vits16.state_dict(), "payload": Payload()}, path)
     with pytest.raises(BackboneError, match=r"refused to load.*weights_only=True") as err:
         build_backbone({"name": "dino_say_vits16", "checkpoint": str(path), "input_size": 64})
-    assert "unsupported global test_backbones.record_unpickle" in str(err.value)  # names what it refused
+    assert "unsupported global test_backbones.record_unpickle" in str(
+        err.value
+    )  # names what it refused
     assert UNPICKLED == []
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match=r"evil.pth is not a readable PyTorch checkpoint"):
@@ -237,13 +311,19 @@ def test_checkpoint_with_disallowed_global_is_refused(vits16, tmp_path):
 
 
 def test_pos_embed_interpolated_bicubic_for_another_input_size(vits16, tmp_path):
-    path = dino_checkpoint(vits16, tmp_path / "dino_a_vits16.pth")  # trained at 224: 14x14 positions
+    path = dino_checkpoint(
+        vits16, tmp_path / "dino_a_vits16.pth"
+    )  # trained at 224: 14x14 positions
     enc = build_backbone({"name": "dino_a_vits16", "checkpoint": str(path), "input_size": 64})
     x = torch.rand(2, 3, 64, 64)
     assert enc.grid == (4, 4) and enc(x).shape == (2, 16, 384)
     old = vits16.pos_embed.detach()
     grid = old[:, 1:].reshape(1, 14, 14, 384).permute(0, 3, 1, 2)
-    new = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, 384)
+    new = (
+        F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+        .permute(0, 2, 3, 1)
+        .reshape(1, 16, 384)
+    )
     assert torch.allclose(enc.vit.pos_embed, torch.cat([old[:, :1], new], 1), atol=1e-6)
     ref = meta_random(partial(silicon_vit, "vits16", 64))
     ref.load_state_dict({**vits16.state_dict(), "pos_embed": torch.cat([old[:, :1], new], 1)})
@@ -284,7 +364,9 @@ def forbid_network(monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["hf-cache", "weights-dir", "checkpoint"])
-def test_timm_register_model_drops_registers_offline(reg_weights, images, tmp_path, monkeypatch, where):
+def test_timm_register_model_drops_registers_offline(
+    reg_weights, images, tmp_path, monkeypatch, where
+):
     import huggingface_hub
 
     vit, path = reg_weights
@@ -311,8 +393,11 @@ def test_timm_model_without_local_weights_is_an_error(tmp_path, monkeypatch):
 
     forbid_network(monkeypatch)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(BackboneError, match=r"no weights for backbone.name=vit_small_patch14_dinov2.*"
-                                            r"Hugging Face cache timm/vit_small_patch14_dinov2.lvd142m"):
+    with pytest.raises(
+        BackboneError,
+        match=r"no weights for backbone.name=vit_small_patch14_dinov2.*"
+        r"Hugging Face cache timm/vit_small_patch14_dinov2.lvd142m",
+    ):
         build_backbone({"name": "vit_small_patch14_dinov2", "input_size": 56})
 
 
@@ -330,24 +415,37 @@ def test_timm_mean_std_from_pretrained_cfg_unless_overridden(reg_weights):
 
 
 def test_bad_names_and_sizes_name_the_config_key():
-    with pytest.raises(BackboneError, match=r"unknown backbone.name=mae_say_vitb14.*did you mean: mae_say_vitb16"):
+    with pytest.raises(
+        BackboneError, match=r"unknown backbone.name=mae_say_vitb14.*did you mean: mae_say_vitb16"
+    ):
         build_backbone({"name": "mae_say_vitb14", "input_size": 224})
     with pytest.raises(BackboneError, match=r"did you mean: vit_small_patch14_dinov2"):
         build_backbone({"name": "vit_smal_patch14_dinov2", "input_size": 224})
     with pytest.raises(BackboneError, match=r"dino_say_resnext50 is a silicon-menagerie ResNeXt"):
         build_backbone({"name": "dino_say_resnext50", "input_size": 224})
-    with pytest.raises(BackboneError, match=r"backbone.input_size=60 is not a multiple of .* 14 \(e.g. 56 or 70\)"):
+    with pytest.raises(
+        BackboneError, match=r"backbone.input_size=60 is not a multiple of .* 14 \(e.g. 56 or 70\)"
+    ):
         build_backbone({"name": "dino_say_vitb14", "input_size": 60})
-    with pytest.raises(BackboneError, match=r"backbone.patch_size=8, but dino_say_vitb14 has patch size 14"):
+    with pytest.raises(
+        BackboneError, match=r"backbone.patch_size=8, but dino_say_vitb14 has patch size 14"
+    ):
         build_backbone({"name": "dino_say_vitb14", "input_size": 56, "patch_size": 8})
-    with pytest.raises(BackboneError, match=r"backbone.name=resnet18 is a timm model but not a ViT"):
+    with pytest.raises(
+        BackboneError, match=r"backbone.name=resnet18 is a timm model but not a ViT"
+    ):
         build_backbone({"name": "resnet18", "input_size": 64})
 
 
 def test_every_silicon_name_has_the_published_shape():
     names = backbones.SILICON_MODELS
-    assert len(names) == 11 + 36 and {"dino_ego4d-200h_vitb14", "mugs_y_vitl16", "mae_say_vits16"} <= names
-    assert not any(n.startswith("mae") and n.endswith("14") for n in names)  # MAE models are patch 16
+    assert (
+        len(names) == 11 + 36
+        and {"dino_ego4d-200h_vitb14", "mugs_y_vitl16", "mae_say_vits16"} <= names
+    )
+    assert not any(
+        n.startswith("mae") and n.endswith("14") for n in names
+    )  # MAE models are patch 16
     for arch in {n.split("_")[2] for n in names}:
         patch, dim, depth, heads = backbones.SILICON_ARCHS[arch]
         assert int(arch[-2:]) == patch
@@ -356,7 +454,11 @@ def test_every_silicon_name_has_the_published_shape():
         assert (len(vit.blocks), vit.embed_dim, vit.blocks[0].attn.num_heads) == (depth, dim, heads)
         assert vit.blocks[0].attn.qkv.bias is not None and vit.norm.eps == 1e-6
         assert vit.blocks[0].mlp.fc1.out_features == 4 * dim
-        assert vit.cls_token is not None and vit.pos_embed.shape == (1, 1 + (224 // patch) ** 2, dim)
+        assert vit.cls_token is not None and vit.pos_embed.shape == (
+            1,
+            1 + (224 // patch) ** 2,
+            dim,
+        )
 
 
 def test_tiny_test_vit_is_a_deterministic_real_vit():
@@ -381,9 +483,13 @@ def test_patch_pixels_shapes_and_determinism():
     assert feats.shape == (2, 16, 192) and raw.grid == (4, 4)
     # token 1 is the patch at row 0, column 1: its pixels, normalised, channel-major
     assert torch.allclose(feats[0, 1], normalise(x)[0, :, 0:8, 8:16].reshape(-1))
-    proj = [build_backbone({"name": "patch-pixels", "input_size": 32, "patch_size": 8, "proj_dim": 24})
-            for _ in range(2)]
+    proj = [
+        build_backbone({"name": "patch-pixels", "input_size": 32, "patch_size": 8, "proj_dim": 24})
+        for _ in range(2)
+    ]
     assert proj[0](x).shape == (2, 16, 24) and torch.equal(proj[0](x), proj[1](x))
     assert proj[0].describe()["proj_dim"] == 24 and list(raw.parameters()) == []
-    with pytest.raises(BackboneError, match="backbone.input_size=30 is not divisible by backbone.patch_size=8"):
+    with pytest.raises(
+        BackboneError, match="backbone.input_size=30 is not divisible by backbone.patch_size=8"
+    ):
         PatchPixels(30, 8)

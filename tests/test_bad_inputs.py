@@ -13,15 +13,15 @@ import pytest
 import torch
 import zarr
 from PIL import Image
+from test_train_slots import make_dvae_run, make_store, tiny_cfg
 
 import stages.dvae as stage_dvae
 from cache.store import FeatureStore, StoreError
 from pipeline.config import ConfigError, load_config
-from pipeline.dvae import load_dvae
 from pipeline.data.base import SourceError
 from pipeline.data.frames import FrameFolderSource
+from pipeline.dvae import load_dvae
 from stages.common import StageError
-from test_train_slots import make_dvae_run, make_store, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,14 +33,20 @@ def test_empty_and_16bit_png(tmp_path):
     frames = FrameFolderSource(tmp_path).read_frames("v", 0, 1)
     rgb = next(iter(frames)).rgb
     assert rgb.dtype == np.uint8 and rgb.shape == (12, 16, 3) and rgb.max() == 255
-    with pytest.raises(SourceError, match=r"frame1\.png: frame 1 of video 'v': cannot decode image"):
+    with pytest.raises(
+        SourceError, match=r"frame1\.png: frame 1 of video 'v': cannot decode image"
+    ):
         list(FrameFolderSource(tmp_path).read_frames("v", 1, 2))
 
 
 def test_zarr_group_that_is_not_an_egoslots_store(tmp_path):
     (tmp_path / "stores").mkdir()
-    zarr.open_group(str(tmp_path / "stores" / "abc.zarr"), mode="w").create_array("x", shape=(3,), dtype="f4")
-    with pytest.raises(StoreError, match=r"abc\.zarr is a zarr group but not an egoslots feature store"):
+    zarr.open_group(str(tmp_path / "stores" / "abc.zarr"), mode="w").create_array(
+        "x", shape=(3,), dtype="f4"
+    )
+    with pytest.raises(
+        StoreError, match=r"abc\.zarr is a zarr group but not an egoslots feature store"
+    ):
         FeatureStore.open(tmp_path / "stores" / "abc.zarr")
 
 
@@ -51,8 +57,14 @@ def test_nan_features_stop_train_slots_naming_the_step(tmp_path):
     make_dvae_run(tmp_path)
     zarr.open_array(str(store.path) + "/features", mode="r+")[:] = np.nan
     with pytest.raises(StageError, match=r"NaN/inf at step \d+") as info:
-        train(tiny_cfg(tmp_path, "trainer.max_steps=3", "trainer.val_every=100", "trainer.image_every=100"))
-    assert f"`egoslots cache verify {store.path}`" in str(info.value)  # the command that finds the bad chunks
+        train(
+            tiny_cfg(
+                tmp_path, "trainer.max_steps=3", "trainer.val_every=100", "trainer.image_every=100"
+            )
+        )
+    assert f"`egoslots cache verify {store.path}`" in str(
+        info.value
+    )  # the command that finds the bad chunks
     assert not (tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt").exists()
 
 
@@ -66,9 +78,14 @@ def _fail_open_for(monkeypatch, name: str, err: int):
     real = builtins.open
 
     def failing(file, mode="r", *args, **kwargs):
-        if "w" in str(mode) and isinstance(file, (str, os.PathLike)) and Path(file).name.startswith(f".{name}.tmp"):
+        if (
+            "w" in str(mode)
+            and isinstance(file, (str, os.PathLike))
+            and Path(file).name.startswith(f".{name}.tmp")
+        ):
             raise (PermissionError if err in (errno.EACCES, errno.EPERM) else OSError)(
-                err, os.strerror(err), str(file))
+                err, os.strerror(err), str(file)
+            )
         return real(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", failing)
@@ -90,13 +107,15 @@ def _step(ckpt: Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
 
 
-def test_extraction_store_on_read_only_or_forbidden_disk_keeps_chunks_and_resumes(tmp_path, monkeypatch):
+def test_extraction_store_on_read_only_or_forbidden_disk_keeps_chunks_and_resumes(
+    tmp_path, monkeypatch
+):
     """EROFS then EACCES at the real zarr chunk write: StoreError naming chunk, store and errno
     meaning; finished chunks kept; the rerun after the fix equals a one-shot extraction."""
     import zarr.storage._local as zarr_local
+    from test_store import assert_same_store, make_cfg, make_source
 
     from stages.extract import extract
-    from test_store import assert_same_store, make_cfg, make_source
 
     source = make_source()
     clean = extract(make_cfg(tmp_path / "clean"), source=source)
@@ -106,16 +125,22 @@ def test_extraction_store_on_read_only_or_forbidden_disk_keeps_chunks_and_resume
         if "/c/" in str(path) and "/features/" in str(path):
             state["n"] += 1
             if state["n"] in state["fail"]:
-                raise OSError(state["fail"][state["n"]], os.strerror(state["fail"][state["n"]]), str(path))
+                raise OSError(
+                    state["fail"][state["n"]], os.strerror(state["fail"][state["n"]]), str(path)
+                )
         return real_put(path, value, exclusive=exclusive)
 
     monkeypatch.setattr(zarr_local, "_put", put)
     cfg = make_cfg(tmp_path / "ro")
-    with pytest.raises(StoreError, match=r"cannot write chunk 2 of .*ro/stores/.*Read-only file system") as info:
+    with pytest.raises(
+        StoreError, match=r"cannot write chunk 2 of .*ro/stores/.*Read-only file system"
+    ) as info:
         extract(cfg, source=source)
     assert "rerun the same command" in str(info.value)
     store_path = tmp_path / "ro" / "stores" / clean.name
-    assert FeatureStore.open(store_path, require_complete=False).progress()[0] == 2  # chunks 0, 1 kept
+    assert (
+        FeatureStore.open(store_path, require_complete=False).progress()[0] == 2
+    )  # chunks 0, 1 kept
 
     state.update(n=0, fail={2: errno.EACCES})  # the rerun hits a directory it may not write
     with pytest.raises(StoreError, match=r"cannot write chunk 3 of .*Permission denied"):
@@ -128,9 +153,20 @@ def test_extraction_store_on_read_only_or_forbidden_disk_keeps_chunks_and_resume
 
 
 def _dvae_overrides(root: Path, store: Path) -> list[str]:
-    return [f"work_dir={root}", f"store={store}", "dvae.vocab_size=16", "dvae.hidden=8", "dvae.batch_size=4",
-            "dvae.num_workers=0", "dvae.max_steps=4", "dvae.ckpt_every=2", "dvae.log_every=1",
-            "dvae.image_every=100", "dvae.accelerator=cpu", "dvae.precision=32"]
+    return [
+        f"work_dir={root}",
+        f"store={store}",
+        "dvae.vocab_size=16",
+        "dvae.hidden=8",
+        "dvae.batch_size=4",
+        "dvae.num_workers=0",
+        "dvae.max_steps=4",
+        "dvae.ckpt_every=2",
+        "dvae.log_every=1",
+        "dvae.image_every=100",
+        "dvae.accelerator=cpu",
+        "dvae.precision=32",
+    ]
 
 
 def test_unwritable_dvae_run_dir_names_the_file_and_keeps_checkpoints(tmp_path, monkeypatch):
@@ -138,12 +174,16 @@ def test_unwritable_dvae_run_dir_names_the_file_and_keeps_checkpoints(tmp_path, 
     and EROFS on config.yaml give one line naming the file and the errno's meaning, no traceback;
     step 2 stays intact and the rerun after the fix resumes from it."""
     from click.testing import CliRunner
-
-    import cli
     from test_dvae import make_store as make_frame_store
 
+    import cli
+
     make_frame_store(tmp_path / "store.zarr")
-    args = ["pretrain-dvae", str(REPO / "configs" / "base.yaml"), *_dvae_overrides(tmp_path, tmp_path / "store.zarr")]
+    args = [
+        "pretrain-dvae",
+        str(REPO / "configs" / "base.yaml"),
+        *_dvae_overrides(tmp_path, tmp_path / "store.zarr"),
+    ]
     run_dir = tmp_path / "runs" / "dvae"
     runner = CliRunner()
 
@@ -152,7 +192,9 @@ def test_unwritable_dvae_run_dir_names_the_file_and_keeps_checkpoints(tmp_path, 
         result = runner.invoke(cli.main, args)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    assert re.search(r"cannot write .*step=4\.ckpt: Permission denied \(EACCES\)", result.output), result.output
+    assert re.search(r"cannot write .*step=4\.ckpt: Permission denied \(EACCES\)", result.output), (
+        result.output
+    )
     assert "are kept" in result.output and "rerun the same command" in result.output
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step=2.ckpt"]
@@ -163,48 +205,67 @@ def test_unwritable_dvae_run_dir_names_the_file_and_keeps_checkpoints(tmp_path, 
         _fail_write_text_for(m, "config.yaml.tmp", errno.EROFS)
         result = runner.invoke(cli.main, args)
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert re.search(r"cannot write .*config\.yaml\.tmp: Read-only file system \(EROFS\)", result.output), result.output
+    assert re.search(
+        r"cannot write .*config\.yaml\.tmp: Read-only file system \(EROFS\)", result.output
+    ), result.output
     assert _step(ckpts / "last.ckpt") == 2
 
     starts = []
-    monkeypatch.setattr(stage_dvae.DVAETask, "on_train_start", lambda self: starts.append(self.global_step))
+    monkeypatch.setattr(
+        stage_dvae.DVAETask, "on_train_start", lambda self: starts.append(self.global_step)
+    )
     result = runner.invoke(cli.main, args)  # fixed: resumes at step 2 and finishes
     assert result.exit_code == 0, result.output
     assert starts == [2]
     assert json.loads((run_dir / "dvae.json").read_text())["steps"] == 4
 
 
-def test_tokenize_disk_full_or_read_only_store_is_one_clear_error_and_resumes(tmp_path, monkeypatch):
+def test_tokenize_disk_full_or_read_only_store_is_one_clear_error_and_resumes(
+    tmp_path, monkeypatch
+):
     """ENOSPC (then EROFS) at the real zarr write of token ids: one line naming the chunk, the store
     and the command to rerun; finished token chunks kept; the rerun writes only the rest."""
     from click.testing import CliRunner
-
-    import cli
     from test_dvae import make_store as make_frame_store
 
+    import cli
+
     make_frame_store(tmp_path / "store.zarr")
-    run_dir = stage_dvae.pretrain(load_config(None, _dvae_overrides(tmp_path, tmp_path / "store.zarr")),
-                                  tokenize=False)
+    run_dir = stage_dvae.pretrain(
+        load_config(None, _dvae_overrides(tmp_path, tmp_path / "store.zarr")), tokenize=False
+    )
     real_setitem, state = zarr.Array.__setitem__, {"n": 0, "fail": {3: errno.ENOSPC}}
 
     def setitem(self, key, value):
         if self.path.endswith("/ids"):
             state["n"] += 1
             if state["n"] in state["fail"]:
-                raise OSError(state["fail"][state["n"]], os.strerror(state["fail"][state["n"]]), self.path)
+                raise OSError(
+                    state["fail"][state["n"]], os.strerror(state["fail"][state["n"]]), self.path
+                )
         return real_setitem(self, key, value)
 
     monkeypatch.setattr(zarr.Array, "__setitem__", setitem)
     runner = CliRunner()
     result = runner.invoke(cli.main, ["tokenize", str(run_dir)])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert re.search(r"disk full while writing token chunk 2 of .*store\.zarr .*No space left on device", result.output)
-    assert f"egoslots tokenize {run_dir}" in result.output and "finished token chunks are kept" in result.output
+    assert re.search(
+        r"disk full while writing token chunk 2 of .*store\.zarr .*No space left on device",
+        result.output,
+    )
+    assert (
+        f"egoslots tokenize {run_dir}" in result.output
+        and "finished token chunks are kept" in result.output
+    )
     dvae_hash = json.loads((run_dir / "dvae.json").read_text())["hash"]
-    assert list(FeatureStore.open(tmp_path / "store.zarr").group[f"tokens/{dvae_hash}/done"][:]) == [1, 1, 0, 0, 0, 0]
+    assert list(
+        FeatureStore.open(tmp_path / "store.zarr").group[f"tokens/{dvae_hash}/done"][:]
+    ) == [1, 1, 0, 0, 0, 0]
 
     state.update(n=0, fail={1: errno.EROFS})
-    with pytest.raises(stage_dvae.TokenWriteError, match=r"cannot write token chunk 2 .*Read-only file system") as info:
+    with pytest.raises(
+        stage_dvae.TokenWriteError, match=r"cannot write token chunk 2 .*Read-only file system"
+    ) as info:
         stage_dvae.tokenize_run(run_dir)
     assert isinstance(info.value, StoreError) and isinstance(info.value, OSError)
     assert info.value.errno == errno.EROFS
@@ -213,17 +274,39 @@ def test_tokenize_disk_full_or_read_only_store_is_one_clear_error_and_resumes(tm
     assert stage_dvae.tokenize_run(run_dir) == dvae_hash
     assert state["n"] == 4  # only chunks 2..5 were written again
     tokens = FeatureStore.open(tmp_path / "store.zarr").tokens(dvae_hash)[:]
-    frames = torch.from_numpy(FeatureStore.open(tmp_path / "store.zarr").frames[:]).permute(0, 3, 1, 2) / 255
+    frames = (
+        torch.from_numpy(FeatureStore.open(tmp_path / "store.zarr").frames[:]).permute(0, 3, 1, 2)
+        / 255
+    )
     assert np.array_equal(tokens, load_dvae(run_dir).encode_ids(frames.float()).numpy())
 
 
 def _slots_args(work: Path, *extra: str) -> list[str]:
-    return [f"work_dir={work}", "store=fp0", "run_name=t", "seed=0", "globals.NUM_SLOTS=3", "globals.SLOT_DIM=16",
-            "globals.VOCAB_SIZE=16", "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=2", "dataset.num_workers=0",
-            "decoder.hidden_dims=[32,32]", "steve_decoder.num_blocks=1", "steve_decoder.d_model=16",
-            "steve_decoder.num_heads=2", "predictor.num_heads=2", "optimizer.warmup_steps=2",
-            "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.val_every=100", "trainer.log_every=1",
-            "trainer.image_every=100", "trainer.precision=32", *extra]
+    return [
+        f"work_dir={work}",
+        "store=fp0",
+        "run_name=t",
+        "seed=0",
+        "globals.NUM_SLOTS=3",
+        "globals.SLOT_DIM=16",
+        "globals.VOCAB_SIZE=16",
+        "globals.NUM_FRAMES=3",
+        "globals.BATCH_SIZE_PER_GPU=2",
+        "dataset.num_workers=0",
+        "decoder.hidden_dims=[32,32]",
+        "steve_decoder.num_blocks=1",
+        "steve_decoder.d_model=16",
+        "steve_decoder.num_heads=2",
+        "predictor.num_heads=2",
+        "optimizer.warmup_steps=2",
+        "trainer.max_steps=4",
+        "trainer.ckpt_every=2",
+        "trainer.val_every=100",
+        "trainer.log_every=1",
+        "trainer.image_every=100",
+        "trainer.precision=32",
+        *extra,
+    ]
 
 
 def test_unwritable_train_slots_run_dir_names_the_file_and_keeps_checkpoints(tmp_path, monkeypatch):
@@ -245,16 +328,23 @@ def test_unwritable_train_slots_run_dir_names_the_file_and_keeps_checkpoints(tmp
         _fail_write_text_for(m, "inputs.json.tmp", errno.EACCES)
         result = runner.invoke(cli.main, args)
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert re.search(r"cannot write .*inputs\.json\.tmp: Permission denied \(EACCES\): make it writable",
-                     result.output), result.output
+    assert re.search(
+        r"cannot write .*inputs\.json\.tmp: Permission denied \(EACCES\): make it writable",
+        result.output,
+    ), result.output
 
-    for name, err, meaning in (("step=4.ckpt", errno.EACCES, "Permission denied"),
-                               ("last.ckpt", errno.ENOSPC, "No space left on device")):
+    for name, err, meaning in (
+        ("step=4.ckpt", errno.EACCES, "Permission denied"),
+        ("last.ckpt", errno.ENOSPC, "No space left on device"),
+    ):
         with monkeypatch.context() as m:
             _fail_open_for(m, name, err)
             result = runner.invoke(cli.main, args)
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-        assert re.search(rf"cannot write .*{re.escape(name)}: {meaning} \({errno.errorcode[err]}\)", result.output)
+        assert re.search(
+            rf"cannot write .*{re.escape(name)}: {meaning} \({errno.errorcode[err]}\)",
+            result.output,
+        )
         assert f"Checkpoints already in {ckpts} are kept" in result.output
         assert _step(ckpts / "step=2.ckpt") == 2
     assert _step(ckpts / "last.ckpt") == 2  # the failed writes never replaced it
@@ -278,26 +368,47 @@ def test_checkpoint_of_another_architecture_is_refused_by_resume_and_evaluate(tm
 
     make_store(tmp_path)
     make_dvae_run(tmp_path)
-    other = train(tiny_cfg(tmp_path, "run_name=other", "globals.NUM_SLOTS=4", "globals.SLOT_DIM=8",
-                           "trainer.max_steps=2", "trainer.image_every=100"))
+    other = train(
+        tiny_cfg(
+            tmp_path,
+            "run_name=other",
+            "globals.NUM_SLOTS=4",
+            "globals.SLOT_DIM=8",
+            "trainer.max_steps=2",
+            "trainer.image_every=100",
+        )
+    )
     foreign = other / "checkpoints" / "last.ckpt"
 
     with pytest.raises(StageError) as info:
         train(tiny_cfg(tmp_path, "run_name=mine", "trainer.max_steps=4"), resume=foreign)
     message = str(info.value)
     assert str(foreign) in message and "differ in shape" in message
-    assert "globals.NUM_SLOTS=4 (checkpoint) vs 3" in message and "globals.SLOT_DIM=8 (checkpoint) vs 16" in message
+    assert (
+        "globals.NUM_SLOTS=4 (checkpoint) vs 3" in message
+        and "globals.SLOT_DIM=8 (checkpoint) vs 16" in message
+    )
     assert re.search(r"\(\d+, 8\) vs \(\d+, 16\)", message)  # a weight's two shapes
     assert not (tmp_path / "runs" / "mine" / "checkpoints" / "last.ckpt").exists()
 
-    mine = train(tiny_cfg(tmp_path, "run_name=mine", "trainer.max_steps=2", "trainer.image_every=100"))
+    mine = train(
+        tiny_cfg(tmp_path, "run_name=mine", "trainer.max_steps=2", "trainer.image_every=100")
+    )
     shutil.copy(foreign, mine / "checkpoints" / "step=99.ckpt")  # copied in from the other run
-    with pytest.raises(StageError, match=r"step=99\.ckpt holds another slot model than run .*mine.*"
-                                         r"globals\.NUM_SLOTS=4 \(checkpoint\) vs 3"):
+    with pytest.raises(
+        StageError,
+        match=r"step=99\.ckpt holds another slot model than run .*mine.*"
+        r"globals\.NUM_SLOTS=4 \(checkpoint\) vs 3",
+    ):
         load_trained(mine, "step=99")
-    result = CliRunner().invoke(cli.main, ["evaluate", str(mine), "--checkpoint", "step=99", "--no-probe"])
+    result = CliRunner().invoke(
+        cli.main, ["evaluate", str(mine), "--checkpoint", "step=99", "--no-probe"]
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "step=99.ckpt holds another slot model" in result.output and "globals.SLOT_DIM" in result.output
+    assert (
+        "step=99.ckpt holds another slot model" in result.output
+        and "globals.SLOT_DIM" in result.output
+    )
     load_trained(mine, "last")  # the run's own checkpoint still loads
 
 
@@ -308,8 +419,14 @@ def test_resume_from_a_dvae_or_pickled_object_checkpoint_is_refused(tmp_path):
 
     make_store(tmp_path)
     make_dvae_run(tmp_path)
-    torch.save({"state_dict": {"dvae.encoder.0.conv.weight": torch.zeros(2)}, "global_step": 1,
-                "hyper_parameters": {"vocab_size": 16}}, tmp_path / "dvae.ckpt")
+    torch.save(
+        {
+            "state_dict": {"dvae.encoder.0.conv.weight": torch.zeros(2)},
+            "global_step": 1,
+            "hyper_parameters": {"vocab_size": 16},
+        },
+        tmp_path / "dvae.ckpt",
+    )
     with pytest.raises(StageError, match=r"dvae\.ckpt is not a train-slots checkpoint"):
         train(tiny_cfg(tmp_path, "trainer.max_steps=2"), resume=tmp_path / "dvae.ckpt")
 
@@ -344,8 +461,11 @@ def test_pretrain_dvae_resume_from_another_dvae_is_refused(tmp_path):
     run_dir = stage_dvae.pretrain(load_config(None, [*base, "dvae.max_steps=2"]), tokenize=False)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     cfg = load_config(None, [*base, "dvae.run_name=wide", "dvae.vocab_size=32", "dvae.hidden=12"])
-    with pytest.raises(ConfigError, match=r"last\.ckpt holds another dVAE than this config: dvae\.vocab_size=16 "
-                                          r"\(checkpoint\) vs 32, dvae\.hidden=8 \(checkpoint\) vs 12"):
+    with pytest.raises(
+        ConfigError,
+        match=r"last\.ckpt holds another dVAE than this config: dvae\.vocab_size=16 "
+        r"\(checkpoint\) vs 32, dvae\.hidden=8 \(checkpoint\) vs 12",
+    ):
         stage_dvae.pretrain(cfg, resume=ckpt, tokenize=False)
     assert not (tmp_path / "runs" / "wide" / "checkpoints").exists()
 

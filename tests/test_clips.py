@@ -55,7 +55,9 @@ def test_clip_index_over_a_real_source(tmp_path):
     write_frames(tmp_path / "a", 6, size=(4, 4))
     write_frames(tmp_path / "b", 2, size=(4, 4))
     rows = FrameFolderSource(tmp_path).videos()
-    clips = build_clip_index([r.num_frames for r in rows], length=3, stride=2, names=[r.video_id for r in rows])
+    clips = build_clip_index(
+        [r.num_frames for r in rows], length=3, stride=2, names=[r.video_id for r in rows]
+    )
     assert [(rows[c.video].video_id, c.start) for c in clips] == [("a", 0), ("a", 2)]
     src = FrameFolderSource(tmp_path)
     frames = [f.index for f in src.read_frames("a", clips[-1].start, clips[-1].start + 3)]

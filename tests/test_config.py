@@ -23,7 +23,11 @@ def test_base_defaults_follow_users_docs():
     assert (cfg.model.num_slots, cfg.model.slot_dim) == (7, 128)
     assert cfg.dvae.vocab_size == 4096
     assert cfg.globals.USE_DVAE and cfg.steve_decoder.enabled
-    assert dict(cfg.model.loss_weights) == {"loss_featrec": 1.0, "loss_ss": 0.5, "loss_steve_ce": 1.0}
+    assert dict(cfg.model.loss_weights) == {
+        "loss_featrec": 1.0,
+        "loss_ss": 0.5,
+        "loss_steve_ce": 1.0,
+    }
     assert cfg.backbone.name == "dino_say_vitb14"
 
 
@@ -34,8 +38,12 @@ def test_every_shipped_config_loads():
 
 
 def test_composition_and_interpolation(tmp_path):
-    write(tmp_path, "parent.yaml", {"globals": {"NUM_SLOTS": 9, "SLOT_DIM": 32}, "run_name": "parent"})
-    child = write(tmp_path, "child.yaml", {"defaults": ["parent.yaml"], "globals": {"SLOT_DIM": 48}})
+    write(
+        tmp_path, "parent.yaml", {"globals": {"NUM_SLOTS": 9, "SLOT_DIM": 32}, "run_name": "parent"}
+    )
+    child = write(
+        tmp_path, "child.yaml", {"defaults": ["parent.yaml"], "globals": {"SLOT_DIM": 48}}
+    )
     cfg = load_config(child)
     assert cfg.model.num_slots == 9  # from the parent, through ${globals.NUM_SLOTS}
     assert cfg.model.slot_dim == 48  # the child wins
@@ -43,19 +51,24 @@ def test_composition_and_interpolation(tmp_path):
 
 
 def test_command_line_overrides_win_and_propagate():
-    cfg = load_config(REPO / "configs" / "base.yaml",
-                      ["globals.NUM_SLOTS=10", "model.loss_weights.loss_ss=1.0", "globals.USE_SILICON_VIT=false"])
+    cfg = load_config(
+        REPO / "configs" / "base.yaml",
+        ["globals.NUM_SLOTS=10", "model.loss_weights.loss_ss=1.0", "globals.USE_SILICON_VIT=false"],
+    )
     assert cfg.model.num_slots == 10
     assert cfg.model.loss_weights.loss_ss == 1.0
     assert cfg.backbone.name == "vit_base_patch14_dinov2"
 
 
-@pytest.mark.parametrize("override, named, suggestion", [
-    ("globals.NUM_SLOT=3", "'globals.NUM_SLOT'", "'globals.NUM_SLOTS'"),
-    ("grouper.n_iter=3", "'grouper.n_iter'", "'grouper.n_iters'"),
-    ("trainer.max_step=3", "'trainer.max_step'", "'trainer.max_steps'"),
-    ("optimiser.lr=0.1", "'optimiser'", "'optimizer'"),
-])
+@pytest.mark.parametrize(
+    "override, named, suggestion",
+    [
+        ("globals.NUM_SLOT=3", "'globals.NUM_SLOT'", "'globals.NUM_SLOTS'"),
+        ("grouper.n_iter=3", "'grouper.n_iter'", "'grouper.n_iters'"),
+        ("trainer.max_step=3", "'trainer.max_step'", "'trainer.max_steps'"),
+        ("optimiser.lr=0.1", "'optimiser'", "'optimizer'"),
+    ],
+)
 def test_typo_names_key_and_suggests(override, named, suggestion):
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs" / "base.yaml", [override])
@@ -67,7 +80,11 @@ def test_typo_in_file_names_the_file(tmp_path):
     path = write(tmp_path, "bad.yaml", {"globals": {"NUM_SLOTS": 4, "SLOTDIM": 8}})
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(path) in str(err.value) and "globals.SLOTDIM" in str(err.value) and "SLOT_DIM" in str(err.value)
+    assert (
+        str(path) in str(err.value)
+        and "globals.SLOTDIM" in str(err.value)
+        and "SLOT_DIM" in str(err.value)
+    )
 
 
 def test_stage2_loss_weight_explained():
@@ -104,7 +121,9 @@ def test_saved_config_is_fully_resolved_and_reloads(tmp_path):
 
 
 def test_cli_lists_every_command_with_help():
-    out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "cli.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    )
     import cli
 
     for name in cli.COMMANDS:

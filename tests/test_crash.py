@@ -55,14 +55,20 @@ def files_under(root: Path) -> set[str]:
 
 
 def done_chunks(store: Path, done_array: str = "done") -> list[int]:
-    flags = np.asarray(FeatureStore.open(store, require_complete=False).group[done_array][:], dtype=bool)
+    flags = np.asarray(
+        FeatureStore.open(store, require_complete=False).group[done_array][:], dtype=bool
+    )
     return np.flatnonzero(flags).tolist()
 
 
 def chunk_file_times(store: Path, arrays: tuple[str, ...], chunks: list[int]) -> dict[str, int]:
     """mtime of the files holding these chunks of these arrays: a rerun must not rewrite them."""
     opened = FeatureStore.open(store, require_complete=False)
-    return {f"{name}/{c}": opened.chunk_file(name, c).stat().st_mtime_ns for name in arrays for c in chunks}
+    return {
+        f"{name}/{c}": opened.chunk_file(name, c).stat().st_mtime_ns
+        for name in arrays
+        for c in chunks
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,7 +81,9 @@ def load_ckpt(path: Path) -> dict:
 def assert_identical(a, b, where: str = "") -> None:
     """Nested dicts/lists of tensors and plain values: equal bit for bit (NaN-free)."""
     if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        assert isinstance(b, dict) and a.keys() == b.keys(), (
+            f"{where}: keys {sorted(a)} != {sorted(b)}"
+        )
         for key in a:
             assert_identical(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
@@ -83,7 +91,9 @@ def assert_identical(a, b, where: str = "") -> None:
         for i, (x, y) in enumerate(zip(a, b)):
             assert_identical(x, y, f"{where}[{i}]")
     elif torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), f"{where}: tensors differ"
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), (
+            f"{where}: tensors differ"
+        )
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
@@ -122,9 +132,14 @@ def readable_steps(ckpt_dir: Path) -> dict[str, int]:
 
 def resumed_from(output: str, ckpt_dir: Path) -> str:
     """The checkpoint file name a rerun says it resumed from."""
-    names = [name for name in ("last.ckpt", *sorted(p.name for p in ckpt_dir.glob("step=*.ckpt")))
-             if f"{ckpt_dir / name}" in output]
-    assert len(names) == 1, f"no single resumed checkpoint named in the rerun's output: {names}\n{output[-2000:]}"
+    names = [
+        name
+        for name in ("last.ckpt", *sorted(p.name for p in ckpt_dir.glob("step=*.ckpt")))
+        if f"{ckpt_dir / name}" in output
+    ]
+    assert len(names) == 1, (
+        f"no single resumed checkpoint named in the rerun's output: {names}\n{output[-2000:]}"
+    )
     return names[0]
 
 
@@ -133,7 +148,9 @@ def check_resume(killed_steps: dict[str, int], ckpt_every: int, output: str, ckp
     may be a step=N.ckpt newer than last.ckpt); returns its step."""
     assert "resum" in output.lower()
     name = resumed_from(output, ckpt_dir)
-    assert name in killed_steps, f"resumed from {name}, which did not load after the kill: {killed_steps}"
+    assert name in killed_steps, (
+        f"resumed from {name}, which did not load after the kill: {killed_steps}"
+    )
     step = killed_steps[name]
     assert step == max(killed_steps.values()) and step % ckpt_every == 0, (name, killed_steps)
     return step
@@ -159,7 +176,9 @@ def leave_kill_debris(ckpt_dir: Path) -> tuple[Path, Path]:
     gone = subprocess.Popen(["true"])
     gone.wait()
     stale = ckpt_dir / f".last.ckpt.tmp-{gone.pid}"
-    live = ckpt_dir / f".step=6.ckpt.tmp-{os.getppid()}"  # not ours: this process writes .step=6.ckpt.tmp-PID
+    live = (
+        ckpt_dir / f".step=6.ckpt.tmp-{os.getppid()}"
+    )  # not ours: this process writes .step=6.ckpt.tmp-PID
     for path in (stale, live):
         path.write_bytes(b"half a checkpoint")
     return stale, live
@@ -173,8 +192,9 @@ def assert_resumed_like_uninterrupted(full: Path, resumed: Path, live: Path) -> 
 
 
 def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
-    import stages.dvae as stage
     from lightning.pytorch.callbacks import Callback
+
+    import stages.dvae as stage
     from tests.test_dvae import make_store
     from tests.test_dvae_train import config
 
@@ -186,14 +206,21 @@ def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
     ckpt_dirs, hashes = [], []
     for name in ("full", "resumed"):
         make_store(tmp_path / name / "store.zarr")
-        cfg = config(tmp_path / name, tmp_path / name / "store.zarr", "dvae.max_steps=12", "dvae.ckpt_every=2")
+        cfg = config(
+            tmp_path / name,
+            tmp_path / name / "store.zarr",
+            "dvae.max_steps=12",
+            "dvae.ckpt_every=2",
+        )
         ckpt_dirs.append(tmp_path / name / "runs" / "dvae" / "checkpoints")
         if name == "resumed":
             with pytest.raises(Crash):
                 stage.pretrain(cfg, callbacks=[CrashAt()], tokenize=False)
             stale, live = leave_kill_debris(ckpt_dirs[-1])
         stage.pretrain(cfg, tokenize=False)
-        hashes.append(json.loads((tmp_path / name / "runs" / "dvae" / "dvae.json").read_text())["hash"])
+        hashes.append(
+            json.loads((tmp_path / name / "runs" / "dvae" / "dvae.json").read_text())["hash"]
+        )
     assert not stale.exists()
     assert_resumed_like_uninterrupted(*ckpt_dirs, live)
     assert hashes[0] == hashes[1]  # dvae.pt: the same final weights
@@ -204,8 +231,13 @@ def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path,
     from tests.test_train_slots import make_dvae_run, make_store, tiny_cfg
 
     def cfg(work):
-        return tiny_cfg(work, "trainer.max_steps=12", "trainer.ckpt_every=2", "trainer.val_every=3",
-                        "trainer.image_every=100")
+        return tiny_cfg(
+            work,
+            "trainer.max_steps=12",
+            "trainer.ckpt_every=2",
+            "trainer.val_every=3",
+            "trainer.image_every=100",
+        )
 
     real_step = train_slots.SlotTrainingModule.training_step
 
@@ -253,38 +285,62 @@ def extraction(tmp_path_factory):
     return config, overrides, only_store(root / "reference")
 
 
-@pytest.mark.parametrize("seed", [*SLOW_SEEDS, pytest.param(None, id="creating-the-store", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "seed", [*SLOW_SEEDS, pytest.param(None, id="creating-the-store", marks=pytest.mark.slow)]
+)
 def test_extract_killed_at_random_chunk_then_rerun_is_byte_identical(extraction, tmp_path, seed):
     config, overrides, reference = extraction
     total = FeatureStore.open(reference).progress()[1]
     work = tmp_path / "work"
     command = cli("extract-features", config, f"work_dir={work}", *overrides)
     flags = count_done_flags(work, "stores/*.zarr/done/c/*")
-    if seed is None:  # within 0.1 s of the store folder appearing: while it is created or its first chunk written
+    if (
+        seed is None
+    ):  # within 0.1 s of the store folder appearing: while it is created or its first chunk written
         point, progress = KillPoint.draw(0, 1, 1, max_delay=0.1), count_files(work, "stores/*.zarr")
     else:  # after 1 .. total-6 chunk flags, then up to one chunk's time more
         point, progress = KillPoint.draw(seed, 1, total - 6, max_delay=0.03), flags
     kill_mid_run(command, progress, point, tmp_path / "killed.log")
 
     store = only_store(work)
-    done = sorted(int(p.name) for p in (store / "done" / "c").glob("*") if p.read_bytes() == b"\x01")
-    assert len(done) == flags() < total and (seed is None or len(done) >= point.after), (point, done)
-    assert not (store / "zarr.json").exists() or not FeatureStore.open(store, require_complete=False).complete
+    done = sorted(
+        int(p.name) for p in (store / "done" / "c").glob("*") if p.read_bytes() == b"\x01"
+    )
+    assert len(done) == flags() < total and (seed is None or len(done) >= point.after), (
+        point,
+        done,
+    )
+    assert (
+        not (store / "zarr.json").exists()
+        or not FeatureStore.open(store, require_complete=False).complete
+    )
     kept = chunk_file_times(store, ("features", "frames", "done"), done) if done else {}
 
     rerun = run_to_end(command, tmp_path / "rerun.log")
     assert "store complete" in rerun
     assert_same_store(store, reference)
     assert files_under(store) == files_under(reference)
-    assert chunk_file_times(store, ("features", "frames", "done"), done) == kept, "the rerun redid finished chunks"
+    assert chunk_file_times(store, ("features", "frames", "done"), done) == kept, (
+        "the rerun redid finished chunks"
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Stage 2: tokenize and pretrain-dvae
 # --------------------------------------------------------------------------------------------
-DVAE = {"vocab_size": 32, "hidden": 16, "batch_size": 8, "num_workers": 0, "log_every": 4, "image_every": 1000,
-        "tau_steps": 40, "accelerator": "cpu", "precision": "32", "tokenize_batch_size": 4,
-        "tokenize_device": "cpu"}
+DVAE = {
+    "vocab_size": 32,
+    "hidden": 16,
+    "batch_size": 8,
+    "num_workers": 0,
+    "log_every": 4,
+    "image_every": 1000,
+    "tau_steps": 40,
+    "accelerator": "cpu",
+    "precision": "32",
+    "tokenize_batch_size": 4,
+    "tokenize_device": "cpu",
+}
 
 
 def write_dvae_config(work: Path, store: Path, **dvae) -> Path:
@@ -292,21 +348,26 @@ def write_dvae_config(work: Path, store: Path, **dvae) -> Path:
 
     path = work / "dvae.yaml"
     work.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"work_dir": str(work), "store": str(store), "seed": 0, "dvae": {**DVAE, **dvae}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"work_dir": str(work), "store": str(store), "seed": 0, "dvae": {**DVAE, **dvae}}
+        )
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def dvae_for_tokens(tmp_path_factory):
     """A 2-step dVAE (64 px frames, 48 chunks of 8) trained in this process, not yet tokenized."""
-    from tests.test_dvae import make_store
-
     import stages.dvae as stage
     from pipeline.config import load_config
+    from tests.test_dvae import make_store
 
     root = tmp_path_factory.mktemp("tokens")
     make_store(root / "store.zarr", frames_per_video=64, chunk_len=8, size=64)
-    cfg = load_config(write_dvae_config(root, root / "store.zarr", max_steps=2, ckpt_every=2, hidden=32), [])
+    cfg = load_config(
+        write_dvae_config(root, root / "store.zarr", max_steps=2, ckpt_every=2, hidden=32), []
+    )
     with torch.random.fork_rng():
         stage.pretrain(cfg, tokenize=False)
     return root
@@ -331,8 +392,9 @@ def reference_tokens(dvae_for_tokens, tmp_path_factory):
 
 
 @pytest.mark.parametrize("seed", SLOW_SEEDS)
-def test_tokenize_killed_at_random_chunk_then_rerun_is_byte_identical(dvae_for_tokens, reference_tokens, tmp_path,
-                                                                        seed):
+def test_tokenize_killed_at_random_chunk_then_rerun_is_byte_identical(
+    dvae_for_tokens, reference_tokens, tmp_path, seed
+):
     dvae_hash, reference = reference_tokens
     run_dir = copy_dvae_run(dvae_for_tokens, tmp_path / "w")
     store_path = run_dir.parents[1] / "store.zarr"
@@ -365,7 +427,9 @@ def test_tokenize_removes_partial_files_of_killed_writes(dvae_for_tokens, tmp_pa
     dvae_hash = json.loads((run_dir / "dvae.json").read_text())["hash"]
     store = FeatureStore.open(run_dir.parents[1] / "store.zarr", mode="r+")
     store.create_tokens(dvae_hash, (16, 16), {"vocab_size": 32})
-    debris = store.path / "tokens" / dvae_hash / "ids" / "c" / "3" / "0" / "0.0123456789abcdef.partial"
+    debris = (
+        store.path / "tokens" / dvae_hash / "ids" / "c" / "3" / "0" / "0.0123456789abcdef.partial"
+    )
     debris.parent.mkdir(parents=True)
     debris.write_bytes(b"half a chunk")
     assert stage.tokenize_run(run_dir) == dvae_hash
@@ -389,7 +453,9 @@ def dvae_work(store: Path, work: Path) -> list[str]:
     """A fresh work dir with its own copy of the store; returns the pretrain-dvae command."""
     work.mkdir(parents=True)
     shutil.copytree(store, work / "store.zarr")
-    config = write_dvae_config(work, work / "store.zarr", max_steps=DVAE_STEPS, ckpt_every=DVAE_CKPT)
+    config = write_dvae_config(
+        work, work / "store.zarr", max_steps=DVAE_STEPS, ckpt_every=DVAE_CKPT
+    )
     return cli("pretrain-dvae", config)
 
 
@@ -401,8 +467,9 @@ def reference_dvae(dvae_source, tmp_path_factory):
 
 
 @pytest.mark.parametrize("seed", SLOW_SEEDS)
-def test_pretrain_dvae_killed_after_random_checkpoint_resumes_bit_identically(dvae_source, reference_dvae,
-                                                                              tmp_path, seed):
+def test_pretrain_dvae_killed_after_random_checkpoint_resumes_bit_identically(
+    dvae_source, reference_dvae, tmp_path, seed
+):
     work = tmp_path / "w"
     command = dvae_work(dvae_source, work)
     run_dir = work / "runs" / "dvae"
@@ -411,7 +478,9 @@ def test_pretrain_dvae_killed_after_random_checkpoint_resumes_bit_identically(dv
     # into the next checkpoint's write)
     point = KillPoint.draw(seed, 1, DVAE_STEPS // DVAE_CKPT - 3, max_delay=0.1)
     kill_mid_run(command, count_files(ckpt_dir, "step=*.ckpt"), point, tmp_path / "killed.log")
-    assert not (run_dir / "dvae.json").exists() and not (run_dir / "dvae.pt").exists()  # killed mid-training
+    assert (
+        not (run_dir / "dvae.json").exists() and not (run_dir / "dvae.pt").exists()
+    )  # killed mid-training
     killed_steps = readable_steps(ckpt_dir)
     assert killed_steps and max(killed_steps.values()) < DVAE_STEPS
 
@@ -448,10 +517,21 @@ def slot_work(source: Path, work: Path) -> list[str]:
     shutil.copytree(source, work)
     config = work / "slots.yaml"
     config.write_text("globals:\n  NUM_SLOTS: 3\n")
-    return cli("train-slots", config, *tiny_cfg_args(work), "seed=0", "trainer.accelerator=cpu",
-               "dataset.num_workers=1", "optimizer.warmup_steps=4", f"trainer.max_steps={SLOT_STEPS}",
-               f"trainer.ckpt_every={SLOT_CKPT}", "trainer.val_every=6", "trainer.val_batches=1",
-               "trainer.log_every=2", "trainer.image_every=10")
+    return cli(
+        "train-slots",
+        config,
+        *tiny_cfg_args(work),
+        "seed=0",
+        "trainer.accelerator=cpu",
+        "dataset.num_workers=1",
+        "optimizer.warmup_steps=4",
+        f"trainer.max_steps={SLOT_STEPS}",
+        f"trainer.ckpt_every={SLOT_CKPT}",
+        "trainer.val_every=6",
+        "trainer.val_batches=1",
+        "trainer.log_every=2",
+        "trainer.image_every=10",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -462,8 +542,9 @@ def reference_slots(slot_source, tmp_path_factory):
 
 
 @pytest.mark.parametrize("seed", SLOW_SEEDS)
-def test_train_slots_killed_after_random_checkpoint_resumes_bit_identically(slot_source, reference_slots, tmp_path,
-                                                                            seed):
+def test_train_slots_killed_after_random_checkpoint_resumes_bit_identically(
+    slot_source, reference_slots, tmp_path, seed
+):
     work = tmp_path / "w"
     command = slot_work(slot_source, work)
     ckpt_dir = work / "runs" / "t" / "checkpoints"

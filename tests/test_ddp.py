@@ -35,37 +35,77 @@ def _free_port() -> int:
 
 def overrides(work: Path, run_name: str, batch: int, *extra: str) -> list[str]:
     return [
-        f"work_dir={work}", "store=fp0", f"run_name={run_name}", "seed=0",
-        "globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", "globals.VOCAB_SIZE=16",
-        "globals.NUM_FRAMES=3", f"globals.BATCH_SIZE_PER_GPU={batch}", "globals.USE_STEVE_DECODER=true",
-        "dataset.num_workers=0", "decoder.hidden_dims=[32,32]",
-        "steve_decoder.num_blocks=1", "steve_decoder.d_model=16", "steve_decoder.num_heads=2",
-        "steve_decoder.dropout=0.0", "predictor.num_heads=2", "model.initializer.name=fixed",
-        "losses.loss_ss.all_gather=true", "losses.loss_ss.batch_contrast=true",
-        "optimizer.warmup_steps=1", "optimizer.lr=0.003",
-        f"trainer.max_steps={STEPS}", f"trainer.ckpt_every={STEPS}", f"trainer.val_every={STEPS}",
-        "trainer.val_batches=1", "trainer.log_every=1", "trainer.image_every=1000",
-        "trainer.precision=32", "trainer.accelerator=cpu", "trainer.compile=false", *extra,
+        f"work_dir={work}",
+        "store=fp0",
+        f"run_name={run_name}",
+        "seed=0",
+        "globals.NUM_SLOTS=3",
+        "globals.SLOT_DIM=16",
+        "globals.VOCAB_SIZE=16",
+        "globals.NUM_FRAMES=3",
+        f"globals.BATCH_SIZE_PER_GPU={batch}",
+        "globals.USE_STEVE_DECODER=true",
+        "dataset.num_workers=0",
+        "decoder.hidden_dims=[32,32]",
+        "steve_decoder.num_blocks=1",
+        "steve_decoder.d_model=16",
+        "steve_decoder.num_heads=2",
+        "steve_decoder.dropout=0.0",
+        "predictor.num_heads=2",
+        "model.initializer.name=fixed",
+        "losses.loss_ss.all_gather=true",
+        "losses.loss_ss.batch_contrast=true",
+        "optimizer.warmup_steps=1",
+        "optimizer.lr=0.003",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.ckpt_every={STEPS}",
+        f"trainer.val_every={STEPS}",
+        "trainer.val_batches=1",
+        "trainer.log_every=1",
+        "trainer.image_every=1000",
+        "trainer.precision=32",
+        "trainer.accelerator=cpu",
+        "trainer.compile=false",
+        *extra,
     ]
 
 
 def weights(run: Path) -> dict:
-    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
     return {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
 
 
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
-    make_store(tmp_path, videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 7, "train"), ("v", 6, "val")))
+    make_store(
+        tmp_path, videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 7, "train"), ("v", 6, "val"))
+    )
     make_dvae_run(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
     # 2 processes, batch 2 each, via torchrun (the documented multi-GPU / multi-node launch)
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-         "cli.py", "train-slots", "configs/base.yaml",
-         *overrides(tmp_path, "ddp", PER_DEVICE, "trainer.devices=2", "trainer.strategy=ddp")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "cli.py",
+            "train-slots",
+            "configs/base.yaml",
+            *overrides(tmp_path, "ddp", PER_DEVICE, "trainer.devices=2", "trainer.strategy=ddp"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
 
@@ -73,7 +113,9 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     from pipeline.config import load_config
     from stages.train_slots import train
 
-    single = train(load_config(REPO / "configs/base.yaml", overrides(tmp_path, "single", 2 * PER_DEVICE)))
+    single = train(
+        load_config(REPO / "configs/base.yaml", overrides(tmp_path, "single", 2 * PER_DEVICE))
+    )
 
     a, b = weights(tmp_path / "runs" / "ddp"), weights(single)
     assert a.keys() == b.keys() and a
@@ -90,50 +132,112 @@ def test_ranks_draw_disjoint_slices_whose_union_is_the_one_process_stream():
 
     batch, world, steps = 3, 4, 30_000  # crosses the sampler's 65,536-draw blocks
     single = list(ResumableRandomSampler(50, total=steps * batch * world, seed=7))
-    ranks = [list(ResumableRandomSampler(50, total=steps * batch, seed=7, batch=batch, rank=r, world=world))
-             for r in range(world)]
-    joined = [i for s in range(steps) for r in range(world) for i in ranks[r][s * batch:(s + 1) * batch]]
+    ranks = [
+        list(
+            ResumableRandomSampler(
+                50, total=steps * batch, seed=7, batch=batch, rank=r, world=world
+            )
+        )
+        for r in range(world)
+    ]
+    joined = [
+        i for s in range(steps) for r in range(world) for i in ranks[r][s * batch : (s + 1) * batch]
+    ]
     assert joined == single
     assert ranks[0][:batch] != ranks[1][:batch]  # not the same draws on every rank
-    resumed = list(ResumableRandomSampler(50, total=steps * batch, seed=7, start=1234 * batch,
-                                          batch=batch, rank=2, world=world))
-    assert resumed == ranks[2][1234 * batch:]
+    resumed = list(
+        ResumableRandomSampler(
+            50, total=steps * batch, seed=7, start=1234 * batch, batch=batch, rank=2, world=world
+        )
+    )
+    assert resumed == ranks[2][1234 * batch :]
 
 
 def test_pretrain_dvae_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     """`pretrain-dvae` under torchrun (2 gloo ranks, batch 4 each) == 1 process with batch 8; rank 0
     alone writes the run directory and tokenizes the store."""
-    from pipeline.config import load_config
-    from stages.dvae import pretrain
-    from cache.store import FeatureStore
     from test_dvae import make_store as make_frame_store
 
+    from cache.store import FeatureStore
+    from pipeline.config import load_config
+    from stages.dvae import pretrain
+
     make_frame_store(tmp_path / "store.zarr")
-    dvae = ["dvae.vocab_size=16", "dvae.hidden=8", "dvae.num_workers=0", "dvae.max_steps=4", "dvae.ckpt_every=2",
-            "dvae.log_every=1", "dvae.image_every=2", "dvae.tau_steps=4", "dvae.lr=0.003", "dvae.accelerator=cpu",
-            "dvae.precision=32", "dvae.tokenize_batch_size=16", "dvae.kl_weight=0.1", "dvae.geco.enabled=true",
-            "dvae.geco.warmup_steps=0", "dvae.geco.target=0.001", "dvae.geco.eta=0.01", "seed=3"]
+    dvae = [
+        "dvae.vocab_size=16",
+        "dvae.hidden=8",
+        "dvae.num_workers=0",
+        "dvae.max_steps=4",
+        "dvae.ckpt_every=2",
+        "dvae.log_every=1",
+        "dvae.image_every=2",
+        "dvae.tau_steps=4",
+        "dvae.lr=0.003",
+        "dvae.accelerator=cpu",
+        "dvae.precision=32",
+        "dvae.tokenize_batch_size=16",
+        "dvae.kl_weight=0.1",
+        "dvae.geco.enabled=true",
+        "dvae.geco.warmup_steps=0",
+        "dvae.geco.target=0.001",
+        "dvae.geco.eta=0.01",
+        "seed=3",
+    ]
     common = [f"work_dir={tmp_path}", f"store={tmp_path / 'store.zarr'}", *dvae]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-         "cli.py", "pretrain-dvae", "configs/base.yaml", *common, "dvae.run_name=ddp", "dvae.batch_size=4",
-         "dvae.devices=2", "dvae.strategy=ddp"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "cli.py",
+            "pretrain-dvae",
+            "configs/base.yaml",
+            *common,
+            "dvae.run_name=ddp",
+            "dvae.batch_size=4",
+            "dvae.devices=2",
+            "dvae.strategy=ddp",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
-    single = pretrain(load_config(REPO / "configs/base.yaml", [*common, "dvae.run_name=one", "dvae.batch_size=8"]),
-                      tokenize=False)
+    single = pretrain(
+        load_config(
+            REPO / "configs/base.yaml", [*common, "dvae.run_name=one", "dvae.batch_size=8"]
+        ),
+        tokenize=False,
+    )
 
     ddp_run = tmp_path / "runs" / "ddp"
-    assert sorted(p.name for p in (ddp_run / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step=2.ckpt",
-                                                                               "step=4.ckpt"]
-    a = torch.load(ddp_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    b = torch.load(single / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert sorted(p.name for p in (ddp_run / "checkpoints").glob("*.ckpt")) == [
+        "last.ckpt",
+        "step=2.ckpt",
+        "step=4.ckpt",
+    ]
+    a = torch.load(ddp_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
+    b = torch.load(single / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
     assert a.keys() == b.keys() and "geco.beta" in a
-    assert float(a["geco.beta"]) != 1.0  # the GECO multiplier moved, and moved the same way in both runs
-    diffs = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()}
+    assert (
+        float(a["geco.beta"]) != 1.0
+    )  # the GECO multiplier moved, and moved the same way in both runs
+    diffs = {
+        k: (a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()
+    }
     worst = max(diffs, key=diffs.get)
     # a wrong batch, wrong noise or a rank-local GECO moves weights by ~lr (3e-3) per step
     assert diffs[worst] < 1e-4, (worst, diffs[worst])
@@ -174,12 +278,37 @@ def test_pretrain_dvae_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
     (tmp_path / "driver.py").write_text(NAN_DRIVER.format(repo=str(REPO)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(tmp_path / "driver.py"),
-         f"work_dir={tmp_path}", f"store={tmp_path / 'store.zarr'}", "dvae.vocab_size=16", "dvae.hidden=8",
-         "dvae.batch_size=4", "dvae.num_workers=0", "dvae.max_steps=8", "dvae.ckpt_every=2", "dvae.log_every=1",
-         "dvae.image_every=100", "dvae.accelerator=cpu", "dvae.precision=32", "dvae.devices=2", "dvae.strategy=ddp"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            str(tmp_path / "driver.py"),
+            f"work_dir={tmp_path}",
+            f"store={tmp_path / 'store.zarr'}",
+            "dvae.vocab_size=16",
+            "dvae.hidden=8",
+            "dvae.batch_size=4",
+            "dvae.num_workers=0",
+            "dvae.max_steps=8",
+            "dvae.ckpt_every=2",
+            "dvae.log_every=1",
+            "dvae.image_every=100",
+            "dvae.accelerator=cpu",
+            "dvae.precision=32",
+            "dvae.devices=2",
+            "dvae.strategy=ddp",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = run.stdout + run.stderr
     assert run.returncode != 0
@@ -187,7 +316,9 @@ def test_pretrain_dvae_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
         assert f"rank {rank}: the dVAE loss became NaN/Inf at step 3" in out, out[-3000:]
     ckpts = tmp_path / "runs" / "dvae" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step=2.ckpt"]
-    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    assert (
+        torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    )
 
 
 SLOTS_NAN_DRIVER = """
@@ -217,20 +348,49 @@ except StageError as err:
 def test_train_slots_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
     make_store(tmp_path, videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 7, "train")))
     make_dvae_run(tmp_path)
-    (tmp_path / "driver.py").write_text(SLOTS_NAN_DRIVER.format(repo=str(REPO), base=str(REPO / "configs/base.yaml")))
+    (tmp_path / "driver.py").write_text(
+        SLOTS_NAN_DRIVER.format(repo=str(REPO), base=str(REPO / "configs/base.yaml"))
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    args = [a for a in overrides(tmp_path, "nan", PER_DEVICE, "trainer.devices=2", "trainer.strategy=ddp",
-                                 "trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.val_batches=0")
-            if not a.startswith(("trainer.max_steps=3", "trainer.ckpt_every=3"))]
+    args = [
+        a
+        for a in overrides(
+            tmp_path,
+            "nan",
+            PER_DEVICE,
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.max_steps=6",
+            "trainer.ckpt_every=2",
+            "trainer.val_batches=0",
+        )
+        if not a.startswith(("trainer.max_steps=3", "trainer.ckpt_every=3"))
+    ]
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), str(tmp_path / "driver.py"), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            str(tmp_path / "driver.py"),
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = run.stdout + run.stderr
     assert run.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank}: the training loss became NaN/inf at step 3" in out, out[-3000:]
     ckpts = tmp_path / "runs" / "nan" / "checkpoints"
-    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
-
+    assert (
+        torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    )

@@ -36,8 +36,16 @@ def synthetic_frames(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     return frames
 
 
-def make_store(path: Path, fingerprint: str = "fp-test", size: int = 32, frames_per_video: int = 8,
-               chunk_len: int = 8, seed: int = 0, hflip: bool = True, complete: bool = True) -> FeatureStore:
+def make_store(
+    path: Path,
+    fingerprint: str = "fp-test",
+    size: int = 32,
+    frames_per_video: int = 8,
+    chunk_len: int = 8,
+    seed: int = 0,
+    hflip: bool = True,
+    complete: bool = True,
+) -> FeatureStore:
     """A small complete store: train/train/val/test videos plus flipped rows of the train videos."""
     splits = ["train", "train", "val", "test"]
     videos, first = [], 0
@@ -48,12 +56,22 @@ def make_store(path: Path, fingerprint: str = "fp-test", size: int = 32, frames_
         for i, split in enumerate(splits[:2]):
             videos.append(VideoRecord(f"v{i}", first, frames_per_video, split, hflip=True))
             first += frames_per_video
-    store = FeatureStore.create(path, fingerprint=fingerprint, videos=videos, num_tokens=4, feature_dim=8,
-                                grid=(2, 2), frame_size=size, chunk_len=chunk_len)
+    store = FeatureStore.create(
+        path,
+        fingerprint=fingerprint,
+        videos=videos,
+        num_tokens=4,
+        feature_dim=8,
+        grid=(2, 2),
+        frame_size=size,
+        chunk_len=chunk_len,
+    )
     frames = synthetic_frames(first, size, seed)
     for c in range(num_chunks(first, chunk_len)):
         a, b = c * chunk_len, min((c + 1) * chunk_len, first)
-        store.write_chunk(c, {"features": np.zeros((b - a, 4, 8), np.float16), "frames": frames[a:b]})
+        store.write_chunk(
+            c, {"features": np.zeros((b - a, 4, 8), np.float16), "frames": frames[a:b]}
+        )
     if complete:
         store.mark_complete_if_done()
     return store

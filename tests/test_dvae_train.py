@@ -15,16 +15,25 @@ import torch
 import zarr
 from click.testing import CliRunner
 from lightning.pytorch.callbacks import Callback
+from test_dvae import make_store
 
 import stages.dvae as stage
 from cache.reader import ClipDataset
 from cache.store import FeatureStore, StoreError
 from pipeline.config import ConfigError, load_config
 from pipeline.dvae import load_dvae
-from test_dvae import make_store
 
-TINY = ["dvae.vocab_size=32", "dvae.hidden=16", "dvae.batch_size=8", "dvae.num_workers=0", "dvae.log_every=2",
-        "dvae.image_every=4", "dvae.tau_steps=20", "dvae.tokenize_batch_size=5", "dvae.accelerator=cpu"]
+TINY = [
+    "dvae.vocab_size=32",
+    "dvae.hidden=16",
+    "dvae.batch_size=8",
+    "dvae.num_workers=0",
+    "dvae.log_every=2",
+    "dvae.image_every=4",
+    "dvae.tau_steps=20",
+    "dvae.tokenize_batch_size=5",
+    "dvae.accelerator=cpu",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +60,10 @@ def trained(tmp_path_factory):
     make_store(root / "store.zarr")
     with torch.random.fork_rng():
         torch.set_num_threads(1)
-        run_dir = stage.pretrain(config(root, root / "store.zarr", "dvae.max_steps=6", "dvae.ckpt_every=3"),
-                                 tokenize=False)
+        run_dir = stage.pretrain(
+            config(root, root / "store.zarr", "dvae.max_steps=6", "dvae.ckpt_every=3"),
+            tokenize=False,
+        )
     return root, run_dir
 
 
@@ -85,16 +96,22 @@ def test_run_directory_and_tokens(trained, tmp_path):
     model = load_dvae(run_dir)
     frames = torch.from_numpy(store.frames[:]).permute(0, 3, 1, 2).float() / 255
     assert np.array_equal(ids[:], model.encode_ids(frames).numpy())
-    assert {v.split for v in store.videos} == {"train", "val", "test"} and any(v.hflip for v in store.videos)
+    assert {v.split for v in store.videos} == {"train", "val", "test"} and any(
+        v.hflip for v in store.videos
+    )
     # stage 3's reader takes these tokens
-    clip = ClipDataset(store, split="val", clip_length=2, fields=("tokens",), tokens=info["hash"])[0]
+    clip = ClipDataset(store, split="val", clip_length=2, fields=("tokens",), tokens=info["hash"])[
+        0
+    ]
     assert clip["tokens"].shape == (2, 8, 8)
 
 
 def test_finished_run_returns_at_once(trained, tmp_path, monkeypatch):
     store_path, run_dir = copy_run(trained[0], tmp_path / "w")
     before = (run_dir / "dvae.pt").stat().st_mtime_ns
-    monkeypatch.setattr(stage, "_train", lambda *a, **k: pytest.fail("a finished run must not train again"))
+    monkeypatch.setattr(
+        stage, "_train", lambda *a, **k: pytest.fail("a finished run must not train again")
+    )
     cfg = config(tmp_path / "w", store_path, "dvae.max_steps=6", "dvae.ckpt_every=3")
     assert stage.pretrain(cfg) == run_dir  # tokenizes, does not train
     assert (run_dir / "dvae.pt").stat().st_mtime_ns == before
@@ -116,7 +133,9 @@ class Interrupt(Callback):
 class RecordStart(Callback):
     def on_train_start(self, trainer, pl_module):
         self.step = trainer.global_step
-        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())  # live tensors: copy them
+        self.optimizer = copy.deepcopy(
+            trainer.optimizers[0].state_dict()
+        )  # live tensors: copy them
         self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
@@ -166,7 +185,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
     assert checkpoint_steps(run_dir) == ["last.ckpt", "step=3.ckpt", "step=6.ckpt"]
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 6
-    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
+    )
     assert not (run_dir / "dvae.pt").exists()
 
 
@@ -251,13 +272,23 @@ def test_bad_inputs(tmp_path):
 
 def test_geco_state_is_trained_and_checkpointed(tmp_path):
     make_store(tmp_path / "store.zarr")
-    cfg = config(tmp_path, tmp_path / "store.zarr", "dvae.max_steps=4", "dvae.ckpt_every=4",
-                 "dvae.kl_weight=0.1", "dvae.geco.enabled=true", "dvae.geco.warmup_steps=0",
-                 "dvae.geco.target=0.001", "dvae.geco.eta=0.001")
+    cfg = config(
+        tmp_path,
+        tmp_path / "store.zarr",
+        "dvae.max_steps=4",
+        "dvae.ckpt_every=4",
+        "dvae.kl_weight=0.1",
+        "dvae.geco.enabled=true",
+        "dvae.geco.warmup_steps=0",
+        "dvae.geco.target=0.001",
+        "dvae.geco.eta=0.001",
+    )
     run_dir = stage.pretrain(cfg, tokenize=False)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert float(state["geco.beta"]) > 1.0  # error far above the 0.001 target: the multiplier rose
-    assert set(torch.load(run_dir / "dvae.pt", weights_only=True)) == set(load_dvae(run_dir).state_dict())
+    assert set(torch.load(run_dir / "dvae.pt", weights_only=True)) == set(
+        load_dvae(run_dir).state_dict()
+    )
 
 
 def test_cli_commands(trained, tmp_path):
@@ -273,7 +304,11 @@ def test_cli_commands(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((run_dir / "dvae.json").read_text())["hash"] in result.output
     result = runner.invoke(main, ["tokenize", str(tmp_path)])
-    assert result.exit_code == 1 and "no trained dVAE" in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == 1
+        and "no trained dVAE" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 def test_training_frames_are_train_split_with_flips(tmp_path):
@@ -321,7 +356,9 @@ def test_cli_killed_mid_training_resumes(tmp_path):
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "cli.py", "pretrain-dvae", str(cfg)]
-    proc = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first = tmp_path / "runs" / "dvae" / "checkpoints" / "step=20.ckpt"
     deadline = time.time() + 240
     while not first.exists() and proc.poll() is None and time.time() < deadline:

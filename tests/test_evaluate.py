@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
-from pipeline import probe
 from test_evaluate_support import TinySlotModel, install_run, make_run
 
+from pipeline import probe
 from stages import evaluate as ev
 
-METHODS = {"model_decoder", "model_attention", "model_steve", "kmeans_frame", "kmeans_video", "grid"}
+METHODS = {
+    "model_decoder",
+    "model_attention",
+    "model_steve",
+    "kmeans_frame",
+    "kmeans_video",
+    "grid",
+}
 
 
 @pytest.fixture
@@ -36,7 +42,10 @@ def test_evaluate_run_writes_metrics(run):
     per = saved["per_video"]["grid"]["video_mbo"]
     assert saved["methods"]["grid"]["video_mbo"]["mean"] == pytest.approx(np.mean(per))
     # features say which object a patch shows, so k-means per video should beat the fixed grid
-    assert saved["methods"]["kmeans_video"]["video_fg_ari"]["mean"] > saved["methods"]["grid"]["video_fg_ari"]["mean"]
+    assert (
+        saved["methods"]["kmeans_video"]["video_fg_ari"]["mean"]
+        > saved["methods"]["grid"]["video_fg_ari"]["mean"]
+    )
     table = (run / "metrics.md").read_text()
     for label in ev.METHOD_LABELS.values():
         assert label in table
@@ -73,7 +82,9 @@ def test_infer_video_carries_slots_across_windows():
         assert torch.allclose(whole["masks"][name], windows["masks"][name], atol=1e-5)
     assert windows["masks"]["model_steve"].shape == (7, 4, 64)
     # without init_state carried, later windows would restart from the initial slots
-    restart = torch.cat([ev.infer_video(model, feats[i:i + 3], tokens[i:i + 3], 3)["slots"] for i in (0, 3, 6)])
+    restart = torch.cat(
+        [ev.infer_video(model, feats[i : i + 3], tokens[i : i + 3], 3)["slots"] for i in (0, 3, 6)]
+    )
     assert not torch.allclose(restart, whole["slots"], atol=1e-3)
 
 
@@ -97,8 +108,17 @@ def test_probe_skipped_without_attributes(run, tmp_path):
 def test_probe_fits_linear_attributes():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 5)).astype(np.float32)
-    samples = [(x[i], {"mesh": "cube" if x[i, 0] > 0 else "sphere", "size": float(2 * x[i, 1] + 1),
-                       "position": [float(x[i, 2]), float(-x[i, 3]), 0.0]}) for i in range(200)]
+    samples = [
+        (
+            x[i],
+            {
+                "mesh": "cube" if x[i, 0] > 0 else "sphere",
+                "size": float(2 * x[i, 1] + 1),
+                "position": [float(x[i, 2]), float(-x[i, 3]), 0.0],
+            },
+        )
+        for i in range(200)
+    ]
     out = probe.fit_and_score(samples[:150], samples[150:])["attributes"]
     assert out["mesh"]["score"] > 0.9 and out["mesh"]["chance"] < 0.8
     assert out["size"]["score"] > 0.99 and out["position"]["score"] > 0.99
@@ -108,7 +128,9 @@ def test_probe_fits_linear_attributes():
 def test_store_without_masks_is_skipped_with_a_note(tmp_path, monkeypatch):
     install_run(monkeypatch)
     run_dir, _ = make_run(tmp_path, with_masks=False)
-    result = ev.evaluate_run(run_dir, split="test")  # `egoslots run` on unlabelled data must not fail here
+    result = ev.evaluate_run(
+        run_dir, split="test"
+    )  # `egoslots run` on unlabelled data must not fail here
     assert "no ground-truth masks" in result["skipped"] and result["methods"] == {}
     assert "no ground-truth masks" in (run_dir / "metrics.md").read_text()
 
@@ -129,18 +151,21 @@ def test_probe_r2_matches_sklearn():
 
     rng = np.random.default_rng(1)
     y, pred = rng.standard_normal((30, 3)), rng.standard_normal((30, 3))
-    assert probe.r2_score(torch.from_numpy(y), torch.from_numpy(pred)) == pytest.approx(r2_score(y, pred))
+    assert probe.r2_score(torch.from_numpy(y), torch.from_numpy(pred)) == pytest.approx(
+        r2_score(y, pred)
+    )
 
 
 # ------------------------------------------------------------------------- a real trained run
 def test_real_run_windows_carry_slots_exactly(tmp_path_factory):
-    from stages.train_slots import load_trained
     from test_evaluate_support import trained_run
+
+    from stages.train_slots import load_trained
 
     model, cfg, store, tokens_hash = load_trained(trained_run(tmp_path_factory))
     v = store.videos_in("test")[0]
     feats = torch.from_numpy(store.read_features(v.first, v.stop))
-    tokens = torch.from_numpy(store.tokens(tokens_hash)[v.first:v.stop].astype(np.int64))
+    tokens = torch.from_numpy(store.tokens(tokens_hash)[v.first : v.stop].astype(np.int64))
     whole = ev.infer_video(model, feats, tokens, window=v.length)
     windows = ev.infer_video(model, feats, tokens, window=4)  # 4 + 2 frames
     assert windows["slots"].shape == (v.length, 4, 16)
@@ -160,8 +185,16 @@ def test_real_run_evaluate(tmp_path_factory):
 
 
 def test_probe_reads_synthetic_meta_layout():
-    obj = {"id": 3, "mesh": {"name": "duck", "id": 12}, "color": [0.1, 0.2, 0.3], "size": 0.4, "texture": None,
-           "positions": [[0, 0, 0], [1, 1, 1]], "quaternions": [[0, 0, 0, 1], [0, 0, 1, 0]], "camera": {"fov": 1}}
+    obj = {
+        "id": 3,
+        "mesh": {"name": "duck", "id": 12},
+        "color": [0.1, 0.2, 0.3],
+        "size": 0.4,
+        "texture": None,
+        "positions": [[0, 0, 0], [1, 1, 1]],
+        "quaternions": [[0, 0, 0, 1], [0, 0, 1, 0]],
+        "camera": {"fov": 1},
+    }
     static, per_frame = probe.split_attributes(obj, 2)
     assert static == {"mesh": 12, "color": [0.1, 0.2, 0.3], "size": 0.4}
     assert set(per_frame) == {"position", "quaternion"}
@@ -170,15 +203,32 @@ def test_probe_reads_synthetic_meta_layout():
 
 def test_empty_split_falls_back_with_a_note(run):
     result = ev.evaluate_run(run, split="val", probe=False)  # the tiny store has no val videos
-    assert result["split"] == "test" and result["requested_split"] == "val" and result["num_videos"] == 3
+    assert (
+        result["split"] == "test"
+        and result["requested_split"] == "val"
+        and result["num_videos"] == 3
+    )
     assert "no 'val' videos" in (run / "metrics.md").read_text()
 
 
 def test_table_of_metrics_read_back_from_json_with_nan():
-    result = {"run": "r", "split": "test", "num_videos": 1, "checkpoint_step": 1, "primary": "model_decoder",
-              "methods": {"grid": {"video_mbo": {"mean": None, "std": None, "n": 0},
-                                   "video_fg_ari": {"mean": 0.5, "std": 0.0, "n": 1}}},
-              "probe": {"attributes": {"size": {"measure": "R^2", "score": None, "chance": 0.1,
-                                                "n_train": 4, "n_test": 1}}}}
+    result = {
+        "run": "r",
+        "split": "test",
+        "num_videos": 1,
+        "checkpoint_step": 1,
+        "primary": "model_decoder",
+        "methods": {
+            "grid": {
+                "video_mbo": {"mean": None, "std": None, "n": 0},
+                "video_fg_ari": {"mean": 0.5, "std": 0.0, "n": 1},
+            }
+        },
+        "probe": {
+            "attributes": {
+                "size": {"measure": "R^2", "score": None, "chance": 0.1, "n_train": 4, "n_test": 1}
+            }
+        },
+    }
     table = ev.format_table(json.loads(json.dumps(result)))
     assert "n/a" in table and "**50.0 ± 0.0**" in table

@@ -37,13 +37,24 @@ def square_video(seed: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
         dx, dy = rng.integers(-2, 3, 2)
         positions = []
         for t in range(FRAMES):
-            xt, yt = int(np.clip(x + dx * t, 0, SIZE - side)), int(np.clip(y + dy * t, 0, SIZE - side))
-            frames[t, yt:yt + side, xt:xt + side] = colour
-            masks[t, yt:yt + side, xt:xt + side] = label
+            xt, yt = (
+                int(np.clip(x + dx * t, 0, SIZE - side)),
+                int(np.clip(y + dy * t, 0, SIZE - side)),
+            )
+            frames[t, yt : yt + side, xt : xt + side] = colour
+            masks[t, yt : yt + side, xt : xt + side] = label
             positions.append([xt / SIZE, yt / SIZE, 0.0])
         # the synthetic generator's meta.json layout: mesh {name, id}, per-frame lists, None values
-        objects.append({"id": label, "mesh": {"name": mesh, "id": label - 1}, "color": [c / 255 for c in colour],
-                        "size": side / SIZE, "texture": None, "positions": positions})
+        objects.append(
+            {
+                "id": label,
+                "mesh": {"name": mesh, "id": label - 1},
+                "color": [c / 255 for c in colour],
+                "size": side / SIZE,
+                "texture": None,
+                "positions": positions,
+            }
+        )
     return frames, masks, objects
 
 
@@ -51,14 +62,18 @@ def patch_features(masks: np.ndarray, rng) -> np.ndarray:
     """(T, N, D): each patch's label histogram in the first channels, plus noise."""
     p = SIZE // GRID
     t = masks.shape[0]
-    blocks = masks.reshape(t, GRID, p, GRID, p).transpose(0, 1, 3, 2, 4).reshape(t, GRID * GRID, p * p)
+    blocks = (
+        masks.reshape(t, GRID, p, GRID, p).transpose(0, 1, 3, 2, 4).reshape(t, GRID * GRID, p * p)
+    )
     feats = np.zeros((t, GRID * GRID, DIM), dtype=np.float32)
     for label in range(3):
         feats[..., label] = (blocks == label).mean(-1)
     return feats + 0.05 * rng.standard_normal(feats.shape).astype(np.float32)
 
 
-def make_store(root: Path, data_dir: Path, with_masks: bool = True, name: str = "store.zarr") -> FeatureStore:
+def make_store(
+    root: Path, data_dir: Path, with_masks: bool = True, name: str = "store.zarr"
+) -> FeatureStore:
     rng = np.random.default_rng(0)
     videos, arrays, first = [], {"frames": [], "masks": [], "features": []}, 0
     for i in range(6):
@@ -71,9 +86,18 @@ def make_store(root: Path, data_dir: Path, with_masks: bool = True, name: str = 
         arrays["frames"].append(frames)
         arrays["masks"].append(masks)
         arrays["features"].append(patch_features(masks, rng))
-    store = FeatureStore.create(root / name, fingerprint="tinyfp", videos=videos, num_tokens=GRID * GRID,
-                                feature_dim=DIM, grid=(GRID, GRID), frame_size=SIZE, feature_dtype="float32",
-                                has_masks=with_masks, chunk_len=first)
+    store = FeatureStore.create(
+        root / name,
+        fingerprint="tinyfp",
+        videos=videos,
+        num_tokens=GRID * GRID,
+        feature_dim=DIM,
+        grid=(GRID, GRID),
+        frame_size=SIZE,
+        feature_dtype="float32",
+        has_masks=with_masks,
+        chunk_len=first,
+    )
     chunk = {k: np.concatenate(v) for k, v in arrays.items() if with_masks or k != "masks"}
     store.write_chunk(0, chunk)
     store.mark_complete_if_done()
@@ -110,30 +134,57 @@ class TinySlotModel(nn.Module):
             if tokens is not None:
                 emb = self.token_embed(tokens[:, i].flatten(1))  # (B, h*w, D)
                 steve.append(torch.einsum("bkd,bnd->bkn", state, emb).softmax(dim=1))
-        out = {"processor": {"state": torch.stack(states, 1), "corrector": {"masks": torch.stack(attn, 1)}},
-               "decoder": {"masks": torch.stack(dec, 1)}, "next_state": state}
+        out = {
+            "processor": {
+                "state": torch.stack(states, 1),
+                "corrector": {"masks": torch.stack(attn, 1)},
+            },
+            "decoder": {"masks": torch.stack(dec, 1)},
+            "next_state": state,
+        }
         if steve:
             out["steve"] = {"masks": torch.stack(steve, 1)}
         return out
 
 
-def make_run(tmp_path: Path, with_masks: bool = True, use_dvae: bool = True) -> tuple[Path, FeatureStore]:
+def make_run(
+    tmp_path: Path, with_masks: bool = True, use_dvae: bool = True
+) -> tuple[Path, FeatureStore]:
     """A run directory (config.yaml, inputs.json, checkpoints/last.ckpt) over a tiny store."""
     data_dir = tmp_path / "data"
     store = make_store(tmp_path, data_dir, with_masks)
     run_dir = tmp_path / "runs" / "slots"
-    cfg = load_config(None, [f"work_dir={tmp_path}", f"dataset.path={data_dir}", "dataset.source=frames",
-                             f"globals.NUM_SLOTS={SLOTS}", "globals.NUM_FRAMES=4", "globals.SLOT_DIM=6",
-                             f"globals.USE_DVAE={str(use_dvae).lower()}",
-                             f"globals.USE_STEVE_DECODER={str(use_dvae).lower()}",
-                             f"store={store.path}", "evaluate.probe_train_videos=null"])
+    cfg = load_config(
+        None,
+        [
+            f"work_dir={tmp_path}",
+            f"dataset.path={data_dir}",
+            "dataset.source=frames",
+            f"globals.NUM_SLOTS={SLOTS}",
+            "globals.NUM_FRAMES=4",
+            "globals.SLOT_DIM=6",
+            f"globals.USE_DVAE={str(use_dvae).lower()}",
+            f"globals.USE_STEVE_DECODER={str(use_dvae).lower()}",
+            f"store={store.path}",
+            "evaluate.probe_train_videos=null",
+        ],
+    )
     save_resolved(cfg, run_dir / "config.yaml")
-    (run_dir / "inputs.json").write_text(json.dumps({"store": str(store.path), "fingerprint": store.fingerprint,
-                                                    "dvae_hash": DVAE_HASH if use_dvae else None}))
+    (run_dir / "inputs.json").write_text(
+        json.dumps(
+            {
+                "store": str(store.path),
+                "fingerprint": store.fingerprint,
+                "dvae_hash": DVAE_HASH if use_dvae else None,
+            }
+        )
+    )
     torch.manual_seed(0)
     model = TinySlotModel()
     (run_dir / "checkpoints").mkdir(parents=True)
-    torch.save({"global_step": 7, "state_dict": model.state_dict()}, run_dir / "checkpoints" / "last.ckpt")
+    torch.save(
+        {"global_step": 7, "state_dict": model.state_dict()}, run_dir / "checkpoints" / "last.ckpt"
+    )
     return run_dir, store
 
 
@@ -174,17 +225,47 @@ def trained_run(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     torch.save(DVAE(vocab_size=VOCAB, hidden=8).state_dict(), dvae / "dvae.pt")  # untrained weights
-    (dvae / "dvae.json").write_text(json.dumps({"hash": DVAE_HASH, "store": "tinyfp", "vocab_size": VOCAB,
-                                                "hidden": 8, "token_grid": [TOKEN_GRID, TOKEN_GRID]}))
-    cfg = load_config(None, [
-        f"work_dir={work}", "store=tinyfp", "run_name=slots", "seed=0", f"dataset.path={work / 'data'}",
-        "dataset.source=frames", f"globals.NUM_SLOTS={SLOTS}", "globals.SLOT_DIM=16", f"globals.VOCAB_SIZE={VOCAB}",
-        "globals.NUM_FRAMES=4", "globals.BATCH_SIZE_PER_GPU=2", "dataset.num_workers=0",
-        "decoder.hidden_dims=[32,32]", "steve_decoder.num_blocks=1", "steve_decoder.d_model=16",
-        "steve_decoder.num_heads=2", "predictor.num_heads=2", "optimizer.warmup_steps=1",
-        "trainer.max_steps=3", "trainer.ckpt_every=3", "trainer.val_every=100", "trainer.log_every=1",
-        "trainer.image_every=100", "trainer.precision=32", "trainer.accelerator=cpu",
-        "evaluate.probe_train_videos=null",
-    ])
+    (dvae / "dvae.json").write_text(
+        json.dumps(
+            {
+                "hash": DVAE_HASH,
+                "store": "tinyfp",
+                "vocab_size": VOCAB,
+                "hidden": 8,
+                "token_grid": [TOKEN_GRID, TOKEN_GRID],
+            }
+        )
+    )
+    cfg = load_config(
+        None,
+        [
+            f"work_dir={work}",
+            "store=tinyfp",
+            "run_name=slots",
+            "seed=0",
+            f"dataset.path={work / 'data'}",
+            "dataset.source=frames",
+            f"globals.NUM_SLOTS={SLOTS}",
+            "globals.SLOT_DIM=16",
+            f"globals.VOCAB_SIZE={VOCAB}",
+            "globals.NUM_FRAMES=4",
+            "globals.BATCH_SIZE_PER_GPU=2",
+            "dataset.num_workers=0",
+            "decoder.hidden_dims=[32,32]",
+            "steve_decoder.num_blocks=1",
+            "steve_decoder.d_model=16",
+            "steve_decoder.num_heads=2",
+            "predictor.num_heads=2",
+            "optimizer.warmup_steps=1",
+            "trainer.max_steps=3",
+            "trainer.ckpt_every=3",
+            "trainer.val_every=100",
+            "trainer.log_every=1",
+            "trainer.image_every=100",
+            "trainer.precision=32",
+            "trainer.accelerator=cpu",
+            "evaluate.probe_train_videos=null",
+        ],
+    )
     _TRAINED["run"] = train(cfg)
     return _TRAINED["run"]

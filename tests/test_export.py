@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-
 from test_evaluate_support import DVAE_HASH, FRAMES, GRID, SLOTS, TOKEN_GRID, install_run, make_run
 
 from stages import export
@@ -42,17 +41,21 @@ def test_export_shapes_and_fingerprint(run, tmp_path, name):
     assert ids == ["video_03", "video_04", "video_05"]
     assert slots.shape == (FRAMES, SLOTS, 6) and slots.dtype == np.float32
     assert masks.shape == (FRAMES, SLOTS, GRID * GRID)
-    np.testing.assert_allclose(masks.astype(np.float32).sum(1), 1.0, atol=1e-2)  # softmax over slots
+    np.testing.assert_allclose(
+        masks.astype(np.float32).sum(1), 1.0, atol=1e-2
+    )  # softmax over slots
     assert tokens.shape == (FRAMES, TOKEN_GRID, TOKEN_GRID) and tokens.dtype == np.uint16
     assert data["attention_masks"].shape == (3 * FRAMES, SLOTS, GRID * GRID)
-    assert meta["store"] == "tinyfp" and meta["tokens"] == DVAE_HASH and meta["checkpoint_step"] == 7
+    assert (
+        meta["store"] == "tinyfp" and meta["tokens"] == DVAE_HASH and meta["checkpoint_step"] == 7
+    )
     assert meta["grid"] == [GRID, GRID] and meta["num_frames"] == 3 * FRAMES
     # tokens are the store's cached ids
     from cache.store import FeatureStore
 
     store = FeatureStore.open(tmp_path / "store.zarr")
     v = store.videos_in("test")[1]
-    np.testing.assert_array_equal(tokens, store.tokens(DVAE_HASH)[v.first:v.stop])
+    np.testing.assert_array_equal(tokens, store.tokens(DVAE_HASH)[v.first : v.stop])
 
 
 def test_export_is_idempotent_and_refuses_foreign_output(run, tmp_path):
@@ -96,7 +99,7 @@ def test_zarr_writer_buffers_whole_chunks(tmp_path):
     rows = np.arange(11 * 2, dtype=np.float32).reshape(11, 2)
     row = 0
     for size in (3, 3, 1, 4):  # window sizes that do not line up with chunks
-        writer.write(row, 11, {"slots": rows[row:row + size]})
+        writer.write(row, 11, {"slots": rows[row : row + size]})
         row += size
         assert writer.start % 4 == 0  # only whole chunks written so far
     writer.finish({"video_first": np.array([0])}, {"ok": True})

@@ -28,7 +28,9 @@ from tests.test_store import assert_same_store
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_frame_folder(root: Path, videos: int, frames: int, size: tuple[int, int], seed: int = 0) -> Path:
+def write_frame_folder(
+    root: Path, videos: int, frames: int, size: tuple[int, int], seed: int = 0
+) -> Path:
     """`<root>/<video>/<t>.png` plus `masks/<t>.png`: smooth moving content (PNG-compressible)."""
     rng = np.random.default_rng(seed)
     h, w = size
@@ -39,10 +41,14 @@ def write_frame_folder(root: Path, videos: int, frames: int, size: tuple[int, in
         cx, cy, dx = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(-3, 3)
         for t in range(frames):
             disc = (xx - cx - dx * t) ** 2 + (yy - cy) ** 2 < (h / 5) ** 2
-            rgb = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 40 * v % 256)], -1).astype(np.uint8)
+            rgb = np.stack(
+                [xx * 255 // w, yy * 255 // h, np.full_like(xx, 40 * v % 256)], -1
+            ).astype(np.uint8)
             rgb[disc] = (255, 40, 40)
             Image.fromarray(rgb).save(folder / f"{t:04d}.png")
-            Image.fromarray(disc.astype(np.uint8) * (v % 3 + 1)).save(folder / "masks" / f"{t:04d}.png")
+            Image.fromarray(disc.astype(np.uint8) * (v % 3 + 1)).save(
+                folder / "masks" / f"{t:04d}.png"
+            )
     return root
 
 
@@ -53,8 +59,14 @@ def write_config(tmp_path: Path, data: Path, **extract) -> Path:
         "globals": {"IMAGE_SIZE": 64, "FRAME_SIZE": 32},
         "backbone": {"patch_size": 8},
         "augment": {"hflip": "cache"},
-        "extract": {"frames_per_chunk": 8, "batch_size": 4, "num_workers": 0, "compute": "fp32",
-                    "device": "cpu", **extract},
+        "extract": {
+            "frames_per_chunk": 8,
+            "batch_size": 4,
+            "num_workers": 0,
+            "compute": "fp32",
+            "device": "cpu",
+            **extract,
+        },
     }
     path = tmp_path / "extract.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -62,13 +74,26 @@ def write_config(tmp_path: Path, data: Path, **extract) -> Path:
 
 
 def cli(config: Path, work_dir: Path, *flags: str) -> list[str]:
-    return [sys.executable, "cli.py", "extract-features", str(config), f"work_dir={work_dir}", *flags]
+    return [
+        sys.executable,
+        "cli.py",
+        "extract-features",
+        str(config),
+        f"work_dir={work_dir}",
+        *flags,
+    ]
 
 
 def run_cli(config: Path, work_dir: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cli(config, work_dir, *flags), cwd=REPO, capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run(
+        cli(config, work_dir, *flags),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -113,8 +138,13 @@ def test_kill_9_then_rerun_gives_the_same_bytes(dataset, tmp_path):
     full = tmp_path / "full"
     run_cli(config, full)
     work = tmp_path / "killed"
-    proc = subprocess.Popen(cli(config, work), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cli(config, work),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     done_at_kill, deadline = 0, time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -139,12 +169,23 @@ def test_two_shard_processes_equal_one_process(dataset, tmp_path):
     _, config, reference = dataset
     work = tmp_path / "sharded"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cli(config, work, "--num-shards", "2", "--shard-id", str(i)), cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            cli(config, work, "--num-shards", "2", "--shard-id", str(i)),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert sum("store complete" in out for out, _ in outputs) >= 1  # the last shard to finish completes it
+    assert (
+        sum("store complete" in out for out, _ in outputs) >= 1
+    )  # the last shard to finish completes it
     assert_same_store(only_store(work), reference)
 
 
@@ -160,10 +201,27 @@ def test_torchrun_two_processes_write_one_store(dataset, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--no-python", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(port), *cli(config, work)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--no-python",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        *cli(config, work),
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "shard 0/2" in result.stderr and "shard 1/2" in result.stderr  # really two shards
     store = only_store(work)

@@ -109,5 +109,6 @@ def test_steve_ce_is_mean_next_token_cross_entropy():
     manual = -logits.log_softmax(-1).gather(-1, tokens.view(B, T, h * w, 1)).mean()
     torch.testing.assert_close(loss_steve_ce(logits, tokens), manual)
     # uniform logits give log(V)
-    assert math.isclose(float(loss_steve_ce(torch.zeros(B, T, 4, V), tokens)), math.log(V),
-                        rel_tol=1e-6)
+    assert math.isclose(
+        float(loss_steve_ce(torch.zeros(B, T, 4, V), tokens)), math.log(V), rel_tol=1e-6
+    )

@@ -24,7 +24,9 @@ def test_ari_matches_sklearn(seed):
     pred = rng.integers(0, int(rng.integers(1, 8)), n)
     if seed % 2:  # correlated labelings, not only chance-level ones
         pred = np.where(rng.random(n) < 0.7, true * 3 % 5, pred)
-    assert metrics.adjusted_rand_index(true, pred) == pytest.approx(adjusted_rand_score(true, pred), abs=1e-6)
+    assert metrics.adjusted_rand_index(true, pred) == pytest.approx(
+        adjusted_rand_score(true, pred), abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -32,16 +34,22 @@ def test_fg_ari_is_sklearn_on_foreground(seed):
     rng = np.random.default_rng(100 + seed)
     true = torch.from_numpy(rng.integers(0, 5, (3, 16, 16)))
     pred = torch.from_numpy(rng.integers(0, 6, (3, 16, 16)))
-    pred = torch.where(torch.rand(true.shape, generator=torch.Generator().manual_seed(seed)) < 0.6, true, pred)
+    pred = torch.where(
+        torch.rand(true.shape, generator=torch.Generator().manual_seed(seed)) < 0.6, true, pred
+    )
     fg = true.numpy() > 0
     expected = adjusted_rand_score(true.numpy()[fg], pred.numpy()[fg])
     assert metrics.fg_ari(true, pred, 6) == pytest.approx(expected, abs=1e-6)
     # per-frame FG-ARI is the mean of sklearn on each frame's foreground
     out = metrics.video_metrics(pred, true, 6)
-    per_frame = [adjusted_rand_score(true[i].numpy()[fg[i]], pred[i].numpy()[fg[i]]) for i in range(3)]
+    per_frame = [
+        adjusted_rand_score(true[i].numpy()[fg[i]], pred[i].numpy()[fg[i]]) for i in range(3)
+    ]
     assert out["frame_fg_ari"] == pytest.approx(np.mean(per_frame), abs=1e-6)
     assert out["video_fg_ari"] == pytest.approx(expected, abs=1e-6)
-    assert out["video_ari"] == pytest.approx(adjusted_rand_score(true.flatten(), pred.flatten()), abs=1e-6)
+    assert out["video_ari"] == pytest.approx(
+        adjusted_rand_score(true.flatten(), pred.flatten()), abs=1e-6
+    )
     frame_full = [adjusted_rand_score(true[i].flatten(), pred[i].flatten()) for i in range(3)]
     assert out["frame_ari"] == pytest.approx(np.mean(frame_full), abs=1e-6)
 
@@ -85,11 +93,17 @@ def test_single_object_and_empty_ground_truth():
     # one object split over two slots: one true cluster, two predicted ones (sklearn agrees)
     pred[:, 1, 1:3] = 1
     fg = true > 0
-    assert metrics.fg_ari(true, pred, 3) == pytest.approx(adjusted_rand_score(true[fg], pred[fg]), abs=1e-9)
+    assert metrics.fg_ari(true, pred, 3) == pytest.approx(
+        adjusted_rand_score(true[fg], pred[fg]), abs=1e-9
+    )
     # all background: FG-ARI is 1 by the denominator rule, mBO / mIoU are NaN (no objects)
     empty = metrics.video_metrics(pred, torch.zeros_like(true), 3)
     assert empty["video_fg_ari"] == 1.0 and empty["empty_frames"] == 2 and empty["num_objects"] == 0
-    assert np.isnan(empty["video_mbo"]) and np.isnan(empty["video_miou"]) and np.isnan(empty["frame_mbo"])
+    assert (
+        np.isnan(empty["video_mbo"])
+        and np.isnan(empty["video_miou"])
+        and np.isnan(empty["frame_mbo"])
+    )
 
 
 def test_mbo_and_miou_hand_computed():
@@ -125,7 +139,12 @@ def test_masks_are_resized_bilinearly_to_ground_truth():
     masks = torch.eye(4).reshape(1, 4, 4)  # (T=1, K=4, N=4), slot k = token k
     labels = metrics.masks_to_labels(masks, (8, 8))
     assert labels.shape == (1, 8, 8)
-    assert labels[0, 0, 0] == 0 and labels[0, 0, 7] == 1 and labels[0, 7, 0] == 2 and labels[0, 7, 7] == 3
+    assert (
+        labels[0, 0, 0] == 0
+        and labels[0, 0, 7] == 1
+        and labels[0, 7, 0] == 2
+        and labels[0, 7, 7] == 3
+    )
     assert (labels[0, :4, :4] == 0).all()
     with pytest.raises(ValueError, match="grid"):
         metrics.masks_to_labels(torch.rand(1, 3, 6), (8, 8))
@@ -170,7 +189,9 @@ def test_kmeans_masks_shapes_and_video_consistency():
     video = baselines.kmeans_masks(feats, 2, per="video").argmax(1)  # (T, N)
     assert (video == video[0]).all()
     true = which.reshape(1, 4, 4).repeat(5, 1, 1) + 1  # both halves are objects
-    assert metrics.evaluate_masks(baselines.kmeans_masks(feats, 2, per="video"), true)["video_fg_ari"] == pytest.approx(1.0)
+    assert metrics.evaluate_masks(baselines.kmeans_masks(feats, 2, per="video"), true)[
+        "video_fg_ari"
+    ] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("k", [1, 4, 7, 11])

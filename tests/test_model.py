@@ -43,8 +43,11 @@ def test_outputs_have_the_user_facing_keys_and_shapes():
     assert out["steve"]["masks"].shape == (B, T, K, GRID[0] * GRID[1])
     assert out["next_state"].shape == (B, K, D)
     torch.testing.assert_close(out["next_state"], out["processor"]["state_predicted"][:, -1])
-    for masks in (out["processor"]["corrector"]["masks"], out["decoder"]["masks"],
-                  out["steve"]["masks"]):
+    for masks in (
+        out["processor"]["corrector"]["masks"],
+        out["decoder"]["masks"],
+        out["steve"]["masks"],
+    ):
         torch.testing.assert_close(masks.sum(2), torch.ones_like(masks.sum(2)))
 
 

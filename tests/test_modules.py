@@ -123,8 +123,9 @@ def test_decoder_factored_first_layer_equals_naive_broadcast():
 
 
 def _steve(vocab=16, grid=(4, 4)):
-    return SteveDecoder(D, vocab, grid[0] * grid[1], num_blocks=2, num_heads=4, d_model=32,
-                        dropout=0.1)
+    return SteveDecoder(
+        D, vocab, grid[0] * grid[1], num_blocks=2, num_heads=4, d_model=32, dropout=0.1
+    )
 
 
 def test_steve_shapes_and_masks_sum_to_one_over_slots():

@@ -29,7 +29,10 @@ def expected_clip(source, cfg, video_id, start, length, step, hflip):
     """What a clip must hold, computed straight from the source frames."""
     backbone = build_backbone(cfg.backbone)
     frames = list(source.read_frames(video_id, start, start + (length - 1) * step + 1))[::step]
-    out = [preprocess_frame(f.rgb, f.mask, cfg.backbone.input_size, cfg.extract.frame_size, hflip) for f in frames]
+    out = [
+        preprocess_frame(f.rgb, f.mask, cfg.backbone.input_size, cfg.extract.frame_size, hflip)
+        for f in frames
+    ]
     images = torch.stack([o[0] for o in out]).float() / 255.0
     with torch.inference_mode():
         feats = backbone(images)
@@ -39,11 +42,19 @@ def expected_clip(source, cfg, video_id, start, length, step, hflip):
 def test_clips_hold_the_features_frames_and_masks_of_their_source_frames(extracted):
     path, source, cfg = extracted
     for split in ("train", "val", "test"):
-        ds = ClipDataset(path, split=split, clip_length=3, stride=2, frame_step=2,
-                         fields=("features", "frames", "masks"))
+        ds = ClipDataset(
+            path,
+            split=split,
+            clip_length=3,
+            stride=2,
+            frame_step=2,
+            fields=("features", "frames", "masks"),
+        )
         for index in range(0, len(ds), 3):
             item = ds[index]
-            feats, frames, masks = expected_clip(source, cfg, item["video_id"], item["start"], 3, 2, item["hflip"])
+            feats, frames, masks = expected_clip(
+                source, cfg, item["video_id"], item["start"], 3, 2, item["hflip"]
+            )
             assert item["features"].shape == feats.shape == (3, 16, 192)
             torch.testing.assert_close(item["features"], feats, rtol=1e-6, atol=1e-6)
             assert torch.equal(item["frames"], frames) and torch.equal(item["masks"], masks)
@@ -68,7 +79,9 @@ def test_dataloader_workers_read_the_same_clips(extracted, context):
     path, _, _ = extracted
     ds = ClipDataset(path, split=None, clip_length=4, fields=("features", "frames", "masks"))
     direct = [ds[i] for i in range(len(ds))]
-    loader = DataLoader(ds, batch_size=5, num_workers=2, multiprocessing_context=context, shuffle=False)
+    loader = DataLoader(
+        ds, batch_size=5, num_workers=2, multiprocessing_context=context, shuffle=False
+    )
     batches = list(loader)
     feats = torch.cat([b["features"] for b in batches])
     frames = torch.cat([b["frames"] for b in batches])
@@ -87,11 +100,15 @@ def test_reader_refuses_incomplete_store_and_missing_fields(tmp_path):
     FeatureStore.open(path, mode="r+").update_meta(complete=False)
     with pytest.raises(StoreError, match="incomplete"):
         ClipDataset(path)
-    np.testing.assert_array_equal(FeatureStore.open(path, require_complete=False).done_chunks(), True)
+    np.testing.assert_array_equal(
+        FeatureStore.open(path, require_complete=False).done_chunks(), True
+    )
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16),
-                                               ("int8", torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,torch_dtype",
+    [("float16", torch.float16), ("bfloat16", torch.bfloat16), ("int8", torch.float32)],
+)
 def test_stored_feature_dtype_widens_to_the_float32_values(tmp_path, dtype, torch_dtype):
     path = extract(make_cfg(tmp_path, f"extract.dtype={dtype}"), source=make_source(num_videos=2))
     wide = ClipDataset(path, split=None, clip_length=3, frame_step=2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import time
 
@@ -40,8 +39,12 @@ def s3_server():
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}",
+    }
     yield env
     server.stop()
 
@@ -55,8 +58,12 @@ def s3(s3_server, monkeypatch):
 
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(crashkit, "ENV", {**crashkit.ENV, **s3_server})  # its children's environment
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_server["FSSPEC_S3_ENDPOINT_URL"]})
+    monkeypatch.setattr(
+        crashkit, "ENV", {**crashkit.ENV, **s3_server}
+    )  # its children's environment
+    monkeypatch.setitem(
+        fsspec.config.conf, "s3", {"endpoint_url": s3_server["FSSPEC_S3_ENDPOINT_URL"]}
+    )
     fs, _ = filesystem(f"s3://{BUCKET}")
     if fs.exists(BUCKET):
         fs.rm(BUCKET, recursive=True)
@@ -94,7 +101,9 @@ def test_cache_commands_on_s3_list_verify_repair_and_remove(s3, tmp_path):
     fingerprint = url.rsplit("/", 1)[-1].removesuffix(".zarr")
     runner = CliRunner()
     listed = runner.invoke(cache, ["ls", "--store-dir", f"s3://{BUCKET}/stores"])
-    assert listed.exit_code == 0 and fingerprint in listed.output and "complete" in listed.output, listed.output
+    assert listed.exit_code == 0 and fingerprint in listed.output and "complete" in listed.output, (
+        listed.output
+    )
     assert runner.invoke(cache, ["verify", url]).exit_code == 0
 
     # overwrite chunk 1 of features with garbage of the same size, and delete chunk 3 of frames
@@ -104,7 +113,9 @@ def test_cache_commands_on_s3_list_verify_repair_and_remove(s3, tmp_path):
     s3.rm_file(f"{BUCKET}/stores/{fingerprint}.zarr/{store.chunk_key('frames', 3)}")
     original = snapshot(extract(make_cfg(tmp_path / "local"), source=make_source()))
 
-    found = runner.invoke(cache, ["verify", fingerprint[:8], "--store-dir", f"s3://{BUCKET}/stores"])
+    found = runner.invoke(
+        cache, ["verify", fingerprint[:8], "--store-dir", f"s3://{BUCKET}/stores"]
+    )
     assert found.exit_code != 0
     assert "chunk 1 of 'features'" in found.output and "unreadable" in found.output
     assert "chunk 3 of 'frames'" in found.output and "missing" in found.output
@@ -118,7 +129,9 @@ def test_cache_commands_on_s3_list_verify_repair_and_remove(s3, tmp_path):
     for name, values in original["arrays"].items():
         assert after["arrays"][name].tobytes() == values.tobytes(), name
 
-    removed = runner.invoke(cache, ["rm", fingerprint, "--store-dir", f"s3://{BUCKET}/stores", "--yes"])
+    removed = runner.invoke(
+        cache, ["rm", fingerprint, "--store-dir", f"s3://{BUCKET}/stores", "--yes"]
+    )
     assert removed.exit_code == 0, removed.output
     s3.invalidate_cache()
     assert s3.find(f"{BUCKET}/stores") == []  # the store and its config.yaml
@@ -146,7 +159,9 @@ def test_s3_extraction_killed_with_9_resumes_to_the_same_bytes(s3, dataset, tmp_
 
     total = FeatureStore.open(reference).progress()[1]
     point = KillPoint.draw(seed, 2, total - 8, max_delay=0.05)
-    killed = kill_mid_run(cli(config, tmp_path, target), flags_written, point, tmp_path / "killed.log")
+    killed = kill_mid_run(
+        cli(config, tmp_path, target), flags_written, point, tmp_path / "killed.log"
+    )
     url = f"s3://{BUCKET}/killed/{reference.stem}.zarr"
     done, _ = FeatureStore.open(url, require_complete=False).progress()
     assert point.after <= killed.progress == done < total  # interrupted, finished chunks kept
@@ -164,8 +179,15 @@ def test_whole_pipeline_runs_on_an_s3_store(s3, tmp_path):
 
     from tests.test_run import TINY
 
-    command = [sys.executable, "cli.py", "run", "configs/demo.yaml", f"work_dir={tmp_path}",
-               f"store_dir=s3://{BUCKET}/stores", *TINY]
+    command = [
+        sys.executable,
+        "cli.py",
+        "run",
+        "configs/demo.yaml",
+        f"work_dir={tmp_path}",
+        f"store_dir=s3://{BUCKET}/stores",
+        *TINY,
+    ]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (tmp_path / "stores").exists()
@@ -186,8 +208,16 @@ def test_two_shards_writing_one_s3_store_equal_one_process(s3, dataset, tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = []
     for shard in (1, 0):
-        procs.append(subprocess.Popen(cli(config, tmp_path, target, "--num-shards", "2", "--shard-id", str(shard)),
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                cli(config, tmp_path, target, "--num-shards", "2", "--shard-id", str(shard)),
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
         time.sleep(1.0 if shard == 1 else 0)
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
@@ -219,7 +249,9 @@ def test_remote_store_whose_creation_was_killed_is_recreated(s3, tmp_path):
     url = extract(cfg, source=make_source())
     reference = snapshot(url)
     group = zarr.open_group(url, mode="r+", zarr_format=3)
-    del group.attrs[ATTRS_KEY]  # what a kill between creating the arrays and writing the attrs leaves
+    del group.attrs[
+        ATTRS_KEY
+    ]  # what a kill between creating the arrays and writing the attrs leaves
     assert FeatureStore.unfinished_creation(url)
     assert extract(cfg, source=make_source()) == url
     after = snapshot(url)

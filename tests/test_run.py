@@ -17,21 +17,55 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "dataset.synthetic.videos=5", "dataset.synthetic.frames=6", "dataset.synthetic.size=32",
-    "dataset.synthetic.max_objects=3", "globals.IMAGE_SIZE=32", "globals.FRAME_SIZE=32",
-    "globals.VOCAB_SIZE=16", "globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", "globals.NUM_FRAMES=3",
-    "globals.BATCH_SIZE_PER_GPU=2", "dataset.num_workers=0", "dvae.num_workers=0", "dvae.hidden=16",
-    "dvae.max_steps=4", "dvae.tau_steps=4", "dvae.batch_size=4", "dvae.ckpt_every=2", "dvae.image_every=2",
-    "decoder.hidden_dims=[32]", "steve_decoder.d_model=16", "steve_decoder.num_blocks=1",
-    "trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.val_every=3", "trainer.image_every=3",
-    "trainer.log_every=1", "optimizer.warmup_steps=2", "extract.batch_size=8", "extract.num_workers=0",
+    "dataset.synthetic.videos=5",
+    "dataset.synthetic.frames=6",
+    "dataset.synthetic.size=32",
+    "dataset.synthetic.max_objects=3",
+    "globals.IMAGE_SIZE=32",
+    "globals.FRAME_SIZE=32",
+    "globals.VOCAB_SIZE=16",
+    "globals.NUM_SLOTS=3",
+    "globals.SLOT_DIM=16",
+    "globals.NUM_FRAMES=3",
+    "globals.BATCH_SIZE_PER_GPU=2",
+    "dataset.num_workers=0",
+    "dvae.num_workers=0",
+    "dvae.hidden=16",
+    "dvae.max_steps=4",
+    "dvae.tau_steps=4",
+    "dvae.batch_size=4",
+    "dvae.ckpt_every=2",
+    "dvae.image_every=2",
+    "decoder.hidden_dims=[32]",
+    "steve_decoder.d_model=16",
+    "steve_decoder.num_blocks=1",
+    "trainer.max_steps=6",
+    "trainer.ckpt_every=2",
+    "trainer.val_every=3",
+    "trainer.image_every=3",
+    "trainer.log_every=1",
+    "optimizer.warmup_steps=2",
+    "extract.batch_size=8",
+    "extract.num_workers=0",
     "extract.frames_per_chunk=8",
 ]
 
 
-def run_cli(work_dir: Path, *extra: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "cli.py", "run", "configs/demo.yaml", f"work_dir={work_dir}", *TINY, *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=check, timeout=600, **kwargs)
+def run_cli(
+    work_dir: Path, *extra: str, check: bool = True, **kwargs
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "cli.py",
+        "run",
+        "configs/demo.yaml",
+        f"work_dir={work_dir}",
+        *TINY,
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, check=check, timeout=600, **kwargs
+    )
 
 
 def snapshot(root: Path) -> dict[str, int]:
@@ -63,22 +97,32 @@ def test_run_writes_every_stage_output(finished_run):
 def test_second_run_does_no_work(finished_run):
     work, _ = finished_run
     before = snapshot(work)
-    start = time.perf_counter()
     run_cli(work)
     after = snapshot(work)
     changed = sorted(k for k in before if after.get(k) != before[k])
     added = sorted(set(after) - set(before))
     assert not changed, f"a finished pipeline rewrote {changed[:5]}"
-    assert not [a for a in added if not a.startswith("runs/demo/tb") and "lightning_logs" not in a], added
+    assert not [
+        a for a in added if not a.startswith("runs/demo/tb") and "lightning_logs" not in a
+    ], added
 
 
 def test_run_killed_inside_a_stage_resumes_it(tmp_path):
     """kill -9 during train-slots, rerun: the store and dVAE are reused, training resumes."""
     work = tmp_path / "w"
-    cmd = [sys.executable, "cli.py", "run", "configs/demo.yaml", f"work_dir={work}", *TINY,
-           "trainer.max_steps=40", "trainer.ckpt_every=4"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "cli.py",
+        "run",
+        "configs/demo.yaml",
+        f"work_dir={work}",
+        *TINY,
+        "trainer.max_steps=40",
+        "trainer.ckpt_every=4",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     ckpt_dir = work / "runs" / "demo" / "checkpoints"
     deadline = time.time() + 300
     try:
@@ -94,6 +138,8 @@ def test_run_killed_inside_a_stage_resumes_it(tmp_path):
 
     second = run_cli(work, "trainer.max_steps=40", "trainer.ckpt_every=4")
     assert snapshot(work / "stores").keys() >= store_files.keys()
-    assert {k: v for k, v in snapshot(work / "runs" / "dvae").items() if k in dvae_files} == dvae_files
+    assert {
+        k: v for k, v in snapshot(work / "runs" / "dvae").items() if k in dvae_files
+    } == dvae_files
     assert (ckpt_dir / "step=40.ckpt").exists()
     assert "resum" in (second.stdout + second.stderr).lower()

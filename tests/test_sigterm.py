@@ -21,18 +21,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "cli.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "cli.py", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
-def sigterm_after(proc: subprocess.Popen, marker: Path, delay: float, timeout: float = 240) -> tuple[str, str]:
+def sigterm_after(
+    proc: subprocess.Popen, marker: Path, delay: float, timeout: float = 240
+) -> tuple[str, str]:
     """Wait for ``marker`` to exist, then ``delay`` s more, then SIGTERM the process group."""
     deadline = time.monotonic() + timeout
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(delay)
-    assert proc.poll() is None, "the run ended before it could be stopped: " + proc.stderr.read()[-2000:]
+    assert proc.poll() is None, (
+        "the run ended before it could be stopped: " + proc.stderr.read()[-2000:]
+    )
     os.killpg(proc.pid, signal.SIGTERM)
     return proc.communicate(timeout=120)
 
@@ -46,8 +56,15 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
     make_dvae_run(tmp_path)
     config = tmp_path / "c.yaml"
     config.write_text("globals:\n  NUM_SLOTS: 3\n")
-    args = ["train-slots", str(config), *tiny_cfg_args(tmp_path), "dataset.num_workers=1",
-            "trainer.max_steps=300", "trainer.ckpt_every=20", "trainer.log_every=10"]
+    args = [
+        "train-slots",
+        str(config),
+        *tiny_cfg_args(tmp_path),
+        "dataset.num_workers=1",
+        "trainer.max_steps=300",
+        "trainer.ckpt_every=20",
+        "trainer.log_every=10",
+    ]
     ckpts = tmp_path / "runs" / "t" / "checkpoints"
     proc = start(args)
     _, err = sigterm_after(proc, ckpts / "step=20.ckpt", delay=0.7)
@@ -72,7 +89,8 @@ def test_sigterm_stops_pretrain_dvae_with_a_checkpoint_of_that_step(tmp_path):
     config.write_text(
         f"work_dir: {tmp_path}\nstore: {tmp_path / 'store.zarr'}\n"
         "dvae: {vocab_size: 32, hidden: 16, batch_size: 8, num_workers: 1, max_steps: 300, ckpt_every: 20,\n"
-        "       log_every: 10, image_every: 1000, tau_steps: 300, accelerator: cpu}\n")
+        "       log_every: 10, image_every: 1000, tau_steps: 300, accelerator: cpu}\n"
+    )
     ckpts = tmp_path / "runs" / "dvae" / "checkpoints"
     proc = start(["pretrain-dvae", str(config)])
     _, err = sigterm_after(proc, ckpts / "step=20.ckpt", delay=0.7)

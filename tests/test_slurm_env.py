@@ -20,11 +20,24 @@ SCRIPT = REPO / "scripts" / "slurm_extract.sbatch"
 
 def run_task(config, work, procid: int, ntasks: int) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", SLURM_PROCID=str(procid), SLURM_NTASKS=str(ntasks), SLURM_CPUS_PER_TASK="0",
-               RANK="5", WORLD_SIZE="9",  # stray torchrun variables: the script must drop them
-               SRUN="", EGOSLOTS=f"{sys.executable} cli.py")
-    result = subprocess.run(["bash", str(SCRIPT), str(config), f"work_dir={work}"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    env.update(
+        OMP_NUM_THREADS="1",
+        SLURM_PROCID=str(procid),
+        SLURM_NTASKS=str(ntasks),
+        SLURM_CPUS_PER_TASK="0",
+        RANK="5",
+        WORLD_SIZE="9",  # stray torchrun variables: the script must drop them
+        SRUN="",
+        EGOSLOTS=f"{sys.executable} cli.py",
+    )
+    result = subprocess.run(
+        ["bash", str(SCRIPT), str(config), f"work_dir={work}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

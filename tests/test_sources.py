@@ -33,8 +33,15 @@ def frame_image(i: int, size=(12, 16), channels: int = 3) -> np.ndarray:
     return img
 
 
-def write_frames(folder: Path, n: int, ext: str = "png", names=None, masks: bool = False, meta=None,
-                 size=(12, 16)) -> list[str]:
+def write_frames(
+    folder: Path,
+    n: int,
+    ext: str = "png",
+    names=None,
+    masks: bool = False,
+    meta=None,
+    size=(12, 16),
+) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     names = names or [f"frame{i}" for i in range(n)]
     for i, name in enumerate(names):
@@ -66,7 +73,9 @@ def frame_value(frame) -> int:
     return int(round(float(frame.rgb.mean()) / 4))
 
 
-def write_emorl_h5(path: Path, n: int = 5, k: int = 3, size=(8, 10), splits=("train", "test")) -> dict:
+def write_emorl_h5(
+    path: Path, n: int = 5, k: int = 3, size=(8, 10), splits=("train", "test")
+) -> dict:
     """EfficientMORL's layout: <split>/imgs (N, H, W, 3), <split>/masks (N, K, H, W, 1) binary."""
     rng = np.random.default_rng(0)
     truth = {}
@@ -74,7 +83,9 @@ def write_emorl_h5(path: Path, n: int = 5, k: int = 3, size=(8, 10), splits=("tr
         for split in splits:
             imgs = rng.integers(0, 256, (n, *size, 3), dtype=np.uint8)
             labels = rng.integers(0, k, (n, *size))
-            masks = np.stack([(labels == j) for j in range(k)], axis=1)[..., None].astype(np.float32)
+            masks = np.stack([(labels == j) for j in range(k)], axis=1)[..., None].astype(
+                np.float32
+            )
             f.create_dataset(f"{split}/imgs", data=imgs)
             f.create_dataset(f"{split}/masks", data=masks)
             truth[split] = (imgs, labels.astype(np.uint8))
@@ -85,8 +96,13 @@ def write_emorl_h5(path: Path, n: int = 5, k: int = 3, size=(8, 10), splits=("tr
 def test_frame_folders_natural_order_nested_masks_meta(tmp_path):
     root = tmp_path / "data"
     write_frames(root / "child_S" / "vid2", 3, "jpg", names=["frame10", "frame2", "frame1"])
-    write_frames(root / "child_S" / "vid10", 2, "png", masks=True,
-                 meta={"fps": 12, "split": "test", "objects": [{"id": 1, "mesh": "cube"}]})
+    write_frames(
+        root / "child_S" / "vid10",
+        2,
+        "png",
+        masks=True,
+        meta={"fps": 12, "split": "test", "objects": [{"id": 1, "mesh": "cube"}]},
+    )
     write_frames(root / "plain", 4, "png", masks=True)
     (root / ".partial-video_0003-123").mkdir()  # a generator still writing: ignored
     src = FrameFolderSource(root)
@@ -94,8 +110,11 @@ def test_frame_folders_natural_order_nested_masks_meta(tmp_path):
     assert [r.video_id for r in rows] == ["child_S/vid2", "child_S/vid10", "plain"]
     vid2 = rows[0]
     assert vid2.num_frames == 3 and vid2.split == split_of("child_S/vid2")
-    assert [f.path for f in vid2.files] == ["child_S/vid2/frame1.jpg", "child_S/vid2/frame2.jpg",
-                                            "child_S/vid2/frame10.jpg"]
+    assert [f.path for f in vid2.files] == [
+        "child_S/vid2/frame1.jpg",
+        "child_S/vid2/frame2.jpg",
+        "child_S/vid2/frame10.jpg",
+    ]
     assert all(f.size > 0 and f.mtime_ns > 0 for f in vid2.files)
     # frame2 (written as image 1) comes before frame10 (written as image 0)
     frames = list(src.read_frames("child_S/vid2"))
@@ -129,9 +148,13 @@ def test_grayscale_rgba_palette_are_converted(tmp_path):
     folder.mkdir(parents=True)
     base = frame_image(5)
     Image.fromarray(base[..., 0]).save(folder / "0.png")  # L
-    Image.fromarray(np.dstack([base, np.full(base.shape[:2], 7, np.uint8)])).save(folder / "1.png")  # RGBA
-    Image.fromarray(base).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "2.png")  # palette
-    Image.fromarray((base[..., 0].astype(np.uint16) * 257)).save(folder / "3.png")  # 16-bit grey
+    Image.fromarray(np.dstack([base, np.full(base.shape[:2], 7, np.uint8)])).save(
+        folder / "1.png"
+    )  # RGBA
+    Image.fromarray(base).convert("P", palette=Image.Palette.ADAPTIVE).save(
+        folder / "2.png"
+    )  # palette
+    Image.fromarray(base[..., 0].astype(np.uint16) * 257).save(folder / "3.png")  # 16-bit grey
     frames = list(FrameFolderSource(tmp_path / "data").read_frames("v"))
     for f in frames:
         assert f.rgb.shape == (12, 16, 3) and f.rgb.dtype == np.uint8
@@ -149,7 +172,9 @@ def test_source_pickles_for_worker_processes(tmp_path):
 def test_listing_does_not_decode_frames(tmp_path, monkeypatch):
     write_frames(tmp_path / "v", 4)
     opened = []
-    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(
+        Image, "open", lambda *a, **k: opened.append(a) or (_ for _ in ()).throw(AssertionError)
+    )
     assert FrameFolderSource(tmp_path).videos()[0].num_frames == 4
     assert opened == []
 
@@ -161,7 +186,9 @@ def test_subsample_rule():
     assert subsample(times, None).tolist() == list(range(60))
     jitter = np.round(times * 1000) / 1000  # millisecond timestamps
     assert subsample(jitter, 5).tolist() == list(range(0, 60, 6))
-    assert subsample(times, 60).tolist() == list(range(60))  # denser than the file: every frame once
+    assert subsample(times, 60).tolist() == list(
+        range(60)
+    )  # denser than the file: every frame once
 
 
 def test_video_file_source_reads_every_frame_in_order(tmp_path):
@@ -174,7 +201,11 @@ def test_video_file_source_reads_every_frame_in_order(tmp_path):
     assert rows[1].files[0].path == "clips/b.mp4" and rows[1].files[0].size > 0
     frames = list(src.read_frames("clips/b.mp4"))
     assert [frame_value(f) for f in frames] == list(range(20))
-    assert frames[3].rgb.shape == (16, 16, 3) and frames[3].rgb.dtype == np.uint8 and frames[3].mask is None
+    assert (
+        frames[3].rgb.shape == (16, 16, 3)
+        and frames[3].rgb.dtype == np.uint8
+        and frames[3].mask is None
+    )
 
 
 def test_video_fps_subsampling_and_chunked_reads(tmp_path):
@@ -184,7 +215,11 @@ def test_video_fps_subsampling_and_chunked_reads(tmp_path):
     assert row.num_frames == 10 and row.fps == 5.0
     assert [frame_value(f) for f in src.read_frames("v.mp4")] == list(range(0, 60, 6))
     # chunks in order reuse the decoder; a jump backwards seeks; indices are the subsampled ones
-    got = [(f.index, frame_value(f)) for a, b in ((0, 3), (3, 7), (7, 10), (5, 6)) for f in src.read_frames("v.mp4", a, b)]
+    got = [
+        (f.index, frame_value(f))
+        for a, b in ((0, 3), (3, 7), (7, 10), (5, 6))
+        for f in src.read_frames("v.mp4", a, b)
+    ]
     assert got == [(i, 6 * i) for i in range(10)] + [(5, 30)]
 
 
@@ -202,7 +237,11 @@ def test_hdf5_efficientmorl_layout_binary_masks_to_labels(tmp_path):
     truth = write_emorl_h5(path)
     src = Hdf5Source(path, image_key="imgs", mask_key="masks", layout="image")
     rows = src.videos()
-    assert len(rows) == 10 and rows[0].video_id == "test/000000" and rows[-1].video_id == "train/000004"
+    assert (
+        len(rows) == 10
+        and rows[0].video_id == "test/000000"
+        and rows[-1].video_id == "train/000004"
+    )
     assert {r.split for r in rows} == {"train", "test"}
     assert all(r.num_frames == 1 and r.files[0].path == "clevr6.h5" for r in rows)
     assert src.has_masks
@@ -287,14 +326,31 @@ def cfg_for(*overrides):
 def test_make_source_kinds_and_max_videos(tmp_path):
     for i in range(5):
         write_frames(tmp_path / "frames" / f"v{i}", 2)
-    src = make_source(cfg_for("dataset.source=frames", f"dataset.path={tmp_path / 'frames'}", "dataset.max_videos=3"))
-    assert isinstance(src, FrameFolderSource) and [r.video_id for r in src.videos()] == ["v0", "v1", "v2"]
+    src = make_source(
+        cfg_for(
+            "dataset.source=frames", f"dataset.path={tmp_path / 'frames'}", "dataset.max_videos=3"
+        )
+    )
+    assert isinstance(src, FrameFolderSource) and [r.video_id for r in src.videos()] == [
+        "v0",
+        "v1",
+        "v2",
+    ]
     write_video(tmp_path / "vid" / "a.mp4", 12)
-    src = make_source(cfg_for("dataset.source=video", f"dataset.path={tmp_path / 'vid'}", "dataset.fps=10"))
+    src = make_source(
+        cfg_for("dataset.source=video", f"dataset.path={tmp_path / 'vid'}", "dataset.fps=10")
+    )
     assert isinstance(src, VideoFileSource) and src.videos()[0].num_frames == 4
     write_emorl_h5(tmp_path / "x.h5", n=2)
-    src = make_source(cfg_for("dataset.source=hdf5", f"dataset.path={tmp_path / 'x.h5'}", "dataset.hdf5.image_key=imgs",
-                              "dataset.hdf5.mask_key=masks", "dataset.hdf5.layout=image"))
+    src = make_source(
+        cfg_for(
+            "dataset.source=hdf5",
+            f"dataset.path={tmp_path / 'x.h5'}",
+            "dataset.hdf5.image_key=imgs",
+            "dataset.hdf5.mask_key=masks",
+            "dataset.hdf5.layout=image",
+        )
+    )
     assert isinstance(src, Hdf5Source) and len(src.videos()) == 4
     src = make_source(cfg_for("dataset.source=synthetic", f"dataset.path={tmp_path / 'frames'}"))
     assert isinstance(src, FrameFolderSource) and len(src.videos()) == 5
@@ -303,12 +359,24 @@ def test_make_source_kinds_and_max_videos(tmp_path):
 def test_make_source_split_fractions(tmp_path):
     for i in range(40):
         write_frames(tmp_path / f"v{i}", 1, size=(2, 2))
-    src = make_source(cfg_for("dataset.source=frames", f"dataset.path={tmp_path}", "dataset.split.val=0.5",
-                              "dataset.split.test=0.5"))
+    src = make_source(
+        cfg_for(
+            "dataset.source=frames",
+            f"dataset.path={tmp_path}",
+            "dataset.split.val=0.5",
+            "dataset.split.test=0.5",
+        )
+    )
     assert {r.split for r in src.videos()} == {"val", "test"}
     with pytest.raises(SourceError, match="dataset.split"):
-        make_source(cfg_for("dataset.source=frames", f"dataset.path={tmp_path}", "dataset.split.val=0.8",
-                            "dataset.split.test=0.5"))
+        make_source(
+            cfg_for(
+                "dataset.source=frames",
+                f"dataset.path={tmp_path}",
+                "dataset.split.val=0.8",
+                "dataset.split.test=0.5",
+            )
+        )
 
 
 def test_make_source_missing_synthetic_data_says_how_to_make_it(tmp_path):
@@ -324,18 +392,34 @@ def test_split_is_deterministic_and_roughly_80_10_10():
     first = [split_of(v) for v in ids]
     assert first == [split_of(v) for v in ids]
     share = {s: first.count(s) / len(ids) for s in ("train", "val", "test")}
-    assert abs(share["train"] - 0.8) < 0.03 and abs(share["val"] - 0.1) < 0.02 and abs(share["test"] - 0.1) < 0.02
+    assert (
+        abs(share["train"] - 0.8) < 0.03
+        and abs(share["val"] - 0.1) < 0.02
+        and abs(share["test"] - 0.1) < 0.02
+    )
 
 
 # ---------------------------------------------------------------------------------- inspect-data
 def test_inspect_data_command(tmp_path):
     from cli import main
 
-    write_frames(tmp_path / "a", 5, masks=True, meta={"objects": [{"id": 1, "mesh": "duck", "size": 0.1}]})
+    write_frames(
+        tmp_path / "a", 5, masks=True, meta={"objects": [{"id": 1, "mesh": "duck", "size": 0.1}]}
+    )
     write_frames(tmp_path / "b", 2, masks=True)
     (tmp_path / "empty").mkdir()
-    result = CliRunner().invoke(main, ["inspect-data", str(REPO / "configs" / "demo.yaml"), "dataset.source=frames",
-                                       f"dataset.path={tmp_path}", "dataset.ep_length=3", "--skip-bad", "--check"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "inspect-data",
+            str(REPO / "configs" / "demo.yaml"),
+            "dataset.source=frames",
+            f"dataset.path={tmp_path}",
+            "dataset.ep_length=3",
+            "--skip-bad",
+            "--check",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = result.output
     assert "videos        2" in out and "frames        7" in out
@@ -343,13 +427,29 @@ def test_inspect_data_command(tmp_path):
     assert "objects       1-1 per video; attributes: id, mesh, size" in out
     assert "skipped       1 bad video(s)" in out and "empty: " in out
     # without --skip-bad the empty folder is one clean error line naming it
-    result = CliRunner().invoke(main, ["inspect-data", str(REPO / "configs" / "demo.yaml"), "dataset.source=frames",
-                                       f"dataset.path={tmp_path}"])
-    assert result.exit_code != 0 and "empty video folder" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(
+        main,
+        [
+            "inspect-data",
+            str(REPO / "configs" / "demo.yaml"),
+            "dataset.source=frames",
+            f"dataset.path={tmp_path}",
+        ],
+    )
+    assert (
+        result.exit_code != 0
+        and "empty video folder" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 def test_inspect_data_subprocess_help():
     import subprocess
 
-    out = subprocess.run([sys.executable, "cli.py", "inspect-data", "--help"], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "cli.py", "inspect-data", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0 and "egoslots inspect-data configs/demo.yaml" in out.stdout

@@ -34,7 +34,9 @@ def test_corrupt_jpeg_is_named_with_its_frame_index_when_read(tmp_path):
 def test_unreadable_image_file(tmp_path):
     write_frames(tmp_path / "v", 2)
     (tmp_path / "v" / "frame1.png").write_bytes(b"not a png at all")
-    with pytest.raises(SourceError, match=r"frame1\.png: frame 1 of video 'v': cannot decode image"):
+    with pytest.raises(
+        SourceError, match=r"frame1\.png: frame 1 of video 'v': cannot decode image"
+    ):
         list(FrameFolderSource(tmp_path).read_frames("v"))
 
 
@@ -67,7 +69,11 @@ def test_mask_size_mismatch_missing_mask_and_colour_mask(tmp_path):
     Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "v" / "masks" / "frame1.png")
     with pytest.raises(SourceError) as err:
         list(FrameFolderSource(tmp_path).read_frames("v"))
-    assert "masks/frame1.png" in str(err.value) and "frame 1" in str(err.value) and "8x6" in str(err.value)
+    assert (
+        "masks/frame1.png" in str(err.value)
+        and "frame 1" in str(err.value)
+        and "8x6" in str(err.value)
+    )
 
     colour = np.zeros((12, 16, 3), np.uint8)
     colour[..., 0] = 200
@@ -76,7 +82,9 @@ def test_mask_size_mismatch_missing_mask_and_colour_mask(tmp_path):
         list(FrameFolderSource(tmp_path).read_frames("v"))
 
     (tmp_path / "v" / "masks" / "frame1.png").unlink()
-    with pytest.raises(SourceError, match=r"no mask for frame 1 \(frame1\.png\): expected masks/frame1\.png"):
+    with pytest.raises(
+        SourceError, match=r"no mask for frame 1 \(frame1\.png\): expected masks/frame1\.png"
+    ):
         FrameFolderSource(tmp_path).videos()
 
 
@@ -86,7 +94,9 @@ def test_bad_meta_json(tmp_path):
     with pytest.raises(SourceError, match=r"v/meta\.json: cannot read meta\.json"):
         FrameFolderSource(tmp_path).videos()
     (tmp_path / "v" / "meta.json").write_text(json.dumps({"split": "holdout"}))
-    with pytest.raises(SourceError, match=r"meta\.json: split 'holdout' is not one of train, val, test"):
+    with pytest.raises(
+        SourceError, match=r"meta\.json: split 'holdout' is not one of train, val, test"
+    ):
         FrameFolderSource(tmp_path).videos()
 
 
@@ -96,7 +106,9 @@ def test_undecodable_and_truncated_video_files(tmp_path):
         VideoFileSource(tmp_path).videos()
     write_video(tmp_path / "cut" / "v.mp4", 10)
     data = (tmp_path / "cut" / "v.mp4").read_bytes()
-    (tmp_path / "cut" / "v.mp4").write_bytes(data[: len(data) // 2])  # the index (moov) is at the end
+    (tmp_path / "cut" / "v.mp4").write_bytes(
+        data[: len(data) // 2]
+    )  # the index (moov) is at the end
     with pytest.raises(SourceError, match=r"v\.mp4: cannot read video"):
         VideoFileSource(tmp_path / "cut").videos()
 
@@ -116,7 +128,12 @@ def test_hdf5_missing_keys_list_what_the_file_has(tmp_path):
     with pytest.raises(SourceError) as err:
         Hdf5Source(path).videos()  # default keys 'image'/'mask' are not EfficientMORL's
     msg = str(err.value)
-    assert str(path) in msg and "'image'" in msg and "train/imgs (2, 8, 10, 3)" in msg and "did you mean 'imgs'" in msg
+    assert (
+        str(path) in msg
+        and "'image'" in msg
+        and "train/imgs (2, 8, 10, 3)" in msg
+        and "did you mean 'imgs'" in msg
+    )
     with pytest.raises(SourceError, match=r"no dataset 'mask' .*mask_key=null.*train/masks"):
         Hdf5Source(path, image_key="imgs", layout="image").videos()
     assert len(Hdf5Source(path, image_key="imgs", mask_key=None, layout="image").videos()) == 4
@@ -127,7 +144,10 @@ def test_hdf5_bad_shapes_and_files(tmp_path):
     with h5py.File(path, "w") as f:
         f["image"] = np.zeros((2, 3, 8, 8, 3), np.uint8)
         f["mask"] = np.zeros((2, 3, 4, 4), np.uint8)
-    with pytest.raises(SourceError, match=r"x\.h5:/mask: mask shape \(2, 3, 4, 4\) does not match the frames' size 8x8"):
+    with pytest.raises(
+        SourceError,
+        match=r"x\.h5:/mask: mask shape \(2, 3, 4, 4\) does not match the frames' size 8x8",
+    ):
         Hdf5Source(path).videos()
     with pytest.raises(SourceError, match=r"does not fit dataset.hdf5.layout=image"):
         Hdf5Source(path, mask_key=None, layout="image").videos()
@@ -141,7 +161,9 @@ def test_skip_bad_skips_counts_and_lists(tmp_path):
         write_frames(tmp_path / name, 2)
     (tmp_path / "b" / "meta.json").write_text("[")
     (tmp_path / "d").mkdir()
-    src = make_source(cfg_for("dataset.source=frames", f"dataset.path={tmp_path}", "dataset.skip_bad=true"))
+    src = make_source(
+        cfg_for("dataset.source=frames", f"dataset.path={tmp_path}", "dataset.skip_bad=true")
+    )
     assert [r.video_id for r in src.videos()] == ["a", "c"]
     assert [vid for vid, _ in src.skipped] == ["b", "d"]
     assert "meta.json" in src.skipped[0][1] and "empty video folder" in src.skipped[1][1]
@@ -149,8 +171,10 @@ def test_skip_bad_skips_counts_and_lists(tmp_path):
     src = make_source(cfg_for("dataset.source=frames", f"dataset.path={tmp_path}"), skip_bad=True)
     assert len(src.videos()) == 2 and len(src.skipped) == 2
     # max_videos counts good videos only
-    src = make_source(cfg_for("dataset.source=frames", f"dataset.path={tmp_path}", "dataset.max_videos=2"),
-                      skip_bad=True)
+    src = make_source(
+        cfg_for("dataset.source=frames", f"dataset.path={tmp_path}", "dataset.max_videos=2"),
+        skip_bad=True,
+    )
     assert [r.video_id for r in src.videos()] == ["a", "c"]
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
+import zarr.storage._local as zarr_local
 from click.testing import CliRunner
 
 import cache.fingerprint as fingerprint_mod
-import zarr.storage._local as zarr_local
 from cache.fingerprint import fingerprint_inputs, fingerprint_of, resolve_store
 from cache.store import FeatureStore, Finding, StoreError, VideoRecord
 from pipeline.config import load_config
@@ -31,23 +31,45 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------- shared helpers
-def make_source(num_videos: int = 4, size: tuple[int, int] = (40, 48), seed: int = 0, masks: bool = True,
-                lengths: list[int] | None = None) -> InMemorySource:
+def make_source(
+    num_videos: int = 4,
+    size: tuple[int, int] = (40, 48),
+    seed: int = 0,
+    masks: bool = True,
+    lengths: list[int] | None = None,
+) -> InMemorySource:
     """Small random non-square videos (lengths 9, 10, 11, ...) with label-map masks."""
     rng = np.random.default_rng(seed)
     lengths = lengths or [9 + i for i in range(num_videos)]
-    videos = {f"vid{i:02d}": rng.integers(0, 256, (n, *size, 3), dtype=np.uint8) for i, n in enumerate(lengths)}
-    label_maps = {k: rng.integers(0, 5, v.shape[:3], dtype=np.uint8) for k, v in videos.items()} if masks else None
+    videos = {
+        f"vid{i:02d}": rng.integers(0, 256, (n, *size, 3), dtype=np.uint8)
+        for i, n in enumerate(lengths)
+    }
+    label_maps = (
+        {k: rng.integers(0, 5, v.shape[:3], dtype=np.uint8) for k, v in videos.items()}
+        if masks
+        else None
+    )
     return InMemorySource(videos, label_maps)
 
 
 def make_cfg(work_dir: Path, *overrides: str):
     """The demo config shrunk to test size: patch-pixels on 32 px, 16 px frames, 8-frame chunks."""
-    return load_config(REPO / "configs" / "demo.yaml", [
-        f"work_dir={work_dir}", "globals.IMAGE_SIZE=32", "globals.FRAME_SIZE=16", "backbone.patch_size=8",
-        "extract.frames_per_chunk=8", "extract.batch_size=4", "extract.num_workers=0",
-        "extract.compute=fp32", "extract.device=cpu", *overrides,
-    ])
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"work_dir={work_dir}",
+            "globals.IMAGE_SIZE=32",
+            "globals.FRAME_SIZE=16",
+            "backbone.patch_size=8",
+            "extract.frames_per_chunk=8",
+            "extract.batch_size=4",
+            "extract.num_workers=0",
+            "extract.compute=fp32",
+            "extract.device=cpu",
+            *overrides,
+        ],
+    )
 
 
 def snapshot(path: Path) -> dict:
@@ -71,47 +93,94 @@ def assert_same_store(a: Path, b: Path) -> None:
 def test_fingerprint_changes_with_every_config_input_and_only_then(tmp_path):
     source = make_source()
     base = plan_extraction(make_cfg(tmp_path), source).fingerprint
-    changing = ["extract.dtype=bfloat16", "extract.dtype=int8", "augment.hflip=cache", "extract.frame_size=8",
-                "globals.IMAGE_SIZE=48", "backbone.patch_size=4", "backbone.proj_dim=16",
-                "backbone.mean=[0.5,0.5,0.5]", "backbone.std=[0.5,0.5,0.5]", "dataset.max_videos=3"]
+    changing = [
+        "extract.dtype=bfloat16",
+        "extract.dtype=int8",
+        "augment.hflip=cache",
+        "extract.frame_size=8",
+        "globals.IMAGE_SIZE=48",
+        "backbone.patch_size=4",
+        "backbone.proj_dim=16",
+        "backbone.mean=[0.5,0.5,0.5]",
+        "backbone.std=[0.5,0.5,0.5]",
+        "dataset.max_videos=3",
+    ]
     seen = {base}
     for override in changing:
         fp = plan_extraction(make_cfg(tmp_path, override), source).fingerprint
         assert fp not in seen, f"{override} did not change the fingerprint"
         seen.add(fp)
-    same = ["extract.batch_size=7", "extract.num_workers=2", "extract.frames_per_chunk=5", "extract.inner_chunk=4",
-            "extract.compressor=zstd", f"work_dir={tmp_path / 'elsewhere'}", "run_name=other", "dataset.batch_size=3",
-            "extract.device=auto"]
+    same = [
+        "extract.batch_size=7",
+        "extract.num_workers=2",
+        "extract.frames_per_chunk=5",
+        "extract.inner_chunk=4",
+        "extract.compressor=zstd",
+        f"work_dir={tmp_path / 'elsewhere'}",
+        "run_name=other",
+        "dataset.batch_size=3",
+        "extract.device=auto",
+    ]
     for override in same:
         assert plan_extraction(make_cfg(tmp_path, override), source).fingerprint == base, override
 
 
 def test_fingerprint_tracks_video_table_files_and_versions(monkeypatch):
     def table(**change):
-        rows = {"id": "v0", "n": 10, "split": "train", "path": "v0/0001.jpg", "size": 1000, "mtime": 5}
+        rows = {
+            "id": "v0",
+            "n": 10,
+            "split": "train",
+            "path": "v0/0001.jpg",
+            "size": 1000,
+            "mtime": 5,
+        }
         rows.update(change)
         files = (FileIdentity(rows["path"], rows["size"], rows["mtime"]),)
-        return [VideoInfo(rows["id"], rows["n"], rows["split"], files), VideoInfo("v1", 3, "val", ())]
+        return [
+            VideoInfo(rows["id"], rows["n"], rows["split"], files),
+            VideoInfo("v1", 3, "val", ()),
+        ]
 
     def fp(videos=None, **kw):
-        args = dict(videos=videos or table(), preprocessing={"version": 1}, compute_dtype="fp32",
-                    backbone={"name": "vit", "checkpoint_sha256": "aa", "block": 11, "final_norm": False},
-                    storage_dtype="float16", hflip="none", frame_size=128)
+        args = dict(
+            videos=videos or table(),
+            preprocessing={"version": 1},
+            compute_dtype="fp32",
+            backbone={"name": "vit", "checkpoint_sha256": "aa", "block": 11, "final_norm": False},
+            storage_dtype="float16",
+            hflip="none",
+            frame_size=128,
+        )
         args.update(kw)
         return fingerprint_of(fingerprint_inputs(**args))
 
     base = fp()
-    variants = [fp(table(id="v9")), fp(table(n=11)), fp(table(split="test")), fp(table(path="v0/0002.jpg")),
-                fp(table(size=1001)), fp(table(mtime=6)), fp(table()[:1]), fp(list(reversed(table()))),
-                fp(compute_dtype="bf16"), fp(storage_dtype="bfloat16"), fp(hflip="cache"), fp(frame_size=64),
-                fp(preprocessing={"version": 2}),
-                fp(backbone={"name": "vit", "checkpoint_sha256": "ab", "block": 11, "final_norm": False}),
-                fp(backbone={"name": "vit", "checkpoint_sha256": "aa", "block": 10, "final_norm": False}),
-                fp(backbone={"name": "vit", "checkpoint_sha256": "aa", "block": 11, "final_norm": True})]
+    variants = [
+        fp(table(id="v9")),
+        fp(table(n=11)),
+        fp(table(split="test")),
+        fp(table(path="v0/0002.jpg")),
+        fp(table(size=1001)),
+        fp(table(mtime=6)),
+        fp(table()[:1]),
+        fp(list(reversed(table()))),
+        fp(compute_dtype="bf16"),
+        fp(storage_dtype="bfloat16"),
+        fp(hflip="cache"),
+        fp(frame_size=64),
+        fp(preprocessing={"version": 2}),
+        fp(backbone={"name": "vit", "checkpoint_sha256": "ab", "block": 11, "final_norm": False}),
+        fp(backbone={"name": "vit", "checkpoint_sha256": "aa", "block": 10, "final_norm": False}),
+        fp(backbone={"name": "vit", "checkpoint_sha256": "aa", "block": 11, "final_norm": True}),
+    ]
     assert len({base, *variants}) == len(variants) + 1
     assert fp() == base and len(base) == 16 and int(base, 16) >= 0  # deterministic short hex
     # dict order never matters; the store format version does
-    assert fp(backbone={"final_norm": False, "block": 11, "checkpoint_sha256": "aa", "name": "vit"}) == base
+    assert (
+        fp(backbone={"final_norm": False, "block": 11, "checkpoint_sha256": "aa", "name": "vit"})
+        == base
+    )
     monkeypatch.setattr(fingerprint_mod, "FORMAT_VERSION", 99)
     assert fp() != base
 
@@ -120,21 +189,35 @@ def test_fingerprint_ignores_chunk_progress(tmp_path):
     source = make_source()
     cfg = make_cfg(tmp_path)
     path = extract(cfg, source=source)
-    assert plan_extraction(cfg, source).fingerprint == FeatureStore.open(path).fingerprint == path.stem
+    assert (
+        plan_extraction(cfg, source).fingerprint == FeatureStore.open(path).fingerprint == path.stem
+    )
 
 
 # ---------------------------------------------------------------------------- dtypes
-@pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 1e-2)])
+@pytest.mark.parametrize(
+    "dtype,tol", [("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 1e-2)]
+)
 def test_feature_dtypes_round_trip(tmp_path, dtype, tol):
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(10, 6, 8)).astype(np.float32) * 3
-    store = FeatureStore.create(tmp_path / "s.zarr", fingerprint="x", videos=[VideoRecord("a", 0, 10, "train")],
-                                num_tokens=6, feature_dim=8, grid=(2, 3), frame_size=4, feature_dtype=dtype,
-                                chunk_len=4)
+    store = FeatureStore.create(
+        tmp_path / "s.zarr",
+        fingerprint="x",
+        videos=[VideoRecord("a", 0, 10, "train")],
+        num_tokens=6,
+        feature_dim=8,
+        grid=(2, 3),
+        frame_size=4,
+        feature_dtype=dtype,
+        chunk_len=4,
+    )
     for chunk in range(3):
         lo, hi = chunk * 4, min(chunk * 4 + 4, 10)
         arrays = to_storage(torch.from_numpy(feats[lo:hi]), dtype, store)
-        reference = store.encode_features(feats[lo:hi])  # numpy path: the torch path must give the same bytes
+        reference = store.encode_features(
+            feats[lo:hi]
+        )  # numpy path: the torch path must give the same bytes
         assert arrays.keys() == reference.keys()
         for name in arrays:
             assert arrays[name].tobytes() == reference[name].tobytes(), name
@@ -150,8 +233,16 @@ def test_feature_dtypes_round_trip(tmp_path, dtype, tol):
 
 def test_unknown_dtype_is_refused(tmp_path):
     with pytest.raises(StoreError, match="float16"):
-        FeatureStore.create(tmp_path / "s.zarr", fingerprint="x", videos=[VideoRecord("a", 0, 3, "train")],
-                            num_tokens=1, feature_dim=2, grid=(1, 1), frame_size=4, feature_dtype="float8")
+        FeatureStore.create(
+            tmp_path / "s.zarr",
+            fingerprint="x",
+            videos=[VideoRecord("a", 0, 3, "train")],
+            num_tokens=1,
+            feature_dim=2,
+            grid=(1, 1),
+            frame_size=4,
+            feature_dtype="float8",
+        )
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -164,9 +255,13 @@ def test_non_square_frames_are_resized_on_the_short_side_and_centre_cropped():
     mask[:, :10] = 1
     out = resize_rgb(rgb, 10)  # (3, 10, 10)
     assert out.shape == (3, 10, 10) and out.dtype == torch.uint8
-    assert int(out.min()) > 150 and int(out[:, :, 2:8].min()) == 200  # the dark sides are cropped away
+    assert (
+        int(out.min()) > 150 and int(out[:, :, 2:8].min()) == 200
+    )  # the dark sides are cropped away
     small = resize_mask(mask, 10)
-    assert set(np.unique(small.numpy())) == {3}  # nearest: no label mixing, side labels cropped away
+    assert set(np.unique(small.numpy())) == {
+        3
+    }  # nearest: no label mixing, side labels cropped away
     tall = resize_rgb(np.ascontiguousarray(rgb.transpose(1, 0, 2)), 10)
     assert int(tall.min()) > 150
     # antialiased: a fine checkerboard shrinks to mid grey, not aliasing stripes
@@ -182,7 +277,11 @@ def test_preprocess_frame_flips_all_outputs_alike():
     vit, frame, small = preprocess_frame(rgb, mask, 16, 8)
     fvit, fframe, fsmall = preprocess_frame(rgb, mask, 16, 8, hflip=True)
     assert vit.shape == (3, 16, 16) and frame.shape == (8, 8, 3) and small.shape == (8, 8)
-    assert torch.equal(fvit, vit.flip(-1)) and torch.equal(fframe, frame.flip(1)) and torch.equal(fsmall, small.flip(-1))
+    assert (
+        torch.equal(fvit, vit.flip(-1))
+        and torch.equal(fframe, frame.flip(1))
+        and torch.equal(fsmall, small.flip(-1))
+    )
 
 
 # ---------------------------------------------------------------------------- failures while writing
@@ -201,10 +300,16 @@ def test_disk_full_gives_clear_error_and_rerun_finishes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zarr_local, "_put", put_until_full)
     cfg = make_cfg(tmp_path / "full")
-    with pytest.raises(StoreError, match=r"disk full while writing chunk 2 .*rerun the same command"):
+    with pytest.raises(
+        StoreError, match=r"disk full while writing chunk 2 .*rerun the same command"
+    ):
         extract(cfg, source=source)
-    store = FeatureStore.open(clean.parent.parent.parent / "full" / "stores" / clean.name, require_complete=False)
-    assert store.progress()[0] == 2 and not store.complete  # finished chunks kept, nothing flagged falsely
+    store = FeatureStore.open(
+        clean.parent.parent.parent / "full" / "stores" / clean.name, require_complete=False
+    )
+    assert (
+        store.progress()[0] == 2 and not store.complete
+    )  # finished chunks kept, nothing flagged falsely
     with pytest.raises(StoreError, match="incomplete"):
         FeatureStore.open(store.path)
 
@@ -226,8 +331,10 @@ def test_store_of_other_settings_is_refused_unless_overwrite(tmp_path):
     assert replaced == first and FeatureStore.open(first).meta["feature_dtype"] == "bfloat16"
     # a changed video table is explained too
     with pytest.raises(StoreError, match="video table: 1 added: vid04"):
-        extract(make_cfg(tmp_path, f"store={first}", "extract.dtype=bfloat16", "globals.IMAGE_SIZE=48"),
-                source=make_source(num_videos=5))
+        extract(
+            make_cfg(tmp_path, f"store={first}", "extract.dtype=bfloat16", "globals.IMAGE_SIZE=48"),
+            source=make_source(num_videos=5),
+        )
 
 
 class BrokenSource(InMemorySource):
@@ -240,7 +347,9 @@ class BrokenSource(InMemorySource):
     def read_frames(self, video_id, start=0, stop=None):
         for frame in super().read_frames(video_id, start, stop):
             if video_id == self.bad_video and frame.index == self.bad_frame:
-                raise SourceError(f"/data/{video_id}/{frame.index:05d}.jpg: cannot decode (truncated file)")
+                raise SourceError(
+                    f"/data/{video_id}/{frame.index:05d}.jpg: cannot decode (truncated file)"
+                )
             yield frame
 
 
@@ -257,22 +366,29 @@ def test_corrupt_frame_stops_with_file_name_and_keeps_finished_chunks(tmp_path):
 def test_skip_bad_drops_the_video_and_keeps_the_rest(tmp_path):
     base = make_source()
     clean = snapshot(extract(make_cfg(tmp_path / "clean", "augment.hflip=cache"), source=base))
-    path = extract(make_cfg(tmp_path / "skip", "augment.hflip=cache"), source=BrokenSource(base, "vid02", 4),
-                   skip_bad=True)
+    path = extract(
+        make_cfg(tmp_path / "skip", "augment.hflip=cache"),
+        source=BrokenSource(base, "vid02", 4),
+        skip_bad=True,
+    )
     store = FeatureStore.open(path)
     ids = [(v.id, v.hflip) for v in store.videos]
     assert ("vid02", False) not in ids and ("vid02", True) not in ids and len(ids) == 6
     assert {r["id"] for r in store.meta["skipped_videos"]} == {"vid02"}
     assert "00004.jpg" in store.meta["skipped_videos"][0]["error"]
     feats = store.read_features(0, store.num_frames)
-    reference = FeatureStore.open(next((tmp_path / "clean" / "stores").iterdir())).read_features(0, store.num_frames)
+    reference = FeatureStore.open(next((tmp_path / "clean" / "stores").iterdir())).read_features(
+        0, store.num_frames
+    )
     for v in store.videos:  # every kept video's rows equal the clean run's
-        np.testing.assert_array_equal(feats[v.first:v.stop], reference[v.first:v.stop])
+        np.testing.assert_array_equal(feats[v.first : v.stop], reference[v.first : v.stop])
     assert [v for v in clean["videos"] if v["id"] != "vid02"] == store.meta["videos"]
     # the store stays a clean zarr hierarchy (no stray files), the config sits beside it
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        names = sorted(name for name, _ in zarr.open_group(str(path), mode="r").members(max_depth=None))
+        names = sorted(
+            name for name, _ in zarr.open_group(str(path), mode="r").members(max_depth=None)
+        )
     assert "skipped" in names and "features" in names
     assert path.with_name(path.stem + ".config.yaml").is_file()
 
@@ -319,7 +435,9 @@ def test_verify_repair_then_rerun_rewrites_exactly_the_bad_chunks(tmp_path):
     raw[50:60] = bytes(10)  # zeroed bytes, size unchanged: only the crc32c sees it
     shard.write_bytes(bytes(raw))
     store.chunk_file("masks", 4).unlink()
-    before = {c: store.chunk_file("features", c).stat().st_mtime_ns for c in range(store.progress()[1])}
+    before = {
+        c: store.chunk_file("features", c).stat().st_mtime_ns for c in range(store.progress()[1])
+    }
 
     runner = CliRunner()
     found = runner.invoke(cache, ["verify", str(path)])
@@ -341,7 +459,9 @@ def test_verify_repair_then_rerun_rewrites_exactly_the_bad_chunks(tmp_path):
     for name, values in original["arrays"].items():
         np.testing.assert_array_equal(after["arrays"][name], values, err_msg=name)
     store = FeatureStore.open(path)
-    rewritten = {c for c, t in before.items() if store.chunk_file("features", c).stat().st_mtime_ns != t}
+    rewritten = {
+        c for c, t in before.items() if store.chunk_file("features", c).stat().st_mtime_ns != t
+    }
     assert rewritten == {2, 4}  # only the bad chunks were redone
 
 
@@ -353,7 +473,11 @@ def test_cache_ls_info_rm(tmp_path):
     listing = runner.invoke(cache, ["ls", str(tmp_path)])
     assert listing.exit_code == 0 and path.stem in listing.output and "complete" in listing.output
     info = runner.invoke(cache, ["info", path.stem[:6], "--work-dir", str(tmp_path)])
-    assert info.exit_code == 0 and "patch-pixels" in info.output and "42 x 16 x 192 float16" in info.output
+    assert (
+        info.exit_code == 0
+        and "patch-pixels" in info.output
+        and "42 x 16 x 192 float16" in info.output
+    )
     kept = runner.invoke(cache, ["rm", path.stem, "--work-dir", str(tmp_path)], input="n\n")
     assert kept.exit_code == 0 and path.exists()
     gone = runner.invoke(cache, ["rm", path.stem, "--work-dir", str(tmp_path), "--yes"])
@@ -367,14 +491,18 @@ def test_resolve_store_by_name_or_matching_settings(tmp_path):
     source = make_source()
     path = extract(make_cfg(tmp_path), source=source)
     assert resolve_store(make_cfg(tmp_path)).path == path  # settings match
-    assert resolve_store(make_cfg(tmp_path, "extract.compute=auto")).path == path  # auto matches any compute
+    assert (
+        resolve_store(make_cfg(tmp_path, "extract.compute=auto")).path == path
+    )  # auto matches any compute
     assert resolve_store(make_cfg(tmp_path, f"store={path.stem}")).path == path
     assert resolve_store(make_cfg(tmp_path, f"store={path}")).path == path
     with pytest.raises(StoreError, match="no feature store .* matches .*extract-features CONFIG"):
         resolve_store(make_cfg(tmp_path, "extract.frame_size=8"))
     with pytest.raises(StoreError, match="store=0123456789abcdef: no feature store"):
         resolve_store(make_cfg(tmp_path, "store=0123456789abcdef"))
-    extract(make_cfg(tmp_path, "extract.compute=bf16"), source=make_source(seed=1))  # other videos, same settings
+    extract(
+        make_cfg(tmp_path, "extract.compute=bf16"), source=make_source(seed=1)
+    )  # other videos, same settings
     with pytest.raises(StoreError, match="several complete stores"):
         resolve_store(make_cfg(tmp_path, "extract.compute=auto"))
     FeatureStore.open(path, mode="r+").update_meta(complete=False)
@@ -387,15 +515,28 @@ def test_resolve_store_by_name_or_matching_settings(tmp_path):
 def test_shard_reader_matches_zarr(tmp_path, inner, frames):
     rng = np.random.default_rng(inner)
     videos = [VideoRecord("a", 0, frames, "train")]
-    store = FeatureStore.create(tmp_path / "s.zarr", fingerprint="x", videos=videos, num_tokens=5, feature_dim=3,
-                                grid=(1, 5), frame_size=4, chunk_len=8 if inner != 3 else 9, inner_chunk_len=inner,
-                                has_masks=True)
+    store = FeatureStore.create(
+        tmp_path / "s.zarr",
+        fingerprint="x",
+        videos=videos,
+        num_tokens=5,
+        feature_dim=3,
+        grid=(1, 5),
+        frame_size=4,
+        chunk_len=8 if inner != 3 else 9,
+        inner_chunk_len=inner,
+        has_masks=True,
+    )
     chunk_len = store.chunk_len
-    data = {"features": rng.normal(size=(frames, 5, 3)).astype(np.float16),
-            "frames": rng.integers(0, 256, (frames, 4, 4, 3), dtype=np.uint8),
-            "masks": rng.integers(0, 3, (frames, 4, 4), dtype=np.uint8)}
+    data = {
+        "features": rng.normal(size=(frames, 5, 3)).astype(np.float16),
+        "frames": rng.integers(0, 256, (frames, 4, 4, 3), dtype=np.uint8),
+        "masks": rng.integers(0, 3, (frames, 4, 4), dtype=np.uint8),
+    }
     for c in range(-(-frames // chunk_len)):
-        store.write_chunk(c, {k: v[c * chunk_len:(c + 1) * chunk_len] for k, v in data.items()}, durable=False)
+        store.write_chunk(
+            c, {k: v[c * chunk_len : (c + 1) * chunk_len] for k, v in data.items()}, durable=False
+        )
     assert store.mark_complete_if_done()
     store = FeatureStore.open(tmp_path / "s.zarr")
     assert store._fast_reader("features") is not None  # the plain layout is recognised
@@ -408,22 +549,43 @@ def test_shard_reader_matches_zarr(tmp_path, inner, frames):
 
 
 def test_done_flags_read_directly_match_zarr(tmp_path):
-    store = FeatureStore.create(tmp_path / "s.zarr", fingerprint="x", videos=[VideoRecord("a", 0, 50, "train")],
-                                num_tokens=1, feature_dim=2, grid=(1, 1), frame_size=2, chunk_len=4)
+    store = FeatureStore.create(
+        tmp_path / "s.zarr",
+        fingerprint="x",
+        videos=[VideoRecord("a", 0, 50, "train")],
+        num_tokens=1,
+        feature_dim=2,
+        grid=(1, 1),
+        frame_size=2,
+        chunk_len=4,
+    )
     for chunk in (0, 3, 12):
         lo, hi = chunk * 4, min(chunk * 4 + 4, 50)
-        store.write_chunk(chunk, {"features": np.ones((hi - lo, 1, 2), np.float16),
-                                  "frames": np.zeros((hi - lo, 2, 2, 3), np.uint8)}, durable=False)
+        store.write_chunk(
+            chunk,
+            {
+                "features": np.ones((hi - lo, 1, 2), np.float16),
+                "frames": np.zeros((hi - lo, 2, 2, 3), np.uint8),
+            },
+            durable=False,
+        )
     store.writable("done")[5] = 0  # an explicit 0 flag file counts as not done
     assert (tmp_path / "s.zarr" / "done" / "c" / "5").is_file()
     fast = store.done_chunks()
     assert fast.tolist() == np.asarray(store.group["done"][:], dtype=bool).tolist()
-    assert np.flatnonzero(fast).tolist() == [0, 3, 12] and store.pending_chunks(1, 2) == [1, 5, 7, 9, 11]
+    assert np.flatnonzero(fast).tolist() == [0, 3, 12] and store.pending_chunks(1, 2) == [
+        1,
+        5,
+        7,
+        9,
+        11,
+    ]
 
 
 def test_repaired_chunks_keep_the_record_of_skipped_videos(tmp_path):
     """Two videos skipped as unreadable; --repair + rerun of every chunk of one of them: both stay
     recorded in skipped_videos and out of the video table."""
+
     class TwoBroken(BrokenSource):
         def read_frames(self, video_id, start=0, stop=None):
             if video_id == "vid00":

@@ -16,14 +16,22 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.data import synthetic
-from pipeline.data.synthetic import Simulation, generate_dataset, generate_video, sample_scene, video_rng
+from pipeline.data.synthetic import (
+    Simulation,
+    generate_dataset,
+    generate_video,
+    sample_scene,
+    video_rng,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(videos=2, frames=4, size=32, seed=3, progress=False)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -33,14 +41,18 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert a == b
     assert sorted(a) == sorted(c)
     frames_a = {k: v for k, v in a.items() if k.endswith(".png")}
-    assert all(frames_a[k] != c[k] for k in frames_a if "/masks/" not in k), "another seed gave the same frame"
+    assert all(frames_a[k] != c[k] for k in frames_a if "/masks/" not in k), (
+        "another seed gave the same frame"
+    )
 
 
 def test_one_video_alone_equals_it_inside_a_dataset(tmp_path):
     """A video depends only on (seed, index), so resuming or parallel workers give the same bytes."""
     generate_dataset(tmp_path / "all", **TINY)
     generate_video(tmp_path / "one", 1, seed=TINY["seed"], frames=TINY["frames"], size=TINY["size"])
-    assert tree_bytes(tmp_path / "one" / "video_0001") == tree_bytes(tmp_path / "all" / "video_0001")
+    assert tree_bytes(tmp_path / "one" / "video_0001") == tree_bytes(
+        tmp_path / "all" / "video_0001"
+    )
 
 
 def test_finished_dataset_is_left_alone_and_can_be_extended(tmp_path):
@@ -61,10 +73,22 @@ def test_worker_processes_give_the_same_bytes(tmp_path):
 
 
 def test_frame_folder_layout_and_meta(tmp_path):
-    out = generate_dataset(tmp_path / "d", videos=2, frames=5, size=48, seed=0, min_objects=4, max_objects=6,
-                           progress=False)
+    out = generate_dataset(
+        tmp_path / "d",
+        videos=2,
+        frames=5,
+        size=48,
+        seed=0,
+        min_objects=4,
+        max_objects=6,
+        progress=False,
+    )
     info = json.loads((out / "dataset.json").read_text())
-    assert info["args"]["videos"] == 2 and info["args"]["frames"] == 5 and info["version"] == synthetic.GENERATOR_VERSION
+    assert (
+        info["args"]["videos"] == 2
+        and info["args"]["frames"] == 5
+        and info["version"] == synthetic.GENERATOR_VERSION
+    )
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "video_0000", "video_0001"]
     for video in ["video_0000", "video_0001"]:
         folder = out / video
@@ -75,7 +99,9 @@ def test_frame_folder_layout_and_meta(tmp_path):
         assert 4 <= len(objects) <= 6
         assert [o["id"] for o in objects] == list(range(1, len(objects) + 1))
         for o in objects:
-            assert isinstance(o["mesh"]["name"], str) and 0 <= o["mesh"]["id"] < synthetic.num_meshes()
+            assert (
+                isinstance(o["mesh"]["name"], str) and 0 <= o["mesh"]["id"] < synthetic.num_meshes()
+            )
             assert len(o["color"]) == 3 and all(0.0 <= c <= 1.0 for c in o["color"])
             assert o["size"] > 0
             assert np.asarray(o["positions"]).shape == (5, 3)
@@ -110,12 +136,18 @@ def test_every_masked_object_is_really_there():
             for k in np.unique(labels[labels > 0]):
                 sim.hide(int(k))
                 rgb_without, labels_without = sim.render(t)
-                sim.p.resetBasePositionAndOrientation(sim.bodies[k - 1], positions[k - 1].tolist(),
-                                                      quaternions[k - 1].tolist(), physicsClientId=sim.client)
+                sim.p.resetBasePositionAndOrientation(
+                    sim.bodies[k - 1],
+                    positions[k - 1].tolist(),
+                    quaternions[k - 1].tolist(),
+                    physicsClientId=sim.client,
+                )
                 claimed = labels == k
                 changed = np.any(rgb != rgb_without, axis=-1)
                 assert not np.any(labels_without == k)
-                assert changed[claimed].mean() > 0.9, f"object {k}: its mask covers pixels it does not draw"
+                assert changed[claimed].mean() > 0.9, (
+                    f"object {k}: its mask covers pixels it does not draw"
+                )
                 # labels change only where object k was (what it hid shows through there)
                 assert np.array_equal(labels_without[~claimed], labels[~claimed])
                 checked += 1
@@ -139,7 +171,11 @@ def test_meta_positions_project_into_their_masks(tmp_path):
         proj = np.array(p.computeProjectionMatrixFOV(cam["fov"], 1.0, 0.05, 30.0)).reshape(4, 4).T
         for t in range(6):
             labels = np.asarray(Image.open(tmp_path / video / "masks" / f"{t:05d}.png"))
-            view = np.array(p.computeViewMatrix(cam["eye"][t], cam["target"][t], cam["up"][t])).reshape(4, 4).T
+            view = (
+                np.array(p.computeViewMatrix(cam["eye"][t], cam["target"][t], cam["up"][t]))
+                .reshape(4, 4)
+                .T
+            )
             for obj in meta["objects"]:
                 rows, cols = np.nonzero(labels == obj["id"])
                 if len(rows) < 12:
@@ -148,7 +184,10 @@ def test_meta_positions_project_into_their_masks(tmp_path):
                 col = (clip[0] / clip[3] + 1) / 2 * size
                 row = (1 - clip[1] / clip[3]) / 2 * size
                 total += 1
-                hits += rows.min() - 2 <= row <= rows.max() + 3 and cols.min() - 2 <= col <= cols.max() + 3
+                hits += (
+                    rows.min() - 2 <= row <= rows.max() + 3
+                    and cols.min() - 2 <= col <= cols.max() + 3
+                )
     assert total >= 10
     assert hits / total > 0.85, f"only {hits}/{total} objects project into their own mask"
 
@@ -179,8 +218,12 @@ def test_killed_process_resumes_from_finished_videos(tmp_path):
     """SIGKILL the real command mid-run: the rerun removes its half video and completes the rest."""
     out = tmp_path / "out"
     args = ["--videos", "40", "--frames", "6", "--size", "32", "--seed", "2", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "cli.py", "make-synthetic", str(out), *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", "make-synthetic", str(out), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while not (out / "video_0001").is_dir() and time.time() < deadline:
@@ -193,9 +236,13 @@ def test_killed_process_resumes_from_finished_videos(tmp_path):
     for name in finished:
         assert len(list((out / name).glob("*.png"))) == 6 and (out / name / "meta.json").is_file()
     # A rerun with a smaller count still honours the folder's settings and cleans up.
-    result = CliRunner().invoke(_cli(), ["make-synthetic", str(out), *args[:1], str(len(finished) + 1), *args[2:]])
+    result = CliRunner().invoke(
+        _cli(), ["make-synthetic", str(out), *args[:1], str(len(finished) + 1), *args[2:]]
+    )
     assert result.exit_code == 0, result.output
-    assert not list(out.glob(f"{synthetic.TEMP_PREFIX}*")), "a killed run's half video was left behind"
+    assert not list(out.glob(f"{synthetic.TEMP_PREFIX}*")), (
+        "a killed run's half video was left behind"
+    )
     last = f"video_{len(finished):04d}"
     generate_video(tmp_path / "ref", len(finished), seed=2, frames=6, size=32)
     assert tree_bytes(out / last) == tree_bytes(tmp_path / "ref" / last)
@@ -203,14 +250,40 @@ def test_killed_process_resumes_from_finished_videos(tmp_path):
 
 def test_cli_refuses_to_mix_settings_in_one_folder(tmp_path):
     runner = CliRunner()
-    first = runner.invoke(_cli(), ["make-synthetic", str(tmp_path), "--videos", "1", "--frames", "2", "--size", "32",
-                                   "--quiet"])
+    first = runner.invoke(
+        _cli(),
+        [
+            "make-synthetic",
+            str(tmp_path),
+            "--videos",
+            "1",
+            "--frames",
+            "2",
+            "--size",
+            "32",
+            "--quiet",
+        ],
+    )
     assert first.exit_code == 0, first.output
-    again = runner.invoke(_cli(), ["make-synthetic", str(tmp_path), "--videos", "1", "--frames", "3", "--size", "32",
-                                   "--quiet"])
+    again = runner.invoke(
+        _cli(),
+        [
+            "make-synthetic",
+            str(tmp_path),
+            "--videos",
+            "1",
+            "--frames",
+            "3",
+            "--size",
+            "32",
+            "--quiet",
+        ],
+    )
     assert again.exit_code != 0
     assert "frames 2 != 3" in again.output and "dataset.json" in again.output
-    assert len(list((tmp_path / "video_0000").glob("*.png"))) == 2  # nothing already written was touched
+    assert (
+        len(list((tmp_path / "video_0000").glob("*.png"))) == 2
+    )  # nothing already written was touched
 
 
 def test_the_frame_folder_loader_reads_what_it_wrote(tmp_path):
@@ -218,12 +291,16 @@ def test_the_frame_folder_loader_reads_what_it_wrote(tmp_path):
     from pipeline.config import load_config
     from pipeline.data import make_source
 
-    out = generate_dataset(tmp_path / "synthetic", videos=3, frames=4, size=32, seed=0, progress=False)
+    out = generate_dataset(
+        tmp_path / "synthetic", videos=3, frames=4, size=32, seed=0, progress=False
+    )
     (out / f"{synthetic.TEMP_PREFIX}video_0003-1").mkdir()  # as if another run were writing one
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"dataset.path={out}"])
     source = make_source(cfg)
     assert [v.video_id for v in source.videos()] == ["video_0000", "video_0001", "video_0002"]
-    assert source.has_masks and all(v.num_frames == 4 and v.fps == synthetic.DEFAULT_FPS for v in source.videos())
+    assert source.has_masks and all(
+        v.num_frames == 4 and v.fps == synthetic.DEFAULT_FPS for v in source.videos()
+    )
     for frame in source.read_frames("video_0001"):
         png = out / "video_0001" / f"{frame.index:05d}.png"
         assert np.array_equal(frame.rgb, np.asarray(Image.open(png)))

@@ -26,9 +26,13 @@ def test_damaged_token_chunk_is_found_repaired_and_rewritten(trained, tmp_path):
 
     runner = CliRunner()
     found = runner.invoke(cache, ["verify", str(store_path)])
-    assert found.exit_code != 0 and f"chunk 1 of 'tokens/{dvae_hash}/ids'" in found.output, found.output
+    assert found.exit_code != 0 and f"chunk 1 of 'tokens/{dvae_hash}/ids'" in found.output, (
+        found.output
+    )
     repaired = runner.invoke(cache, ["verify", str(store_path), "--repair"])
-    assert "tokenize RUN" in repaired.output and "token chunk(s) 1" in repaired.output, repaired.output
+    assert "tokenize RUN" in repaired.output and "token chunk(s) 1" in repaired.output, (
+        repaired.output
+    )
     store = FeatureStore.open(store_path)
     assert store.complete  # the features are fine: only the tokens need rewriting
     with pytest.raises(StoreError, match="incomplete"):
@@ -48,10 +52,14 @@ def test_repairing_frames_also_forgets_the_tokens_made_from_them(trained, tmp_pa
 
     runner = CliRunner()
     repaired = runner.invoke(cache, ["verify", str(store_path), "--repair"])
-    assert "extract-features" in repaired.output and "tokenize RUN" in repaired.output, repaired.output
+    assert "extract-features" in repaired.output and "tokenize RUN" in repaired.output, (
+        repaired.output
+    )
     store = FeatureStore.open(store_path, require_complete=False)
     assert not store.complete and store.pending_chunks() == [1]
     assert list(np.flatnonzero(~store.done_chunks(f"tokens/{dvae_hash}/done"))) == [1]
     assert not store.chunk_file("frames", 1).exists()  # deleted, so the rerun can write it afresh
-    again = runner.invoke(cache, ["verify", str(store_path), "--repair"])  # a writer may be at work now
+    again = runner.invoke(
+        cache, ["verify", str(store_path), "--repair"]
+    )  # a writer may be at work now
     assert again.exit_code != 0 and "incomplete" in again.output

@@ -27,22 +27,42 @@ FRAME = 16
 DVAE_HASH = "d0e1f2a3"
 
 
-def make_store(work: Path, *, videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 6, "val")),
-               tokens: bool = True, masks: bool = True, seed: int = 0, chunk_len: int = 4) -> FeatureStore:
+def make_store(
+    work: Path,
+    *,
+    videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 6, "val")),
+    tokens: bool = True,
+    masks: bool = True,
+    seed: int = 0,
+    chunk_len: int = 4,
+) -> FeatureStore:
     """A complete tiny store under work/stores with random features, frames, masks, tokens."""
     rng = np.random.default_rng(seed)
     records, first = [], 0
     for vid, length, split in videos:
         records.append(VideoRecord(vid, first, length, split))
         first += length
-    store = FeatureStore.create(work / "stores" / "fp0.zarr", fingerprint="fp0", videos=records,
-                                num_tokens=GRID[0] * GRID[1], feature_dim=FEAT, grid=GRID, frame_size=FRAME,
-                                feature_dtype="float16", has_masks=masks, chunk_len=chunk_len)
+    store = FeatureStore.create(
+        work / "stores" / "fp0.zarr",
+        fingerprint="fp0",
+        videos=records,
+        num_tokens=GRID[0] * GRID[1],
+        feature_dim=FEAT,
+        grid=GRID,
+        frame_size=FRAME,
+        feature_dtype="float16",
+        has_masks=masks,
+        chunk_len=chunk_len,
+    )
     total = store.num_frames
     nchunks = math.ceil(total / chunk_len)
     for c in range(nchunks):
         n = min(chunk_len, total - c * chunk_len)
-        arrays = dict(store.encode_features(rng.standard_normal((n, GRID[0] * GRID[1], FEAT)).astype(np.float32)))
+        arrays = dict(
+            store.encode_features(
+                rng.standard_normal((n, GRID[0] * GRID[1], FEAT)).astype(np.float32)
+            )
+        )
         arrays["frames"] = rng.integers(0, 255, (n, FRAME, FRAME, 3), dtype=np.uint8)
         if masks:
             m = np.zeros((n, FRAME, FRAME), np.uint8)
@@ -62,22 +82,45 @@ def make_store(work: Path, *, videos=(("a", 8, "train"), ("b", 8, "train"), ("c"
 def make_dvae_run(work: Path, store_fp: str = "fp0") -> Path:
     run = work / "runs" / "dvae"
     run.mkdir(parents=True, exist_ok=True)
-    (run / "dvae.json").write_text(json.dumps({"hash": DVAE_HASH, "store": store_fp, "vocab_size": VOCAB,
-                                               "token_grid": list(TOKEN_GRID)}))
+    (run / "dvae.json").write_text(
+        json.dumps(
+            {
+                "hash": DVAE_HASH,
+                "store": store_fp,
+                "vocab_size": VOCAB,
+                "token_grid": list(TOKEN_GRID),
+            }
+        )
+    )
     return run
 
 
 def tiny_cfg(work: Path, *extra: str):
     overrides = [
-        f"work_dir={work}", "store=fp0", "run_name=t", "seed=0",
-        "globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", f"globals.VOCAB_SIZE={VOCAB}",
-        "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=2",
-        "dataset.num_workers=0", "decoder.hidden_dims=[32,32]",
-        "steve_decoder.num_blocks=1", "steve_decoder.d_model=16", "steve_decoder.num_heads=2",
+        f"work_dir={work}",
+        "store=fp0",
+        "run_name=t",
+        "seed=0",
+        "globals.NUM_SLOTS=3",
+        "globals.SLOT_DIM=16",
+        f"globals.VOCAB_SIZE={VOCAB}",
+        "globals.NUM_FRAMES=3",
+        "globals.BATCH_SIZE_PER_GPU=2",
+        "dataset.num_workers=0",
+        "decoder.hidden_dims=[32,32]",
+        "steve_decoder.num_blocks=1",
+        "steve_decoder.d_model=16",
+        "steve_decoder.num_heads=2",
         "predictor.num_heads=2",
-        "optimizer.warmup_steps=2", "optimizer.lr=0.001",
-        "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.val_every=2", "trainer.val_batches=2",
-        "trainer.log_every=1", "trainer.image_every=2", "trainer.precision=32",
+        "optimizer.warmup_steps=2",
+        "optimizer.lr=0.001",
+        "trainer.max_steps=4",
+        "trainer.ckpt_every=2",
+        "trainer.val_every=2",
+        "trainer.val_batches=2",
+        "trainer.log_every=1",
+        "trainer.image_every=2",
+        "trainer.precision=32",
     ]
     return load_config(None, overrides + list(extra))
 
@@ -99,10 +142,10 @@ def test_lr_schedule_warmup_then_halves_by_max_steps():
     assert f(0) == 0.0
     assert f(5) == pytest.approx(0.5)
     assert f(10) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.5 ** 0.5)
+    assert f(60) == pytest.approx(0.5**0.5)
     assert f(110) == pytest.approx(0.5)
     assert all(f(s) >= f(s + 1) for s in range(10, 200))
-    assert warmup_exp_decay(50, 0, 100) == pytest.approx(0.5 ** 0.5)
+    assert warmup_exp_decay(50, 0, 100) == pytest.approx(0.5**0.5)
     assert warmup_exp_decay(500, 10, 100, decay=False) == 1.0
     with pytest.raises(ValueError):
         lr_factor(-1, 10)
@@ -111,14 +154,25 @@ def test_lr_schedule_warmup_then_halves_by_max_steps():
 def test_param_group_regexes_first_match_wins_and_unmatched_is_an_error():
     from stages.train_slots import build_param_groups
 
-    net = torch.nn.ModuleDict({"decoder": torch.nn.Linear(2, 2), "grouper": torch.nn.Linear(2, 2),
-                               "other": torch.nn.Linear(2, 2)})
-    groups = build_param_groups(net.named_parameters(),
-                                [{"regex": "decoder.*", "lr": 1e-3}, {"regex": "(decoder|grouper)", "lr": 2e-3}],
-                                base_lr=4e-4)
+    net = torch.nn.ModuleDict(
+        {
+            "decoder": torch.nn.Linear(2, 2),
+            "grouper": torch.nn.Linear(2, 2),
+            "other": torch.nn.Linear(2, 2),
+        }
+    )
+    groups = build_param_groups(
+        net.named_parameters(),
+        [{"regex": "decoder.*", "lr": 1e-3}, {"regex": "(decoder|grouper)", "lr": 2e-3}],
+        base_lr=4e-4,
+    )
     by_name = {g["name"]: g for g in groups}
-    assert [p.data_ptr() for p in by_name["decoder.*"]["params"]] == [p.data_ptr() for p in net["decoder"].parameters()]
-    assert len(by_name["(decoder|grouper)"]["params"]) == 2  # only grouper's: decoder went to the first rule
+    assert [p.data_ptr() for p in by_name["decoder.*"]["params"]] == [
+        p.data_ptr() for p in net["decoder"].parameters()
+    ]
+    assert (
+        len(by_name["(decoder|grouper)"]["params"]) == 2
+    )  # only grouper's: decoder went to the first rule
     assert by_name["default"]["lr"] == 4e-4 and len(by_name["default"]["params"]) == 2
     with pytest.raises(StageError, match="encoder"):
         build_param_groups(net.named_parameters(), [{"regex": "encoder.*", "lr": 1e-5}], 4e-4)
@@ -151,8 +205,16 @@ def test_train_end_to_end_writes_run_dir_and_loads(work):
     acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for name in ("train/loss", "train/loss_featrec", "train/loss_ss", "train/loss_steve_ce", "train/lr",
-                 "val/loss", "val/fg_ari", "val/mbo"):
+    for name in (
+        "train/loss",
+        "train/loss_featrec",
+        "train/loss_ss",
+        "train/loss_steve_ce",
+        "train/lr",
+        "val/loss",
+        "val/fg_ari",
+        "val/mbo",
+    ):
         assert name in tags, (name, tags)
     assert "slots/masks_over_time" in acc.Tags()["images"]
 
@@ -214,22 +276,33 @@ def test_never_runs_the_vit(work, monkeypatch):
     monkeypatch.setattr(timm, "create_model", forbidden)
     monkeypatch.setattr(torch.hub, "load", forbidden)
     monkeypatch.setattr(pipeline.backbones, "build_backbone", forbidden)
-    run = train(tiny_cfg(work, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100"))
+    run = train(
+        tiny_cfg(work, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100")
+    )
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
-@pytest.mark.parametrize("toggles", [
-    ("globals.USE_STEVE_DECODER=false", "globals.USE_DVAE=false"),
-    ("model.loss_weights.loss_ss=0",),
-    ("predictor.enabled=false",),
-])
+@pytest.mark.parametrize(
+    "toggles",
+    [
+        ("globals.USE_STEVE_DECODER=false", "globals.USE_DVAE=false"),
+        ("model.loss_weights.loss_ss=0",),
+        ("predictor.enabled=false",),
+    ],
+)
 def test_ablations_train_from_the_same_store(tmp_path, toggles):
     from stages.train_slots import train
 
     make_store(tmp_path, tokens="USE_STEVE_DECODER=false" not in toggles[0])
     if "USE_STEVE_DECODER=false" not in toggles[0]:
         make_dvae_run(tmp_path)
-    cfg = tiny_cfg(tmp_path, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100", *toggles)
+    cfg = tiny_cfg(
+        tmp_path,
+        "trainer.max_steps=2",
+        "trainer.image_every=100",
+        "trainer.val_every=100",
+        *toggles,
+    )
     run = train(cfg)
     ck = _weights(run / "checkpoints" / "last.ckpt")
     assert ck["global_step"] == 2
@@ -243,22 +316,32 @@ def test_overfits_a_tiny_cached_set(tmp_path):
 
     make_store(tmp_path, videos=(("a", 4, "train"),), masks=False)
     make_dvae_run(tmp_path)
-    cfg = tiny_cfg(tmp_path, "globals.NUM_FRAMES=4", "trainer.max_steps=60", "trainer.ckpt_every=60",
-                   "trainer.log_every=50", "trainer.image_every=1000", "optimizer.warmup_steps=10",
-                   "optimizer.lr=0.003", "steve_decoder.dropout=0.0", "trainer.gradient_clip_val=1.0")
+    cfg = tiny_cfg(
+        tmp_path,
+        "globals.NUM_FRAMES=4",
+        "trainer.max_steps=60",
+        "trainer.ckpt_every=60",
+        "trainer.log_every=50",
+        "trainer.image_every=1000",
+        "optimizer.warmup_steps=10",
+        "optimizer.lr=0.003",
+        "steve_decoder.dropout=0.0",
+        "trainer.gradient_clip_val=1.0",
+    )
     store = FeatureStore.open(tmp_path / "stores" / "fp0.zarr")
     from cache.reader import ClipDataset
 
     batch = torch.utils.data.default_collate(
-        [ClipDataset(store, "train", 4, fields=("features", "tokens"), tokens=DVAE_HASH)[0]] * 2)
+        [ClipDataset(store, "train", 4, fields=("features", "tokens"), tokens=DVAE_HASH)[0]] * 2
+    )
 
     def total_loss(module):
         module.eval()
         with torch.no_grad():
             return float(module.model.losses(module(batch["features"], batch["tokens"]))["loss"])
 
-    from stages.train_slots import build_module, resolve_inputs
     from pipeline.config import resolve
+    from stages.train_slots import build_module, resolve_inputs
 
     torch.manual_seed(0)
     before = total_loss(build_module(resolve(cfg), resolve_inputs(cfg)))
@@ -278,9 +361,13 @@ def test_missing_caches_name_the_stage_to_run(tmp_path):
     with pytest.raises(StageError, match="pretrain-dvae CONFIG"):
         train(tiny_cfg(tmp_path))
     run = make_dvae_run(tmp_path)
-    with pytest.raises(StageError, match=f"no tokens of dVAE {DVAE_HASH} in store fp0.*egoslots tokenize {run}"):
+    with pytest.raises(
+        StageError, match=f"no tokens of dVAE {DVAE_HASH} in store fp0.*egoslots tokenize {run}"
+    ):
         train(tiny_cfg(tmp_path))
-    (run / "dvae.json").write_text(json.dumps({"hash": DVAE_HASH, "store": "other", "vocab_size": VOCAB}))
+    (run / "dvae.json").write_text(
+        json.dumps({"hash": DVAE_HASH, "store": "other", "vocab_size": VOCAB})
+    )
     with pytest.raises(StageError, match="trained on store other"):
         train(tiny_cfg(tmp_path))
 
@@ -307,8 +394,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(work, monke
         return outputs, losses
 
     monkeypatch.setattr(train_slots.SlotTrainingModule, "_step", poisoned)
-    cfg = tiny_cfg(work, "trainer.max_steps=6", "trainer.log_every=2", "trainer.val_every=100",
-                   "trainer.image_every=100")
+    cfg = tiny_cfg(
+        work,
+        "trainer.max_steps=6",
+        "trainer.log_every=2",
+        "trainer.val_every=100",
+        "trainer.image_every=100",
+    )
     with pytest.raises(StageError, match="NaN/inf at step 3"):
         train_slots.train(cfg)
     ck = work / "runs" / "t" / "checkpoints"
@@ -332,17 +424,39 @@ def test_cli_train_slots_help_and_run(work, repo_root):
     res = runner.invoke(cli.main, ["train-slots", str(cfg_file), *args, "trainer.max_steps=2"])
     assert res.exit_code == 0, res.output
     assert (work / "runs" / "t" / "checkpoints" / "last.ckpt").is_file()
-    res = runner.invoke(cli.main, ["train-slots", str(cfg_file), *args, "trainer.max_steps=3",
-                                   "--resume", str(work / "nope.ckpt")])
+    res = runner.invoke(
+        cli.main,
+        [
+            "train-slots",
+            str(cfg_file),
+            *args,
+            "trainer.max_steps=3",
+            "--resume",
+            str(work / "nope.ckpt"),
+        ],
+    )
     assert res.exit_code != 0 and "nope.ckpt" in res.output
 
 
 def tiny_cfg_args(work: Path) -> list[str]:
-    return [f"work_dir={work}", "store=fp0", "run_name=t", "globals.SLOT_DIM=16", f"globals.VOCAB_SIZE={VOCAB}",
-            "globals.NUM_FRAMES=3", "globals.BATCH_SIZE_PER_GPU=2", "dataset.num_workers=0",
-            "decoder.hidden_dims=[32]", "steve_decoder.num_blocks=1", "steve_decoder.d_model=16",
-            "steve_decoder.num_heads=2", "predictor.num_heads=2", "trainer.precision=32",
-            "trainer.image_every=100", "trainer.val_every=100"]
+    return [
+        f"work_dir={work}",
+        "store=fp0",
+        "run_name=t",
+        "globals.SLOT_DIM=16",
+        f"globals.VOCAB_SIZE={VOCAB}",
+        "globals.NUM_FRAMES=3",
+        "globals.BATCH_SIZE_PER_GPU=2",
+        "dataset.num_workers=0",
+        "decoder.hidden_dims=[32]",
+        "steve_decoder.num_blocks=1",
+        "steve_decoder.d_model=16",
+        "steve_decoder.num_heads=2",
+        "predictor.num_heads=2",
+        "trainer.precision=32",
+        "trainer.image_every=100",
+        "trainer.val_every=100",
+    ]
 
 
 def test_precision_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
@@ -377,12 +491,15 @@ def test_training_step_never_syncs_host_and_device(work, monkeypatch):
             if inside["on"]:
                 raise AssertionError(f"Tensor.{name} inside training_step: a host-device sync")
             return real(self, *a, **k)
+
         return check
 
     for name in ("item", "__bool__", "__float__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, guard(name))
     monkeypatch.setattr(train_slots.SlotTrainingModule, "training_step", watched)
-    run = train_slots.train(tiny_cfg(work, "trainer.max_steps=2", "trainer.val_every=100", "trainer.image_every=100"))
+    run = train_slots.train(
+        tiny_cfg(work, "trainer.max_steps=2", "trainer.val_every=100", "trainer.image_every=100")
+    )
     assert _weights(run / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
@@ -391,7 +508,16 @@ def test_bf16_mixed_trains_where_native(work):
 
     if not bf16_supported("cpu"):
         pytest.skip("this CPU has no native bf16 (AVX-512 BF16 / AMX): auto falls back to fp32")
-    run = train(tiny_cfg(work, "trainer.precision=auto", "trainer.max_steps=2", "trainer.val_every=100",
-                         "trainer.image_every=100"))
+    run = train(
+        tiny_cfg(
+            work,
+            "trainer.precision=auto",
+            "trainer.max_steps=2",
+            "trainer.val_every=100",
+            "trainer.image_every=100",
+        )
+    )
     sd = _weights(run / "checkpoints" / "last.ckpt")["state_dict"]
-    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())  # fp32 master weights
+    assert all(
+        v.dtype == torch.float32 for v in sd.values() if v.is_floating_point()
+    )  # fp32 master weights

@@ -4,7 +4,6 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from test_evaluate_support import FRAMES, SIZE, install_run, make_run
 
 from stages import visualize as viz
@@ -55,5 +54,9 @@ def test_real_run_visualize(tmp_path_factory, tmp_path):
 
     png = viz.visualize_run(trained_run(tmp_path_factory), out=tmp_path)
     gif = iio.imread(png.with_suffix(".gif"), index=None)
-    assert gif.shape[:3] == (FRAMES, SIZE, 3 * SIZE)  # frame | slot masks | dVAE reconstruction of the tokens
+    assert gif.shape[:3] == (
+        FRAMES,
+        SIZE,
+        3 * SIZE,
+    )  # frame | slot masks | dVAE reconstruction of the tokens
     assert iio.imread(png).shape[0] == 3 * SIZE + 2 * 2  # three rows in the strip

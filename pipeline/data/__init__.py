@@ -18,8 +18,8 @@ frame index, and the caller (``extract-features --skip-bad``) decides whether to
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from pipeline.data.base import SPLITS, SourceError, VideoInfo, split_of
 
@@ -38,18 +38,27 @@ class ListedSource:
 
     kind = "files"
 
-    def __init__(self, root: str | Path, *, val: float = 0.1, test: float = 0.1,
-                 max_videos: Optional[int] = None, skip_bad: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        val: float = 0.1,
+        test: float = 0.1,
+        max_videos: int | None = None,
+        skip_bad: bool = False,
+    ):
         self.root = Path(root)
         if not (0 <= val and 0 <= test and val + test <= 1):
-            raise SourceError(f"dataset.split: val ({val}) and test ({test}) must be >= 0 and sum to at most 1")
+            raise SourceError(
+                f"dataset.split: val ({val}) and test ({test}) must be >= 0 and sum to at most 1"
+            )
         if max_videos is not None and max_videos < 1:
             raise SourceError(f"dataset.max_videos must be >= 1 or null, got {max_videos}")
         self.val, self.test = float(val), float(test)
         self.max_videos = max_videos
         self.skip_bad = bool(skip_bad)
         self.skipped: list[tuple[str, str]] = []  # (video id, why) of videos left out by skip-bad
-        self._table: Optional[list[VideoInfo]] = None
+        self._table: list[VideoInfo] | None = None
 
     # -- the contract -------------------------------------------------------------------------
     def videos(self) -> list[VideoInfo]:
@@ -62,10 +71,10 @@ class ListedSource:
         self.videos()
         return self._has_masks()
 
-    def read_frames(self, video_id: str, start: int = 0, stop: Optional[int] = None) -> Iterator:
+    def read_frames(self, video_id: str, start: int = 0, stop: int | None = None) -> Iterator:
         raise NotImplementedError
 
-    def attributes(self, video_id: str) -> Optional[dict]:
+    def attributes(self, video_id: str) -> dict | None:
         return None
 
     # -- for subclasses -----------------------------------------------------------------------
@@ -78,13 +87,17 @@ class ListedSource:
     def _has_masks(self) -> bool:
         return False
 
-    def split_for(self, video_id: str, given: Optional[str] = None, where: str = "") -> str:
+    def split_for(self, video_id: str, given: str | None = None, where: str = "") -> str:
         """The split metadata gives, else the deterministic hash split of the id."""
         if given is None:
             return split_of(video_id, self.val, self.test)
-        name = {"valid": "val", "validation": "val", "training": "train", "testing": "test"}.get(str(given), str(given))
+        name = {"valid": "val", "validation": "val", "training": "train", "testing": "test"}.get(
+            str(given), str(given)
+        )
         if name not in SPLITS:
-            raise SourceError(f"{where or video_id}: split '{given}' is not one of {', '.join(SPLITS)}")
+            raise SourceError(
+                f"{where or video_id}: split '{given}' is not one of {', '.join(SPLITS)}"
+            )
         return name
 
     def skip_or_raise(self, video_id: str, err: SourceError) -> None:
@@ -123,14 +136,17 @@ class ListedSource:
         return state
 
 
-def make_source(cfg, skip_bad: Optional[bool] = None):
+def make_source(cfg, skip_bad: bool | None = None):
     """The :class:`VideoSource` for ``cfg.dataset`` (``skip_bad`` adds to ``dataset.skip_bad``)."""
     ds = cfg.dataset
     kind = str(ds.source)
     path = Path(str(ds.path)).expanduser()
-    common = dict(val=float(ds.split.val), test=float(ds.split.test),
-                  max_videos=None if ds.max_videos is None else int(ds.max_videos),
-                  skip_bad=bool(skip_bad) or bool(ds.skip_bad))
+    common = dict(
+        val=float(ds.split.val),
+        test=float(ds.split.test),
+        max_videos=None if ds.max_videos is None else int(ds.max_videos),
+        skip_bad=bool(skip_bad) or bool(ds.skip_bad),
+    )
     if kind in ("frames", "synthetic"):
         from pipeline.data.frames import FrameFolderSource
 
@@ -150,8 +166,13 @@ def make_source(cfg, skip_bad: Optional[bool] = None):
         from pipeline.data.hdf5 import Hdf5Source
 
         h = ds.hdf5
-        return Hdf5Source(path, image_key=str(h.image_key), mask_key=None if h.mask_key is None else str(h.mask_key),
-                          layout=str(h.layout), **common)
+        return Hdf5Source(
+            path,
+            image_key=str(h.image_key),
+            mask_key=None if h.mask_key is None else str(h.mask_key),
+            layout=str(h.layout),
+            **common,
+        )
     raise SourceError(f"dataset.source '{kind}' is not one of {', '.join(SOURCE_KINDS)}")
 
 

@@ -9,9 +9,10 @@ module in this package.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -31,7 +32,7 @@ class FileIdentity:
     mtime_ns: int
 
     @classmethod
-    def of(cls, path: Path, root: Path) -> "FileIdentity":
+    def of(cls, path: Path, root: Path) -> FileIdentity:
         stat = path.stat()
         return cls(str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns)
 
@@ -44,7 +45,7 @@ class VideoInfo:
     num_frames: int
     split: str  # train | val | test
     files: tuple[FileIdentity, ...] = field(default=(), compare=False, repr=False)
-    fps: Optional[float] = None
+    fps: float | None = None
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Frame:
     video_id: str
     index: int  # frame index within the video (after any frame-rate subsampling)
     rgb: np.ndarray  # (H, W, 3) uint8
-    mask: Optional[np.ndarray] = None  # (H, W) uint8, 0 = background, 1..255 = objects
+    mask: np.ndarray | None = None  # (H, W) uint8, 0 = background, 1..255 = objects
 
 
 class VideoSource(Protocol):
@@ -66,10 +67,12 @@ class VideoSource(Protocol):
     def videos(self) -> list[VideoInfo]:
         """The video table, in a deterministic order."""
 
-    def read_frames(self, video_id: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Frame]:
+    def read_frames(
+        self, video_id: str, start: int = 0, stop: int | None = None
+    ) -> Iterator[Frame]:
         """Frames ``start..stop-1`` of one video, in order; raises SourceError on bad data."""
 
-    def attributes(self, video_id: str) -> Optional[dict]:
+    def attributes(self, video_id: str) -> dict | None:
         """Per-object attributes (mesh id, colour, size, positions...) if the source has them."""
 
 

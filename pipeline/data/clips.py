@@ -8,8 +8,8 @@ A clip is (video, start): frames start, start+step, ..., start+(T-1)*step. Start
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,20 @@ def span(length: int, step: int) -> int:
 def clip_starts(num_frames: int, length: int, stride: int = 1, step: int = 1) -> list[int]:
     """Start frames of every full clip of one video (empty if the video is too short)."""
     if length < 1 or stride < 1 or step < 1:
-        raise ValueError(f"clip length, stride and frame step must be >= 1 (got {length}, {stride}, {step})")
+        raise ValueError(
+            f"clip length, stride and frame step must be >= 1 (got {length}, {stride}, {step})"
+        )
     last = num_frames - span(length, step)
     return list(range(0, last + 1, stride)) if last >= 0 else []
 
 
-def build_clip_index(lengths: Sequence[int], length: int, stride: int = 1, step: int = 1,
-                     names: Sequence[str] | None = None) -> list[Clip]:
+def build_clip_index(
+    lengths: Sequence[int],
+    length: int,
+    stride: int = 1,
+    step: int = 1,
+    names: Sequence[str] | None = None,
+) -> list[Clip]:
     """Every clip of every video; videos too short for one clip are counted and reported once."""
     clips: list[Clip] = []
     too_short = []
@@ -49,7 +56,11 @@ def build_clip_index(lengths: Sequence[int], length: int, stride: int = 1, step:
     if too_short:
         log.warning(
             "%d video(s) shorter than %d frames give no training clip of length %d (step %d): %s%s",
-            len(too_short), span(length, step), length, step, ", ".join(too_short[:5]),
+            len(too_short),
+            span(length, step),
+            length,
+            step,
+            ", ".join(too_short[:5]),
             " ..." if len(too_short) > 5 else "",
         )
     return clips

@@ -21,16 +21,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 from natsort import natsorted, ns
 from PIL import Image
 
 from pipeline.data import ListedSource
-from pipeline.data.base import FileIdentity, Frame, SourceError, VideoInfo, check_same_size, to_rgb_uint8
+from pipeline.data.base import (
+    FileIdentity,
+    Frame,
+    SourceError,
+    VideoInfo,
+    check_same_size,
+    to_rgb_uint8,
+)
 
 log = logging.getLogger("egoslots")
 
@@ -43,7 +50,7 @@ META_FILE = "meta.json"
 class _VideoFolder:
     path: Path
     frames: tuple[str, ...]  # file names, natural order
-    masks: Optional[tuple[str, ...]]  # mask file names, one per frame, or None
+    masks: tuple[str, ...] | None  # mask file names, one per frame, or None
 
 
 class FrameFolderSource(ListedSource):
@@ -55,7 +62,7 @@ class FrameFolderSource(ListedSource):
         super().__init__(root, **common)
         self._folders: dict[str, _VideoFolder] = {}
         self._first_size: dict[str, tuple[int, int]] = {}
-        self._meta: dict[str, Optional[dict]] = {}
+        self._meta: dict[str, dict | None] = {}
 
     # -- listing ------------------------------------------------------------------------------
     def _candidates(self) -> Iterator[tuple[str, tuple]]:
@@ -92,7 +99,9 @@ class FrameFolderSource(ListedSource):
     def _describe(self, video_id: str, candidate) -> VideoInfo:
         folder, frame_entries, subdirs = candidate
         if not frame_entries:
-            raise SourceError(f"{folder}: empty video folder (no {', '.join(IMAGE_SUFFIXES)} frames)")
+            raise SourceError(
+                f"{folder}: empty video folder (no {', '.join(IMAGE_SUFFIXES)} frames)"
+            )
         by_name = {e.name: e for e in frame_entries}
         names = tuple(natsorted(by_name))  # plain file names: natsort's default (fast) key suffices
         prefix = "" if folder == self.root else video_id + "/"
@@ -108,7 +117,9 @@ class FrameFolderSource(ListedSource):
         meta = meta or {}
         split = self.split_for(video_id, meta.get("split"), where=str(folder / META_FILE))
         fps = meta.get("fps")
-        return VideoInfo(video_id, len(names), split, tuple(files), None if fps is None else float(fps))
+        return VideoInfo(
+            video_id, len(names), split, tuple(files), None if fps is None else float(fps)
+        )
 
     @staticmethod
     def _identity(entry: os.DirEntry, prefix: str) -> FileIdentity:
@@ -119,25 +130,35 @@ class FrameFolderSource(ListedSource):
             raise SourceError(f"{entry.path}: cannot stat ({err})") from err
         return FileIdentity(prefix + entry.name, stat.st_size, stat.st_mtime_ns)
 
-    def _match_masks(self, folder: Path, names: tuple[str, ...],
-                     prefix: str) -> tuple[tuple[str, ...], list[FileIdentity]]:
+    def _match_masks(
+        self, folder: Path, names: tuple[str, ...], prefix: str
+    ) -> tuple[tuple[str, ...], list[FileIdentity]]:
         """One ``masks/<frame stem>.png`` per frame, in frame order."""
         mask_dir = folder / MASK_DIR
-        entries = {os.path.splitext(e.name)[0]: e for e in os.scandir(mask_dir)
-                   if e.name.lower().endswith(".png") and not e.name.startswith(".")}
+        entries = {
+            os.path.splitext(e.name)[0]: e
+            for e in os.scandir(mask_dir)
+            if e.name.lower().endswith(".png") and not e.name.startswith(".")
+        }
         stems = [os.path.splitext(n)[0] for n in names]
         if len(set(stems)) != len(stems):
             dup = next(s for s in stems if stems.count(s) > 1)
-            raise SourceError(f"{folder}: two frames share the name '{dup}', so masks/{dup}.png is ambiguous")
+            raise SourceError(
+                f"{folder}: two frames share the name '{dup}', so masks/{dup}.png is ambiguous"
+            )
         missing = [(i, s) for i, s in enumerate(stems) if s not in entries]
         if missing:
             i, stem = missing[0]
-            raise SourceError(f"{mask_dir}: no mask for frame {i} ({names[i]}): expected {MASK_DIR}/{stem}.png "
-                              f"({len(missing)} of {len(names)} frames lack a mask)")
+            raise SourceError(
+                f"{mask_dir}: no mask for frame {i} ({names[i]}): expected {MASK_DIR}/{stem}.png "
+                f"({len(missing)} of {len(names)} frames lack a mask)"
+            )
         chosen = [entries[s] for s in stems]
-        return tuple(e.name for e in chosen), [self._identity(e, prefix + MASK_DIR + "/") for e in chosen]
+        return tuple(e.name for e in chosen), [
+            self._identity(e, prefix + MASK_DIR + "/") for e in chosen
+        ]
 
-    def _read_meta(self, folder: Path) -> Optional[dict]:
+    def _read_meta(self, folder: Path) -> dict | None:
         path = folder / META_FILE
         if not path.is_file():
             return None
@@ -146,7 +167,9 @@ class FrameFolderSource(ListedSource):
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise SourceError(f"{path}: cannot read meta.json ({err})") from err
         if not isinstance(meta, dict):
-            raise SourceError(f"{path}: meta.json must hold a JSON object, got {type(meta).__name__}")
+            raise SourceError(
+                f"{path}: meta.json must hold a JSON object, got {type(meta).__name__}"
+            )
         if meta.get("fps") is not None and not isinstance(meta["fps"], (int, float)):
             raise SourceError(f"{path}: 'fps' must be a number, got {meta['fps']!r}")
         return meta
@@ -155,8 +178,12 @@ class FrameFolderSource(ListedSource):
         with_masks = sum(f.masks is not None for f in self._folders.values())
         if 0 < with_masks < len(self._folders) and not getattr(self, "_warned_mixed", False):
             self._warned_mixed = True
-            log.warning("%s: only %d of %d videos have masks/; masks are not used", self.root, with_masks,
-                        len(self._folders))
+            log.warning(
+                "%s: only %d of %d videos have masks/; masks are not used",
+                self.root,
+                with_masks,
+                len(self._folders),
+            )
         return bool(self._folders) and with_masks == len(self._folders)
 
     # -- reading ------------------------------------------------------------------------------
@@ -167,12 +194,16 @@ class FrameFolderSource(ListedSource):
             raise SourceError(f"no video '{video_id}' in {self.root}")
         return self._folders[video_id]
 
-    def read_frames(self, video_id: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Frame]:
+    def read_frames(
+        self, video_id: str, start: int = 0, stop: int | None = None
+    ) -> Iterator[Frame]:
         video = self._folder(video_id)
         n = len(video.frames)
         stop = n if stop is None else stop
         if not 0 <= start <= stop <= n:
-            raise SourceError(f"video '{video_id}': frames {start}..{stop} out of range (it has {n})")
+            raise SourceError(
+                f"video '{video_id}': frames {start}..{stop} out of range (it has {n})"
+            )
         with_masks = video.masks is not None and self.has_masks
         expected = self._expected_size(video_id, video)
         for i in range(start, stop):
@@ -185,8 +216,10 @@ class FrameFolderSource(ListedSource):
                 mask_path = video.path / MASK_DIR / video.masks[i]
                 mask = load_mask(mask_path, f"{mask_path}: mask of frame {i} of video '{video_id}'")
                 if mask.shape != rgb.shape[:2]:
-                    raise SourceError(f"{mask_path}: mask of frame {i} of video '{video_id}' is "
-                                      f"{mask.shape[1]}x{mask.shape[0]} but the frame is {rgb.shape[1]}x{rgb.shape[0]}")
+                    raise SourceError(
+                        f"{mask_path}: mask of frame {i} of video '{video_id}' is "
+                        f"{mask.shape[1]}x{mask.shape[0]} but the frame is {rgb.shape[1]}x{rgb.shape[0]}"
+                    )
             yield Frame(video_id, i, rgb, mask)
 
     def _expected_size(self, video_id: str, video: _VideoFolder) -> tuple[int, int]:
@@ -197,15 +230,20 @@ class FrameFolderSource(ListedSource):
                 with Image.open(path) as im:
                     w, h = im.size
             except (OSError, SyntaxError, ValueError) as err:
-                raise SourceError(f"{path}: frame 0 of video '{video_id}': cannot read image ({err})") from err
+                raise SourceError(
+                    f"{path}: frame 0 of video '{video_id}': cannot read image ({err})"
+                ) from err
             self._first_size[video_id] = (h, w)
         return self._first_size[video_id]
 
-    def attributes(self, video_id: str) -> Optional[dict]:
+    def attributes(self, video_id: str) -> dict | None:
         """``meta.json`` (with its ``objects``) of a video, or None if it has no objects."""
         if video_id not in self._meta:
-            folder = self.root if video_id == self.root.name and not (self.root / video_id).is_dir() \
+            folder = (
+                self.root
+                if video_id == self.root.name and not (self.root / video_id).is_dir()
                 else self.root / video_id
+            )
             self._meta[video_id] = self._read_meta(folder)
         meta = self._meta[video_id]
         return meta if meta and meta.get("objects") is not None else None
@@ -241,12 +279,18 @@ def load_mask(path: Path, where: str) -> np.ndarray:
         return arr.astype(np.uint8)
     if arr.ndim == 3:  # a grey label map saved as RGB(A) is fine; colour-coded masks are not
         rgb = arr[..., :3]
-        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-            raise SourceError(f"{where}: colour mask ({mode}); expected a single-channel uint8 label map "
-                              "(0 = background, 1..255 = objects)")
+        if not (
+            np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        ):
+            raise SourceError(
+                f"{where}: colour mask ({mode}); expected a single-channel uint8 label map "
+                "(0 = background, 1..255 = objects)"
+            )
         arr = rgb[..., 0]
     if arr.dtype != np.uint8:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise SourceError(f"{where}: labels {arr.min()}..{arr.max()} do not fit a uint8 label map")
+            raise SourceError(
+                f"{where}: labels {arr.min()}..{arr.max()} do not fit a uint8 label map"
+            )
         arr = arr.astype(np.uint8)
     return np.ascontiguousarray(arr)

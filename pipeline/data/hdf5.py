@@ -24,21 +24,35 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import h5py
 import numpy as np
 from natsort import natsorted, ns
 
 from pipeline.data import ListedSource
-from pipeline.data.base import FileIdentity, Frame, SourceError, VideoInfo, binary_masks_to_labels, to_rgb_uint8
+from pipeline.data.base import (
+    FileIdentity,
+    Frame,
+    SourceError,
+    VideoInfo,
+    binary_masks_to_labels,
+    to_rgb_uint8,
+)
 
 H5_SUFFIXES = (".h5", ".hdf5")
 LAYOUTS = {"video": 2, "image": 1}  # layout -> number of leading axes
-SPLIT_GROUPS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                "test": "test", "testing": "test"}
+SPLIT_GROUPS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,7 @@ class _Arrays:
     file: Path
     group: str  # "" = top level
     channels_first: bool
-    mask_kind: Optional[str]  # None | "labels" | "binary"
+    mask_kind: str | None  # None | "labels" | "binary"
 
 
 class Hdf5Source(ListedSource):
@@ -56,16 +70,24 @@ class Hdf5Source(ListedSource):
 
     kind = "hdf5"
 
-    def __init__(self, root: str | Path, image_key: str = "image", mask_key: Optional[str] = "mask",
-                 layout: str = "video", **common):
+    def __init__(
+        self,
+        root: str | Path,
+        image_key: str = "image",
+        mask_key: str | None = "mask",
+        layout: str = "video",
+        **common,
+    ):
         super().__init__(root, **common)
         if layout not in LAYOUTS:
             raise SourceError(f"dataset.hdf5.layout '{layout}' is not one of {', '.join(LAYOUTS)}")
         self.image_key, self.mask_key, self.layout = image_key, mask_key, layout
-        self._index: dict[str, tuple[_Arrays, int]] = {}  # video id -> (arrays, index on the first axis)
+        self._index: dict[
+            str, tuple[_Arrays, int]
+        ] = {}  # video id -> (arrays, index on the first axis)
         self._masked = True
-        self._open_files: Optional[dict] = None  # {path: h5py.File}, of process _open_pid
-        self._open_pid: Optional[int] = None
+        self._open_files: dict | None = None  # {path: h5py.File}, of process _open_pid
+        self._open_pid: int | None = None
 
     # -- listing ------------------------------------------------------------------------------
     def _files(self) -> list[Path]:
@@ -77,15 +99,22 @@ class Hdf5Source(ListedSource):
     def _candidates(self) -> Iterator[tuple[str, object]]:
         """Every video of every array; a bad file or group is one bad 'video' under skip-bad."""
         for path in self._files():
-            prefix = "" if self.root.is_file() else path.relative_to(self.root).with_suffix("").as_posix() + "/"
+            prefix = (
+                ""
+                if self.root.is_file()
+                else path.relative_to(self.root).with_suffix("").as_posix() + "/"
+            )
             try:
                 groups = self._inspect_file(path)
             except SourceError as err:
                 yield prefix.rstrip("/") or path.name, err
                 continue
             stat = path.stat()
-            ident = FileIdentity(path.name if self.root.is_file() else path.relative_to(self.root).as_posix(),
-                                 stat.st_size, stat.st_mtime_ns)
+            ident = FileIdentity(
+                path.name if self.root.is_file() else path.relative_to(self.root).as_posix(),
+                stat.st_size,
+                stat.st_mtime_ns,
+            )
             for arrays, count, length in groups:
                 base = prefix + (arrays.group + "/" if arrays.group else "")
                 for v in range(count):
@@ -106,8 +135,10 @@ class Hdf5Source(ListedSource):
             with h5py.File(path, "r") as f:
                 groups = self._image_groups(f)
                 if not groups:
-                    raise SourceError(f"{path}: no dataset '{self.image_key}' (dataset.hdf5.image_key) at the top "
-                                      f"level or in a group; {self._describe_keys(f, self.image_key)}")
+                    raise SourceError(
+                        f"{path}: no dataset '{self.image_key}' (dataset.hdf5.image_key) at the top "
+                        f"level or in a group; {self._describe_keys(f, self.image_key)}"
+                    )
                 return [self._check_group(path, f, g) for g in groups]
         except SourceError:
             raise
@@ -117,16 +148,28 @@ class Hdf5Source(ListedSource):
     def _image_groups(self, f: h5py.File) -> list[str]:
         if isinstance(f.get(self.image_key), h5py.Dataset):
             return [""]
-        return natsorted([name for name, node in f.items()
-                          if isinstance(node, h5py.Group) and isinstance(node.get(self.image_key), h5py.Dataset)])
+        return natsorted(
+            [
+                name
+                for name, node in f.items()
+                if isinstance(node, h5py.Group)
+                and isinstance(node.get(self.image_key), h5py.Dataset)
+            ]
+        )
 
     def _describe_keys(self, f: h5py.File, wanted: str) -> str:
         found = []
-        f.visititems(lambda name, node: found.append(f"{name} {node.shape}") if isinstance(node, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, node: (
+                found.append(f"{name} {node.shape}") if isinstance(node, h5py.Dataset) else None
+            )
+        )
         names = [k.split(" ")[0].rsplit("/", 1)[-1] for k in found]
         close = difflib.get_close_matches(wanted, names, n=1, cutoff=0.4)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        listing = ", ".join(found[:20]) + (" ..." if len(found) > 20 else "") if found else "no datasets"
+        listing = (
+            ", ".join(found[:20]) + (" ..." if len(found) > 20 else "") if found else "no datasets"
+        )
         return f"the file has: {listing}{hint}"
 
     def _check_group(self, path: Path, f: h5py.File, group: str) -> tuple[_Arrays, int, int]:
@@ -136,8 +179,10 @@ class Hdf5Source(ListedSource):
         lead = LAYOUTS[self.layout]
         rest = images.shape[lead:]
         if images.ndim < lead + 2 or len(rest) > 3:
-            raise SourceError(f"{where}: shape {images.shape} does not fit dataset.hdf5.layout={self.layout} "
-                              f"({'(V, T, H, W[, C])' if lead == 2 else '(N, H, W[, C])'})")
+            raise SourceError(
+                f"{where}: shape {images.shape} does not fit dataset.hdf5.layout={self.layout} "
+                f"({'(V, T, H, W[, C])' if lead == 2 else '(N, H, W[, C])'})"
+            )
         channels_first = len(rest) == 3 and rest[-1] not in (1, 3, 4) and rest[0] in (1, 3, 4)
         if len(rest) == 3 and not channels_first and rest[-1] not in (1, 3, 4):
             raise SourceError(f"{where}: shape {images.shape}: expected 1, 3 or 4 channels")
@@ -145,13 +190,17 @@ class Hdf5Source(ListedSource):
         mask_kind = None
         if self.mask_key is not None:
             if not isinstance(node.get(self.mask_key), h5py.Dataset):
-                raise SourceError(f"{path}: no dataset '{self.mask_key}' (dataset.hdf5.mask_key) beside "
-                                  f"'{self.image_key}'; set dataset.hdf5.mask_key=null for files without masks; "
-                                  f"{self._describe_keys(f, self.mask_key)}")
+                raise SourceError(
+                    f"{path}: no dataset '{self.mask_key}' (dataset.hdf5.mask_key) beside "
+                    f"'{self.image_key}'; set dataset.hdf5.mask_key=null for files without masks; "
+                    f"{self._describe_keys(f, self.mask_key)}"
+                )
             masks = node[self.mask_key]
             mwhere = f"{path}:{'/' + group if group else ''}/{self.mask_key}"
             if masks.shape[:lead] != images.shape[:lead]:
-                raise SourceError(f"{mwhere}: shape {masks.shape} does not match the images {images.shape}")
+                raise SourceError(
+                    f"{mwhere}: shape {masks.shape} does not match the images {images.shape}"
+                )
             mrest = masks.shape[lead:]
             if mrest[-1:] == (1,) and len(mrest) in (3, 4):
                 mrest = mrest[:-1]
@@ -160,9 +209,11 @@ class Hdf5Source(ListedSource):
             elif len(mrest) == 3:
                 mask_kind = "binary"
             if mask_kind is None or tuple(mrest[-2:]) != hw:
-                raise SourceError(f"{mwhere}: mask shape {masks.shape} does not match the frames' size "
-                                  f"{hw[1]}x{hw[0]} (images {images.shape}); expected (..., H, W[, 1]) label "
-                                  "maps or (..., K, H, W[, 1]) binary masks")
+                raise SourceError(
+                    f"{mwhere}: mask shape {masks.shape} does not match the frames' size "
+                    f"{hw[1]}x{hw[0]} (images {images.shape}); expected (..., H, W[, 1]) label "
+                    "maps or (..., K, H, W[, 1]) binary masks"
+                )
         count, length = images.shape[0], (images.shape[1] if lead == 2 else 1)
         return _Arrays(path, group, channels_first, mask_kind), count, length
 
@@ -172,7 +223,10 @@ class Hdf5Source(ListedSource):
     # -- reading ------------------------------------------------------------------------------
     def _file(self, path: Path) -> h5py.File:
         if self._open_pid != os.getpid() or self._open_files is None:
-            self._open_files, self._open_pid = {}, os.getpid()  # a forked child opens its own handles
+            self._open_files, self._open_pid = (
+                {},
+                os.getpid(),
+            )  # a forked child opens its own handles
         if path not in self._open_files:
             try:
                 self._open_files[path] = h5py.File(path, "r")
@@ -180,7 +234,9 @@ class Hdf5Source(ListedSource):
                 raise SourceError(f"{path}: cannot open HDF5 file ({err})") from err
         return self._open_files[path]
 
-    def read_frames(self, video_id: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Frame]:
+    def read_frames(
+        self, video_id: str, start: int = 0, stop: int | None = None
+    ) -> Iterator[Frame]:
         if video_id not in self._index:
             self.videos()
         if video_id not in self._index:
@@ -193,18 +249,22 @@ class Hdf5Source(ListedSource):
         n = images.shape[1] if lead == 2 else 1
         stop = n if stop is None else stop
         if not 0 <= start <= stop <= n:
-            raise SourceError(f"video '{video_id}': frames {start}..{stop} out of range (it has {n})")
+            raise SourceError(
+                f"video '{video_id}': frames {start}..{stop} out of range (it has {n})"
+            )
         if start == stop:
             return
         where = f"{arrays.file}:{'/' + arrays.group if arrays.group else ''}"
         try:
-            block = images[v, start:stop] if lead == 2 else images[v:v + 1]
+            block = images[v, start:stop] if lead == 2 else images[v : v + 1]
             masks = None
             if arrays.mask_kind is not None and self.has_masks:
                 masks = node[self.mask_key]
-                masks = masks[v, start:stop] if lead == 2 else masks[v:v + 1]
+                masks = masks[v, start:stop] if lead == 2 else masks[v : v + 1]
         except (OSError, ValueError) as err:
-            raise SourceError(f"{where}: video '{video_id}' frames {start}..{stop}: cannot read ({err})") from err
+            raise SourceError(
+                f"{where}: video '{video_id}' frames {start}..{stop}: cannot read ({err})"
+            ) from err
         for offset in range(stop - start):
             i = start + offset
             fwhere = f"{where}/{self.image_key}[{v}]: frame {i} of video '{video_id}'"
@@ -214,7 +274,9 @@ class Hdf5Source(ListedSource):
             rgb = to_rgb_uint8(img, fwhere)
             mask = None
             if masks is not None:
-                mask = self._labels(masks[offset], arrays.mask_kind, f"{where}/{self.mask_key}[{v}]: frame {i}")
+                mask = self._labels(
+                    masks[offset], arrays.mask_kind, f"{where}/{self.mask_key}[{v}]: frame {i}"
+                )
             yield Frame(video_id, i, rgb, mask)
 
     @staticmethod
@@ -225,6 +287,8 @@ class Hdf5Source(ListedSource):
             return binary_masks_to_labels(m, where)
         if m.dtype != np.uint8:
             if m.size and (np.nanmin(m) < 0 or np.nanmax(m) > 255):
-                raise SourceError(f"{where}: labels {np.nanmin(m)}..{np.nanmax(m)} do not fit a uint8 label map")
+                raise SourceError(
+                    f"{where}: labels {np.nanmin(m)}..{np.nanmax(m)} do not fit a uint8 label map"
+                )
             m = m.astype(np.uint8)
         return np.ascontiguousarray(m)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 
@@ -14,8 +14,13 @@ from pipeline.data.base import FileIdentity, Frame, SourceError, VideoInfo, spli
 class InMemorySource:
     """``videos``: {video_id: (T, H, W, 3) uint8}; ``masks`` likewise with (T, H, W) uint8."""
 
-    def __init__(self, videos: dict[str, np.ndarray], masks: Optional[dict[str, np.ndarray]] = None,
-                 attributes: Optional[dict[str, dict]] = None, splits: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        videos: dict[str, np.ndarray],
+        masks: dict[str, np.ndarray] | None = None,
+        attributes: dict[str, dict] | None = None,
+        splits: dict[str, str] | None = None,
+    ):
         self.root = Path("<memory>")
         self._videos = videos
         self._masks = masks or {}
@@ -27,11 +32,19 @@ class InMemorySource:
         rows = []
         for vid, arr in self._videos.items():
             # Identity of in-memory data: its shape and a content hash stand in for size and mtime.
-            ident = FileIdentity(vid, int(arr.nbytes), int.from_bytes(hashlib.sha1(arr.tobytes()).digest()[:7], 'big'))
-            rows.append(VideoInfo(vid, int(arr.shape[0]), self._splits.get(vid, split_of(vid)), (ident,)))
+            ident = FileIdentity(
+                vid,
+                int(arr.nbytes),
+                int.from_bytes(hashlib.sha1(arr.tobytes()).digest()[:7], "big"),
+            )
+            rows.append(
+                VideoInfo(vid, int(arr.shape[0]), self._splits.get(vid, split_of(vid)), (ident,))
+            )
         return rows
 
-    def read_frames(self, video_id: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Frame]:
+    def read_frames(
+        self, video_id: str, start: int = 0, stop: int | None = None
+    ) -> Iterator[Frame]:
         if video_id not in self._videos:
             raise SourceError(f"no video '{video_id}' in memory source")
         arr = self._videos[video_id]
@@ -39,5 +52,5 @@ class InMemorySource:
         for i in range(start, arr.shape[0] if stop is None else stop):
             yield Frame(video_id, i, arr[i], None if masks is None else masks[i])
 
-    def attributes(self, video_id: str) -> Optional[dict]:
+    def attributes(self, video_id: str) -> dict | None:
         return self._attributes.get(video_id)

@@ -31,12 +31,12 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -59,7 +59,7 @@ TEXTURE_SIZE = 64  # pixels per side of generated textures
 
 # (name, visual .obj, collision .obj or None = same) under pybullet_data.getDataPath().
 # The ``random_urdfs`` blobs follow, named blob_000..blob_999; a mesh's id is its index here.
-NAMED_MESHES: tuple[tuple[str, str, Optional[str]], ...] = (
+NAMED_MESHES: tuple[tuple[str, str, str | None], ...] = (
     ("cube", "cube.obj", None),
     ("sphere", "textured_sphere_smooth.obj", None),
     ("cylinder", "toys/cylinder.obj", None),
@@ -106,7 +106,7 @@ def num_meshes() -> int:
     return len(NAMED_MESHES) + NUM_BLOBS
 
 
-@lru_cache(maxsize=None)
+@cache
 def mesh(mesh_id: int) -> Mesh:
     """The catalogue entry ``mesh_id`` (named meshes first, then blob_000..blob_999)."""
     root = _data_path()
@@ -119,11 +119,20 @@ def mesh(mesh_id: int) -> Mesh:
         raise ValueError(f"mesh id {mesh_id} is outside the catalogue (0..{num_meshes() - 1})")
     path = root / visual
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: pybullet_data lacks this mesh (is pybullet installed fully?)")
+        raise FileNotFoundError(
+            f"{path}: pybullet_data lacks this mesh (is pybullet installed fully?)"
+        )
     vertices, has_uv = _read_obj(path)
     lo, hi = vertices.min(axis=0), vertices.max(axis=0)
-    return Mesh(mesh_id, name, str(path), str(root / (collision or visual)), has_uv,
-                tuple(float(c) for c in (lo + hi) / 2), float((hi - lo).max()))
+    return Mesh(
+        mesh_id,
+        name,
+        str(path),
+        str(root / (collision or visual)),
+        has_uv,
+        tuple(float(c) for c in (lo + hi) / 2),
+        float((hi - lo).max()),
+    )
 
 
 def _read_obj(path: Path) -> tuple[np.ndarray, bool]:
@@ -147,7 +156,7 @@ class ObjectSpec:
     mesh_id: int
     color: list[float]  # RGB in [0, 1]
     size: float  # largest bounding-box side in metres
-    texture: Optional[str]  # pattern name, or None for a plain colour
+    texture: str | None  # pattern name, or None for a plain colour
     mass: float  # kg
     friction: float
     restitution: float
@@ -198,8 +207,13 @@ def video_rng(seed: int, video_index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, video_index]))
 
 
-def sample_scene(rng: np.random.Generator, frames: int, fps: float = DEFAULT_FPS,
-                 min_objects: int = 3, max_objects: int = 10) -> SceneSpec:
+def sample_scene(
+    rng: np.random.Generator,
+    frames: int,
+    fps: float = DEFAULT_FPS,
+    min_objects: int = 3,
+    max_objects: int = 10,
+) -> SceneSpec:
     """Draw one scene: objects with their initial state, ground, light and camera path."""
     n = int(rng.integers(min_objects, max_objects + 1))
     objects, placed = [], []  # placed: (centre, radius) of bounding spheres
@@ -215,28 +229,32 @@ def sample_scene(rng: np.random.Generator, frames: int, fps: float = DEFAULT_FPS
         toward_centre = -position[:2] / (np.linalg.norm(position[:2]) + 1e-6)
         heading = _rotate2d(toward_centre, rng.normal(0.0, 0.6))
         speed = rng.uniform(0.4, 1.6) if pushed else 0.0
-        objects.append(ObjectSpec(
-            mesh_id=mesh_id,
-            color=[float(c) for c in _random_color(rng)],
-            size=size,
-            texture=str(rng.choice(TEXTURE_PATTERNS)) if rng.random() < 0.5 else None,
-            mass=float(400.0 * size**3 * rng.uniform(0.5, 2.0)),
-            friction=float(rng.uniform(0.3, 0.9)),
-            restitution=float(rng.uniform(0.1, 0.5)),
-            position=[float(c) for c in position],
-            orientation=[float(c) for c in _random_quaternion(rng)],
-            linear_velocity=[float(heading[0] * speed), float(heading[1] * speed), 0.0],
-            angular_velocity=[float(c) for c in rng.normal(0.0, 2.0, 3)],
-        ))
+        objects.append(
+            ObjectSpec(
+                mesh_id=mesh_id,
+                color=[float(c) for c in _random_color(rng)],
+                size=size,
+                texture=str(rng.choice(TEXTURE_PATTERNS)) if rng.random() < 0.5 else None,
+                mass=float(400.0 * size**3 * rng.uniform(0.5, 2.0)),
+                friction=float(rng.uniform(0.3, 0.9)),
+                restitution=float(rng.uniform(0.1, 0.5)),
+                position=[float(c) for c in position],
+                orientation=[float(c) for c in _random_quaternion(rng)],
+                linear_velocity=[float(heading[0] * speed), float(heading[1] * speed), 0.0],
+                angular_velocity=[float(c) for c in rng.normal(0.0, 2.0, 3)],
+            )
+        )
     ground = [_random_color(rng, saturation=(0.1, 0.5), value=(0.35, 0.8)) for _ in range(2)]
     light_azimuth, light_elevation = rng.uniform(0, 2 * np.pi), np.radians(rng.uniform(40, 80))
     spec = SceneSpec(
         objects=objects,
         ground_pattern=str(rng.choice(GROUND_PATTERNS)),
         ground_colors=[[float(c) for c in col] for col in ground],
-        light_direction=[float(np.cos(light_elevation) * np.cos(light_azimuth)),
-                         float(np.cos(light_elevation) * np.sin(light_azimuth)),
-                         float(np.sin(light_elevation))],
+        light_direction=[
+            float(np.cos(light_elevation) * np.cos(light_azimuth)),
+            float(np.cos(light_elevation) * np.sin(light_azimuth)),
+            float(np.sin(light_elevation)),
+        ],
         light_color=[float(c) for c in rng.uniform(0.85, 1.0, 3)],
         ambient=float(rng.uniform(0.45, 0.65)),
         diffuse=float(rng.uniform(0.4, 0.6)),
@@ -245,10 +263,18 @@ def sample_scene(rng: np.random.Generator, frames: int, fps: float = DEFAULT_FPS
         texture_seed=int(rng.integers(2**31)),
     )
     spec.texture_tints = [[float(c) for c in _random_color(rng)] for _ in objects]
-    spec.pokes = [Poke(frame=t, object=int(rng.integers(n)), speed=float(rng.uniform(0.5, 1.5)),
-                       turn=float(rng.normal(0.0, 0.5)), lift=float(rng.uniform(0.0, 1.0)),
-                       spin=[float(c) for c in rng.normal(0.0, 2.0, 3)])
-                  for t in range(int(np.ceil(fps)), frames) if rng.random() < POKES_PER_SECOND / fps]
+    spec.pokes = [
+        Poke(
+            frame=t,
+            object=int(rng.integers(n)),
+            speed=float(rng.uniform(0.5, 1.5)),
+            turn=float(rng.normal(0.0, 0.5)),
+            lift=float(rng.uniform(0.0, 1.0)),
+            spin=[float(c) for c in rng.normal(0.0, 2.0, 3)],
+        )
+        for t in range(int(np.ceil(fps)), frames)
+        if rng.random() < POKES_PER_SECOND / fps
+    ]
     return spec
 
 
@@ -299,7 +325,7 @@ def smooth_walk(rng, n: int, dt: float, mean, spread: float, timescale: float) -
     out = np.empty((n,) + mean.shape)
     for t in range(n):
         out[t] = x
-        accel = -omega**2 * (x - mean) - 2.0 * omega * v
+        accel = -(omega**2) * (x - mean) - 2.0 * omega * v
         v = v + accel * dt + sigma * np.sqrt(dt) * rng.normal(size=mean.shape)
         x = x + v * dt
     return out
@@ -311,13 +337,26 @@ def sample_camera_path(rng, frames: int, fps: float) -> CameraPath:
     azimuth = smooth_walk(rng, frames, dt, rng.uniform(0, 2 * np.pi), 0.5, 1.5)
     elevation = np.radians(smooth_walk(rng, frames, dt, rng.uniform(35, 55), 6.0, 1.0))
     distance = smooth_walk(rng, frames, dt, rng.uniform(0.95, 1.35), 0.1, 1.5)
-    gaze = np.concatenate([smooth_walk(rng, frames, dt, [0.0, 0.0], 0.12, 0.8),  # pan/tilt: where it looks
-                           smooth_walk(rng, frames, dt, [0.05], 0.02, 0.8)], axis=1)
+    gaze = np.concatenate(
+        [
+            smooth_walk(rng, frames, dt, [0.0, 0.0], 0.12, 0.8),  # pan/tilt: where it looks
+            smooth_walk(rng, frames, dt, [0.05], 0.02, 0.8),
+        ],
+        axis=1,
+    )
     bob = smooth_walk(rng, frames, dt, [0.0, 0.0, 0.0], 0.015, 0.3)  # head bob and sway
     roll = np.radians(smooth_walk(rng, frames, dt, 0.0, 3.0, 0.7))
-    eye = np.stack([distance * np.cos(elevation) * np.cos(azimuth),
-                    distance * np.cos(elevation) * np.sin(azimuth),
-                    distance * np.sin(elevation)], axis=1) + bob  # (T, 3)
+    eye = (
+        np.stack(
+            [
+                distance * np.cos(elevation) * np.cos(azimuth),
+                distance * np.cos(elevation) * np.sin(azimuth),
+                distance * np.sin(elevation),
+            ],
+            axis=1,
+        )
+        + bob
+    )  # (T, 3)
     forward = gaze - eye
     forward /= np.linalg.norm(forward, axis=1, keepdims=True)
     right = np.cross(forward, [0.0, 0.0, 1.0])
@@ -331,14 +370,16 @@ def sample_camera_path(rng, frames: int, fps: float) -> CameraPath:
 # Textures
 
 
-def texture_image(pattern: str, colors, rng: np.random.Generator, size: int = TEXTURE_SIZE) -> np.ndarray:
+def texture_image(
+    pattern: str, colors, rng: np.random.Generator, size: int = TEXTURE_SIZE
+) -> np.ndarray:
     """A small (size, size, 3) uint8 texture: a pattern blending two colours."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     if pattern in ("checker", "tiles"):
         k = int(rng.integers(2, 6))
         weight = ((np.floor(xx * k) + np.floor(yy * k)) % 2).astype(np.float64)
         if pattern == "tiles":  # grout lines between tiles
-            edge = (np.minimum((xx * k) % 1, (yy * k) % 1) < 0.06)
+            edge = np.minimum((xx * k) % 1, (yy * k) % 1) < 0.06
             weight = np.where(edge, 0.5, 0.15 + 0.2 * weight)
     elif pattern == "stripes":
         k, angle = int(rng.integers(2, 7)), rng.uniform(0, np.pi)
@@ -354,8 +395,15 @@ def texture_image(pattern: str, colors, rng: np.random.Generator, size: int = TE
         weight = (d < rng.uniform(0.2, 0.4)).astype(np.float64)
     elif pattern == "noise":
         coarse = rng.random((8, 8))
-        weight = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize(
-            (size, size), Image.BICUBIC), dtype=np.float64) / 255.0
+        weight = (
+            np.asarray(
+                Image.fromarray((coarse * 255).astype(np.uint8)).resize(
+                    (size, size), Image.BICUBIC
+                ),
+                dtype=np.float64,
+            )
+            / 255.0
+        )
     else:
         raise ValueError(f"unknown texture pattern {pattern!r}")
     weight = np.clip(weight, 0.0, 1.0)[..., None]
@@ -374,7 +422,9 @@ class Simulation:
     Use as a context manager (or call :meth:`close`) to free the client.
     """
 
-    def __init__(self, spec: SceneSpec, size: int, fps: float = DEFAULT_FPS, texture_dir: Optional[str] = None):
+    def __init__(
+        self, spec: SceneSpec, size: int, fps: float = DEFAULT_FPS, texture_dir: str | None = None
+    ):
         import pybullet as p
 
         self.p, self.spec, self.size, self.fps = p, spec, size, fps
@@ -408,13 +458,24 @@ class Simulation:
         reps = 2 * h / GROUND_TILE
         vertices = [[-h, -h, 0], [h, -h, 0], [h, h, 0], [-h, h, 0]]
         uvs = [[0, 0], [reps, 0], [reps, reps], [0, reps]]
-        visual = p.createVisualShape(p.GEOM_MESH, vertices=vertices, indices=[0, 1, 2, 0, 2, 3], uvs=uvs,
-                                     normals=[[0, 0, 1]] * 4, physicsClientId=c)
+        visual = p.createVisualShape(
+            p.GEOM_MESH,
+            vertices=vertices,
+            indices=[0, 1, 2, 0, 2, 3],
+            uvs=uvs,
+            normals=[[0, 0, 1]] * 4,
+            physicsClientId=c,
+        )
         collision = p.createCollisionShape(p.GEOM_PLANE, physicsClientId=c)
         body = p.createMultiBody(0, collision, visual, physicsClientId=c)
         image = texture_image(self.spec.ground_pattern, self.spec.ground_colors, rng, size=128)
-        p.changeVisualShape(body, -1, textureUniqueId=self._texture("ground", image), rgbaColor=[1, 1, 1, 1],
-                            physicsClientId=c)
+        p.changeVisualShape(
+            body,
+            -1,
+            textureUniqueId=self._texture("ground", image),
+            rgbaColor=[1, 1, 1, 1],
+            physicsClientId=c,
+        )
         p.changeDynamics(body, -1, lateralFriction=0.8, restitution=0.3, physicsClientId=c)
         return body
 
@@ -422,20 +483,44 @@ class Simulation:
         p, c, m = self.p, self.client, mesh(obj.mesh_id)
         scale = obj.size / m.extent
         offset = [-scale * x for x in m.center]  # put the bounding-box centre at the body origin
-        collision = p.createCollisionShape(p.GEOM_MESH, fileName=m.collision, meshScale=[scale] * 3,
-                                           collisionFramePosition=offset, physicsClientId=c)
-        visual = p.createVisualShape(p.GEOM_MESH, fileName=m.visual, meshScale=[scale] * 3,
-                                     visualFramePosition=offset, rgbaColor=obj.color + [1.0],
-                                     specularColor=[0.3, 0.3, 0.3], physicsClientId=c)
-        body = p.createMultiBody(obj.mass, collision, visual, basePosition=obj.position,
-                                 baseOrientation=obj.orientation, physicsClientId=c)
+        collision = p.createCollisionShape(
+            p.GEOM_MESH,
+            fileName=m.collision,
+            meshScale=[scale] * 3,
+            collisionFramePosition=offset,
+            physicsClientId=c,
+        )
+        visual = p.createVisualShape(
+            p.GEOM_MESH,
+            fileName=m.visual,
+            meshScale=[scale] * 3,
+            visualFramePosition=offset,
+            rgbaColor=obj.color + [1.0],
+            specularColor=[0.3, 0.3, 0.3],
+            physicsClientId=c,
+        )
+        body = p.createMultiBody(
+            obj.mass,
+            collision,
+            visual,
+            basePosition=obj.position,
+            baseOrientation=obj.orientation,
+            physicsClientId=c,
+        )
         if obj.texture is not None and m.has_uv:
             # The texture is multiplied by rgbaColor: keep it light so the object keeps its colour.
             colors = [[1.0, 1.0, 1.0], [0.35 + 0.65 * x for x in self.spec.texture_tints[index]]]
             texture = self._texture(f"object{index}", texture_image(obj.texture, colors, rng))
             p.changeVisualShape(body, -1, textureUniqueId=texture, physicsClientId=c)
-        p.changeDynamics(body, -1, lateralFriction=obj.friction, restitution=obj.restitution,
-                         rollingFriction=0.001, spinningFriction=0.001, physicsClientId=c)
+        p.changeDynamics(
+            body,
+            -1,
+            lateralFriction=obj.friction,
+            restitution=obj.restitution,
+            rollingFriction=0.001,
+            spinningFriction=0.001,
+            physicsClientId=c,
+        )
         p.resetBaseVelocity(body, obj.linear_velocity, obj.angular_velocity, physicsClientId=c)
         return body
 
@@ -452,19 +537,33 @@ class Simulation:
         position = np.asarray(p.getBasePositionAndOrientation(body, physicsClientId=c)[0])
         toward_centre = -position[:2] / (np.linalg.norm(position[:2]) + 1e-6)
         heading = _rotate2d(toward_centre, poke.turn) * poke.speed
-        p.resetBaseVelocity(body, [float(heading[0]), float(heading[1]), poke.lift], poke.spin, physicsClientId=c)
+        p.resetBaseVelocity(
+            body, [float(heading[0]), float(heading[1]), poke.lift], poke.spin, physicsClientId=c
+        )
 
     def render(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Frame ``t`` of the camera path: RGB (S, S, 3) uint8 and labels (S, S) uint8."""
         p, cam, spec = self.p, self.spec.camera, self.spec
         view = p.computeViewMatrix(cam.eye[t].tolist(), cam.target[t].tolist(), cam.up[t].tolist())
         _, _, rgba, _, seg = p.getCameraImage(
-            self.size, self.size, view, self.projection, renderer=p.ER_TINY_RENDERER,
-            flags=p.ER_SEGMENTATION_MASK_OBJECT_AND_LINKINDEX, shadow=1,
-            lightDirection=spec.light_direction, lightColor=spec.light_color, lightDistance=10.0,
-            lightAmbientCoeff=spec.ambient, lightDiffuseCoeff=spec.diffuse,
-            lightSpecularCoeff=spec.specular, physicsClientId=self.client)
-        rgb = np.ascontiguousarray(np.reshape(rgba, (self.size, self.size, 4))[:, :, :3], dtype=np.uint8)
+            self.size,
+            self.size,
+            view,
+            self.projection,
+            renderer=p.ER_TINY_RENDERER,
+            flags=p.ER_SEGMENTATION_MASK_OBJECT_AND_LINKINDEX,
+            shadow=1,
+            lightDirection=spec.light_direction,
+            lightColor=spec.light_color,
+            lightDistance=10.0,
+            lightAmbientCoeff=spec.ambient,
+            lightDiffuseCoeff=spec.diffuse,
+            lightSpecularCoeff=spec.specular,
+            physicsClientId=self.client,
+        )
+        rgb = np.ascontiguousarray(
+            np.reshape(rgba, (self.size, self.size, 4))[:, :, :3], dtype=np.uint8
+        )
         seg = np.reshape(seg, (self.size, self.size)).astype(np.int64)
         # With this flag a pixel holds body id + ((link index + 1) << 24); -1 where nothing is.
         body = np.where(seg >= 0, seg & ((1 << 24) - 1), 0)
@@ -473,14 +572,23 @@ class Simulation:
 
     def poses(self) -> tuple[np.ndarray, np.ndarray]:
         """Object positions (n, 3) and quaternions (n, 4), in label order."""
-        states = [self.p.getBasePositionAndOrientation(b, physicsClientId=self.client) for b in self.bodies]
-        return (np.array([s[0] for s in states], dtype=np.float64).reshape(-1, 3),
-                np.array([s[1] for s in states], dtype=np.float64).reshape(-1, 4))
+        states = [
+            self.p.getBasePositionAndOrientation(b, physicsClientId=self.client)
+            for b in self.bodies
+        ]
+        return (
+            np.array([s[0] for s in states], dtype=np.float64).reshape(-1, 3),
+            np.array([s[1] for s in states], dtype=np.float64).reshape(-1, 4),
+        )
 
     def hide(self, label: int) -> None:
         """Move object ``label`` far away (for checking masks against renders)."""
-        self.p.resetBasePositionAndOrientation(self.bodies[label - 1], [100.0, 100.0, -100.0], [0, 0, 0, 1],
-                                               physicsClientId=self.client)
+        self.p.resetBasePositionAndOrientation(
+            self.bodies[label - 1],
+            [100.0, 100.0, -100.0],
+            [0, 0, 0, 1],
+            physicsClientId=self.client,
+        )
 
     def close(self) -> None:
         if getattr(self, "client", None) is not None:
@@ -492,7 +600,7 @@ class Simulation:
         if self._own_dir:
             shutil.rmtree(self.texture_dir, ignore_errors=True)
 
-    def __enter__(self) -> "Simulation":
+    def __enter__(self) -> Simulation:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -509,7 +617,7 @@ class Timings:
     write: float = 0.0
     frames: int = 0
 
-    def add(self, other: "Timings") -> None:
+    def add(self, other: Timings) -> None:
         for k in ("setup", "physics", "render", "write", "frames"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
@@ -518,8 +626,13 @@ class Timings:
         return self.setup + self.physics + self.render + self.write
 
 
-def render_video(spec: SceneSpec, frames: int, size: int, fps: float = DEFAULT_FPS,
-                 timings: Optional[Timings] = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def render_video(
+    spec: SceneSpec,
+    frames: int,
+    size: int,
+    fps: float = DEFAULT_FPS,
+    timings: Timings | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Simulate and render a scene: yields (rgb, labels, positions (n, 3), quaternions (n, 4))
     per frame. Frame 0 shows the initial state; each later frame is 1/fps seconds on."""
     timings = timings if timings is not None else Timings()
@@ -556,8 +669,16 @@ def _round(a: np.ndarray, digits: int = 5) -> list:
     return np.round(np.asarray(a, dtype=np.float64), digits).tolist()
 
 
-def generate_video(out: Path | str, index: int, seed: int, frames: int, size: int,
-                   min_objects: int = 3, max_objects: int = 10, fps: float = DEFAULT_FPS) -> Timings:
+def generate_video(
+    out: Path | str,
+    index: int,
+    seed: int,
+    frames: int,
+    size: int,
+    min_objects: int = 3,
+    max_objects: int = 10,
+    fps: float = DEFAULT_FPS,
+) -> Timings:
     """Make ``OUT/video_<index>`` (frames, masks, meta.json) unless it exists; returns timings.
 
     The video is written to a hidden ``OUT/.partial-video_<index>-<pid>`` folder and renamed
@@ -575,14 +696,18 @@ def generate_video(out: Path | str, index: int, seed: int, frames: int, size: in
     (temp / "masks").mkdir(parents=True)
     try:
         positions, quaternions = [], []
-        for t, (rgb, labels, pos, quat) in enumerate(render_video(spec, frames, size, fps, timings)):
+        for t, (rgb, labels, pos, quat) in enumerate(
+            render_video(spec, frames, size, fps, timings)
+        ):
             start = time.perf_counter()
             save_png(temp / f"{t:05d}.png", rgb)
             save_png(temp / "masks" / f"{t:05d}.png", labels)
             timings.write += time.perf_counter() - start
             positions.append(pos)
             quaternions.append(quat)
-        meta = video_meta(spec, index, seed, frames, size, fps, np.stack(positions, 1), np.stack(quaternions, 1))
+        meta = video_meta(
+            spec, index, seed, frames, size, fps, np.stack(positions, 1), np.stack(quaternions, 1)
+        )
         (temp / "meta.json").write_text(to_json(meta))
         try:
             os.rename(temp, final)
@@ -596,63 +721,115 @@ def generate_video(out: Path | str, index: int, seed: int, frames: int, size: in
     return timings
 
 
-def video_meta(spec: SceneSpec, index: int, seed: int, frames: int, size: int, fps: float,
-               positions: np.ndarray, quaternions: np.ndarray) -> dict:
+def video_meta(
+    spec: SceneSpec,
+    index: int,
+    seed: int,
+    frames: int,
+    size: int,
+    fps: float,
+    positions: np.ndarray,
+    quaternions: np.ndarray,
+) -> dict:
     """meta.json of one video. positions (n, T, 3), quaternions (n, T, 4) in label order."""
     objects = []
     for k, obj in enumerate(spec.objects):
         m = mesh(obj.mesh_id)
-        objects.append({
-            "id": k + 1,  # the object's label in masks/*.png
-            "mesh": {"name": m.name, "id": m.id},
-            "color": _round(obj.color, 4),
-            "size": round(obj.size, 5),  # largest bounding-box side, metres
-            "scale": round(obj.size / m.extent, 6),  # pybullet mesh scale that gives that size
-            "texture": obj.texture if m.has_uv else None,
-            "mass": round(obj.mass, 5),
-            "positions": _round(positions[k]),  # (T, 3) centre of the bounding box, metres
-            "quaternions": _round(quaternions[k]),  # (T, 4) x, y, z, w
-        })
+        objects.append(
+            {
+                "id": k + 1,  # the object's label in masks/*.png
+                "mesh": {"name": m.name, "id": m.id},
+                "color": _round(obj.color, 4),
+                "size": round(obj.size, 5),  # largest bounding-box side, metres
+                "scale": round(obj.size / m.extent, 6),  # pybullet mesh scale that gives that size
+                "texture": obj.texture if m.has_uv else None,
+                "mass": round(obj.mass, 5),
+                "positions": _round(positions[k]),  # (T, 3) centre of the bounding box, metres
+                "quaternions": _round(quaternions[k]),  # (T, 4) x, y, z, w
+            }
+        )
     cam = spec.camera
     return {
         "fps": fps,
         "num_frames": frames,
         "resolution": [size, size],
-        "generator": {"name": "egoslots.synthetic", "version": GENERATOR_VERSION, "seed": seed, "index": index},
-        "camera": {"fov": round(cam.fov, 4), "eye": _round(cam.eye), "target": _round(cam.target),
-                   "up": _round(cam.up)},
-        "light": {"direction": _round(spec.light_direction), "color": _round(spec.light_color),
-                  "ambient": round(spec.ambient, 4), "diffuse": round(spec.diffuse, 4),
-                  "specular": round(spec.specular, 4)},
-        "ground": {"pattern": spec.ground_pattern, "colors": [_round(c, 4) for c in spec.ground_colors]},
+        "generator": {
+            "name": "egoslots.synthetic",
+            "version": GENERATOR_VERSION,
+            "seed": seed,
+            "index": index,
+        },
+        "camera": {
+            "fov": round(cam.fov, 4),
+            "eye": _round(cam.eye),
+            "target": _round(cam.target),
+            "up": _round(cam.up),
+        },
+        "light": {
+            "direction": _round(spec.light_direction),
+            "color": _round(spec.light_color),
+            "ambient": round(spec.ambient, 4),
+            "diffuse": round(spec.diffuse, 4),
+            "specular": round(spec.specular, 4),
+        },
+        "ground": {
+            "pattern": spec.ground_pattern,
+            "colors": [_round(c, 4) for c in spec.ground_colors],
+        },
         "objects": objects,
         # later pushes: before frame `frame`, object `object` got `speed` m/s sideways, `lift` up
-        "pokes": [{"frame": k.frame, "object": k.object + 1, "speed": round(k.speed, 4), "lift": round(k.lift, 4)}
-                  for k in spec.pokes],
+        "pokes": [
+            {
+                "frame": k.frame,
+                "object": k.object + 1,
+                "speed": round(k.speed, 4),
+                "lift": round(k.lift, 4),
+            }
+            for k in spec.pokes
+        ],
     }
 
 
 def to_json(obj) -> str:
     """Indented JSON with each innermost list of numbers on one line (a (T, 3) array = T lines)."""
     text = json.dumps(obj, indent=1)
-    return re.sub(r"\[\s*([-0-9.e,\s]+?)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]",
-                  text) + "\n"
+    return (
+        re.sub(
+            r"\[\s*([-0-9.e,\s]+?)\s*\]",
+            lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]",
+            text,
+        )
+        + "\n"
+    )
 
 
-def dataset_args(videos: int, frames: int, size: int, seed: int, min_objects: int, max_objects: int,
-                 fps: float) -> dict:
-    return {"videos": videos, "frames": frames, "size": size, "seed": seed,
-            "min_objects": min_objects, "max_objects": max_objects, "fps": fps}
+def dataset_args(
+    videos: int, frames: int, size: int, seed: int, min_objects: int, max_objects: int, fps: float
+) -> dict:
+    return {
+        "videos": videos,
+        "frames": frames,
+        "size": size,
+        "seed": seed,
+        "min_objects": min_objects,
+        "max_objects": max_objects,
+        "fps": fps,
+    }
 
 
-def check_args(videos: int, frames: int, size: int, seed: int, min_objects: int, max_objects: int,
-               fps: float) -> None:
+def check_args(
+    videos: int, frames: int, size: int, seed: int, min_objects: int, max_objects: int, fps: float
+) -> None:
     if videos < 0 or frames < 1 or size < 8:
-        raise ValueError(f"need videos >= 0, frames >= 1 and size >= 8 (got {videos}, {frames}, {size})")
+        raise ValueError(
+            f"need videos >= 0, frames >= 1 and size >= 8 (got {videos}, {frames}, {size})"
+        )
     if seed < 0:
         raise ValueError(f"seed must be >= 0 (got {seed})")
     if not 1 <= min_objects <= max_objects <= 255:
-        raise ValueError(f"need 1 <= min_objects <= max_objects <= 255 (got {min_objects}, {max_objects})")
+        raise ValueError(
+            f"need 1 <= min_objects <= max_objects <= 255 (got {min_objects}, {max_objects})"
+        )
     if not 0 < fps <= PHYSICS_HZ:
         raise ValueError(f"fps must be in (0, {PHYSICS_HZ:g}] (got {fps})")
 
@@ -666,21 +843,36 @@ def _write_dataset_json(out: Path, args: dict) -> None:
         try:
             old = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: unreadable ({err}); delete it or choose another folder") from err
+            raise ValueError(
+                f"{path}: unreadable ({err}); delete it or choose another folder"
+            ) from err
         old_args = dict(old.get("args", {}))
         if old.get("version") != GENERATOR_VERSION:
-            raise ValueError(f"{path}: made by generator version {old.get('version')}, this is "
-                             f"{GENERATOR_VERSION}; choose another folder")
-        differs = {k: (old_args.get(k), v) for k, v in args.items() if k != "videos" and old_args.get(k) != v}
+            raise ValueError(
+                f"{path}: made by generator version {old.get('version')}, this is "
+                f"{GENERATOR_VERSION}; choose another folder"
+            )
+        differs = {
+            k: (old_args.get(k), v)
+            for k, v in args.items()
+            if k != "videos" and old_args.get(k) != v
+        }
         if differs:
             detail = ", ".join(f"{k} {a} != {b}" for k, (a, b) in differs.items())
-            raise ValueError(f"{path}: the folder holds videos made with other settings ({detail}); "
-                             f"choose another folder or delete it")
+            raise ValueError(
+                f"{path}: the folder holds videos made with other settings ({detail}); "
+                f"choose another folder or delete it"
+            )
         if args["videos"] < old_args.get("videos", 0):
             args = dict(args, videos=old_args["videos"])  # asking for fewer: keep what is there
-    record = {"generator": "egoslots.synthetic", "version": GENERATOR_VERSION,
-              "pybullet_api": p.getAPIVersion(), "args": args, "format": "frame-folder",
-              "labels": "masks/*.png: uint8, 0 = background (ground, sky), 1..n = meta.json objects[].id"}
+    record = {
+        "generator": "egoslots.synthetic",
+        "version": GENERATOR_VERSION,
+        "pybullet_api": p.getAPIVersion(),
+        "args": args,
+        "format": "frame-folder",
+        "labels": "masks/*.png: uint8, 0 = background (ground, sky), 1..n = meta.json objects[].id",
+    }
     text = to_json(record)
     if path.is_file() and path.read_text() == text:
         return  # a finished or resumed dataset: leave the file (and its mtime) alone
@@ -708,9 +900,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def generate_dataset(out: Path | str, videos: int, frames: int, size: int, seed: int,
-                     min_objects: int = 3, max_objects: int = 10, fps: float = DEFAULT_FPS,
-                     progress: bool = True, workers: int = 1) -> Path:
+def generate_dataset(
+    out: Path | str,
+    videos: int,
+    frames: int,
+    size: int,
+    seed: int,
+    min_objects: int = 3,
+    max_objects: int = 10,
+    fps: float = DEFAULT_FPS,
+    progress: bool = True,
+    workers: int = 1,
+) -> Path:
     """Make ``videos`` synthetic videos in ``out`` (frame-folder format); returns ``out``.
 
     Videos already there are kept, so an interrupted run resumes, and a finished one returns at
@@ -730,8 +931,17 @@ def generate_dataset(out: Path | str, videos: int, frames: int, size: int, seed:
         return out
     log.info("make-synthetic: %d of %d videos to make in %s", len(todo), videos, out)
     total = Timings()
-    bar = tqdm(total=len(todo) * frames, unit="frame", desc="synthetic videos", disable=not progress)
-    job = dict(seed=seed, frames=frames, size=size, min_objects=min_objects, max_objects=max_objects, fps=fps)
+    bar = tqdm(
+        total=len(todo) * frames, unit="frame", desc="synthetic videos", disable=not progress
+    )
+    job = dict(
+        seed=seed,
+        frames=frames,
+        size=size,
+        min_objects=min_objects,
+        max_objects=max_objects,
+        fps=fps,
+    )
     try:
         if workers <= 1:
             for i in todo:
@@ -745,9 +955,14 @@ def generate_dataset(out: Path | str, videos: int, frames: int, size: int, seed:
     finally:
         bar.close()
     if total.frames:
-        log.info("make-synthetic: %d frames in %.1f s (%.0f frames/s; physics %.0f%%, render %.0f%%, "
-                 "PNG %.0f%%)", total.frames, total.total, total.frames / max(total.total, 1e-9),
-                 *(100 * x / max(total.total, 1e-9) for x in (total.physics, total.render, total.write)))
+        log.info(
+            "make-synthetic: %d frames in %.1f s (%.0f frames/s; physics %.0f%%, render %.0f%%, "
+            "PNG %.0f%%)",
+            total.frames,
+            total.total,
+            total.frames / max(total.total, 1e-9),
+            *(100 * x / max(total.total, 1e-9) for x in (total.physics, total.render, total.write)),
+        )
     return out
 
 
@@ -756,6 +971,19 @@ def _generate_one(task) -> Timings:
     return generate_video(out, index, **job)
 
 
-__all__ = ["generate_dataset", "generate_video", "render_video", "sample_scene", "Simulation", "SceneSpec",
-           "ObjectSpec", "Timings", "mesh", "num_meshes", "video_name", "video_rng", "GENERATOR_VERSION",
-           "DEFAULT_FPS"]
+__all__ = [
+    "generate_dataset",
+    "generate_video",
+    "render_video",
+    "sample_scene",
+    "Simulation",
+    "SceneSpec",
+    "ObjectSpec",
+    "Timings",
+    "mesh",
+    "num_meshes",
+    "video_name",
+    "video_rng",
+    "GENERATOR_VERSION",
+    "DEFAULT_FPS",
+]

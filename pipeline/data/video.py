@@ -19,9 +19,9 @@ frames by timestamp; reading on from where the last call stopped reuses the open
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import av
 import numpy as np
@@ -40,13 +40,13 @@ class _Timeline:
     """What listing learnt about one file."""
 
     path: Path
-    pts: Optional[np.ndarray]  # kept frames' timestamps (stream time base), or None: match by order
+    pts: np.ndarray | None  # kept frames' timestamps (stream time base), or None: match by order
     ranks: np.ndarray  # kept frames' positions among all frames, in presentation order
     height: int
     width: int
 
 
-def subsample(times: np.ndarray, fps: Optional[float]) -> np.ndarray:
+def subsample(times: np.ndarray, fps: float | None) -> np.ndarray:
     """Indices of the frames to keep, given every frame's time in seconds (sorted, from 0).
 
     See the module docstring for the rule.
@@ -59,7 +59,9 @@ def subsample(times: np.ndarray, fps: Optional[float]) -> np.ndarray:
     instants = np.arange(int(np.floor(times[-1] * fps + 1e-9)) + 1) / fps
     after = np.clip(np.searchsorted(times, instants, side="left"), 0, n - 1)
     before = np.clip(after - 1, 0, n - 1)
-    nearest = np.where(np.abs(times[before] - instants) <= np.abs(times[after] - instants), before, after)
+    nearest = np.where(
+        np.abs(times[before] - instants) <= np.abs(times[after] - instants), before, after
+    )
     return np.unique(nearest)
 
 
@@ -68,7 +70,7 @@ class VideoFileSource(ListedSource):
 
     kind = "video"
 
-    def __init__(self, root: str | Path, fps: Optional[float] = None, **common):
+    def __init__(self, root: str | Path, fps: float | None = None, **common):
         super().__init__(root, **common)
         if fps is not None and fps <= 0:
             raise SourceError(f"dataset.fps must be > 0, got {fps}")
@@ -81,10 +83,16 @@ class VideoFileSource(ListedSource):
         if self.root.is_file():
             yield self.root.name, self.root
             return
-        paths = [p for p in self.root.rglob("*")
-                 if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(self.root).parts)]
-        for path in natsorted(paths, key=lambda p: p.relative_to(self.root).as_posix(), alg=ns.PATH):
+        paths = [
+            p
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in VIDEO_SUFFIXES
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+        ]
+        for path in natsorted(
+            paths, key=lambda p: p.relative_to(self.root).as_posix(), alg=ns.PATH
+        ):
             yield path.relative_to(self.root).as_posix(), path
 
     def _describe(self, video_id: str, path: Path) -> VideoInfo:
@@ -110,11 +118,20 @@ class VideoFileSource(ListedSource):
         native = float(rate) if rate else None
         keep_all = self.fps is None or (native is not None and self.fps >= native)
         ranks = np.arange(len(pts)) if keep_all else subsample(times, self.fps)
-        self._timelines[video_id] = _Timeline(path, None if stamps is None else stamps[ranks], ranks, height, width)
+        self._timelines[video_id] = _Timeline(
+            path, None if stamps is None else stamps[ranks], ranks, height, width
+        )
         stat = path.stat()
-        ident = FileIdentity(video_id if self.root.is_dir() else path.name, stat.st_size, stat.st_mtime_ns)
-        return VideoInfo(video_id, len(ranks), self.split_for(video_id), (ident,),
-                         native if keep_all else float(self.fps))
+        ident = FileIdentity(
+            video_id if self.root.is_dir() else path.name, stat.st_size, stat.st_mtime_ns
+        )
+        return VideoInfo(
+            video_id,
+            len(ranks),
+            self.split_for(video_id),
+            (ident,),
+            native if keep_all else float(self.fps),
+        )
 
     # -- reading ------------------------------------------------------------------------------
     def _timeline(self, video_id: str) -> _Timeline:
@@ -124,12 +141,16 @@ class VideoFileSource(ListedSource):
             raise SourceError(f"no video '{video_id}' in {self.root}")
         return self._timelines[video_id]
 
-    def read_frames(self, video_id: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Frame]:
+    def read_frames(
+        self, video_id: str, start: int = 0, stop: int | None = None
+    ) -> Iterator[Frame]:
         tl = self._timeline(video_id)
         n = len(tl.ranks)
         stop = n if stop is None else stop
         if not 0 <= start <= stop <= n:
-            raise SourceError(f"video '{video_id}': frames {start}..{stop} out of range (it has {n})")
+            raise SourceError(
+                f"video '{video_id}': frames {start}..{stop} out of range (it has {n})"
+            )
         if start == stop:
             return
         cursor = self._take_cursor(video_id, start)
@@ -139,7 +160,9 @@ class VideoFileSource(ListedSource):
                 first = next(cursor[1], None)
             except _AV_ERRORS:
                 first = None
-            if first is None or first[0] > int(tl.pts[start]):  # seek overshot: decode from the start
+            if first is None or first[0] > int(
+                tl.pts[start]
+            ):  # seek overshot: decode from the start
                 cursor[0].close()
                 cursor = None
             else:
@@ -166,8 +189,10 @@ class VideoFileSource(ListedSource):
                 if key < wanted:
                     continue
                 if key > wanted:
-                    raise SourceError(f"{tl.path}: frame {i} of video '{video_id}' could not be decoded "
-                                      "(missing from the stream; the file may be corrupt)")
+                    raise SourceError(
+                        f"{tl.path}: frame {i} of video '{video_id}' could not be decoded "
+                        "(missing from the stream; the file may be corrupt)"
+                    )
                 where = f"{tl.path}: frame {i} of video '{video_id}'"
                 rgb = frame.to_ndarray(format="rgb24")
                 check_same_size(rgb.shape, (tl.height, tl.width), where)
@@ -176,16 +201,22 @@ class VideoFileSource(ListedSource):
                 if i == stop:
                     return
         except _AV_ERRORS as err:
-            raise SourceError(f"{tl.path}: frame {i} of video '{video_id}': cannot decode ({err})") from err
-        raise SourceError(f"{tl.path}: video '{video_id}' ended at frame {i} of {len(tl.ranks)} "
-                          "(truncated or corrupt file?)")
+            raise SourceError(
+                f"{tl.path}: frame {i} of video '{video_id}': cannot decode ({err})"
+            ) from err
+        raise SourceError(
+            f"{tl.path}: video '{video_id}' ended at frame {i} of {len(tl.ranks)} "
+            "(truncated or corrupt file?)"
+        )
 
-    def _open_at(self, tl: _Timeline, seek_to: Optional[int]):
+    def _open_at(self, tl: _Timeline, seek_to: int | None):
         """An open container and an iterator of (timestamp or order, frame) in presentation order."""
         try:
             container = av.open(str(tl.path))
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # frame + slice threads: several times faster on large frames
+            stream.thread_type = (
+                "AUTO"  # frame + slice threads: several times faster on large frames
+            )
             if seek_to is not None:
                 container.seek(seek_to, stream=stream, backward=True, any_frame=False)
         except _AV_ERRORS as err:
