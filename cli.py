@@ -27,11 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "cache": ("stages.cache_cmds:cache", "List, describe, verify or remove feature stores."),
     "pretrain-dvae": (
-        "stages.dvae:pretrain_dvae",
+        "stages.pretrain_dvae:pretrain_dvae",
         "Stage 2: train STEVE's dVAE on cached frames, then tokenize.",
     ),
     "tokenize": (
-        "stages.dvae:tokenize",
+        "stages.tokenize:tokenize",
         "Stage 2: write a trained dVAE's token ids into the store.",
     ),
     "train-slots": (

@@ -92,9 +92,10 @@ def bench_cfg(work_dir: Path, *overrides: str):
 
 # ---------------------------------------------------------------------------- 1. extraction vs bare forward
 def bench_extraction(args) -> None:
-    import pipeline.backbones as backbones
+    import stages.extract as extract_stage
     from pipeline.preprocess import preprocess_frame
-    from stages.extract import extract, pick_device, resolve_compute
+    from stages.extract import extract
+    from stages.runtime import extraction_compute, pick_device
 
     rng = np.random.default_rng(0)
     per_video = args.frames // args.videos
@@ -103,9 +104,9 @@ def bench_extraction(args) -> None:
     }
     source = InMemorySource(videos)
     device = pick_device("auto")
-    compute = resolve_compute("auto", device)
+    compute = extraction_compute("auto", device)
     encoder = TimmViT(input_size=args.size).to(device)
-    backbones.build_backbone = lambda cfg: encoder  # extract() builds its backbone through this
+    extract_stage.build_backbone = lambda cfg: encoder  # extract() builds its backbone with this
     print(f"machine: {machine()}; device {device}, compute {compute}")
     print(
         f"{args.videos} videos x {per_video} frames of {args.height}x{args.width} -> ViT-S/14 at {args.size} px, "
@@ -160,7 +161,7 @@ def bench_extraction(args) -> None:
 
 # ---------------------------------------------------------------------------- 2. bytes per frame
 def bench_bytes(args) -> None:
-    from stages.extract import to_storage
+    from stages.extract_chunks import to_storage
 
     rng = np.random.default_rng(0)
     frames_n = args.frames

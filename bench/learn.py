@@ -85,7 +85,8 @@ def main():
     args = ap.parse_args()
 
     from stages.evaluate import evaluate_model, summarize_scores
-    from stages.train_slots import load_trained, train
+    from stages.inference import load_trained
+    from stages.train_slots import train
 
     with tempfile.TemporaryDirectory() as d:
         work = args.work or Path(d)

@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.model import SlotModel  # noqa: E402
+from pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
 
 
 def build(args, naive: bool) -> SlotModel:
     torch.manual_seed(0)
-    model = SlotModel(
+    config = SlotModelConfig(
         feature_dim=args.feature_dim,
         num_tokens=args.tokens,
         num_slots=args.slots,
@@ -36,7 +36,8 @@ def build(args, naive: bool) -> SlotModel:
         steve=args.steve,
         vocab_size=args.vocab,
         token_grid=(args.grid, args.grid) if args.steve else None,
-    ).to(args.device)
+    )
+    model = SlotModel(config).to(args.device)
     if naive:
         model.decoder.forward = model.decoder.forward_naive
     return model

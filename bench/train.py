@@ -41,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache.reader import ClipDataset  # noqa: E402
 from cache.store import FeatureStore, VideoRecord  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from stages.train_slots import bf16_supported, build_param_groups, collate_clips  # noqa: E402
+from stages.datamodules import collate_clips  # noqa: E402
+from stages.runtime import bf16_native  # noqa: E402
+from stages.slot_task import build_param_groups  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,7 +278,7 @@ def movi_c(args, tmp: Path):
     store = make_store(
         tmp / "movi.zarr", videos=8, frames=8, tokens=tokens, dim=dim, frame_size=224
     )
-    native = bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
+    native = bf16_native("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
         f"# MOVi-C setting: {tokens} tokens x {dim}, {cfg.model.num_slots} slots x {cfg.model.slot_dim}, "

@@ -1,4 +1,4 @@
-"""The extraction fingerprint, and finding the store a config means.
+"""The extraction fingerprint: what identifies a store, and how two stores' inputs differ.
 
 The fingerprint names a store (``<work_dir>/stores/<fingerprint>.zarr``) and changes exactly
 when the bytes extraction would write change: the video table (ids, lengths, splits and each
@@ -9,10 +9,9 @@ Batch size, workers, device and progress are not inputs. It is 16 hex characters
 SHA-256 of the inputs as canonical JSON; the inputs themselves are recorded in the store's
 attrs so that a mismatch can be explained key by key.
 
-Later stages never rebuild the backbone or rescan the data to find their store:
-:func:`resolve_store` takes ``store=`` (a path or a fingerprint) or else looks for the one
-complete store whose recorded extraction *settings* (the config keys that feed the
-fingerprint) match the config.
+Later stages never rebuild the backbone or rescan the data to find their store: they match
+the extraction *settings* (:func:`extraction_settings`, the config keys that feed the
+fingerprint) that every store records (``cache.catalog.store_for_config``).
 """
 
 from __future__ import annotations
@@ -21,18 +20,10 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-from cache.location import Location, as_location, is_remote, name_of, store_exists
-from cache.store import (
-    FORMAT_VERSION,
-    FeatureStore,
-    StoreError,
-    list_stores,
-    store_path,
-    stores_dir,
-)
+from cache.store import FORMAT_VERSION
+from pipeline.config import section_dict
 
 FINGERPRINT_CHARS = 16
 
@@ -125,23 +116,19 @@ def _video_differences(old: list, new: list) -> str:
     return "; ".join(parts)
 
 
-# ---------------------------------------------------------------------------- settings / resolve
+# ---------------------------------------------------------------------------- settings
 def extraction_settings(cfg) -> dict:
     """The config keys that feed the fingerprint (what ``resolve_store`` matches on)."""
-    from pipeline.config import section_dict
-
     data = section_dict(cfg, "dataset")
     dataset = {
         "source": data["source"],
         "path": os.path.abspath(os.path.expanduser(str(data["path"]))),
-        "fps": data.get("fps"),
-        "max_videos": data.get("max_videos"),
-        "split": data.get("split"),
+        "fps": data["fps"],
+        "max_videos": data["max_videos"],
+        "split": data["split"],
     }
-    if data["source"] == "hdf5":
-        dataset["hdf5"] = data.get("hdf5")
-    if data["source"] == "synthetic":
-        dataset["synthetic"] = data.get("synthetic")
+    if data["source"] in ("hdf5", "synthetic"):  # the source's own settings
+        dataset[data["source"]] = data[data["source"]]
     return {
         "dataset": dataset,
         "backbone": section_dict(cfg, "backbone"),
@@ -168,82 +155,3 @@ def settings_mismatch(recorded: dict, wanted: dict) -> list[str]:
         elif canonical_json(a) != canonical_json(b):
             diffs.append(key)
     return diffs
-
-
-def config_stores_dir(cfg) -> Location:
-    """The stores folder a config means: ``store_dir`` (folder or URL), else work_dir/stores."""
-    return stores_dir(cfg.work_dir, cfg.get("store_dir"))
-
-
-def store_location(cfg, name: str | None = None) -> Location:
-    """A ``store=`` value (path, URL or fingerprint) as a location: fingerprints live in the
-    config's stores folder (:func:`config_stores_dir`)."""
-    name = str(name if name is not None else cfg.store)
-    if "://" in name:
-        return as_location(name)
-    path = Path(name).expanduser()
-    if path.exists() or os.sep in name or name.endswith(".zarr"):
-        return path
-    return store_path(config_stores_dir(cfg), name)
-
-
-def resolve_store(cfg) -> FeatureStore:
-    """The complete store a later stage should read, or a StoreError saying what to run."""
-    folder = config_stores_dir(cfg)
-    if cfg.get("store"):
-        path = store_location(cfg)
-        if not _exists(path):
-            have = ", ".join(name_of(p) for p in _stores_in(folder)) or "none"
-            raise StoreError(
-                f"store={cfg.store}: no feature store at {path} (stores in {folder}: {have}); "
-                "run `egoslots extract-features CONFIG` with the config you extracted with"
-            )
-        return FeatureStore.open(path)
-    wanted = extraction_settings(cfg)
-    complete, incomplete = [], []
-    for path in _stores_in(folder):
-        try:
-            store = FeatureStore.open(path, require_complete=False)
-        except StoreError:
-            continue
-        if settings_mismatch(store.meta.get("settings", {}), wanted):
-            continue
-        (complete if store.complete else incomplete).append(store)
-    if len(complete) == 1:
-        return complete[0]
-    if len(complete) > 1:
-        names = ", ".join(f"{s.fingerprint} (created {s.meta.get('created')})" for s in complete)
-        raise StoreError(
-            f"several complete stores in {folder} match this config: {names}; "
-            "name one with store=FINGERPRINT (see `egoslots cache ls`)"
-        )
-    if incomplete:
-        done, total = incomplete[0].progress()
-        raise StoreError(
-            f"the store for this config, {incomplete[0].path}, is incomplete ({done}/{total} chunks); "
-            "rerun `egoslots extract-features CONFIG` with this config to finish it"
-        )
-    raise StoreError(
-        f"no feature store in {folder} matches this config's extraction settings "
-        f"(dataset {wanted['dataset']['path']}, backbone {wanted['backbone'].get('name')}, "
-        f"dtype {wanted['dtype']}, frame size {wanted['frame_size']}, hflip {wanted['hflip']}); "
-        "run `egoslots extract-features CONFIG` with this config first, or set store=PATH|FINGERPRINT"
-    )
-
-
-def _exists(path: Location) -> bool:
-    try:
-        return store_exists(path)
-    except Exception as err:  # noqa: BLE001 - credentials, endpoint, bucket
-        raise StoreError(f"cannot reach {path}: {type(err).__name__}: {err}") from err
-
-
-def _stores_in(folder: Location) -> list[Location]:
-    try:
-        return list_stores(folder)
-    except Exception as err:  # noqa: BLE001 - credentials, endpoint, bucket
-        if not is_remote(folder):
-            raise
-        raise StoreError(
-            f"cannot list the stores in {folder}: {type(err).__name__}: {err}"
-        ) from err

@@ -1,9 +1,14 @@
-"""Where a store lives: a local folder, or an fsspec URL such as ``s3://bucket/prefix/x.zarr``.
+"""Files and folders at a location: a local path, or an fsspec URL such as ``s3://bucket/x.zarr``.
 
-zarr opens both kinds itself (``FsspecStore`` for URLs). This module holds the few operations
-the rest of egoslots needs beyond zarr: does a store exist, list, size and delete stores, write
-the config file beside one. Local paths (and ``file://`` URLs, which are local paths) stay
-``pathlib.Path`` so the fast local code paths (pread, fsync, flock) apply to them.
+zarr opens both kinds of store itself (``FsspecStore`` for URLs). This module holds the few file
+operations the rest of egoslots needs beyond zarr: does a store exist, list, size and delete
+stores, and write a file whole or not at all (:func:`write_file`, the one atomic writer every
+stage uses for configs, run files, checkpoints and metrics). Local paths (and ``file://`` URLs,
+which are local paths) stay ``pathlib.Path`` so the fast local code paths (pread, fsync, flock)
+apply to them.
+
+A user's path or URL becomes a :data:`Location` once, with :func:`as_location`, where it enters
+egoslots (the store catalog, ``FeatureStore.open``); everything here takes one already resolved.
 
 Credentials and endpoints never go in egoslots configs (configs are copied into every store and
 run): they come from fsspec's and the cloud SDK's own settings, e.g. ``AWS_PROFILE``,
@@ -14,13 +19,17 @@ ranks, SLURM tasks and DataLoader workers, then sees the same settings.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import io
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-Location = Path | str  # a local folder, or a remote URL (str)
+Location = Path | str  # a local folder or file, or a remote URL (str)
 
 
-def is_remote(location) -> bool:
+def is_remote(location: Location) -> bool:
     """True for a URL other than ``file://`` (those are plain local paths)."""
     text = str(location)
     return "://" in text and not text.startswith("file://")
@@ -36,13 +45,12 @@ def as_location(location) -> Location:
     return Path(text).expanduser()
 
 
-def name_of(location) -> str:
+def name_of(location: Location) -> str:
     """The last part of a path or URL without ``.zarr`` (a store's fingerprint)."""
     return str(location).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
 
 
 def join(location: Location, *names: str) -> Location:
-    location = as_location(location)
     if isinstance(location, Path):
         return location.joinpath(*names)
     return "/".join([location, *names])
@@ -60,9 +68,8 @@ def _url(fs, path: str) -> str:
     return f"{protocol}://{path.rstrip('/')}"
 
 
-def store_exists(location) -> bool:
+def store_exists(location: Location) -> bool:
     """Whether a zarr group (a ``zarr.json``) is at ``location``."""
-    location = as_location(location)
     if isinstance(location, Path):
         return location.exists()
     fs, path = filesystem(location)
@@ -70,9 +77,8 @@ def store_exists(location) -> bool:
     return fs.exists(f"{path}/zarr.json")
 
 
-def list_zarr(folder) -> list[Location]:
+def list_zarr(folder: Location) -> list[Location]:
     """The ``*.zarr`` entries directly inside ``folder`` (sorted), local or remote."""
-    folder = as_location(folder)
     if isinstance(folder, Path):
         return sorted(p for p in folder.iterdir() if p.suffix == ".zarr") if folder.is_dir() else []
     fs, path = filesystem(folder)
@@ -84,12 +90,9 @@ def list_zarr(folder) -> list[Location]:
     return sorted(_url(fs, e) for e in entries if e.rstrip("/").endswith(".zarr"))
 
 
-def remove(location) -> None:
+def remove(location: Location) -> None:
     """Delete a folder or remote prefix and everything under it (no error if absent)."""
-    location = as_location(location)
     if isinstance(location, Path):
-        import shutil
-
         if location.exists():
             shutil.rmtree(location)
         return
@@ -98,12 +101,18 @@ def remove(location) -> None:
         fs.rm(path, recursive=True)
 
 
-def size_bytes(location) -> int:
-    """Total size of the files under ``location``."""
-    location = as_location(location)
+def remove_file(location: Location) -> None:
     if isinstance(location, Path):
-        import os
+        location.unlink(missing_ok=True)
+        return
+    fs, path = filesystem(location)
+    if fs.exists(path):
+        fs.rm_file(path)
 
+
+def size_bytes(location: Location) -> int:
+    """Total size of the files under ``location``."""
+    if isinstance(location, Path):
         total = 0
         for dirpath, _, files in os.walk(location):
             for f in files:
@@ -124,24 +133,67 @@ def remote_keys(url: str) -> Iterator[str]:
         yield key[len(prefix) :] if key.startswith(prefix) else key
 
 
-def write_text(location, text: str) -> None:
-    """Write a small text file (a local one atomically via a temporary name)."""
-    location = as_location(location)
-    if isinstance(location, Path):
-        location.parent.mkdir(parents=True, exist_ok=True)
-        tmp = location.with_name(location.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(location)
+# --------------------------------------------------------------------------------------------
+# Writing a file whole or not at all
+# --------------------------------------------------------------------------------------------
+def write_file(location: Location, write: Callable[[BinaryIO], object]) -> None:
+    """Write the file at ``location`` with ``write(f)``, atomically: readers see the old file or
+    the new one, never a part.
+
+    A local file is written to a hidden temporary beside it (``.NAME.tmp-PID``), fsynced and
+    renamed over it; an OSError names the file, not its temporary. A remote file is one upload
+    (object stores replace an object whole). Parent folders are created.
+    """
+    if not isinstance(location, Path):
+        buffer = io.BytesIO()
+        write(buffer)
+        fs, path = filesystem(location)
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.pipe_file(path, buffer.getvalue())
         return
-    fs, path = filesystem(location)
-    fs.pipe_file(path, text.encode())  # one PUT: atomic on object stores
+    location.parent.mkdir(parents=True, exist_ok=True)
+    tmp = location.with_name(f".{location.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, location)
+    except OSError as err:  # name the file, not its temporary
+        raise type(err)(err.errno, err.strerror, str(location)) from err
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def remove_file(location) -> None:
-    location = as_location(location)
-    if isinstance(location, Path):
-        location.unlink(missing_ok=True)
-        return
-    fs, path = filesystem(location)
-    if fs.exists(path):
-        fs.rm_file(path)
+def write_bytes(location: Location, data: bytes) -> None:
+    """:func:`write_file` with these bytes."""
+    write_file(location, lambda f: f.write(data))
+
+
+def write_text(location: Location, text: str) -> None:
+    """:func:`write_file` with this text (UTF-8)."""
+    write_bytes(location, text.encode("utf-8"))
+
+
+def remove_orphans(paths: Iterable[Path]) -> None:
+    """Delete the temporaries of writes a kill cut short: files or folders named ``...-PID``
+    whose process is gone (or is this one, which is not writing them now). Another running
+    process's temporaries are left alone; names without a PID are not ours to judge."""
+    for path in paths:
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _process_running(int(pid))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True

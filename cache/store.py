@@ -22,6 +22,10 @@ On disk each chunk c is one zarr *shard* file per array (``features/c/<c>/0/0``)
 small inner chunks of ``inner_chunk_len`` frames (each with a crc32c checksum) let a reader
 fetch a short clip without reading the whole shard, and let ``cache verify`` detect any
 corrupted byte.
+
+One job, the format of one store (creating, opening, describing, reading, writing chunks and
+token groups). Elsewhere in cache/: which store a config means and creating it race-safely
+(``catalog.py``), checking and repairing it (``verify.py``), fast shard reads (``shards.py``).
 """
 
 from __future__ import annotations
@@ -37,19 +41,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cache.location import (
-    Location,
-    as_location,
-    filesystem,
-    is_remote,
-    join,
-    list_zarr,
-    remote_keys,
-    remove,
-    remove_file,
-    size_bytes,
-    store_exists,
-)
+from cache.location import Location, as_location, filesystem, is_remote, store_exists
+from cache.shards import ShardReader
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "egoslots"
@@ -67,18 +60,6 @@ class StoreUnreachable(StoreError):
 
 
 @dataclass(frozen=True)
-class Finding:
-    """One problem ``verify`` found. ``chunk``/``array`` name the bad data, when it is data."""
-
-    text: str
-    chunk: int | None = None
-    array: str | None = None
-
-    def __str__(self) -> str:
-        return self.text
-
-
-@dataclass(frozen=True)
 class VideoRecord:
     """One row of a store's video table: rows first..first+length-1 of every array."""
 
@@ -91,17 +72,6 @@ class VideoRecord:
     @property
     def stop(self) -> int:
         return self.first + self.length
-
-
-def stores_dir(work_dir: str | Path, store_dir: str | None = None) -> Location:
-    """Where stores are created and looked up: ``store_dir`` (a folder or an fsspec URL such as
-    ``s3://bucket/egoslots``) if set, else ``<work_dir>/stores``."""
-    return as_location(store_dir) if store_dir else Path(work_dir) / "stores"
-
-
-def store_path(folder: Location, fingerprint: str) -> Location:
-    """The store of a fingerprint inside a stores folder (see :func:`stores_dir`)."""
-    return join(folder, f"{fingerprint}.zarr")
 
 
 def chunk_bounds(chunk: int, chunk_len: int, num_frames: int) -> tuple[int, int]:
@@ -125,8 +95,8 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class FeatureStore:
     """A handle on one store group. Create with :meth:`create`, open with :meth:`open`."""
 
-    def __init__(self, path: str | Path, group: zarr.Group):
-        self.path = as_location(path)  # Path if local, the URL (str) if remote
+    def __init__(self, path: Location, group: zarr.Group):
+        self.path = path  # Path if local, the URL (str) if remote
         self._group, self._pid = group, os.getpid()
         self._meta: dict | None = None
 
@@ -169,7 +139,8 @@ class FeatureStore:
                 f"unknown feature dtype '{feature_dtype}' (extract.dtype: {' | '.join(FEATURE_DTYPES)})"
             )
         inner = _inner_len(chunk_len, inner_chunk_len)
-        group = zarr.open_group(str(as_location(path)), mode="w", zarr_format=3)
+        path = as_location(path)
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
         codecs = _compressors(compressor, checksum)
 
         def add(name, shape, dtype, compressors=codecs):
@@ -357,10 +328,10 @@ class FeatureStore:
         values = None if reader is None else reader.read(start, stop)
         return self.group[name][start:stop] if values is None else values
 
-    def _fast_reader(self, name: str) -> _ShardReader | None:
+    def _fast_reader(self, name: str) -> ShardReader | None:
         cache = self.__dict__.setdefault("_readers", {})
         if name not in cache:
-            cache[name] = _ShardReader.for_array(self, name) if self.complete else None
+            cache[name] = ShardReader.for_array(self, name) if self.complete else None
         return cache[name]
 
     # ------------------------------------------------------------------ writing
@@ -560,141 +531,19 @@ class FeatureStore:
                 self._videos = None
         return done == total
 
-    # ------------------------------------------------------------------ checking
+    # ------------------------------------------------------------------ arrays present
     def data_arrays(self) -> list[str]:
         """Names of the per-frame arrays (tokens sub-groups included) in this store."""
         names = [n for n in DATA_ARRAYS if n in self.group]
         names += [f"tokens/{h}/ids" for h in self.token_group_names()]
         return names
 
-    def verify(self, progress=None) -> list[Finding]:
-        """Every problem found, one line each naming the chunk and array; [] if the store is sound.
-
-        Checks that every chunk is flagged done, every chunk file exists and decodes (crc32c
-        checksums catch corrupted bytes), floating-point values are finite, and the video table
-        stays inside the frame axis.
-        """
-        problems = []
-        done = self.done_chunks()
-        if not done.all():
-            missing = np.flatnonzero(~done)
-            problems.append(
-                Finding(
-                    f"{len(missing)} chunk(s) not flagged done: {', '.join(map(str, missing[:10]))}"
-                    + (" ..." if len(missing) > 10 else "")
-                )
-            )
-        for v in self.videos:
-            if v.first < 0 or v.stop > self.num_frames:
-                problems.append(
-                    Finding(
-                        f"video table row '{v.id}' (hflip={v.hflip}) spans rows "
-                        f"{v.first}..{v.stop - 1}, outside the {self.num_frames} frames"
-                    )
-                )
-        for dvae_hash in self.token_group_names():
-            if f"tokens/{dvae_hash}/done" not in self.group:
-                problems.append(
-                    Finding(
-                        f"tokens of dVAE {dvae_hash}: an unfinished token group (no done flags); "
-                        "rerun `egoslots tokenize RUN` to recreate it"
-                    )
-                )
-                continue
-            token_done = self.done_chunks(f"tokens/{dvae_hash}/done")
-            if not token_done.all():
-                problems.append(
-                    Finding(
-                        f"tokens of dVAE {dvae_hash}: {int((~token_done).sum())} chunk(s) not "
-                        "flagged done"
-                    )
-                )
-        names = self.data_arrays()
-        token_flags = {
-            f"tokens/{h}/ids": self.done_chunks(f"tokens/{h}/done")
-            for h in self.token_group_names()
-        }
-        remote_files = set(remote_keys(self.path)) if is_remote(self.path) else None
-        for chunk in range(done.size):
-            start, stop = chunk_bounds(chunk, self.chunk_len, self.num_frames)
-            for name in names:
-                if not token_flags.get(name, done)[chunk]:
-                    continue  # not written yet (counted above): nothing to check
-                where = f"chunk {chunk} of '{name}' (rows {start}..{stop - 1}"
-                path = self.chunk_file(name, chunk)
-                if remote_files is not None:
-                    path_key = self.chunk_key(name, chunk)
-                    where += f", object {path_key})"
-                    missing = path_key not in remote_files
-                else:
-                    where += f", file {path})" if path is not None else ")"
-                    missing = path is not None and not path.exists()
-                if missing:
-                    if not name.startswith("tokens/"):  # token writers may skip all-zero chunks
-                        problems.append(Finding(f"{where}: file missing", chunk, name))
-                    continue
-                try:  # through zarr, which checks every inner chunk's crc32c
-                    values = self.group[name][start:stop]
-                    if name == "features" and self.meta["feature_dtype"] == "bfloat16":
-                        values = (values.astype(np.uint32) << 16).view(np.float32)
-                except Exception as err:  # noqa: BLE001 - any decode failure is a finding
-                    problems.append(
-                        Finding(f"{where}: unreadable ({type(err).__name__}: {err})", chunk, name)
-                    )
-                    continue
-                if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-                    bad = int((~np.isfinite(values)).sum())
-                    problems.append(Finding(f"{where}: {bad} non-finite value(s)", chunk, name))
-            if progress is not None:
-                progress(chunk)
-        return problems
-
-    def forget_chunks(self, findings: list[Finding]) -> dict[str, list[int]]:
-        """Delete the chunks holding bad data and their flags, so a rerun rewrites exactly them.
-
-        Frame arrays: the store's ``done`` flags and ``complete`` (rerun ``extract-features``);
-        token ids are computed from frames, so the same chunks of every token group are
-        forgotten too. Token ids: that dVAE's token flags (rerun ``tokenize``). Crash-safe order:
-        first mark incomplete, then delete flags, then data; a chunk whose data is gone is never
-        flagged done in a complete store. Run it with no writer active (``cache verify --repair``
-        refuses incomplete stores). Returns {flag array: chunks}.
-        """
-        targets: dict[str, set[int]] = {}
-        bad_data: set[tuple[str, int]] = set()
-        token_groups = [f"tokens/{h}" for h in self.token_group_names()]
-        for f in findings:
-            if f.chunk is None or f.array is None:
-                continue
-            bad_data.add((f.array, f.chunk))
-            if f.array.startswith("tokens/"):
-                targets.setdefault(f.array.rsplit("/", 1)[0] + "/done", set()).add(f.chunk)
-            else:
-                targets.setdefault("done", set()).add(f.chunk)
-                for (
-                    group
-                ) in token_groups:  # tokens of a rewritten frame chunk must be rewritten too
-                    targets.setdefault(f"{group}/done", set()).add(f.chunk)
-        if "done" in targets:
-            with self.lock():
-                self.update_meta(complete=False)
-        for flags in targets:
-            if flags != "done":
-                self.group[flags.rsplit("/", 1)[0]].attrs["complete"] = False
-        for flags, chunks in targets.items():
-            for chunk in sorted(chunks):  # a flag is present exactly when its chunk is done
-                remove_file(join(self.path, *self.chunk_key(flags, chunk).split("/")))
-        for array, chunk in sorted(
-            bad_data
-        ):  # zarr rewrites a shard by reading it first: a damaged one fails
-            remove_file(join(self.path, *self.chunk_key(array, chunk).split("/")))
-        return {k: sorted(v) for k, v in targets.items()}
-
     @staticmethod
     def unfinished_creation(path: Location) -> bool:
         """True if ``path`` holds a zarr group that :meth:`create` started but never finished
         (no egoslots attrs yet, nothing but the arrays ``create`` makes): safe to recreate."""
         try:
-            group = zarr.open_group(str(as_location(path)), mode="r", zarr_format=3)
+            group = zarr.open_group(str(path), mode="r", zarr_format=3)
         except Exception:  # noqa: BLE001 - not even a group: not ours to touch
             return False
         known = set(DATA_ARRAYS) | {"done"}
@@ -759,120 +608,6 @@ class FeatureStore:
         return sub
 
 
-class _ShardReader:
-    """Reads rows of one uncompressed sharded array straight from its shard files.
-
-    Layout (zarr v3 sharding codec, index at the end): a shard file holds its inner chunks
-    back to back, each ``row_bytes * inner`` data bytes followed by a 4-byte crc32c, then an
-    index of (offset, nbytes) uint64 pairs per inner chunk and the index's own crc32c. Inner
-    chunks are written in order, so rows of one shard are one contiguous byte range with the
-    4-byte checksums in between. Checksums are not checked here (``cache verify`` does that).
-    """
-
-    MISSING = 2**64 - 1
-
-    def __init__(self, root: Path, name: str, shape, dtype, shard_len: int, inner: int):
-        self.root, self.name = root, name
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.shard_len, self.inner = shard_len, inner
-        self.row_items = int(np.prod(self.shape[1:], dtype=np.int64))
-        self.row_bytes = self.row_items * self.dtype.itemsize
-        self.stride = self.row_bytes * inner + 4  # one inner chunk + its crc32c
-        self.indexes: dict[int, np.ndarray] = {}
-
-    @classmethod
-    def for_array(cls, store: FeatureStore, name: str) -> _ShardReader | None:
-        """A reader if ``name`` has the plain layout this class understands, else None."""
-        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
-
-        if not isinstance(store.path, Path) or name not in store.group:
-            return None
-        array = store.group[name]
-        codecs = array.metadata.codecs if hasattr(array.metadata, "codecs") else ()
-        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-            return None
-        shard = codecs[0]
-        inner_codecs = tuple(shard.codecs)
-        plain = (
-            len(inner_codecs) == 2
-            and isinstance(inner_codecs[0], BytesCodec)
-            and isinstance(inner_codecs[1], Crc32cCodec)
-            and shard.index_location.value == "end"
-            and (array.dtype.itemsize == 1 or inner_codecs[0].endian.value == "little")
-        )
-        shard_shape, inner_shape = array.metadata.chunk_grid.chunk_shape, shard.chunk_shape
-        if (
-            not plain
-            or tuple(shard_shape[1:]) != tuple(array.shape[1:])
-            or tuple(inner_shape[1:]) != tuple(array.shape[1:])
-        ):
-            return None
-        return cls(
-            Path(store.path) / name, name, array.shape, array.dtype, shard_shape[0], inner_shape[0]
-        )
-
-    def _index(self, shard: int, f) -> np.ndarray:
-        if shard not in self.indexes:
-            n_inner = -(-self.shard_len // self.inner)
-            size = os.fstat(f.fileno()).st_size
-            raw = os.pread(f.fileno(), 16 * n_inner + 4, size - 16 * n_inner - 4)
-            self.indexes[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_inner, 2)
-        return self.indexes[shard]
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        start, stop = max(0, start), min(stop, self.shape[0])
-        out = np.zeros((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
-        flat = (
-            out.reshape(len(out), -1).view(np.uint8).reshape(len(out), self.row_bytes)
-            if len(out)
-            else None
-        )
-        row = start
-        while row < stop:
-            shard, local = divmod(row, self.shard_len)
-            end = min(stop, (shard + 1) * self.shard_len)
-            first_inner, last_inner = (
-                local // self.inner,
-                (end - 1 - shard * self.shard_len) // self.inner,
-            )
-            path = self.root.joinpath("c", str(shard), *(["0"] * (len(self.shape) - 1)))
-            with open(path, "rb") as f:
-                index = self._index(shard, f)
-                offsets = index[first_inner : last_inner + 1, 0]
-                if (offsets == self.MISSING).any() or (
-                    np.diff(offsets.astype(np.int64)) != self.stride
-                ).any():
-                    return None  # unusual layout: caller falls back to zarr
-                lo = int(offsets[0])
-                n_inner = last_inner - first_inner + 1
-                buf = np.frombuffer(os.pread(f.fileno(), n_inner * self.stride, lo), dtype=np.uint8)
-            if buf.size < n_inner * self.stride - 4:
-                return None
-            buf = np.pad(buf, (0, n_inner * self.stride - buf.size))
-            rows = buf.reshape(n_inner, self.stride)[:, :-4].reshape(
-                n_inner * self.inner, self.row_bytes
-            )
-            skip = local - first_inner * self.inner
-            flat[row - start : end - start] = rows[skip : skip + end - row]
-            row = end
-        return out
-
-
-def remove_store(path: Location) -> None:
-    """Delete a store and the config written beside it (local or remote)."""
-    remove(path)
-    remove_file(config_path(path))
-
-
-def list_stores(folder: Location) -> list[Location]:
-    """The stores (``*.zarr``) in a stores folder (see :func:`stores_dir`), local or remote."""
-    return list_zarr(folder)
-
-
-def directory_size(path: Location) -> int:
-    return size_bytes(path)
-
-
 def _compressors(name: str | None, checksum: bool = False) -> list | None:
     """The bytes-to-bytes codecs of every data array's inner chunks: compressor, then crc32c."""
     from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
@@ -894,21 +629,6 @@ def _inner_len(chunk_len: int, wanted: int) -> int:
     """The largest inner chunk length <= wanted that divides the chunk (shard) length."""
     wanted = max(1, min(int(wanted), chunk_len))
     return max(d for d in range(1, wanted + 1) if chunk_len % d == 0)
-
-
-def config_path(path: Location) -> Location:
-    """Where the resolved config of the store at ``path`` is written: beside it, ``<name>.config.yaml``."""
-    path = as_location(path)
-    if isinstance(path, Path):
-        return path.with_name(path.name.removesuffix(".zarr") + ".config.yaml")
-    return path.removesuffix(".zarr") + ".config.yaml"
-
-
-def resolve_store(cfg) -> FeatureStore:
-    """The store later stages read (see :func:`cache.fingerprint.resolve_store`)."""
-    from cache.fingerprint import resolve_store as _resolve
-
-    return _resolve(cfg)
 
 
 def _jsonable(value):

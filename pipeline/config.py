@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config_schema import Config
@@ -43,6 +43,10 @@ FOREIGN_KEYS = {
     "encoder": (
         "egoslots has no `encoder` section: the frozen ViT is configured under `backbone` "
         "(backbone.name, backbone.checkpoint, backbone.block) and runs only in extract-features."
+    ),
+    "globals.NUM_GPUS": (
+        "the number of GPUs is trainer.devices (train-slots) and dvae.devices (pretrain-dvae); "
+        "globals.BATCH_SIZE_PER_GPU stays per device, so the global batch grows with the devices."
     ),
     "dataset.json_dir": "egoslots reads data from dataset.path (see dataset.source for the format).",
     "dataset.img_dir": "egoslots reads data from dataset.path (see dataset.source for the format).",
@@ -219,17 +223,8 @@ def resolve(cfg: DictConfig) -> dict:
 
 
 def to_yaml(cfg: DictConfig) -> str:
+    """The fully resolved config as YAML (what is saved beside stores and runs)."""
     return OmegaConf.to_yaml(cfg, resolve=True)
-
-
-def save_resolved(cfg: DictConfig, path: str | Path) -> Path:
-    """Write the fully resolved config (atomically) next to an output."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
-    return path
 
 
 def section_dict(cfg: DictConfig, key: str) -> dict:
@@ -242,9 +237,7 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "resolve",
-    "save_resolved",
     "section_dict",
     "to_yaml",
     "CONFIG_DIR",
-    "ListConfig",
 ]

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING  # noqa: F401  (re-exported for schema users)
-
 
 @dataclass
 class Globals:
@@ -29,7 +27,6 @@ class Globals:
     USE_STEVE_DECODER: bool = True
     NUM_FRAMES: int = 4  # training clip length T
     BATCH_SIZE_PER_GPU: int = 16
-    NUM_GPUS: int = 1
     IMAGE_SIZE: int = 224  # ViT input size
     FRAME_SIZE: int = 128  # cached frame size (dVAE input; token grid = FRAME_SIZE / 4)
 

@@ -11,7 +11,7 @@ what stage 3's STEVE decoder learns to predict from the slots. It is faithful to
   one-group GroupNorm with affine weights, ReLU. The two output convs have Xavier-uniform init
   and zero bias, as in STEVE's ``conv2d`` helper.
 - Training draws a relaxed Gumbel-softmax sample ``z_soft`` (tau cosine-annealed 1.0 -> 0.1
-  over 30k steps) that feeds the decoder; the hard tokens are the argmax of that same noisy
+  over 30k steps; noise from the global RNG or from one seed per frame) that feeds the decoder; the hard tokens are the argmax of that same noisy
   sample, detached. (STEVE draws fresh noise for its hard sample; each is a sample of the same
   categorical distribution, so this saves a second pass over (B, V, h, w) for no change in law.)
 - Reconstruction loss: squared error **summed over pixels and channels, divided by the number
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,18 @@ def gumbel_tau(step: int, start: float = 1.0, final: float = 0.1, steps: int = 3
     """STEVE's cosine temperature: ``0.5(s-f)cos(pi p) + 0.5(s+f)``, ``p = min(step/steps, 1)``."""
     p = min(max(step, 0) / max(steps, 1), 1.0)
     return 0.5 * (start - final) * math.cos(math.pi * p) + 0.5 * (start + final)
+
+
+def seeded_gumbel_noise(like: torch.Tensor, frame_seeds: Sequence[int]) -> torch.Tensor:
+    """Gumbel(0, 1) noise shaped like ``like`` (B, ...), frame i drawn from a generator seeded
+    with ``frame_seeds[i]``: a frame's noise depends on its seed alone, not on which process or
+    batch draws it (stage 2 keys the seed by the frame's place in the global sample stream, so
+    DDP ranks and resumed runs draw what one uninterrupted process draws)."""
+    noise = torch.empty_like(like)
+    for i, seed in enumerate(frame_seeds):
+        generator = torch.Generator(device=like.device).manual_seed(int(seed))
+        noise[i].exponential_(generator=generator)
+    return -noise.log()  # as F.gumbel_softmax: -log(Exp(1))
 
 
 @dataclass
@@ -118,9 +131,17 @@ class DVAE(nn.Module):
         """(B, 3, S, S) in [0, 1] -> (B, V, S/4, S/4) log-probabilities over the vocabulary."""
         return F.log_softmax(self.encoder(frames), dim=1)
 
-    def forward(self, frames: torch.Tensor, tau: float) -> DVAEOutput:
+    def forward(
+        self, frames: torch.Tensor, tau: float, frame_seeds: Sequence[int] | None = None
+    ) -> DVAEOutput:
+        """A relaxed Gumbel-softmax sample of the tokens, decoded. The noise is F.gumbel_softmax's
+        (global RNG), or with ``frame_seeds`` (one per frame) :func:`seeded_gumbel_noise`."""
         log_probs = self.log_probs(frames)  # (B, V, h, w)
-        z_soft = F.gumbel_softmax(log_probs, tau=tau, hard=False, dim=1)  # (B, V, h, w)
+        if frame_seeds is None:
+            z_soft = F.gumbel_softmax(log_probs, tau=tau, hard=False, dim=1)  # (B, V, h, w)
+        else:
+            noise = seeded_gumbel_noise(log_probs, frame_seeds)  # (B, V, h, w)
+            z_soft = ((log_probs + noise) / tau).softmax(dim=1)  # F.gumbel_softmax's formula
         ids = z_soft.detach().argmax(dim=1)  # (B, h, w) hard tokens of the same sample
         recon = self.decoder(z_soft)  # (B, 3, S, S)
         return DVAEOutput(recon=recon, log_probs=log_probs, ids=ids)

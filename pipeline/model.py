@@ -22,10 +22,10 @@ Long videos run in windows: pass the previous window's ``next_state`` as ``init_
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline.decoders import MLPBroadcastDecoder
@@ -37,77 +37,47 @@ from pipeline.steve import SteveDecoder
 DEFAULT_LOSS_WEIGHTS = {"loss_featrec": 1.0, "loss_ss": 0.5, "loss_steve_ce": 1.0}
 
 
-class SlotModel(nn.Module):
-    def __init__(
-        self,
-        feature_dim: int,
-        num_tokens: int,
-        num_slots: int = 7,
-        slot_dim: int = 128,
-        initializer: str = "fixed",
-        n_iters: int = 2,
-        n_iters_first: int = 3,
-        eps: float = 1e-8,
-        mlp_ratio: int = 4,
-        predictor: bool = True,
-        predictor_heads: int = 4,
-        predictor_ffn_ratio: int = 4,
-        predictor_attn_scale: str = "published",
-        decoder_hidden_dims: tuple[int, ...] = (1024, 1024, 1024),
-        steve: bool = False,
-        vocab_size: int = 4096,
-        token_grid: tuple[int, int] | None = None,
-        steve_blocks: int = 8,
-        steve_heads: int = 4,
-        steve_d_model: int = 192,
-        steve_dropout: float = 0.1,
-        loss_weights: dict[str, float] | None = None,
-        ss_temperature: float = 0.1,
-        ss_batch_contrast: bool = True,
-    ):
-        super().__init__()
-        self.num_slots, self.slot_dim = num_slots, slot_dim
-        self.feature_mlp = FeatureMLP(feature_dim, slot_dim)
-        self.initializer = build_initializer(initializer, num_slots, slot_dim)
-        self.processor = SlotScan(
-            SlotAttention(slot_dim, mlp_ratio=mlp_ratio, eps=eps),
-            SlotPredictor(slot_dim, predictor_heads, predictor_ffn_ratio, predictor_attn_scale)
-            if predictor
-            else None,
-            n_iters=n_iters,
-            n_iters_first=n_iters_first,
-        )
-        self.decoder = MLPBroadcastDecoder(slot_dim, feature_dim, num_tokens, decoder_hidden_dims)
-        self.steve = None
-        self.token_grid = None
-        if steve:
-            if token_grid is None:
-                raise ValueError(
-                    "the STEVE decoder (steve_decoder.enabled) needs the token grid (h, w)"
-                )
-            self.token_grid = tuple(token_grid)
-            self.steve = SteveDecoder(
-                slot_dim,
-                vocab_size,
-                token_grid[0] * token_grid[1],
-                steve_blocks,
-                steve_heads,
-                steve_d_model,
-                steve_dropout,
-            )
-        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
-        if self.steve is None:
-            self.loss_weights.pop("loss_steve_ce")
-        self.ss_temperature = ss_temperature
-        self.ss_batch_contrast = ss_batch_contrast
+@dataclass
+class SlotModelConfig:
+    """Every hyperparameter of a :class:`SlotModel`, in one place (as nanoGPT's ``GPTConfig``).
+
+    ``feature_dim`` / ``num_tokens`` (and ``token_grid`` for the STEVE decoder) come from the
+    feature store; :meth:`from_config` reads the rest from an egoslots config, whose keys are
+    documented in ``pipeline/config_schema.py``.
+    """
+
+    feature_dim: int
+    num_tokens: int
+    num_slots: int = 7
+    slot_dim: int = 128
+    initializer: str = "fixed"
+    n_iters: int = 2
+    n_iters_first: int = 3
+    eps: float = 1e-8
+    mlp_ratio: int = 4
+    predictor: bool = True
+    predictor_heads: int = 4
+    predictor_ffn_ratio: int = 4
+    predictor_attn_scale: str = "published"
+    decoder_hidden_dims: tuple[int, ...] = (1024, 1024, 1024)
+    steve: bool = False
+    vocab_size: int = 4096
+    token_grid: tuple[int, int] | None = None
+    steve_blocks: int = 8
+    steve_heads: int = 4
+    steve_d_model: int = 192
+    steve_dropout: float = 0.1
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    ss_temperature: float = 0.1
+    ss_batch_contrast: bool = True
 
     @classmethod
     def from_config(
         cls, cfg: Any, feature_dim: int, num_tokens: int, token_grid: tuple[int, int] | None = None
-    ) -> SlotModel:
-        """Build from a full egoslots config (``model``, ``grouper``, ``predictor``,
-        ``decoder``, ``steve_decoder``, ``losses``, ``dvae.vocab_size``)."""
-        m, g, sd = cfg.model, cfg.grouper, cfg.steve_decoder
+    ) -> SlotModelConfig:
+        """From a full egoslots config (``model``, ``grouper``, ``predictor``, ``decoder``,
+        ``steve_decoder``, ``losses``, ``dvae.vocab_size``)."""
+        m, g, p, sd = cfg.model, cfg.grouper, cfg.predictor, cfg.steve_decoder
         return cls(
             feature_dim=feature_dim,
             num_tokens=num_tokens,
@@ -118,13 +88,10 @@ class SlotModel(nn.Module):
             n_iters_first=int(g.n_iters_first),
             eps=float(g.eps),
             mlp_ratio=int(g.mlp_ratio),
-            predictor=bool(cfg.predictor.enabled),
-            predictor_heads=int(cfg.predictor.num_heads),
-            predictor_ffn_ratio=int(cfg.predictor.ffn_ratio),
-            # Not in the schema yet: "published" (SlotContrast's sqrt(head_dim)) | "standard".
-            predictor_attn_scale=str(
-                OmegaConf.select(cfg, "predictor.attn_scale", default="published")
-            ),
+            predictor=bool(p.enabled),
+            predictor_heads=int(p.num_heads),
+            predictor_ffn_ratio=int(p.ffn_ratio),
+            predictor_attn_scale=str(p.attn_scale),
             decoder_hidden_dims=tuple(int(h) for h in cfg.decoder.hidden_dims),
             steve=bool(sd.enabled),
             vocab_size=int(cfg.dvae.vocab_size),
@@ -137,6 +104,57 @@ class SlotModel(nn.Module):
             ss_temperature=float(cfg.losses.loss_ss.temperature),
             ss_batch_contrast=bool(cfg.losses.loss_ss.batch_contrast),
         )
+
+
+class SlotModel(nn.Module):
+    def __init__(self, config: SlotModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.num_slots, self.slot_dim = c.num_slots, c.slot_dim
+        self.feature_mlp = FeatureMLP(c.feature_dim, c.slot_dim)
+        self.initializer = build_initializer(c.initializer, c.num_slots, c.slot_dim)
+        self.processor = SlotScan(
+            SlotAttention(c.slot_dim, mlp_ratio=c.mlp_ratio, eps=c.eps),
+            SlotPredictor(
+                c.slot_dim, c.predictor_heads, c.predictor_ffn_ratio, c.predictor_attn_scale
+            )
+            if c.predictor
+            else None,
+            n_iters=c.n_iters,
+            n_iters_first=c.n_iters_first,
+        )
+        self.decoder = MLPBroadcastDecoder(
+            c.slot_dim, c.feature_dim, c.num_tokens, c.decoder_hidden_dims
+        )
+        self.steve = None
+        self.token_grid = None
+        if c.steve:
+            if c.token_grid is None:
+                raise ValueError(
+                    "the STEVE decoder (steve_decoder.enabled) needs the token grid (h, w)"
+                )
+            self.token_grid = tuple(c.token_grid)
+            self.steve = SteveDecoder(
+                c.slot_dim,
+                c.vocab_size,
+                c.token_grid[0] * c.token_grid[1],
+                c.steve_blocks,
+                c.steve_heads,
+                c.steve_d_model,
+                c.steve_dropout,
+            )
+        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **c.loss_weights}
+        if self.steve is None:
+            self.loss_weights.pop("loss_steve_ce")
+        self.ss_temperature = c.ss_temperature
+        self.ss_batch_contrast = c.ss_batch_contrast
+
+    @classmethod
+    def from_config(
+        cls, cfg: Any, feature_dim: int, num_tokens: int, token_grid: tuple[int, int] | None = None
+    ) -> SlotModel:
+        """Build from a full egoslots config (see :meth:`SlotModelConfig.from_config`)."""
+        return cls(SlotModelConfig.from_config(cfg, feature_dim, num_tokens, token_grid))
 
     def forward(
         self,
@@ -208,4 +226,4 @@ class SlotModel(nn.Module):
         return out
 
 
-__all__ = ["SlotModel", "DEFAULT_LOSS_WEIGHTS"]
+__all__ = ["SlotModel", "SlotModelConfig", "DEFAULT_LOSS_WEIGHTS"]

@@ -7,49 +7,23 @@ STORE is a store path or URL, or a fingerprint (or a unique prefix of one) under
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from cache.location import Location, as_location, name_of
-from cache.store import (
-    FeatureStore,
-    StoreError,
-    directory_size,
-    list_stores,
-    remove_store,
-    stores_dir,
-)
+from cache import catalog
+from cache.location import Location, name_of, size_bytes
+from cache.store import FeatureStore, StoreError
+from cache.verify import forget_chunks, verify_store
 
 DEFAULT_WORK_DIR = "./egoslots-work"
 
 
 def find_store(name: str, work_dir: str, store_dir: str | None = None) -> Location:
-    """A STORE argument as a location: a URL, an existing path, or a fingerprint (prefix) in the
-    stores folder (``store_dir``, else work_dir/stores)."""
-    if "://" in name:
-        return as_location(name)
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    folder = stores_dir(work_dir, store_dir)
+    """A STORE argument (path, URL or fingerprint prefix) as a location."""
     try:
-        stores = list_stores(folder)
-    except Exception as err:  # noqa: BLE001 - an unreachable remote folder
-        raise click.ClickException(
-            f"cannot list the stores in {folder}: {type(err).__name__}: {err}"
-        ) from err
-    candidates = [p for p in stores if name_of(p).startswith(name)]
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(candidates) > 1:
-        raise click.ClickException(
-            f"'{name}' matches several stores: {', '.join(name_of(p) for p in candidates)}"
-        )
-    have = ", ".join(name_of(p) for p in stores) or "none"
-    raise click.ClickException(
-        f"no store '{name}' (not a path, and no such fingerprint in {folder}; stores there: {have})"
-    )
+        return catalog.find_store(name, work_dir, store_dir)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from err
 
 
 def _open(path: Location, mode: str = "r") -> FeatureStore:
@@ -90,13 +64,11 @@ def cache():
 @store_dir_option
 def ls(work_dir: str, store_dir: str | None):
     """Stores under WORK_DIR/stores (or --store-dir): fingerprint, state, size, backbone, frames, dtype."""
-    folder = stores_dir(work_dir, store_dir)
+    folder = catalog.stores_dir(work_dir, store_dir)
     try:
-        paths = list_stores(folder)
-    except Exception as err:  # noqa: BLE001 - an unreachable remote folder
-        raise click.ClickException(
-            f"cannot list the stores in {folder}: {type(err).__name__}: {err}"
-        ) from err
+        paths = catalog.list_stores(folder)
+    except StoreError as err:  # an unreachable remote folder
+        raise click.ClickException(str(err)) from err
     if not paths:
         click.echo(f"no stores in {folder}")
         return
@@ -107,14 +79,14 @@ def ls(work_dir: str, store_dir: str | None):
             st = FeatureStore.open(path, require_complete=False)
         except StoreError as err:
             click.echo(
-                f"{name_of(path):<18} {'unreadable':<14} {human_bytes(directory_size(path)):>10} ({err})"
+                f"{name_of(path):<18} {'unreadable':<14} {human_bytes(size_bytes(path)):>10} ({err})"
             )
             continue
         done, total = st.progress()
         state = "complete" if st.complete else f"{done}/{total} chunks"
         backbone = str(st.meta.get("backbone", {}).get("name", "?"))
         click.echo(
-            f"{st.fingerprint:<18} {state:<14} {human_bytes(directory_size(path)):>10} {backbone:<28} "
+            f"{st.fingerprint:<18} {state:<14} {human_bytes(size_bytes(path)):>10} {backbone:<28} "
             f"{len(st.videos):>7} {st.num_frames:>9} {st.meta.get('feature_dtype', '?'):<8} "
             f"{st.meta.get('created', '?')}"
         )
@@ -172,7 +144,7 @@ def info(store: str, work_dir: str, store_dir: str | None, as_json: bool):
             f"crc32c {'on' if meta.get('checksum') else 'off'}",
         ),
         ("tokens", ", ".join(st.token_group_names()) or "none"),
-        ("size on disk", human_bytes(directory_size(st.path))),
+        ("size on disk", human_bytes(size_bytes(st.path))),
         ("versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())),
     ]
     width = max(len(k) for k, _ in lines)
@@ -209,13 +181,13 @@ def verify(store: str, work_dir: str, store_dir: str | None, repair: bool):
         )
     _, total = st.progress()
     with tqdm(total=total, unit="chunk", desc=f"verify {st.fingerprint}", leave=False) as bar:
-        problems = st.verify(progress=lambda _chunk: bar.update(1))
+        problems = verify_store(st, progress=lambda _chunk: bar.update(1))
     if problems:
         for line in problems:
             click.echo(f"FAULT {line}", err=True)
         bad = sorted({p.chunk for p in problems if p.chunk is not None})
         if repair and bad:
-            unflagged = st.forget_chunks(problems)
+            unflagged = forget_chunks(st, problems)
             rerun = []
             if "done" in unflagged:
                 rerun.append(
@@ -261,9 +233,9 @@ def rm(store: str, work_dir: str, store_dir: str | None, yes: bool):
         FeatureStore.open(path, require_complete=False)
     except StoreError as err:
         raise click.ClickException(f"refusing to delete {path}: {err}") from err
-    size = human_bytes(directory_size(path))
+    size = human_bytes(size_bytes(path))
     if not yes and not click.confirm(f"delete {path} ({size})?", default=False):
         click.echo("kept")
         return
-    remove_store(path)
+    catalog.remove_store(path)
     click.echo(f"deleted {path} ({size})")

@@ -1,10 +1,14 @@
-"""What every stage command shares: the `CONFIG [key=value ...]` shape and error handling."""
+"""What every stage command shares: the ``CONFIG [key=value ...]`` shape, logging, and failing
+with one clear line (user errors, failed writes) instead of a traceback."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
-import sys
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -16,6 +20,10 @@ log = logging.getLogger("egoslots")
 
 class StageError(click.ClickException):
     """An error the user can act on; printed without a traceback."""
+
+
+class TrainingDiverged(StageError):
+    """The training loss became NaN or inf; no checkpoint after that step was written."""
 
 
 def config_command(name: str, example: str, **command_kwargs):
@@ -47,22 +55,14 @@ def config_command(name: str, example: str, **command_kwargs):
     return decorate
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by input the user can fix: shown as one line, not a traceback."""
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by input the user can fix: shown as one line, not a traceback. (Imported
+    when a command fails, so that a light command never loads torch or zarr for them.)"""
     from cache.store import StoreError
     from pipeline.backbones import BackboneError
     from pipeline.data.base import SourceError
 
-    errors = [ConfigError, SourceError, StoreError, BackboneError]
-    # Training stops on a NaN/Inf loss name the step; they are imported only when one is raised.
-    for module, name in (
-        ("stages.dvae", "TrainingDiverged"),
-        ("stages.train_slots", "NonFiniteLossError"),
-    ):
-        mod = sys.modules.get(module)
-        if mod is not None:
-            errors.append(getattr(mod, name))
-    return tuple(errors)
+    return (ConfigError, SourceError, StoreError, BackboneError)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -79,3 +79,54 @@ def setup_logging(level: int = logging.INFO) -> None:
         lightning_log = logging.getLogger(name)
         if lightning_log.handlers:
             lightning_log.propagate = False
+
+
+# --------------------------------------------------------------------------------------------
+# Failed writes: one message builder for every stage
+# --------------------------------------------------------------------------------------------
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+# What a failed write means, by errno, and what the user can do about it.
+WRITE_FAULTS = {
+    errno.EACCES: "make it writable for this user, or set work_dir to a directory you can write",
+    errno.EPERM: "make it writable for this user, or set work_dir to a directory you can write",
+    errno.EROFS: "the file system is mounted read-only: set work_dir to a writable disk",
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "the disk quota is exceeded: free some space or raise the quota",
+}
+
+
+def write_failure(
+    err: OSError, what: str, *, kept: str, resume: str, not_writable: str | None = None
+) -> str:
+    """The one line for an OSError while writing ``what`` (a file, "chunk 3 of STORE", ...):
+    what failed and the errno's meaning, what to do (``not_writable`` replaces the advice for a
+    read-only or forbidden place), what is kept, and how to resume."""
+    if err.errno not in WRITE_FAULTS:
+        return f"cannot write {what} ({err}). {kept}; {resume}"
+    reason = f"{os.strerror(err.errno)} ({errno.errorcode[err.errno]})"
+    hint = not_writable if not_writable and err.errno in NOT_WRITABLE else WRITE_FAULTS[err.errno]
+    return f"cannot write {what}: {reason}: {hint}. {kept}; {resume}"
+
+
+@contextmanager
+def output_writes(
+    out_dir: Path, kept: str = "", resume: str = "then rerun the same command to resume"
+) -> Iterator[None]:
+    """Turn a permission / read-only / disk-full OSError inside the block into one StageError
+    naming the file and the errno's meaning (no traceback); other errors pass unchanged."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_FAULTS:
+            raise
+        target = Path(err.filename) if err.filename else out_dir
+        try:
+            inside = target.resolve().is_relative_to(out_dir.resolve())
+        except (OSError, ValueError):
+            inside = False
+        kept = kept or f"Checkpoints already in {out_dir / 'checkpoints'} are kept"
+        message = write_failure(err, str(target), kept=kept, resume=resume)
+        if err.filename and not inside:  # e.g. a folder above the run directory
+            message = message.replace("cannot write", "cannot access", 1)
+        raise StageError(message) from err

@@ -22,17 +22,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from cache.location import write_text
 from pipeline import baselines, metrics
+from pipeline import probe as probe_lib
+from pipeline.data import make_source
+from stages.common import StageError, setup_logging
+from stages.inference import (
+    available_split,
+    checkpoint_identity,
+    infer_video,
+    iter_videos,
+    load_trained,
+    split_size,
+    window_length,
+)
+from stages.runtime import pick_device
 
 log = logging.getLogger("egoslots")
 
@@ -54,171 +66,6 @@ METRIC_LABELS = {
     "video_ari": "video ARI (with bg)",
     "frame_ari": "frame ARI (with bg)",
 }
-OUTPUT_KEYS = {
-    "model_decoder": ("decoder", "masks"),
-    "model_attention": ("processor", "corrector", "masks"),
-    "model_steve": ("steve", "masks"),
-}
-
-
-# ---------------------------------------------------------------------------------- loading
-def load_run(run_dir: str | Path, checkpoint: str = "last"):
-    """(model in eval mode, resolved cfg, FeatureStore, tokens hash | None) of a trained run."""
-    from stages.train_slots import load_trained
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise click.ClickException(
-            f"no run directory at {run_dir}; train one with `egoslots train-slots CONFIG`"
-        )
-    return load_trained(run_dir, checkpoint=checkpoint)
-
-
-def checkpoint_identity(run_dir: str | Path, checkpoint: str = "last") -> dict:
-    """Which weights a result came from: checkpoint file, size, mtime and training step."""
-    path = Path(run_dir) / "checkpoints" / f"{checkpoint}.ckpt"
-    if not path.exists():
-        return {"checkpoint": str(path.name), "step": None}
-    stat = path.stat()
-    step = None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        step = ckpt.get("global_step", ckpt.get("step")) if isinstance(ckpt, dict) else None
-    except Exception:  # an unreadable file is reported by the loader, not here
-        pass
-    return {
-        "checkpoint": path.name,
-        "size": stat.st_size,
-        "mtime": int(stat.st_mtime),
-        "step": None if step is None else int(step),
-    }
-
-
-def window_length(cfg) -> int:
-    """Training clip length T: the window the model is run over."""
-    for getter in (lambda: cfg.dataset.ep_length, lambda: cfg.globals.NUM_FRAMES):
-        try:
-            value = getter()
-            if value:
-                return int(value)
-        except Exception:
-            continue
-    return 4
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ---------------------------------------------------------------------------------- inference
-def _get(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree or tree[key] is None:
-            return None
-        tree = tree[key]
-    return tree
-
-
-@torch.no_grad()
-def infer_windows(
-    model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, torch.Tensor | None]]
-) -> Iterator[dict]:
-    """Run the model over consecutive windows of one video, carrying the slots between them.
-
-    ``windows`` yields (features (t, N, D), tokens (t, h, w) | None); each result is
-    {"slots": (t, K, D), "masks": {method: (t, K, N)}} on the CPU, float32. Methods the model
-    does not output (no STEVE decoder) are left out.
-    """
-    device = model_device(model)
-    state = None
-    for feats, toks in windows:
-        out = model(feats[None].to(device), None if toks is None else toks[None].to(device), state)
-        state = out.get("next_state")
-        masks = {}
-        for name, path in OUTPUT_KEYS.items():
-            value = _get(out, path)
-            if value is not None:
-                masks[name] = value[0].float().cpu()
-        yield {"slots": out["processor"]["state"][0].float().cpu(), "masks": masks}
-
-
-def infer_video(
-    model: torch.nn.Module, features: torch.Tensor, tokens: torch.Tensor | None, window: int
-) -> dict:
-    """The model over one whole video in windows of ``window`` frames, slots carried across.
-
-    features (T, N, D), tokens (T, h, w) | None -> {"slots": (T, K, D), "masks": {method: (T, K, N)}}.
-    """
-    starts = range(0, features.shape[0], window)
-    parts = list(
-        infer_windows(
-            model,
-            (
-                (features[s : s + window], None if tokens is None else tokens[s : s + window])
-                for s in starts
-            ),
-        )
-    )
-    return {
-        "slots": torch.cat([p["slots"] for p in parts]),
-        "masks": {k: torch.cat([p["masks"][k] for p in parts]) for k in parts[0]["masks"]},
-    }
-
-
-def store_windows(store, video, window: int, tokens_hash: str | None) -> Iterator[tuple]:
-    """(features, tokens) windows of one video read straight from the store (long videos)."""
-    ids = store.tokens(tokens_hash) if tokens_hash else None
-    for lo in range(video.first, video.stop, window):
-        hi = min(lo + window, video.stop)
-        feats = torch.from_numpy(store.read_features(lo, hi))
-        toks = None if ids is None else torch.from_numpy(ids[lo:hi].astype(np.int64))
-        yield feats, toks
-
-
-def iter_videos(
-    store,
-    split: str,
-    tokens_hash: str | None,
-    max_videos: int | None = None,
-    fields=("features", "masks"),
-) -> Iterator[dict]:
-    """Whole videos of one split (no flipped copies), as ClipDataset items."""
-    from cache.reader import ClipDataset
-
-    fields = tuple(fields) + (("tokens",) if tokens_hash else ())
-    data = ClipDataset(
-        store,
-        split=split,
-        clip_length=None,
-        fields=fields,
-        tokens=tokens_hash,
-        include_flipped=False,
-    )
-    count = len(data) if max_videos is None else min(len(data), max_videos)
-    for i in range(count):
-        yield data[i]
-
-
-def available_split(store, split: str) -> str:
-    """``split`` if it has videos, else the first of test, val, train that has (small datasets)."""
-    if store.videos_in(split, hflip=False):
-        return split
-    for other in ("test", "val", "train"):
-        if store.videos_in(other, hflip=False):
-            return other
-    return split
-
-
-def split_size(store, split: str, max_videos: int | None) -> int:
-    n = len(store.videos_in(split, hflip=False))
-    return n if max_videos is None else min(n, max_videos)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -266,7 +113,7 @@ def evaluate_model(
     ``keep(item, result)`` is called for every video (the property probe collects slots with it).
     """
     if not store.has_masks:
-        raise click.ClickException(
+        raise StageError(
             f"store {store.path} has no ground-truth masks: nothing to evaluate "
             "against (export-slots and visualize still work)"
         )
@@ -277,7 +124,7 @@ def evaluate_model(
     ids = []
     total = split_size(store, split, max_videos)
     if total == 0:
-        raise click.ClickException(f"store {store.path} has no videos in split '{split}'")
+        raise StageError(f"store {store.path} has no videos in split '{split}'")
     for item in tqdm(
         iter_videos(store, split, tokens_hash, max_videos),
         total=total,
@@ -315,11 +162,11 @@ def evaluate_run(
     run_dir = Path(run_dir)
     out_json = run_dir / "metrics.json"
     ident = checkpoint_identity(run_dir, checkpoint)
-    model, cfg, store, tokens_hash = load_run(run_dir, checkpoint)
+    model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
     if max_videos is None:
-        max_videos = _cfg_get(cfg, "evaluate.max_videos")
+        max_videos = cfg.evaluate.max_videos
     if probe is None:
-        probe = bool(_cfg_get(cfg, "evaluate.probe", True))
+        probe = bool(cfg.evaluate.probe)
     key = {
         "split": split,
         "checkpoint": ident,
@@ -354,20 +201,18 @@ def evaluate_run(
             "skipped": f"store {store.path} has no ground-truth masks (the source had none): nothing to "
             "score slots against; export-slots and visualize still work",
         }
-        _write_atomic(out_json, json.dumps(result, indent=1))
-        _write_atomic(run_dir / "metrics.md", format_table(result) + "\n")
+        write_text(out_json, json.dumps(result, indent=1))
+        write_text(run_dir / "metrics.md", format_table(result) + "\n")
         log.warning(result["skipped"])
         return result
     device = pick_device()
     model = model.to(device).eval()
-    seed = int(_cfg_get(cfg, "seed", 0) or 0)
+    seed = int(cfg.seed)
     started = time.perf_counter()
 
     collector = None
     if probe:
-        from pipeline import probe as probe_mod
-
-        collector = probe_mod.SampleCollector(
+        collector = probe_lib.SampleCollector(
             attribute_reader(cfg, store), int(cfg.model.num_slots)
         )
     scored = evaluate_model(
@@ -401,15 +246,13 @@ def evaluate_run(
         "probe": probe_result,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _write_atomic(out_json, json.dumps(_finite(result), indent=1))
-    _write_atomic(run_dir / "metrics.md", format_table(result) + "\n")
+    write_text(out_json, json.dumps(_finite(result), indent=1))
+    write_text(run_dir / "metrics.md", format_table(result) + "\n")
     return result
 
 
 def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) -> dict:
     """Collect slots of the train videos (the test ones are in ``collector``) and fit the probes."""
-    from pipeline import probe as probe_mod
-
     if not collector.has_attributes:
         return {"skipped": "no per-object attributes in this dataset (meta.json 'objects')"}
     if split == "train":
@@ -418,7 +261,7 @@ def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) 
         }
     window = window_length(cfg)
     train_split = "train"
-    limit = _cfg_get(cfg, "evaluate.probe_train_videos")
+    limit = cfg.evaluate.probe_train_videos
     total = split_size(store, train_split, limit)
     if total == 0:
         return {"skipped": f"no '{train_split}' videos to fit the probe on"}
@@ -429,7 +272,7 @@ def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) 
         unit="video",
     ):
         collector.train(item, infer_video(model, item["features"], item.get("tokens"), window))
-    return probe_mod.fit_and_score(collector.samples["train"], collector.samples["test"], seed=seed)
+    return probe_lib.fit_and_score(collector.samples["train"], collector.samples["test"], seed=seed)
 
 
 def attribute_reader(cfg, store) -> Callable[[str], dict | None]:
@@ -440,12 +283,10 @@ def attribute_reader(cfg, store) -> Callable[[str], dict | None]:
     """
     source = None
     try:
-        from pipeline.data import make_source  # type: ignore[attr-defined]
-
         source = make_source(cfg)
-    except Exception as err:  # no source module, or the data moved: fall back to meta.json
+    except Exception as err:  # noqa: BLE001 - the data moved or cannot be listed: meta.json files
         log.debug("no data source for attributes (%s); reading meta.json files", err)
-    root = Path(str(_cfg_get(cfg, "dataset.path", "") or ""))
+    root = Path(str(cfg.dataset.path))
 
     def read(video_id: str) -> dict | None:
         if source is not None:
@@ -539,19 +380,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------- helpers
-def _cfg_get(cfg, dotted: str, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        try:
-            node = node[part] if isinstance(node, dict) else getattr(node, part)
-        except Exception:
-            return default
-        if node is None:
-            return default
-    return node
-
-
 def _finite(value):
     """JSON has no NaN: write null instead."""
     if isinstance(value, float):
@@ -561,12 +389,6 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @click.command(
@@ -592,8 +414,6 @@ def evaluate(
 ):
     """FG-ARI, mBO and mIoU of a trained run's slot masks on whole videos, next to k-means and grid
     baselines; writes RUN/metrics.json and RUN/metrics.md and prints the table."""
-    from stages.common import setup_logging
-
     setup_logging()
     result = evaluate_run(
         run,

@@ -46,15 +46,17 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from stages.evaluate import (
+from cache.location import write_file
+from stages.common import StageError, setup_logging
+from stages.inference import (
     checkpoint_identity,
     infer_windows,
-    load_run,
-    pick_device,
+    load_trained,
     split_size,
     store_windows,
     window_length,
 )
+from stages.runtime import pick_device
 
 log = logging.getLogger("egoslots")
 ATTRS_KEY = "egoslots_export"
@@ -73,7 +75,7 @@ def export_slots_run(
     out = Path(out) if out is not None else run_dir / f"slots_{split}.zarr"
     as_npz = out.suffix == ".npz"
     ident = checkpoint_identity(run_dir, checkpoint)
-    model, cfg, store, tokens_hash = load_run(run_dir, checkpoint)
+    model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
     meta = {
         "run": str(run_dir),
         "split": split,
@@ -89,7 +91,7 @@ def export_slots_run(
         if previous is not None and {k: previous.get(k) for k in meta} == meta:
             log.info("export already in %s", out)
             return out
-        raise click.ClickException(
+        raise StageError(
             f"{out} exists and holds a different export; pass --overwrite or another OUT"
         )
 
@@ -97,13 +99,13 @@ def export_slots_run(
     window = window_length(cfg)
     total = split_size(store, split, max_videos)
     if total == 0:
-        raise click.ClickException(f"store {store.path} has no videos in split '{split}'")
+        raise StageError(f"store {store.path} has no videos in split '{split}'")
     videos = store.videos_in(split, hflip=False)[:total]
     num_frames = sum(v.length for v in videos)
 
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(out.name + ".partial")  # a zarr folder is renamed into place when done
     _remove(tmp)
-    writer = _NpzWriter(tmp) if as_npz else _ZarrWriter(tmp)
+    writer = _NpzWriter(out) if as_npz else _ZarrWriter(tmp)
     row, ids, firsts, lengths = 0, [], [], []
     for video in tqdm(videos, desc=f"export {split}", unit="video"):
         first = row
@@ -148,9 +150,9 @@ def export_slots_run(
         },
         meta,
     )
-    if out.exists():
+    if not as_npz:  # (an npz file is written atomically in place)
         _remove(out)
-    os.replace(tmp, out)
+        os.replace(tmp, out)
     click.echo(f"exported {len(ids)} videos ({row} frames) to {out}")
     return out
 
@@ -216,6 +218,8 @@ class _ZarrWriter:
 
 
 class _NpzWriter:
+    """Rows are kept in memory and written as one .npz file, whole or not at all."""
+
     def __init__(self, path: Path):
         self.path = path
         self.parts: dict[str, list] = {}
@@ -235,8 +239,7 @@ class _NpzWriter:
         arrays = {name: np.concatenate(parts) for name, parts in self.parts.items()}
         arrays.update(table)
         arrays["meta"] = np.asarray(json.dumps(meta, default=str))
-        with open(self.path, "wb") as fh:  # a file object: numpy adds no .npz suffix
-            np.savez(fh, **arrays)
+        write_file(self.path, lambda f: np.savez(f, **arrays))  # a file object: no .npz suffix
 
 
 def _read_meta(path: Path) -> dict | None:
@@ -279,13 +282,7 @@ def export_slots_command(
 ):
     """Write per-frame slots (T, K, D), masks (T, K, N) and tokens of every video of a split to OUT
     (zarr, or .npz when OUT ends with .npz), with the run's fingerprint in the attributes."""
-    from stages.common import setup_logging
-
     setup_logging()
     export_slots_run(
         run, split=split, out=out, checkpoint=checkpoint, max_videos=max_videos, overwrite=overwrite
     )
-
-
-# The documented Python entry point: export_slots(run_dir, split, out, ...).
-export_slots = export_slots_run

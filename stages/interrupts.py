@@ -51,10 +51,8 @@ class CheckpointOnSigterm(Callback):
     """Saves the finished step when Lightning stops for SIGTERM (see the module docstring)."""
 
     def __init__(self, ckpt_dir: Path, command: str):
-        self.ckpt_dir, self.command = (
-            Path(ckpt_dir),
-            command,
-        )  # command: e.g. "egoslots train-slots"
+        self.ckpt_dir = Path(ckpt_dir)
+        self.command = command  # named in the message, e.g. "egoslots train-slots"
         self.saved: Path | None = None
         self.step = 0
         _kill_daemon_children_at_exit()

@@ -59,9 +59,10 @@ def _current_picture(run_dir: Path):
 
 def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
     """Run every stage; returns {"store", "dvae_run", "run_dir", "metrics", "picture"}."""
-    from stages.dvae import pretrain, tokenize_run
     from stages.evaluate import evaluate_run, format_table
     from stages.extract import extract
+    from stages.pretrain_dvae import pretrain
+    from stages.tokenize import tokenize_run
     from stages.train_slots import train
     from stages.visualize import visualize_run
 

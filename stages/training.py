@@ -1,42 +1,37 @@
-"""Training machinery that both training stages share: pretrain-dvae (stages/dvae.py) and
-train-slots (stages/train_slots.py). Nothing here knows which model is trained.
+"""Training machinery that both training stages share: pretrain-dvae and train-slots. Nothing
+here knows which model is trained.
 
 - Data order: :class:`ResumableRandomSampler`, a seeded stream of indices that a resumed run
   (or every DDP rank's slice of it) continues exactly where the uninterrupted run would be.
 - Several processes: :func:`first_bad_step_of_all_ranks` makes every rank agree on the first
   NaN/inf step so they stop together; :func:`gather_with_grad` all-gathers a batch with
-  gradients flowing back to the rank that produced each row.
-- Checkpoints: :func:`find_resume_checkpoint` picks the newest one that loads,
-  :func:`catch_up_last` brings last.ckpt up to it, :func:`read_checkpoint` loads one safely
-  (``weights_only=True``) with one clear error, and :class:`RaisingCheckpointIO` writes them
-  atomically and raises when a write fails (Lightning alone swallows permission errors).
-- Write faults: :func:`output_writes` turns a permission / read-only / disk-full OSError into one
-  StageError naming the file and what to do (:data:`WRITE_FAULTS`), with no traceback.
+  gradients flowing back to the rank that produced each row; :func:`is_rank_zero` before the
+  Trainer exists.
+- The Trainer: :func:`make_trainer` with what both stages want (periodic and last checkpoints,
+  SIGTERM checkpoints, TensorBoard, atomic checkpoint writes that raise when they fail:
+  :class:`RaisingCheckpointIO`), and :func:`fit` that turns a SIGTERM stop into exit 143.
 
-Kept apart from the stages so that reading one stage does not mean reading the other.
+Run directories and checkpoint files are ``stages/rundirs.py``; the NaN guard and pictures are
+``stages/callbacks.py``; the data ``stages/datamodules.py``.
 """
 
 from __future__ import annotations
 
-import errno
-import io
 import logging
 import os
-import pickle
-import re
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import fsspec
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import Sampler
 
-from stages.common import StageError
+from cache.location import as_location, write_file
+from stages.interrupts import CheckpointOnSigterm, SIGTERMException
 
 log = logging.getLogger("egoslots")
 
@@ -153,187 +148,83 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: finding, reading, catching up
+# The Trainer
 # --------------------------------------------------------------------------------------------
-def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The checkpoint of the highest step that loads: last.ckpt or the newest step=N.ckpt.
-
-    Lightning writes step=N.ckpt before last.ckpt, so a kill between the two leaves last.ckpt one
-    interval behind; resuming from it would redo those steps and save them as step=N-v1.ckpt
-    beside step=N.ckpt. An unreadable file (damaged) is skipped with a warning.
-    """
-    best, best_step = None, -1
-    candidates = [ckpt_dir / "last.ckpt"] + sorted(
-        ckpt_dir.glob("step=*.ckpt"), key=lambda p: _step_of(p), reverse=True
-    )
-    for path in candidates:
-        if not path.is_file():
-            continue
-        try:
-            step = int(
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
-            )
-        except Exception as err:  # noqa: BLE001 - a truncated file: try the next one
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
-            continue
-        if step > best_step:
-            best, best_step = path, step
-        if path.name != "last.ckpt":
-            break  # step=N files come newest first: the first that loads is the newest
-    return best
-
-
-@rank_zero_only
-def catch_up_last(newest: Path) -> None:
-    """Copy ``newest`` (a step=N.ckpt) over last.ckpt, which a kill between the two writes left
-    older (or damaged): evaluate, export and visualize read last.ckpt, also when the run has
-    nothing left to train. Atomic, as every checkpoint write."""
-    tmp = newest.with_name(f".last.ckpt.tmp-{os.getpid()}")
-    try:
-        with open(newest, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, newest.with_name("last.ckpt"))
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _step_of(path: Path) -> int:
-    m = re.match(r"step=(\d+)", path.stem)
-    return int(m.group(1)) if m else -1
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(read_checkpoint(path)["global_step"])
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A Lightning checkpoint, loaded with ``weights_only=True``: tensors and plain containers only
-    (all a checkpoint of ours holds), so a .ckpt carrying other Python objects is refused, never run."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise StageError(
-            f"refused to load {path}: it holds Python objects other than tensors and plain "
-            f"containers, which egoslots checkpoints never do (torch.load weights_only=True: "
-            f"{reason})"
-        ) from err
-    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, ...
-        raise StageError(
-            f"cannot read checkpoint {path} ({type(err).__name__}: {err}): is it a truncated "
-            "file or not a checkpoint?"
-        ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        raise StageError(
-            f"{path} is not a Lightning checkpoint (no state_dict / global_step): give a "
-            "checkpoints/*.ckpt file of a train-slots or pretrain-dvae run"
-        )
-    return ckpt
-
-
-# --------------------------------------------------------------------------------------------
-# Writes: atomic checkpoints and clear messages for failed writes
-# --------------------------------------------------------------------------------------------
-# What a failed write means, by errno, and what the user can do about it.
-WRITE_FAULTS = {
-    errno.EACCES: "make it writable for this user, or set work_dir to a directory you can write",
-    errno.EPERM: "make it writable for this user, or set work_dir to a directory you can write",
-    errno.EROFS: "the file system is mounted read-only: set work_dir to a writable disk",
-    errno.ENOSPC: "the disk is full: free some space",
-    errno.EDQUOT: "the disk quota is exceeded: free some space or raise the quota",
-}
-
-
-def write_fault(err: OSError, out_dir: Path, kept: str, resume: str) -> str | None:
-    """The one-line message for an OSError of writing into ``out_dir``; None if not a write fault."""
-    hint = WRITE_FAULTS.get(err.errno)
-    if hint is None:
-        return None
-    target = Path(err.filename) if err.filename else out_dir
-    try:
-        inside = target.resolve().is_relative_to(out_dir.resolve())
-    except (OSError, ValueError):
-        inside = False
-    verb = "write" if inside or not err.filename else "access"
-    return (
-        f"cannot {verb} {target}: {os.strerror(err.errno)} ({errno.errorcode[err.errno]}): {hint}. "
-        f"{kept}; {resume}"
-    )
-
-
 class RaisingCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, except that a failed write raises and a local write is atomic.
 
     Lightning 2.6's ``_atomic_save`` swallows PermissionError (EACCES/EPERM): the run would go on
     for days with no checkpoint saved and no word said. Its local "atomic" write also stages the
     whole file in the system temp dir and moves it over (a copy when /tmp is another disk). Here
-    a local checkpoint goes to a hidden temporary file next to it, is fsynced and renamed into
-    place, so last.ckpt is either the old or the new one; remote paths use fsspec. Every OSError
-    reaches :func:`output_writes`.
+    every checkpoint goes through egoslots' one atomic writer (``cache.location.write_file``: a
+    hidden temporary beside it, fsynced and renamed; one upload for a remote path), so last.ckpt
+    is either the old or the new one, and every OSError reaches ``stages.common.output_writes``.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"storage_options is not supported by {type(self).__name__}")
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        fs, urlpath = fsspec.core.url_to_fs(str(path))
-        fs.makedirs(os.path.dirname(urlpath), exist_ok=True)
-        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-        if "file" not in protocols:  # object stores: one upload, whole or nothing
-            fs.pipe_file(urlpath, buffer.getvalue())
-            return
-        target = Path(urlpath)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except OSError as err:  # name the checkpoint, not its temporary file
-            raise type(err)(err.errno, err.strerror, str(target)) from err
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    @staticmethod
-    def remove_leftovers(ckpt_dir: Path) -> None:
-        """Delete the temporary files of checkpoint writes that a kill -9 or power cut cut short
-        (``.NAME.ckpt.tmp-PID`` of a process no longer running). Each is as large as a
-        checkpoint, and a job killed again and again would pile them up. Rank 0, before training."""
-        for tmp in Path(ckpt_dir).glob(".*.ckpt.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _process_running(int(pid)):
-                tmp.unlink(missing_ok=True)
+        write_file(as_location(path), lambda f: torch.save(checkpoint, f))
 
 
-def _process_running(pid: int) -> bool:
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 of a DDP launch (or not under DDP at all).
+
+    Known before the Trainer starts: Lightning reads RANK / LOCAL_RANK / SLURM_PROCID into
+    ``rank_zero_only.rank``; NODE_RANK / GROUP_RANK > 0 is another node of a multi-node launch.
+    """
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)) or 0)
+    return getattr(rank_zero_only, "rank", 0) == 0 and node == 0
+
+
+def make_trainer(
+    run_dir: Path,
+    *,
+    command: str,
+    max_steps: int,
+    ckpt_every: int,
+    log_every: int,
+    callbacks: Sequence[Callback],
+    **trainer_kwargs,
+) -> tuple[L.Trainer, CheckpointOnSigterm]:
+    """A Trainer writing into ``run_dir`` (``checkpoints/step=N.ckpt`` every ``ckpt_every`` steps
+    and ``last.ckpt``, ``tb/``), saving a checkpoint on SIGTERM (``command`` is named in the
+    message), with ``callbacks`` first; the rest (accelerator, precision, ...) as given."""
+    ckpt_dir = run_dir / "checkpoints"
+    sigterm = CheckpointOnSigterm(ckpt_dir, command)
+    periodic = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="step={step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=int(ckpt_every),
+        save_top_k=-1,
+        save_last=True,
+        save_on_train_epoch_end=False,
+    )
+    trainer = L.Trainer(
+        default_root_dir=str(run_dir),
+        max_steps=int(max_steps),
+        max_epochs=-1,
+        logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
+        callbacks=[*callbacks, periodic, sigterm],
+        log_every_n_steps=int(log_every),
+        use_distributed_sampler=False,  # the datamodules slice the sample stream by rank
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        plugins=[RaisingCheckpointIO()],  # a checkpoint that cannot be written stops the run
+        **trainer_kwargs,
+    )
+    return trainer, sigterm
+
+
+def fit(
+    trainer: L.Trainer, sigterm: CheckpointOnSigterm, module, data, resume: Path | None
+) -> None:
+    """``trainer.fit`` from ``resume`` (a checkpoint, or None); a SIGTERM stop becomes one line and
+    exit status 143 once its checkpoint is saved."""
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's process
-        return True
-    return True
-
-
-@contextmanager
-def output_writes(
-    out_dir: Path, kept: str = "", resume: str = "then rerun the same command to resume"
-):
-    """Turn a permission / read-only / disk-full OSError inside the block into one StageError
-    naming the file and the errno's meaning (no traceback); other errors pass unchanged."""
-    try:
-        yield
-    except OSError as err:
-        message = write_fault(
-            err,
-            out_dir,
-            kept or f"Checkpoints already in {out_dir / 'checkpoints'} are kept",
-            resume,
+        trainer.fit(
+            module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True
         )
-        if message is None:
-            raise
-        raise StageError(message) from err
+    except SIGTERMException:
+        raise sigterm.stopped() from None

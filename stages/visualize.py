@@ -18,79 +18,31 @@ import click
 import numpy as np
 import torch
 
-from pipeline.metrics import masks_to_labels
-from stages.evaluate import infer_video, load_run, pick_device, window_length
+from cache.reader import ClipDataset
+from pipeline.dvae import load_dvae
+from stages.common import StageError, setup_logging
+from stages.inference import infer_video, load_trained, window_length
+from stages.pictures import masks_overlay
+from stages.runtime import pick_device
 
 log = logging.getLogger("egoslots")
 
-# 20 distinct colours (tab20 order, strong ones first); slot k always gets PALETTE[k % 20].
-PALETTE = np.array(
-    [
-        [31, 119, 180],
-        [255, 127, 14],
-        [44, 160, 44],
-        [214, 39, 40],
-        [148, 103, 189],
-        [140, 86, 75],
-        [227, 119, 194],
-        [127, 127, 127],
-        [188, 189, 34],
-        [23, 190, 207],
-        [174, 199, 232],
-        [255, 187, 120],
-        [152, 223, 138],
-        [255, 152, 150],
-        [197, 176, 213],
-        [196, 156, 148],
-        [247, 182, 210],
-        [199, 199, 199],
-        [219, 219, 141],
-        [158, 218, 229],
-    ],
-    dtype=np.uint8,
-)
-
-
-def slot_colours(labels: np.ndarray) -> np.ndarray:
-    """Slot label maps (..., H, W) -> RGB (..., H, W, 3) with the fixed palette."""
-    return PALETTE[labels % len(PALETTE)]
-
-
-def overlay(frames: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """Blend slot colours over frames (T, H, W, 3) uint8 and darken slot boundaries."""
-    colours = slot_colours(labels).astype(np.float32)
-    out = (1 - alpha) * frames.astype(np.float32) + alpha * colours
-    edge = np.zeros(labels.shape, dtype=bool)
-    edge[..., 1:, :] |= labels[..., 1:, :] != labels[..., :-1, :]
-    edge[..., :, 1:] |= labels[..., :, 1:] != labels[..., :, :-1]
-    out[edge] *= 0.3
-    return out.clip(0, 255).astype(np.uint8)
-
 
 def dvae_reconstructions(
-    run_dir: Path, cfg, tokens_hash: str | None, tokens: torch.Tensor | None, size: int
+    run_dir: Path, tokens_hash: str | None, tokens: torch.Tensor | None, size: int
 ) -> tuple[np.ndarray | None, str]:
     """Decode cached token ids (T, h, w) with the run's dVAE -> (T, S, S, 3) uint8, or None and why."""
     if tokens_hash is None or tokens is None:
         return None, "the run uses no dVAE"
-    try:
-        from pipeline import dvae as dvae_mod
-    except ImportError:
-        return None, "pipeline.dvae is not available"
-    dvae_dir = find_dvae_run(run_dir, cfg, tokens_hash)
+    dvae_dir = find_dvae_run(run_dir, tokens_hash)
     if dvae_dir is None:
         return None, f"no dVAE run directory with hash {tokens_hash} found"
     try:
-        model = dvae_mod.load_dvae(dvae_dir) if hasattr(dvae_mod, "load_dvae") else None
-        if model is None:
-            return None, "pipeline.dvae has no load_dvae(run_dir)"
-        model = model.eval()
+        model = load_dvae(dvae_dir).eval()
         device = next(model.parameters()).device
         pictures = []
         with torch.no_grad():
-            for part in tokens.long().split(
-                16
-            ):  # a few frames at a time: long videos fit in memory
+            for part in tokens.long().split(16):  # a few frames at a time: long videos fit
                 images = model.decode_ids(part.to(device)).float()  # (t, 3, S', S'), unclamped
                 if images.shape[-1] != size:
                     images = torch.nn.functional.interpolate(
@@ -100,37 +52,21 @@ def dvae_reconstructions(
                     (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
                 )
         return np.concatenate(pictures), ""
-    except Exception as err:  # a picture is not worth failing the pipeline for
+    except Exception as err:  # noqa: BLE001 - a picture is not worth failing the pipeline for
         log.warning("dVAE reconstructions skipped: %s", err)
         return None, f"dVAE decoding failed: {err}"
 
 
-def find_dvae_run(run_dir: Path, cfg, tokens_hash: str) -> Path | None:
-    """The dVAE run directory whose dvae.json hash is ``tokens_hash``."""
-    candidates = []
-    inputs = run_dir / "inputs.json"
-    if inputs.is_file():
-        try:
-            data = json.loads(inputs.read_text())
-            for key in ("dvae_run", "dvae_dir", "dvae_run_dir"):
-                if data.get(key):
-                    candidates.append(Path(data[key]))
-        except (OSError, json.JSONDecodeError):
-            pass
-    for getter in (lambda: cfg.dvae_run, lambda: Path(cfg.work_dir) / "runs" / cfg.dvae.run_name):
-        try:
-            value = getter()
-            if value:
-                candidates.append(Path(value))
-        except Exception:
-            continue
-    for path in candidates:
-        meta = path / "dvae.json"
-        try:
-            if meta.is_file() and json.loads(meta.read_text()).get("hash") == tokens_hash:
-                return path
-        except (OSError, json.JSONDecodeError):
-            continue
+def find_dvae_run(run_dir: Path, tokens_hash: str) -> Path | None:
+    """The dVAE run directory whose dvae.json hash is ``tokens_hash``: the one the run's
+    inputs.json names (``dvae_run``)."""
+    inputs = json.loads((run_dir / "inputs.json").read_text())
+    meta = Path(inputs["dvae_run"]) / "dvae.json" if inputs.get("dvae_run") else None
+    try:
+        if meta and meta.is_file() and json.loads(meta.read_text()).get("hash") == tokens_hash:
+            return meta.parent
+    except (OSError, json.JSONDecodeError):
+        pass
     return None
 
 
@@ -143,15 +79,13 @@ def visualize_run(
     fps: float = 6.0,
 ) -> Path:
     """Render slot masks over one video; returns the PNG strip's path (the GIF is beside it)."""
-    from cache.reader import ClipDataset
-
     run_dir = Path(run_dir)
-    model, cfg, store, tokens_hash = load_run(run_dir, checkpoint)
+    model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
     if video_id is None:
         rows = store.videos_in("test", hflip=False) or store.videos_in(None, hflip=False)
         video_id = rows[0].id
     elif video_id not in {v.id for v in store.videos}:
-        raise click.ClickException(f"no video '{video_id}' in store {store.path}")
+        raise StageError(f"no video '{video_id}' in store {store.path}")
     fields = ("features", "frames") + (("tokens",) if tokens_hash else ())
     data = ClipDataset(
         store,
@@ -169,9 +103,8 @@ def visualize_run(
     frames = item["frames"].numpy()  # (T, S, S, 3)
     size = frames.shape[1]
     grid = tuple(store.grid) if masks.shape[-1] == store.grid[0] * store.grid[1] else None
-    labels = masks_to_labels(masks, (size, size), grid).numpy()
-    panels = [frames, overlay(frames, labels)]
-    recon, why = dvae_reconstructions(run_dir, cfg, tokens_hash, item.get("tokens"), size)
+    panels = [frames, masks_overlay(frames, masks, grid)]
+    recon, why = dvae_reconstructions(run_dir, tokens_hash, item.get("tokens"), size)
     if recon is not None:
         panels.append(recon)
     elif tokens_hash is not None:
@@ -230,7 +163,5 @@ def write_strip(path: Path, panels: list[np.ndarray], max_columns: int, gap: int
 def visualize(run: Path, video_id: str | None, out: Path | None, checkpoint: str):
     """Render a video's slot masks (colours fixed per slot) as a GIF and a PNG strip, with dVAE
     reconstructions of the cached tokens when the run uses a dVAE."""
-    from stages.common import setup_logging
-
     setup_logging()
     visualize_run(run, video_id=video_id, out=out, checkpoint=checkpoint)

@@ -13,15 +13,19 @@ import pytest
 import torch
 import zarr
 from PIL import Image
-from test_train_slots import make_dvae_run, make_store, tiny_cfg
 
-import stages.dvae as stage_dvae
+import stages.pretrain_dvae as stage_dvae
 from cache.store import FeatureStore, StoreError
 from pipeline.config import ConfigError, load_config
 from pipeline.data.base import SourceError
 from pipeline.data.frames import FrameFolderSource
 from pipeline.dvae import load_dvae
+from stages import dvae_task
 from stages.common import StageError
+from stages.tokenize import TokenWriteError, tokenize_run
+from tests.helpers.data import extract_cfg, memory_source
+from tests.helpers.runs import make_dvae_run, slot_args, slot_cfg
+from tests.helpers.stores import assert_same_store, frames_store, slot_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,12 +57,12 @@ def test_zarr_group_that_is_not_an_egoslots_store(tmp_path):
 def test_nan_features_stop_train_slots_naming_the_step(tmp_path):
     from stages.train_slots import train
 
-    store = make_store(tmp_path)
+    store = slot_store(tmp_path)
     make_dvae_run(tmp_path)
     zarr.open_array(str(store.path) + "/features", mode="r+")[:] = np.nan
     with pytest.raises(StageError, match=r"NaN/inf at step \d+") as info:
         train(
-            tiny_cfg(
+            slot_cfg(
                 tmp_path, "trainer.max_steps=3", "trainer.val_every=100", "trainer.image_every=100"
             )
         )
@@ -72,7 +76,8 @@ def test_nan_features_stop_train_slots_naming_the_step(tmp_path):
 # We run as root, so chmod proves nothing: the real write raises the OSError a read-only mount,
 # a directory of another user or a full disk would raise.
 def _fail_open_for(monkeypatch, name: str, err: int):
-    """Make the open-for-write of checkpoint ``name`` (its temporary file) fail like the OS would."""
+    """Make the open-for-write of file ``name`` (its temporary file: every write is atomic) fail
+    like the OS would."""
     import builtins
 
     real = builtins.open
@@ -91,18 +96,6 @@ def _fail_open_for(monkeypatch, name: str, err: int):
     monkeypatch.setattr(builtins, "open", failing)
 
 
-def _fail_write_text_for(monkeypatch, name: str, err: int):
-    """Make Path.write_text (config.yaml / inputs.json / dvae.json writes) of file ``name`` fail."""
-    real = Path.write_text
-
-    def failing(self, *args, **kwargs):
-        if self.name == name:
-            raise OSError(err, os.strerror(err), str(self))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", failing)
-
-
 def _step(ckpt: Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
 
@@ -113,12 +106,11 @@ def test_extraction_store_on_read_only_or_forbidden_disk_keeps_chunks_and_resume
     """EROFS then EACCES at the real zarr chunk write: StoreError naming chunk, store and errno
     meaning; finished chunks kept; the rerun after the fix equals a one-shot extraction."""
     import zarr.storage._local as zarr_local
-    from test_store import assert_same_store, make_cfg, make_source
 
     from stages.extract import extract
 
-    source = make_source()
-    clean = extract(make_cfg(tmp_path / "clean"), source=source)
+    source = memory_source()
+    clean = extract(extract_cfg(tmp_path / "clean"), source=source)
     real_put, state = zarr_local._put, {"n": 0, "fail": {3: errno.EROFS}}
 
     def put(path, value, exclusive=False):
@@ -131,7 +123,7 @@ def test_extraction_store_on_read_only_or_forbidden_disk_keeps_chunks_and_resume
         return real_put(path, value, exclusive=exclusive)
 
     monkeypatch.setattr(zarr_local, "_put", put)
-    cfg = make_cfg(tmp_path / "ro")
+    cfg = extract_cfg(tmp_path / "ro")
     with pytest.raises(
         StoreError, match=r"cannot write chunk 2 of .*ro/stores/.*Read-only file system"
     ) as info:
@@ -174,11 +166,10 @@ def test_unwritable_dvae_run_dir_names_the_file_and_keeps_checkpoints(tmp_path, 
     and EROFS on config.yaml give one line naming the file and the errno's meaning, no traceback;
     step 2 stays intact and the rerun after the fix resumes from it."""
     from click.testing import CliRunner
-    from test_dvae import make_store as make_frame_store
 
     import cli
 
-    make_frame_store(tmp_path / "store.zarr")
+    frames_store(tmp_path / "store.zarr")
     args = [
         "pretrain-dvae",
         str(REPO / "configs" / "base.yaml"),
@@ -202,17 +193,17 @@ def test_unwritable_dvae_run_dir_names_the_file_and_keeps_checkpoints(tmp_path, 
     assert not (run_dir / "dvae.pt").exists()
 
     with monkeypatch.context() as m:  # a read-only mount: the very first write, config.yaml
-        _fail_write_text_for(m, "config.yaml.tmp", errno.EROFS)
+        _fail_open_for(m, "config.yaml", errno.EROFS)
         result = runner.invoke(cli.main, args)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert re.search(
-        r"cannot write .*config\.yaml\.tmp: Read-only file system \(EROFS\)", result.output
+        r"cannot write .*config\.yaml: Read-only file system \(EROFS\)", result.output
     ), result.output
     assert _step(ckpts / "last.ckpt") == 2
 
     starts = []
     monkeypatch.setattr(
-        stage_dvae.DVAETask, "on_train_start", lambda self: starts.append(self.global_step)
+        dvae_task.DVAETask, "on_train_start", lambda self: starts.append(self.global_step)
     )
     result = runner.invoke(cli.main, args)  # fixed: resumes at step 2 and finishes
     assert result.exit_code == 0, result.output
@@ -226,11 +217,10 @@ def test_tokenize_disk_full_or_read_only_store_is_one_clear_error_and_resumes(
     """ENOSPC (then EROFS) at the real zarr write of token ids: one line naming the chunk, the store
     and the command to rerun; finished token chunks kept; the rerun writes only the rest."""
     from click.testing import CliRunner
-    from test_dvae import make_store as make_frame_store
 
     import cli
 
-    make_frame_store(tmp_path / "store.zarr")
+    frames_store(tmp_path / "store.zarr")
     run_dir = stage_dvae.pretrain(
         load_config(None, _dvae_overrides(tmp_path, tmp_path / "store.zarr")), tokenize=False
     )
@@ -250,12 +240,12 @@ def test_tokenize_disk_full_or_read_only_store_is_one_clear_error_and_resumes(
     result = runner.invoke(cli.main, ["tokenize", str(run_dir)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert re.search(
-        r"disk full while writing token chunk 2 of .*store\.zarr .*No space left on device",
+        r"cannot write token chunk 2 of .*store\.zarr: No space left on device \(ENOSPC\)",
         result.output,
     )
     assert (
         f"egoslots tokenize {run_dir}" in result.output
-        and "finished token chunks are kept" in result.output
+        and "Finished token chunks are kept" in result.output
     )
     dvae_hash = json.loads((run_dir / "dvae.json").read_text())["hash"]
     assert list(
@@ -264,14 +254,14 @@ def test_tokenize_disk_full_or_read_only_store_is_one_clear_error_and_resumes(
 
     state.update(n=0, fail={1: errno.EROFS})
     with pytest.raises(
-        stage_dvae.TokenWriteError, match=r"cannot write token chunk 2 .*Read-only file system"
+        TokenWriteError, match=r"cannot write token chunk 2 .*Read-only file system"
     ) as info:
-        stage_dvae.tokenize_run(run_dir)
+        tokenize_run(run_dir)
     assert isinstance(info.value, StoreError) and isinstance(info.value, OSError)
     assert info.value.errno == errno.EROFS
 
     state.update(n=0, fail={})
-    assert stage_dvae.tokenize_run(run_dir) == dvae_hash
+    assert tokenize_run(run_dir) == dvae_hash
     assert state["n"] == 4  # only chunks 2..5 were written again
     tokens = FeatureStore.open(tmp_path / "store.zarr").tokens(dvae_hash)[:]
     frames = (
@@ -282,31 +272,7 @@ def test_tokenize_disk_full_or_read_only_store_is_one_clear_error_and_resumes(
 
 
 def _slots_args(work: Path, *extra: str) -> list[str]:
-    return [
-        f"work_dir={work}",
-        "store=fp0",
-        "run_name=t",
-        "seed=0",
-        "globals.NUM_SLOTS=3",
-        "globals.SLOT_DIM=16",
-        "globals.VOCAB_SIZE=16",
-        "globals.NUM_FRAMES=3",
-        "globals.BATCH_SIZE_PER_GPU=2",
-        "dataset.num_workers=0",
-        "decoder.hidden_dims=[32,32]",
-        "steve_decoder.num_blocks=1",
-        "steve_decoder.d_model=16",
-        "steve_decoder.num_heads=2",
-        "predictor.num_heads=2",
-        "optimizer.warmup_steps=2",
-        "trainer.max_steps=4",
-        "trainer.ckpt_every=2",
-        "trainer.val_every=100",
-        "trainer.log_every=1",
-        "trainer.image_every=100",
-        "trainer.precision=32",
-        *extra,
-    ]
+    return [*slot_args(work), "trainer.val_every=100", "trainer.image_every=100", *extra]
 
 
 def test_unwritable_train_slots_run_dir_names_the_file_and_keeps_checkpoints(tmp_path, monkeypatch):
@@ -316,7 +282,7 @@ def test_unwritable_train_slots_run_dir_names_the_file_and_keeps_checkpoints(tmp
 
     import cli
 
-    make_store(tmp_path)
+    slot_store(tmp_path)
     make_dvae_run(tmp_path)
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("seed: 0\n")
@@ -325,11 +291,11 @@ def test_unwritable_train_slots_run_dir_names_the_file_and_keeps_checkpoints(tmp
     runner = CliRunner()
 
     with monkeypatch.context() as m:
-        _fail_write_text_for(m, "inputs.json.tmp", errno.EACCES)
+        _fail_open_for(m, "inputs.json", errno.EACCES)
         result = runner.invoke(cli.main, args)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert re.search(
-        r"cannot write .*inputs\.json\.tmp: Permission denied \(EACCES\): make it writable",
+        r"cannot write .*inputs\.json: Permission denied \(EACCES\): make it writable",
         result.output,
     ), result.output
 
@@ -364,12 +330,13 @@ def test_checkpoint_of_another_architecture_is_refused_by_resume_and_evaluate(tm
     from click.testing import CliRunner
 
     import cli
-    from stages.train_slots import load_trained, train
+    from stages.inference import load_trained
+    from stages.train_slots import train
 
-    make_store(tmp_path)
+    slot_store(tmp_path)
     make_dvae_run(tmp_path)
     other = train(
-        tiny_cfg(
+        slot_cfg(
             tmp_path,
             "run_name=other",
             "globals.NUM_SLOTS=4",
@@ -381,7 +348,7 @@ def test_checkpoint_of_another_architecture_is_refused_by_resume_and_evaluate(tm
     foreign = other / "checkpoints" / "last.ckpt"
 
     with pytest.raises(StageError) as info:
-        train(tiny_cfg(tmp_path, "run_name=mine", "trainer.max_steps=4"), resume=foreign)
+        train(slot_cfg(tmp_path, "run_name=mine", "trainer.max_steps=4"), resume=foreign)
     message = str(info.value)
     assert str(foreign) in message and "differ in shape" in message
     assert (
@@ -392,7 +359,7 @@ def test_checkpoint_of_another_architecture_is_refused_by_resume_and_evaluate(tm
     assert not (tmp_path / "runs" / "mine" / "checkpoints" / "last.ckpt").exists()
 
     mine = train(
-        tiny_cfg(tmp_path, "run_name=mine", "trainer.max_steps=2", "trainer.image_every=100")
+        slot_cfg(tmp_path, "run_name=mine", "trainer.max_steps=2", "trainer.image_every=100")
     )
     shutil.copy(foreign, mine / "checkpoints" / "step=99.ckpt")  # copied in from the other run
     with pytest.raises(
@@ -417,7 +384,7 @@ def test_resume_from_a_dvae_or_pickled_object_checkpoint_is_refused(tmp_path):
     with weights_only=True, so never executed): one error naming the file."""
     from stages.train_slots import train
 
-    make_store(tmp_path)
+    slot_store(tmp_path)
     make_dvae_run(tmp_path)
     torch.save(
         {
@@ -428,15 +395,15 @@ def test_resume_from_a_dvae_or_pickled_object_checkpoint_is_refused(tmp_path):
         tmp_path / "dvae.ckpt",
     )
     with pytest.raises(StageError, match=r"dvae\.ckpt is not a train-slots checkpoint"):
-        train(tiny_cfg(tmp_path, "trainer.max_steps=2"), resume=tmp_path / "dvae.ckpt")
+        train(slot_cfg(tmp_path, "trainer.max_steps=2"), resume=tmp_path / "dvae.ckpt")
 
     torch.save({"state_dict": {}, "global_step": 1, "payload": Payload()}, tmp_path / "evil.ckpt")
     with pytest.raises(StageError, match=r"refused to load .*evil\.ckpt.*weights_only=True"):
-        train(tiny_cfg(tmp_path, "trainer.max_steps=2"), resume=tmp_path / "evil.ckpt")
+        train(slot_cfg(tmp_path, "trainer.max_steps=2"), resume=tmp_path / "evil.ckpt")
     assert not Payload.loaded
     (tmp_path / "cut.ckpt").write_bytes((tmp_path / "dvae.ckpt").read_bytes()[:50])
     with pytest.raises(StageError, match=r"cannot read checkpoint .*cut\.ckpt"):
-        train(tiny_cfg(tmp_path, "trainer.max_steps=2"), resume=tmp_path / "cut.ckpt")
+        train(slot_cfg(tmp_path, "trainer.max_steps=2"), resume=tmp_path / "cut.ckpt")
 
 
 class Payload:
@@ -454,9 +421,8 @@ def _mark_loaded():
 
 
 def test_pretrain_dvae_resume_from_another_dvae_is_refused(tmp_path):
-    from test_dvae import make_store as make_frame_store
 
-    make_frame_store(tmp_path / "store.zarr")
+    frames_store(tmp_path / "store.zarr")
     base = _dvae_overrides(tmp_path, tmp_path / "store.zarr")
     run_dir = stage_dvae.pretrain(load_config(None, [*base, "dvae.max_steps=2"]), tokenize=False)
     ckpt = run_dir / "checkpoints" / "last.ckpt"

@@ -50,7 +50,7 @@ def test_invalid_clip_settings(args):
 def test_clip_index_over_a_real_source(tmp_path):
     """The source's video table feeds the clip index as the store reader does."""
     from pipeline.data.frames import FrameFolderSource
-    from tests.test_sources import write_frames
+    from tests.helpers.data import write_frames
 
     write_frames(tmp_path / "a", 6, size=(4, 4))
     write_frames(tmp_path / "b", 2, size=(4, 4))

@@ -1,7 +1,7 @@
 """kill -9 every stage at seeded random points, rerun, and compare with an uninterrupted run.
 
 Each test starts the real `cli.py` command in a subprocess, SIGKILLs its process group at a
-point drawn from ``random.Random(seed)`` (tests/crashkit.py), checks the kill really landed
+point drawn from ``random.Random(seed)`` (tests/helpers/crashkit.py), checks the kill really landed
 mid-run, reruns the same command to the end and compares the result with one uninterrupted run
 of the same command:
 
@@ -34,19 +34,20 @@ import pytest
 import torch
 
 from cache.store import FeatureStore
-from tests.crashkit import KillPoint, cli, count_done_flags, count_files, kill_mid_run, run_to_end
-from tests.test_extract import write_config as write_extract_config
-from tests.test_extract import write_frame_folder
-from tests.test_store import assert_same_store
+from tests.helpers.crashkit import (
+    KillPoint,
+    cli,
+    count_done_flags,
+    count_files,
+    kill_mid_run,
+    run_to_end,
+)
+from tests.helpers.data import write_extract_config, write_frame_folder
+from tests.helpers.runs import copy_dvae_run, dvae_cfg, make_dvae_run, slot_cfg, slot_cfg_args
+from tests.helpers.stores import assert_same_store, frames_store, only_store, slot_store
 
 SEEDS = [0, 1, 2]
 SLOW_SEEDS = [pytest.param(seed, marks=pytest.mark.slow) for seed in SEEDS]
-
-
-def only_store(work_dir: Path) -> Path:
-    stores = list((work_dir / "stores").glob("*.zarr"))
-    assert len(stores) == 1, stores
-    return stores[0]
 
 
 def files_under(root: Path) -> set[str]:
@@ -194,9 +195,7 @@ def assert_resumed_like_uninterrupted(full: Path, resumed: Path, live: Path) -> 
 def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
     from lightning.pytorch.callbacks import Callback
 
-    import stages.dvae as stage
-    from tests.test_dvae import make_store
-    from tests.test_dvae_train import config
+    import stages.pretrain_dvae as stage
 
     class CrashAt(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -205,8 +204,8 @@ def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
 
     ckpt_dirs, hashes = [], []
     for name in ("full", "resumed"):
-        make_store(tmp_path / name / "store.zarr")
-        cfg = config(
+        frames_store(tmp_path / name / "store.zarr")
+        cfg = dvae_cfg(
             tmp_path / name,
             tmp_path / name / "store.zarr",
             "dvae.max_steps=12",
@@ -216,6 +215,9 @@ def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
         if name == "resumed":
             with pytest.raises(Crash):
                 stage.pretrain(cfg, callbacks=[CrashAt()], tokenize=False)
+            assert not (
+                ckpt_dirs[-1].parent / "dvae.pt"
+            ).exists()  # no weights of an unfinished run
             stale, live = leave_kill_debris(ckpt_dirs[-1])
         stage.pretrain(cfg, tokenize=False)
         hashes.append(
@@ -228,10 +230,10 @@ def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
 
 def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path, monkeypatch):
     from stages import train_slots
-    from tests.test_train_slots import make_dvae_run, make_store, tiny_cfg
+    from stages.slot_task import SlotTrainingModule
 
     def cfg(work):
-        return tiny_cfg(
+        return slot_cfg(
             work,
             "trainer.max_steps=12",
             "trainer.ckpt_every=2",
@@ -239,7 +241,7 @@ def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path,
             "trainer.image_every=100",
         )
 
-    real_step = train_slots.SlotTrainingModule.training_step
+    real_step = SlotTrainingModule.training_step
 
     def crashing_step(self, batch, batch_idx):
         if self.global_step == 5:
@@ -247,11 +249,11 @@ def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path,
         return real_step(self, batch, batch_idx)
 
     for name in ("full", "resumed"):
-        make_store(tmp_path / name)
+        slot_store(tmp_path / name)
         make_dvae_run(tmp_path / name)
     train_slots.train(cfg(tmp_path / "full"))
     with monkeypatch.context() as patch:
-        patch.setattr(train_slots.SlotTrainingModule, "training_step", crashing_step)
+        patch.setattr(SlotTrainingModule, "training_step", crashing_step)
         with pytest.raises(Crash):
             train_slots.train(cfg(tmp_path / "resumed"))
     stale, live = leave_kill_debris(tmp_path / "resumed" / "runs" / "t" / "checkpoints")
@@ -359,12 +361,11 @@ def write_dvae_config(work: Path, store: Path, **dvae) -> Path:
 @pytest.fixture(scope="module")
 def dvae_for_tokens(tmp_path_factory):
     """A 2-step dVAE (64 px frames, 48 chunks of 8) trained in this process, not yet tokenized."""
-    import stages.dvae as stage
+    import stages.pretrain_dvae as stage
     from pipeline.config import load_config
-    from tests.test_dvae import make_store
 
     root = tmp_path_factory.mktemp("tokens")
-    make_store(root / "store.zarr", frames_per_video=64, chunk_len=8, size=64)
+    frames_store(root / "store.zarr", frames_per_video=64, chunk_len=8, size=64)
     cfg = load_config(
         write_dvae_config(root, root / "store.zarr", max_steps=2, ckpt_every=2, hidden=32), []
     )
@@ -373,19 +374,9 @@ def dvae_for_tokens(tmp_path_factory):
     return root
 
 
-def copy_dvae_run(src: Path, dst: Path) -> Path:
-    """A copy of a store + dVAE run whose inputs.json names the copied store; returns the run dir."""
-    shutil.copytree(src, dst)
-    run_dir = dst / "runs" / "dvae"
-    inputs = json.loads((run_dir / "inputs.json").read_text())
-    inputs["store"] = str(dst / "store.zarr")
-    (run_dir / "inputs.json").write_text(json.dumps(inputs))
-    return run_dir
-
-
 @pytest.fixture(scope="module")
 def reference_tokens(dvae_for_tokens, tmp_path_factory):
-    run_dir = copy_dvae_run(dvae_for_tokens, tmp_path_factory.mktemp("tokens-ref") / "w")
+    _, run_dir = copy_dvae_run(dvae_for_tokens, tmp_path_factory.mktemp("tokens-ref") / "w")
     run_to_end(cli("tokenize", run_dir))
     dvae_hash = json.loads((run_dir / "dvae.json").read_text())["hash"]
     return dvae_hash, FeatureStore.open(run_dir.parents[1] / "store.zarr")
@@ -396,7 +387,7 @@ def test_tokenize_killed_at_random_chunk_then_rerun_is_byte_identical(
     dvae_for_tokens, reference_tokens, tmp_path, seed
 ):
     dvae_hash, reference = reference_tokens
-    run_dir = copy_dvae_run(dvae_for_tokens, tmp_path / "w")
+    _, run_dir = copy_dvae_run(dvae_for_tokens, tmp_path / "w")
     store_path = run_dir.parents[1] / "store.zarr"
     total = reference.progress()[1]
     flags = count_done_flags(store_path, f"tokens/{dvae_hash}/done/c/*")
@@ -421,9 +412,9 @@ def test_tokenize_killed_at_random_chunk_then_rerun_is_byte_identical(
 def test_tokenize_removes_partial_files_of_killed_writes(dvae_for_tokens, tmp_path):
     """zarr writes a chunk to NAME.<uuid>.partial and renames it: a kill -9 mid-write leaves the
     .partial file (found by the test above). Finishing the tokens removes them."""
-    import stages.dvae as stage
+    import stages.pretrain_dvae as stage
 
-    run_dir = copy_dvae_run(dvae_for_tokens, tmp_path / "w")
+    _, run_dir = copy_dvae_run(dvae_for_tokens, tmp_path / "w")
     dvae_hash = json.loads((run_dir / "dvae.json").read_text())["hash"]
     store = FeatureStore.open(run_dir.parents[1] / "store.zarr", mode="r+")
     store.create_tokens(dvae_hash, (16, 16), {"vocab_size": 32})
@@ -442,10 +433,9 @@ DVAE_STEPS, DVAE_CKPT = 48, 4
 
 @pytest.fixture(scope="module")
 def dvae_source(tmp_path_factory):
-    from tests.test_dvae import make_store
 
     root = tmp_path_factory.mktemp("dvae-src")
-    make_store(root / "store.zarr", frames_per_video=8, size=32)
+    frames_store(root / "store.zarr", frames_per_video=8, size=32)
     return root / "store.zarr"
 
 
@@ -502,17 +492,15 @@ SLOT_STEPS, SLOT_CKPT = 40, 4
 @pytest.fixture(scope="module")
 def slot_source(tmp_path_factory):
     """A tiny store with features + tokens of a (recorded, not trained) dVAE run."""
-    from tests.test_train_slots import make_dvae_run, make_store
 
     root = tmp_path_factory.mktemp("slots-src")
-    make_store(root)
+    slot_store(root)
     make_dvae_run(root)
     return root
 
 
 def slot_work(source: Path, work: Path) -> list[str]:
     """A fresh work dir with its own copy of the store; returns the train-slots command."""
-    from tests.test_train_slots import tiny_cfg_args
 
     shutil.copytree(source, work)
     config = work / "slots.yaml"
@@ -520,7 +508,7 @@ def slot_work(source: Path, work: Path) -> list[str]:
     return cli(
         "train-slots",
         config,
-        *tiny_cfg_args(work),
+        *slot_cfg_args(work),
         "seed=0",
         "trainer.accelerator=cpu",
         "dataset.num_workers=1",

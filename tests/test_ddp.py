@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tests.test_train_slots import make_dvae_run, make_store
+from tests.helpers.runs import make_dvae_run
+from tests.helpers.stores import frames_store, slot_store
 
 REPO = Path(__file__).resolve().parents[1]
 PER_DEVICE = 2
@@ -78,7 +79,7 @@ def weights(run: Path) -> dict:
 
 
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
-    make_store(
+    slot_store(
         tmp_path, videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 7, "train"), ("v", 6, "val"))
     )
     make_dvae_run(tmp_path)
@@ -156,13 +157,12 @@ def test_ranks_draw_disjoint_slices_whose_union_is_the_one_process_stream():
 def test_pretrain_dvae_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     """`pretrain-dvae` under torchrun (2 gloo ranks, batch 4 each) == 1 process with batch 8; rank 0
     alone writes the run directory and tokenizes the store."""
-    from test_dvae import make_store as make_frame_store
 
     from cache.store import FeatureStore
     from pipeline.config import load_config
-    from stages.dvae import pretrain
+    from stages.pretrain_dvae import pretrain
 
-    make_frame_store(tmp_path / "store.zarr")
+    frames_store(tmp_path / "store.zarr")
     dvae = [
         "dvae.vocab_size=16",
         "dvae.hidden=8",
@@ -251,19 +251,21 @@ def test_pretrain_dvae_two_processes_equal_one_process_with_the_global_batch(tmp
 NAN_DRIVER = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import stages.dvae as stage
+import stages.dvae_task as task
+import stages.pretrain_dvae as stage
 from pipeline.config import load_config
+from stages.common import TrainingDiverged
 
-rank, calls, real = int(os.environ["RANK"]), [0], stage.reconstruction_loss
+rank, calls, real = int(os.environ["RANK"]), [0], task.reconstruction_loss
 
-def poisoned(recon, frames):  # rank 1 alone sees a NaN reconstruction at training step 3
+def poisoned(recon, frames):  # rank 1 alone: a NaN reconstruction in its 4th step (step 4)
     calls[0] += 1
     return real(recon * float("nan") if rank == 1 and calls[0] == 4 else recon, frames)
 
-stage.reconstruction_loss = poisoned
+task.reconstruction_loss = poisoned
 try:
     stage.pretrain(load_config(None, sys.argv[1:]), tokenize=False)
-except stage.TrainingDiverged as err:
+except TrainingDiverged as err:
     print(f"rank {{rank}}: {{err}}", flush=True)
     sys.exit(3)
 """
@@ -272,9 +274,8 @@ except stage.TrainingDiverged as err:
 def test_pretrain_dvae_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
     """A NaN loss on rank 1 only: both ranks agree on the step and stop together (no hang, no rank
     killed mid-collective), and no checkpoint after it is written."""
-    from test_dvae import make_store as make_frame_store
 
-    make_frame_store(tmp_path / "store.zarr")
+    frames_store(tmp_path / "store.zarr")
     (tmp_path / "driver.py").write_text(NAN_DRIVER.format(repo=str(REPO)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run(
@@ -313,7 +314,7 @@ def test_pretrain_dvae_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
     out = run.stdout + run.stderr
     assert run.returncode != 0
     for rank in (0, 1):
-        assert f"rank {rank}: the dVAE loss became NaN/Inf at step 3" in out, out[-3000:]
+        assert f"rank {rank}: the dVAE loss became NaN/inf at step 4" in out, out[-3000:]
     ckpts = tmp_path / "runs" / "dvae" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step=2.ckpt"]
     assert (
@@ -327,8 +328,9 @@ sys.path.insert(0, {repo!r})
 import stages.train_slots as stage
 from pipeline.config import load_config
 from stages.common import StageError
+from stages.slot_task import SlotTrainingModule
 
-rank, real = int(os.environ["RANK"]), stage.SlotTrainingModule._step
+rank, real = int(os.environ["RANK"]), SlotTrainingModule._step
 
 def poisoned(self, batch):  # rank 1 alone sees a NaN loss at training step 2 (reported as step 3)
     outputs, losses = real(self, batch)
@@ -336,7 +338,7 @@ def poisoned(self, batch):  # rank 1 alone sees a NaN loss at training step 2 (r
         losses["loss"] = losses["loss"] * float("nan")
     return outputs, losses
 
-stage.SlotTrainingModule._step = poisoned
+SlotTrainingModule._step = poisoned
 try:
     stage.train(load_config({base!r}, sys.argv[1:]))
 except StageError as err:
@@ -346,7 +348,7 @@ except StageError as err:
 
 
 def test_train_slots_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
-    make_store(tmp_path, videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 7, "train")))
+    slot_store(tmp_path, videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 7, "train")))
     make_dvae_run(tmp_path)
     (tmp_path / "driver.py").write_text(
         SLOTS_NAN_DRIVER.format(repo=str(REPO), base=str(REPO / "configs/base.yaml"))

@@ -3,78 +3,14 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cache.store import FeatureStore, VideoRecord, num_chunks
 from pipeline.dvae import DVAE, Geco, code_usage, gumbel_tau, kl_to_uniform, reconstruction_loss
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers shared with test_dvae_train.py
-# --------------------------------------------------------------------------------------------
-def synthetic_frames(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
-    """(n, size, size, 3) uint8: one to three coloured squares or discs on a dark background."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    frames = np.empty((n, size, size, 3), np.uint8)
-    for i in range(n):
-        img = np.broadcast_to(rng.integers(0, 80, 3), (size, size, 3)).copy()
-        for _ in range(rng.integers(1, 4)):
-            cy, cx = rng.integers(4, size - 4, 2)
-            r = rng.integers(3, max(4, size // 4))
-            if rng.random() < 0.5:
-                inside = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
-            else:
-                inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-            img[inside] = rng.integers(100, 256, 3)
-        frames[i] = img
-    return frames
-
-
-def make_store(
-    path: Path,
-    fingerprint: str = "fp-test",
-    size: int = 32,
-    frames_per_video: int = 8,
-    chunk_len: int = 8,
-    seed: int = 0,
-    hflip: bool = True,
-    complete: bool = True,
-) -> FeatureStore:
-    """A small complete store: train/train/val/test videos plus flipped rows of the train videos."""
-    splits = ["train", "train", "val", "test"]
-    videos, first = [], 0
-    for i, split in enumerate(splits):
-        videos.append(VideoRecord(f"v{i}", first, frames_per_video, split))
-        first += frames_per_video
-    if hflip:
-        for i, split in enumerate(splits[:2]):
-            videos.append(VideoRecord(f"v{i}", first, frames_per_video, split, hflip=True))
-            first += frames_per_video
-    store = FeatureStore.create(
-        path,
-        fingerprint=fingerprint,
-        videos=videos,
-        num_tokens=4,
-        feature_dim=8,
-        grid=(2, 2),
-        frame_size=size,
-        chunk_len=chunk_len,
-    )
-    frames = synthetic_frames(first, size, seed)
-    for c in range(num_chunks(first, chunk_len)):
-        a, b = c * chunk_len, min((c + 1) * chunk_len, first)
-        store.write_chunk(
-            c, {"features": np.zeros((b - a, 4, 8), np.float16), "frames": frames[a:b]}
-        )
-    if complete:
-        store.mark_complete_if_done()
-    return store
+from tests.helpers.stores import synthetic_frames
 
 
 def as_input(frames: np.ndarray) -> torch.Tensor:

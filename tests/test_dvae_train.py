@@ -1,12 +1,10 @@
-"""Stage 2 (stages/dvae.py): pretrain-dvae run directories, resume, NaN stop, tokens, bad input."""
+"""Stage 2 (pretrain-dvae, tokenize): run directories, resume, NaN stop, tokens, bad input."""
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +12,19 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from lightning.pytorch.callbacks import Callback
-from test_dvae import make_store
 
-import stages.dvae as stage
+import stages.pretrain_dvae as stage
 from cache.reader import ClipDataset
 from cache.store import FeatureStore, StoreError
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
 from pipeline.dvae import load_dvae
-
-TINY = [
-    "dvae.vocab_size=32",
-    "dvae.hidden=16",
-    "dvae.batch_size=8",
-    "dvae.num_workers=0",
-    "dvae.log_every=2",
-    "dvae.image_every=4",
-    "dvae.tau_steps=20",
-    "dvae.tokenize_batch_size=5",
-    "dvae.accelerator=cpu",
-]
+from stages import dvae_task
+from stages.common import TrainingDiverged
+from stages.datamodules import FrameDataset, training_rows
+from stages.rundirs import find_resume_checkpoint
+from stages.tokenize import sha256_16, tokenize_run
+from tests.helpers.runs import copy_dvae_run, dvae_cfg
+from tests.helpers.stores import frames_store
 
 
 @pytest.fixture(autouse=True)
@@ -45,50 +36,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def config(root: Path, store: Path, *overrides: str):
-    return load_config(None, [f"work_dir={root}", f"store={store}", *TINY, *overrides])
-
-
 def checkpoint_steps(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished 6-step dVAE run on a small store, not yet tokenized (tests copy it)."""
-    root = tmp_path_factory.mktemp("trained")
-    make_store(root / "store.zarr")
-    with torch.random.fork_rng():
-        torch.set_num_threads(1)
-        run_dir = stage.pretrain(
-            config(root, root / "store.zarr", "dvae.max_steps=6", "dvae.ckpt_every=3"),
-            tokenize=False,
-        )
-    return root, run_dir
-
-
-def copy_run(src_root: Path, dst_root: Path) -> tuple[Path, Path]:
-    """Copy a store + run directory and point the run at the copied store."""
-    shutil.copytree(src_root, dst_root)
-    run_dir = dst_root / "runs" / "dvae"
-    inputs = json.loads((run_dir / "inputs.json").read_text())
-    inputs["store"] = str(dst_root / "store.zarr")
-    (run_dir / "inputs.json").write_text(json.dumps(inputs))
-    return dst_root / "store.zarr", run_dir
-
-
 # --------------------------------------------------------------------------------------------
-def test_run_directory_and_tokens(trained, tmp_path):
-    store_path, run_dir = copy_run(trained[0], tmp_path / "w")
+def test_run_directory_and_tokens(trained_dvae, tmp_path):
+    store_path, run_dir = copy_dvae_run(trained_dvae[0], tmp_path / "w")
     for name in ("config.yaml", "inputs.json", "dvae.pt", "dvae.json", "tb"):
         assert (run_dir / name).exists(), name
     assert checkpoint_steps(run_dir) == ["last.ckpt", "step=3.ckpt", "step=6.ckpt"]
     info = json.loads((run_dir / "dvae.json").read_text())
-    assert info["hash"] == stage.sha256_16(run_dir / "dvae.pt") and len(info["hash"]) == 16
+    assert info["hash"] == sha256_16(run_dir / "dvae.pt") and len(info["hash"]) == 16
     assert info["store"] == "fp-test" and info["vocab_size"] == 32 and info["token_grid"] == [8, 8]
     assert json.loads((run_dir / "inputs.json").read_text())["store_fingerprint"] == "fp-test"
 
-    assert stage.tokenize_run(run_dir) == info["hash"]
+    assert tokenize_run(run_dir) == info["hash"]
     store = FeatureStore.open(store_path)
     ids = store.tokens(info["hash"])
     assert ids.shape == (store.num_frames, 8, 8) and ids.dtype == np.uint16
@@ -106,80 +69,33 @@ def test_run_directory_and_tokens(trained, tmp_path):
     assert clip["tokens"].shape == (2, 8, 8)
 
 
-def test_finished_run_returns_at_once(trained, tmp_path, monkeypatch):
-    store_path, run_dir = copy_run(trained[0], tmp_path / "w")
+def test_finished_run_returns_at_once(trained_dvae, tmp_path, monkeypatch):
+    store_path, run_dir = copy_dvae_run(trained_dvae[0], tmp_path / "w")
     before = (run_dir / "dvae.pt").stat().st_mtime_ns
     monkeypatch.setattr(
         stage, "_train", lambda *a, **k: pytest.fail("a finished run must not train again")
     )
-    cfg = config(tmp_path / "w", store_path, "dvae.max_steps=6", "dvae.ckpt_every=3")
+    cfg = dvae_cfg(tmp_path / "w", store_path, "dvae.max_steps=6", "dvae.ckpt_every=3")
     assert stage.pretrain(cfg) == run_dir  # tokenizes, does not train
     assert (run_dir / "dvae.pt").stat().st_mtime_ns == before
     info = json.loads((run_dir / "dvae.json").read_text())
     FeatureStore.open(store_path).tokens(info["hash"])  # complete
 
 
-class Interrupt(Callback):
-    """Injects a crash at the start of a given step."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"injected crash at step {self.step}")
-
-
-class RecordStart(Callback):
-    def on_train_start(self, trainer, pl_module):
-        self.step = trainer.global_step
-        self.optimizer = copy.deepcopy(
-            trainer.optimizers[0].state_dict()
-        )  # live tensors: copy them
-        self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
-
-
-def test_interrupt_and_resume_same_step_and_optimizer_state(tmp_path):
-    make_store(tmp_path / "store.zarr")
-    cfg = config(tmp_path, tmp_path / "store.zarr", "dvae.max_steps=8", "dvae.ckpt_every=4")
-    with pytest.raises(RuntimeError, match="injected crash at step 6"):
-        stage.pretrain(cfg, callbacks=[Interrupt(6)])
-    run_dir = tmp_path / "runs" / "dvae"
-    assert checkpoint_steps(run_dir) == ["last.ckpt", "step=4.ckpt"]
-    assert not (run_dir / "dvae.pt").exists()  # no weights of an unfinished run
-
-    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert saved["global_step"] == 4
-    record = RecordStart()
-    stage.pretrain(cfg, callbacks=[record], tokenize=False)
-    assert record.step == 4
-    expected = saved["optimizer_states"][0]
-    assert record.optimizer["param_groups"] == expected["param_groups"]
-    assert expected["state"] and record.optimizer["state"].keys() == expected["state"].keys()
-    for key, state in expected["state"].items():
-        assert int(record.optimizer["state"][key]["step"]) == int(state["step"]) == 4
-        for name in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(record.optimizer["state"][key][name], state[name])
-    for key, value in saved["state_dict"].items():
-        assert torch.equal(record.weights[key], value)
-    assert checkpoint_steps(run_dir) == ["last.ckpt", "step=4.ckpt", "step=8.ckpt"]
-    assert json.loads((run_dir / "dvae.json").read_text())["steps"] == 8
-
-
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    make_store(tmp_path / "store.zarr")
-    cfg = config(tmp_path, tmp_path / "store.zarr", "dvae.max_steps=20", "dvae.ckpt_every=3")
-    real = stage.reconstruction_loss
+    frames_store(tmp_path / "store.zarr")
+    cfg = dvae_cfg(tmp_path, tmp_path / "store.zarr", "dvae.max_steps=20", "dvae.ckpt_every=3")
+    real = dvae_task.reconstruction_loss
     calls = {"n": 0}
 
-    def poisoned(recon, frames):  # the 8th step (step 7) sees a NaN reconstruction
+    def poisoned(recon, frames):  # the 8th step sees a NaN reconstruction
         calls["n"] += 1
         if calls["n"] == 8:
             recon = recon * float("nan")
         return real(recon, frames)
 
-    monkeypatch.setattr(stage, "reconstruction_loss", poisoned)
-    with pytest.raises(stage.TrainingDiverged, match="at step 7"):
+    monkeypatch.setattr(dvae_task, "reconstruction_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="at step 8"):
         stage.pretrain(cfg)
     run_dir = tmp_path / "runs" / "dvae"
     assert checkpoint_steps(run_dir) == ["last.ckpt", "step=3.ckpt", "step=6.ckpt"]
@@ -191,10 +107,10 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
     assert not (run_dir / "dvae.pt").exists()
 
 
-def test_tokenize_resumes_after_failure_and_matches_one_shot(trained, tmp_path, monkeypatch):
-    store_path, run_dir = copy_run(trained[0], tmp_path / "a")
-    ref_store_path, ref_run_dir = copy_run(trained[0], tmp_path / "b")
-    dvae_hash = stage.tokenize_run(ref_run_dir)  # one shot
+def test_tokenize_resumes_after_failure_and_matches_one_shot(trained_dvae, tmp_path, monkeypatch):
+    store_path, run_dir = copy_dvae_run(trained_dvae[0], tmp_path / "a")
+    ref_store_path, ref_run_dir = copy_dvae_run(trained_dvae[0], tmp_path / "b")
+    dvae_hash = tokenize_run(ref_run_dir)  # one shot
 
     real_setitem = zarr.Array.__setitem__
     writes = {"n": 0, "fail_at": 3}
@@ -208,7 +124,7 @@ def test_tokenize_resumes_after_failure_and_matches_one_shot(trained, tmp_path, 
 
     monkeypatch.setattr(zarr.Array, "__setitem__", flaky)
     with pytest.raises(OSError, match="No space left"):
-        stage.tokenize_run(run_dir)
+        tokenize_run(run_dir)
     store = FeatureStore.open(store_path)
     sub = store.group[f"tokens/{dvae_hash}"]
     assert list(sub["done"][:]) == [1, 1, 0, 0, 0, 0]
@@ -216,20 +132,20 @@ def test_tokenize_resumes_after_failure_and_matches_one_shot(trained, tmp_path, 
         store.tokens(dvae_hash)
 
     writes.update(n=0, fail_at=-1)
-    assert stage.tokenize_run(run_dir) == dvae_hash
+    assert tokenize_run(run_dir) == dvae_hash
     assert writes["n"] == 4  # only the pending chunks were encoded again
     ids = FeatureStore.open(store_path).tokens(dvae_hash)[:]
     ref = FeatureStore.open(ref_store_path).tokens(dvae_hash)[:]
     assert ids.dtype == ref.dtype == np.uint16
     assert ids.tobytes() == ref.tobytes()
     writes.update(n=0)
-    stage.tokenize_run(run_dir)  # complete: nothing to do
+    tokenize_run(run_dir)  # complete: nothing to do
     assert writes["n"] == 0
 
 
-def test_tokens_of_another_dvae_are_refused(trained, tmp_path):
-    store_path, run_dir = copy_run(trained[0], tmp_path / "w")
-    dvae_hash = stage.tokenize_run(run_dir)
+def test_tokens_of_another_dvae_are_refused(trained_dvae, tmp_path):
+    store_path, run_dir = copy_dvae_run(trained_dvae[0], tmp_path / "w")
+    dvae_hash = tokenize_run(run_dir)
     store = FeatureStore.open(store_path)
     other = "0123456789abcdef"
     with pytest.raises(StoreError, match=f"no tokens of dVAE {other}.*{dvae_hash}"):
@@ -241,38 +157,40 @@ def test_tokens_of_another_dvae_are_refused(trained, tmp_path):
     state["decoder.11.bias"] += 1
     torch.save(state, run_dir / "dvae.pt")
     with pytest.raises(StoreError, match="does not match the hash"):
-        stage.tokenize_run(run_dir)
+        tokenize_run(run_dir)
 
 
-def test_run_directory_of_another_store_is_refused(trained, tmp_path):
-    store_path, run_dir = copy_run(trained[0], tmp_path / "w")
-    make_store(tmp_path / "other.zarr", fingerprint="fp-other", seed=3)
-    cfg = config(tmp_path / "w", tmp_path / "other.zarr", "dvae.max_steps=6")
+def test_run_directory_of_another_store_is_refused(trained_dvae, tmp_path):
+    store_path, run_dir = copy_dvae_run(trained_dvae[0], tmp_path / "w")
+    frames_store(tmp_path / "other.zarr", fingerprint="fp-other", seed=3)
+    cfg = dvae_cfg(tmp_path / "w", tmp_path / "other.zarr", "dvae.max_steps=6")
     with pytest.raises(StoreError, match="trained on store fp-test.*fp-other"):
         stage.pretrain(cfg)
     with pytest.raises(ConfigError, match="dvae.vocab_size=32.*64"):
-        stage.pretrain(config(tmp_path / "w", store_path, "dvae.max_steps=6", "dvae.vocab_size=64"))
+        stage.pretrain(
+            dvae_cfg(tmp_path / "w", store_path, "dvae.max_steps=6", "dvae.vocab_size=64")
+        )
 
 
 def test_bad_inputs(tmp_path):
-    odd = make_store(tmp_path / "odd.zarr", size=30)
+    odd = frames_store(tmp_path / "odd.zarr", size=30)
     with pytest.raises(StoreError, match="30 px.*divisible by 4"):
-        stage.pretrain(config(tmp_path, odd.path))
+        stage.pretrain(dvae_cfg(tmp_path, odd.path))
     with pytest.raises(ConfigError, match="dvae.vocab_size=70000"):
-        stage.pretrain(config(tmp_path, odd.path, "dvae.vocab_size=70000"))
-    bare = make_store(tmp_path / "bare.zarr")
+        stage.pretrain(dvae_cfg(tmp_path, odd.path, "dvae.vocab_size=70000"))
+    bare = frames_store(tmp_path / "bare.zarr")
     del bare.group["frames"]
     with pytest.raises(StoreError, match="no cached frames"):
-        stage.pretrain(config(tmp_path, bare.path))
-    partial = make_store(tmp_path / "partial.zarr", complete=False)
+        stage.pretrain(dvae_cfg(tmp_path, bare.path))
+    partial = frames_store(tmp_path / "partial.zarr", complete=False)
     with pytest.raises(StoreError, match="incomplete"):
-        stage.pretrain(config(tmp_path, partial.path))
+        stage.pretrain(dvae_cfg(tmp_path, partial.path))
     assert not (tmp_path / "runs").exists()  # nothing written for bad input
 
 
 def test_geco_state_is_trained_and_checkpointed(tmp_path):
-    make_store(tmp_path / "store.zarr")
-    cfg = config(
+    frames_store(tmp_path / "store.zarr")
+    cfg = dvae_cfg(
         tmp_path,
         tmp_path / "store.zarr",
         "dvae.max_steps=4",
@@ -291,10 +209,10 @@ def test_geco_state_is_trained_and_checkpointed(tmp_path):
     )
 
 
-def test_cli_commands(trained, tmp_path):
+def test_cli_commands(trained_dvae, tmp_path):
     from cli import main
 
-    store_path, run_dir = copy_run(trained[0], tmp_path / "w")
+    store_path, run_dir = copy_dvae_run(trained_dvae[0], tmp_path / "w")
     runner = CliRunner()
     result = runner.invoke(main, ["pretrain-dvae", "--help"])
     assert result.exit_code == 0 and "Example:" in result.output and "--resume" in result.output
@@ -312,12 +230,12 @@ def test_cli_commands(trained, tmp_path):
 
 
 def test_training_frames_are_train_split_with_flips(tmp_path):
-    store = make_store(tmp_path / "store.zarr")
-    rows = stage.training_rows(store)
+    store = frames_store(tmp_path / "store.zarr")
+    rows = training_rows(store)
     expected = [r for v in store.videos if v.split == "train" for r in range(v.first, v.stop)]
     assert sorted(rows.tolist()) == sorted(expected)
     assert any(v.hflip and v.first in rows for v in store.videos)
-    data = stage.FrameDataset(store, rows)
+    data = FrameDataset(store, rows)
     clone = pickle.loads(pickle.dumps(data))  # what a spawned DataLoader worker receives
     assert clone._store is None
     frame = clone[3]
@@ -330,12 +248,12 @@ def test_damaged_last_checkpoint_falls_back_to_newest_step(tmp_path):
     ckpt_dir.mkdir()
     for step in (3, 6):
         torch.save({"global_step": step}, ckpt_dir / f"step={step}.ckpt")
-    assert stage.latest_checkpoint(ckpt_dir) == str(ckpt_dir / "step=6.ckpt")
+    assert find_resume_checkpoint(ckpt_dir) == ckpt_dir / "step=6.ckpt"
     (ckpt_dir / "last.ckpt").write_bytes((ckpt_dir / "step=6.ckpt").read_bytes()[:100])  # truncated
-    assert stage.latest_checkpoint(ckpt_dir) == str(ckpt_dir / "step=6.ckpt")
+    assert find_resume_checkpoint(ckpt_dir) == ckpt_dir / "step=6.ckpt"
     torch.save({"global_step": 6}, ckpt_dir / "last.ckpt")
-    assert stage.latest_checkpoint(ckpt_dir) == str(ckpt_dir / "last.ckpt")
-    assert stage.latest_checkpoint(tmp_path / "none") is None
+    assert find_resume_checkpoint(ckpt_dir) == ckpt_dir / "last.ckpt"
+    assert find_resume_checkpoint(tmp_path / "none") is None
 
 
 @pytest.mark.slow
@@ -347,7 +265,7 @@ def test_cli_killed_mid_training_resumes(tmp_path):
     import time
 
     repo = Path(__file__).resolve().parents[1]
-    make_store(tmp_path / "store.zarr", frames_per_video=16)
+    frames_store(tmp_path / "store.zarr", frames_per_video=16)
     cfg = tmp_path / "dvae.yaml"
     cfg.write_text(
         f"work_dir: {tmp_path}\nstore: {tmp_path / 'store.zarr'}\n"

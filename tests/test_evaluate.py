@@ -1,4 +1,4 @@
-"""`evaluate` on a tiny run: metrics files, windows carrying slots, baselines, probe, CLI."""
+"""`evaluate` on a tiny trained run: metrics files, windows carrying slots, baselines, probe, CLI."""
 
 import json
 
@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_evaluate_support import TinySlotModel, install_run, make_run
 
 from pipeline import probe
 from stages import evaluate as ev
+from stages.inference import load_trained
+from tests.helpers.runs import RUN_SLOT_DIM, RUN_SLOTS, RUN_STEPS, slot_run
+from tests.helpers.stores import SQ_DIM, SQ_GRID, SQ_TOKEN_GRID, SQ_VOCAB
 
 METHODS = {
     "model_decoder",
@@ -22,17 +24,15 @@ METHODS = {
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch):
-    install_run(monkeypatch)
-    run_dir, store = make_run(tmp_path)
-    return run_dir
+def run(tmp_path_factory, tmp_path):
+    return slot_run(tmp_path_factory, tmp_path / "work")
 
 
 def test_evaluate_run_writes_metrics(run):
     result = ev.evaluate_run(run, split="test")
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["num_videos"] == 3 and saved["video_ids"] == ["video_03", "video_04", "video_05"]
-    assert saved["primary"] == "model_decoder" and saved["checkpoint_step"] == 7
+    assert saved["primary"] == "model_decoder" and saved["checkpoint_step"] == RUN_STEPS
     assert set(saved["methods"]) == METHODS
     for method, values in saved["methods"].items():
         assert set(values) == set(ev.metrics.METRICS), method
@@ -62,25 +62,26 @@ def test_evaluate_returns_cached_result_and_recomputes_on_new_checkpoint(run, mo
     assert ev.evaluate_run(run, split="test", probe=False)["methods"] == first["methods"]
     assert calls == []
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    ckpt["global_step"] = 8
+    ckpt["global_step"] = RUN_STEPS + 1
     torch.save(ckpt, run / "checkpoints" / "last.ckpt")
-    assert ev.evaluate_run(run, split="test", probe=False)["checkpoint_step"] == 8
+    assert ev.evaluate_run(run, split="test", probe=False)["checkpoint_step"] == RUN_STEPS + 1
     assert calls == [1]
 
 
-def test_infer_video_carries_slots_across_windows():
+def test_infer_video_carries_slots_across_windows(run):
+    model = load_trained(run)[0]
     torch.manual_seed(0)
-    model = TinySlotModel().eval()
-    feats = torch.randn(7, 16, 8)
-    tokens = torch.randint(0, 16, (7, 8, 8))
+    feats = torch.randn(7, SQ_GRID * SQ_GRID, SQ_DIM)
+    tokens = torch.randint(0, SQ_VOCAB, (7, SQ_TOKEN_GRID, SQ_TOKEN_GRID))
     whole = ev.infer_video(model, feats, tokens, window=7)
     windows = ev.infer_video(model, feats, tokens, window=3)  # 3 + 3 + 1 frames
-    assert windows["slots"].shape == (7, 4, 6)
-    assert torch.allclose(whole["slots"], windows["slots"], atol=1e-5)
+    assert windows["slots"].shape == (7, RUN_SLOTS, RUN_SLOT_DIM)
+    assert set(windows["masks"]) == {"model_decoder", "model_attention", "model_steve"}
+    assert torch.allclose(whole["slots"], windows["slots"], atol=1e-4)
     for name in ("model_decoder", "model_attention"):
-        assert windows["masks"][name].shape == (7, 4, 16)
-        assert torch.allclose(whole["masks"][name], windows["masks"][name], atol=1e-5)
-    assert windows["masks"]["model_steve"].shape == (7, 4, 64)
+        assert windows["masks"][name].shape == (7, RUN_SLOTS, SQ_GRID * SQ_GRID)
+        assert torch.allclose(whole["masks"][name], windows["masks"][name], atol=1e-4)
+    assert windows["masks"]["model_steve"].shape == (7, RUN_SLOTS, SQ_TOKEN_GRID**2)
     # without init_state carried, later windows would restart from the initial slots
     restart = torch.cat(
         [ev.infer_video(model, feats[i : i + 3], tokens[i : i + 3], 3)["slots"] for i in (0, 3, 6)]
@@ -98,7 +99,7 @@ def test_probe_reads_attributes_and_scores(run):
 
 
 def test_probe_skipped_without_attributes(run, tmp_path):
-    for meta in (tmp_path / "data").glob("*/meta.json"):
+    for meta in (tmp_path / "work" / "data").glob("*/meta.json"):
         meta.unlink()
     result = ev.evaluate_run(run, split="test")
     assert "attributes" in result["probe"]["skipped"]
@@ -125,9 +126,8 @@ def test_probe_fits_linear_attributes():
     assert out["size"]["chance"] < 0.1
 
 
-def test_store_without_masks_is_skipped_with_a_note(tmp_path, monkeypatch):
-    install_run(monkeypatch)
-    run_dir, _ = make_run(tmp_path, with_masks=False)
+def test_store_without_masks_is_skipped_with_a_note(tmp_path_factory, tmp_path):
+    run_dir = slot_run(tmp_path_factory, tmp_path / "work", masks=False)
     result = ev.evaluate_run(
         run_dir, split="test"
     )  # `egoslots run` on unlabelled data must not fail here
@@ -154,34 +154,6 @@ def test_probe_r2_matches_sklearn():
     assert probe.r2_score(torch.from_numpy(y), torch.from_numpy(pred)) == pytest.approx(
         r2_score(y, pred)
     )
-
-
-# ------------------------------------------------------------------------- a real trained run
-def test_real_run_windows_carry_slots_exactly(tmp_path_factory):
-    from test_evaluate_support import trained_run
-
-    from stages.train_slots import load_trained
-
-    model, cfg, store, tokens_hash = load_trained(trained_run(tmp_path_factory))
-    v = store.videos_in("test")[0]
-    feats = torch.from_numpy(store.read_features(v.first, v.stop))
-    tokens = torch.from_numpy(store.tokens(tokens_hash)[v.first : v.stop].astype(np.int64))
-    whole = ev.infer_video(model, feats, tokens, window=v.length)
-    windows = ev.infer_video(model, feats, tokens, window=4)  # 4 + 2 frames
-    assert windows["slots"].shape == (v.length, 4, 16)
-    assert set(windows["masks"]) == {"model_decoder", "model_attention", "model_steve"}
-    assert torch.allclose(whole["slots"], windows["slots"], atol=1e-4)
-
-
-def test_real_run_evaluate(tmp_path_factory):
-    from test_evaluate_support import trained_run
-
-    run = trained_run(tmp_path_factory)
-    result = ev.evaluate_run(run, split="test", overwrite=True)
-    assert result["checkpoint_step"] == 3 and result["num_videos"] == 3
-    assert set(result["methods"]) == METHODS
-    assert {"mesh", "size", "position", "color"} <= set(result["probe"]["attributes"])
-    assert "| slots: decoder masks (primary) |" in (run / "metrics.md").read_text()
 
 
 def test_probe_reads_synthetic_meta_layout():

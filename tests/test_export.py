@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from test_evaluate_support import DVAE_HASH, FRAMES, GRID, SLOTS, TOKEN_GRID, install_run, make_run
 
 from stages import export
+from tests.helpers.runs import RUN_SLOT_DIM, RUN_SLOTS, RUN_STEPS, slot_run
+from tests.helpers.stores import SQ_DVAE_HASH as DVAE_HASH
+from tests.helpers.stores import SQ_FRAMES as FRAMES
+from tests.helpers.stores import SQ_GRID as GRID
+from tests.helpers.stores import SQ_TOKEN_GRID as TOKEN_GRID
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch):
-    install_run(monkeypatch)
-    run_dir, _ = make_run(tmp_path)
-    return run_dir
+def run(tmp_path_factory, tmp_path):
+    return slot_run(tmp_path_factory, tmp_path / "work")
 
 
 def read_export(out: str):
@@ -36,24 +38,26 @@ def read_export(out: str):
 
 @pytest.mark.parametrize("name", ["slots.zarr", "slots.npz"])
 def test_export_shapes_and_fingerprint(run, tmp_path, name):
-    out = export.export_slots(run, "test", tmp_path / name)  # the Python entry point
+    out = export.export_slots_run(run, "test", tmp_path / name)  # the Python entry point
     meta, ids, slots, masks, tokens, data = read_export(str(out))
     assert ids == ["video_03", "video_04", "video_05"]
-    assert slots.shape == (FRAMES, SLOTS, 6) and slots.dtype == np.float32
-    assert masks.shape == (FRAMES, SLOTS, GRID * GRID)
+    assert slots.shape == (FRAMES, RUN_SLOTS, RUN_SLOT_DIM) and slots.dtype == np.float32
+    assert masks.shape == (FRAMES, RUN_SLOTS, GRID * GRID)
     np.testing.assert_allclose(
         masks.astype(np.float32).sum(1), 1.0, atol=1e-2
     )  # softmax over slots
     assert tokens.shape == (FRAMES, TOKEN_GRID, TOKEN_GRID) and tokens.dtype == np.uint16
-    assert data["attention_masks"].shape == (3 * FRAMES, SLOTS, GRID * GRID)
+    assert data["attention_masks"].shape == (3 * FRAMES, RUN_SLOTS, GRID * GRID)
     assert (
-        meta["store"] == "tinyfp" and meta["tokens"] == DVAE_HASH and meta["checkpoint_step"] == 7
+        meta["store"] == "tinyfp"
+        and meta["tokens"] == DVAE_HASH
+        and meta["checkpoint_step"] == RUN_STEPS
     )
     assert meta["grid"] == [GRID, GRID] and meta["num_frames"] == 3 * FRAMES
     # tokens are the store's cached ids
     from cache.store import FeatureStore
 
-    store = FeatureStore.open(tmp_path / "store.zarr")
+    store = FeatureStore.open(tmp_path / "work" / "stores" / "tinyfp.zarr")
     v = store.videos_in("test")[1]
     np.testing.assert_array_equal(tokens, store.tokens(DVAE_HASH)[v.first : v.stop])
 
@@ -90,7 +94,7 @@ def test_cli_export(run, tmp_path):
     out = tmp_path / "cli.npz"
     result = CliRunner().invoke(cli.main, ["export-slots", str(run), str(out), "--split", "test"])
     assert result.exit_code == 0, result.output
-    assert np.load(out)["slots"].shape == (3 * FRAMES, SLOTS, 6)
+    assert np.load(out)["slots"].shape == (3 * FRAMES, RUN_SLOTS, RUN_SLOT_DIM)
     assert "Example" in CliRunner().invoke(cli.main, ["export-slots", "--help"]).output
 
 
@@ -104,12 +108,3 @@ def test_zarr_writer_buffers_whole_chunks(tmp_path):
         assert writer.start % 4 == 0  # only whole chunks written so far
     writer.finish({"video_first": np.array([0])}, {"ok": True})
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "w.zarr"))["slots"][:], rows)
-
-
-def test_real_run_export(tmp_path_factory, tmp_path):
-    from test_evaluate_support import trained_run
-
-    out = export.export_slots(trained_run(tmp_path_factory), "test", tmp_path / "real.zarr")
-    meta, ids, slots, masks, tokens, data = read_export(str(out))
-    assert slots.shape == (FRAMES, SLOTS, 16) and masks.shape == (FRAMES, SLOTS, GRID * GRID)
-    assert meta["checkpoint_step"] == 3 and meta["tokens"] == DVAE_HASH

@@ -13,107 +13,15 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
-from PIL import Image
 
 from cache.store import FeatureStore
 from pipeline.config import ConfigError
 from stages.extract import shard_identity
-from tests.test_store import assert_same_store
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_frame_folder(
-    root: Path, videos: int, frames: int, size: tuple[int, int], seed: int = 0
-) -> Path:
-    """`<root>/<video>/<t>.png` plus `masks/<t>.png`: smooth moving content (PNG-compressible)."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    for v in range(videos):
-        folder = root / f"clip{v:02d}"
-        (folder / "masks").mkdir(parents=True)
-        cx, cy, dx = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(-3, 3)
-        for t in range(frames):
-            disc = (xx - cx - dx * t) ** 2 + (yy - cy) ** 2 < (h / 5) ** 2
-            rgb = np.stack(
-                [xx * 255 // w, yy * 255 // h, np.full_like(xx, 40 * v % 256)], -1
-            ).astype(np.uint8)
-            rgb[disc] = (255, 40, 40)
-            Image.fromarray(rgb).save(folder / f"{t:04d}.png")
-            Image.fromarray(disc.astype(np.uint8) * (v % 3 + 1)).save(
-                folder / "masks" / f"{t:04d}.png"
-            )
-    return root
-
-
-def write_config(tmp_path: Path, data: Path, **extract) -> Path:
-    cfg = {
-        "defaults": [str(REPO / "configs" / "demo.yaml")],
-        "dataset": {"source": "frames", "path": str(data)},
-        "globals": {"IMAGE_SIZE": 64, "FRAME_SIZE": 32},
-        "backbone": {"patch_size": 8},
-        "augment": {"hflip": "cache"},
-        "extract": {
-            "frames_per_chunk": 8,
-            "batch_size": 4,
-            "num_workers": 0,
-            "compute": "fp32",
-            "device": "cpu",
-            **extract,
-        },
-    }
-    path = tmp_path / "extract.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def cli(config: Path, work_dir: Path, *flags: str) -> list[str]:
-    return [
-        sys.executable,
-        "cli.py",
-        "extract-features",
-        str(config),
-        f"work_dir={work_dir}",
-        *flags,
-    ]
-
-
-def run_cli(config: Path, work_dir: Path, *flags: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        cli(config, work_dir, *flags),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def only_store(work_dir: Path) -> Path:
-    stores = list((work_dir / "stores").glob("*.zarr"))
-    assert len(stores) == 1, stores
-    return stores[0]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Frame folder, config, and the store of one uninterrupted single-process run."""
-    root = tmp_path_factory.mktemp("extract")
-    data = write_frame_folder(root / "frames", videos=6, frames=20, size=(48, 64))
-    config = write_config(root, data)
-    result = run_cli(config, root / "reference")
-    store = only_store(root / "reference")
-    assert f"store={store.stem}" in result.stdout
-    return data, config, store
+from tests.helpers.crashkit import REPO, extract_cli, run_to_end
+from tests.helpers.data import write_extract_config, write_frame_folder
+from tests.helpers.stores import assert_same_store, only_store
 
 
 def test_uninterrupted_store_is_complete_and_verifies(dataset):
@@ -134,12 +42,12 @@ def test_kill_9_then_rerun_gives_the_same_bytes(dataset, tmp_path):
     data, _, reference = dataset
     # a bigger copy of the data so that the kill lands mid-run: 240 px frames decode slowly enough
     big = write_frame_folder(tmp_path / "big", videos=8, frames=40, size=(240, 320), seed=1)
-    config = write_config(tmp_path, big)
+    config = write_extract_config(tmp_path, big)
     full = tmp_path / "full"
-    run_cli(config, full)
+    run_to_end(extract_cli(config, full))
     work = tmp_path / "killed"
     proc = subprocess.Popen(
-        cli(config, work),
+        extract_cli(config, work),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -160,8 +68,8 @@ def test_kill_9_then_rerun_gives_the_same_bytes(dataset, tmp_path):
     killed = only_store(work)
     done, total = FeatureStore.open(killed, require_complete=False).progress()
     assert 3 <= done_at_kill <= done < total  # really interrupted, finished chunks kept
-    rerun = run_cli(config, work)
-    assert "store complete" in rerun.stdout
+    rerun = run_to_end(extract_cli(config, work))
+    assert "store complete" in rerun
     assert_same_store(killed, only_store(full))
 
 
@@ -171,7 +79,7 @@ def test_two_shard_processes_equal_one_process(dataset, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            cli(config, work, "--num-shards", "2", "--shard-id", str(i)),
+            extract_cli(config, work, "--num-shards", "2", "--shard-id", str(i)),
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -212,7 +120,7 @@ def test_torchrun_two_processes_write_one_store(dataset, tmp_path):
         "127.0.0.1",
         "--master-port",
         str(port),
-        *cli(config, work),
+        *extract_cli(config, work),
     ]
     result = subprocess.run(
         command,
@@ -252,7 +160,7 @@ def test_corrupt_frame_file_is_named_and_skip_bad_finishes(tmp_path):
     data = write_frame_folder(tmp_path / "frames", videos=3, frames=12, size=(32, 40))
     bad = data / "clip01" / "0005.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG: header fine, pixels missing
-    cfg = load_config(write_config(tmp_path, data), [f"work_dir={tmp_path / 'w'}"])
+    cfg = load_config(write_extract_config(tmp_path, data), [f"work_dir={tmp_path / 'w'}"])
     with pytest.raises(SourceError, match=r"clip01.*0005\.png"):
         extract(cfg)
     kept = FeatureStore.open(only_store(tmp_path / "w"), require_complete=False).done_chunks()

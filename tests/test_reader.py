@@ -13,15 +13,15 @@ from cache.store import FeatureStore, StoreError
 from pipeline.backbones import build_backbone
 from pipeline.preprocess import preprocess_frame
 from stages.extract import extract
-from tests.test_store import make_cfg, make_source
+from tests.helpers.data import extract_cfg, memory_source
 
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     """A float32 store with flipped rows, plus the source and config it came from."""
     root = tmp_path_factory.mktemp("reader")
-    source = make_source(num_videos=3)
-    cfg = make_cfg(root, "extract.dtype=float32", "augment.hflip=cache")
+    source = memory_source(num_videos=3)
+    cfg = extract_cfg(root, "extract.dtype=float32", "augment.hflip=cache")
     return extract(cfg, source=source), source, cfg
 
 
@@ -91,8 +91,8 @@ def test_dataloader_workers_read_the_same_clips(extracted, context):
 
 
 def test_reader_refuses_incomplete_store_and_missing_fields(tmp_path):
-    source = make_source(num_videos=2, masks=False)
-    path = extract(make_cfg(tmp_path), source=source)
+    source = memory_source(num_videos=2, masks=False)
+    path = extract(extract_cfg(tmp_path), source=source)
     with pytest.raises(StoreError, match="no ground-truth masks"):
         ClipDataset(path, fields=("features", "masks"))
     with pytest.raises(StoreError, match="no tokens of dVAE abc"):
@@ -110,7 +110,9 @@ def test_reader_refuses_incomplete_store_and_missing_fields(tmp_path):
     [("float16", torch.float16), ("bfloat16", torch.bfloat16), ("int8", torch.float32)],
 )
 def test_stored_feature_dtype_widens_to_the_float32_values(tmp_path, dtype, torch_dtype):
-    path = extract(make_cfg(tmp_path, f"extract.dtype={dtype}"), source=make_source(num_videos=2))
+    path = extract(
+        extract_cfg(tmp_path, f"extract.dtype={dtype}"), source=memory_source(num_videos=2)
+    )
     wide = ClipDataset(path, split=None, clip_length=3, frame_step=2)
     narrow = ClipDataset(path, split=None, clip_length=3, frame_step=2, feature_dtype="stored")
     for i in range(len(wide)):

@@ -17,15 +17,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache.fingerprint import resolve_store
+from cache.catalog import store_for_config
 from cache.location import filesystem
 from cache.reader import ClipDataset
 from cache.store import FeatureStore, StoreError
 from stages.cache_cmds import cache
 from stages.extract import extract
-from tests.crashkit import KillPoint, kill_mid_run
-from tests.test_extract import REPO, cli, dataset, only_store, run_cli  # noqa: F401 - fixture
-from tests.test_store import assert_same_store, make_cfg, make_source, snapshot
+from tests.helpers.crashkit import REPO, KillPoint, extract_cli, kill_mid_run, run_to_end
+from tests.helpers.data import extract_cfg, memory_source
+from tests.helpers.runs import PIPELINE_TINY
+from tests.helpers.stores import assert_same_store, snapshot
 
 BUCKET = "egoslots-test"
 
@@ -54,7 +55,7 @@ def s3(s3_server, monkeypatch):
     """A fresh bucket; this process and its children talk to the loopback server."""
     import fsspec.config
 
-    import tests.crashkit as crashkit
+    import tests.helpers.crashkit as crashkit
 
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
@@ -74,17 +75,17 @@ def s3(s3_server, monkeypatch):
 
 
 def test_extract_to_s3_equals_local_and_later_stages_read_it(s3, tmp_path):
-    local = extract(make_cfg(tmp_path / "local"), source=make_source())
-    cfg = make_cfg(tmp_path / "work", f"store_dir=s3://{BUCKET}/stores")
-    url = extract(cfg, source=make_source())
+    local = extract(extract_cfg(tmp_path / "local"), source=memory_source())
+    cfg = extract_cfg(tmp_path / "work", f"store_dir=s3://{BUCKET}/stores")
+    url = extract(cfg, source=memory_source())
     assert url == f"s3://{BUCKET}/stores/{local.stem}.zarr"
     assert not (tmp_path / "work" / "stores").exists()  # nothing written locally
     assert s3.exists(f"{BUCKET}/stores/{local.stem}.config.yaml")
     assert_same_store(url, local)
 
-    store = resolve_store(cfg)  # found by its settings, in the remote stores folder
+    store = store_for_config(cfg)  # found by its settings, in the remote stores folder
     assert store.path == url and store.complete
-    again = extract(cfg, source=make_source())  # a rerun on a complete remote store does nothing
+    again = extract(cfg, source=memory_source())  # a rerun on a complete remote store does nothing
     assert again == url
 
     # clips through DataLoader workers (forked: zarr and s3fs must cope) equal the local reads
@@ -96,8 +97,8 @@ def test_extract_to_s3_equals_local_and_later_stages_read_it(s3, tmp_path):
 
 
 def test_cache_commands_on_s3_list_verify_repair_and_remove(s3, tmp_path):
-    cfg = make_cfg(tmp_path / "work", f"store_dir=s3://{BUCKET}/stores")
-    url = extract(cfg, source=make_source())
+    cfg = extract_cfg(tmp_path / "work", f"store_dir=s3://{BUCKET}/stores")
+    url = extract(cfg, source=memory_source())
     fingerprint = url.rsplit("/", 1)[-1].removesuffix(".zarr")
     runner = CliRunner()
     listed = runner.invoke(cache, ["ls", "--store-dir", f"s3://{BUCKET}/stores"])
@@ -111,7 +112,7 @@ def test_cache_commands_on_s3_list_verify_repair_and_remove(s3, tmp_path):
     key = f"{BUCKET}/stores/{fingerprint}.zarr/{store.chunk_key('features', 1)}"
     s3.pipe_file(key, os.urandom(len(s3.cat_file(key))))
     s3.rm_file(f"{BUCKET}/stores/{fingerprint}.zarr/{store.chunk_key('frames', 3)}")
-    original = snapshot(extract(make_cfg(tmp_path / "local"), source=make_source()))
+    original = snapshot(extract(extract_cfg(tmp_path / "local"), source=memory_source()))
 
     found = runner.invoke(
         cache, ["verify", fingerprint[:8], "--store-dir", f"s3://{BUCKET}/stores"]
@@ -122,8 +123,8 @@ def test_cache_commands_on_s3_list_verify_repair_and_remove(s3, tmp_path):
     repaired = runner.invoke(cache, ["verify", url, "--repair"])
     assert "chunk(s) 1, 3" in repaired.output, repaired.output
     with pytest.raises(StoreError, match="incomplete"):
-        resolve_store(cfg)
-    extract(cfg, source=make_source())
+        store_for_config(cfg)
+    extract(cfg, source=memory_source())
     assert runner.invoke(cache, ["verify", url]).exit_code == 0
     after = snapshot(url)
     for name, values in original["arrays"].items():
@@ -140,9 +141,9 @@ def test_cache_commands_on_s3_list_verify_repair_and_remove(s3, tmp_path):
 def test_unreachable_or_missing_remote_store_is_a_clear_error(s3, tmp_path):
     with pytest.raises(StoreError, match=f"no feature store at s3://{BUCKET}/nope.zarr"):
         FeatureStore.open(f"s3://{BUCKET}/nope.zarr")
-    cfg = make_cfg(tmp_path, "store_dir=s3://no-such-bucket-here/stores")
+    cfg = extract_cfg(tmp_path, "store_dir=s3://no-such-bucket-here/stores")
     with pytest.raises(StoreError, match="no feature store in s3://no-such-bucket-here/stores"):
-        resolve_store(cfg)
+        store_for_config(cfg)
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
@@ -160,14 +161,14 @@ def test_s3_extraction_killed_with_9_resumes_to_the_same_bytes(s3, dataset, tmp_
     total = FeatureStore.open(reference).progress()[1]
     point = KillPoint.draw(seed, 2, total - 8, max_delay=0.05)
     killed = kill_mid_run(
-        cli(config, tmp_path, target), flags_written, point, tmp_path / "killed.log"
+        extract_cli(config, tmp_path, target), flags_written, point, tmp_path / "killed.log"
     )
     url = f"s3://{BUCKET}/killed/{reference.stem}.zarr"
     done, _ = FeatureStore.open(url, require_complete=False).progress()
     assert point.after <= killed.progress == done < total  # interrupted, finished chunks kept
 
-    rerun = run_cli(config, tmp_path, target)
-    assert "store complete" in rerun.stdout
+    rerun = run_to_end(extract_cli(config, tmp_path, target))
+    assert "store complete" in rerun
     assert_same_store(url, reference)
     assert np.asarray(FeatureStore.open(url).group["done"][:]).all()
 
@@ -177,8 +178,6 @@ def test_whole_pipeline_runs_on_an_s3_store(s3, tmp_path):
     included), and a second run finds every stage done."""
     import sys
 
-    from tests.test_run import TINY
-
     command = [
         sys.executable,
         "cli.py",
@@ -186,7 +185,7 @@ def test_whole_pipeline_runs_on_an_s3_store(s3, tmp_path):
         "configs/demo.yaml",
         f"work_dir={tmp_path}",
         f"store_dir=s3://{BUCKET}/stores",
-        *TINY,
+        *PIPELINE_TINY,
     ]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -210,7 +209,9 @@ def test_two_shards_writing_one_s3_store_equal_one_process(s3, dataset, tmp_path
     for shard in (1, 0):
         procs.append(
             subprocess.Popen(
-                cli(config, tmp_path, target, "--num-shards", "2", "--shard-id", str(shard)),
+                extract_cli(
+                    config, tmp_path, target, "--num-shards", "2", "--shard-id", str(shard)
+                ),
                 cwd=REPO,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -230,10 +231,10 @@ def test_two_shards_writing_one_s3_store_equal_one_process(s3, dataset, tmp_path
 
 def test_file_urls_are_local_paths(tmp_path):
     """`store_dir=file:///...` is the local folder (fast local reads, fsync, flock apply)."""
-    cfg = make_cfg(tmp_path / "work", f"store_dir=file://{tmp_path}/elsewhere")
-    path = extract(cfg, source=make_source())
+    cfg = extract_cfg(tmp_path / "work", f"store_dir=file://{tmp_path}/elsewhere")
+    path = extract(cfg, source=memory_source())
     assert path.parent == tmp_path / "elsewhere" and path.is_dir()
-    store = resolve_store(cfg)
+    store = store_for_config(cfg)
     assert store.path == path and store._fast_reader("features") is not None
     assert CliRunner().invoke(cache, ["verify", f"file://{path}"]).exit_code == 0
 
@@ -245,15 +246,15 @@ def test_remote_store_whose_creation_was_killed_is_recreated(s3, tmp_path):
 
     from cache.store import ATTRS_KEY
 
-    cfg = make_cfg(tmp_path, f"store_dir=s3://{BUCKET}/stores")
-    url = extract(cfg, source=make_source())
+    cfg = extract_cfg(tmp_path, f"store_dir=s3://{BUCKET}/stores")
+    url = extract(cfg, source=memory_source())
     reference = snapshot(url)
     group = zarr.open_group(url, mode="r+", zarr_format=3)
     del group.attrs[
         ATTRS_KEY
     ]  # what a kill between creating the arrays and writing the attrs leaves
     assert FeatureStore.unfinished_creation(url)
-    assert extract(cfg, source=make_source()) == url
+    assert extract(cfg, source=memory_source()) == url
     after = snapshot(url)
     for name, values in reference["arrays"].items():
         assert after["arrays"][name].tobytes() == values.tobytes(), name
@@ -262,4 +263,6 @@ def test_remote_store_whose_creation_was_killed_is_recreated(s3, tmp_path):
     foreign.create_array("images", shape=(2,), dtype="uint8")
     assert not FeatureStore.unfinished_creation(f"s3://{BUCKET}/stores/other.zarr")
     with pytest.raises(StoreError, match="not an egoslots feature store"):
-        extract(make_cfg(tmp_path, f"store=s3://{BUCKET}/stores/other.zarr"), source=make_source())
+        extract(
+            extract_cfg(tmp_path, f"store=s3://{BUCKET}/stores/other.zarr"), source=memory_source()
+        )

@@ -14,41 +14,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.runs import PIPELINE_TINY
 
-TINY = [
-    "dataset.synthetic.videos=5",
-    "dataset.synthetic.frames=6",
-    "dataset.synthetic.size=32",
-    "dataset.synthetic.max_objects=3",
-    "globals.IMAGE_SIZE=32",
-    "globals.FRAME_SIZE=32",
-    "globals.VOCAB_SIZE=16",
-    "globals.NUM_SLOTS=3",
-    "globals.SLOT_DIM=16",
-    "globals.NUM_FRAMES=3",
-    "globals.BATCH_SIZE_PER_GPU=2",
-    "dataset.num_workers=0",
-    "dvae.num_workers=0",
-    "dvae.hidden=16",
-    "dvae.max_steps=4",
-    "dvae.tau_steps=4",
-    "dvae.batch_size=4",
-    "dvae.ckpt_every=2",
-    "dvae.image_every=2",
-    "decoder.hidden_dims=[32]",
-    "steve_decoder.d_model=16",
-    "steve_decoder.num_blocks=1",
-    "trainer.max_steps=6",
-    "trainer.ckpt_every=2",
-    "trainer.val_every=3",
-    "trainer.image_every=3",
-    "trainer.log_every=1",
-    "optimizer.warmup_steps=2",
-    "extract.batch_size=8",
-    "extract.num_workers=0",
-    "extract.frames_per_chunk=8",
-]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(
@@ -60,7 +28,7 @@ def run_cli(
         "run",
         "configs/demo.yaml",
         f"work_dir={work_dir}",
-        *TINY,
+        *PIPELINE_TINY,
         *extra,
     ]
     return subprocess.run(
@@ -116,7 +84,7 @@ def test_run_killed_inside_a_stage_resumes_it(tmp_path):
         "run",
         "configs/demo.yaml",
         f"work_dir={work}",
-        *TINY,
+        *PIPELINE_TINY,
         "trainer.max_steps=40",
         "trainer.ckpt_every=4",
     ]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from tests.test_train_slots import make_dvae_run, make_store, tiny_cfg_args
+from tests.helpers.runs import make_dvae_run, slot_cfg_args
+from tests.helpers.stores import frames_store, slot_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,14 +53,14 @@ def step_of(path: Path) -> int:
 
 
 def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
-    make_store(tmp_path)
+    slot_store(tmp_path)
     make_dvae_run(tmp_path)
     config = tmp_path / "c.yaml"
     config.write_text("globals:\n  NUM_SLOTS: 3\n")
     args = [
         "train-slots",
         str(config),
-        *tiny_cfg_args(tmp_path),
+        *slot_cfg_args(tmp_path),
         "dataset.num_workers=1",
         "trainer.max_steps=300",
         "trainer.ckpt_every=20",
@@ -82,9 +83,8 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
 
 
 def test_sigterm_stops_pretrain_dvae_with_a_checkpoint_of_that_step(tmp_path):
-    from tests.test_dvae import make_store as make_frame_store
 
-    make_frame_store(tmp_path / "store.zarr", frames_per_video=16)
+    frames_store(tmp_path / "store.zarr", frames_per_video=16)
     config = tmp_path / "dvae.yaml"
     config.write_text(
         f"work_dir: {tmp_path}\nstore: {tmp_path / 'store.zarr'}\n"

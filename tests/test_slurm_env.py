@@ -12,8 +12,9 @@ import subprocess
 import sys
 
 from cache.store import FeatureStore
-from tests.test_extract import REPO, only_store, run_cli, write_config, write_frame_folder
-from tests.test_store import assert_same_store
+from tests.helpers.crashkit import REPO, extract_cli, run_to_end
+from tests.helpers.data import write_extract_config, write_frame_folder
+from tests.helpers.stores import assert_same_store, only_store
 
 SCRIPT = REPO / "scripts" / "slurm_extract.sbatch"
 
@@ -44,8 +45,8 @@ def run_task(config, work, procid: int, ntasks: int) -> subprocess.CompletedProc
 
 def test_slurm_tasks_in_sequence_build_the_one_process_store(tmp_path):
     data = write_frame_folder(tmp_path / "frames", videos=3, frames=12, size=(40, 48))
-    config = write_config(tmp_path, data)
-    run_cli(config, tmp_path / "single")
+    config = write_extract_config(tmp_path, data)
+    run_to_end(extract_cli(config, tmp_path / "single"))
     reference = only_store(tmp_path / "single")
 
     work = tmp_path / "slurm"

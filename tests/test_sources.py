@@ -2,94 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import sys
 from pathlib import Path
 
-import av
 import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.config import load_config
 from pipeline.data import make_source
 from pipeline.data.base import SourceError, split_of
 from pipeline.data.frames import FrameFolderSource
 from pipeline.data.hdf5 import Hdf5Source
 from pipeline.data.video import VideoFileSource, subsample
+from tests.helpers.data import (
+    cfg_for,
+    frame_image,
+    frame_value,
+    write_emorl_h5,
+    write_frames,
+    write_video,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------- builders
-def frame_image(i: int, size=(12, 16), channels: int = 3) -> np.ndarray:
-    """A frame whose pixels encode its index (survives lossless PNG; JPEG within a few levels)."""
-    h, w = size
-    img = np.full((h, w, channels), (i * 8) % 256, np.uint8)
-    img[0, 0] = 255 - (i * 8) % 256
-    return img
-
-
-def write_frames(
-    folder: Path,
-    n: int,
-    ext: str = "png",
-    names=None,
-    masks: bool = False,
-    meta=None,
-    size=(12, 16),
-) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    names = names or [f"frame{i}" for i in range(n)]
-    for i, name in enumerate(names):
-        Image.fromarray(frame_image(i, size)).save(folder / f"{name}.{ext}", quality=95)
-        if masks:
-            (folder / "masks").mkdir(exist_ok=True)
-            Image.fromarray(np.full(size, i % 4, np.uint8)).save(folder / "masks" / f"{name}.png")
-    if meta is not None:
-        (folder / "meta.json").write_text(json.dumps(meta))
-    return names
-
-
-def write_video(path: Path, n: int, fps: int = 30, size=(16, 16), codec: str = "libx264") -> None:
-    """A lossless H.264 file whose frame i has grey level 4*i (so decoded frames name themselves)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size[1], size[0], "yuv444p"
-        stream.options = {"qp": "0", "g": "8"}  # lossless; a keyframe every 8 frames (seeking)
-        for i in range(n):
-            img = np.full((*size, 3), 4 * i, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def frame_value(frame) -> int:
-    return int(round(float(frame.rgb.mean()) / 4))
-
-
-def write_emorl_h5(
-    path: Path, n: int = 5, k: int = 3, size=(8, 10), splits=("train", "test")
-) -> dict:
-    """EfficientMORL's layout: <split>/imgs (N, H, W, 3), <split>/masks (N, K, H, W, 1) binary."""
-    rng = np.random.default_rng(0)
-    truth = {}
-    with h5py.File(path, "w") as f:
-        for split in splits:
-            imgs = rng.integers(0, 256, (n, *size, 3), dtype=np.uint8)
-            labels = rng.integers(0, k, (n, *size))
-            masks = np.stack([(labels == j) for j in range(k)], axis=1)[..., None].astype(
-                np.float32
-            )
-            f.create_dataset(f"{split}/imgs", data=imgs)
-            f.create_dataset(f"{split}/masks", data=masks)
-            truth[split] = (imgs, labels.astype(np.uint8))
-    return truth
 
 
 # ---------------------------------------------------------------------------------- frame folders
@@ -319,8 +259,6 @@ def test_reads_in_forked_workers_after_the_parent_read(tmp_path, kind):
 
 
 # ---------------------------------------------------------------------------------- make_source
-def cfg_for(*overrides):
-    return load_config(REPO / "configs" / "demo.yaml", list(overrides))
 
 
 def test_make_source_kinds_and_max_videos(tmp_path):

@@ -15,7 +15,7 @@ from pipeline.data.base import SourceError
 from pipeline.data.frames import FrameFolderSource
 from pipeline.data.hdf5 import Hdf5Source
 from pipeline.data.video import VideoFileSource
-from tests.test_sources import cfg_for, write_emorl_h5, write_frames, write_video
+from tests.helpers.data import cfg_for, write_emorl_h5, write_frames, write_video
 
 
 def test_corrupt_jpeg_is_named_with_its_frame_index_when_read(tmp_path):

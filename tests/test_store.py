@@ -1,15 +1,11 @@
 """Feature store and fingerprint: what changes a fingerprint, dtypes, disk full, mismatches,
 corruption found by `cache verify`, unreadable frames, and finding the store a config means.
-
-Helpers here (tiny in-memory videos, a tiny config, byte-level store snapshots) are shared by
-tests/test_reader.py and tests/test_extract.py.
 """
 
 from __future__ import annotations
 
 import errno
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,80 +15,25 @@ import zarr.storage._local as zarr_local
 from click.testing import CliRunner
 
 import cache.fingerprint as fingerprint_mod
-from cache.fingerprint import fingerprint_inputs, fingerprint_of, resolve_store
-from cache.store import FeatureStore, Finding, StoreError, VideoRecord
-from pipeline.config import load_config
+from cache.catalog import store_for_config
+from cache.fingerprint import fingerprint_inputs, fingerprint_of
+from cache.store import FeatureStore, StoreError, VideoRecord
+from cache.verify import Finding, forget_chunks
 from pipeline.data.base import FileIdentity, SourceError, VideoInfo
 from pipeline.data.memory import InMemorySource
 from pipeline.preprocess import preprocess_frame, resize_mask, resize_rgb
-from stages.extract import extract, plan_extraction, to_storage
-
-REPO = Path(__file__).resolve().parents[1]
-
+from stages.extract import extract, plan_extraction
+from stages.extract_chunks import to_storage
+from tests.helpers.data import extract_cfg, memory_source
+from tests.helpers.stores import assert_same_store, snapshot
 
 # ---------------------------------------------------------------------------- shared helpers
-def make_source(
-    num_videos: int = 4,
-    size: tuple[int, int] = (40, 48),
-    seed: int = 0,
-    masks: bool = True,
-    lengths: list[int] | None = None,
-) -> InMemorySource:
-    """Small random non-square videos (lengths 9, 10, 11, ...) with label-map masks."""
-    rng = np.random.default_rng(seed)
-    lengths = lengths or [9 + i for i in range(num_videos)]
-    videos = {
-        f"vid{i:02d}": rng.integers(0, 256, (n, *size, 3), dtype=np.uint8)
-        for i, n in enumerate(lengths)
-    }
-    label_maps = (
-        {k: rng.integers(0, 5, v.shape[:3], dtype=np.uint8) for k, v in videos.items()}
-        if masks
-        else None
-    )
-    return InMemorySource(videos, label_maps)
-
-
-def make_cfg(work_dir: Path, *overrides: str):
-    """The demo config shrunk to test size: patch-pixels on 32 px, 16 px frames, 8-frame chunks."""
-    return load_config(
-        REPO / "configs" / "demo.yaml",
-        [
-            f"work_dir={work_dir}",
-            "globals.IMAGE_SIZE=32",
-            "globals.FRAME_SIZE=16",
-            "backbone.patch_size=8",
-            "extract.frames_per_chunk=8",
-            "extract.batch_size=4",
-            "extract.num_workers=0",
-            "extract.compute=fp32",
-            "extract.device=cpu",
-            *overrides,
-        ],
-    )
-
-
-def snapshot(path: Path) -> dict:
-    """The bytes that must match between equivalent extractions: every array and the video table."""
-    store = FeatureStore.open(path)
-    arrays = {name: np.asarray(store.group[name][:]) for name in store.data_arrays()}
-    arrays["done"] = np.asarray(store.group["done"][:])
-    return {"arrays": arrays, "videos": store.meta["videos"], "fingerprint": store.fingerprint}
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    sa, sb = snapshot(a), snapshot(b)
-    assert sa["fingerprint"] == sb["fingerprint"]
-    assert sa["videos"] == sb["videos"]
-    assert sa["arrays"].keys() == sb["arrays"].keys()
-    for name in sa["arrays"]:
-        assert sa["arrays"][name].tobytes() == sb["arrays"][name].tobytes(), name
 
 
 # ---------------------------------------------------------------------------- fingerprint
 def test_fingerprint_changes_with_every_config_input_and_only_then(tmp_path):
-    source = make_source()
-    base = plan_extraction(make_cfg(tmp_path), source).fingerprint
+    source = memory_source()
+    base = plan_extraction(extract_cfg(tmp_path), source).fingerprint
     changing = [
         "extract.dtype=bfloat16",
         "extract.dtype=int8",
@@ -107,7 +48,7 @@ def test_fingerprint_changes_with_every_config_input_and_only_then(tmp_path):
     ]
     seen = {base}
     for override in changing:
-        fp = plan_extraction(make_cfg(tmp_path, override), source).fingerprint
+        fp = plan_extraction(extract_cfg(tmp_path, override), source).fingerprint
         assert fp not in seen, f"{override} did not change the fingerprint"
         seen.add(fp)
     same = [
@@ -122,7 +63,9 @@ def test_fingerprint_changes_with_every_config_input_and_only_then(tmp_path):
         "extract.device=auto",
     ]
     for override in same:
-        assert plan_extraction(make_cfg(tmp_path, override), source).fingerprint == base, override
+        assert plan_extraction(extract_cfg(tmp_path, override), source).fingerprint == base, (
+            override
+        )
 
 
 def test_fingerprint_tracks_video_table_files_and_versions(monkeypatch):
@@ -186,8 +129,8 @@ def test_fingerprint_tracks_video_table_files_and_versions(monkeypatch):
 
 
 def test_fingerprint_ignores_chunk_progress(tmp_path):
-    source = make_source()
-    cfg = make_cfg(tmp_path)
+    source = memory_source()
+    cfg = extract_cfg(tmp_path)
     path = extract(cfg, source=source)
     assert (
         plan_extraction(cfg, source).fingerprint == FeatureStore.open(path).fingerprint == path.stem
@@ -286,8 +229,8 @@ def test_preprocess_frame_flips_all_outputs_alike():
 
 # ---------------------------------------------------------------------------- failures while writing
 def test_disk_full_gives_clear_error_and_rerun_finishes(tmp_path, monkeypatch):
-    source = make_source()
-    clean = extract(make_cfg(tmp_path / "clean"), source=source)
+    source = memory_source()
+    clean = extract(extract_cfg(tmp_path / "clean"), source=source)
 
     real_put, writes = zarr_local._put, {"n": 0}
 
@@ -299,9 +242,11 @@ def test_disk_full_gives_clear_error_and_rerun_finishes(tmp_path, monkeypatch):
         return real_put(path, value, exclusive=exclusive)
 
     monkeypatch.setattr(zarr_local, "_put", put_until_full)
-    cfg = make_cfg(tmp_path / "full")
+    cfg = extract_cfg(tmp_path / "full")
     with pytest.raises(
-        StoreError, match=r"disk full while writing chunk 2 .*rerun the same command"
+        StoreError,
+        match=r"cannot write chunk 2 .*No space left on device \(ENOSPC\): the disk is full.*"
+        r"rerun the same command",
     ):
         extract(cfg, source=source)
     store = FeatureStore.open(
@@ -319,9 +264,11 @@ def test_disk_full_gives_clear_error_and_rerun_finishes(tmp_path, monkeypatch):
 
 
 def test_store_of_other_settings_is_refused_unless_overwrite(tmp_path):
-    source = make_source()
-    first = extract(make_cfg(tmp_path), source=source)
-    other = make_cfg(tmp_path, f"store={first}", "extract.dtype=bfloat16", "globals.IMAGE_SIZE=48")
+    source = memory_source()
+    first = extract(extract_cfg(tmp_path), source=source)
+    other = extract_cfg(
+        tmp_path, f"store={first}", "extract.dtype=bfloat16", "globals.IMAGE_SIZE=48"
+    )
     with pytest.raises(StoreError) as info:
         extract(other, source=source)
     message = str(info.value)
@@ -332,8 +279,10 @@ def test_store_of_other_settings_is_refused_unless_overwrite(tmp_path):
     # a changed video table is explained too
     with pytest.raises(StoreError, match="video table: 1 added: vid04"):
         extract(
-            make_cfg(tmp_path, f"store={first}", "extract.dtype=bfloat16", "globals.IMAGE_SIZE=48"),
-            source=make_source(num_videos=5),
+            extract_cfg(
+                tmp_path, f"store={first}", "extract.dtype=bfloat16", "globals.IMAGE_SIZE=48"
+            ),
+            source=memory_source(num_videos=5),
         )
 
 
@@ -354,8 +303,8 @@ class BrokenSource(InMemorySource):
 
 
 def test_corrupt_frame_stops_with_file_name_and_keeps_finished_chunks(tmp_path):
-    source = BrokenSource(make_source(), "vid02", 4)  # vid02 = rows 19..29: chunk 2 holds frame 4
-    cfg = make_cfg(tmp_path)
+    source = BrokenSource(memory_source(), "vid02", 4)  # vid02 = rows 19..29: chunk 2 holds frame 4
+    cfg = extract_cfg(tmp_path)
     with pytest.raises(SourceError, match=r"vid02.*00004\.jpg.*--skip-bad"):
         extract(cfg, source=source)
     path = plan_extraction(cfg, source).path
@@ -364,10 +313,10 @@ def test_corrupt_frame_stops_with_file_name_and_keeps_finished_chunks(tmp_path):
 
 
 def test_skip_bad_drops_the_video_and_keeps_the_rest(tmp_path):
-    base = make_source()
-    clean = snapshot(extract(make_cfg(tmp_path / "clean", "augment.hflip=cache"), source=base))
+    base = memory_source()
+    clean = snapshot(extract(extract_cfg(tmp_path / "clean", "augment.hflip=cache"), source=base))
     path = extract(
-        make_cfg(tmp_path / "skip", "augment.hflip=cache"),
+        extract_cfg(tmp_path / "skip", "augment.hflip=cache"),
         source=BrokenSource(base, "vid02", 4),
         skip_bad=True,
     )
@@ -397,7 +346,7 @@ def test_skip_bad_drops_the_video_and_keeps_the_rest(tmp_path):
 def test_verify_finds_corrupted_and_non_finite_chunks(tmp_path):
     from stages.cache_cmds import cache
 
-    path = extract(make_cfg(tmp_path), source=make_source())
+    path = extract(extract_cfg(tmp_path), source=memory_source())
     runner = CliRunner()
     ok = runner.invoke(cache, ["verify", str(path)])
     assert ok.exit_code == 0, ok.output
@@ -426,8 +375,8 @@ def test_verify_repair_then_rerun_rewrites_exactly_the_bad_chunks(tmp_path):
     now-incomplete store), and rerunning extraction rewrites it back to the original bytes."""
     from stages.cache_cmds import cache
 
-    cfg = make_cfg(tmp_path)
-    path = extract(cfg, source=make_source())
+    cfg = extract_cfg(tmp_path)
+    path = extract(cfg, source=memory_source())
     original = snapshot(path)
     store = FeatureStore.open(path)
     shard = store.chunk_file("frames", 2)
@@ -449,10 +398,10 @@ def test_verify_repair_then_rerun_rewrites_exactly_the_bad_chunks(tmp_path):
     assert repaired.exit_code != 0 and "chunk(s) 2, 4" in repaired.output, repaired.output
     assert "extract-features" in repaired.output
     with pytest.raises(StoreError, match="incomplete"):
-        resolve_store(cfg)
+        store_for_config(cfg)
     assert FeatureStore.open(path, require_complete=False).pending_chunks() == [2, 4]
 
-    extract(cfg, source=make_source())  # the plain rerun
+    extract(cfg, source=memory_source())  # the plain rerun
     assert runner.invoke(cache, ["verify", str(path)]).exit_code == 0
     after = snapshot(path)
     assert after["videos"] == original["videos"]
@@ -468,7 +417,7 @@ def test_verify_repair_then_rerun_rewrites_exactly_the_bad_chunks(tmp_path):
 def test_cache_ls_info_rm(tmp_path):
     from stages.cache_cmds import cache
 
-    path = extract(make_cfg(tmp_path), source=make_source())
+    path = extract(extract_cfg(tmp_path), source=memory_source())
     runner = CliRunner()
     listing = runner.invoke(cache, ["ls", str(tmp_path)])
     assert listing.exit_code == 0 and path.stem in listing.output and "complete" in listing.output
@@ -486,28 +435,28 @@ def test_cache_ls_info_rm(tmp_path):
     assert missing.exit_code != 0 and "no store 'ffff'" in missing.output
 
 
-# ---------------------------------------------------------------------------- resolve_store
-def test_resolve_store_by_name_or_matching_settings(tmp_path):
-    source = make_source()
-    path = extract(make_cfg(tmp_path), source=source)
-    assert resolve_store(make_cfg(tmp_path)).path == path  # settings match
+# ---------------------------------------------------------------------------- store_for_config
+def test_store_for_config_by_name_or_matching_settings(tmp_path):
+    source = memory_source()
+    path = extract(extract_cfg(tmp_path), source=source)
+    assert store_for_config(extract_cfg(tmp_path)).path == path  # settings match
     assert (
-        resolve_store(make_cfg(tmp_path, "extract.compute=auto")).path == path
+        store_for_config(extract_cfg(tmp_path, "extract.compute=auto")).path == path
     )  # auto matches any compute
-    assert resolve_store(make_cfg(tmp_path, f"store={path.stem}")).path == path
-    assert resolve_store(make_cfg(tmp_path, f"store={path}")).path == path
+    assert store_for_config(extract_cfg(tmp_path, f"store={path.stem}")).path == path
+    assert store_for_config(extract_cfg(tmp_path, f"store={path}")).path == path
     with pytest.raises(StoreError, match="no feature store .* matches .*extract-features CONFIG"):
-        resolve_store(make_cfg(tmp_path, "extract.frame_size=8"))
+        store_for_config(extract_cfg(tmp_path, "extract.frame_size=8"))
     with pytest.raises(StoreError, match="store=0123456789abcdef: no feature store"):
-        resolve_store(make_cfg(tmp_path, "store=0123456789abcdef"))
+        store_for_config(extract_cfg(tmp_path, "store=0123456789abcdef"))
     extract(
-        make_cfg(tmp_path, "extract.compute=bf16"), source=make_source(seed=1)
+        extract_cfg(tmp_path, "extract.compute=bf16"), source=memory_source(seed=1)
     )  # other videos, same settings
     with pytest.raises(StoreError, match="several complete stores"):
-        resolve_store(make_cfg(tmp_path, "extract.compute=auto"))
+        store_for_config(extract_cfg(tmp_path, "extract.compute=auto"))
     FeatureStore.open(path, mode="r+").update_meta(complete=False)
     with pytest.raises(StoreError, match="incomplete"):
-        resolve_store(make_cfg(tmp_path))
+        store_for_config(extract_cfg(tmp_path))
 
 
 # ---------------------------------------------------------------------------- fast shard reads
@@ -592,15 +541,15 @@ def test_repaired_chunks_keep_the_record_of_skipped_videos(tmp_path):
                 raise SourceError(f"/data/{video_id}/00000.jpg: cannot decode (truncated file)")
             yield from super().read_frames(video_id, start, stop)
 
-    source = TwoBroken(make_source(), "vid02", 4)
-    cfg = make_cfg(tmp_path)
+    source = TwoBroken(memory_source(), "vid02", 4)
+    cfg = extract_cfg(tmp_path)
     path = extract(cfg, source=source, skip_bad=True)
     store = FeatureStore.open(path)
     assert {r["id"] for r in store.meta["skipped_videos"]} == {"vid00", "vid02"}
     table = store.meta["videos"]
     vid00_chunks = {0, 1}  # vid00 = rows 0..8 with 8-frame chunks
     findings = [Finding("damaged", chunk, "frames") for chunk in sorted(vid00_chunks)]
-    FeatureStore.open(path, mode="r+").forget_chunks(findings)
+    forget_chunks(FeatureStore.open(path, mode="r+"), findings)
     extract(cfg, source=source, skip_bad=True)  # rewrites chunks 0 and 1 without vid00
     store = FeatureStore.open(path)
     assert {r["id"] for r in store.meta["skipped_videos"]} == {"vid00", "vid02"}

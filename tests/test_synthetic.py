@@ -16,13 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.data import synthetic
-from pipeline.data.synthetic import (
-    Simulation,
-    generate_dataset,
-    generate_video,
-    sample_scene,
-    video_rng,
-)
+from pipeline.data.synthetic import Simulation, sample_scene, video_rng
+from stages import synthetic as writer
+from stages.synthetic import generate_dataset, generate_video
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(videos=2, frames=4, size=32, seed=3, progress=False)
@@ -195,7 +191,7 @@ def test_meta_positions_project_into_their_masks(tmp_path):
 def test_interrupted_run_leaves_no_partial_video_and_resumes(tmp_path, monkeypatch):
     reference = tree_bytes(generate_dataset(tmp_path / "ref", **TINY))
     calls = {"n": 0}
-    real_save = synthetic.save_png
+    real_save = writer.save_png
 
     def disk_fills_up(path, image):
         calls["n"] += 1
@@ -203,13 +199,13 @@ def test_interrupted_run_leaves_no_partial_video_and_resumes(tmp_path, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real_save(path, image)
 
-    monkeypatch.setattr(synthetic, "save_png", disk_fills_up)
+    monkeypatch.setattr(writer, "save_png", disk_fills_up)
     out = tmp_path / "out"
     with pytest.raises(OSError) as err:
         generate_dataset(out, **TINY)
     assert err.value.errno == errno.ENOSPC
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "video_0000"]  # no half video
-    monkeypatch.setattr(synthetic, "save_png", real_save)
+    monkeypatch.setattr(writer, "save_png", real_save)
     generate_dataset(out, **TINY)
     assert tree_bytes(out) == reference
 
@@ -240,9 +236,7 @@ def test_killed_process_resumes_from_finished_videos(tmp_path):
         _cli(), ["make-synthetic", str(out), *args[:1], str(len(finished) + 1), *args[2:]]
     )
     assert result.exit_code == 0, result.output
-    assert not list(out.glob(f"{synthetic.TEMP_PREFIX}*")), (
-        "a killed run's half video was left behind"
-    )
+    assert not list(out.glob(f"{writer.TEMP_PREFIX}*")), "a killed run's half video was left behind"
     last = f"video_{len(finished):04d}"
     generate_video(tmp_path / "ref", len(finished), seed=2, frames=6, size=32)
     assert tree_bytes(out / last) == tree_bytes(tmp_path / "ref" / last)
@@ -294,7 +288,7 @@ def test_the_frame_folder_loader_reads_what_it_wrote(tmp_path):
     out = generate_dataset(
         tmp_path / "synthetic", videos=3, frames=4, size=32, seed=0, progress=False
     )
-    (out / f"{synthetic.TEMP_PREFIX}video_0003-1").mkdir()  # as if another run were writing one
+    (out / f"{writer.TEMP_PREFIX}video_0003-1").mkdir()  # as if another run were writing one
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"dataset.path={out}"])
     source = make_source(cfg)
     assert [v.video_id for v in source.videos()] == ["video_0000", "video_0001", "video_0002"]
@@ -307,12 +301,6 @@ def test_the_frame_folder_loader_reads_what_it_wrote(tmp_path):
         assert np.array_equal(frame.mask, np.asarray(Image.open(png.parent / "masks" / png.name)))
     meta = source.attributes("video_0001")
     assert meta["objects"] == json.loads((out / "video_0001" / "meta.json").read_text())["objects"]
-
-
-def test_stage_reexports_generate_dataset():
-    from stages.synthetic import generate_dataset as stage_generate
-
-    assert stage_generate is generate_dataset
 
 
 def _cli():

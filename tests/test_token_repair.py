@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import stages.dvae as stage
 from cache.store import FeatureStore, StoreError
 from stages.cache_cmds import cache
-from tests.test_dvae_train import copy_run, trained  # noqa: F401 - fixture
+from stages.tokenize import tokenize_run
+from tests.helpers.runs import copy_dvae_run
 
 
-def test_damaged_token_chunk_is_found_repaired_and_rewritten(trained, tmp_path):  # noqa: F811
-    store_path, run_dir = copy_run(trained[0], tmp_path / "w")
-    dvae_hash = stage.tokenize_run(run_dir)
+def test_damaged_token_chunk_is_found_repaired_and_rewritten(trained_dvae, tmp_path):
+    store_path, run_dir = copy_dvae_run(trained_dvae[0], tmp_path / "w")
+    dvae_hash = tokenize_run(run_dir)
     store = FeatureStore.open(store_path)
     original = store.tokens(dvae_hash)[:]
     shard = store.chunk_file(f"tokens/{dvae_hash}/ids", 1)
@@ -38,15 +38,15 @@ def test_damaged_token_chunk_is_found_repaired_and_rewritten(trained, tmp_path):
     with pytest.raises(StoreError, match="incomplete"):
         store.tokens(dvae_hash)
 
-    assert stage.tokenize_run(run_dir) == dvae_hash
+    assert tokenize_run(run_dir) == dvae_hash
     store = FeatureStore.open(store_path)
     assert store.tokens(dvae_hash)[:].tobytes() == original.tobytes()
     assert runner.invoke(cache, ["verify", str(store_path)]).exit_code == 0
 
 
-def test_repairing_frames_also_forgets_the_tokens_made_from_them(trained, tmp_path):  # noqa: F811
-    store_path, run_dir = copy_run(trained[0], tmp_path / "w")
-    dvae_hash = stage.tokenize_run(run_dir)
+def test_repairing_frames_also_forgets_the_tokens_made_from_them(trained_dvae, tmp_path):
+    store_path, run_dir = copy_dvae_run(trained_dvae[0], tmp_path / "w")
+    dvae_hash = tokenize_run(run_dir)
     store = FeatureStore.open(store_path)
     store.chunk_file("frames", 1).write_bytes(b"garbage")
 

@@ -7,127 +7,24 @@ here runs a ViT or downloads anything.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from cache.store import FeatureStore, VideoRecord
-from pipeline.config import load_config
+from cache.store import FeatureStore
 from pipeline.schedules import lr_factor, warmup_exp_decay
 from stages.common import StageError
-
-GRID = (4, 4)  # feature grid: N = 16 tokens
-FEAT = 8  # feature dim
-TOKEN_GRID = (4, 4)
-VOCAB = 16
-FRAME = 16
-DVAE_HASH = "d0e1f2a3"
-
-
-def make_store(
-    work: Path,
-    *,
-    videos=(("a", 8, "train"), ("b", 8, "train"), ("c", 6, "val")),
-    tokens: bool = True,
-    masks: bool = True,
-    seed: int = 0,
-    chunk_len: int = 4,
-) -> FeatureStore:
-    """A complete tiny store under work/stores with random features, frames, masks, tokens."""
-    rng = np.random.default_rng(seed)
-    records, first = [], 0
-    for vid, length, split in videos:
-        records.append(VideoRecord(vid, first, length, split))
-        first += length
-    store = FeatureStore.create(
-        work / "stores" / "fp0.zarr",
-        fingerprint="fp0",
-        videos=records,
-        num_tokens=GRID[0] * GRID[1],
-        feature_dim=FEAT,
-        grid=GRID,
-        frame_size=FRAME,
-        feature_dtype="float16",
-        has_masks=masks,
-        chunk_len=chunk_len,
-    )
-    total = store.num_frames
-    nchunks = math.ceil(total / chunk_len)
-    for c in range(nchunks):
-        n = min(chunk_len, total - c * chunk_len)
-        arrays = dict(
-            store.encode_features(
-                rng.standard_normal((n, GRID[0] * GRID[1], FEAT)).astype(np.float32)
-            )
-        )
-        arrays["frames"] = rng.integers(0, 255, (n, FRAME, FRAME, 3), dtype=np.uint8)
-        if masks:
-            m = np.zeros((n, FRAME, FRAME), np.uint8)
-            m[:, :8, :8] = 1
-            m[:, 8:, 8:] = 2
-            arrays["masks"] = m
-        store.write_chunk(c, arrays)
-    store.mark_complete_if_done()
-    if tokens:
-        sub = store.create_tokens(DVAE_HASH, TOKEN_GRID, {"vocab_size": VOCAB})
-        sub["ids"][:] = rng.integers(0, VOCAB, (total, *TOKEN_GRID)).astype(np.uint16)
-        sub["done"][:] = 1
-        sub.attrs["complete"] = True
-    return FeatureStore.open(store.path)
-
-
-def make_dvae_run(work: Path, store_fp: str = "fp0") -> Path:
-    run = work / "runs" / "dvae"
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "dvae.json").write_text(
-        json.dumps(
-            {
-                "hash": DVAE_HASH,
-                "store": store_fp,
-                "vocab_size": VOCAB,
-                "token_grid": list(TOKEN_GRID),
-            }
-        )
-    )
-    return run
-
-
-def tiny_cfg(work: Path, *extra: str):
-    overrides = [
-        f"work_dir={work}",
-        "store=fp0",
-        "run_name=t",
-        "seed=0",
-        "globals.NUM_SLOTS=3",
-        "globals.SLOT_DIM=16",
-        f"globals.VOCAB_SIZE={VOCAB}",
-        "globals.NUM_FRAMES=3",
-        "globals.BATCH_SIZE_PER_GPU=2",
-        "dataset.num_workers=0",
-        "decoder.hidden_dims=[32,32]",
-        "steve_decoder.num_blocks=1",
-        "steve_decoder.d_model=16",
-        "steve_decoder.num_heads=2",
-        "predictor.num_heads=2",
-        "optimizer.warmup_steps=2",
-        "optimizer.lr=0.001",
-        "trainer.max_steps=4",
-        "trainer.ckpt_every=2",
-        "trainer.val_every=2",
-        "trainer.val_batches=2",
-        "trainer.log_every=1",
-        "trainer.image_every=2",
-        "trainer.precision=32",
-    ]
-    return load_config(None, overrides + list(extra))
+from stages.slot_task import SlotTrainingModule
+from tests.helpers.runs import make_dvae_run, slot_cfg, slot_cfg_args
+from tests.helpers.stores import SLOT_DVAE_HASH as DVAE_HASH
+from tests.helpers.stores import SLOT_VOCAB as VOCAB
+from tests.helpers.stores import slot_store
 
 
 @pytest.fixture
 def work(tmp_path):
-    make_store(tmp_path)
+    slot_store(tmp_path)
     make_dvae_run(tmp_path)
     return tmp_path
 
@@ -152,7 +49,7 @@ def test_lr_schedule_warmup_then_halves_by_max_steps():
 
 
 def test_param_group_regexes_first_match_wins_and_unmatched_is_an_error():
-    from stages.train_slots import build_param_groups
+    from stages.slot_task import build_param_groups
 
     net = torch.nn.ModuleDict(
         {
@@ -190,9 +87,10 @@ def test_resumable_sampler_continues_the_same_stream():
 
 # ------------------------------------------------------------------------------- training
 def test_train_end_to_end_writes_run_dir_and_loads(work):
-    from stages.train_slots import SlotTrainingModule, load_trained, train
+    from stages.inference import load_trained
+    from stages.train_slots import train
 
-    run = train(tiny_cfg(work))
+    run = train(slot_cfg(work))
     ck = run / "checkpoints"
     assert {p.name for p in ck.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "last.ckpt"}
     assert (run / "config.yaml").is_file()
@@ -233,35 +131,8 @@ def test_train_end_to_end_writes_run_dir_and_loads(work):
 
     # a finished run returns at once
     mtime = (ck / "last.ckpt").stat().st_mtime
-    assert train(tiny_cfg(work)) == run
+    assert train(slot_cfg(work)) == run
     assert (ck / "last.ckpt").stat().st_mtime == mtime
-
-
-def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path):
-    from stages.train_slots import train
-
-    for name in ("full", "split"):
-        make_store(tmp_path / name)
-        make_dvae_run(tmp_path / name)
-    full = train(tiny_cfg(tmp_path / "full", "trainer.max_steps=6", "trainer.ckpt_every=3"))
-    part = train(tiny_cfg(tmp_path / "split", "trainer.max_steps=3", "trainer.ckpt_every=3"))
-    assert _weights(part / "checkpoints" / "last.ckpt")["global_step"] == 3
-    resumed = train(tiny_cfg(tmp_path / "split", "trainer.max_steps=6", "trainer.ckpt_every=3"))
-    a = _weights(full / "checkpoints" / "step=6.ckpt")
-    b = _weights(resumed / "checkpoints" / "step=6.ckpt")
-    assert a["global_step"] == b["global_step"] == 6
-    for key, value in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][key], value, msg=key)
-    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        for field in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(sb[k][field], sa[k][field])
-    # the step-3 checkpoints agree too
-    a3 = _weights(full / "checkpoints" / "step=3.ckpt")["state_dict"]
-    b3 = _weights(resumed / "checkpoints" / "step=3.ckpt")["state_dict"]
-    for key in a3:
-        torch.testing.assert_close(a3[key], b3[key])
 
 
 def test_never_runs_the_vit(work, monkeypatch):
@@ -277,7 +148,7 @@ def test_never_runs_the_vit(work, monkeypatch):
     monkeypatch.setattr(torch.hub, "load", forbidden)
     monkeypatch.setattr(pipeline.backbones, "build_backbone", forbidden)
     run = train(
-        tiny_cfg(work, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100")
+        slot_cfg(work, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100")
     )
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
@@ -293,10 +164,10 @@ def test_never_runs_the_vit(work, monkeypatch):
 def test_ablations_train_from_the_same_store(tmp_path, toggles):
     from stages.train_slots import train
 
-    make_store(tmp_path, tokens="USE_STEVE_DECODER=false" not in toggles[0])
+    slot_store(tmp_path, tokens="USE_STEVE_DECODER=false" not in toggles[0])
     if "USE_STEVE_DECODER=false" not in toggles[0]:
         make_dvae_run(tmp_path)
-    cfg = tiny_cfg(
+    cfg = slot_cfg(
         tmp_path,
         "trainer.max_steps=2",
         "trainer.image_every=100",
@@ -312,11 +183,11 @@ def test_ablations_train_from_the_same_store(tmp_path, toggles):
 
 def test_overfits_a_tiny_cached_set(tmp_path):
     """Through the Lightning stage: the total loss on the training clips at least halves."""
-    from stages.train_slots import SlotTrainingModule, train
+    from stages.train_slots import train
 
-    make_store(tmp_path, videos=(("a", 4, "train"),), masks=False)
+    slot_store(tmp_path, videos=(("a", 4, "train"),), masks=False)
     make_dvae_run(tmp_path)
-    cfg = tiny_cfg(
+    cfg = slot_cfg(
         tmp_path,
         "globals.NUM_FRAMES=4",
         "trainer.max_steps=60",
@@ -356,34 +227,34 @@ def test_missing_caches_name_the_stage_to_run(tmp_path):
     from stages.train_slots import train
 
     with pytest.raises(StageError, match="extract-features"):
-        train(tiny_cfg(tmp_path))
-    make_store(tmp_path, tokens=False)
+        train(slot_cfg(tmp_path))
+    slot_store(tmp_path, tokens=False)
     with pytest.raises(StageError, match="pretrain-dvae CONFIG"):
-        train(tiny_cfg(tmp_path))
+        train(slot_cfg(tmp_path))
     run = make_dvae_run(tmp_path)
     with pytest.raises(
         StageError, match=f"no tokens of dVAE {DVAE_HASH} in store fp0.*egoslots tokenize {run}"
     ):
-        train(tiny_cfg(tmp_path))
+        train(slot_cfg(tmp_path))
     (run / "dvae.json").write_text(
         json.dumps({"hash": DVAE_HASH, "store": "other", "vocab_size": VOCAB})
     )
     with pytest.raises(StageError, match="trained on store other"):
-        train(tiny_cfg(tmp_path))
+        train(slot_cfg(tmp_path))
 
 
 def test_changed_config_in_same_run_dir_is_refused(work):
     from stages.train_slots import train
 
-    train(tiny_cfg(work, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100"))
+    train(slot_cfg(work, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100"))
     with pytest.raises(StageError, match="globals.NUM_SLOTS|model.num_slots"):
-        train(tiny_cfg(work, "trainer.max_steps=4", "globals.NUM_SLOTS=4"))
+        train(slot_cfg(work, "trainer.max_steps=4", "globals.NUM_SLOTS=4"))
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(work, monkeypatch):
     from stages import train_slots
 
-    real = train_slots.SlotTrainingModule._step
+    real = SlotTrainingModule._step
     calls = {"n": 0}
 
     def poisoned(self, batch):
@@ -393,8 +264,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(work, monke
             losses = dict(losses, loss=losses["loss"] * float("nan"))
         return outputs, losses
 
-    monkeypatch.setattr(train_slots.SlotTrainingModule, "_step", poisoned)
-    cfg = tiny_cfg(
+    monkeypatch.setattr(SlotTrainingModule, "_step", poisoned)
+    cfg = slot_cfg(
         work,
         "trainer.max_steps=6",
         "trainer.log_every=2",
@@ -420,7 +291,7 @@ def test_cli_train_slots_help_and_run(work, repo_root):
     assert res.exit_code == 0 and "egoslots train-slots" in res.output and "--resume" in res.output
     cfg_file = work / "c.yaml"
     cfg_file.write_text("globals:\n  NUM_SLOTS: 3\n")
-    args = [a for a in tiny_cfg_args(work)]
+    args = [a for a in slot_cfg_args(work)]
     res = runner.invoke(cli.main, ["train-slots", str(cfg_file), *args, "trainer.max_steps=2"])
     assert res.exit_code == 0, res.output
     assert (work / "runs" / "t" / "checkpoints" / "last.ckpt").is_file()
@@ -438,36 +309,16 @@ def test_cli_train_slots_help_and_run(work, repo_root):
     assert res.exit_code != 0 and "nope.ckpt" in res.output
 
 
-def tiny_cfg_args(work: Path) -> list[str]:
-    return [
-        f"work_dir={work}",
-        "store=fp0",
-        "run_name=t",
-        "globals.SLOT_DIM=16",
-        f"globals.VOCAB_SIZE={VOCAB}",
-        "globals.NUM_FRAMES=3",
-        "globals.BATCH_SIZE_PER_GPU=2",
-        "dataset.num_workers=0",
-        "decoder.hidden_dims=[32]",
-        "steve_decoder.num_blocks=1",
-        "steve_decoder.d_model=16",
-        "steve_decoder.num_heads=2",
-        "predictor.num_heads=2",
-        "trainer.precision=32",
-        "trainer.image_every=100",
-        "trainer.val_every=100",
-    ]
-
-
 def test_precision_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
-    from stages import train_slots
+    from stages import runtime
 
-    cfg = load_config(None, ["trainer.precision=auto", "trainer.accelerator=cpu"])
-    monkeypatch.setattr(train_slots, "bf16_supported", lambda device: False)
-    assert train_slots.resolve_precision(cfg) == "32-true"
-    monkeypatch.setattr(train_slots, "bf16_supported", lambda device: True)
-    assert train_slots.resolve_precision(cfg) == "bf16-mixed"
-    assert train_slots.resolve_precision(load_config(None, ["trainer.precision=32"])) == "32-true"
+    monkeypatch.setattr(runtime, "bf16_native", lambda device: False)
+    assert runtime.lightning_precision("auto", "cpu") == "32-true"
+    monkeypatch.setattr(runtime, "bf16_native", lambda device: True)
+    assert runtime.lightning_precision("auto", "cpu") == "bf16-mixed"
+    assert runtime.lightning_precision("auto", "cpu", cpu_bf16=False) == "32-true"  # stage 2
+    assert runtime.lightning_precision("auto", "cuda", cpu_bf16=False) == "bf16-mixed"
+    assert runtime.lightning_precision("32", "cpu") == "32-true"
 
 
 def test_training_step_never_syncs_host_and_device(work, monkeypatch):
@@ -475,7 +326,7 @@ def test_training_step_never_syncs_host_and_device(work, monkeypatch):
     from stages import train_slots
 
     inside = {"on": False}
-    real_step = train_slots.SlotTrainingModule.training_step
+    real_step = SlotTrainingModule.training_step
 
     def watched(self, batch, batch_idx):
         inside["on"] = True
@@ -496,20 +347,21 @@ def test_training_step_never_syncs_host_and_device(work, monkeypatch):
 
     for name in ("item", "__bool__", "__float__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, guard(name))
-    monkeypatch.setattr(train_slots.SlotTrainingModule, "training_step", watched)
+    monkeypatch.setattr(SlotTrainingModule, "training_step", watched)
     run = train_slots.train(
-        tiny_cfg(work, "trainer.max_steps=2", "trainer.val_every=100", "trainer.image_every=100")
+        slot_cfg(work, "trainer.max_steps=2", "trainer.val_every=100", "trainer.image_every=100")
     )
     assert _weights(run / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
 def test_bf16_mixed_trains_where_native(work):
-    from stages.train_slots import bf16_supported, train
+    from stages.runtime import bf16_native
+    from stages.train_slots import train
 
-    if not bf16_supported("cpu"):
+    if not bf16_native("cpu"):
         pytest.skip("this CPU has no native bf16 (AVX-512 BF16 / AMX): auto falls back to fp32")
     run = train(
-        tiny_cfg(
+        slot_cfg(
             work,
             "trainer.precision=auto",
             "trainer.max_steps=2",

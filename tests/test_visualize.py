@@ -4,26 +4,26 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_evaluate_support import FRAMES, SIZE, install_run, make_run
 
 from stages import visualize as viz
+from tests.helpers.runs import slot_run
+from tests.helpers.stores import SQ_FRAMES as FRAMES
+from tests.helpers.stores import SQ_SIZE as SIZE
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch):
-    install_run(monkeypatch)
-    run_dir, _ = make_run(tmp_path)
-    return run_dir
+def run(tmp_path_factory, tmp_path):
+    return slot_run(tmp_path_factory, tmp_path / "work")
 
 
 def test_visualize_default_video(run):
     png = viz.visualize_run(run)
     assert png == run / "viz" / "video_03.png"  # the first test video
     gif = iio.imread(png.with_suffix(".gif"), index=None)
-    assert gif.shape[0] == FRAMES
-    assert gif.shape[1] == SIZE and gif.shape[2] >= 2 * SIZE  # frame | overlay (| reconstruction)
-    strip = iio.imread(png)
-    assert strip.shape[0] >= 2 * SIZE and strip.shape[1] == FRAMES * (SIZE + 2) - 2
+    # frame | slot masks | dVAE reconstruction of the tokens
+    assert gif.shape[:4] == (FRAMES, SIZE, 3 * SIZE, 3)
+    strip = iio.imread(png)  # the same three panels as rows, one column per frame
+    assert strip.shape[:2] == (3 * SIZE + 2 * 2, FRAMES * (SIZE + 2) - 2)
 
 
 def test_visualize_named_video_and_strip_column_limit(run, tmp_path):
@@ -47,16 +47,3 @@ def test_cli_visualize(run):
     result = CliRunner().invoke(cli.main, ["visualize", str(run), "--video", "video_04"])
     assert result.exit_code == 0, result.output
     assert "video_04.gif" in result.output and (run / "viz" / "video_04.png").exists()
-
-
-def test_real_run_visualize(tmp_path_factory, tmp_path):
-    from test_evaluate_support import trained_run
-
-    png = viz.visualize_run(trained_run(tmp_path_factory), out=tmp_path)
-    gif = iio.imread(png.with_suffix(".gif"), index=None)
-    assert gif.shape[:3] == (
-        FRAMES,
-        SIZE,
-        3 * SIZE,
-    )  # frame | slot masks | dVAE reconstruction of the tokens
-    assert iio.imread(png).shape[0] == 3 * SIZE + 2 * 2  # three rows in the strip

@@ -11,31 +11,24 @@ Everything random is drawn from one seeded ``numpy.random.Generator`` per video 
 the dataset seed and the video index), so the same arguments give the same bytes, and any
 video can be (re)made on its own. pybullet runs in its own ``DIRECT`` client per video
 (``physicsClientId`` on every call), which keeps generators in tests and worker processes
-independent. The output is the frame-folder format of ``docs/architecture.md``:
+independent.
 
-    OUT/dataset.json                     generator arguments and version
-    OUT/video_0000/00000.png ...         RGB frames
-    OUT/video_0000/masks/00000.png ...   uint8 label maps: 0 = background, objects 1..n
-    OUT/video_0000/meta.json             fps, camera, light and per-object attributes
-
-Each video is written into a hidden temporary folder and renamed when complete, so an
-interrupted run leaves no half video, and running again only makes the missing ones.
+One job, the generator: scenes (:func:`sample_scene`), their simulation and pictures
+(:func:`render_video`) and what a video shows (:func:`video_meta`). Writing videos as a dataset
+on disk is the ``make-synthetic`` stage's (``stages/synthetic.py``): nothing here writes an
+output (pybullet reads its textures from a temporary folder that is deleted after the video).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +42,6 @@ GENERATOR_VERSION = 1
 
 DEFAULT_FPS = 12.0  # MOVi: 24 frames at 12 fps
 PHYSICS_HZ = 240.0  # pybullet's default time step; substeps per frame = PHYSICS_HZ / fps
-PNG_COMPRESS_LEVEL = 1  # fixed, so the same pictures give the same bytes (and fast to write)
-TEMP_PREFIX = ".partial-"  # hidden folders of videos being written; loaders skip dot-folders
 
 SCENE_RADIUS = 0.45  # objects start within this distance (m) of the scene centre
 GROUND_HALF_SIZE = 6.0  # the textured ground square spans +-6 m
@@ -653,72 +644,11 @@ def render_video(
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing videos and datasets
-
-
-def video_name(index: int) -> str:
-    return f"video_{index:04d}"
-
-
-def save_png(path: Path, image: np.ndarray) -> None:
-    """PNG with fixed settings (no timestamps or optimisation), so equal pixels give equal bytes."""
-    Image.fromarray(image).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+# What a video shows, as recorded in its meta.json
 
 
 def _round(a: np.ndarray, digits: int = 5) -> list:
     return np.round(np.asarray(a, dtype=np.float64), digits).tolist()
-
-
-def generate_video(
-    out: Path | str,
-    index: int,
-    seed: int,
-    frames: int,
-    size: int,
-    min_objects: int = 3,
-    max_objects: int = 10,
-    fps: float = DEFAULT_FPS,
-) -> Timings:
-    """Make ``OUT/video_<index>`` (frames, masks, meta.json) unless it exists; returns timings.
-
-    The video is written to a hidden ``OUT/.partial-video_<index>-<pid>`` folder and renamed
-    when complete, so the folder ``video_<index>`` is either whole or absent.
-    """
-    out = Path(out)
-    final = out / video_name(index)
-    timings = Timings()
-    if final.is_dir():
-        return timings
-    rng = video_rng(seed, index)
-    spec = sample_scene(rng, frames, fps, min_objects, max_objects)
-    temp = out / f"{TEMP_PREFIX}{video_name(index)}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    (temp / "masks").mkdir(parents=True)
-    try:
-        positions, quaternions = [], []
-        for t, (rgb, labels, pos, quat) in enumerate(
-            render_video(spec, frames, size, fps, timings)
-        ):
-            start = time.perf_counter()
-            save_png(temp / f"{t:05d}.png", rgb)
-            save_png(temp / "masks" / f"{t:05d}.png", labels)
-            timings.write += time.perf_counter() - start
-            positions.append(pos)
-            quaternions.append(quat)
-        meta = video_meta(
-            spec, index, seed, frames, size, fps, np.stack(positions, 1), np.stack(quaternions, 1)
-        )
-        (temp / "meta.json").write_text(to_json(meta))
-        try:
-            os.rename(temp, final)
-        except OSError:
-            if not final.is_dir():  # not a concurrent run that finished the same video first
-                raise
-            shutil.rmtree(temp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return timings
 
 
 def video_meta(
@@ -788,202 +718,3 @@ def video_meta(
             for k in spec.pokes
         ],
     }
-
-
-def to_json(obj) -> str:
-    """Indented JSON with each innermost list of numbers on one line (a (T, 3) array = T lines)."""
-    text = json.dumps(obj, indent=1)
-    return (
-        re.sub(
-            r"\[\s*([-0-9.e,\s]+?)\s*\]",
-            lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]",
-            text,
-        )
-        + "\n"
-    )
-
-
-def dataset_args(
-    videos: int, frames: int, size: int, seed: int, min_objects: int, max_objects: int, fps: float
-) -> dict:
-    return {
-        "videos": videos,
-        "frames": frames,
-        "size": size,
-        "seed": seed,
-        "min_objects": min_objects,
-        "max_objects": max_objects,
-        "fps": fps,
-    }
-
-
-def check_args(
-    videos: int, frames: int, size: int, seed: int, min_objects: int, max_objects: int, fps: float
-) -> None:
-    if videos < 0 or frames < 1 or size < 8:
-        raise ValueError(
-            f"need videos >= 0, frames >= 1 and size >= 8 (got {videos}, {frames}, {size})"
-        )
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0 (got {seed})")
-    if not 1 <= min_objects <= max_objects <= 255:
-        raise ValueError(
-            f"need 1 <= min_objects <= max_objects <= 255 (got {min_objects}, {max_objects})"
-        )
-    if not 0 < fps <= PHYSICS_HZ:
-        raise ValueError(f"fps must be in (0, {PHYSICS_HZ:g}] (got {fps})")
-
-
-def _write_dataset_json(out: Path, args: dict) -> None:
-    """Record (or check) what the folder holds, so two settings never mix in one folder."""
-    import pybullet as p
-
-    path = out / "dataset.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"{path}: unreadable ({err}); delete it or choose another folder"
-            ) from err
-        old_args = dict(old.get("args", {}))
-        if old.get("version") != GENERATOR_VERSION:
-            raise ValueError(
-                f"{path}: made by generator version {old.get('version')}, this is "
-                f"{GENERATOR_VERSION}; choose another folder"
-            )
-        differs = {
-            k: (old_args.get(k), v)
-            for k, v in args.items()
-            if k != "videos" and old_args.get(k) != v
-        }
-        if differs:
-            detail = ", ".join(f"{k} {a} != {b}" for k, (a, b) in differs.items())
-            raise ValueError(
-                f"{path}: the folder holds videos made with other settings ({detail}); "
-                f"choose another folder or delete it"
-            )
-        if args["videos"] < old_args.get("videos", 0):
-            args = dict(args, videos=old_args["videos"])  # asking for fewer: keep what is there
-    record = {
-        "generator": "egoslots.synthetic",
-        "version": GENERATOR_VERSION,
-        "pybullet_api": p.getAPIVersion(),
-        "args": args,
-        "format": "frame-folder",
-        "labels": "masks/*.png: uint8, 0 = background (ground, sky), 1..n = meta.json objects[].id",
-    }
-    text = to_json(record)
-    if path.is_file() and path.read_text() == text:
-        return  # a finished or resumed dataset: leave the file (and its mtime) alone
-    temp = out / f".dataset.json.{os.getpid()}"
-    temp.write_text(text)
-    os.replace(temp, path)
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Delete half-written videos left by killed runs (their process is gone)."""
-    for temp in out.glob(f"{TEMP_PREFIX}*"):
-        pid = temp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
-            continue  # another run on this machine is writing it right now
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def generate_dataset(
-    out: Path | str,
-    videos: int,
-    frames: int,
-    size: int,
-    seed: int,
-    min_objects: int = 3,
-    max_objects: int = 10,
-    fps: float = DEFAULT_FPS,
-    progress: bool = True,
-    workers: int = 1,
-) -> Path:
-    """Make ``videos`` synthetic videos in ``out`` (frame-folder format); returns ``out``.
-
-    Videos already there are kept, so an interrupted run resumes, and a finished one returns at
-    once. Raises ValueError if ``out`` holds videos made with other settings.
-    ``workers`` > 1 renders videos in that many processes (same bytes as one process).
-    """
-    from tqdm import tqdm
-
-    check_args(videos, frames, size, seed, min_objects, max_objects, fps)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    args = dataset_args(videos, frames, size, seed, min_objects, max_objects, fps)
-    _write_dataset_json(out, args)
-    _remove_stale_partials(out)
-    todo = [i for i in range(videos) if not (out / video_name(i)).is_dir()]
-    if not todo:
-        return out
-    log.info("make-synthetic: %d of %d videos to make in %s", len(todo), videos, out)
-    total = Timings()
-    bar = tqdm(
-        total=len(todo) * frames, unit="frame", desc="synthetic videos", disable=not progress
-    )
-    job = dict(
-        seed=seed,
-        frames=frames,
-        size=size,
-        min_objects=min_objects,
-        max_objects=max_objects,
-        fps=fps,
-    )
-    try:
-        if workers <= 1:
-            for i in todo:
-                total.add(generate_video(out, i, **job))
-                bar.update(frames)
-        else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                for timings in pool.map(_generate_one, [(out, i, job) for i in todo]):
-                    total.add(timings)
-                    bar.update(frames)
-    finally:
-        bar.close()
-    if total.frames:
-        log.info(
-            "make-synthetic: %d frames in %.1f s (%.0f frames/s; physics %.0f%%, render %.0f%%, "
-            "PNG %.0f%%)",
-            total.frames,
-            total.total,
-            total.frames / max(total.total, 1e-9),
-            *(100 * x / max(total.total, 1e-9) for x in (total.physics, total.render, total.write)),
-        )
-    return out
-
-
-def _generate_one(task) -> Timings:
-    out, index, job = task
-    return generate_video(out, index, **job)
-
-
-__all__ = [
-    "generate_dataset",
-    "generate_video",
-    "render_video",
-    "sample_scene",
-    "Simulation",
-    "SceneSpec",
-    "ObjectSpec",
-    "Timings",
-    "mesh",
-    "num_meshes",
-    "video_name",
-    "video_rng",
-    "GENERATOR_VERSION",
-    "DEFAULT_FPS",
-]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # One thread per process: steady timings on a shared 2-core machine, and the same float results
 # in every process (a reduction split over threads may round differently).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -29,6 +29,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFF
 def cli(command: str, *args: object) -> list[str]:
     """`python cli.py COMMAND ARGS...` (never the installed `egoslots` script: it may be another checkout)."""
     return [sys.executable, "cli.py", command, *map(str, args)]
+
+
+def extract_cli(config: Path, work_dir: Path, *flags: str) -> list[str]:
+    """`python cli.py extract-features CONFIG work_dir=WORK_DIR FLAGS...`."""
+    return cli("extract-features", config, f"work_dir={work_dir}", *flags)
 
 
 def run_to_end(args: Sequence[str], log: Path | None = None, timeout: float = 300) -> str:
