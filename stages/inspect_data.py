@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pipeline.data import make_source
 from pipeline.data.base import SPLITS, SourceError
 from pipeline.data.clips import clip_starts, span
-from stages.common import StageError, config_command
+from stages.common import config_command
 
 SAMPLE_VIDEOS = 8  # videos whose first frame is decoded for the size summary
 
@@ -140,8 +140,4 @@ def inspect_data(cfg, skip_bad: bool = False, check: bool = False):
     """Summarise the dataset a config names: videos and frames per split, frame size, masks,
     object attributes, training clips and skipped videos. Reads no more than headers and a few
     frames unless --check is given."""
-    try:
-        summary = summarize(cfg, skip_bad=skip_bad, check=check)
-    except SourceError as err:
-        raise StageError(str(err)) from err
-    click.echo(format_summary(summary))
+    click.echo(format_summary(summarize(cfg, skip_bad=skip_bad, check=check)))

@@ -1,9 +1,10 @@
 """`egoslots run CONFIG`: the whole pipeline in order, skipping work that is already done.
 
 synthetic data (if the config asks for it) -> extract-features -> pretrain-dvae + tokenize
-(if globals.USE_DVAE) -> train-slots -> evaluate -> visualize. Each stage function returns at
-once when its output exists and matches, and resumes when it was interrupted, so running the
-same command again after a crash (or after it finished) does only the missing work.
+(if globals.USE_DVAE) -> train-slots -> evaluate -> visualize. Each stage does no work again
+when its output exists and matches (visualize: when a picture is newer than the checkpoint),
+and resumes when it was interrupted, so running the same command again after a crash (or
+after it finished) does only the missing work.
 """
 
 from __future__ import annotations
