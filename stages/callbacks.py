@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -24,7 +25,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from stages.common import TrainingDiverged
 from stages.pictures import masks_overlay
 from stages.rundirs import checkpoint_step
-from stages.training import first_bad_step_of_all_ranks
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,6 +43,20 @@ def watch_loss(module, loss: torch.Tensor) -> None:
         torch.full_like(module.first_bad_step, module.global_step),
         module.first_bad_step,
     )
+
+
+def first_bad_step_of_all_ranks(module: L.LightningModule) -> torch.Tensor:
+    """``module.first_bad_step``; under DDP the first over all ranks (-1: none). Every rank checks
+    at the same steps, so they agree and stop together instead of one rank leaving the others
+    blocked in the next all-reduce."""
+    first = module.first_bad_step
+    trainer = module._trainer
+    if trainer is None or trainer.world_size < 2 or not torch.distributed.is_initialized():
+        return first
+    never = torch.iinfo(first.dtype).max
+    first = torch.where(first < 0, never, first)
+    torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+    return torch.where(first == never, -1, first)
 
 
 class LossGuard(Callback):

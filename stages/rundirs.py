@@ -59,7 +59,6 @@ def read_json(path: Path) -> dict | None:
 def write_run_files(run_dir: Path, cfg: DictConfig, inputs: dict) -> None:
     """``config.yaml`` and ``inputs.json`` of a run about to train, after clearing the temporary
     files of checkpoint writes a kill cut short (each as large as a checkpoint)."""
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     remove_orphans((run_dir / "checkpoints").glob(".*.ckpt.tmp-*"))
     write_config(cfg, run_dir / "config.yaml")
     write_json(run_dir / "inputs.json", inputs)

@@ -190,6 +190,7 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
 
     with output_writes(run_dir):
         if is_rank_zero():
+            ckpt_dir.mkdir(parents=True, exist_ok=True)  # marks the directory as this run's
             write_run_files(run_dir, cfg, inputs.describe())
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     set_fast_math(tc.tf32)

@@ -3,16 +3,16 @@ here knows which model is trained.
 
 - Data order: :class:`ResumableRandomSampler`, a seeded stream of indices that a resumed run
   (or every DDP rank's slice of it) continues exactly where the uninterrupted run would be.
-- Several processes: :func:`first_bad_step_of_all_ranks` makes every rank agree on the first
-  NaN/inf step so they stop together; :func:`gather_with_grad` all-gathers a batch with
-  gradients flowing back to the rank that produced each row; :func:`is_rank_zero` before the
-  Trainer exists.
+- Several processes: :func:`gather_with_grad` all-gathers a batch with gradients flowing back
+  to the rank that produced each row; :func:`is_rank_zero` tells rank 0 before the Trainer
+  exists.
 - The Trainer: :func:`make_trainer` with what both stages want (periodic and last checkpoints,
   SIGTERM checkpoints, TensorBoard, atomic checkpoint writes that raise when they fail:
   :class:`RaisingCheckpointIO`), and :func:`fit` that turns a SIGTERM stop into exit 143.
 
-Run directories and checkpoint files are ``stages/rundirs.py``; the NaN guard and pictures are
-``stages/callbacks.py``; the data ``stages/datamodules.py``.
+Run directories and checkpoint files are ``stages/rundirs.py``; the NaN guard (with its
+agreement across DDP ranks) and pictures are ``stages/callbacks.py``; the data
+``stages/datamodules.py``.
 """
 
 from __future__ import annotations
@@ -103,20 +103,6 @@ class ResumableRandomSampler(Sampler[int]):
 # --------------------------------------------------------------------------------------------
 # Several processes (DDP)
 # --------------------------------------------------------------------------------------------
-def first_bad_step_of_all_ranks(module: L.LightningModule) -> torch.Tensor:
-    """``module.first_bad_step``; under DDP the first over all ranks (-1: none). Every rank checks
-    at the same steps, so they agree and stop together instead of one rank leaving the others
-    blocked in the next all-reduce."""
-    first = module.first_bad_step
-    trainer = module._trainer
-    if trainer is None or trainer.world_size < 2 or not torch.distributed.is_initialized():
-        return first
-    never = torch.iinfo(first.dtype).max
-    first = torch.where(first < 0, never, first)
-    torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
-    return torch.where(first == never, -1, first)
-
-
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward all-reduces (sums) the gradient and keeps this rank's
     slice: every rank's loss of the gathered batch sends its gradient back to the rank that

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from stages import pictures
 from stages import visualize as viz
 from tests.helpers.runs import slot_run
 from tests.helpers.stores import SQ_FRAMES as FRAMES
@@ -36,9 +37,9 @@ def test_visualize_named_video_and_strip_column_limit(run, tmp_path):
 
 def test_slot_colours_are_fixed_by_index():
     labels = np.array([[[0, 1], [2, 3]], [[3, 2], [1, 0]]])
-    colours = viz.slot_colours(labels)
+    colours = pictures.slot_colours(labels)
     assert (colours[0, 0, 1] == colours[1, 1, 0]).all()  # slot 1 keeps its colour over time
-    assert len({tuple(c) for c in viz.PALETTE}) == len(viz.PALETTE)
+    assert len({tuple(c) for c in pictures.PALETTE}) == len(pictures.PALETTE)
 
 
 def test_cli_visualize(run):

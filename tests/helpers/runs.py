@@ -112,6 +112,18 @@ def make_dvae_run(work: Path, store_fp: str = "fp0") -> Path:
 # --------------------------------------------------------------------------------------------
 # Stage 3
 # --------------------------------------------------------------------------------------------
+# A slot model (and batch) small enough for a test: one STEVE block of width 16.
+TINY_SLOT_MODEL = [
+    "globals.BATCH_SIZE_PER_GPU=2",
+    "dataset.num_workers=0",
+    "decoder.hidden_dims=[32,32]",
+    "steve_decoder.num_blocks=1",
+    "steve_decoder.d_model=16",
+    "steve_decoder.num_heads=2",
+    "predictor.num_heads=2",
+]
+
+
 def slot_args(work: Path) -> list[str]:
     """Overrides of a 4-step train-slots run ``t`` on :func:`slot_store`, with pictures and
     validation every 2 steps."""
@@ -124,13 +136,7 @@ def slot_args(work: Path) -> list[str]:
         "globals.SLOT_DIM=16",
         f"globals.VOCAB_SIZE={SLOT_VOCAB}",
         "globals.NUM_FRAMES=3",
-        "globals.BATCH_SIZE_PER_GPU=2",
-        "dataset.num_workers=0",
-        "decoder.hidden_dims=[32,32]",
-        "steve_decoder.num_blocks=1",
-        "steve_decoder.d_model=16",
-        "steve_decoder.num_heads=2",
-        "predictor.num_heads=2",
+        *TINY_SLOT_MODEL,
         "optimizer.warmup_steps=2",
         "optimizer.lr=0.001",
         "trainer.max_steps=4",
@@ -210,13 +216,7 @@ def _train_template(root: Path) -> Path:
             f"globals.SLOT_DIM={RUN_SLOT_DIM}",
             f"globals.VOCAB_SIZE={SQ_VOCAB}",
             "globals.NUM_FRAMES=4",
-            "globals.BATCH_SIZE_PER_GPU=2",
-            "dataset.num_workers=0",
-            "decoder.hidden_dims=[32,32]",
-            "steve_decoder.num_blocks=1",
-            "steve_decoder.d_model=16",
-            "steve_decoder.num_heads=2",
-            "predictor.num_heads=2",
+            *TINY_SLOT_MODEL,
             "optimizer.warmup_steps=1",
             f"trainer.max_steps={RUN_STEPS}",
             f"trainer.ckpt_every={RUN_STEPS}",
