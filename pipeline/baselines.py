@@ -4,6 +4,9 @@
   own clustering, so cluster ids do not persist over time) and per video (one clustering of
   all T*N tokens, so ids persist). Features are L2-normalised first (ViT patch features are
   compared by cosine). A small batched torch k-means with k-means++ init, seeded.
+- k-means on pixel colours (RGB in [0, 1]), per video, K = number of slots: every pixel of the
+  video's frames in one clustering, at the frames' own resolution. The bar a slot model must clear
+  on colourful synthetic scenes, whatever its encoder (``kmeans_video`` changes with the encoder).
 - a fixed grid partition of the token grid into K cells (no data at all).
 
 The same metrics then apply as to the model's masks (``pipeline.metrics.evaluate_masks``).
@@ -60,6 +63,16 @@ def kmeans_masks(
         ids = kmeans(x.reshape(1, t * n, -1), k, iters, seed).reshape(t, n)
     else:
         raise ValueError(f"per must be 'frame' or 'video', got {per!r}")
+    return F.one_hot(ids, k).permute(0, 2, 1).float()
+
+
+def colour_kmeans_masks(
+    frames: torch.Tensor, k: int, iters: int = 30, seed: int = 0
+) -> torch.Tensor:
+    """k-means of one video's pixel colours: frames (T, H, W, 3) uint8 -> one-hot (T, K, H*W)."""
+    t = frames.shape[0]
+    x = frames.reshape(1, -1, 3).float() / 255.0  # (1, T*H*W, 3)
+    ids = kmeans(x, k, iters, seed).reshape(t, -1)  # (T, H*W)
     return F.one_hot(ids, k).permute(0, 2, 1).float()
 
 

@@ -1,0 +1,492 @@
+"""Does stage 3 discover objects? Learning curves of the slot model on synthetic videos.
+
+    python bench/discovery.py render                      # the three splits (cached on disk)
+    python bench/discovery.py curve --encoder oracle --seeds 0 1 2 --minutes 4
+    python bench/discovery.py curve --encoder patch-pixels --set slot_dim=32 --set loss_ss=0.5
+    python bench/discovery.py baselines --split test
+
+Data: the synthetic generator (``pipeline.data.synthetic``), three disjoint generator seeds —
+``train`` (seed 1000) to train on, ``val`` (seed 2000) to choose settings on, ``test`` (seed 3000)
+only for the final figures. Nothing is ever tuned on ``test``.
+
+Encoders (features per token, computed once per split and cached in memory):
+
+- ``oracle``: bench-only. Every video draws one random unit vector per ground-truth label
+  (background included); a token's feature is the area-weighted mix of the vectors of the labels
+  inside its patch, plus Gaussian noise. The easiest input there is: if slot attention cannot
+  group these, no encoder will help.
+- ``patch-pixels``: the parameter-free encoder of the old demo (normalised RGB of each patch).
+- ``vit:PATH``: a frozen ViT loaded through the product's backbone factory (e.g. the encoder
+  ``egoslots pretrain-encoder`` exports).
+
+Training is the stage-3 model (``pipeline.model.SlotModel``), its losses, Adam with the
+product's warm-up/decay schedule and gradient-norm clipping, on random clips of the train
+videos, in a plain loop (no Lightning, no store) so many variants run quickly. Scores are the
+project's metrics (``pipeline.metrics.evaluate_masks``: video FG-ARI and video mBO at the frame
+resolution) on whole videos, for the decoder's masks and the slot-attention masks, beside
+per-video k-means on colours (per pixel, and per token at the slot grid), per-video k-means on
+the encoder's features (what ``egoslots evaluate`` reports as "k-means per video") and the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import baselines, metrics  # noqa: E402
+from pipeline.model import SlotModel  # noqa: E402
+from pipeline.schedules import warmup_exp_decay  # noqa: E402
+
+SPLIT_SEEDS = {"train": 1000, "val": 2000, "test": 3000}
+DEFAULT_CACHE = Path(os.environ.get("EGOSLOTS_BENCH_CACHE", "/tmp/egoslots-discovery"))
+
+
+# --------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DataSpec:
+    videos: int = 96
+    frames: int = 16
+    size: int = 64
+    min_objects: int = 3
+    max_objects: int = 5
+
+    def videos_of(self, split: str) -> int:
+        return self.videos if split == "train" else max(8, self.videos // 4)
+
+
+def _render_one(task):
+    seed, index, frames, size, lo, hi = task
+    from pipeline.data import synthetic as syn
+
+    spec = syn.sample_scene(syn.video_rng(seed, index), frames, min_objects=lo, max_objects=hi)
+    rgb, labels = [], []
+    for r, m, _, _ in syn.render_video(spec, frames, size):
+        rgb.append(r)
+        labels.append(m)
+    return np.stack(rgb).astype(np.uint8), np.stack(labels).astype(np.uint8)
+
+
+def render_split(split: str, data: DataSpec, cache: Path = DEFAULT_CACHE) -> dict:
+    """Frames (V, T, S, S, 3) uint8 and masks (V, T, S, S) uint8 of one split, cached as .npz."""
+    n = data.videos_of(split)
+    name = f"{split}-s{SPLIT_SEEDS[split]}-v{n}-t{data.frames}-px{data.size}-o{data.min_objects}-{data.max_objects}.npz"
+    path = cache / name
+    if path.exists():
+        with np.load(path) as z:
+            return {"frames": z["frames"], "masks": z["masks"]}
+    cache.mkdir(parents=True, exist_ok=True)
+    tasks = [
+        (SPLIT_SEEDS[split], i, data.frames, data.size, data.min_objects, data.max_objects)
+        for i in range(n)
+    ]
+    start = time.perf_counter()
+    with mp.get_context("spawn").Pool(max(1, min(2, os.cpu_count() or 1))) as pool:
+        out = pool.map(_render_one, tasks)
+    frames = np.stack([f for f, _ in out])
+    masks = np.stack([m for _, m in out])
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, frames=frames, masks=masks)
+    tmp.replace(path)
+    print(f"# rendered {split}: {n} videos in {time.perf_counter() - start:.0f} s -> {path}")
+    return {"frames": frames, "masks": masks}
+
+
+# ----------------------------------------------------------------------------------- encoders
+def patch_label_fractions(masks: torch.Tensor, patch: int, num_labels: int) -> torch.Tensor:
+    """masks (V, T, S, S) -> fraction of each label in each patch (V, T, N, L)."""
+    onehot = F.one_hot(masks.long(), num_labels).float()  # (V, T, S, S, L)
+    v, t, s, _, n_labels = onehot.shape
+    x = onehot.permute(0, 1, 4, 2, 3).reshape(v * t, n_labels, s, s)
+    frac = F.avg_pool2d(x, patch)  # (V*T, L, h, w)
+    return frac.flatten(2).transpose(1, 2).reshape(v, t, -1, n_labels)
+
+
+def oracle_features(
+    masks: np.ndarray,
+    patch: int,
+    dim: int = 32,
+    noise: float = 0.1,
+    seed: int = 0,
+    semantic: bool = False,
+) -> torch.Tensor:
+    """Per-video random unit vector per label, area-mixed per token, plus noise: (V, T, N, dim).
+
+    ``semantic``: like features of a trained encoder, the background vector is the same in every
+    video and every object vector shares one "object" direction (half its length) with the other
+    objects; the other half is the object's own random identity.
+    """
+    m = torch.from_numpy(masks)
+    num_labels = int(m.max()) + 1
+    frac = patch_label_fractions(m, patch, num_labels)  # (V, T, N, L)
+    gen = torch.Generator().manual_seed(seed)
+    table = F.normalize(torch.randn(m.shape[0], num_labels, dim, generator=gen), dim=-1)
+    if semantic:
+        shared = F.normalize(
+            torch.randn(2, dim, generator=torch.Generator().manual_seed(7)), dim=-1
+        )
+        table[:, 0] = shared[0]  # background: one vector for every video
+        table[:, 1:] = F.normalize(table[:, 1:] + shared[1], dim=-1)  # objects: common direction
+    feats = torch.einsum("vtnl,vld->vtnd", frac, table) * math.sqrt(dim)  # unit variance
+    return feats + noise * torch.randn(feats.shape, generator=gen)
+
+
+def encoder_features(name: str, frames: np.ndarray, patch: int, batch: int = 64) -> torch.Tensor:
+    """Features (V, T, N, D) of a frozen encoder: ``patch-pixels`` or ``vit:PATH``."""
+    from omegaconf import OmegaConf
+
+    from pipeline.backbones import PatchPixels, build_backbone
+
+    size = frames.shape[2]
+    if name == "patch-pixels":
+        encoder = PatchPixels(size, patch)
+    elif name.startswith("vit:"):
+        cfg = OmegaConf.create({"name": name[4:], "checkpoint": None, "input_size": size})
+        encoder = build_backbone(cfg)
+    else:
+        raise SystemExit(f"unknown encoder {name!r}: oracle | patch-pixels | vit:PATH")
+    encoder.eval()
+    flat = torch.from_numpy(frames.reshape(-1, *frames.shape[2:]))
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(flat), batch):
+            x = flat[i : i + batch].permute(0, 3, 1, 2).float() / 255.0
+            out.append(encoder(x).float())
+    feats = torch.cat(out)
+    return feats.reshape(*frames.shape[:2], *feats.shape[1:])
+
+
+def features_for(encoder: str, split: dict, patch: int, seed: int) -> torch.Tensor:
+    if encoder in ("oracle", "oracle-semantic"):
+        # one table per split and seed: the vectors of a video never leak across splits
+        return oracle_features(split["masks"], patch, seed=seed, semantic=encoder != "oracle")
+    return encoder_features(encoder, split["frames"], patch)
+
+
+# -------------------------------------------------------------------------------------- model
+@dataclass
+class Setting:
+    """One point of the search: model and optimisation knobs (defaults = today's demo)."""
+
+    num_slots: int = 6
+    slot_dim: int = 64
+    initializer: str = "fixed"
+    n_iters: int = 2
+    n_iters_first: int = 3
+    decoder_hidden: tuple[int, ...] = (256, 256)
+    predictor: bool = True
+    loss_ss: float = 0.5
+    loss_featrec: float = 1.0
+    lr: float = 4e-4
+    warmup: int = 100
+    clip: float = 0.05
+    batch: int = 16
+    clip_length: int = 4
+    patch: int = 8
+    bf16: bool = False  # bf16 autocast for the forward pass (losses stay float32)
+    extra: dict = field(default_factory=dict)
+
+    def model(self, feature_dim: int, num_tokens: int) -> SlotModel:
+        return SlotModel(
+            feature_dim=feature_dim,
+            num_tokens=num_tokens,
+            num_slots=self.num_slots,
+            slot_dim=self.slot_dim,
+            initializer=self.initializer,
+            n_iters=self.n_iters,
+            n_iters_first=self.n_iters_first,
+            predictor=self.predictor,
+            decoder_hidden_dims=tuple(self.decoder_hidden),
+            steve=False,
+            loss_weights={"loss_featrec": self.loss_featrec, "loss_ss": self.loss_ss},
+            **self.extra,
+        )
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """``key=value`` strings -> typed Setting fields (tuples as ``a,b``; ``extra.k=v`` allowed)."""
+    out: dict = {}
+    types = {f: type(v) for f, v in asdict(Setting()).items()}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        value = json.loads(text) if text[:1] in "[{" or text in ("true", "false") else text
+        if key.startswith("extra."):
+            out.setdefault("extra", {})[key[6:]] = _auto(value)
+        elif types.get(key) is tuple:
+            out[key] = tuple(int(x) for x in str(text).split(",") if x)
+        elif types.get(key) is bool:
+            out[key] = str(text).lower() in ("1", "true", "yes")
+        elif key in types:
+            out[key] = types[key](value)
+        else:
+            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(types)}")
+    return out
+
+
+def _auto(value):
+    if not isinstance(value, str):
+        return value
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+# --------------------------------------------------------------------------------- evaluation
+def colour_kmeans_token_masks(frames: np.ndarray, k: int, patch: int, seed: int) -> torch.Tensor:
+    """Per-video k-means on the mean colour of each patch: one-hot (T, K, N) at the slot grid."""
+    x = torch.from_numpy(frames).float().permute(0, 3, 1, 2)  # (T, 3, S, S)
+    x = F.avg_pool2d(x, patch).permute(0, 2, 3, 1).round().to(torch.uint8)  # (T, h, w, 3)
+    return baselines.colour_kmeans_masks(x, k, seed=seed)
+
+
+def baseline_scores(split: dict, feats: torch.Tensor, k: int, patch: int, seed: int = 0) -> dict:
+    """{method: [video_metrics per video]} of the training-free baselines."""
+    size = split["frames"].shape[2]
+    grid = (size // patch, size // patch)
+    out: dict[str, list] = {}
+    for v in range(len(split["frames"])):
+        true = torch.from_numpy(split["masks"][v]).long()
+        t = true.shape[0]
+        cands = {
+            "colour k-means / pixel": (
+                baselines.colour_kmeans_masks(torch.from_numpy(split["frames"][v]), k, seed=seed),
+                (size, size),
+            ),
+            "colour k-means / token": (
+                colour_kmeans_token_masks(split["frames"][v], k, patch, seed),
+                grid,
+            ),
+            "feature k-means / video": (
+                baselines.kmeans_masks(feats[v], k, "video", seed=seed),
+                grid,
+            ),
+            "grid": (baselines.grid_masks(t, k, grid), grid),
+        }
+        for name, (masks, g) in cands.items():
+            out.setdefault(name, []).append(metrics.evaluate_masks(masks, true, g))
+    return out
+
+
+@torch.no_grad()
+def model_scores(model: SlotModel, split: dict, feats: torch.Tensor, patch: int) -> dict:
+    """{"decoder": [...], "attention": [...]} video_metrics of whole videos, one pass each."""
+    model.eval()
+    size = split["frames"].shape[2]
+    grid = (size // patch, size // patch)
+    out: dict[str, list] = {"decoder": [], "attention": []}
+    for v in range(len(feats)):
+        o = model(feats[v : v + 1])
+        true = torch.from_numpy(split["masks"][v]).long()
+        out["decoder"].append(metrics.evaluate_masks(o["decoder"]["masks"][0], true, grid))
+        out["attention"].append(
+            metrics.evaluate_masks(o["processor"]["corrector"]["masks"][0], true, grid)
+        )
+    model.train()
+    return out
+
+
+def mean_of(per_video: list[dict], key: str) -> float:
+    vals = [d[key] for d in per_video if np.isfinite(d[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# ----------------------------------------------------------------------------------- training
+def train_curve(
+    setting: Setting,
+    train_feats: torch.Tensor,
+    eval_split: dict,
+    eval_feats: torch.Tensor,
+    seed: int,
+    minutes: float | None,
+    steps: int | None,
+    every: int,
+    log=print,
+) -> list[dict]:
+    """Train one model; score it on the eval split every ``every`` steps. Returns the curve."""
+    torch.manual_seed(seed)
+    v, t, n, d = train_feats.shape
+    model = setting.model(d, n)
+    opt = torch.optim.Adam(model.parameters(), lr=setting.lr)
+    total = steps or 10**9
+    gen = torch.Generator().manual_seed(seed)
+    curve = []
+    start = time.perf_counter()
+    step = 0
+    spent = 0.0  # training seconds only (evaluation excluded)
+
+    def record():
+        scores = model_scores(model, eval_split, eval_feats, setting.patch)
+        row = {"step": step, "seconds": round(spent, 1)}
+        for name, per_video in scores.items():
+            row[f"{name}_fg_ari"] = mean_of(per_video, "video_fg_ari")
+            row[f"{name}_mbo"] = mean_of(per_video, "video_mbo")
+        curve.append(row)
+        log(
+            f"  step {step:6d} {spent:7.0f}s  loss {loss_value:.4f}  "
+            f"dec {100 * row['decoder_fg_ari']:5.1f}/{100 * row['decoder_mbo']:5.1f}  "
+            f"att {100 * row['attention_fg_ari']:5.1f}/{100 * row['attention_mbo']:5.1f}"
+        )
+
+    loss_value = float("nan")
+    record()
+    while step < total and (minutes is None or spent < minutes * 60):
+        tick = time.perf_counter()
+        vids = torch.randint(v, (setting.batch,), generator=gen)
+        starts = torch.randint(t - setting.clip_length + 1, (setting.batch,), generator=gen)
+        idx = starts[:, None] + torch.arange(setting.clip_length)
+        batch = train_feats[vids[:, None], idx]  # (B, T, N, D)
+        factor = warmup_exp_decay(
+            step, setting.warmup, max(total, setting.warmup + 1), decay=steps is not None
+        )
+        for g in opt.param_groups:
+            g["lr"] = setting.lr * factor
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting.bf16):
+            out = model(batch)
+        losses = model.losses(out)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if setting.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), setting.clip)
+        opt.step()
+        loss_value = float(losses["loss"].detach())
+        step += 1
+        spent += time.perf_counter() - tick
+        if step % every == 0:
+            record()
+    if curve[-1]["step"] != step:
+        record()
+    log(f"  ({step} steps, {time.perf_counter() - start:.0f} s wall with evaluation)")
+    return curve
+
+
+# ------------------------------------------------------------------------------------ commands
+def machine() -> str:
+    try:
+        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(
+            (line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line),
+            platform.processor(),
+        )
+    except OSError:
+        model = platform.processor()
+    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def cmd_render(args, data: DataSpec) -> None:
+    for split in ("train", "val", "test"):
+        s = render_split(split, data, args.cache)
+        print(
+            f"{split}: {s['frames'].shape}, objects/video {np.mean([len(np.unique(m)) - 1 for m in s['masks']]):.1f}"
+        )
+
+
+def cmd_baselines(args, data: DataSpec) -> None:
+    split = render_split(args.split, data, args.cache)
+    feats = features_for(args.encoder, split, args.patch, seed=SPLIT_SEEDS[args.split])
+    scores = baseline_scores(split, feats, args.slots, args.patch)
+    print(
+        f"# {args.split} split, {len(split['frames'])} videos, K={args.slots}, patch {args.patch}"
+    )
+    print("| baseline | video FG-ARI | video mBO |\n|---|---|---|")
+    for name, per_video in scores.items():
+        print(
+            f"| {name} | {100 * mean_of(per_video, 'video_fg_ari'):.1f} | {100 * mean_of(per_video, 'video_mbo'):.1f} |"
+        )
+
+
+def cmd_curve(args, data: DataSpec) -> None:
+    setting = Setting(**{"patch": args.patch, "num_slots": args.slots, **parse_sets(args.set)})
+    train = render_split("train", data, args.cache)
+    split = render_split(args.split, data, args.cache)
+    train_feats = features_for(args.encoder, train, setting.patch, seed=SPLIT_SEEDS["train"])
+    eval_feats = features_for(args.encoder, split, setting.patch, seed=SPLIT_SEEDS[args.split])
+    print(f"# {machine()}")
+    print(f"# encoder {args.encoder} {tuple(train_feats.shape)}; eval on {args.split}; {setting}")
+    curves = []
+    for seed in args.seeds:
+        print(f"# seed {seed}")
+        curves.append(
+            train_curve(
+                setting, train_feats, split, eval_feats, seed, args.minutes, args.steps, args.every
+            )
+        )
+    base = baseline_scores(split, eval_feats, setting.num_slots, setting.patch)
+    if args.out:
+        record = {
+            "encoder": args.encoder,
+            "split": args.split,
+            "setting": asdict(setting),
+            "data": asdict(data),
+            "machine": machine(),
+            "curves": curves,
+            "baselines": {
+                k: {m: mean_of(v, m) for m in ("video_fg_ari", "video_mbo")}
+                for k, v in base.items()
+            },
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1))
+    finals = [c[-1] for c in curves]
+    print("\n| method | video FG-ARI | video mBO |\n|---|---|---|")
+    for name in ("decoder", "attention"):
+        fa = [100 * f[f"{name}_fg_ari"] for f in finals]
+        mb = [100 * f[f"{name}_mbo"] for f in finals]
+        print(
+            f"| slots: {name} masks | {np.mean(fa):.1f} ± {np.std(fa):.1f} | {np.mean(mb):.1f} ± {np.std(mb):.1f} |"
+        )
+    for name, per_video in base.items():
+        print(
+            f"| {name} | {100 * mean_of(per_video, 'video_fg_ari'):.1f} | {100 * mean_of(per_video, 'video_mbo'):.1f} |"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("command", choices=("render", "baselines", "curve"))
+    ap.add_argument("--encoder", default="oracle")
+    ap.add_argument("--split", default="val", choices=("val", "test"))
+    ap.add_argument("--videos", type=int, default=96, help="train videos (val/test: a quarter)")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--min-objects", type=int, default=3)
+    ap.add_argument("--max-objects", type=int, default=5)
+    ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=6)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--minutes", type=float, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--every", type=int, default=250)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default=None, help="write the curves as JSON here")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.minutes is None and args.steps is None:
+        args.minutes = 3.0
+    data = DataSpec(args.videos, args.frames, args.size, args.min_objects, args.max_objects)
+    {"render": cmd_render, "baselines": cmd_baselines, "curve": cmd_curve}[args.command](args, data)
+
+
+if __name__ == "__main__":
+    main()
