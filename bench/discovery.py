@@ -49,7 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import baselines, metrics  # noqa: E402
-from pipeline.model import SlotModel  # noqa: E402
+from pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
 from pipeline.schedules import warmup_exp_decay  # noqa: E402
 
 SPLIT_SEEDS = {"train": 1000, "val": 2000, "test": 3000}
@@ -201,7 +201,7 @@ class Setting:
     extra: dict = field(default_factory=dict)
 
     def model(self, feature_dim: int, num_tokens: int) -> SlotModel:
-        return SlotModel(
+        config = SlotModelConfig(
             feature_dim=feature_dim,
             num_tokens=num_tokens,
             num_slots=self.num_slots,
@@ -215,6 +215,7 @@ class Setting:
             loss_weights={"loss_featrec": self.loss_featrec, "loss_ss": self.loss_ss},
             **self.extra,
         )
+        return SlotModel(config)
 
 
 def parse_sets(pairs: list[str]) -> dict:
