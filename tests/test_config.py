@@ -91,6 +91,11 @@ def test_stage2_loss_weight_explained():
         load_config(REPO / "configs" / "base.yaml", ["model.loss_weights.loss_dvae_recon=0.5"])
 
 
+def test_num_gpus_of_the_users_docs_points_to_the_devices_keys():
+    with pytest.raises(ConfigError, match="trainer.devices .*dvae.devices"):
+        load_config(REPO / "configs" / "base.yaml", ["globals.NUM_GPUS=4"])
+
+
 def test_wrong_type_and_inconsistent_toggles():
     with pytest.raises(ConfigError, match="trainer.max_steps"):
         load_config(REPO / "configs" / "base.yaml", ["trainer.max_steps=many"])

@@ -251,6 +251,15 @@ def test_changed_config_in_same_run_dir_is_refused(work):
         train(slot_cfg(work, "trainer.max_steps=4", "globals.NUM_SLOTS=4"))
 
 
+def test_config_changes_name_what_is_trained_and_ignore_retired_keys():
+    from stages.rundirs import config_changes
+
+    old = {"globals": {"NUM_SLOTS": 3, "NUM_GPUS": 1}, "trainer": {"max_steps": 2}}
+    assert config_changes(old, {"globals": {"NUM_SLOTS": 3}, "trainer": {"max_steps": 9}}) == []
+    new = {"globals": {"NUM_SLOTS": 4}, "trainer": {"max_steps": 2}, "seed": 1}
+    assert config_changes(old, new) == ["globals.NUM_SLOTS", "seed"]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(work, monkeypatch):
     from stages import train_slots
 
