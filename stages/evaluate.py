@@ -2,8 +2,8 @@
 
 The trained model runs over every whole video of the split (never only training-length clips):
 the video is cut into windows of the training clip length and the slots are carried from one
-window to the next (``init_state`` <- ``next_state``), so slot identities persist over the
-whole video as they would online. The masks are scored against the store's ground truth with
+window to the next (``stages/inference.py``), so slot identities persist over the whole video
+as they would online. The masks are scored against the store's ground truth with
 ``pipeline.metrics``:
 
 - ``model_decoder``: the feature decoder's alpha masks. **Primary** (SlotContrast reports these).
@@ -15,6 +15,9 @@ whole video as they would online. The masks are scored against the store's groun
 Writes ``<run>/metrics.json`` (means, stds, counts, per-video values, property probe) and
 ``<run>/metrics.md`` (the table, every method shown, best per column in bold) and prints the
 table. It returns at once when metrics.json exists for the same checkpoint, split and store.
+
+One job, scoring a run and reporting the scores (the windowed inference is
+``stages/inference.py``, the metrics and probe ``pipeline/``); the table is most of its length.
 """
 
 from __future__ import annotations
