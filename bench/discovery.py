@@ -88,7 +88,7 @@ def render_split(split: str, data: DataSpec, cache: Path = DEFAULT_CACHE) -> dic
     path = cache / name
     if path.exists():
         with np.load(path) as z:
-            return {"frames": z["frames"], "masks": z["masks"]}
+            return {"frames": z["frames"], "masks": z["masks"], "name": split}
     cache.mkdir(parents=True, exist_ok=True)
     tasks = [
         (SPLIT_SEEDS[split], i, data.frames, data.size, data.min_objects, data.max_objects)
@@ -103,7 +103,7 @@ def render_split(split: str, data: DataSpec, cache: Path = DEFAULT_CACHE) -> dic
     np.savez(tmp, frames=frames, masks=masks)
     tmp.replace(path)
     print(f"# rendered {split}: {n} videos in {time.perf_counter() - start:.0f} s -> {path}")
-    return {"frames": frames, "masks": masks}
+    return {"frames": frames, "masks": masks, "name": split}
 
 
 # ----------------------------------------------------------------------------------- encoders
@@ -171,6 +171,8 @@ def encoder_features(name: str, frames: np.ndarray, patch: int, batch: int = 64)
 
 
 def features_for(encoder: str, split: dict, patch: int, seed: int) -> torch.Tensor:
+    if encoder.startswith("file:"):  # precomputed (V, T, N, D) tensors, "{split}" in the path
+        return torch.load(encoder[5:].format(split=split["name"])).float()
     if encoder in ("oracle", "oracle-semantic"):
         # one table per split and seed: the vectors of a video never leak across splits
         return oracle_features(split["masks"], patch, seed=seed, semantic=encoder != "oracle")
@@ -198,9 +200,30 @@ class Setting:
     clip_length: int = 4
     patch: int = 8
     bf16: bool = False  # bf16 autocast for the forward pass (losses stay float32)
+    pos_emb: bool = False  # Slot Attention's soft position embedding added to the grouped inputs
+    seed_init: bool = False  # first-frame slots from farthest-point seeds of that frame's keys
+    eye_qkv: bool = False  # slot attention's q, k, v projections start as the identity
+    mix: str = "alpha"  # decoder mixing weights: its own alpha masks | the slot-attention masks
     extra: dict = field(default_factory=dict)
 
     def model(self, feature_dim: int, num_tokens: int) -> SlotModel:
+        model = self._model(feature_dim, num_tokens)
+        if self.seed_init:
+            model.__class__ = SeededSlotModel
+        if self.mix == "attention":
+            model.__class__ = AttentionMixSlotModel
+        if self.eye_qkv:
+            sa = model.processor.corrector
+            for lin in (sa.to_q, sa.to_k, sa.to_v):
+                torch.nn.init.eye_(lin.weight)
+        if self.pos_emb:
+            side = math.isqrt(num_tokens)
+            model.feature_mlp = torch.nn.Sequential(
+                SoftPositionEmbed(feature_dim, (side, side)), model.feature_mlp
+            )
+        return model
+
+    def _model(self, feature_dim: int, num_tokens: int) -> SlotModel:
         config = SlotModelConfig(
             feature_dim=feature_dim,
             num_tokens=num_tokens,
@@ -216,6 +239,76 @@ class Setting:
             **self.extra,
         )
         return SlotModel(config)
+
+
+class SoftPositionEmbed(torch.nn.Module):
+    """Slot Attention's (Locatello et al. 2020) soft position embedding: Linear((y, x, 1-y, 1-x))
+    added to every token, so slots can carry where their tokens are."""
+
+    def __init__(self, dim: int, grid: tuple[int, int]):
+        super().__init__()
+        ys, xs = torch.meshgrid(
+            torch.linspace(0, 1, grid[0]), torch.linspace(0, 1, grid[1]), indexing="ij"
+        )
+        coords = torch.stack([ys, xs, 1 - ys, 1 - xs], dim=-1).reshape(-1, 4)  # (N, 4)
+        self.register_buffer("coords", coords, persistent=False)
+        self.proj = torch.nn.Linear(4, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(self.coords).to(x.dtype)  # (..., N, F)
+
+
+def farthest_point_seeds(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Deterministic k-means++-like seeding: indices (B, K) of K mutually far tokens of x (B, N, D).
+
+    The first seed is the token farthest from the frame's mean; each next one the token farthest
+    from every seed so far (cosine distance)."""
+    x = F.normalize(x.float(), dim=-1)
+    mean = F.normalize(x.mean(1, keepdim=True), dim=-1)  # (B, 1, D)
+    dist = 1 - (x * mean).sum(-1)  # (B, N)
+    picks = []
+    for _ in range(k):
+        i = dist.argmax(-1)  # (B,)
+        picks.append(i)
+        chosen = x[torch.arange(x.shape[0]), i]  # (B, D)
+        dist = torch.minimum(dist, 1 - (x * chosen[:, None]).sum(-1))
+    return torch.stack(picks, 1)
+
+
+class SeededSlotModel(SlotModel):
+    """SlotModel whose first-frame slots start from the data: the learned fixed slots plus the
+    values of K far-apart tokens of the first frame (farthest-point seeds on the keys)."""
+
+    def forward(self, features, tokens=None, init_state=None):
+        if init_state is not None:
+            return super().forward(features, tokens, init_state)
+        B = features.shape[0]
+        inputs = self.feature_mlp(features[:, 0])  # (B, N, D)
+        keys, values = self.processor.corrector.project_inputs(inputs)
+        with torch.no_grad():
+            idx = farthest_point_seeds(keys, self.num_slots)  # (B, K)
+        seeds = values[torch.arange(B)[:, None], idx]  # (B, K, D)
+        init = self.initializer(B) + seeds
+        return super().forward(features, tokens, init)  # carried: every frame n_iters
+
+
+class AttentionMixSlotModel(SlotModel):
+    """The decoder's per-slot reconstructions mixed with the slot-attention masks (softmax over
+    slots) instead of the decoder's own alpha masks: the reconstruction error then trains the
+    grouping directly, as the E-step of a mixture model."""
+
+    def forward(self, features, tokens=None, init_state=None):
+        out = super().forward(features, tokens, init_state)
+        dec = self.decoder
+        slots = out["processor"]["state"]  # (B, T, K, D)
+        pos = F.linear(dec.pos_emb[0, 0], dec.layers[0].weight)  # (N, H1)
+        x = dec.layers[0](slots).unsqueeze(-2) + pos  # (B, T, K, N, H1)
+        for layer in dec.layers[1:]:
+            x = layer(torch.relu(x))  # (B, T, K, N, F+1)
+        masks = out["processor"]["corrector"]["masks"]  # (B, T, K, N)
+        recon = torch.einsum("btkn,btknf->btnf", masks.to(x.dtype), x[..., :-1])
+        out["decoder"] = {"reconstruction": recon, "masks": masks}
+        return out
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -303,6 +396,56 @@ def model_scores(model: SlotModel, split: dict, feats: torch.Tensor, patch: int)
     return out
 
 
+PALETTE = np.array(
+    [
+        [31, 119, 180],
+        [255, 127, 14],
+        [44, 160, 44],
+        [214, 39, 40],
+        [148, 103, 189],
+        [140, 86, 75],
+        [227, 119, 194],
+        [127, 127, 127],
+        [188, 189, 34],
+        [23, 190, 207],
+        [174, 199, 232],
+        [255, 187, 120],
+    ],
+    dtype=np.uint8,
+)
+
+
+@torch.no_grad()
+def picture(model, split: dict, feats: torch.Tensor, setting, path: str, videos=(0, 1, 2)) -> None:
+    """Rows per video: frames, GT, attention argmax, decoder argmax (every 3rd frame)."""
+    from PIL import Image
+
+    model.eval()
+    size = split["frames"].shape[2]
+    g = size // setting.patch
+    rows = []
+    for v in videos:
+        o = model(feats[v : v + 1])
+        att = metrics.masks_to_labels(o["processor"]["corrector"]["masks"][0], (size, size), (g, g))
+        dec = metrics.masks_to_labels(o["decoder"]["masks"][0], (size, size), (g, g))
+        ts = range(0, split["frames"].shape[1], 3)
+        for kind in ("rgb", "gt", "att", "dec"):
+            tiles = []
+            for t in ts:
+                if kind == "rgb":
+                    tiles.append(split["frames"][v, t])
+                elif kind == "gt":
+                    tiles.append(PALETTE[split["masks"][v, t] % len(PALETTE)])
+                else:
+                    lab = (att if kind == "att" else dec)[t].numpy()
+                    tiles.append(PALETTE[lab % len(PALETTE)])
+            rows.append(np.concatenate(tiles, 1))
+    Image.fromarray(np.concatenate(rows, 0)).resize(
+        (rows[0].shape[1] * 2, len(rows) * size * 2), 0
+    ).save(path)
+    model.train()
+
+
 def mean_of(per_video: list[dict], key: str) -> float:
     vals = [d[key] for d in per_video if np.isfinite(d[key])]
     return float(np.mean(vals)) if vals else float("nan")
@@ -338,11 +481,13 @@ def train_curve(
         for name, per_video in scores.items():
             row[f"{name}_fg_ari"] = mean_of(per_video, "video_fg_ari")
             row[f"{name}_mbo"] = mean_of(per_video, "video_mbo")
+            row[f"{name}_frame_fg_ari"] = mean_of(per_video, "frame_fg_ari")
         curve.append(row)
         log(
             f"  step {step:6d} {spent:7.0f}s  loss {loss_value:.4f}  "
             f"dec {100 * row['decoder_fg_ari']:5.1f}/{100 * row['decoder_mbo']:5.1f}  "
-            f"att {100 * row['attention_fg_ari']:5.1f}/{100 * row['attention_mbo']:5.1f}"
+            f"att {100 * row['attention_fg_ari']:5.1f}/{100 * row['attention_mbo']:5.1f}  "
+            f"frame FG-ARI dec {100 * row['decoder_frame_fg_ari']:5.1f} att {100 * row['attention_frame_fg_ari']:5.1f}"
         )
 
     loss_value = float("nan")
@@ -373,6 +518,7 @@ def train_curve(
             record()
     if curve[-1]["step"] != step:
         record()
+    train_curve.last_model = model
     log(f"  ({step} steps, {time.perf_counter() - start:.0f} s wall with evaluation)")
     return curve
 
@@ -429,6 +575,8 @@ def cmd_curve(args, data: DataSpec) -> None:
             )
         )
     base = baseline_scores(split, eval_feats, setting.num_slots, setting.patch)
+    if args.picture:
+        picture(train_curve.last_model, split, eval_feats, setting, args.picture)
     if args.out:
         record = {
             "encoder": args.encoder,
@@ -478,6 +626,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None, help="write the curves as JSON here")
+    ap.add_argument("--picture", default=None, help="PNG of masks on 3 eval videos (last seed)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = ap.parse_args()
