@@ -229,10 +229,11 @@ def verify(store: str, work_dir: str, store_dir: str | None, repair: bool):
 def rm(store: str, work_dir: str, store_dir: str | None, yes: bool):
     """Delete a store (asks first unless --yes)."""
     path = find_store(store, work_dir, store_dir)
-    try:
-        FeatureStore.open(path, require_complete=False)
-    except StoreError as err:
-        raise click.ClickException(f"refusing to delete {path}: {err}") from err
+    if not FeatureStore.written_by_egoslots(path):  # (stores of an older format may go too)
+        raise click.ClickException(
+            f"refusing to delete {path}: it is not an egoslots feature store (no zarr group with "
+            "'egoslots' attrs); egoslots only deletes stores it wrote"
+        )
     size = human_bytes(size_bytes(path))
     if not yes and not click.confirm(f"delete {path} ({size})?", default=False):
         click.echo("kept")

@@ -29,7 +29,6 @@ single writer needs no coordination over the store.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -51,9 +50,11 @@ from stages.common import TrainingDiverged, config_command, output_writes
 from stages.datamodules import FrameData
 from stages.dvae_task import DVAETask
 from stages.rundirs import (
+    check_checkpoint_files,
     find_resume_checkpoint,
     read_checkpoint,
     read_json,
+    remove_run_dir,
     run_dir_of,
     saved_config,
     write_json,
@@ -87,6 +88,7 @@ def check_vocab(cfg: DictConfig) -> int:
 # --------------------------------------------------------------------------------------------
 def check_run_dir(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> None:
     """Refuse a run directory that belongs to another store or another dVAE architecture."""
+    check_checkpoint_files(run_dir / "checkpoints")
     inputs = read_json(run_dir / "inputs.json")
     if inputs and inputs.get("store_fingerprint") != store.fingerprint:
         raise StoreError(
@@ -202,9 +204,8 @@ def pretrain(
     # to train, so only rank 0 deletes, and the other ranks of an --overwrite run always train.
     zero = is_rank_zero()
     if zero:
-        if overwrite and run_dir.exists():
-            log.info("--overwrite: removing %s", run_dir)
-            shutil.rmtree(run_dir)
+        if overwrite:
+            remove_run_dir(run_dir)
         check_run_dir(run_dir, cfg, store)
 
     if resume is None and (zero or not overwrite) and finished(run_dir, cfg, store):
