@@ -135,7 +135,7 @@ def resolve_inputs(cfg: DictConfig) -> TrainingInputs:
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
-def _check_same_run(run_dir: Path, cfg_dict: dict, inputs: TrainingInputs) -> None:
+def check_same_run(run_dir: Path, cfg_dict: dict, inputs: TrainingInputs) -> None:
     """Refuse to resume a run directory that holds another experiment (config or inputs)."""
     old_cfg = saved_config(run_dir)
     if old_cfg is not None:
@@ -178,7 +178,7 @@ def train(cfg: DictConfig, resume: str | Path | None = None, overwrite: bool = F
     if ckpt_path is not None and not ckpt_path.is_file():
         raise StageError(f"--resume {ckpt_path}: no such checkpoint file")
     if ckpt_path is None and ckpt_dir.is_dir():
-        _check_same_run(run_dir, cfg_dict, inputs)
+        check_same_run(run_dir, cfg_dict, inputs)
         ckpt_path = find_resume_checkpoint(ckpt_dir)
         if ckpt_path is not None and ckpt_path.name != "last.ckpt":
             with output_writes(run_dir):

@@ -25,16 +25,18 @@ class SourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """What the extraction fingerprint hashes about a file: never its contents."""
+    """What the extraction fingerprint hashes about a file: its name and size, never its mtime
+    (a `touch` or a copy without `-p` changes nothing extraction writes) and, for files, never
+    its contents (reading every byte of a SAYCam-sized dataset to find a store would take hours).
+    ``content`` is a digest only where the bytes are at hand anyway (in-memory sources)."""
 
     path: str  # relative to the source root
     size: int
-    mtime_ns: int
+    content: int = 0
 
     @classmethod
     def of(cls, path: Path, root: Path) -> FileIdentity:
-        stat = path.stat()
-        return cls(str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns)
+        return cls(str(path.relative_to(root)), path.stat().st_size)
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ class FrameFolderSource(ListedSource):
             stat = entry.stat()
         except OSError as err:
             raise SourceError(f"{entry.path}: cannot stat ({err})") from err
-        return FileIdentity(prefix + entry.name, stat.st_size, stat.st_mtime_ns)
+        return FileIdentity(prefix + entry.name, stat.st_size)
 
     def _match_masks(
         self, folder: Path, names: tuple[str, ...], prefix: str

@@ -113,7 +113,6 @@ class Hdf5Source(ListedSource):
             ident = FileIdentity(
                 path.name if self.root.is_file() else path.relative_to(self.root).as_posix(),
                 stat.st_size,
-                stat.st_mtime_ns,
             )
             for arrays, count, length in groups:
                 base = prefix + (arrays.group + "/" if arrays.group else "")
