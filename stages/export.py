@@ -308,13 +308,20 @@ def _remove(path: Path) -> None:
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(
-    "--split", default="test", show_default=True, help="Split to export: train | val | test."
+    "--split",
+    type=click.Choice(["train", "val", "test"]),
+    default="test",
+    show_default=True,
+    help="Split to export.",
 )
 @click.option(
     "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
 )
 @click.option(
-    "--max-videos", type=int, default=None, help="Export only the first N videos of the split."
+    "--max-videos",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Export only the first N videos of the split.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a different export.")
 def export_slots_command(

@@ -104,6 +104,7 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
     ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests). With
     ``skip_bad`` the source leaves out videos it cannot even list (they never enter the store).
     """
+    device = pick_device(cfg.extract.device, "extract.device")  # before any work
     if source is None:
         source = make_source(cfg, skip_bad=skip_bad)
     videos = list(source.videos())
@@ -114,7 +115,6 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
             f"no videos found in {cfg.dataset.path} (dataset.source={cfg.dataset.source})"
         )
 
-    device = pick_device(cfg.extract.device)
     compute = extraction_compute(cfg.extract.compute, device)
     backbone = build_backbone(cfg.backbone).to(device)
     described = backbone.describe()
@@ -333,11 +333,16 @@ def _run_chunks(
 )
 @click.option(
     "--num-shards",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Split the work over this many processes (default: torchrun/SLURM, else 1).",
 )
-@click.option("--shard-id", type=int, default=None, help="Which shard this process is (0-based).")
+@click.option(
+    "--shard-id",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Which shard this process is (0-based).",
+)
 @click.option(
     "--skip-bad",
     is_flag=True,

@@ -116,7 +116,10 @@ def tokenize_run(
     pending = [c for c in range(done.size) if not done[c]]
     dcfg = (saved_config(run_dir) or {}).get("dvae", {})
     batch_size = int(batch_size or dcfg.get("tokenize_batch_size", 64))
-    device = pick_device(device or dcfg.get("tokenize_device", "auto"))
+    device = pick_device(
+        device or dcfg.get("tokenize_device", "auto"),
+        "--device" if device else "dvae.tokenize_device",
+    )
     model = load_dvae(run_dir).to(device)
 
     bounds = [chunk_bounds(c, store.chunk_len, store.num_frames) for c in pending]
@@ -220,7 +223,7 @@ def encode_frames(
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--batch-size",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Frames per forward pass (default dvae.tokenize_batch_size).",
 )
