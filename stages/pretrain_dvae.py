@@ -32,6 +32,7 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -49,6 +50,7 @@ from stages.callbacks import LossGuard, ReconstructionPictures
 from stages.common import TrainingDiverged, config_command, output_writes
 from stages.datamodules import FrameData
 from stages.dvae_task import DVAETask
+from stages.locks import check_unlocked, run_lock
 from stages.rundirs import (
     check_checkpoint_files,
     find_resume_checkpoint,
@@ -203,11 +205,23 @@ def pretrain(
     # only rank 0 writes into the run directory and the store. All ranks must agree on whether
     # to train, so only rank 0 deletes, and the other ranks of an --overwrite run always train.
     zero = is_rank_zero()
-    if zero:
-        if overwrite:
-            remove_run_dir(run_dir)
-        check_run_dir(run_dir, cfg, store)
+    if zero and overwrite:
+        check_unlocked(run_dir, "it cannot be deleted while it trains")
+        remove_run_dir(run_dir)
+    with run_lock(run_dir, "egoslots pretrain-dvae") if zero else nullcontext():
+        if zero:
+            check_run_dir(run_dir, cfg, store)
+        _pretrain_locked(
+            cfg, store, frame_size, vocab, run_dir, resume, overwrite, callbacks, tokenize
+        )
+    return run_dir
 
+
+def _pretrain_locked(
+    cfg, store, frame_size, vocab, run_dir, resume, overwrite, callbacks, tokenize
+):
+    """:func:`pretrain` once the run directory's lock is held (on rank 0)."""
+    zero = is_rank_zero()
     if resume is None and (zero or not overwrite) and finished(run_dir, cfg, store):
         log.info(
             "dVAE in %s is already trained for %d steps on store %s",
@@ -224,7 +238,6 @@ def pretrain(
             _train(cfg, store, frame_size, vocab, run_dir, resume, callbacks)
     if tokenize and zero:  # tokenization is one encoder pass over the store: rank 0 alone does it
         tokenize_run(run_dir)
-    return run_dir
 
 
 def _train(

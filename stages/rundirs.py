@@ -114,7 +114,7 @@ def remove_run_dir(run_dir: Path) -> None:
             f"{run_dir} is a file, not a run directory: move it away, or choose another run name"
         )
     names = sorted(p.name for p in run_dir.iterdir())
-    ours = RUN_MARKER in names or "config.yaml" in names or "inputs.json" in names
+    ours = bool({RUN_MARKER, "config.yaml", "inputs.json", LOCK_NAME} & set(names))
     foreign = [n for n in names if not any(fnmatch.fnmatchcase(n, e) for e in RUN_ENTRIES)]
     if not ours or foreign:
         why = (

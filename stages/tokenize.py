@@ -26,6 +26,7 @@ from cache.store import FeatureStore, StoreError, chunk_bounds
 from pipeline.config import ConfigError
 from pipeline.dvae import DVAE, PATCH, load_dvae
 from stages.common import StageError, setup_logging, write_failure
+from stages.locks import run_lock
 from stages.rundirs import read_json, saved_config
 from stages.runtime import pick_device
 
@@ -76,8 +77,13 @@ def tokenize_run(
 
     Writes ``tokens/<hash>/ids`` (F, h, w) uint16 chunk by chunk, each chunk's done flag after its
     ids; resumes with the pending chunks only and returns at once when the tokens are complete.
+    Holds the run directory's lock meanwhile (:mod:`stages.locks`).
     """
-    run_dir = Path(run_dir)
+    with run_lock(Path(run_dir), "egoslots tokenize"):
+        return _tokenize_locked(Path(run_dir), batch_size, device)
+
+
+def _tokenize_locked(run_dir: Path, batch_size: int | None, device: str | None) -> str:
     info = read_json(run_dir / "dvae.json")
     if info is None or not (run_dir / "dvae.pt").is_file():
         raise StoreError(

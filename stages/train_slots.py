@@ -24,6 +24,7 @@ checkpoint compatibility), ``inference.py`` (loading a trained run).
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from pipeline.config import resolve
 from stages.callbacks import FinalCheckpoint, LossGuard, SlotPictures
 from stages.common import StageError, config_command, output_writes
 from stages.datamodules import ClipData, example_clip
+from stages.locks import check_unlocked, run_lock
 from stages.rundirs import (
     catch_up_last,
     check_checkpoint_files,
@@ -101,6 +103,9 @@ def resolve_inputs(cfg: DictConfig) -> TrainingInputs:
     if not cfg.steve_decoder.enabled:
         return TrainingInputs(store, None, None)
     run = dvae_run_dir(cfg)
+    check_unlocked(
+        run, f"train-slots would read the dVAE of {run} before that command has finished it"
+    )
     info = read_json(run / "dvae.json")
     if info is None:
         raise StageError(
@@ -169,10 +174,20 @@ def train(cfg: DictConfig, resume: str | Path | None = None, overwrite: bool = F
     cfg_dict = resolve(cfg)
     run_dir = run_dir_of(cfg, cfg.run_name)
     ckpt_dir = run_dir / "checkpoints"
-    tc = cfg.trainer
     if overwrite and is_rank_zero():
+        check_unlocked(run_dir, "it cannot be deleted while it trains")
         remove_run_dir(run_dir)
     check_checkpoint_files(ckpt_dir)
+    with run_lock(run_dir, "egoslots train-slots") if is_rank_zero() else nullcontext():
+        return _train_locked(cfg, inputs, cfg_dict, run_dir, resume)
+
+
+def _train_locked(
+    cfg: DictConfig, inputs: TrainingInputs, cfg_dict: dict, run_dir: Path, resume
+) -> Path:
+    """:func:`train` once the run directory's lock is held (on rank 0)."""
+    ckpt_dir = run_dir / "checkpoints"
+    tc = cfg.trainer
 
     ckpt_path: Path | None = Path(resume) if resume else None
     if ckpt_path is not None and not ckpt_path.is_file():

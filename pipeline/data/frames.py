@@ -256,9 +256,10 @@ def load_rgb(path: Path, where: str) -> np.ndarray:
             im.load()  # decode now, so that a truncated file fails here and not later
             if im.mode in ("RGB", "RGBA", "L"):
                 arr = np.array(im)  # a writable copy (asarray's view is read-only; torch warns)
-            elif im.mode.startswith("I"):  # 16/32-bit grey: scale 16-bit range down to 8 bits
+            elif im.mode.startswith("I;16"):  # 16-bit grey: by the file's bit depth, so a dark
+                arr = np.asarray(im).astype(np.int64) // 257  # frame scales as its neighbours do
+            elif im.mode.startswith("I"):  # 32-bit integer grey: clipped to 0..255
                 arr = np.asarray(im).astype(np.int64)
-                arr = arr // 257 if arr.size and arr.max() > 255 else arr
             else:  # palette, CMYK, YCbCr, LA, 1-bit: let Pillow map them to RGB
                 arr = np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
