@@ -7,6 +7,7 @@ STORE is a store path or URL, or a fingerprint (or a unique prefix of one) under
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -65,6 +66,8 @@ def cache():
 def ls(work_dir: str, store_dir: str | None):
     """Stores under WORK_DIR/stores (or --store-dir): fingerprint, state, size, backbone, frames, dtype."""
     folder = catalog.stores_dir(work_dir, store_dir)
+    if not store_dir and Path(work_dir).exists() and not Path(work_dir).is_dir():
+        raise click.ClickException(f"WORK_DIR {work_dir} is a file, not a work directory")
     try:
         paths = catalog.list_stores(folder)
     except StoreError as err:  # an unreachable remote folder

@@ -256,6 +256,34 @@ def test_named_options_are_range_checked_by_click(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert expected in result.output, (args, result.output)
     assert not (tmp_path / "metrics.json").exists()
+    (tmp_path / "a_file").write_text("")
+    result = runner.invoke(main, ["cache", "ls", str(tmp_path / "a_file")])
+    assert result.exit_code == 1 and "is a file, not a work directory" in result.output
+
+
+def test_lightning_refusing_the_trainer_settings_is_one_config_error(tmp_path):
+    from stages.training import make_trainer
+
+    with pytest.raises(ConfigError, match=r"^trainer.accelerator / devices .*strategy='bogus'"):
+        make_trainer(
+            tmp_path,
+            command="egoslots train-slots",
+            max_steps=1,
+            ckpt_every=1,
+            log_every=1,
+            callbacks=[],
+            strategy="bogus",
+        )
+    with pytest.raises(ConfigError, match=r"^dvae.accelerator / devices"):
+        make_trainer(
+            tmp_path,
+            command="egoslots pretrain-dvae",
+            max_steps=1,
+            ckpt_every=1,
+            log_every=1,
+            callbacks=[],
+            strategy="bogus",
+        )
 
 
 def test_extract_device_cuda_without_a_gpu_is_one_config_error(monkeypatch):
