@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline.config import ConfigError
 from pipeline.data import make_source
 from pipeline.data.base import SourceError, split_of
 from pipeline.data.frames import FrameFolderSource
@@ -306,15 +307,10 @@ def test_make_source_split_fractions(tmp_path):
         )
     )
     assert {r.split for r in src.videos()} == {"val", "test"}
-    with pytest.raises(SourceError, match="dataset.split"):
-        make_source(
-            cfg_for(
-                "dataset.source=frames",
-                f"dataset.path={tmp_path}",
-                "dataset.split.val=0.8",
-                "dataset.split.test=0.5",
-            )
-        )
+    with pytest.raises(SourceError, match="dataset.split"):  # the source's own check
+        FrameFolderSource(tmp_path, val=0.8, test=0.5)
+    with pytest.raises(ConfigError, match="dataset.split.val=0.8 and dataset.split.test=0.5 sum"):
+        cfg_for("dataset.source=frames", "dataset.split.val=0.8", "dataset.split.test=0.5")
 
 
 def test_make_source_missing_synthetic_data_says_how_to_make_it(tmp_path):
