@@ -84,7 +84,9 @@ from stages.training import (
 log = logging.getLogger("egoslots")
 
 # dvae.* keys that change the network: a run directory cannot resume with other values.
-ARCHITECTURE_KEYS = ("vocab_size", "hidden")
+ARCHITECTURE_KEYS = ("vocab_size", "hidden", "arch")
+# What a run or checkpoint from before a key existed had (dvae.arch came later: SLATE's blocks).
+ARCHITECTURE_BEFORE = {"arch": "slate"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -198,10 +200,11 @@ class DVAETask(L.LightningModule):
         geco: dict | None = None,
         image_every: int = 1000,
         seed: int = 0,
+        arch: str = "steve",
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.dvae = DVAE(vocab_size, hidden)
+        self.dvae = DVAE(vocab_size, hidden, arch=arch)
         self.geco = None
         if geco and geco.get("enabled"):
             self.geco = Geco(
@@ -425,9 +428,10 @@ def check_run_dir(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> None:
     if saved.is_file():
         old = OmegaConf.load(saved).get("dvae", {})
         for key in ARCHITECTURE_KEYS:
-            if key in old and old[key] != cfg.dvae[key]:
+            was = old.get(key, ARCHITECTURE_BEFORE.get(key))
+            if was is not None and str(was) != str(cfg.dvae[key]):
                 raise ConfigError(
-                    f"the dVAE run directory {run_dir} holds a dVAE with dvae.{key}={old[key]}, this config "
+                    f"the dVAE run directory {run_dir} holds a dVAE with dvae.{key}={was}, this config "
                     f"asks for {cfg.dvae[key]}: choose another dvae.run_name, or pass --overwrite"
                 )
 
@@ -459,10 +463,11 @@ def check_resume_checkpoint(path: Path, cfg: DictConfig) -> None:
         raise StoreError(
             f"--resume {path} is not a pretrain-dvae checkpoint (no dVAE vocab_size / hidden in it)"
         )
+    held = {key: hp.get(key, ARCHITECTURE_BEFORE.get(key)) for key in ARCHITECTURE_KEYS}
     wrong = [
-        f"dvae.{key}={hp[key]} (checkpoint) vs {cfg.dvae[key]}"
+        f"dvae.{key}={held[key]} (checkpoint) vs {cfg.dvae[key]}"
         for key in ARCHITECTURE_KEYS
-        if int(hp[key]) != int(cfg.dvae[key])
+        if str(held[key]) != str(cfg.dvae[key])
     ]
     if wrong:
         raise ConfigError(
@@ -488,6 +493,7 @@ def export_weights(run_dir: Path, task: DVAETask, store: FeatureStore, steps: in
             "store_path": str(store.path),
             "vocab_size": task.dvae.vocab_size,
             "hidden": task.dvae.hidden,
+            "arch": task.dvae.arch,
             "frame_size": size,
             "token_grid": [size // PATCH, size // PATCH],
             "steps": steps,
@@ -528,6 +534,7 @@ def make_task(cfg: DictConfig, frame_size: int) -> DVAETask:
         geco=OmegaConf.to_container(d.geco, resolve=True),
         image_every=int(d.image_every),
         seed=int(cfg.seed),
+        arch=str(d.arch),
     )
 
 
