@@ -101,7 +101,9 @@ class Dataset:
 @dataclass
 class Backbone:
     name: str = "${globals.BACKBONE}"
-    checkpoint: str | None = None  # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth
+    # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth; else fetched by name into the Hugging Face
+    # cache (eminorhan/<name>, timm's hub id) unless HF_HUB_OFFLINE=1
+    checkpoint: str | None = None
     block: int | None = (
         None  # block whose output is the feature: 0-based (timm blocks.N), <0 from the end; None = last
     )
