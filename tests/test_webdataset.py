@@ -5,8 +5,6 @@ save_ytvis2021.py write them (tests/shards.py); the last test runs `egoslots run
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
@@ -177,25 +175,19 @@ def test_make_source_from_config(movi):
 
 def test_egoslots_run_end_to_end_on_shards(movi, tmp_path):
     """`egoslots run` on webdataset shards: extract, dVAE, slots, evaluate on the val shards."""
-    from test_run import TINY
+    from test_run import run_cli
 
     root, _, _ = movi
     work = tmp_path / "work"
-    tiny = [o for o in TINY if not o.startswith("dataset.synthetic")]
-    cmd = [
-        sys.executable,
-        "cli.py",
-        "run",
-        "configs/demo.yaml",
-        f"work_dir={work}",
-        *tiny,
+    done = run_cli(
+        work,
         "dataset.source=webdataset",
         f"dataset.path={root}",
         f"dataset.webdataset.train_shards={TRAIN}",
         f"dataset.webdataset.val_shards={VAL}",
         "evaluate.split=val",
-    ]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((work / "runs" / "demo" / "metrics.json").read_text())
     assert metrics["split"] == "val" and metrics["num_videos"] == 3

@@ -42,6 +42,7 @@ from pipeline.data.base import (
     SourceError,
     VideoInfo,
     binary_masks_to_labels,
+    frame_range,
     to_rgb_uint8,
 )
 
@@ -292,11 +293,7 @@ class WebdatasetSource(ListedSource):
             raise SourceError(f"no video '{video_id}' in {self.root}")
         sample = self._samples[video_id]
         n = sample.video.shape[0]
-        stop = n if stop is None else stop
-        if not 0 <= start <= stop <= n:
-            raise SourceError(
-                f"video '{video_id}': frames {start}..{stop} out of range (it has {n})"
-            )
+        stop = frame_range(video_id, start, stop, n)
         if start == stop:
             return
         where = f"{sample.shard}: sample {video_id.rsplit('/', 1)[-1]}"
