@@ -14,12 +14,13 @@ fingerprint and the store's attrs record it.
   seed, so tests can run a real ViT in milliseconds. Its features mean nothing.
 - a silicon-menagerie ViT (``dino_say_vitb14``, ``mugs_a_vits16``, ``mae_y_vitl16``, ... see
   :data:`SILICON_MODELS`): a timm ``VisionTransformer`` of the published shape, weights from
-  ``backbone.checkpoint`` or ``$EGOSLOTS_WEIGHTS/<name>.pth`` (the file as downloaded from
-  huggingface.co/eminorhan/<name>).
+  ``backbone.checkpoint``, ``$EGOSLOTS_WEIGHTS/<name>.pth``, or by name: ``<name>.pth`` of the
+  Hugging Face repo ``eminorhan/<name>``, fetched into the Hugging Face cache on first use.
 - any timm ViT name (``vit_base_patch14_dinov2``, ``vit_small_patch14_reg4_dinov2``, ...),
-  weights from ``backbone.checkpoint``, ``$EGOSLOTS_WEIGHTS/<name>.pth`` or timm's local cache.
+  weights from ``backbone.checkpoint``, ``$EGOSLOTS_WEIGHTS/<name>.pth``, timm's local caches,
+  or fetched by name as timm's ``pretrained=True`` would.
 
-Nothing is ever downloaded. The feature is the output of block ``backbone.block`` (0-based as in
+Downloads respect ``HF_HUB_OFFLINE=1`` (see :mod:`pipeline.checkpoints`). The feature is the output of block ``backbone.block`` (0-based as in
 timm's ``blocks.N``, negative counts from the end; default the last block, so SlotContrast's
 ``vit_block12`` is block 11), before the final norm unless ``backbone.final_norm``. Blocks after
 the chosen one are dropped from the model. For an input size other than the checkpoint's, the
@@ -288,11 +289,7 @@ def tiny_test_vit(input_size: int, seed: int = 0) -> nn.Module:
 
 def build_silicon(name: str, input_size: int, checkpoint: str | None) -> tuple[nn.Module, Path]:
     alg, _, arch = name.split("_")
-    path = checkpoints.locate(
-        name,
-        checkpoint,
-        download_hint=(f" Download {name}.pth from https://huggingface.co/eminorhan/{name}."),
-    )
+    path = checkpoints.locate(name, checkpoint)
     model = checkpoints.load_model(
         lambda: silicon_vit(arch, input_size, "skip"),
         path,
@@ -306,7 +303,7 @@ def build_silicon(name: str, input_size: int, checkpoint: str | None) -> tuple[n
 @contextlib.contextmanager
 def hub_offline():
     """Hugging Face hub offline mode while timm builds a model (belt and braces: egoslots only
-    calls ``create_model(pretrained=False)`` and reads weights from local files itself)."""
+    calls ``create_model(pretrained=False)`` and finds or fetches weights itself)."""
     import huggingface_hub.constants as hub
 
     saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
@@ -353,20 +350,14 @@ def build_timm(
             )
     check_patch_grid(name, input_size, int(skeleton.patch_embed.patch_size[0]), cfg_patch_size)
     resolve_block(name, block, len(skeleton.blocks))
-    path = checkpoints.locate(
-        name,
-        checkpoint,
-        skeleton.pretrained_cfg,
-        download_hint=(
-            f" To fill timm's cache, run timm.create_model('{name}', pretrained=True) once with network."
-        ),
-    )
+    path = checkpoints.locate(name, checkpoint, skeleton.pretrained_cfg)
     filter_fn = getattr(sys.modules[type(skeleton).__module__], "checkpoint_filter_fn", None)
     return checkpoints.load_model(build, path, name, ("head.",), filter_fn=filter_fn), path
 
 
 def build_backbone(cfg: Any) -> FrozenEncoder:
-    """Build the frozen encoder a config's ``backbone`` section names (no downloads, ever)."""
+    """Build the frozen encoder a config's ``backbone`` section names (weights fetched by name
+    on first use unless a local file is given or ``HF_HUB_OFFLINE=1``)."""
     get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
     name = get("name")
     input_size = int(get("input_size"))

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# dvae.arch: whose conv block the dVAE's hidden layers use (see pipeline/dvae.py).
+DVAE_ARCHS = ("steve", "slate")
+
 
 @dataclass
 class Globals:
@@ -54,6 +57,20 @@ class Hdf5Keys:
 
 
 @dataclass
+class WebdatasetShards:
+    # Tar shards as SlotContrast's data/save_movi.py and save_ytvis2021.py write them: members
+    # <key>.video.npy (T, H, W, 3) uint8 and <key>.segmentations.npy (T, H, W, 1) label maps
+    # (MOVi) or (T, H, W, I) one channel per instance (YT-VIS). Brace patterns as in
+    # SlotContrast's configs ("movi_c/movi_c-train-{000000..000304}.tar"), relative to
+    # dataset.path (a folder or an fsspec URL) unless absolute. The pattern gives the split.
+    train_shards: str | None = None
+    val_shards: str | None = None
+    test_shards: str | None = None
+    video_key: str = "video"  # member <key>.<video_key>.npy
+    mask_key: str | None = "segmentations"  # null: no masks (SlotContrast's --only-video shards)
+
+
+@dataclass
 class SplitFractions:
     val: float = 0.1
     test: float = 0.1
@@ -61,10 +78,11 @@ class SplitFractions:
 
 @dataclass
 class Dataset:
-    source: str = "synthetic"  # frames | video | hdf5 | synthetic
+    source: str = "synthetic"  # frames | video | hdf5 | webdataset | synthetic
     path: str = "${work_dir}/data/synthetic"
     fps: float | None = None  # video files: subsample to this frame rate
     hdf5: Hdf5Keys = field(default_factory=Hdf5Keys)
+    webdataset: WebdatasetShards = field(default_factory=WebdatasetShards)
     split: SplitFractions = field(default_factory=SplitFractions)
     synthetic: SyntheticData = field(default_factory=SyntheticData)
     max_videos: int | None = None
@@ -80,7 +98,9 @@ class Dataset:
 @dataclass
 class Backbone:
     name: str = "${globals.BACKBONE}"
-    checkpoint: str | None = None  # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth
+    # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth; else fetched by name into the Hugging Face
+    # cache (eminorhan/<name>, timm's hub id) unless HF_HUB_OFFLINE=1
+    checkpoint: str | None = None
     block: int | None = (
         None  # block whose output is the feature: 0-based (timm blocks.N), <0 from the end; None = last
     )
@@ -131,6 +151,9 @@ class Dvae:
     run_name: str = "dvae"
     vocab_size: int = "${globals.VOCAB_SIZE}"  # type: ignore[assignment]
     hidden: int = 64
+    # steve: STEVE's conv blocks (conv with bias -> ReLU); slate: SLATE's (conv -> GroupNorm ->
+    # ReLU), what egoslots used before this key existed. Part of the dVAE's identity.
+    arch: str = "steve"
     lr: float = 3.0e-4
     batch_size: int = 32
     max_steps: int = 30000

@@ -146,11 +146,9 @@ def evaluate_model(
 
 
 def summarize_scores(per_video: dict) -> dict:
-    """{method: {metric: {mean, std, n}}} over videos (NaN values, e.g. no objects, left out)."""
-    return {
-        method: {key: metrics.summarize(values[key]) for key in metrics.METRICS if key in values}
-        for method, values in per_video.items()
-    }
+    """{method: {metric: {mean, std, n}}}: video metrics over videos, frame metrics over all
+    frames (``pipeline.metrics.summarize_videos``); NaN values (e.g. no objects) left out."""
+    return {method: metrics.summarize_videos(values) for method, values in per_video.items()}
 
 
 def evaluate_run(
@@ -344,7 +342,8 @@ def format_table(result: dict) -> str:
             else ""
         )
         + f": {result['num_videos']} video{'' if result['num_videos'] == 1 else 's'}, "
-        f"checkpoint step {result.get('checkpoint_step')}. Mean ± std over videos, x100; best per column in bold. "
+        f"checkpoint step {result.get('checkpoint_step')}. Mean ± std, x100: video metrics over videos, "
+        "frame metrics over all frames (as SlotContrast); best per column in bold. "
         f"Primary: {METHOD_LABELS.get(result.get('primary', PRIMARY), PRIMARY)}.",
         "",
         "| method | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |",

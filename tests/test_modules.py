@@ -1,5 +1,7 @@
 """Stage-3 building blocks: shapes, mask normalisation, equivalences, causality."""
 
+import math
+
 import pytest
 import torch
 
@@ -170,3 +172,21 @@ def test_steve_dropout_only_in_training():
     assert not torch.allclose(steve(slots, tokens)[0], steve(slots, tokens)[0])
     steve.eval()
     torch.testing.assert_close(steve(slots, tokens)[0], steve(slots, tokens)[0])
+
+
+def test_steve_decoder_initialisation_follows_steves_code():
+    """STEVE's steve.py: token embeddings nn.Embedding's N(0, 1); BOS xavier_uniform_ on a
+    (1, 1, d) tensor, U(+-sqrt(3/d)); positions trunc_normal_ with std 1 in [-2, 2]."""
+    torch.manual_seed(0)
+    vocab, d, tokens = 64, 64, 256
+    dec = SteveDecoder(slot_dim=16, vocab_size=vocab, num_tokens=tokens, num_blocks=1, d_model=d)
+    table = dec.embed.weight.detach()
+    assert float(table[:vocab].std()) == pytest.approx(1.0, rel=0.05)
+    assert float(table[:vocab].mean()) == pytest.approx(0.0, abs=0.05)
+    bos = table[vocab]
+    assert float(bos.abs().max()) <= math.sqrt(3 / d) + 1e-6
+    assert float(bos.std()) == pytest.approx(math.sqrt(3 / d) / math.sqrt(3), rel=0.3)
+    pos = dec.pos_emb.detach()
+    assert pos.shape == (1, 1 + tokens, d) and float(pos.abs().max()) <= 2.0
+    # std of N(0, 1) truncated to [-2, 2] is 0.880
+    assert float(pos.std()) == pytest.approx(0.880, rel=0.03)
