@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "stages.inspect_data:inspect_data",
         "Summarise a dataset: videos, frames, splits, masks.",
     ),
+    "pretrain-encoder": (
+        "stages.pretrain_encoder:pretrain_encoder",
+        "Stage 0 (optional): train a ViT with DINO on your own frames.",
+    ),
     "extract-features": (
         "stages.extract:extract_features",
         "Stage 1: run the frozen backbone once and cache features.",
