@@ -58,6 +58,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("stages.dvae", "TrainingDiverged"),
         ("stages.train_slots", "NonFiniteLossError"),
+        ("stages.pretrain_encoder", "EncoderDiverged"),
     ):
         mod = sys.modules.get(module)
         if mod is not None:

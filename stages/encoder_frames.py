@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,21 @@ def build_frame_cache(
     _write_json(meta_path, meta)
     del array
     return data, rows
+
+
+def wait_for_frame_cache(
+    source, folder: Path, size: int, frame_step: int, timeout_s: float = 24 * 3600
+) -> tuple[Path, list[CachedVideo]]:
+    """Other DDP ranks: wait until rank 0 has finished :func:`build_frame_cache` (one writer)."""
+    videos = training_videos(source)
+    identity = cache_identity(videos, size, frame_step)
+    meta_path, deadline = folder / "frames.json", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if meta.get("complete") and meta.get("identity") == identity:
+            return folder / "frames.npy", plan_rows(videos, frame_step)
+        time.sleep(2.0)
+    raise TimeoutError(f"rank 0 did not finish decoding the frames into {folder} in {timeout_s} s")
 
 
 def open_frames(path: Path) -> np.ndarray:

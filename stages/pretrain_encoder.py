@@ -56,7 +56,13 @@ from pipeline.dino import DINO, DinoArch, cosine_schedule, teacher_temperature
 from pipeline.multicrop import IMAGENET, MultiCrop
 from stages.common import StageError, config_command
 from stages.dvae import is_rank_zero, latest_checkpoint, sha256_16
-from stages.encoder_frames import build_frame_cache, cache_identity, open_frames, training_videos
+from stages.encoder_frames import (
+    build_frame_cache,
+    cache_identity,
+    open_frames,
+    training_videos,
+    wait_for_frame_cache,
+)
 from stages.interrupts import CheckpointOnSigterm, SIGTERMException, ignore_sigterm_in_worker
 from stages.training import (
     RaisingCheckpointIO,
@@ -481,9 +487,11 @@ def pretrain(
             RaisingCheckpointIO.remove_leftovers(run_dir / "checkpoints")
             save_resolved(cfg, run_dir / "config.yaml")
             _write_json(run_dir / "inputs.json", inputs)
-        frames_path, rows = build_frame_cache(
-            source, run_dir / "frames", arch.image_size, int(p.frame_step), int(p.num_workers)
-        )
+        frames = (run_dir / "frames", arch.image_size, int(p.frame_step))
+        if zero:  # one writer; the other DDP ranks wait for it
+            frames_path, rows = build_frame_cache(source, *frames, int(p.num_workers))
+        else:
+            frames_path, rows = wait_for_frame_cache(source, *frames)
         _train(cfg, arch, run_dir, frames_path, rows, inputs, resume, callbacks)
     return run_dir
 
