@@ -9,8 +9,9 @@ on a shared machine):
 - ``dino``: one DINO step on crops already in memory: teacher on the global crops, student and
   head on all crops, the loss, AdamW, per-parameter clipping and the EMA update
   (pipeline.dino.DINO, as stages/pretrain_encoder.py runs it);
-- ``crops``: the multi-crop augmentation alone (pipeline.multicrop.MultiCrop on uint8 frames,
-  one process), i.e. what DataLoader workers must sustain.
+- ``crops``: the multi-crop augmentation alone, both implementations: lightly's per-image PIL
+  pipeline (pipeline.multicrop.MultiCrop, one process: what one DataLoader worker sustains) and
+  the batched torch one (BatchMultiCrop, the default, run in the training step).
 
 ``frames/s`` counts source frames (each one gives 2 + N crops).
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.dvae import autocast, sync  # noqa: E402
 from pipeline.dino import DINO, DinoArch  # noqa: E402
-from pipeline.multicrop import MultiCrop  # noqa: E402
+from pipeline.multicrop import BatchMultiCrop, MultiCrop  # noqa: E402
 
 # name: (patch, dim, depth, heads, image, local size, local crops, out_dim, hidden, bottleneck)
 PRESETS = {
@@ -89,16 +90,30 @@ def model_figures(preset: str, batch: int, steps: int, device, precision: str) -
     return {"bare": batch / bare, "dino": batch / dino}
 
 
-def crop_figure(preset: str, frames: int) -> float:
+def crop_figures(preset: str, batch: int, frames: int, device) -> dict[str, float]:
+    """frames/s of the two crop implementations: lightly's per-image PIL pipeline (one process,
+    as one DataLoader worker runs it) and the batched torch one (as the training step runs it)."""
     patch, dim, depth, heads, image, local, n_local, *_ = PRESETS[preset]
-    crops = MultiCrop(image, local, n_local, blur_sigma=(0.1, 2.0 * image / 224))
+    kwargs = dict(blur_sigma=(0.1, 2.0 * image / 224))
+    pil, batched = (
+        MultiCrop(image, local, n_local, **kwargs),
+        BatchMultiCrop(image, local, n_local, **kwargs),
+    )
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (16, image, image, 3), dtype=np.uint8)
-    crops(images[0], 0)
+    images = rng.integers(0, 256, (batch, image, image, 3), dtype=np.uint8)
     start = time.perf_counter()
     for i in range(frames):
-        crops(images[i % len(images)], i)
-    return frames / (time.perf_counter() - start)
+        pil(images[i % batch], i)
+    out = {"lightly": frames / (time.perf_counter() - start)}
+    stacked = torch.from_numpy(images).to(device)
+
+    def one_batch(offset=[0]):  # noqa: B006 - a counter: new positions every call
+        offset[0] += batch
+        params = torch.stack([batched.params(offset[0] + i, image) for i in range(batch)])
+        batched(stacked, params)
+
+    out["batched"] = batch / timed(one_batch, max(1, frames // batch), device)
+    return out
 
 
 def main() -> None:
@@ -126,8 +141,9 @@ def main() -> None:
                 f"{f['dino'] / f['bare']:>6.2f}",
                 flush=True,
             )
-        print(f"{preset:>11} multi-crop augmentation (1 process): "
-              f"{crop_figure(preset, args.crop_frames):.1f} frames/s", flush=True)  # fmt: skip
+        crops = crop_figures(preset, args.batch, args.crop_frames, device)
+        print(f"{preset:>11} multi-crop alone: lightly (PIL, 1 process) {crops['lightly']:.1f} "
+              f"fr/s, batched (torch) {crops['batched']:.1f} fr/s", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

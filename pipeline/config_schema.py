@@ -185,6 +185,9 @@ class PretrainEncoder:
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
     # Multi-crop: 2 global crops (image_size) + num_local_crops local crops (local_size).
+    # crops: batched = the whole batch at once in torch on the training device (3x faster on a
+    # CPU, see docs/benchmarks.md); lightly = DINO's PIL pipeline per image in DataLoader workers.
+    crops: str = "batched"
     num_local_crops: int = 8
     local_size: int = 96
     global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])

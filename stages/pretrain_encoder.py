@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import ConfigError, save_resolved
 from pipeline.dino import DINO, DinoArch, cosine_schedule, teacher_temperature
-from pipeline.multicrop import IMAGENET, MultiCrop
+from pipeline.multicrop import IMAGENET, BatchMultiCrop, MultiCrop
 from stages.common import StageError, config_command
 from stages.dvae import is_rank_zero, latest_checkpoint, sha256_16
 from stages.encoder_frames import (
@@ -117,6 +117,8 @@ def check_settings(p: DictConfig) -> DinoArch:
     problems += [f"pretrain_encoder.{k}={p[k]} must be > 0" for k in positive if not p[k] > 0]
     if not 0 <= float(p.momentum_teacher) <= 1 or not 0 <= float(p.center_momentum) <= 1:
         problems.append("pretrain_encoder.momentum_teacher and center_momentum must be in [0, 1]")
+    if str(p.crops) not in ("batched", "lightly"):
+        problems.append(f"pretrain_encoder.crops={p.crops}: choose batched or lightly")
     if int(p.num_local_crops) < 0 or len(p.blur) != 3:
         problems.append(
             "need num_local_crops >= 0 and blur = [global 1, global 2, local] probabilities"
@@ -130,8 +132,10 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.work_dir) / "runs" / cfg.pretrain_encoder.run_name
 
 
-def multicrop_of(p: DictConfig, seed: int) -> MultiCrop:
-    return MultiCrop(
+def multicrop_of(p: DictConfig, seed: int) -> MultiCrop | BatchMultiCrop:
+    """The crops ``pretrain_encoder.crops`` names, with the config's probabilities and ranges."""
+    kind = {"batched": BatchMultiCrop, "lightly": MultiCrop}[str(p.crops)]
+    return kind(
         int(p.image_size),
         int(p.local_size),
         int(p.num_local_crops),
@@ -165,9 +169,10 @@ class KeyedSampler(ResumableRandomSampler):
 
 
 class CropDataset(Dataset):
-    """Item (position, row) -> the multi-crop views of cached frame ``row``."""
+    """Item (position, row) -> the multi-crop views of cached frame ``row`` (``lightly`` crops),
+    or the frame and its crops' random draws (``batched`` crops, made in the training step)."""
 
-    def __init__(self, frames_path: Path, crops: MultiCrop):
+    def __init__(self, frames_path: Path, crops: MultiCrop | BatchMultiCrop):
         self.path, self.crops = Path(frames_path), crops
         self._frames: np.ndarray | None = None  # memory-mapped in the process that reads
 
@@ -182,7 +187,10 @@ class CropDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> list[torch.Tensor]:
         position, row = item
-        return self.crops(self.frames[row], position)
+        frame = self.frames[row]  # (S, S, 3) uint8
+        if isinstance(self.crops, BatchMultiCrop):
+            return torch.from_numpy(np.array(frame)), self.crops.params(position, len(frame))
+        return self.crops(frame, position)
 
     def __getstate__(self):
         return {**self.__dict__, "_frames": None}
@@ -257,8 +265,14 @@ class EncoderTask(L.LightningModule):
         # stochastic depth draws from the global generator: key it by (seed, step, rank)
         torch.manual_seed((self.hparams.seed << 32) + self.global_step * 4096 + self.global_rank)
 
-    def training_step(self, views: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         step = self.global_step
+        crops = self.data.crops if self.data is not None else None
+        if isinstance(crops, BatchMultiCrop):  # batch = (frames (B, S, S, 3) uint8, draws)
+            with torch.autocast(self.device.type, enabled=False):
+                views = crops(*batch)
+        else:  # lightly: the views were made in the DataLoader
+            views = batch
         now = self.schedules(step)
         optimizer = self.optimizers(use_pl_optimizer=False)
         for i, group in enumerate(optimizer.param_groups):

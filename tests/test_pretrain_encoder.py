@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import yaml
 
 from pipeline.config import ConfigError, load_config
+from pipeline.multicrop import IMAGENET
 from tests.test_extract import write_frame_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +158,45 @@ def test_multicrop_depends_only_on_the_sample_position():
     assert [tuple(v.shape) for v in a] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_batched_crops_draw_per_position_and_compute_torchvisions_colour_ops():
+    from torchvision.transforms.v2 import functional as TF
+
+    from pipeline.multicrop import BatchMultiCrop, _adjust_hue, _jitter_op
+
+    x = torch.rand(4, 3, 8, 8)
+    x[1, 0] = x[1, 1]  # ties between channels
+    torch.testing.assert_close(_adjust_hue(x, torch.full((4,), -0.07)), TF.adjust_hue(x, -0.07))
+    for op, adjust in enumerate((TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)):
+        torch.testing.assert_close(_jitter_op(x, op, torch.full((4,), 0.7)), adjust(x, 0.7))
+
+    frames = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    )
+    crops = BatchMultiCrop(32, 16, 2, blur_sigma=(0.1, 0.3), seed=4)
+    params = torch.stack([crops.params(100 + i, 32) for i in range(6)])
+    views = crops(frames, params)
+    assert [tuple(v.shape) for v in views] == [(6, 3, 32, 32)] * 2 + [(6, 3, 16, 16)] * 2
+    alone = crops(frames[2:3], crops.params(102, 32)[None])  # the same frame, batched alone
+    assert all(torch.allclose(v[2:3], a, atol=1e-5) for v, a in zip(views, alone))
+    assert not torch.equal(crops.params(102, 32), crops.params(103, 32))
+
+    plain = BatchMultiCrop(32, 16, 0, global_scale=(1, 1), hflip=0, color_jitter=0, grayscale=0,
+                           blur=(0, 0, 0), solarize=0)  # fmt: skip
+    first = plain(frames, torch.stack([plain.params(i, 32) for i in range(6)]))[0]
+    mean, std = (
+        torch.tensor(IMAGENET["mean"]).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET["std"]).view(1, 3, 1, 1),
+    )
+    torch.testing.assert_close(first, (frames.permute(0, 3, 1, 2) / 255 - mean) / std)
+
+
+def test_lightly_crops_train_too(data, tmp_path):
+    from stages.pretrain_encoder import pretrain
+
+    run_dir = pretrain(config(tmp_path, data, crops="lightly", max_steps=2, image_every=0))
+    assert json.loads((run_dir / "encoder.json").read_text())["steps"] == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +421,7 @@ SLOTS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # the whole pipeline twice: ~3 min on a shared 2-core machine
 def test_egoslots_run_trains_the_encoder_first_and_skips_it_when_done(data, tmp_path):
     from stages.run import trains_own_encoder
 
