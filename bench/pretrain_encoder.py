@@ -46,14 +46,19 @@ PRESETS = {
 }
 
 
+CPU_SECONDS: list[float] = []  # CPU time of each timed() call (one thread: what a free core gives)
+
+
 def timed(step, steps: int, device: torch.device) -> float:
-    """Seconds per call of ``step`` (after one warm-up call)."""
+    """Wall seconds per call of ``step`` (after one warm-up call); its CPU seconds per call go to
+    CPU_SECONDS (on a shared machine the CPU time is the steady figure)."""
     step()
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     sync(device)
+    CPU_SECONDS.append((time.process_time() - cpu) / steps)
     return (time.perf_counter() - start) / steps
 
 
@@ -87,7 +92,7 @@ def model_figures(preset: str, batch: int, steps: int, device, precision: str) -
 
     bare = timed(bare_step, steps, device)
     dino = timed(dino_step, steps, device)
-    return {"bare": batch / bare, "dino": batch / dino}
+    return {"bare": batch / bare, "dino": batch / dino, "dino_cpu": batch / CPU_SECONDS[-1]}
 
 
 def crop_figures(preset: str, batch: int, frames: int, device) -> dict[str, float]:
@@ -132,13 +137,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(f"device {device} ({name or platform.machine()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}")  # fmt: skip
-    print(f"{'preset':>11} {'precision':>9} {'bare fwd+bwd':>14} {'DINO step':>11} {'ratio':>6}")
+    print(f"{'preset':>11} {'precision':>9} {'bare fwd+bwd':>14} {'DINO step':>11} {'ratio':>6} "
+          f"{'DINO step per CPU-second':>25}")  # fmt: skip
     for preset in args.preset:
         for precision in args.precision:
             f = model_figures(preset, args.batch, args.steps, device, precision)
             print(
                 f"{preset:>11} {precision:>9} {f['bare']:>8.1f} fr/s {f['dino']:>6.1f} fr/s "
-                f"{f['dino'] / f['bare']:>6.2f}",
+                f"{f['dino'] / f['bare']:>6.2f} {f['dino_cpu']:>20.1f} fr/s",
                 flush=True,
             )
         crops = crop_figures(preset, args.batch, args.crop_frames, device)
