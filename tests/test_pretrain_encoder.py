@@ -147,6 +147,23 @@ def test_per_parameter_clipping_ema_and_weight_decay_groups():
     torch.testing.assert_close(model.teacher["backbone"].pos_embed, 0.9 * t0 + 0.1 * s)
 
 
+def test_attention_maps_are_the_last_blocks_cls_attention():
+    """cls_attention against timm's own (unfused) attention matrix of the last block."""
+    from pipeline.backbones import dino_vit
+    from pipeline.dino import cls_attention
+
+    torch.manual_seed(0)
+    vit = dino_vit(32, 8, 32, 2, 2).eval()
+    attn = vit.blocks[-1].attn
+    attn.fused_attn = False
+    seen = []
+    attn.attn_drop.register_forward_hook(lambda m, inputs, out: seen.append(out))
+    images = torch.randn(3, 3, 32, 32)
+    vit(images)
+    expected = seen[0][:, :, 0, 1:].reshape(3, 2, 4, 4)  # CLS row, patch columns
+    torch.testing.assert_close(cls_attention(vit, images), expected)
+
+
 def test_multicrop_depends_only_on_the_sample_position():
     from pipeline.multicrop import MultiCrop
 
