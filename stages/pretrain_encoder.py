@@ -105,12 +105,16 @@ def check_settings(p: DictConfig) -> DinoArch:
         )
     if arch.embed_dim % arch.num_heads:
         problems.append(
-            f"embed_dim={arch.embed_dim} is not divisible by num_heads={arch.num_heads}"
+            f"pretrain_encoder.embed_dim={arch.embed_dim} is not divisible by "
+            f"num_heads={arch.num_heads}"
         )
     for key in ("global_scale", "local_scale", "blur_sigma"):
         lo, hi = (float(v) for v in p[key])
         if not (0 < lo <= hi and (key == "blur_sigma" or hi <= 1)):
-            problems.append(f"pretrain_encoder.{key}={list(p[key])} must be [min, max] in (0, 1]")
+            bound = " <= 1" if key != "blur_sigma" else ""
+            problems.append(
+                f"pretrain_encoder.{key}={list(p[key])} must be [min, max], 0 < min <= max{bound}"
+            )
     positive = ("batch_size", "max_steps", "frame_step", "depth", "out_dim", "hidden_dim",
                 "bottleneck_dim", "ckpt_every", "log_every", "student_temp", "teacher_temp",
                 "warmup_teacher_temp", "lr")  # fmt: skip
