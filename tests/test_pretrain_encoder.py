@@ -386,7 +386,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes(data, tmp_path):
     from tests.test_sigterm import sigterm_after, start, step_of
 
     config_path = write_config(
-        tmp_path, data, max_steps=200, ckpt_every=20, log_every=10, image_every=0, num_workers=1
+        tmp_path, data, max_steps=100, ckpt_every=20, log_every=10, image_every=0, num_workers=1
     )
     ckpts = tmp_path / "work" / "runs" / "encoder" / "checkpoints"
     proc = start(["pretrain-encoder", str(config_path)])
@@ -394,14 +394,14 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes(data, tmp_path):
     assert proc.returncode == 143, err[-3000:]
     assert "stopped by SIGTERM after step" in err and "Traceback" not in err, err[-3000:]
     step = step_of(ckpts / "last.ckpt")
-    assert 20 < step < 200 and (ckpts / f"step={step}.ckpt").is_file()
+    assert 20 < step < 100 and (ckpts / f"step={step}.ckpt").is_file()
     assert not (ckpts.parent / "encoder.pth").exists()  # not exported: not finished
 
     rerun = start(["pretrain-encoder", str(config_path)])
     _, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err[-3000:]
     assert f"step={step}.ckpt" in err or "last.ckpt" in err  # "(resuming <checkpoint>)"
-    assert json.loads((ckpts.parent / "encoder.json").read_text())["steps"] == 200
+    assert json.loads((ckpts.parent / "encoder.json").read_text())["steps"] == 100
 
 
 def test_cli_encoder_then_extract_then_train_slots(data, tmp_path):
