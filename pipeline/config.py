@@ -217,6 +217,9 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"globals.VOCAB_SIZE={g.VOCAB_SIZE} is over 65536: token ids are cached as uint16."
         )
+    if cfg.backbone.name == "self" and cfg.backbone.encoder_run is None:
+        # the encoder this config's `pretrain-encoder` trains (stage 0)
+        cfg.backbone.encoder_run = "${work_dir}/runs/${pretrain_encoder.run_name}"
 
 
 def resolve(cfg: DictConfig) -> dict:

@@ -110,6 +110,9 @@ class Backbone:
     proj_dim: int | None = None  # patch-pixels: fixed random projection to this dim
     mean: list[float] | None = None  # default: ImageNet, unless the backbone says otherwise
     std: list[float] | None = None
+    # name=self: the pretrain-encoder run whose encoder.pth to load; None = this config's run,
+    # <work_dir>/runs/<pretrain_encoder.run_name> (filled in when the config is loaded).
+    encoder_run: str | None = None
 
 
 @dataclass
@@ -172,6 +175,74 @@ class Dvae:
     precision: str = "auto"  # auto (bf16-mixed on GPUs that support it, else 32) | 32 | bf16-mixed
     # Multi-GPU / multi-node pretraining (Lightning DDP, as trainer.* for stage 3): batch_size is
     # per device, the global batch is batch_size x devices x num_nodes. Tokenization runs on rank 0.
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+
+
+@dataclass
+class PretrainEncoder:
+    """Stage 0, `egoslots pretrain-encoder`: DINO self-distillation of a ViT on the dataset's own
+    train frames (silicon-menagerie's recipe). Defaults are DINO's (facebookresearch/dino
+    main_dino.py, ViT-S/16 at 224 px); DINO's epoch counts are steps here. `backbone.name: self`
+    extracts features with the result; `egoslots run` trains it first."""
+
+    run_name: str = "encoder"
+    # The ViT (DINO's vision_transformer.py shape; vit_tiny 192/12/3, vit_small 384/12/6,
+    # vit_base 768/12/12).
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1  # stochastic depth of the student
+    # Global crop size: frames are cached at this size (shorter side + centre crop, as stage 1).
+    image_size: int = "${globals.IMAGE_SIZE}"  # type: ignore[assignment]
+    frame_step: int = 1  # train on every k-th frame of each train video (neighbours look alike)
+    # Projection head (DINOHead): 3-layer MLP, l2-normalised bottleneck, weight-normed last layer.
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    # Multi-crop: 2 global crops (image_size) + num_local_crops local crops (local_size).
+    # crops: batched = the whole batch at once in torch on the training device (3x faster on a
+    # CPU, see docs/benchmarks.md); lightly = DINO's PIL pipeline per image in DataLoader workers.
+    crops: str = "batched"
+    num_local_crops: int = 8
+    local_size: int = 96
+    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    hflip: float = 0.5
+    color_jitter: float = 0.8  # probability; strength DINO's (0.4, 0.4, 0.2, 0.1)
+    color_strength: float = 1.0  # multiplies DINO's jitter strengths (0 = no jitter)
+    grayscale: float = 0.2
+    blur: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, local
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # px, at 224 px crops
+    solarize: float = 0.2  # second global crop only
+    # Loss: centering and sharpening.
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # EMA, cosine to 1 over max_steps
+    # Optimisation: AdamW, lr = lr * global batch / 256 after warm-up, cosine to min_lr.
+    batch_size: int = 64  # per device
+    max_steps: int = 100000
+    lr: float = 5.0e-4
+    min_lr: float = 1.0e-6
+    warmup_steps: int = 10000
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per-parameter gradient norm (0 = off)
+    freeze_last_layer_steps: int = 1000
+    # Machinery, as dvae.*.
+    ckpt_every: int = 1000
+    log_every: int = 50
+    image_every: int = 1000  # teacher attention maps in TensorBoard (0 = never)
+    num_workers: int = 2
+    accelerator: str = "auto"
+    precision: str = "auto"  # auto (bf16-mixed on GPUs that support it, else 32) | 32 | bf16-mixed
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
@@ -298,6 +369,7 @@ class Config:
     globals: Globals = field(default_factory=Globals)
     dataset: Dataset = field(default_factory=Dataset)
     backbone: Backbone = field(default_factory=Backbone)
+    pretrain_encoder: PretrainEncoder = field(default_factory=PretrainEncoder)
     augment: Augment = field(default_factory=Augment)
     extract: Extract = field(default_factory=Extract)
     dvae: Dvae = field(default_factory=Dvae)
