@@ -210,8 +210,6 @@ class Setting:
         model = self._model(feature_dim, num_tokens)
         if self.seed_init:
             model.__class__ = SeededSlotModel
-        if self.mix == "attention":
-            model.__class__ = AttentionMixSlotModel
         if self.eye_qkv:
             sa = model.processor.corrector
             for lin in (sa.to_q, sa.to_k, sa.to_v):
@@ -234,6 +232,7 @@ class Setting:
             n_iters_first=self.n_iters_first,
             predictor=self.predictor,
             decoder_hidden_dims=tuple(self.decoder_hidden),
+            decoder_mixing=self.mix,
             steve=False,
             loss_weights={"loss_featrec": self.loss_featrec, "loss_ss": self.loss_ss},
             **self.extra,
@@ -290,25 +289,6 @@ class SeededSlotModel(SlotModel):
         seeds = values[torch.arange(B)[:, None], idx]  # (B, K, D)
         init = self.initializer(B) + seeds
         return super().forward(features, tokens, init)  # carried: every frame n_iters
-
-
-class AttentionMixSlotModel(SlotModel):
-    """The decoder's per-slot reconstructions mixed with the slot-attention masks (softmax over
-    slots) instead of the decoder's own alpha masks: the reconstruction error then trains the
-    grouping directly, as the E-step of a mixture model."""
-
-    def forward(self, features, tokens=None, init_state=None):
-        out = super().forward(features, tokens, init_state)
-        dec = self.decoder
-        slots = out["processor"]["state"]  # (B, T, K, D)
-        pos = F.linear(dec.pos_emb[0, 0], dec.layers[0].weight)  # (N, H1)
-        x = dec.layers[0](slots).unsqueeze(-2) + pos  # (B, T, K, N, H1)
-        for layer in dec.layers[1:]:
-            x = layer(torch.relu(x))  # (B, T, K, N, F+1)
-        masks = out["processor"]["corrector"]["masks"]  # (B, T, K, N)
-        recon = torch.einsum("btkn,btknf->btnf", masks.to(x.dtype), x[..., :-1])
-        out["decoder"] = {"reconstruction": recon, "masks": masks}
-        return out
 
 
 def parse_sets(pairs: list[str]) -> dict:

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config_schema import DVAE_ARCHS, Config
+from pipeline.config_schema import DECODER_MIXINGS, DVAE_ARCHS, Config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -213,6 +213,10 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"globals.NUM_SLOTS must be >= 1, got {g.NUM_SLOTS}")
     if cfg.dvae.arch not in DVAE_ARCHS:
         raise ConfigError(f"dvae.arch={cfg.dvae.arch} is not one of {', '.join(DVAE_ARCHS)}")
+    if cfg.decoder.mixing not in DECODER_MIXINGS:
+        raise ConfigError(
+            f"decoder.mixing={cfg.decoder.mixing} is not one of {', '.join(DECODER_MIXINGS)}"
+        )
     if g.VOCAB_SIZE > 65536:
         raise ConfigError(
             f"globals.VOCAB_SIZE={g.VOCAB_SIZE} is over 65536: token ids are cached as uint16."

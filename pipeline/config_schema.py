@@ -13,6 +13,8 @@ from typing import Any
 
 # dvae.arch: whose conv block the dVAE's hidden layers use (see pipeline/dvae.py).
 DVAE_ARCHS = ("steve", "slate")
+# decoder.mixing: what mixes the per-slot reconstructions (see pipeline/decoders.py).
+DECODER_MIXINGS = ("alpha", "attention")
 
 
 @dataclass
@@ -289,6 +291,10 @@ class Predictor:
 @dataclass
 class Decoder:
     hidden_dims: list[int] = field(default_factory=lambda: [1024, 1024, 1024])
+    # How the per-slot reconstructions are mixed: "alpha" (SlotContrast: the decoder's own alpha
+    # channel, softmax over slots) or "attention" (the slot-attention masks; an egoslots option
+    # that discovers objects much sooner at small scale, see docs/discovery.md).
+    mixing: str = "alpha"
 
 
 @dataclass

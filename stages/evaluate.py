@@ -10,7 +10,9 @@ as they would online. The masks are scored against the store's ground truth with
 - ``model_attention``: slot-attention masks of the corrector.
 - ``model_steve``: the STEVE decoder's masks on the token grid (runs with a dVAE only).
 - baselines on the same videos: ``kmeans_frame``, ``kmeans_video`` (K = number of slots, on
-  the cached features) and ``grid`` (a fixed K-cell partition).
+  the cached features), ``colour_kmeans_video`` (K = number of slots, on the pixel colours of
+  the cached frames, per video: the bar a slot model must clear to show it found more than
+  colour, see docs/discovery.md) and ``grid`` (a fixed K-cell partition).
 
 Writes ``<run>/metrics.json`` (means, stds, counts, per-video values, property probe) and
 ``<run>/metrics.md`` (the table, every method shown, best per column in bold) and prints the
@@ -58,6 +60,7 @@ METHOD_LABELS = {
     "model_steve": "slots: STEVE decoder masks",
     "kmeans_frame": "k-means per frame",
     "kmeans_video": "k-means per video",
+    "colour_kmeans_video": "colour k-means per video (pixels)",
     "grid": "fixed grid",
 }
 METRIC_LABELS = {
@@ -95,6 +98,10 @@ def score_video(
         scores["kmeans_video"] = metrics.evaluate_masks(
             baselines.kmeans_masks(feats, num_slots, "video", seed=seed), true, grid
         )
+        if "frames" in item:  # (T, S, S, 3) uint8, the label maps' resolution
+            scores["colour_kmeans_video"] = metrics.evaluate_masks(
+                baselines.colour_kmeans_masks(item["frames"], num_slots, seed=seed), true
+            )
         scores["grid"] = metrics.evaluate_masks(
             baselines.grid_masks(t, num_slots, grid), true, grid
         )
@@ -129,7 +136,7 @@ def evaluate_model(
     if total == 0:
         raise StageError(f"store {store.path} has no videos in split '{split}'")
     for item in tqdm(
-        iter_videos(store, split, tokens_hash, max_videos),
+        iter_videos(store, split, tokens_hash, max_videos, fields=("features", "masks", "frames")),
         total=total,
         desc=f"evaluate {split}",
         unit="video",

@@ -19,6 +19,7 @@ METHODS = {
     "model_steve",
     "kmeans_frame",
     "kmeans_video",
+    "colour_kmeans_video",
     "grid",
 }
 
