@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import baselines, metrics  # noqa: E402
 from pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
 from pipeline.schedules import warmup_exp_decay  # noqa: E402
+from stages.pictures import PALETTE  # noqa: E402
 
 SPLIT_SEEDS = {"train": 1000, "val": 2000, "test": 3000}
 DEFAULT_CACHE = Path(os.environ.get("EGOSLOTS_BENCH_CACHE", "/tmp/egoslots-discovery"))
@@ -385,25 +386,6 @@ def model_scores(model: SlotModel, split: dict, feats: torch.Tensor, patch: int)
         )
     model.train()
     return out
-
-
-PALETTE = np.array(
-    [
-        [31, 119, 180],
-        [255, 127, 14],
-        [44, 160, 44],
-        [214, 39, 40],
-        [148, 103, 189],
-        [140, 86, 75],
-        [227, 119, 194],
-        [127, 127, 127],
-        [188, 189, 34],
-        [23, 190, 207],
-        [174, 199, 232],
-        [255, 187, 120],
-    ],
-    dtype=np.uint8,
-)
 
 
 @torch.no_grad()

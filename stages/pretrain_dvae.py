@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,9 +50,9 @@ from stages.common import TrainingDiverged, config_command, output_writes
 from stages.datamodules import FrameData
 from stages.dvae_task import DVAETask
 from stages.rundirs import (
-    find_resume_checkpoint,
     read_checkpoint,
     read_json,
+    resume_checkpoint,
     run_dir_of,
     saved_config,
     write_json,
@@ -246,18 +245,8 @@ def _train(
 ) -> str | None:
     """Fit the dVAE (on every DDP rank); rank 0 exports dvae.pt and returns its hash."""
     d = cfg.dvae
-    # Lightning warnings that are expected here: resuming mid-"epoch" is fine with random frames,
-    # and a resumed run's checkpoint directory is of course not empty.
-    warnings.filterwarnings(
-        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*"
-    )
-    warnings.filterwarnings(
-        "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
-    )
     ckpt_dir = run_dir / "checkpoints"
-    if resume and not Path(resume).is_file():
-        raise StoreError(f"--resume {resume}: no such checkpoint file")
-    ckpt = Path(resume) if resume else find_resume_checkpoint(ckpt_dir)
+    ckpt = resume_checkpoint(ckpt_dir, resume)
     if resume:
         check_resume_checkpoint(Path(resume), cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,9 +63,9 @@ from stages.encoder_frames import (
 )
 from stages.interrupts import CheckpointOnSigterm, SIGTERMException, ignore_sigterm_in_worker
 from stages.rundirs import (
-    find_resume_checkpoint,
     read_checkpoint,
     read_json,
+    resume_checkpoint,
     write_json,
     write_run_files,
 )
@@ -500,18 +499,10 @@ def pretrain(
 
 def _train(cfg, arch, run_dir, frames_path, rows, inputs, resume, callbacks) -> None:
     p = cfg.pretrain_encoder
-    warnings.filterwarnings(
-        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*"
-    )
-    warnings.filterwarnings(
-        "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
-    )
     ckpt_dir = run_dir / "checkpoints"
-    if resume and not Path(resume).is_file():
-        raise ConfigError(f"--resume {resume}: no such checkpoint file")
+    ckpt = resume_checkpoint(ckpt_dir, resume)
     if resume:
         check_resume_checkpoint(Path(resume), arch)
-    ckpt = str(resume) if resume else find_resume_checkpoint(ckpt_dir)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     settings = OmegaConf.to_container(p, resolve=True)
