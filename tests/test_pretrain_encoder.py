@@ -237,7 +237,7 @@ def test_run_directory_holds_checkpoints_tensorboard_and_the_encoder(trained):
 
 def test_exported_encoder_loads_in_silicon_layout_and_gives_the_teachers_features(trained):
     from pipeline.backbones import ViTEncoder, build_backbone, dino_vit
-    from stages.pretrain_encoder import EncoderTask
+    from stages.encoder_task import EncoderTask
 
     cfg, run_dir = trained
     saved = torch.load(run_dir / "encoder.pth", map_location="cpu", weights_only=True)
