@@ -465,14 +465,14 @@ def test_egoslots_run_trains_the_encoder_first_and_skips_it_when_done(data, tmp_
 
 
 # --------------------------------------------------------------------------------------------
-# kill -9 at seeded random points (tests/crashkit.py), rerun, compare with an uninterrupted run
+# kill -9 at seeded random points (tests/helpers/crashkit.py), rerun, compare with an uninterrupted run
 # --------------------------------------------------------------------------------------------
 KILL_STEPS, KILL_CKPT = 40, 4
 
 
 @pytest.fixture(scope="module")
 def reference_encoder(data, tmp_path_factory):
-    from tests.crashkit import cli, run_to_end
+    from tests.helpers.crashkit import cli, run_to_end
 
     root = tmp_path_factory.mktemp("enc-ref")
     config_path = write_config(
@@ -488,7 +488,7 @@ def test_killed_at_random_point_then_rerun_is_bit_identical(
     data, reference_encoder, tmp_path, seed
 ):
     """seed None: killed while the frames are being decoded (before any checkpoint)."""
-    from tests.crashkit import KillPoint, cli, count_files, kill_mid_run, run_to_end
+    from tests.helpers.crashkit import KillPoint, cli, count_files, kill_mid_run, run_to_end
 
     from tests.test_crash import assert_same_checkpoints, check_resume, files_under, readable_steps
 
