@@ -240,7 +240,7 @@ def _leaves(node: Any, key: str) -> Iterable[tuple[str, Any]]:
     if isinstance(node, dict):
         for k, v in node.items():
             yield from _leaves(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(node, list) and key not in ("trainer.devices", "dvae.devices"):
+    elif isinstance(node, list) and not key.endswith(".devices"):
         for item in node:
             yield from _leaves(item, key)
     else:
@@ -350,6 +350,9 @@ def _validate(cfg: DictConfig) -> None:
             f"extract.frame_size={cfg.extract.frame_size} (globals.FRAME_SIZE) must be a multiple "
             "of 4: the dVAE makes one token per 4x4 pixels"
         )
+    if cfg.backbone.name == "self" and cfg.backbone.encoder_run is None:
+        # the encoder this config's `pretrain-encoder` trains (stage 0)
+        cfg.backbone.encoder_run = "${work_dir}/runs/${pretrain_encoder.run_name}"
 
 
 def resolve(cfg: DictConfig) -> dict:

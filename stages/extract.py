@@ -31,6 +31,7 @@ import logging
 import os
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import click
 import torch
@@ -49,6 +50,7 @@ from pipeline.data.base import SourceError
 from pipeline.preprocess import describe_preprocessing
 from stages.common import config_command
 from stages.extract_chunks import ChunkFrames, ChunkWriter, start_storage_copy, video_rows
+from stages.locks import check_unlocked
 from stages.runtime import extraction_compute, one_thread_per_worker, pick_device
 
 log = logging.getLogger("egoslots")
@@ -116,6 +118,11 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
         )
 
     compute = extraction_compute(cfg.extract.compute, device)
+    if cfg.backbone.name == "self":  # the encoder of a pretrain-encoder run: not while it trains
+        check_unlocked(
+            Path(cfg.backbone.encoder_run),
+            "extract-features would read its encoder.pth before that command has finished it",
+        )
     backbone = build_backbone(cfg.backbone).to(device)
     described = backbone.describe()
     frame_size, dtype, hflip = (

@@ -1,6 +1,7 @@
 """`egoslots run CONFIG`: the whole pipeline in order, skipping work that is already done.
 
-synthetic data (if the config asks for it) -> extract-features -> pretrain-dvae + tokenize
+synthetic data (if the config asks for it) -> pretrain-encoder (if backbone.name is `self`)
+-> extract-features -> pretrain-dvae + tokenize
 (if globals.USE_DVAE) -> train-slots -> evaluate -> visualize. Each stage does no work again
 when its output exists and matches (visualize: when a picture is newer than the checkpoint),
 and resumes when it was interrupted, so running the same command again after a crash (or
@@ -58,6 +59,16 @@ def _current_picture(run_dir: Path):
     return None
 
 
+def trains_own_encoder(cfg: DictConfig) -> bool:
+    """Whether the config extracts with the encoder its own `pretrain-encoder` trains
+    (``backbone.name: self``, no other run or weights file named)."""
+    b = cfg.backbone
+    if b.name != "self" or b.get("checkpoint"):
+        return False
+    own = Path(cfg.work_dir) / "runs" / cfg.pretrain_encoder.run_name
+    return b.get("encoder_run") is None or Path(b.encoder_run).resolve() == own.resolve()
+
+
 def pinned_store(cfg: DictConfig):
     """The complete store ``store=`` names, used as it is (not re-extracted); None when
     ``store=`` is unset or names no complete store yet (extraction then writes it there)."""
@@ -102,7 +113,8 @@ def _slot_run_fits(cfg: DictConfig) -> bool:
 
 
 def run_pipeline(cfg: DictConfig, skip_bad: bool = False, overwrite: bool = False) -> dict:
-    """Run every stage; returns {"store", "dvae_run", "run_dir", "metrics", "picture"}.
+    """Run every stage; returns {"store", "dvae_run", "run_dir", "metrics", "picture"} (and
+    "encoder_run" when stage 0 ran).
 
     ``store=`` naming a complete store uses it as it is (no extraction). ``overwrite`` replaces
     what belongs to other inputs (a store of other settings at the target, a dVAE or slot run of
@@ -122,6 +134,14 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False, overwrite: bool = Fals
         t = _stage("synthetic data")
         root = ensure_synthetic_data(cfg)
         _done(t, f"videos in {root}")
+
+    if pinned is None and trains_own_encoder(cfg):  # (a pinned store needs no encoder)
+        from stages.pretrain_encoder import pretrain as pretrain_encoder
+
+        t = _stage("stage 0: pretrain-encoder")
+        encoder_run = pretrain_encoder(cfg)
+        result["encoder_run"] = str(encoder_run)
+        _done(t, f"encoder {encoder_run / 'encoder.pth'}")
 
     t = _stage("stage 1: extract-features")
     if pinned is not None:
@@ -174,7 +194,7 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False, overwrite: bool = Fals
     "keep those that match.",
 )
 def run(cfg: DictConfig, skip_bad: bool = False, overwrite: bool = False):
-    """Run the whole pipeline (data, extract, dVAE, slots, evaluate, visualize) in order.
+    """Run the whole pipeline (data, [encoder], extract, dVAE, slots, evaluate, visualize) in order.
 
     Stages whose outputs already exist and match the config are skipped; an interrupted
     stage resumes where it stopped. Rerun the same command after a crash. store=FINGERPRINT (or

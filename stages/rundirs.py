@@ -23,6 +23,7 @@ import logging
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def write_run_files(run_dir: Path, cfg: DictConfig, inputs: dict) -> None:
     write_json(run_dir / "inputs.json", inputs)
 
 
-# What egoslots writes at the top of a run directory (stage 2, stage 3, evaluate, visualize,
+# What egoslots writes at the top of a run directory (stages 0, 2 and 3, evaluate, visualize,
 # export's default OUT, Lightning's hparams) and its own temporary files.
 RUN_MARKER = ".egoslots-run"
 LOCK_NAME = ".egoslots-lock"  # held by a stage writing into the run (stages/locks.py)
@@ -92,6 +93,10 @@ RUN_ENTRIES = (
     "tb",
     "dvae.json",
     "dvae.pt",
+    "frames",  # pretrain-encoder's decoded train frames
+    "encoder.pth",
+    "encoder.pth.tmp",
+    "encoder.json",
     "metrics.json",
     "metrics.md",
     "viz",
@@ -223,6 +228,25 @@ def check_checkpoint_files(ckpt_dir: Path) -> None:
             f"{last} is not a file (a folder?): egoslots writes the newest checkpoint there; "
             "move it away, then rerun the same command"
         )
+
+
+def resume_checkpoint(ckpt_dir: Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint a training stage resumes from: ``--resume`` (which must exist), else the
+    newest one in ``ckpt_dir`` that loads (:func:`find_resume_checkpoint`), else None.
+
+    Also silences the two Lightning warnings every such resume triggers and that mean nothing
+    here: resuming mid-"epoch" (the samplers are resumable) and a non-empty checkpoint folder."""
+    warnings.filterwarnings(
+        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*"
+    )
+    warnings.filterwarnings(
+        "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
+    )
+    if resume is not None:
+        if not Path(resume).is_file():
+            raise StageError(f"--resume {resume}: no such checkpoint file")
+        return Path(resume)
+    return find_resume_checkpoint(ckpt_dir)
 
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -45,7 +45,7 @@ def schema_leaves(node: Any = None, prefix: str = "") -> dict[str, type]:
 
 
 LEAVES = schema_leaves()
-NUMERIC = sorted(k for k, t in LEAVES.items() if t in (int, float) or k in ("trainer.devices",))
+NUMERIC = sorted(k for k, t in LEAVES.items() if t in (int, float) or k.endswith(".devices"))
 LISTS = sorted(k for k, t in LEAVES.items() if t is list)
 PATHS = sorted(k for k, lim in LIMITS.items() if lim.kind in ("folder", "path"))
 
