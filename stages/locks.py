@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cache.location import process_running
 from stages.common import StageError
-from stages.rundirs import LOCK_NAME
+from stages.rundirs import LOCK_NAME, remove_run_dir
 
 log = logging.getLogger("egoslots")
 
@@ -116,3 +116,18 @@ def run_lock(run_dir: Path, command: str) -> Iterator[None]:
             path.unlink(missing_ok=True)
         if created and not any(run_dir.iterdir()):
             run_dir.rmdir()  # refused before writing anything: leave no empty run directory
+
+
+@contextmanager
+def writing_run(run_dir: Path, command: str, overwrite: bool, rank_zero: bool) -> Iterator[None]:
+    """A training stage's hold on its run directory: with ``overwrite``, first delete it (only
+    when no one writes it, and only what egoslots wrote: ``rundirs.remove_run_dir``), then hold
+    its lock for the block. DDP ranks other than 0 neither delete nor lock."""
+    if not rank_zero:
+        yield
+        return
+    if overwrite:
+        check_unlocked(run_dir, "it cannot be deleted while it trains")
+        remove_run_dir(run_dir)
+    with run_lock(run_dir, command):
+        yield

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -49,12 +48,11 @@ from stages.callbacks import LossGuard, ReconstructionPictures
 from stages.common import TrainingDiverged, config_command, output_writes
 from stages.datamodules import FrameData
 from stages.dvae_task import DVAETask
-from stages.locks import check_unlocked, run_lock
+from stages.locks import writing_run
 from stages.rundirs import (
     check_checkpoint_files,
     read_checkpoint,
     read_json,
-    remove_run_dir,
     resume_checkpoint,
     run_dir_of,
     saved_config,
@@ -213,10 +211,7 @@ def pretrain(
     # only rank 0 writes into the run directory and the store. All ranks must agree on whether
     # to train, so only rank 0 deletes, and the other ranks of an --overwrite run always train.
     zero = is_rank_zero()
-    if zero and overwrite:
-        check_unlocked(run_dir, "it cannot be deleted while it trains")
-        remove_run_dir(run_dir)
-    with run_lock(run_dir, "egoslots pretrain-dvae") if zero else nullcontext():
+    with writing_run(run_dir, "egoslots pretrain-dvae", overwrite, zero):
         if zero:
             check_run_dir(run_dir, cfg, store)
         _pretrain_locked(

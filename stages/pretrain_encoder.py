@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -60,11 +59,10 @@ from stages.encoder_frames import (
 )
 from stages.encoder_task import CropDataset, EncoderTask
 from stages.interrupts import CheckpointOnSigterm, SIGTERMException
-from stages.locks import check_unlocked, run_lock
+from stages.locks import writing_run
 from stages.rundirs import (
     read_checkpoint,
     read_json,
-    remove_run_dir,
     resume_checkpoint,
     write_json,
     write_run_files,
@@ -271,10 +269,7 @@ def pretrain(
     }
     run_dir = run_dir_of(cfg)
     zero = is_rank_zero()
-    if zero and overwrite:
-        check_unlocked(run_dir, "it cannot be deleted while it trains")
-        remove_run_dir(run_dir)
-    with run_lock(run_dir, "egoslots pretrain-encoder") if zero else nullcontext():
+    with writing_run(run_dir, "egoslots pretrain-encoder", overwrite, zero):
         if zero:
             check_run_dir(run_dir, cfg, inputs)
         return _pretrain_locked(cfg, source, arch, run_dir, inputs, resume, callbacks)

@@ -24,7 +24,6 @@ checkpoint compatibility), ``inference.py`` (loading a trained run).
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from pipeline.config import resolve
 from stages.callbacks import FinalCheckpoint, LossGuard, SlotPictures
 from stages.common import StageError, config_command, output_writes
 from stages.datamodules import ClipData, example_clip
-from stages.locks import check_unlocked, run_lock
+from stages.locks import check_unlocked, writing_run
 from stages.rundirs import (
     catch_up_last,
     check_checkpoint_files,
@@ -49,7 +48,6 @@ from stages.rundirs import (
     find_resume_checkpoint,
     read_checkpoint,
     read_json,
-    remove_run_dir,
     run_dir_of,
     saved_config,
     write_run_files,
@@ -174,11 +172,8 @@ def train(cfg: DictConfig, resume: str | Path | None = None, overwrite: bool = F
     cfg_dict = resolve(cfg)
     run_dir = run_dir_of(cfg, cfg.run_name)
     ckpt_dir = run_dir / "checkpoints"
-    if overwrite and is_rank_zero():
-        check_unlocked(run_dir, "it cannot be deleted while it trains")
-        remove_run_dir(run_dir)
-    check_checkpoint_files(ckpt_dir)
-    with run_lock(run_dir, "egoslots train-slots") if is_rank_zero() else nullcontext():
+    with writing_run(run_dir, "egoslots train-slots", overwrite, is_rank_zero()):
+        check_checkpoint_files(ckpt_dir)
         return _train_locked(cfg, inputs, cfg_dict, run_dir, resume)
 
 
