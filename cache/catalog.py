@@ -282,6 +282,11 @@ def _matching_store(new: NewStore, overwrite: bool) -> FeatureStore | None:
         store, found = None, f"unreadable ({err})"
     if found == fingerprint:
         return store
+    if store is None and not FeatureStore.written_by_egoslots(path):
+        raise StoreError(
+            f"refusing to replace {path}: it is not an egoslots feature store ({found}); "
+            "egoslots only replaces what it wrote: set store= to another path, or move it away"
+        )
     if overwrite:
         log.info("--overwrite: replacing %s (fingerprint %s)", path, found)
         return None

@@ -2,12 +2,19 @@
 
 The fingerprint names a store (``<work_dir>/stores/<fingerprint>.zarr``) and changes exactly
 when the bytes extraction would write change: the video table (ids, lengths, splits and each
-video's files by relative path, size and mtime, never their contents), preprocessing, the
+video's files by relative path and size: never their mtime, see below), preprocessing, the
 backbone's ``describe()`` (name, checkpoint sha256, block, final norm, input size, mean/std),
 compute and storage dtypes, horizontal-flip caching, frame size and the store format version.
 Batch size, workers, device and progress are not inputs. It is 16 hex characters of the
 SHA-256 of the inputs as canonical JSON; the inputs themselves are recorded in the store's
 attrs so that a mismatch can be explained key by key.
+
+Why (path, size) and not mtime or contents: an mtime changes when nothing extraction reads
+changed (``touch``, ``cp`` without ``-p``, a restore from backup, a sync tool), and a new
+fingerprint then means a new store, hours of re-extraction and later stages refusing the old
+runs; hashing contents would read every byte of the dataset (terabytes for SAYCam) each time a
+store is looked for. A re-encoded or edited frame almost always changes its size; an edit that
+keeps every byte count is not noticed: re-extract with ``extract-features --overwrite``.
 
 Later stages never rebuild the backbone or rescan the data to find their store: they match
 the extraction *settings* (:func:`extraction_settings`, the config keys that feed the
@@ -40,12 +47,13 @@ def _digest(value: Any) -> str:
 def video_table_inputs(videos: Iterable) -> list[list]:
     """[[id, num_frames, split, files digest], ...] from a source's ``VideoInfo`` rows.
 
-    A video's files (relative path, size, mtime_ns) are folded into one digest per video, so
-    the recorded inputs stay small for frame folders with millions of files.
+    A video's files (relative path, size, and a content digest where a source has one: see
+    :class:`~pipeline.data.base.FileIdentity`) are folded into one digest per video, so the
+    recorded inputs stay small for frame folders with millions of files.
     """
     rows = []
     for v in videos:
-        files = [[f.path, int(f.size), int(f.mtime_ns)] for f in v.files]
+        files = [[f.path, int(f.size), int(f.content)] for f in v.files]
         rows.append([v.video_id, int(v.num_frames), v.split, _digest(files)[:16]])
     return rows
 

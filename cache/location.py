@@ -181,7 +181,7 @@ def remove_orphans(paths: Iterable[Path]) -> None:
     process's temporaries are left alone; names without a PID are not ours to judge."""
     for path in paths:
         pid = path.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or (int(pid) != os.getpid() and _process_running(int(pid))):
+        if not pid.isdigit() or (int(pid) != os.getpid() and process_running(int(pid))):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -189,7 +189,7 @@ def remove_orphans(paths: Iterable[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _process_running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:

@@ -539,6 +539,17 @@ class FeatureStore:
         return names
 
     @staticmethod
+    def written_by_egoslots(path: Location) -> bool:
+        """True if ``path`` is a zarr group egoslots made: a store of any format version (its
+        ``egoslots`` attrs) or an unfinished creation. Only such a path may be deleted or
+        replaced (``extract-features --overwrite``, ``cache rm``)."""
+        try:
+            group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        except Exception:  # noqa: BLE001 - not a zarr group: not ours
+            return False
+        return ATTRS_KEY in group.attrs or FeatureStore.unfinished_creation(path)
+
+    @staticmethod
     def unfinished_creation(path: Location) -> bool:
         """True if ``path`` holds a zarr group that :meth:`create` started but never finished
         (no egoslots attrs yet, nothing but the arrays ``create`` makes): safe to recreate."""

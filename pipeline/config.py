@@ -12,6 +12,9 @@ design does not have get an explanation instead of a bare "unknown key".
 from __future__ import annotations
 
 import difflib
+import math
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config_schema import DECODER_MIXINGS, DVAE_ARCHS, Config
+from pipeline.config_schema import LIMITS, Config, Limit
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -191,6 +194,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path or 'config'}: {_describe(err)}") from err
+    _expand_paths(cfg)
+    check_limits(cfg)
     _validate(cfg)
     return cfg
 
@@ -201,6 +206,107 @@ def _describe(err: OmegaConfBaseException) -> str:
     return f"key '{key}': {msg}" if key else msg
 
 
+# --------------------------------------------------------------------------------------------
+# Values: every key against its Limit in the schema, then what needs two keys at once
+# --------------------------------------------------------------------------------------------
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._+=@-]{1,100}")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+UNSET_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _expand_paths(cfg: DictConfig) -> None:
+    """``~`` and ``$VARS`` in path keys, expanded once here (a shell would have done it; a YAML
+    file or a quoted override does not), so no stage creates a literal ``./$HOME`` folder."""
+    for key, limit in LIMITS.items():
+        if limit.kind not in ("folder", "path"):
+            continue
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, str) or "://" in value:
+            continue
+        expanded = os.path.expandvars(os.path.expanduser(value))
+        unset = UNSET_VARIABLE.search(expanded)
+        if unset:
+            raise ConfigError(
+                f"{key}={value!r}: the environment variable ${unset.group(1)} is not set; "
+                "set it, or write the path out"
+            )
+        if expanded != value:
+            OmegaConf.update(cfg, key, expanded, merge=False)
+
+
+def _leaves(node: Any, key: str) -> Iterable[tuple[str, Any]]:
+    """(limit key, value) of a resolved value: list items and list-of-dict fields share the
+    list's key (``optimizer.param_groups.lr`` for every group's lr)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list) and not key.endswith(".devices"):
+        for item in node:
+            yield from _leaves(item, key)
+    else:
+        yield key, node
+
+
+def check_limits(cfg: DictConfig) -> None:
+    """Every value against its key's :class:`~pipeline.config_schema.Limit`: one ConfigError
+    naming the first key at fault, its value and what it accepts."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    for key, value in _leaves(values, ""):
+        limit = LIMITS.get(key)
+        if limit is None or value is None:
+            continue
+        problem = _problem(limit, value)
+        if problem:
+            raise ConfigError(f"{key}={value!r} {problem}: must be {limit.describe()}")
+
+
+def _problem(limit: Limit, value: Any) -> str | None:
+    """Why ``value`` breaks ``limit`` (a few words), or None when it is fine."""
+    if limit.choices is not None:
+        return None if str(value) in limit.choices else "is not allowed"
+    if limit.kind == "name":
+        ok = NAME_PATTERN.fullmatch(str(value)) and str(value) not in (".", "..")
+        return None if ok else "is not a plain folder name"
+    if limit.kind == "device":
+        return None if DEVICE_PATTERN.fullmatch(str(value)) else "is not a device"
+    if limit.kind == "devices":
+        return None if _devices_ok(value) else "is not a device count or list"
+    if limit.kind == "folder":
+        return _folder_problem(Path(str(value)))
+    if limit.kind == "path":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "is not a number"
+    if not math.isfinite(value):
+        return "is not finite"
+    low_ok = limit.low is None or (value > limit.low if limit.low_open else value >= limit.low)
+    high_ok = limit.high is None or (value < limit.high if limit.high_open else value <= limit.high)
+    return None if low_ok and high_ok else "is out of range"
+
+
+def _devices_ok(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 1 or value == -1
+    if isinstance(value, list):
+        return bool(value) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        )
+    return str(value) == "auto" or re.fullmatch(r"\d+(,\d+)*,?", str(value)) is not None
+
+
+def _folder_problem(path: Path) -> str | None:
+    """A folder key must not name a file, nor a place under a file."""
+    for place in (path, *path.parents):
+        try:
+            if place.exists() and not place.is_dir():
+                return "is a file" if place == path else f"is inside the file {place}"
+        except OSError as err:  # a name too long, a loop of links: say so, not a traceback
+            return f"cannot be used ({err.strerror or err})"
+    return None
+
+
 def _validate(cfg: DictConfig) -> None:
     """Cross-field checks that a schema cannot express."""
     g = cfg.globals
@@ -209,17 +315,40 @@ def _validate(cfg: DictConfig) -> None:
             "globals.USE_STEVE_DECODER=true needs globals.USE_DVAE=true: the STEVE decoder predicts "
             "the dVAE's tokens. Set globals.USE_STEVE_DECODER=false for a run without the dVAE."
         )
-    if g.NUM_SLOTS < 1:
-        raise ConfigError(f"globals.NUM_SLOTS must be >= 1, got {g.NUM_SLOTS}")
-    if cfg.dvae.arch not in DVAE_ARCHS:
-        raise ConfigError(f"dvae.arch={cfg.dvae.arch} is not one of {', '.join(DVAE_ARCHS)}")
-    if cfg.decoder.mixing not in DECODER_MIXINGS:
+    slot_dim, heads = int(cfg.model.slot_dim), int(cfg.predictor.num_heads)
+    if cfg.predictor.enabled and slot_dim % heads:
         raise ConfigError(
-            f"decoder.mixing={cfg.decoder.mixing} is not one of {', '.join(DECODER_MIXINGS)}"
+            f"model.slot_dim={slot_dim} (globals.SLOT_DIM) is not divisible by "
+            f"predictor.num_heads={heads}: choose a multiple of it, or change predictor.num_heads"
         )
-    if g.VOCAB_SIZE > 65536:
+    sd = cfg.steve_decoder
+    if sd.enabled and int(sd.d_model) % int(sd.num_heads):
         raise ConfigError(
-            f"globals.VOCAB_SIZE={g.VOCAB_SIZE} is over 65536: token ids are cached as uint16."
+            f"steve_decoder.d_model={sd.d_model} is not divisible by "
+            f"steve_decoder.num_heads={sd.num_heads}"
+        )
+    for group in cfg.optimizer.param_groups:
+        try:
+            re.compile(group.regex)
+        except re.error as err:
+            raise ConfigError(
+                f"optimizer.param_groups regex {group.regex!r} is not a regular expression ({err})"
+            ) from err
+    s = cfg.dataset.synthetic
+    if int(s.min_objects) > int(s.max_objects):
+        raise ConfigError(
+            f"dataset.synthetic.min_objects={s.min_objects} is above max_objects={s.max_objects}"
+        )
+    split = cfg.dataset.split
+    if float(split.val) + float(split.test) > 1:
+        raise ConfigError(
+            f"dataset.split.val={split.val} and dataset.split.test={split.test} sum to more "
+            "than 1: they are the fractions of videos held out"
+        )
+    if g.USE_DVAE and int(cfg.extract.frame_size) % 4:
+        raise ConfigError(
+            f"extract.frame_size={cfg.extract.frame_size} (globals.FRAME_SIZE) must be a multiple "
+            "of 4: the dVAE makes one token per 4x4 pixels"
         )
     if cfg.backbone.name == "self" and cfg.backbone.encoder_run is None:
         # the encoder this config's `pretrain-encoder` trains (stage 0)

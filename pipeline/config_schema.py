@@ -388,3 +388,238 @@ class Config:
     optimizer: Optimizer = field(default_factory=Optimizer)
     trainer: Trainer = field(default_factory=Trainer)
     evaluate: Evaluate = field(default_factory=Evaluate)
+
+
+# --------------------------------------------------------------------------------------------
+# What values each key accepts, beyond its type: the one place config values are range-checked
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Limit:
+    """The values one config key accepts (a ``None`` value is judged by the key's type alone).
+
+    Numbers must be finite and inside ``[low, high]`` (``low_open`` / ``high_open`` exclude the
+    end); ``choices`` lists the allowed strings; ``kind`` names a rule of its own: ``name`` (a
+    folder name under ``runs/``), ``path`` (``~`` and ``$VARS`` expanded, never a file where a
+    folder is meant), ``devices`` (Lightning's ``devices``: ``auto``, N >= 1, -1 or a list of
+    GPU indices), ``device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    kind: str | None = None
+
+    def describe(self) -> str:
+        """The allowed values in words, for the error line."""
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is not None:
+            return KIND_WORDS[self.kind]
+        low = "" if self.low is None else f"{'(' if self.low_open else '['}{_num(self.low)}"
+        high = "" if self.high is None else f"{_num(self.high)}{')' if self.high_open else ']'}"
+        if self.low is not None and self.high is not None:
+            return f"a finite number in {low}, {high}"
+        if self.low is not None:
+            return f"a finite number {'>' if self.low_open else '>='} {_num(self.low)}"
+        return f"a finite number {'<' if self.high_open else '<='} {_num(self.high)}"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+KIND_WORDS = {
+    "name": "a folder name of 1-100 characters from A-Z a-z 0-9 . _ - + = @ (not '.' or '..')",
+    "folder": "a folder (~ and $VARS are expanded; not a file)",
+    "path": "a path (~ and $VARS are expanded)",
+    "devices": "auto, a number of devices >= 1, -1 (all) or a list of device indices",
+    "device": "auto, cpu, cuda or cuda:N",
+}
+
+
+def at_least(low: float, high: float | None = None) -> Limit:
+    return Limit(low=low, high=high)
+
+
+def above(low: float, high: float | None = None, high_open: bool = False) -> Limit:
+    return Limit(low=low, low_open=True, high=high, high_open=high_open)
+
+
+def one_of(*choices: str) -> Limit:
+    return Limit(choices=choices)
+
+
+COUNT = at_least(1)  # steps, sizes, counts: 1 or more
+WORKERS = at_least(0, 256)
+# Whole-model half precision (16-true, bf16-true) is not among them: the models keep fp32 parts.
+PRECISIONS = one_of("auto", "32", "32-true", "fp32", "bf16", "bf16-mixed", "16-mixed")
+ACCELERATORS = one_of("auto", "cpu", "gpu", "cuda")
+FRACTION = at_least(0, 1)
+
+# Every key whose values are narrower than its type. tests/test_config_limits.py checks that
+# every numeric, list and path key of the schema is here, and tries 0, -1, nan and huge values.
+LIMITS: dict[str, Limit] = {
+    "work_dir": Limit(kind="folder"),
+    "run_name": Limit(kind="name"),
+    "seed": at_least(0, 2**32 - 1),
+    "store": Limit(kind="path"),
+    "store_dir": Limit(kind="path"),
+    "dvae_run": Limit(kind="folder"),
+    "globals.NUM_SLOTS": at_least(1, 1024),
+    "globals.SLOT_DIM": at_least(1, 65536),
+    "globals.VOCAB_SIZE": at_least(2, 65536),
+    "globals.NUM_FRAMES": at_least(1, 100000),
+    "globals.BATCH_SIZE_PER_GPU": at_least(1, 1 << 20),
+    "globals.IMAGE_SIZE": at_least(1, 8192),
+    "globals.FRAME_SIZE": at_least(4, 8192),
+    "dataset.source": one_of("frames", "video", "hdf5", "webdataset", "synthetic"),
+    "dataset.path": Limit(kind="path"),
+    "dataset.fps": above(0, 1000),
+    "dataset.hdf5.layout": one_of("video", "image"),
+    "dataset.split.val": FRACTION,
+    "dataset.split.test": FRACTION,
+    "dataset.synthetic.videos": at_least(1, 1 << 20),
+    "dataset.synthetic.frames": at_least(1, 1 << 20),
+    "dataset.synthetic.size": at_least(8, 4096),
+    "dataset.synthetic.seed": at_least(0, 2**31 - 1),
+    "dataset.synthetic.min_objects": at_least(1, 64),
+    "dataset.synthetic.max_objects": at_least(1, 64),
+    "dataset.synthetic.fps": above(0, 1000),
+    "dataset.max_videos": COUNT,
+    "dataset.ep_length": at_least(1, 100000),
+    "dataset.clip_stride": at_least(1, 100000),
+    "dataset.frame_step": at_least(1, 100000),
+    "dataset.batch_size": at_least(1, 1 << 20),
+    "dataset.num_workers": WORKERS,
+    "backbone.checkpoint": Limit(kind="path"),
+    "backbone.encoder_run": Limit(kind="folder"),
+    "backbone.block": at_least(-1000, 1000),
+    "backbone.input_size": at_least(1, 8192),
+    "backbone.patch_size": at_least(1, 8192),
+    "backbone.proj_dim": at_least(1, 65536),
+    "backbone.mean": at_least(-1000, 1000),
+    "backbone.std": above(0, 1000),
+    "augment.hflip": one_of("none", "cache"),
+    "extract.batch_size": at_least(1, 1 << 20),
+    "extract.num_workers": WORKERS,
+    "extract.dtype": one_of("float16", "bfloat16", "int8", "float32"),
+    "extract.compute": one_of("auto", "fp32", "bf16"),
+    "extract.device": Limit(kind="device"),
+    "extract.frame_size": at_least(4, 8192),
+    "extract.frames_per_chunk": at_least(1, 1 << 20),
+    "extract.inner_chunk": at_least(1, 1 << 20),
+    "extract.compressor": one_of("none", "zstd", "blosc"),
+    "dvae.run_name": Limit(kind="name"),
+    "dvae.vocab_size": at_least(2, 65536),
+    "dvae.hidden": at_least(1, 4096),
+    "dvae.arch": one_of(*DVAE_ARCHS),
+    "dvae.lr": above(0, 10),
+    "dvae.batch_size": at_least(1, 1 << 20),
+    "dvae.max_steps": at_least(1, 10**9),
+    "dvae.tau_start": above(0, 1000),
+    "dvae.tau_final": above(0, 1000),
+    "dvae.tau_steps": at_least(1, 10**9),
+    "dvae.kl_weight": at_least(0, 1e6),
+    "dvae.geco.target": above(0, 1e6),
+    "dvae.geco.eta": at_least(0, 1e6),
+    "dvae.geco.ema": Limit(low=0, high=1, high_open=True),
+    "dvae.geco.warmup_steps": at_least(0, 10**9),
+    "dvae.geco.beta_init": above(0, 1e6),
+    "dvae.geco.beta_min": above(0, 1e6),
+    "dvae.ckpt_every": at_least(1, 10**9),
+    "dvae.log_every": at_least(1, 10**9),
+    "dvae.image_every": at_least(1, 10**9),
+    "dvae.num_workers": WORKERS,
+    "dvae.tokenize_batch_size": at_least(1, 1 << 20),
+    "dvae.tokenize_device": Limit(kind="device"),
+    "dvae.accelerator": ACCELERATORS,
+    "dvae.precision": PRECISIONS,
+    "dvae.devices": Limit(kind="devices"),
+    "dvae.num_nodes": at_least(1, 100000),
+    "model.num_slots": at_least(1, 1024),
+    "model.slot_dim": at_least(1, 65536),
+    "model.initializer.name": one_of("fixed", "gaussian"),
+    "model.loss_weights.loss_featrec": at_least(0, 1e6),
+    "model.loss_weights.loss_ss": at_least(0, 1e6),
+    "model.loss_weights.loss_steve_ce": at_least(0, 1e6),
+    "grouper.n_iters": at_least(1, 100),
+    "grouper.n_iters_first": at_least(1, 100),
+    "grouper.eps": above(0, 1),
+    "grouper.mlp_ratio": at_least(1, 64),
+    "predictor.num_heads": at_least(1, 1024),
+    "predictor.ffn_ratio": at_least(1, 64),
+    "predictor.attn_scale": one_of("published", "standard"),
+    "decoder.hidden_dims": at_least(1, 65536),
+    "decoder.mixing": one_of(*DECODER_MIXINGS),
+    "steve_decoder.num_blocks": at_least(1, 256),
+    "steve_decoder.num_heads": at_least(1, 1024),
+    "steve_decoder.d_model": at_least(1, 65536),
+    "steve_decoder.dropout": Limit(low=0, high=1, high_open=True),
+    "losses.loss_ss.temperature": above(0, 1e6),
+    "optimizer.lr": above(0, 10),
+    "optimizer.param_groups.lr": above(0, 10),  # every group's lr
+    "optimizer.warmup_steps": at_least(0, 10**9),
+    "trainer.max_steps": at_least(1, 10**9),
+    "trainer.gradient_clip_val": at_least(0, 1e6),
+    "trainer.precision": PRECISIONS,
+    "trainer.accelerator": ACCELERATORS,
+    "trainer.devices": Limit(kind="devices"),
+    "trainer.num_nodes": at_least(1, 100000),
+    "trainer.ckpt_every": at_least(1, 10**9),
+    "trainer.val_every": at_least(1, 10**9),
+    "trainer.val_batches": at_least(0, 10**9),
+    "trainer.log_every": at_least(1, 10**9),
+    "trainer.image_every": at_least(1, 10**9),
+    "pretrain_encoder.run_name": Limit(kind="name"),
+    "pretrain_encoder.patch_size": at_least(1, 1024),
+    "pretrain_encoder.embed_dim": at_least(1, 65536),
+    "pretrain_encoder.depth": at_least(1, 256),
+    "pretrain_encoder.num_heads": at_least(1, 1024),
+    "pretrain_encoder.mlp_ratio": above(0, 64),
+    "pretrain_encoder.drop_path_rate": Limit(low=0, high=1, high_open=True),
+    "pretrain_encoder.image_size": at_least(1, 8192),
+    "pretrain_encoder.frame_step": at_least(1, 100000),
+    "pretrain_encoder.out_dim": at_least(1, 1 << 20),
+    "pretrain_encoder.hidden_dim": at_least(1, 65536),
+    "pretrain_encoder.bottleneck_dim": at_least(1, 65536),
+    "pretrain_encoder.crops": one_of("batched", "lightly"),
+    "pretrain_encoder.num_local_crops": at_least(0, 64),
+    "pretrain_encoder.local_size": at_least(1, 8192),
+    "pretrain_encoder.global_scale": above(0, 1),
+    "pretrain_encoder.local_scale": above(0, 1),
+    "pretrain_encoder.hflip": FRACTION,
+    "pretrain_encoder.color_jitter": FRACTION,
+    "pretrain_encoder.color_strength": at_least(0, 100),
+    "pretrain_encoder.grayscale": FRACTION,
+    "pretrain_encoder.blur": FRACTION,
+    "pretrain_encoder.blur_sigma": above(0, 1000),
+    "pretrain_encoder.solarize": FRACTION,
+    "pretrain_encoder.student_temp": above(0, 100),
+    "pretrain_encoder.teacher_temp": above(0, 100),
+    "pretrain_encoder.warmup_teacher_temp": above(0, 100),
+    "pretrain_encoder.warmup_teacher_temp_steps": at_least(0, 10**9),
+    "pretrain_encoder.center_momentum": FRACTION,
+    "pretrain_encoder.momentum_teacher": FRACTION,
+    "pretrain_encoder.batch_size": at_least(1, 1 << 20),
+    "pretrain_encoder.max_steps": at_least(1, 10**9),
+    "pretrain_encoder.lr": above(0, 10),
+    "pretrain_encoder.min_lr": at_least(0, 10),
+    "pretrain_encoder.warmup_steps": at_least(0, 10**9),
+    "pretrain_encoder.weight_decay": at_least(0, 100),
+    "pretrain_encoder.weight_decay_end": at_least(0, 100),
+    "pretrain_encoder.clip_grad": at_least(0, 1e6),
+    "pretrain_encoder.freeze_last_layer_steps": at_least(0, 10**9),
+    "pretrain_encoder.ckpt_every": at_least(1, 10**9),
+    "pretrain_encoder.log_every": at_least(1, 10**9),
+    "pretrain_encoder.image_every": at_least(0, 10**9),  # 0 = never
+    "pretrain_encoder.num_workers": WORKERS,
+    "pretrain_encoder.accelerator": ACCELERATORS,
+    "pretrain_encoder.precision": PRECISIONS,
+    "pretrain_encoder.devices": Limit(kind="devices"),
+    "pretrain_encoder.num_nodes": at_least(1, 100000),
+    "evaluate.split": one_of("train", "val", "test"),
+    "evaluate.max_videos": COUNT,
+    "evaluate.probe_train_videos": COUNT,
+}

@@ -7,6 +7,7 @@ STORE is a store path or URL, or a fingerprint (or a unique prefix of one) under
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -65,6 +66,8 @@ def cache():
 def ls(work_dir: str, store_dir: str | None):
     """Stores under WORK_DIR/stores (or --store-dir): fingerprint, state, size, backbone, frames, dtype."""
     folder = catalog.stores_dir(work_dir, store_dir)
+    if not store_dir and Path(work_dir).exists() and not Path(work_dir).is_dir():
+        raise click.ClickException(f"WORK_DIR {work_dir} is a file, not a work directory")
     try:
         paths = catalog.list_stores(folder)
     except StoreError as err:  # an unreachable remote folder
@@ -229,10 +232,11 @@ def verify(store: str, work_dir: str, store_dir: str | None, repair: bool):
 def rm(store: str, work_dir: str, store_dir: str | None, yes: bool):
     """Delete a store (asks first unless --yes)."""
     path = find_store(store, work_dir, store_dir)
-    try:
-        FeatureStore.open(path, require_complete=False)
-    except StoreError as err:
-        raise click.ClickException(f"refusing to delete {path}: {err}") from err
+    if not FeatureStore.written_by_egoslots(path):  # (stores of an older format may go too)
+        raise click.ClickException(
+            f"refusing to delete {path}: it is not an egoslots feature store (no zarr group with "
+            "'egoslots' attrs); egoslots only deletes stores it wrote"
+        )
     size = human_bytes(size_bytes(path))
     if not yes and not click.confirm(f"delete {path} ({size})?", default=False):
         click.echo("kept")

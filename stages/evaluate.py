@@ -406,13 +406,20 @@ def _finite(value):
 )
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
-    "--split", default="test", show_default=True, help="Split to evaluate: train | val | test."
+    "--split",
+    type=click.Choice(["train", "val", "test"]),
+    default="test",
+    show_default=True,
+    help="Split to evaluate.",
 )
 @click.option(
     "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
 )
 @click.option(
-    "--max-videos", type=int, default=None, help="Evaluate only the first N videos of the split."
+    "--max-videos",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Evaluate only the first N videos of the split.",
 )
 @click.option("--no-probe", is_flag=True, help="Skip the property probe.")
 @click.option(

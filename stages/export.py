@@ -72,8 +72,11 @@ def export_slots_run(
 ) -> Path:
     """Export slots, masks and tokens of every video of ``split``; returns the output path."""
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / f"slots_{split}.zarr"
+    out = Path(out).expanduser().absolute() if out is not None else run_dir / f"slots_{split}.zarr"
+    if not out.name:
+        raise StageError(f"OUT={out} is not a file or folder name: give e.g. slots.zarr")
     as_npz = out.suffix == ".npz"
+    check_replaceable(out)
     ident = checkpoint_identity(run_dir, checkpoint)
     model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
     meta = {
@@ -87,8 +90,8 @@ def export_slots_run(
         "max_videos": max_videos,
     }
     if out.exists() and not overwrite:
-        previous = _read_meta(out)
-        if previous is not None and {k: previous.get(k) for k in meta} == meta:
+        previous = _read_meta(out) or {}
+        if {k: previous.get(k) for k in meta} == meta:
             log.info("export already in %s", out)
             return out
         raise StageError(
@@ -103,7 +106,7 @@ def export_slots_run(
     videos = store.videos_in(split, hflip=False)[:total]
     num_frames = sum(v.length for v in videos)
 
-    tmp = out.with_name(out.name + ".partial")  # a zarr folder is renamed into place when done
+    tmp = partial_path(out)  # a zarr folder is renamed into place when done
     _remove(tmp)
     writer = _NpzWriter(out) if as_npz else _ZarrWriter(tmp)
     row, ids, firsts, lengths = 0, [], [], []
@@ -254,7 +257,44 @@ def _read_meta(path: Path) -> dict | None:
         return None
 
 
+# What an export folder holds at its top: zarr's own file and the arrays written above.
+EXPORT_ENTRIES = frozenset(
+    {"zarr.json", "slots", "masks", "attention_masks", "tokens"}
+    | {"video_ids", "video_first", "video_length"}
+)
+
+
+def partial_path(out: Path) -> Path:
+    """Where a zarr export is written before it is renamed to ``out``."""
+    return out.with_name(out.name + ".partial")
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse, before any work, an OUT (or its ``.partial``) that egoslots did not write: only an
+    earlier export (``egoslots_export`` attrs or an npz's meta, and nothing else in the folder)
+    may be replaced, whatever ``--overwrite`` says. ``.``, ``~`` or a folder of user files never."""
+    for path in (out, partial_path(out)):
+        if not path.exists() and not path.is_symlink():
+            continue
+        if path.is_symlink():
+            why = "it is a symbolic link"
+        elif path == out and _read_meta(path) is None:
+            why = "it is not an egoslots export"
+        elif path.is_dir() and not (path / "zarr.json").is_file():
+            why = "it is not a zarr folder egoslots started"
+        else:
+            foreign = sorted(set(os.listdir(path)) - EXPORT_ENTRIES) if path.is_dir() else []
+            if not foreign:
+                continue
+            why = f"it holds files an export never writes ({', '.join(foreign[:4])})"
+        raise StageError(
+            f"refusing to replace {path}: {why}; choose another OUT (egoslots only replaces "
+            "what it wrote)"
+        )
+
+
 def _remove(path: Path) -> None:
+    """Delete an earlier export or its ``.partial`` (:func:`check_replaceable` said it is ours)."""
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
@@ -268,13 +308,20 @@ def _remove(path: Path) -> None:
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(
-    "--split", default="test", show_default=True, help="Split to export: train | val | test."
+    "--split",
+    type=click.Choice(["train", "val", "test"]),
+    default="test",
+    show_default=True,
+    help="Split to export.",
 )
 @click.option(
     "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
 )
 @click.option(
-    "--max-videos", type=int, default=None, help="Export only the first N videos of the split."
+    "--max-videos",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Export only the first N videos of the split.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a different export.")
 def export_slots_command(

@@ -31,6 +31,7 @@ import logging
 import os
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import click
 import torch
@@ -49,6 +50,7 @@ from pipeline.data.base import SourceError
 from pipeline.preprocess import describe_preprocessing
 from stages.common import config_command
 from stages.extract_chunks import ChunkFrames, ChunkWriter, start_storage_copy, video_rows
+from stages.locks import check_unlocked
 from stages.runtime import extraction_compute, one_thread_per_worker, pick_device
 
 log = logging.getLogger("egoslots")
@@ -104,6 +106,7 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
     ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests). With
     ``skip_bad`` the source leaves out videos it cannot even list (they never enter the store).
     """
+    device = pick_device(cfg.extract.device, "extract.device")  # before any work
     if source is None:
         source = make_source(cfg, skip_bad=skip_bad)
     videos = list(source.videos())
@@ -114,8 +117,12 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
             f"no videos found in {cfg.dataset.path} (dataset.source={cfg.dataset.source})"
         )
 
-    device = pick_device(cfg.extract.device)
     compute = extraction_compute(cfg.extract.compute, device)
+    if cfg.backbone.name == "self":  # the encoder of a pretrain-encoder run: not while it trains
+        check_unlocked(
+            Path(cfg.backbone.encoder_run),
+            "extract-features would read its encoder.pth before that command has finished it",
+        )
     backbone = build_backbone(cfg.backbone).to(device)
     described = backbone.describe()
     frame_size, dtype, hflip = (
@@ -333,11 +340,16 @@ def _run_chunks(
 )
 @click.option(
     "--num-shards",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Split the work over this many processes (default: torchrun/SLURM, else 1).",
 )
-@click.option("--shard-id", type=int, default=None, help="Which shard this process is (0-based).")
+@click.option(
+    "--shard-id",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Which shard this process is (0-based).",
+)
 @click.option(
     "--skip-bad",
     is_flag=True,

@@ -1,4 +1,5 @@
-"""Stopping training on request without losing steps: SIGTERM (preemption, `scancel`, `kill`).
+"""Stopping training on request without losing steps: SIGTERM (preemption, `scancel`, `kill`)
+and Ctrl-C (SIGINT).
 
 Lightning already turns SIGTERM into a clean stop: it finishes the step in flight, then raises
 ``SIGTERMException`` on every rank. :class:`CheckpointOnSigterm` writes that step's checkpoint
@@ -17,9 +18,11 @@ at different moments may wait on each other. Lightning's own SLURM auto-requeue 
 ``#SBATCH --signal``) saves from inside the signal handler, possibly mid-step: prefer SIGTERM
 and ``--requeue``.
 
-Ctrl-C (SIGINT) is not handled here: it can land in the middle of an optimizer step, so the
-weights at that moment are not a consistent checkpoint. Use ``kill -TERM PID`` to stop a run
-and keep its last step.
+Ctrl-C (SIGINT) takes the same path: it can land in the middle of an optimizer step, so it only
+raises Lightning's stop flag (as SIGTERM does); the step in flight finishes, its checkpoint is
+written and the command ends with a hint how to resume and exit status 130 (128 + SIGINT). A
+second Ctrl-C stops at once (Python's KeyboardInterrupt), losing the steps since the last
+checkpoint. Workers ignore SIGINT too: a terminal sends it to the whole process group.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import functools
 import logging
 import multiprocessing
 import signal
+import threading
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
@@ -42,9 +46,11 @@ __all__ = ["CheckpointOnSigterm", "SIGTERMException", "Stopped", "ignore_sigterm
 
 
 class Stopped(StageError):
-    """Training stopped by SIGTERM after writing a checkpoint; rerunning resumes it."""
+    """Training stopped by SIGTERM or Ctrl-C after writing a checkpoint; rerunning resumes it."""
 
-    exit_code = 128 + signal.SIGTERM
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for Ctrl-C, as shells report them
 
 
 class CheckpointOnSigterm(Callback):
@@ -55,7 +61,33 @@ class CheckpointOnSigterm(Callback):
         self.command = command  # named in the message, e.g. "egoslots train-slots"
         self.saved: Path | None = None
         self.step = 0
+        self.signum = signal.SIGTERM  # which signal stopped the run
+        self._previous_sigint = None
         _kill_daemon_children_at_exit()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Ctrl-C raises Lightning's stop flag instead of KeyboardInterrupt (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigint(signum, frame):
+            if trainer._signal_connector.received_sigterm:  # the second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            log.warning(
+                "Ctrl-C: stopping after this step and saving its checkpoint (Ctrl-C again to "
+                "stop at once, losing the steps since the last checkpoint)"
+            )
+            self.signum = signal.SIGINT
+            # Lightning's own SIGTERM flag (no public setter): the step in flight finishes, then
+            # every loop raises SIGTERMException, handled below like a real SIGTERM.
+            trainer._signal_connector.received_sigterm = True
+
+        self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
@@ -71,18 +103,24 @@ class CheckpointOnSigterm(Callback):
             trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
             self.saved = path
         except Exception:  # noqa: BLE001 - a failed save must not stop Lightning's teardown
-            log.exception("could not save the checkpoint of step %d on SIGTERM", self.step)
+            log.exception("could not save the checkpoint of step %d on %s", self.step, self.name)
+
+    @property
+    def name(self) -> str:
+        return "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
 
     def stopped(self) -> Stopped:
         """The error to raise once ``trainer.fit`` has raised ``SIGTERMException``."""
         if self.saved is None:
             return Stopped(
-                f"stopped by SIGTERM before the first step finished; rerun the same `{self.command}` "
-                "command to start again"
+                f"stopped by {self.name} before the first step finished; rerun the same "
+                f"`{self.command}` command to start again",
+                self.signum,
             )
         return Stopped(
-            f"stopped by SIGTERM after step {self.step}; saved {self.saved}; rerun the same "
-            f"`{self.command}` command to resume from it"
+            f"stopped by {self.name} after step {self.step}; saved {self.saved}; rerun the same "
+            f"`{self.command}` command to resume from it",
+            self.signum,
         )
 
 
@@ -104,9 +142,10 @@ def _kill_daemon_children_at_exit() -> None:
 
 
 def ignore_sigterm_in_worker(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: leave SIGTERM to the training process (and seed the worker
-    as Lightning's own ``worker_init_fn`` would, which a custom one replaces)."""
+    """DataLoader ``worker_init_fn``: leave SIGTERM and Ctrl-C to the training process (and seed
+    the worker as Lightning's own ``worker_init_fn`` would, which a custom one replaces)."""
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     pl_worker_init_function(worker_id)

@@ -29,7 +29,6 @@ single writer needs no coordination over the store.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +48,9 @@ from stages.callbacks import LossGuard, ReconstructionPictures
 from stages.common import TrainingDiverged, config_command, output_writes
 from stages.datamodules import FrameData
 from stages.dvae_task import DVAETask
+from stages.locks import writing_run
 from stages.rundirs import (
+    check_checkpoint_files,
     read_checkpoint,
     read_json,
     resume_checkpoint,
@@ -88,6 +89,7 @@ def check_vocab(cfg: DictConfig) -> int:
 # --------------------------------------------------------------------------------------------
 def check_run_dir(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> None:
     """Refuse a run directory that belongs to another store or another dVAE architecture."""
+    check_checkpoint_files(run_dir / "checkpoints")
     inputs = read_json(run_dir / "inputs.json")
     if inputs and inputs.get("store_fingerprint") != store.fingerprint:
         raise StoreError(
@@ -209,12 +211,20 @@ def pretrain(
     # only rank 0 writes into the run directory and the store. All ranks must agree on whether
     # to train, so only rank 0 deletes, and the other ranks of an --overwrite run always train.
     zero = is_rank_zero()
-    if zero:
-        if overwrite and run_dir.exists():
-            log.info("--overwrite: removing %s", run_dir)
-            shutil.rmtree(run_dir)
-        check_run_dir(run_dir, cfg, store)
+    with writing_run(run_dir, "egoslots pretrain-dvae", overwrite, zero):
+        if zero:
+            check_run_dir(run_dir, cfg, store)
+        _pretrain_locked(
+            cfg, store, frame_size, vocab, run_dir, resume, overwrite, callbacks, tokenize
+        )
+    return run_dir
 
+
+def _pretrain_locked(
+    cfg, store, frame_size, vocab, run_dir, resume, overwrite, callbacks, tokenize
+):
+    """:func:`pretrain` once the run directory's lock is held (on rank 0)."""
+    zero = is_rank_zero()
     if resume is None and (zero or not overwrite) and finished(run_dir, cfg, store):
         log.info(
             "dVAE in %s is already trained for %d steps on store %s",
@@ -231,7 +241,6 @@ def pretrain(
             _train(cfg, store, frame_size, vocab, run_dir, resume, callbacks)
     if tokenize and zero:  # tokenization is one encoder pass over the store: rank 0 alone does it
         tokenize_run(run_dir)
-    return run_dir
 
 
 def _train(

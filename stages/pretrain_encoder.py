@@ -35,7 +35,6 @@ reads its own slice of one sample stream, and the centre is averaged over ranks.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +59,7 @@ from stages.encoder_frames import (
 )
 from stages.encoder_task import CropDataset, EncoderTask
 from stages.interrupts import CheckpointOnSigterm, SIGTERMException
+from stages.locks import writing_run
 from stages.rundirs import (
     read_checkpoint,
     read_json,
@@ -269,11 +269,15 @@ def pretrain(
     }
     run_dir = run_dir_of(cfg)
     zero = is_rank_zero()
-    if zero:
-        if overwrite and run_dir.exists():
-            log.info("--overwrite: removing %s", run_dir)
-            shutil.rmtree(run_dir)
-        check_run_dir(run_dir, cfg, inputs)
+    with writing_run(run_dir, "egoslots pretrain-encoder", overwrite, zero):
+        if zero:
+            check_run_dir(run_dir, cfg, inputs)
+        return _pretrain_locked(cfg, source, arch, run_dir, inputs, resume, callbacks)
+
+
+def _pretrain_locked(cfg, source, arch, run_dir, inputs, resume, callbacks) -> Path:
+    """:func:`pretrain` once the run directory's lock is held (on rank 0)."""
+    p, zero = cfg.pretrain_encoder, is_rank_zero()
     if resume is None and finished(run_dir, inputs, int(p.max_steps)):
         log.info("encoder in %s is already trained for %d steps", run_dir, p.max_steps)
         return run_dir

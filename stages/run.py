@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 from omegaconf import DictConfig, OmegaConf
 
-from stages.common import config_command
+from stages.common import StageError, config_command, user_errors
 
 log = logging.getLogger("egoslots")
 
@@ -69,9 +69,57 @@ def trains_own_encoder(cfg: DictConfig) -> bool:
     return b.get("encoder_run") is None or Path(b.encoder_run).resolve() == own.resolve()
 
 
-def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
+def pinned_store(cfg: DictConfig):
+    """The complete store ``store=`` names, used as it is (not re-extracted); None when
+    ``store=`` is unset or names no complete store yet (extraction then writes it there)."""
+    from cache.catalog import store_for_config
+    from cache.store import StoreError
+
+    if not cfg.store:
+        return None
+    try:
+        return store_for_config(cfg)
+    except StoreError:
+        return None
+
+
+def _dvae_run_fits(cfg: DictConfig) -> bool:
+    """Whether the dVAE run directory is absent or belongs to this config's store and vocabulary."""
+    from cache.catalog import store_for_config
+    from stages.pretrain_dvae import check_run_dir
+    from stages.rundirs import run_dir_of
+
+    try:
+        check_run_dir(run_dir_of(cfg, cfg.dvae.run_name), cfg, store_for_config(cfg))
+    except user_errors():
+        return False
+    return True
+
+
+def _slot_run_fits(cfg: DictConfig) -> bool:
+    """Whether the slot run directory is absent or holds this config's run on these inputs."""
+    from pipeline.config import resolve
+    from stages.rundirs import run_dir_of
+    from stages.train_slots import check_same_run, resolve_inputs
+
+    run_dir = run_dir_of(cfg, cfg.run_name)
+    if not run_dir.is_dir():
+        return True
+    try:
+        check_same_run(run_dir, resolve(cfg), resolve_inputs(cfg))
+    except (StageError, *user_errors()):
+        return False
+    return True
+
+
+def run_pipeline(cfg: DictConfig, skip_bad: bool = False, overwrite: bool = False) -> dict:
     """Run every stage; returns {"store", "dvae_run", "run_dir", "metrics", "picture"} (and
-    "encoder_run" when stage 0 ran)."""
+    "encoder_run" when stage 0 ran).
+
+    ``store=`` naming a complete store uses it as it is (no extraction). ``overwrite`` replaces
+    what belongs to other inputs (a store of other settings at the target, a dVAE or slot run of
+    another store or config; only what egoslots wrote) and keeps what matches.
+    """
     from stages.evaluate import evaluate_run, format_table
     from stages.extract import extract
     from stages.pretrain_dvae import pretrain
@@ -81,12 +129,13 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # a copy we can fill in
     result: dict = {}
-    if cfg.dataset.source == "synthetic":
+    pinned = pinned_store(cfg)
+    if cfg.dataset.source == "synthetic" and pinned is None:
         t = _stage("synthetic data")
         root = ensure_synthetic_data(cfg)
         _done(t, f"videos in {root}")
 
-    if trains_own_encoder(cfg):
+    if pinned is None and trains_own_encoder(cfg):  # (a pinned store needs no encoder)
         from stages.pretrain_encoder import pretrain as pretrain_encoder
 
         t = _stage("stage 0: pretrain-encoder")
@@ -95,21 +144,25 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
         _done(t, f"encoder {encoder_run / 'encoder.pth'}")
 
     t = _stage("stage 1: extract-features")
-    store = extract(cfg, skip_bad=skip_bad)
+    if pinned is not None:
+        store = pinned.path
+        _done(t, f"store={cfg.store}: using the complete store {store} as it is")
+    else:
+        store = extract(cfg, overwrite=overwrite, skip_bad=skip_bad)
+        _done(t, f"store {store}")
     cfg.store = str(store)
     result["store"] = str(store)
-    _done(t, f"store {store}")
 
     if cfg.globals.USE_DVAE:
         t = _stage("stage 2: pretrain-dvae + tokenize")
-        dvae_run = pretrain(cfg)
+        dvae_run = pretrain(cfg, overwrite=overwrite and not _dvae_run_fits(cfg))
         dvae_hash = tokenize_run(dvae_run)
         cfg.dvae_run = str(dvae_run)
         result["dvae_run"] = str(dvae_run)
         _done(t, f"dVAE {dvae_hash} in {dvae_run}")
 
     t = _stage("stage 3: train-slots")
-    run_dir = train(cfg)
+    run_dir = train(cfg, overwrite=overwrite and not _slot_run_fits(cfg))
     result["run_dir"] = str(run_dir)
     _done(t, f"run {run_dir}")
 
@@ -134,10 +187,18 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
     is_flag=True,
     help="Skip unreadable videos (counted and reported) instead of stopping.",
 )
-def run(cfg: DictConfig, skip_bad: bool = False):
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace outputs of other inputs (store, dVAE run, slot run; only what egoslots wrote); "
+    "keep those that match.",
+)
+def run(cfg: DictConfig, skip_bad: bool = False, overwrite: bool = False):
     """Run the whole pipeline (data, [encoder], extract, dVAE, slots, evaluate, visualize) in order.
 
     Stages whose outputs already exist and match the config are skipped; an interrupted
-    stage resumes where it stopped. Rerun the same command after a crash.
+    stage resumes where it stopped. Rerun the same command after a crash. store=FINGERPRINT (or
+    a path) uses that complete store as it is; --overwrite redoes the stages whose outputs
+    belong to other inputs.
     """
-    run_pipeline(cfg, skip_bad=skip_bad)
+    run_pipeline(cfg, skip_bad=skip_bad, overwrite=overwrite)

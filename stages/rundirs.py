@@ -6,6 +6,7 @@ A training run lives in ``<work_dir>/runs/<name>/``::
     inputs.json     what it read: store path and fingerprint (and the dVAE for stage 3)
     checkpoints/    step=N.ckpt every ckpt_every steps, and last.ckpt
     tb/             TensorBoard
+    .egoslots-run   the marker: egoslots created this folder (what --overwrite checks)
 
 This module writes the run files (atomically), finds and reads checkpoints (only tensors and
 plain containers: ``weights_only=True``), brings ``last.ckpt`` up to the newest ``step=N.ckpt``,
@@ -16,6 +17,7 @@ when a checkpoint holds another model.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import pickle
@@ -54,15 +56,83 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A run file (None when absent); a damaged one is one error naming it, not a traceback."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StageError(
+            f"cannot read {path} ({err}): it is damaged; egoslots rewrites it when the stage that "
+            "made it runs again (move it away first), or restore it from a copy"
+        ) from err
+    if not isinstance(data, dict):
+        raise StageError(f"{path} does not hold a JSON object: move it away and rerun the stage")
+    return data
 
 
 def write_run_files(run_dir: Path, cfg: DictConfig, inputs: dict) -> None:
-    """``config.yaml`` and ``inputs.json`` of a run about to train, after clearing the temporary
-    files of checkpoint writes a kill cut short (each as large as a checkpoint)."""
+    """``config.yaml``, ``inputs.json`` and the marker of a run about to train, after clearing
+    the temporary files of checkpoint writes a kill cut short (each as large as a checkpoint)."""
     remove_orphans((run_dir / "checkpoints").glob(".*.ckpt.tmp-*"))
+    if not (run_dir / RUN_MARKER).exists():
+        write_json(run_dir / RUN_MARKER, {"egoslots": "run directory"})
     write_config(cfg, run_dir / "config.yaml")
     write_json(run_dir / "inputs.json", inputs)
+
+
+# What egoslots writes at the top of a run directory (stages 0, 2 and 3, evaluate, visualize,
+# export's default OUT, Lightning's hparams) and its own temporary files.
+RUN_MARKER = ".egoslots-run"
+LOCK_NAME = ".egoslots-lock"  # held by a stage writing into the run (stages/locks.py)
+RUN_ENTRIES = (
+    RUN_MARKER,
+    "config.yaml",
+    "inputs.json",
+    "checkpoints",
+    "tb",
+    "dvae.json",
+    "dvae.pt",
+    "frames",  # pretrain-encoder's decoded train frames
+    "encoder.pth",
+    "encoder.pth.tmp",
+    "encoder.json",
+    "metrics.json",
+    "metrics.md",
+    "viz",
+    "hparams.yaml",
+    "slots_*.zarr",
+    "slots_*.zarr.partial",
+    ".*.tmp-*",
+    LOCK_NAME,
+)
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Delete a run directory for ``--overwrite``, only if egoslots wrote all of it: it holds the
+    marker (or, made before markers, config.yaml / inputs.json) and nothing egoslots never
+    writes; anything else is refused with one line naming what is foreign."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise StageError(
+            f"{run_dir} is a file, not a run directory: move it away, or choose another run name"
+        )
+    names = sorted(p.name for p in run_dir.iterdir())
+    ours = bool({RUN_MARKER, "config.yaml", "inputs.json", LOCK_NAME} & set(names))
+    foreign = [n for n in names if not any(fnmatch.fnmatchcase(n, e) for e in RUN_ENTRIES)]
+    if not ours or foreign:
+        why = (
+            f"it holds files egoslots never writes ({listed(foreign)})"
+            if ours
+            else "it is not an egoslots run directory (no .egoslots-run, config.yaml or inputs.json)"
+        )
+        raise StageError(
+            f"refusing to delete {run_dir} for --overwrite: {why}; move those away, or choose "
+            "another run name (egoslots only deletes what it wrote)"
+        )
+    log.info("--overwrite: removing %s", run_dir)
+    shutil.rmtree(run_dir)
 
 
 def saved_config(run_dir: Path) -> dict | None:
@@ -145,6 +215,19 @@ def checkpoint_path(run_dir: Path, checkpoint: str | int | Path = "last") -> Pat
             f"train it with `egoslots train-slots {run_dir / 'config.yaml'}`"
         )
     return path
+
+
+def check_checkpoint_files(ckpt_dir: Path) -> None:
+    """``last.ckpt`` (or ``checkpoints``) that is not a file where egoslots writes one: one error
+    before training, not Lightning's IsADirectoryError after the first interval."""
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise StageError(f"{ckpt_dir} is a file, not a folder of checkpoints: move it away")
+    last = ckpt_dir / "last.ckpt"
+    if last.exists() and not last.is_file():
+        raise StageError(
+            f"{last} is not a file (a folder?): egoslots writes the newest checkpoint there; "
+            "move it away, then rerun the same command"
+        )
 
 
 def resume_checkpoint(ckpt_dir: Path, resume: str | Path | None) -> Path | None:

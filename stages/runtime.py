@@ -33,11 +33,29 @@ COMPUTE_CHOICES = ("auto", "fp32", "bf16")
 # --------------------------------------------------------------------------------------------
 # Device
 # --------------------------------------------------------------------------------------------
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", key: str = "device") -> torch.device:
     """``auto``: this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU;
-    anything else is a torch device name (cpu, cuda, cuda:1, ...)."""
+    anything else is a torch device name (cpu, cuda, cuda:1, ...), refused with one ConfigError
+    naming ``key`` when this machine does not have it."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:N"
+            ) from err
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ConfigError(
+                    f"{key}={name}: torch sees no GPU on this machine (torch.cuda.is_available() "
+                    f"is False); use {key}=auto or cpu"
+                )
+            if device.index is not None and device.index >= count:
+                raise ConfigError(
+                    f"{key}={name}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})"
+                )
+        return device
     if torch.cuda.is_available():
         return torch.device(
             "cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()

@@ -291,12 +291,18 @@ EXAMPLE = "egoslots make-synthetic data/synthetic --videos 24 --frames 24 --size
     show_default=True,
     help="Frame side in pixels (square).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**31 - 1),
+    default=0,
+    show_default=True,
+    help="Same seed, same bytes.",
+)
 @click.option("--min-objects", type=click.IntRange(1, 255), default=3, show_default=True)
 @click.option("--max-objects", type=click.IntRange(1, 255), default=10, show_default=True)
 @click.option(
     "--fps",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True, max=1000),
     default=DEFAULT_FPS,
     show_default=True,
     help="Frame rate (physics runs at 240 Hz).",

@@ -26,6 +26,7 @@ from cache.store import FeatureStore, StoreError, chunk_bounds
 from pipeline.config import ConfigError
 from pipeline.dvae import DVAE, PATCH, load_dvae
 from stages.common import StageError, setup_logging, write_failure
+from stages.locks import run_lock
 from stages.rundirs import read_json, saved_config
 from stages.runtime import pick_device
 
@@ -76,8 +77,13 @@ def tokenize_run(
 
     Writes ``tokens/<hash>/ids`` (F, h, w) uint16 chunk by chunk, each chunk's done flag after its
     ids; resumes with the pending chunks only and returns at once when the tokens are complete.
+    Holds the run directory's lock meanwhile (:mod:`stages.locks`).
     """
-    run_dir = Path(run_dir)
+    with run_lock(Path(run_dir), "egoslots tokenize"):
+        return _tokenize_locked(Path(run_dir), batch_size, device)
+
+
+def _tokenize_locked(run_dir: Path, batch_size: int | None, device: str | None) -> str:
     info = read_json(run_dir / "dvae.json")
     if info is None or not (run_dir / "dvae.pt").is_file():
         raise StoreError(
@@ -116,7 +122,10 @@ def tokenize_run(
     pending = [c for c in range(done.size) if not done[c]]
     dcfg = (saved_config(run_dir) or {}).get("dvae", {})
     batch_size = int(batch_size or dcfg.get("tokenize_batch_size", 64))
-    device = pick_device(device or dcfg.get("tokenize_device", "auto"))
+    device = pick_device(
+        device or dcfg.get("tokenize_device", "auto"),
+        "--device" if device else "dvae.tokenize_device",
+    )
     model = load_dvae(run_dir).to(device)
 
     bounds = [chunk_bounds(c, store.chunk_len, store.num_frames) for c in pending]
@@ -220,7 +229,7 @@ def encode_frames(
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--batch-size",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Frames per forward pass (default dvae.tokenize_batch_size).",
 )

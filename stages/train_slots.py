@@ -38,8 +38,10 @@ from pipeline.config import resolve
 from stages.callbacks import FinalCheckpoint, LossGuard, SlotPictures
 from stages.common import StageError, config_command, output_writes
 from stages.datamodules import ClipData, example_clip
+from stages.locks import check_unlocked, writing_run
 from stages.rundirs import (
     catch_up_last,
+    check_checkpoint_files,
     check_checkpoint_fits,
     checkpoint_step,
     config_changes,
@@ -99,6 +101,9 @@ def resolve_inputs(cfg: DictConfig) -> TrainingInputs:
     if not cfg.steve_decoder.enabled:
         return TrainingInputs(store, None, None)
     run = dvae_run_dir(cfg)
+    check_unlocked(
+        run, f"train-slots would read the dVAE of {run} before that command has finished it"
+    )
     info = read_json(run / "dvae.json")
     if info is None:
         raise StageError(
@@ -133,7 +138,7 @@ def resolve_inputs(cfg: DictConfig) -> TrainingInputs:
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
-def _check_same_run(run_dir: Path, cfg_dict: dict, inputs: TrainingInputs) -> None:
+def check_same_run(run_dir: Path, cfg_dict: dict, inputs: TrainingInputs) -> None:
     """Refuse to resume a run directory that holds another experiment (config or inputs)."""
     old_cfg = saved_config(run_dir)
     if old_cfg is not None:
@@ -142,7 +147,8 @@ def _check_same_run(run_dir: Path, cfg_dict: dict, inputs: TrainingInputs) -> No
             raise StageError(
                 f"{run_dir} holds a run with a different config ({', '.join(changed[:6])}"
                 f"{' ...' if len(changed) > 6 else ''}); choose a new run_name=NAME for this experiment, "
-                "or use --resume PATH to start a new run from one of its checkpoints"
+                "use --resume PATH to start a new run from one of its checkpoints, or --overwrite to "
+                "train this run again"
             )
     old = read_json(run_dir / "inputs.json")
     if old is not None:
@@ -151,19 +157,30 @@ def _check_same_run(run_dir: Path, cfg_dict: dict, inputs: TrainingInputs) -> No
             if old.get(key) != new.get(key):
                 raise StageError(
                     f"{run_dir} was trained with {key} {old.get(key)}, this config gives {new.get(key)}; "
-                    "choose a new run_name=NAME"
+                    "choose a new run_name=NAME, or pass --overwrite to train this run again"
                 )
 
 
-def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
+def train(cfg: DictConfig, resume: str | Path | None = None, overwrite: bool = False) -> Path:
     """Train the slot model of ``cfg`` from its caches; returns the run directory.
 
     Resumes from ``resume`` (a checkpoint path) or from the run's own ``last.ckpt``; returns at
-    once when the run already reached ``trainer.max_steps``.
+    once when the run already reached ``trainer.max_steps``. ``overwrite`` deletes the run
+    directory first (only if egoslots wrote all of it: :func:`remove_run_dir`).
     """
     inputs = resolve_inputs(cfg)
     cfg_dict = resolve(cfg)
     run_dir = run_dir_of(cfg, cfg.run_name)
+    ckpt_dir = run_dir / "checkpoints"
+    with writing_run(run_dir, "egoslots train-slots", overwrite, is_rank_zero()):
+        check_checkpoint_files(ckpt_dir)
+        return _train_locked(cfg, inputs, cfg_dict, run_dir, resume)
+
+
+def _train_locked(
+    cfg: DictConfig, inputs: TrainingInputs, cfg_dict: dict, run_dir: Path, resume
+) -> Path:
+    """:func:`train` once the run directory's lock is held (on rank 0)."""
     ckpt_dir = run_dir / "checkpoints"
     tc = cfg.trainer
 
@@ -171,7 +188,7 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     if ckpt_path is not None and not ckpt_path.is_file():
         raise StageError(f"--resume {ckpt_path}: no such checkpoint file")
     if ckpt_path is None and ckpt_dir.is_dir():
-        _check_same_run(run_dir, cfg_dict, inputs)
+        check_same_run(run_dir, cfg_dict, inputs)
         ckpt_path = find_resume_checkpoint(ckpt_dir)
         if ckpt_path is not None and ckpt_path.name != "last.ckpt":
             with output_writes(run_dir):
@@ -280,11 +297,16 @@ def build_module(cfg_dict: dict, inputs: TrainingInputs) -> SlotTrainingModule:
     default=None,
     help="Checkpoint to resume from (default: the run's own checkpoints/last.ckpt, if any).",
 )
-def train_slots(cfg: DictConfig, resume: Path | None = None):
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Delete the run directory <work_dir>/runs/<run_name> first (only what egoslots wrote).",
+)
+def train_slots(cfg: DictConfig, resume: Path | None = None, overwrite: bool = False):
     """Stage 3: train the slot model (SlotContrast + STEVE decoder) from cached features and tokens.
 
     Never runs the ViT. Writes <work_dir>/runs/<run_name>/ (config.yaml, inputs.json,
     checkpoints/step=N.ckpt and last.ckpt, tb/). Rerun the same command to resume.
     """
-    run_dir = train(cfg, resume=resume)
+    run_dir = train(cfg, resume=resume, overwrite=overwrite)
     click.echo(f"run: {run_dir}")

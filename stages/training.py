@@ -28,9 +28,11 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import Sampler
 
 from cache.location import as_location, write_file
+from pipeline.config import ConfigError
 from stages.interrupts import CheckpointOnSigterm, SIGTERMException
 
 log = logging.getLogger("egoslots")
@@ -187,19 +189,26 @@ def make_trainer(
         save_last=True,
         save_on_train_epoch_end=False,
     )
-    trainer = L.Trainer(
-        default_root_dir=str(run_dir),
-        max_steps=int(max_steps),
-        max_epochs=-1,
-        logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
-        callbacks=[*callbacks, periodic, sigterm],
-        log_every_n_steps=int(log_every),
-        use_distributed_sampler=False,  # the datamodules slice the sample stream by rank
-        num_sanity_val_steps=0,
-        enable_model_summary=False,
-        plugins=[RaisingCheckpointIO()],  # a checkpoint that cannot be written stops the run
-        **trainer_kwargs,
-    )
+    try:
+        trainer = L.Trainer(
+            default_root_dir=str(run_dir),
+            max_steps=int(max_steps),
+            max_epochs=-1,
+            logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
+            callbacks=[*callbacks, periodic, sigterm],
+            log_every_n_steps=int(log_every),
+            use_distributed_sampler=False,  # the datamodules slice the sample stream by rank
+            num_sanity_val_steps=0,
+            enable_model_summary=False,
+            plugins=[RaisingCheckpointIO()],  # a checkpoint that cannot be written stops the run
+            **trainer_kwargs,
+        )
+    except (MisconfigurationException, ValueError) as err:  # accelerator=gpu on no GPU, strategy=x
+        section = "dvae" if "pretrain-dvae" in command else "trainer"
+        raise ConfigError(
+            f"{section}.accelerator / devices / num_nodes / strategy / precision: this machine "
+            f"cannot train with these settings ({str(err).strip().splitlines()[0]})"
+        ) from err
     return trainer, sigterm
 
 

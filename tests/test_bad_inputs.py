@@ -457,7 +457,9 @@ def test_pretrain_dvae_refuses_another_arch(tmp_path):
     steve = load_config(None, [*base, "dvae.run_name=third"])
     with pytest.raises(ConfigError, match=r"dvae\.arch=slate \(checkpoint\) vs steve"):
         stage_dvae.pretrain(steve, resume=tmp_path / "old.ckpt", tokenize=False)
-    with pytest.raises(ConfigError, match=r"dvae.arch=vqvae is not one of steve, slate"):
+    with pytest.raises(
+        ConfigError, match=r"dvae.arch='vqvae' is not allowed: must be one of steve, slate"
+    ):
         load_config(None, [*base, "dvae.arch=vqvae"])
 
 

@@ -143,5 +143,8 @@ def test_decoder_mixing_is_checked_and_reaches_the_model_config():
     cfg = load_config(REPO / "configs" / "base.yaml", ["decoder.mixing=attention"])
     assert SlotModelConfig.from_config(cfg, 8, 4).decoder_mixing == "attention"
     assert load_config(REPO / "configs" / "base.yaml").decoder.mixing == "alpha"  # SlotContrast
-    with pytest.raises(ConfigError, match="decoder.mixing=softmax is not one of alpha, attention"):
+    with pytest.raises(
+        ConfigError,
+        match="decoder.mixing='softmax' is not allowed: must be one of alpha, attention",
+    ):
         load_config(REPO / "configs" / "base.yaml", ["decoder.mixing=softmax"])

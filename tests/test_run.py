@@ -58,6 +58,45 @@ def test_second_run_does_no_work(finished_run):
     ], added
 
 
+def test_touched_frame_keeps_the_store_and_changed_data_has_ways_forward(finished_run):
+    """Issue 14's dead end: `touch` one frame (or copy without -p), rerun `run`: nothing is
+    redone. Data that really changed gives a new store; stage 2 then names `--overwrite`, and
+    `run store=OLD` finishes on the old store with no work; `run --overwrite` redoes the dVAE
+    and slot runs on the new store."""
+    work, _ = finished_run
+    frames = sorted((work / "data" / "synthetic").glob("*/*.png"))
+    old_store = only_store_path(work)
+    os.utime(frames[0], ns=(1, 1))  # a new mtime, same bytes
+    before = snapshot(work)
+    run_cli(work)
+    after = snapshot(work)
+    assert [k for k in before if after.get(k) != before[k]] == []
+    assert only_store_path(work) == old_store  # no second store
+
+    with open(frames[0], "ab") as f:  # a changed size: the data really changed
+        f.write(b"\0" * 16)
+    changed = run_cli(work, check=False)
+    assert changed.returncode == 1 and "Traceback" not in changed.stderr
+    assert "--overwrite" in changed.stderr and "store" in changed.stderr, changed.stderr
+    before = snapshot(work / "runs")
+    pinned = run_cli(work, f"store={old_store.stem}")
+    assert "using the complete store" in pinned.stdout
+    assert [k for k in before if snapshot(work / "runs").get(k) != before[k]] == []
+
+    redo = run_cli(work, "--overwrite")  # the other way forward: redo what the new data changes
+    new_store = max(work.glob("stores/*.zarr"), key=lambda p: p.stat().st_mtime_ns)
+    assert new_store != old_store and "Traceback" not in redo.stderr
+    dvae = json.loads((work / "runs" / "dvae" / "dvae.json").read_text())
+    inputs = json.loads((work / "runs" / "demo" / "inputs.json").read_text())
+    assert dvae["store"] == inputs["store_fingerprint"] == new_store.stem
+
+
+def only_store_path(work: Path) -> Path:
+    """The store `run` made first (the oldest .zarr in stores/)."""
+    stores = sorted((work / "stores").glob("*.zarr"), key=lambda p: p.stat().st_mtime_ns)
+    return stores[0]
+
+
 def test_run_killed_inside_a_stage_resumes_it(tmp_path):
     """kill -9 during train-slots, rerun: the store and dVAE are reused, training resumes."""
     work = tmp_path / "w"

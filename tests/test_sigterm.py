@@ -34,9 +34,14 @@ def start(args: list[str]) -> subprocess.Popen:
 
 
 def sigterm_after(
-    proc: subprocess.Popen, marker: Path, delay: float, timeout: float = 240
+    proc: subprocess.Popen,
+    marker: Path,
+    delay: float,
+    timeout: float = 240,
+    sig: int = signal.SIGTERM,
 ) -> tuple[str, str]:
-    """Wait for ``marker`` to exist, then ``delay`` s more, then SIGTERM the process group."""
+    """Wait for ``marker`` to exist, then ``delay`` s more, then signal the process group (as a
+    scheduler's SIGTERM, or a terminal's Ctrl-C, reaches every process of the job)."""
     deadline = time.monotonic() + timeout
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -44,7 +49,7 @@ def sigterm_after(
     assert proc.poll() is None, (
         "the run ended before it could be stopped: " + proc.stderr.read()[-2000:]
     )
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     return proc.communicate(timeout=120)
 
 
@@ -82,8 +87,8 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
     assert step_of(ckpts / "last.ckpt") == 300
 
 
-def test_sigterm_stops_pretrain_dvae_with_a_checkpoint_of_that_step(tmp_path):
-
+def dvae_config(tmp_path: Path) -> Path:
+    """A store and a 300-step pretrain-dvae config (checkpoints every 20 steps, one worker)."""
     frames_store(tmp_path / "store.zarr", frames_per_video=16)
     config = tmp_path / "dvae.yaml"
     config.write_text(
@@ -91,6 +96,12 @@ def test_sigterm_stops_pretrain_dvae_with_a_checkpoint_of_that_step(tmp_path):
         "dvae: {vocab_size: 32, hidden: 16, batch_size: 8, num_workers: 1, max_steps: 300, ckpt_every: 20,\n"
         "       log_every: 10, image_every: 1000, tau_steps: 300, accelerator: cpu}\n"
     )
+    return config
+
+
+def test_sigterm_stops_pretrain_dvae_with_a_checkpoint_of_that_step(tmp_path):
+
+    config = dvae_config(tmp_path)
     ckpts = tmp_path / "runs" / "dvae" / "checkpoints"
     proc = start(["pretrain-dvae", str(config)])
     _, err = sigterm_after(proc, ckpts / "step=20.ckpt", delay=0.7)
@@ -99,3 +110,18 @@ def test_sigterm_stops_pretrain_dvae_with_a_checkpoint_of_that_step(tmp_path):
     step = step_of(ckpts / "last.ckpt")
     assert 20 < step < 300 and (ckpts / f"step={step}.ckpt").is_file()
     assert not (tmp_path / "runs" / "dvae" / "dvae.json").exists()  # not exported: not finished
+
+
+def test_ctrl_c_stops_pretrain_dvae_with_a_checkpoint_and_a_hint_exit_130(tmp_path):
+    """Ctrl-C (SIGINT to the process group, workers included) is a clean stop too: the step in
+    flight is saved, the message says how to resume, exit status 130."""
+    config = dvae_config(tmp_path)
+    ckpts = tmp_path / "runs" / "dvae" / "checkpoints"
+    proc = start(["pretrain-dvae", str(config)])
+    _, err = sigterm_after(proc, ckpts / "step=20.ckpt", delay=0.7, sig=signal.SIGINT)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped by Ctrl-C after step" in err and "Traceback" not in err, err[-3000:]
+    assert "rerun the same `egoslots pretrain-dvae` command to resume" in err
+    step = step_of(ckpts / "last.ckpt")
+    assert 20 < step < 300 and (ckpts / f"step={step}.ckpt").is_file()
+    assert f"after step {step}" in err

@@ -76,10 +76,10 @@ def test_fingerprint_tracks_video_table_files_and_versions(monkeypatch):
             "split": "train",
             "path": "v0/0001.jpg",
             "size": 1000,
-            "mtime": 5,
+            "content": 5,
         }
         rows.update(change)
-        files = (FileIdentity(rows["path"], rows["size"], rows["mtime"]),)
+        files = (FileIdentity(rows["path"], rows["size"], rows["content"]),)
         return [
             VideoInfo(rows["id"], rows["n"], rows["split"], files),
             VideoInfo("v1", 3, "val", ()),
@@ -105,7 +105,7 @@ def test_fingerprint_tracks_video_table_files_and_versions(monkeypatch):
         fp(table(split="test")),
         fp(table(path="v0/0002.jpg")),
         fp(table(size=1001)),
-        fp(table(mtime=6)),
+        fp(table(content=6)),
         fp(table()[:1]),
         fp(list(reversed(table()))),
         fp(compute_dtype="bf16"),

@@ -25,16 +25,18 @@ class SourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """What the extraction fingerprint hashes about a file: never its contents."""
+    """What the extraction fingerprint hashes about a file: its name and size, never its mtime
+    (a `touch` or a copy without `-p` changes nothing extraction writes) and, for files, never
+    its contents (reading every byte of a SAYCam-sized dataset to find a store would take hours).
+    ``content`` is a digest only where the bytes are at hand anyway (in-memory sources)."""
 
     path: str  # relative to the source root
     size: int
-    mtime_ns: int
+    content: int = 0
 
     @classmethod
     def of(cls, path: Path, root: Path) -> FileIdentity:
-        stat = path.stat()
-        return cls(str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns)
+        return cls(str(path.relative_to(root)), path.stat().st_size)
 
 
 @dataclass(frozen=True)
@@ -90,14 +92,31 @@ def split_of(video_id: str, val: float = 0.1, test: float = 0.1) -> str:
     return "train"
 
 
-def to_rgb_uint8(image: np.ndarray, where: str) -> np.ndarray:
-    """Grayscale, RGBA and other 8-bit layouts to (H, W, 3) uint8 (convert, don't fail)."""
+# A float video whose brightest pixel is at most this is taken to hold [0, 1] values (a little
+# overshoot, e.g. from resampling, is common); a [0, 255] video this dark is black either way.
+UNIT_RANGE_MAX = 1.5
+
+
+def float_pixel_scale(video_max: float) -> float:
+    """What a float video's pixels are multiplied by to give 0..255, decided ONCE per video from
+    its brightest pixel (never per frame: one pixel of 1.02 in a [0, 1] video must not turn its
+    frame into a [0, 255] frame, i.e. black)."""
+    return 255.0 if not np.isfinite(video_max) or video_max <= UNIT_RANGE_MAX else 1.0
+
+
+def to_rgb_uint8(image: np.ndarray, where: str, float_scale: float = 255.0) -> np.ndarray:
+    """Grayscale, RGBA and other 8-bit layouts to (H, W, 3) uint8 (convert, don't fail).
+
+    Float pixels are multiplied by ``float_scale`` (the video's :func:`float_pixel_scale`) and
+    clipped to 0..255; other integer types are clipped (16-bit frames are scaled by their
+    reader, from the file's bit depth)."""
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
-            arr = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        elif np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating):
-            arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+        if np.issubdtype(arr.dtype, np.floating):
+            scaled = np.nan_to_num(arr) * float(float_scale)
+            arr = np.clip(scaled + (0.5 if float_scale != 1.0 else 0.0), 0, 255).astype(np.uint8)
+        elif np.issubdtype(arr.dtype, np.integer):
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
         else:
             raise SourceError(f"{where}: unsupported pixel type {arr.dtype}")
     if arr.ndim == 2:

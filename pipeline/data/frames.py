@@ -18,6 +18,7 @@ decodes nothing; a corrupt frame is found when it is read, and named with its fr
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -70,17 +71,31 @@ class FrameFolderSource(ListedSource):
             raise SourceError(f"dataset.path {self.root} is not a folder of videos")
         yield from self._walk(self.root)
 
-    def _walk(self, folder: Path) -> Iterator[tuple[str, tuple]]:
-        """Video folders under ``folder`` in natural order: (id, (folder, frame entries, dirs))."""
+    def _walk(
+        self, folder: Path, ancestors: frozenset = frozenset()
+    ) -> Iterator[tuple[str, tuple]]:
+        """Video folders under ``folder`` in natural order: (id, (folder, frame entries, dirs)).
+        A link that loops (to itself, or back to a folder above it) is one SourceError naming it."""
         try:
             entries = list(os.scandir(folder))
+            here = os.stat(folder)
         except OSError as err:
             raise SourceError(f"{folder}: cannot list folder ({err})") from err
+        ancestors = ancestors | {(here.st_dev, here.st_ino)}
         frames, subdirs = [], []
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():
+            try:
+                is_dir = entry.is_dir()
+                if is_dir and (entry.stat().st_dev, entry.stat().st_ino) in ancestors:
+                    raise OSError(errno.ELOOP, "it leads back to a folder above it")
+            except OSError as err:
+                raise SourceError(
+                    f"{entry.path}: a symbolic link that loops ({err.strerror}): remove it or "
+                    "point it at a real folder"
+                ) from err
+            if is_dir:
                 subdirs.append(entry.name)
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
                 frames.append(entry)
@@ -91,7 +106,7 @@ class FrameFolderSource(ListedSource):
             yield self._video_id(folder), (folder, frames, subdirs)
         for name in natsorted(subdirs, alg=ns.PATH):
             if frames or not is_leaf:
-                yield from self._walk(folder / name)
+                yield from self._walk(folder / name, ancestors)
 
     def _video_id(self, folder: Path) -> str:
         return folder.name if folder == self.root else folder.relative_to(self.root).as_posix()
@@ -128,7 +143,7 @@ class FrameFolderSource(ListedSource):
             stat = entry.stat()
         except OSError as err:
             raise SourceError(f"{entry.path}: cannot stat ({err})") from err
-        return FileIdentity(prefix + entry.name, stat.st_size, stat.st_mtime_ns)
+        return FileIdentity(prefix + entry.name, stat.st_size)
 
     def _match_masks(
         self, folder: Path, names: tuple[str, ...], prefix: str
@@ -256,9 +271,10 @@ def load_rgb(path: Path, where: str) -> np.ndarray:
             im.load()  # decode now, so that a truncated file fails here and not later
             if im.mode in ("RGB", "RGBA", "L"):
                 arr = np.array(im)  # a writable copy (asarray's view is read-only; torch warns)
-            elif im.mode.startswith("I"):  # 16/32-bit grey: scale 16-bit range down to 8 bits
+            elif im.mode.startswith("I;16"):  # 16-bit grey: by the file's bit depth, so a dark
+                arr = np.asarray(im).astype(np.int64) // 257  # frame scales as its neighbours do
+            elif im.mode.startswith("I"):  # 32-bit integer grey: clipped to 0..255
                 arr = np.asarray(im).astype(np.int64)
-                arr = arr // 257 if arr.size and arr.max() > 255 else arr
             else:  # palette, CMYK, YCbCr, LA, 1-bit: let Pillow map them to RGB
                 arr = np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

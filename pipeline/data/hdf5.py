@@ -39,6 +39,7 @@ from pipeline.data.base import (
     SourceError,
     VideoInfo,
     binary_masks_to_labels,
+    float_pixel_scale,
     frame_range,
     to_rgb_uint8,
 )
@@ -89,6 +90,7 @@ class Hdf5Source(ListedSource):
         self._masked = True
         self._open_files: dict | None = None  # {path: h5py.File}, of process _open_pid
         self._open_pid: int | None = None
+        self._float_scales: dict[tuple, float] = {}  # see _float_scale
 
     # -- listing ------------------------------------------------------------------------------
     def _files(self) -> list[Path]:
@@ -114,7 +116,6 @@ class Hdf5Source(ListedSource):
             ident = FileIdentity(
                 path.name if self.root.is_file() else path.relative_to(self.root).as_posix(),
                 stat.st_size,
-                stat.st_mtime_ns,
             )
             for arrays, count, length in groups:
                 base = prefix + (arrays.group + "/" if arrays.group else "")
@@ -253,6 +254,7 @@ class Hdf5Source(ListedSource):
             return
         where = f"{arrays.file}:{'/' + arrays.group if arrays.group else ''}"
         try:
+            scale = self._float_scale(arrays, images, v, lead)
             block = images[v, start:stop] if lead == 2 else images[v : v + 1]
             masks = None
             if arrays.mask_kind is not None and self.has_masks:
@@ -268,13 +270,34 @@ class Hdf5Source(ListedSource):
             img = block[offset]
             if arrays.channels_first:
                 img = np.moveaxis(img, 0, -1)
-            rgb = to_rgb_uint8(img, fwhere)
+            rgb = to_rgb_uint8(img, fwhere, scale)
             mask = None
             if masks is not None:
                 mask = self._labels(
                     masks[offset], arrays.mask_kind, f"{where}/{self.mask_key}[{v}]: frame {i}"
                 )
             yield Frame(video_id, i, rgb, mask)
+
+    SCALE_SAMPLE = 1024  # image layout: images whose brightest pixel decides an array's range
+
+    def _float_scale(self, arrays: _Arrays, images, v: int, lead: int) -> float:
+        """The multiplier of float pixels (``base.float_pixel_scale``), decided once per video
+        from its brightest pixel: the whole video for the ``video`` layout; for ``image`` (each
+        image a one-frame video) once per array, from its first ``SCALE_SAMPLE`` images."""
+        if not np.issubdtype(images.dtype, np.floating):
+            return 255.0
+        key = (arrays.file, arrays.group, v if lead == 2 else None)
+        if key not in self._float_scales:
+            if lead == 2:
+                length, step = images.shape[1], 64
+                parts = (images[v, a : a + step] for a in range(0, length, step))
+            else:
+                parts = (
+                    images[a : a + 256] for a in range(0, min(len(images), self.SCALE_SAMPLE), 256)
+                )
+            top = max((float(np.nanmax(p)) for p in parts if p.size), default=0.0)
+            self._float_scales[key] = float_pixel_scale(top)
+        return self._float_scales[key]
 
     @staticmethod
     def _labels(m: np.ndarray, kind: str, where: str) -> np.ndarray:

@@ -31,7 +31,7 @@ class InMemorySource:
     def videos(self) -> list[VideoInfo]:
         rows = []
         for vid, arr in self._videos.items():
-            # Identity of in-memory data: its shape and a content hash stand in for size and mtime.
+            # Identity of in-memory data: its size and a hash of its bytes.
             ident = FileIdentity(
                 vid,
                 int(arr.nbytes),

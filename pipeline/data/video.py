@@ -129,9 +129,7 @@ class VideoFileSource(ListedSource):
             path, None if stamps is None else stamps[ranks], ranks, height, width
         )
         stat = path.stat()
-        ident = FileIdentity(
-            video_id if self.root.is_dir() else path.name, stat.st_size, stat.st_mtime_ns
-        )
+        ident = FileIdentity(video_id if self.root.is_dir() else path.name, stat.st_size)
         return VideoInfo(
             video_id,
             len(ranks),

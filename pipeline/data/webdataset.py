@@ -238,11 +238,9 @@ class WebdatasetSource(ListedSource):
             except SourceError as err:
                 yield stem, err
                 continue
-            if is_url(path):
-                ident = FileIdentity(name, int(info.get("size") or 0), _mtime_ns(info))
-            else:  # exact nanoseconds, as the other file sources record them
-                stat = os.stat(path)
-                ident = FileIdentity(name, stat.st_size, stat.st_mtime_ns)
+            # name and size, never the mtime (see FileIdentity): a re-upload or a copy of the
+            # same shard keeps its store
+            ident = FileIdentity(name, int(info.get("size") or 0))
             for key, members in samples.items():
                 yield f"{stem}/{key}", (split, path, ident, members)
 
@@ -323,18 +321,3 @@ def instance_labels(mask: np.ndarray, where: str) -> np.ndarray:
     channels = np.moveaxis(mask != 0, -1, 0)  # (I, H, W)
     background = np.zeros((1, *channels.shape[1:]), dtype=bool)
     return binary_masks_to_labels(np.concatenate([background, channels]), where)
-
-
-def _mtime_ns(info: dict) -> int:
-    """Modification time from an fsspec ``info()`` (local: mtime; object stores: LastModified)."""
-    for key in ("mtime", "LastModified", "last_modified", "modified", "updated", "created"):
-        value = info.get(key)
-        if value is None:
-            continue
-        if hasattr(value, "timestamp"):
-            return int(value.timestamp() * 1e9)
-        try:
-            return int(float(value) * 1e9)
-        except (TypeError, ValueError):
-            continue
-    return 0
