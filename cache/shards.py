@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+IOV_MAX = 1024  # buffers per preadv call (Linux's limit)
+
 if TYPE_CHECKING:
     from cache.store import FeatureStore
 
@@ -77,22 +79,25 @@ class ShardReader:
             self.indexes[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_inner, 2)
         return self.indexes[shard]
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Rows start..stop-1 (into ``out`` if given: a C-contiguous array of their shape and
+        dtype), or None where the layout is not the plain one (the caller then asks zarr).
+
+        Each shard's rows are read with one ``preadv`` straight into their place in the result,
+        the 4-byte checksums between inner chunks into a scratch buffer: no copy after the
+        kernel's, which matters at several hundred MB/s.
+        """
         start, stop = max(0, start), min(stop, self.shape[0])
-        out = np.zeros((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
-        flat = (
-            out.reshape(len(out), -1).view(np.uint8).reshape(len(out), self.row_bytes)
-            if len(out)
-            else None
-        )
+        rows = max(0, stop - start)
+        if out is None:
+            out = np.empty((rows, *self.shape[1:]), dtype=self.dtype)
+        flat = out.reshape(rows, -1).view(np.uint8) if rows else None
         row = start
         while row < stop:
             shard, local = divmod(row, self.shard_len)
             end = min(stop, (shard + 1) * self.shard_len)
-            first_inner, last_inner = (
-                local // self.inner,
-                (end - 1 - shard * self.shard_len) // self.inner,
-            )
+            first_inner = local // self.inner
+            last_inner = (end - 1 - shard * self.shard_len) // self.inner
             path = self.root.joinpath("c", str(shard), *(["0"] * (len(self.shape) - 1)))
             with open(path, "rb") as f:
                 index = self._index(shard, f)
@@ -101,16 +106,31 @@ class ShardReader:
                     np.diff(offsets.astype(np.int64)) != self.stride
                 ).any():
                     return None  # unusual layout: caller falls back to zarr
-                lo = int(offsets[0])
-                n_inner = last_inner - first_inner + 1
-                buf = np.frombuffer(os.pread(f.fileno(), n_inner * self.stride, lo), dtype=np.uint8)
-            if buf.size < n_inner * self.stride - 4:
-                return None
-            buf = np.pad(buf, (0, n_inner * self.stride - buf.size))
-            rows = buf.reshape(n_inner, self.stride)[:, :-4].reshape(
-                n_inner * self.inner, self.row_bytes
-            )
-            skip = local - first_inner * self.inner
-            flat[row - start : end - start] = rows[skip : skip + end - row]
+                skip = local - first_inner * self.inner  # rows before ours in the first chunk
+                if not self._read_into(f.fileno(), int(offsets[0]), skip, flat[row - start :], end - row):
+                    return None
             row = end
         return out
+
+    def _read_into(self, fd: int, chunk_offset: int, skip: int, dest: np.ndarray, rows: int) -> bool:
+        """Read ``rows`` consecutive rows, the first being row ``skip`` of the inner chunk at
+        ``chunk_offset``, into ``dest`` (rows x row_bytes uint8): one preadv per IOV_MAX
+        buffers, each inner chunk's rows into place and its checksum into a scratch buffer."""
+        crc = bytearray(4)
+        buffers: list = []
+        done = 0
+        first = self.inner - skip  # rows of the first inner chunk we read
+        while done < rows:
+            n = min(first if done == 0 else self.inner, rows - done)
+            buffers.append(memoryview(dest[done : done + n]).cast("B"))
+            done += n
+            if done < rows:
+                buffers.append(crc)
+        position = chunk_offset + skip * self.row_bytes
+        for i in range(0, len(buffers), IOV_MAX):
+            part = buffers[i : i + IOV_MAX]
+            want = sum(len(b) for b in part)
+            if os.preadv(fd, part, position) != want:
+                return False  # a short shard file
+            position += want
+        return True

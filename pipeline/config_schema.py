@@ -146,7 +146,8 @@ class Dvae:
     tokenize_batch_size: int = 64
     tokenize_device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     accelerator: str = "auto"  # Lightning accelerator for pretraining: auto | cpu | gpu
-    precision: str = "auto"  # auto (bf16-mixed on GPUs that support it, else 32) | 32 | bf16-mixed
+    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/runtime.py) | 32 | bf16-mixed
+    precision: str = "auto"
     # Multi-GPU / multi-node pretraining (Lightning DDP, as trainer.* for stage 3): batch_size is
     # per device, the global batch is batch_size x devices x num_nodes. Tokenization runs on rank 0.
     devices: Any = 1
@@ -236,7 +237,8 @@ class Optimizer:
 class Trainer:
     max_steps: int = 100000
     gradient_clip_val: float = 0.05
-    precision: str = "auto"  # auto (bf16 where supported) | 32 | bf16-mixed
+    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/runtime.py) | 32 | bf16-mixed
+    precision: str = "auto"
     tf32: bool = True
     compile: bool = False
     accelerator: str = "auto"
@@ -272,6 +274,9 @@ class Config:
     store_dir: str | None = None
     # dVAE run whose tokens stage 3 reads: a run directory; None = work_dir/runs/<dvae.run_name>.
     dvae_run: str | None = None
+    # torch intra-op threads; 0 = EGOSLOTS_NUM_THREADS if set, else the CPUs this process may
+    # use (affinity mask, cgroup CPU quota) less the DataLoader workers running beside the model.
+    num_threads: int = 0
     globals: Globals = field(default_factory=Globals)
     dataset: Dataset = field(default_factory=Dataset)
     backbone: Backbone = field(default_factory=Backbone)

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from cache.reader import ClipDataset
 from cache.store import FeatureStore
@@ -140,11 +140,13 @@ def clip_fields(tokens_hash: str | None) -> tuple[str, ...]:
 
 
 def collate_clips(items: list[dict]) -> dict:
-    """Stack tensors; keep ids as lists (the default collate would also work, this is explicit)."""
+    """Stack tensors, keep ids as lists. Tensors go through torch's ``default_collate``: in a
+    DataLoader worker it stacks straight into shared memory, where a plain ``torch.stack``
+    would be copied there once more on the way to the main process."""
     out: dict = {}
     for key in items[0]:
         values = [it[key] for it in items]
-        out[key] = torch.stack(values) if torch.is_tensor(values[0]) else values
+        out[key] = default_collate(values) if torch.is_tensor(values[0]) else values
     return out
 
 

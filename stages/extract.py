@@ -49,7 +49,12 @@ from pipeline.data.base import SourceError
 from pipeline.preprocess import describe_preprocessing
 from stages.common import config_command
 from stages.extract_chunks import ChunkFrames, ChunkWriter, start_storage_copy, video_rows
-from stages.runtime import extraction_compute, one_thread_per_worker, pick_device
+from stages.runtime import (
+    configure_threads,
+    extraction_compute,
+    one_thread_per_worker,
+    pick_device,
+)
 
 log = logging.getLogger("egoslots")
 
@@ -114,6 +119,7 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
             f"no videos found in {cfg.dataset.path} (dataset.source={cfg.dataset.source})"
         )
 
+    configure_threads(cfg.num_threads, int(cfg.extract.num_workers))  # decoders run beside
     device = pick_device(cfg.extract.device)
     compute = extraction_compute(cfg.extract.compute, device)
     backbone = build_backbone(cfg.backbone).to(device)

@@ -49,7 +49,7 @@ from pipeline.dvae import MAX_VOCAB, PATCH
 from stages.callbacks import LossGuard, ReconstructionPictures
 from stages.common import TrainingDiverged, config_command, output_writes
 from stages.datamodules import FrameData
-from stages.dvae_task import DVAETask
+from stages.dvae_task import DVAETask, precision_probe
 from stages.rundirs import (
     find_resume_checkpoint,
     read_checkpoint,
@@ -59,9 +59,9 @@ from stages.rundirs import (
     write_json,
     write_run_files,
 )
-from stages.runtime import device_type, lightning_precision, set_fast_math
+from stages.runtime import choose_precision, configure_threads, device_type, set_fast_math
 from stages.tokenize import check_frames, sha256_16, tokenize_run
-from stages.training import fit, is_rank_zero, make_trainer
+from stages.training import fit, is_rank_zero, make_trainer, stored_precision
 
 log = logging.getLogger("egoslots")
 
@@ -254,9 +254,13 @@ def _train(
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     device = device_type(d.accelerator)
-    precision = lightning_precision(d.precision, device, cpu_bf16=False)
     set_fast_math(device == "cuda")
+    configure_threads(cfg.num_threads, int(d.num_workers))
     task = make_task(cfg, frame_size)
+    stored = stored_precision(read_checkpoint(ckpt)) if ckpt else None
+    precision = choose_precision(
+        d.precision, device, precision_probe(task, int(d.batch_size), device), stored
+    )
     data = FrameData(store, cfg)
     guard = LossGuard(
         d.log_every,
