@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from cache.reader import ClipDataset
+from cache.reader import ClipBatches, ClipDataset, batch_tensor
 from cache.store import FeatureStore
 from stages.common import StageError
 from stages.interrupts import ignore_sigterm_in_worker
@@ -88,13 +88,28 @@ class FrameDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    @property
+    def store(self) -> FeatureStore:
         if self._store is None:
             self._store = FeatureStore.open(self.path)
+        return self._store
+
+    def __getitem__(self, index: int) -> torch.Tensor:
         row = int(self.rows[index])
-        return torch.from_numpy(
-            np.ascontiguousarray(self._store.read_rows("frames", row, row + 1)[0])
-        )
+        return torch.from_numpy(np.ascontiguousarray(self.store.read_rows("frames", row, row + 1)[0]))
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        """A DataLoader batch (B, S, S, 3) uint8: read-ahead asked for every frame first (a
+        cold disk reads them in parallel), then each read straight into one batch tensor
+        (shared memory in a worker). The loader's collate passes it on (:func:`as_batch`)."""
+        rows = [int(self.rows[i]) for i in indices]
+        for row in rows:
+            self.store.advise_rows("frames", row, row + 1)
+        out = batch_tensor((len(rows), *self.store.row_shape("frames")), torch.uint8)
+        frames = out.numpy()
+        for b, row in enumerate(rows):
+            self.store.read_rows("frames", row, row + 1, out=frames[b : b + 1])
+        return out
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -128,7 +143,7 @@ class FrameData(L.LightningDataModule):
         sampler = stream_sampler(
             self.trainer, len(self.frames), self.batch, self.max_steps, self.seed
         )
-        return loader(self.frames, self.batch, sampler, self.workers, drop_last=True)
+        return loader(self.frames, self.batch, sampler, self.workers, True, as_batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,10 +154,17 @@ def clip_fields(tokens_hash: str | None) -> tuple[str, ...]:
     return ("features", "tokens") if tokens_hash else ("features",)
 
 
-def collate_clips(items: list[dict]) -> dict:
-    """Stack tensors, keep ids as lists. Tensors go through torch's ``default_collate``: in a
-    DataLoader worker it stacks straight into shared memory, where a plain ``torch.stack``
-    would be copied there once more on the way to the main process."""
+def as_batch(batch):
+    """The collate function of datasets that read whole batches (``__getitems__``)."""
+    return batch
+
+
+def collate_clips(items: list[dict] | dict) -> dict:
+    """Stack tensors, keep ids as lists; a batch read whole (:class:`ClipBatches`) passes as
+    it is. Tensors go through torch's ``default_collate``: in a DataLoader worker it stacks
+    straight into shared memory, where ``torch.stack`` would be copied there once more."""
+    if isinstance(items, dict):
+        return items
     out: dict = {}
     for key in items[0]:
         values = [it[key] for it in items]
@@ -180,7 +202,7 @@ class ClipData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         cfg, d = self.cfg, self.cfg.dataset
-        dataset = ClipDataset(
+        dataset = ClipBatches(
             self.path,
             "train",
             d.ep_length,
