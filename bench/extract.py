@@ -30,8 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cache.reader import ClipDataset  # noqa: E402
 from cache.location import size_bytes as directory_size  # noqa: E402
+from cache.reader import ClipDataset  # noqa: E402
 from cache.store import FeatureStore, VideoRecord  # noqa: E402
 from pipeline.backbones import FrozenEncoder  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -315,7 +315,10 @@ def read_paths(root: Path, T: int, clips: int, rng) -> dict:
             "features",
             lambda: sum(b["features"].shape[:2].numel() for b in clip_batches) * per_frame,
         ),
-        "pretrain-dvae loader": ("frames", lambda: sum(len(b) for b in frame_batches) * frame_bytes),
+        "pretrain-dvae loader": (
+            "frames",
+            lambda: sum(len(b) for b in frame_batches) * frame_bytes,
+        ),
     }
 
 
@@ -331,7 +334,9 @@ def bench_read(args) -> None:
     )
     feats = rng.normal(size=(64, tokens, dim)).astype(np.float16)
     frames = rng.integers(0, 256, (64, args.frame_size, args.frame_size, 3), dtype=np.uint8)
-    print(f"{'inner':>5} {'path':<22} {'cache':<5} {'MB/s':>7} {'dd MB/s':>8} {'ratio':>6}  cold via")
+    print(
+        f"{'inner':>5} {'path':<22} {'cache':<5} {'MB/s':>7} {'dd MB/s':>8} {'ratio':>6}  cold via"
+    )
     for inner in args.inner:
         root = Path(tempfile.mkdtemp(prefix="egoslots-read-", dir=args.dir))
         try:
@@ -364,7 +369,9 @@ def bench_read(args) -> None:
                     if cache == "cold":
                         drop_cache(files)
                     dd = dd_read(files)
-                    print(f"{inner:5d} {name:<22} {cache:<5} {mb:7.0f} {dd:8.0f} {mb / dd:6.2f}  {how}")
+                    print(
+                        f"{inner:5d} {name:<22} {cache:<5} {mb:7.0f} {dd:8.0f} {mb / dd:6.2f}  {how}"
+                    )
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -150,7 +150,9 @@ class ShardReader:
             fd = self._fd(shard)
             offset = self._offset(shard, fd, row, end)
             skip = (row - shard * self.shard_len) % self.inner  # rows before it in its chunk
-            if offset is None or not self._read_into(fd, offset, skip, flat[row - start : end - start]):
+            if offset is None or not self._read_into(
+                fd, offset, skip, flat[row - start : end - start]
+            ):
                 return None  # unusual layout or short file: the caller falls back to zarr
         return out
 

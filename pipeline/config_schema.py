@@ -275,7 +275,7 @@ class Config:
     # dVAE run whose tokens stage 3 reads: a run directory; None = work_dir/runs/<dvae.run_name>.
     dvae_run: str | None = None
     # torch intra-op threads; 0 = EGOSLOTS_NUM_THREADS if set, else the CPUs this process may
-    # use (affinity mask, cgroup CPU quota) less the DataLoader workers running beside the model.
+    # use (affinity mask, cgroup CPU quota) less extraction's decode workers (stages/runtime.py).
     num_threads: int = 0
     globals: Globals = field(default_factory=Globals)
     dataset: Dataset = field(default_factory=Dataset)

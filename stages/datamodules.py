@@ -96,7 +96,9 @@ class FrameDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         row = int(self.rows[index])
-        return torch.from_numpy(np.ascontiguousarray(self.store.read_rows("frames", row, row + 1)[0]))
+        return torch.from_numpy(
+            np.ascontiguousarray(self.store.read_rows("frames", row, row + 1)[0])
+        )
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
         """A DataLoader batch (B, S, S, 3) uint8: read-ahead asked for every frame first (a

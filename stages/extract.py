@@ -119,7 +119,7 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
             f"no videos found in {cfg.dataset.path} (dataset.source={cfg.dataset.source})"
         )
 
-    configure_threads(cfg.num_threads, int(cfg.extract.num_workers))  # decoders run beside
+    configure_threads(cfg.num_threads, busy_workers=int(cfg.extract.num_workers))  # decoders
     device = pick_device(cfg.extract.device)
     compute = extraction_compute(cfg.extract.compute, device)
     backbone = build_backbone(cfg.backbone).to(device)

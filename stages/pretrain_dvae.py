@@ -255,7 +255,7 @@ def _train(
 
     device = device_type(d.accelerator)
     set_fast_math(device == "cuda")
-    configure_threads(cfg.num_threads, int(d.num_workers))
+    configure_threads(cfg.num_threads, busy_workers=0)  # cache readers: see runtime.py
     task = make_task(cfg, frame_size)
     stored = stored_precision(read_checkpoint(ckpt)) if ckpt else None
     precision = choose_precision(

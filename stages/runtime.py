@@ -18,9 +18,11 @@ One place for these rules, so that every stage decides the same way on the same 
   store's fingerprint, which must not depend on a timing.
 - TF32 matmuls on GPUs (:func:`set_fast_math`).
 - Threads (:func:`configure_threads`): torch's intra-op threads default to the CPUs this process
-  may use (affinity mask and cgroup CPU quota) minus the DataLoader workers that run beside
-  it, so OpenMP threads never spin against each other on an oversubscribed machine; the
-  workers run one torch thread each (:func:`one_thread_per_worker`).
+  may use (affinity mask and cgroup CPU quota) minus the DataLoader workers that keep a core
+  busy beside it (extraction's decoders), so OpenMP threads never spin against each other on
+  an oversubscribed machine or a cluster node whose quota is below its core count; override
+  with the config's ``num_threads`` or ``EGOSLOTS_NUM_THREADS``. Workers run one torch thread
+  each (:func:`one_thread_per_worker`).
 """
 
 from __future__ import annotations
@@ -404,17 +406,22 @@ def usable_cpus(root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, cpus)
 
 
-def default_threads(workers: int = 0, root: Path = Path("/sys/fs/cgroup")) -> int:
-    """torch's intra-op threads by default: the usable CPUs less the DataLoader ``workers``
-    running beside the model (each takes a core while it reads and copies), at least 1."""
-    return max(1, usable_cpus(root) - max(0, int(workers)))
+def default_threads(busy_workers: int = 0, root: Path = Path("/sys/fs/cgroup")) -> int:
+    """torch's intra-op threads by default: the usable CPUs less the DataLoader workers that
+    keep a core busy beside the model (``busy_workers``), at least 1."""
+    return max(1, usable_cpus(root) - max(0, int(busy_workers)))
 
 
-def configure_threads(setting: int | None = 0, workers: int = 0) -> int:
+def configure_threads(setting: int | None = 0, busy_workers: int = 0) -> int:
     """Set torch's intra-op threads for a stage; returns the number.
 
     ``setting`` (the config's ``num_threads``) if > 0, else ``EGOSLOTS_NUM_THREADS`` if set,
-    else :func:`default_threads` of the ``workers`` running beside the model.
+    else :func:`default_threads`. ``busy_workers``: the DataLoader workers that compute beside
+    the model. Extraction's decoders do (decoding and resizing video takes a core each); the
+    training stages' cache readers do not: they read a batch in milliseconds (preadv into
+    shared memory, docs/benchmarks.md) and then sleep on a full prefetch queue while a step
+    takes 100-1000x longer, so counting them would halve the threads of a 2-CPU machine for
+    nothing.
     """
     env = os.environ.get(THREADS_ENV, "").strip()
     if setting and int(setting) > 0:
@@ -425,8 +432,8 @@ def configure_threads(setting: int | None = 0, workers: int = 0) -> int:
         except ValueError:
             raise ConfigError(f"{THREADS_ENV}={env!r}: give a whole number of threads") from None
     else:
-        threads = default_threads(workers)
-        why = f"{usable_cpus()} usable CPUs, {workers} DataLoader workers"
+        threads = default_threads(busy_workers)
+        why = f"{usable_cpus()} usable CPUs, {busy_workers} busy DataLoader workers"
     torch.set_num_threads(threads)
     log.info("torch threads: %d (%s)", threads, why)
     return threads

@@ -236,7 +236,9 @@ def precision_probe(module: SlotTrainingModule, batch: int, frames: int, device:
     def make_step():
         features = torch.randn(feature_shape, device=device)
         vocab = int(module.cfg.dvae.vocab_size)
-        tokens = None if grid is None else torch.randint(vocab, (batch, frames, *grid), device=device)
+        tokens = (
+            None if grid is None else torch.randint(vocab, (batch, frames, *grid), device=device)
+        )
 
         def loss_of(m):
             return m.losses(m(features, tokens))["loss"]

@@ -196,7 +196,7 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
             write_run_files(run_dir, cfg, inputs.describe())
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     set_fast_math(tc.tf32)
-    configure_threads(cfg.num_threads, int(cfg.dataset.num_workers))
+    configure_threads(cfg.num_threads, busy_workers=0)  # cache readers: see runtime.py
     device = device_type(tc.accelerator)
     module = build_module(cfg_dict, inputs)
     checkpoint = read_checkpoint(ckpt_path) if ckpt_path is not None else None

@@ -128,9 +128,7 @@ def test_probe_leaves_the_global_rng_as_it_was(cache_file):
 def test_step_timer_trains_a_copy_not_the_model():
     model = torch.nn.Linear(4, 1)
     before = model.weight.detach().clone()
-    step = runtime.training_step_timer(
-        model, lambda m: m(torch.randn(8, 4)).pow(2).mean(), "cpu"
-    )
+    step = runtime.training_step_timer(model, lambda m: m(torch.randn(8, 4)).pow(2).mean(), "cpu")
     for precision in ("32-true", "bf16-mixed"):
         step(precision)
     assert torch.equal(model.weight, before)
@@ -177,7 +175,7 @@ sys.path.insert(0, sys.argv[1])
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 import torch
 from stages.runtime import configure_threads
-configure_threads(0, workers=0)
+configure_threads(0, busy_workers=0)
 print(torch.get_num_threads())
 """
 
