@@ -16,7 +16,7 @@ import torch
 
 from pipeline.dvae import DVAE, Geco, code_usage, gumbel_tau, kl_to_uniform, reconstruction_loss
 from stages.callbacks import add_loss_watch, watch_loss
-from stages.runtime import PrecisionProbe, model_signature, training_step_timer
+from stages.speed_probe import PrecisionProbe, model_signature, training_step_timer
 
 
 class DVAETask(L.LightningModule):

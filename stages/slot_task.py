@@ -22,7 +22,7 @@ from pipeline.model import SlotModel
 from pipeline.schedules import lr_factor
 from stages.callbacks import add_loss_watch, watch_loss
 from stages.common import StageError
-from stages.runtime import PrecisionProbe, model_signature, training_step_timer
+from stages.speed_probe import PrecisionProbe, model_signature, training_step_timer
 from stages.training import gather_with_grad
 
 

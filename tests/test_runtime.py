@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from stages import runtime
+from stages import runtime, speed_probe
 from stages.runtime import PrecisionProbe, choose_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ def test_no_native_bf16_means_fp32_without_a_probe(cache_file, monkeypatch):
 def test_probe_leaves_the_global_rng_as_it_was(cache_file):
     def make_step():
         model = torch.nn.Linear(4, 1)
-        return runtime.training_step_timer(
+        return speed_probe.training_step_timer(
             model, lambda m: m(torch.randn(8, 4)).pow(2).mean(), "cpu"
         )
 
@@ -128,7 +128,7 @@ def test_probe_leaves_the_global_rng_as_it_was(cache_file):
 def test_step_timer_trains_a_copy_not_the_model():
     model = torch.nn.Linear(4, 1)
     before = model.weight.detach().clone()
-    step = runtime.training_step_timer(model, lambda m: m(torch.randn(8, 4)).pow(2).mean(), "cpu")
+    step = speed_probe.training_step_timer(model, lambda m: m(torch.randn(8, 4)).pow(2).mean(), "cpu")
     for precision in ("32-true", "bf16-mixed"):
         step(precision)
     assert torch.equal(model.weight, before)
