@@ -74,7 +74,9 @@ class Dataset:
     clip_stride: int = 1
     frame_step: int = 1
     batch_size: int = "${globals.BATCH_SIZE_PER_GPU}"  # type: ignore[assignment]
-    num_workers: int = 2
+    # 0: read ahead in a thread of the training process (fastest from a local store: a batch is
+    # a few preadv calls); N > 0: N worker processes (a remote store, where each clip is a request).
+    num_workers: int = 0
 
 
 @dataclass
@@ -142,7 +144,7 @@ class Dvae:
     ckpt_every: int = 1000
     log_every: int = 50
     image_every: int = 1000
-    num_workers: int = 2
+    num_workers: int = 0  # as dataset.num_workers: 0 = a read-ahead thread, N = N processes
     tokenize_batch_size: int = 64
     tokenize_device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     accelerator: str = "auto"  # Lightning accelerator for pretraining: auto | cpu | gpu

@@ -8,12 +8,16 @@
 Training batches follow one seeded stream of samples (:class:`ResumableRandomSampler`): rank r of
 W takes its slice of each global batch, and a resumed run continues the stream at its step, so
 W ranks with batch B read what one process with batch B*W reads, and a resumed run what the
-uninterrupted run read. DataLoader workers ignore SIGTERM and run one torch thread each.
+uninterrupted run read. Batches are read ahead in a thread of the training process
+(``num_workers: 0``, :class:`ReadAheadLoader`) or in worker processes, which ignore SIGTERM and
+run one torch thread each.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 
 import lightning as L
 import numpy as np
@@ -40,20 +44,76 @@ def init_worker(worker_id: int) -> None:
 def loader(
     dataset, batch: int, sampler, workers: int, drop_last: bool, collate_fn=None, prefetch: int = 2
 ) -> DataLoader:
-    """A DataLoader that reads ahead in ``workers`` processes (pinned memory where there is a GPU)."""
-    return DataLoader(
-        dataset,
+    """A DataLoader that reads ahead (pinned memory where there is a GPU): in ``workers``
+    processes, or with ``workers=0`` in a thread of this process (:class:`ReadAheadLoader`)."""
+    kwargs = dict(
         batch_size=batch,
         sampler=sampler,
         shuffle=False,
         drop_last=drop_last,
-        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        prefetch_factor=prefetch if workers > 0 else None,
         collate_fn=collate_fn,
-        worker_init_fn=init_worker if workers > 0 else None,
     )
+    if workers == 0:
+        return ReadAheadLoader(dataset, ahead=prefetch, **kwargs)
+    return DataLoader(
+        dataset,
+        num_workers=workers,
+        persistent_workers=True,
+        prefetch_factor=prefetch,
+        worker_init_fn=init_worker,
+        **kwargs,
+    )
+
+
+class ReadAheadLoader(DataLoader):
+    """A DataLoader without worker processes that reads ``ahead`` batches ahead in a thread.
+
+    Reading a local store is a few ``preadv`` calls per batch (they release the GIL) into one
+    tensor: a thread keeps up with the disk, where handing each batch from a worker process to
+    this one (shared memory, file descriptors over a socket, two wake-ups) cost more than the
+    read itself: 2.7 GB/s in-process vs 0.25-0.5 GB/s through two workers, docs/benchmarks.md.
+    Errors of the reading thread are raised here, at the batch they concern.
+    """
+
+    def __init__(self, dataset, *, ahead: int = 2, **kwargs):
+        super().__init__(dataset, num_workers=0, **kwargs)
+        self.ahead = max(1, int(ahead))
+
+    def __iter__(self):
+        batches = queue.Queue(self.ahead)
+        stop = threading.Event()
+        source = super().__iter__()
+
+        def read() -> None:
+            try:
+                for batch in source:
+                    while not stop.is_set():
+                        try:
+                            batches.put((batch, None), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                batches.put((_END, None))
+            except BaseException as err:  # noqa: BLE001 - raised in the consumer below
+                batches.put((None, err))
+
+        threading.Thread(target=read, name="egoslots-read-ahead", daemon=True).start()
+        try:
+            while True:
+                batch, err = batches.get()
+                if err is not None:
+                    raise err
+                if batch is _END:
+                    return
+                yield batch
+        finally:
+            stop.set()
+
+
+_END = object()
 
 
 def stream_sampler(trainer, size: int, batch: int, max_steps: int, seed: int):

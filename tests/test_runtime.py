@@ -128,7 +128,9 @@ def test_probe_leaves_the_global_rng_as_it_was(cache_file):
 def test_step_timer_trains_a_copy_not_the_model():
     model = torch.nn.Linear(4, 1)
     before = model.weight.detach().clone()
-    step = speed_probe.training_step_timer(model, lambda m: m(torch.randn(8, 4)).pow(2).mean(), "cpu")
+    step = speed_probe.training_step_timer(
+        model, lambda m: m(torch.randn(8, 4)).pow(2).mean(), "cpu"
+    )
     for precision in ("32-true", "bf16-mixed"):
         step(precision)
     assert torch.equal(model.weight, before)
