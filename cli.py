@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "stages.inspect_data:inspect_data",
         "Summarise a dataset: videos, frames, splits, masks.",
     ),
+    "pretrain-encoder": (
+        "stages.pretrain_encoder:pretrain_encoder",
+        "Stage 0 (optional): train a ViT with DINO on your own frames.",
+    ),
     "extract-features": (
         "stages.extract:extract_features",
         "Stage 1: run the frozen backbone once and cache features.",
@@ -80,7 +84,7 @@ class LazyGroup(click.Group):
 def main():
     """egoslots: object-centric learning on egocentric video.
 
-    A staged pipeline: extract-features (frozen ViT, once) -> pretrain-dvae (tokens) ->
+    A staged pipeline: [pretrain-encoder ->] extract-features (frozen ViT, once) -> pretrain-dvae (tokens) ->
     train-slots -> evaluate. Every stage reads a YAML config plus key=value overrides:
 
     \b

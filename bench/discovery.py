@@ -4,6 +4,7 @@
     python bench/discovery.py curve --encoder oracle --seeds 0 1 2 --minutes 4
     python bench/discovery.py curve --encoder patch-pixels --set slot_dim=32 --set loss_ss=0.5
     python bench/discovery.py baselines --split test
+    python bench/discovery.py plot a.json b.json --labels A B --out curves.png
 
 Data: the synthetic generator (``pipeline.data.synthetic``), three disjoint generator seeds —
 ``train`` (seed 1000) to train on, ``val`` (seed 2000) to choose settings on, ``test`` (seed 3000)
@@ -16,8 +17,11 @@ Encoders (features per token, computed once per split and cached in memory):
   inside its patch, plus Gaussian noise. The easiest input there is: if slot attention cannot
   group these, no encoder will help.
 - ``patch-pixels``: the parameter-free encoder of the old demo (normalised RGB of each patch).
-- ``vit:PATH``: a frozen ViT loaded through the product's backbone factory (e.g. the encoder
-  ``egoslots pretrain-encoder`` exports).
+- ``vit:PATH[@SIZE]``: a frozen ViT loaded through the product's backbone factory: an
+  ``encoder.pth`` that ``egoslots pretrain-encoder`` exports, or a backbone name; ``@SIZE``
+  resizes the frames to SIZE px first (e.g. a patch-8 encoder at 128 px gives 16x16 tokens).
+- ``file:PATH``: precomputed (V, T, N, D) features, ``{split}`` in the path (a cache of the
+  above, to run many settings without recomputing them).
 
 Training is the stage-3 model (``pipeline.model.SlotModel``), its losses, Adam with the
 product's warm-up/decay schedule and gradient-norm clipping, on random clips of the train
@@ -51,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import baselines, metrics  # noqa: E402
 from pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
 from pipeline.schedules import warmup_exp_decay  # noqa: E402
+from stages.pictures import PALETTE  # noqa: E402
 
 SPLIT_SEEDS = {"train": 1000, "val": 2000, "test": 3000}
 DEFAULT_CACHE = Path(os.environ.get("EGOSLOTS_BENCH_CACHE", "/tmp/egoslots-discovery"))
@@ -154,17 +159,24 @@ def encoder_features(name: str, frames: np.ndarray, patch: int, batch: int = 64)
     size = frames.shape[2]
     if name == "patch-pixels":
         encoder = PatchPixels(size, patch)
-    elif name.startswith("vit:"):
-        cfg = OmegaConf.create({"name": name[4:], "checkpoint": None, "input_size": size})
-        encoder = build_backbone(cfg)
+    elif name.startswith("vit:"):  # vit:PATH or vit:PATH@INPUT_SIZE (frames resized to it)
+        path, _, resize = name[4:].partition("@")
+        size = int(resize or size)
+        if path.endswith(".pth") and Path(path).is_file():  # a pretrain-encoder export
+            cfg = {"name": "self", "checkpoint": path, "input_size": size}
+        else:  # a backbone name
+            cfg = {"name": path, "checkpoint": None, "input_size": size}
+        encoder = build_backbone(OmegaConf.create(cfg))
     else:
-        raise SystemExit(f"unknown encoder {name!r}: oracle | patch-pixels | vit:PATH")
+        raise SystemExit(f"unknown encoder {name!r}: oracle | patch-pixels | vit:PATH[@SIZE]")
     encoder.eval()
     flat = torch.from_numpy(frames.reshape(-1, *frames.shape[2:]))
     out = []
     with torch.no_grad():
         for i in range(0, len(flat), batch):
             x = flat[i : i + batch].permute(0, 3, 1, 2).float() / 255.0
+            if x.shape[-1] != size:  # upsampling: bilinear (antialias changes nothing here)
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
             out.append(encoder(x).float())
     feats = torch.cat(out)
     return feats.reshape(*frames.shape[:2], *feats.shape[1:])
@@ -210,8 +222,6 @@ class Setting:
         model = self._model(feature_dim, num_tokens)
         if self.seed_init:
             model.__class__ = SeededSlotModel
-        if self.mix == "attention":
-            model.__class__ = AttentionMixSlotModel
         if self.eye_qkv:
             sa = model.processor.corrector
             for lin in (sa.to_q, sa.to_k, sa.to_v):
@@ -234,6 +244,7 @@ class Setting:
             n_iters_first=self.n_iters_first,
             predictor=self.predictor,
             decoder_hidden_dims=tuple(self.decoder_hidden),
+            decoder_mixing=self.mix,
             steve=False,
             loss_weights={"loss_featrec": self.loss_featrec, "loss_ss": self.loss_ss},
             **self.extra,
@@ -290,25 +301,6 @@ class SeededSlotModel(SlotModel):
         seeds = values[torch.arange(B)[:, None], idx]  # (B, K, D)
         init = self.initializer(B) + seeds
         return super().forward(features, tokens, init)  # carried: every frame n_iters
-
-
-class AttentionMixSlotModel(SlotModel):
-    """The decoder's per-slot reconstructions mixed with the slot-attention masks (softmax over
-    slots) instead of the decoder's own alpha masks: the reconstruction error then trains the
-    grouping directly, as the E-step of a mixture model."""
-
-    def forward(self, features, tokens=None, init_state=None):
-        out = super().forward(features, tokens, init_state)
-        dec = self.decoder
-        slots = out["processor"]["state"]  # (B, T, K, D)
-        pos = F.linear(dec.pos_emb[0, 0], dec.layers[0].weight)  # (N, H1)
-        x = dec.layers[0](slots).unsqueeze(-2) + pos  # (B, T, K, N, H1)
-        for layer in dec.layers[1:]:
-            x = layer(torch.relu(x))  # (B, T, K, N, F+1)
-        masks = out["processor"]["corrector"]["masks"]  # (B, T, K, N)
-        recon = torch.einsum("btkn,btknf->btnf", masks.to(x.dtype), x[..., :-1])
-        out["decoder"] = {"reconstruction": recon, "masks": masks}
-        return out
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -394,25 +386,6 @@ def model_scores(model: SlotModel, split: dict, feats: torch.Tensor, patch: int)
         )
     model.train()
     return out
-
-
-PALETTE = np.array(
-    [
-        [31, 119, 180],
-        [255, 127, 14],
-        [44, 160, 44],
-        [214, 39, 40],
-        [148, 103, 189],
-        [140, 86, 75],
-        [227, 119, 194],
-        [127, 127, 127],
-        [188, 189, 34],
-        [23, 190, 207],
-        [174, 199, 232],
-        [255, 187, 120],
-    ],
-    dtype=np.uint8,
-)
 
 
 @torch.no_grad()
@@ -606,11 +579,64 @@ def cmd_curve(args, data: DataSpec) -> None:
         )
 
 
+def cmd_plot(args, data: DataSpec) -> None:
+    """Learning curves of finished runs (their --out JSON files) as one PNG: video FG-ARI and
+    video mBO of the slot-attention masks against steps (mean over seeds), with per-video
+    colour k-means as a dashed line. Pillow only, so the bench needs no plotting library."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    runs = [json.loads(Path(f).read_text()) for f in args.files]
+    labels = args.labels or [Path(f).stem for f in args.files]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+    panel_w, panel_h, pad, legend_h = 420, 300, 50, 22 * len(runs) + 10
+    img = Image.new("RGB", (2 * panel_w + pad, panel_h + 2 * pad + legend_h), "white")
+    draw = ImageDraw.Draw(img)
+    try:
+        font = ImageFont.truetype("DejaVuSans.ttf", 13)
+    except OSError:
+        font = ImageFont.load_default()
+    max_step = max(r["curves"][0][-1]["step"] for r in runs)
+    for panel, (metric, title) in enumerate(
+        [("fg_ari", "video FG-ARI x100"), ("mbo", "video mBO x100")]
+    ):
+        x0, y0 = pad + panel * (panel_w + pad // 2), pad
+
+        def xy(step, value, x0=x0, y0=y0):
+            w, h = panel_w - pad, panel_h - pad
+            return x0 + w * step / max_step, y0 + h * (1 - value / 0.8)  # y axis 0 .. 80
+
+        draw.rectangle([xy(0, 0.8), xy(max_step, 0)], outline="black")
+        draw.text((x0, y0 - 22), title, fill="black", font=font)
+        for v in (0.2, 0.4, 0.6):
+            draw.line([xy(0, v), xy(max_step, v)], fill="#dddddd")
+            draw.text((x0 - 24, xy(0, v)[1] - 7), f"{100 * v:.0f}", fill="black", font=font)
+        draw.text((xy(max_step, 0)[0] - 40, xy(0, 0)[1] + 4), f"{max_step} steps", fill="black",
+                  font=font)  # fmt: skip
+        bar = runs[0]["baselines"]["colour k-means / pixel"][f"video_{metric}"]
+        for sx in range(0, max_step, max(1, max_step // 40)):
+            draw.line([xy(sx, bar), xy(min(sx + max_step / 80, max_step), bar)], fill="black")
+        for i, run in enumerate(runs):
+            points = []
+            for j, row in enumerate(run["curves"][0]):
+                vals = [c[j][f"attention_{metric}"] for c in run["curves"] if len(c) > j]
+                points.append(xy(row["step"], float(np.mean(vals))))
+            draw.line(points, fill=colours[i % len(colours)], width=3)
+    for i, label in enumerate([*labels, "colour k-means per video (dashed)"]):
+        y = panel_h + pad + 10 + 22 * i
+        colour = colours[i % len(colours)] if i < len(runs) else "black"
+        draw.line([(pad, y + 7), (pad + 30, y + 7)], fill=colour, width=3)
+        draw.text((pad + 40, y), label, fill="black", font=font)
+    img.save(args.out)
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=("render", "baselines", "curve"))
+    ap.add_argument("command", choices=("render", "baselines", "curve", "plot"))
+    ap.add_argument("files", nargs="*", help="plot: the JSON files of finished curves")
+    ap.add_argument("--labels", nargs="*", default=None, help="plot: one label per file")
     ap.add_argument("--encoder", default="oracle")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--videos", type=int, default=96, help="train videos (val/test: a quarter)")
@@ -625,7 +651,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--out", default=None, help="write the curves as JSON here")
+    ap.add_argument("--out", default=None, help="curve: JSON of the curves; plot: the PNG")
     ap.add_argument("--picture", default=None, help="PNG of masks on 3 eval videos (last seed)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -635,7 +661,9 @@ def main() -> None:
     if args.minutes is None and args.steps is None:
         args.minutes = 3.0
     data = DataSpec(args.videos, args.frames, args.size, args.min_objects, args.max_objects)
-    {"render": cmd_render, "baselines": cmd_baselines, "curve": cmd_curve}[args.command](args, data)
+    commands = {"render": cmd_render, "baselines": cmd_baselines, "curve": cmd_curve}
+    commands["plot"] = cmd_plot
+    commands[args.command](args, data)
 
 
 if __name__ == "__main__":

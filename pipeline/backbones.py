@@ -14,12 +14,16 @@ fingerprint and the store's attrs record it.
   seed, so tests can run a real ViT in milliseconds. Its features mean nothing.
 - a silicon-menagerie ViT (``dino_say_vitb14``, ``mugs_a_vits16``, ``mae_y_vitl16``, ... see
   :data:`SILICON_MODELS`): a timm ``VisionTransformer`` of the published shape, weights from
-  ``backbone.checkpoint`` or ``$EGOSLOTS_WEIGHTS/<name>.pth`` (the file as downloaded from
-  huggingface.co/eminorhan/<name>).
+  ``backbone.checkpoint``, ``$EGOSLOTS_WEIGHTS/<name>.pth``, or by name: ``<name>.pth`` of the
+  Hugging Face repo ``eminorhan/<name>``, fetched into the Hugging Face cache on first use.
+- ``self``: the encoder ``egoslots pretrain-encoder`` trained on the user's own frames (stage 0),
+  ``<backbone.encoder_run>/encoder.pth`` or ``backbone.checkpoint``: silicon-menagerie's DINO
+  layout, loaded exactly as a silicon-menagerie ViT, its shape read from ``encoder.json``.
 - any timm ViT name (``vit_base_patch14_dinov2``, ``vit_small_patch14_reg4_dinov2``, ...),
-  weights from ``backbone.checkpoint``, ``$EGOSLOTS_WEIGHTS/<name>.pth`` or timm's local cache.
+  weights from ``backbone.checkpoint``, ``$EGOSLOTS_WEIGHTS/<name>.pth``, timm's local caches,
+  or fetched by name as timm's ``pretrained=True`` would.
 
-Nothing is ever downloaded. The feature is the output of block ``backbone.block`` (0-based as in
+Downloads respect ``HF_HUB_OFFLINE=1`` (see :mod:`pipeline.checkpoints`). The feature is the output of block ``backbone.block`` (0-based as in
 timm's ``blocks.N``, negative counts from the end; default the last block, so SlotContrast's
 ``vit_block12`` is block 11), before the final norm unless ``backbone.final_norm``. Blocks after
 the chosen one are dropped from the model. For an input size other than the checkpoint's, the
@@ -256,21 +260,41 @@ class ViTEncoder(FrozenEncoder):
 def silicon_vit(arch: str, input_size: int, weight_init: str = "") -> nn.Module:
     """An untrained silicon-menagerie ViT (DINO-style: CLS token, qkv bias, LayerNorm eps 1e-6);
     ``weight_init="skip"`` leaves the weights uninitialised (they are about to be loaded)."""
+    patch, dim, depth, heads = SILICON_ARCHS[arch]
+    return dino_vit(input_size, patch, dim, depth, heads, weight_init=weight_init)
+
+
+def dino_vit(
+    input_size: int,
+    patch: int,
+    dim: int,
+    depth: int,
+    heads: int,
+    mlp_ratio: float = 4.0,
+    weight_init: str = "",
+    drop_path_rate: float = 0.0,
+    dynamic_img_size: bool = False,
+) -> nn.Module:
+    """A timm ViT with the shape and parameter names of DINO's ``vision_transformer.py`` (CLS
+    token, qkv bias, LayerNorm eps 1e-6, learned position embedding): silicon-menagerie's models
+    and the encoders ``egoslots pretrain-encoder`` trains. ``dynamic_img_size`` resamples the
+    position embedding for other input sizes at every call (DINO's local crops)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    patch, dim, depth, heads = SILICON_ARCHS[arch]
     return VisionTransformer(
         img_size=input_size,
         patch_size=patch,
         embed_dim=dim,
         depth=depth,
         num_heads=heads,
-        mlp_ratio=4.0,
+        mlp_ratio=mlp_ratio,
         qkv_bias=True,
         class_token=True,
         global_pool="token",
         num_classes=0,
         weight_init=weight_init,
+        drop_path_rate=drop_path_rate,
+        dynamic_img_size=dynamic_img_size,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
     )
 
@@ -288,11 +312,7 @@ def tiny_test_vit(input_size: int, seed: int = 0) -> nn.Module:
 
 def build_silicon(name: str, input_size: int, checkpoint: str | None) -> tuple[nn.Module, Path]:
     alg, _, arch = name.split("_")
-    path = checkpoints.locate(
-        name,
-        checkpoint,
-        download_hint=(f" Download {name}.pth from https://huggingface.co/eminorhan/{name}."),
-    )
+    path = checkpoints.locate(name, checkpoint)
     model = checkpoints.load_model(
         lambda: silicon_vit(arch, input_size, "skip"),
         path,
@@ -306,7 +326,7 @@ def build_silicon(name: str, input_size: int, checkpoint: str | None) -> tuple[n
 @contextlib.contextmanager
 def hub_offline():
     """Hugging Face hub offline mode while timm builds a model (belt and braces: egoslots only
-    calls ``create_model(pretrained=False)`` and reads weights from local files itself)."""
+    calls ``create_model(pretrained=False)`` and finds or fetches weights itself)."""
     import huggingface_hub.constants as hub
 
     saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
@@ -319,6 +339,56 @@ def hub_offline():
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
+SELF_TRAINED = "self"  # the encoder `egoslots pretrain-encoder` trained (stage 0)
+SELF_TRAINED_JSON = "encoder.json"  # its architecture, beside the weights file
+
+
+def build_self_trained(
+    input_size: int, checkpoint: str | None, encoder_run: str | None
+) -> tuple[nn.Module, Path, dict]:
+    """The encoder of a ``pretrain-encoder`` run: ``backbone.checkpoint`` if set, else
+    ``<backbone.encoder_run>/encoder.pth``. The file holds silicon-menagerie's DINO layout
+    (``teacher`` with ``backbone.`` keys) and loads exactly as ``dino_say_vitb14`` does; its
+    architecture comes from ``encoder.json`` beside it. Returns (ViT, weights path, that JSON)."""
+    import json
+
+    if checkpoint:
+        path = checkpoints.explicit_checkpoint(checkpoint)
+    elif encoder_run:
+        path = Path(encoder_run).expanduser() / "encoder.pth"
+        if not path.is_file():
+            raise BackboneError(
+                f"backbone.name={SELF_TRAINED}: no trained encoder at {path}: run `egoslots "
+                "pretrain-encoder CONFIG` first (`egoslots run CONFIG` does it for you), or set "
+                "backbone.checkpoint=RUN/encoder.pth"
+            )
+    else:
+        raise BackboneError(
+            f"backbone.name={SELF_TRAINED} needs backbone.encoder_run (a pretrain-encoder run "
+            "directory) or backbone.checkpoint=RUN/encoder.pth"
+        )
+    meta_path = path.with_name(SELF_TRAINED_JSON)
+    try:
+        meta = json.loads(meta_path.read_text())
+        arch = meta["arch"]
+        shape = [int(arch[k]) for k in ("patch_size", "embed_dim", "depth", "num_heads")]
+        mlp_ratio = float(arch["mlp_ratio"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BackboneError(
+            f"backbone.name={SELF_TRAINED}: {meta_path} (the encoder's architecture, written by "
+            f"`egoslots pretrain-encoder` beside {path.name}) is missing or unreadable: {err}"
+        ) from err
+    check_patch_grid(SELF_TRAINED, input_size, shape[0], None)
+    model = checkpoints.load_model(
+        lambda: dino_vit(input_size, *shape, mlp_ratio=mlp_ratio, weight_init="skip"),
+        path,
+        SELF_TRAINED,
+        TRAINING_ONLY["dino"],
+        resample=checkpoints.resample_pos_embed_dino,
+    )
+    return model, path, meta
 
 
 def build_timm(
@@ -353,20 +423,14 @@ def build_timm(
             )
     check_patch_grid(name, input_size, int(skeleton.patch_embed.patch_size[0]), cfg_patch_size)
     resolve_block(name, block, len(skeleton.blocks))
-    path = checkpoints.locate(
-        name,
-        checkpoint,
-        skeleton.pretrained_cfg,
-        download_hint=(
-            f" To fill timm's cache, run timm.create_model('{name}', pretrained=True) once with network."
-        ),
-    )
+    path = checkpoints.locate(name, checkpoint, skeleton.pretrained_cfg)
     filter_fn = getattr(sys.modules[type(skeleton).__module__], "checkpoint_filter_fn", None)
     return checkpoints.load_model(build, path, name, ("head.",), filter_fn=filter_fn), path
 
 
 def build_backbone(cfg: Any) -> FrozenEncoder:
-    """Build the frozen encoder a config's ``backbone`` section names (no downloads, ever)."""
+    """Build the frozen encoder a config's ``backbone`` section names (weights fetched by name
+    on first use unless a local file is given or ``HF_HUB_OFFLINE=1``)."""
     get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
     name = get("name")
     input_size = int(get("input_size"))
@@ -398,6 +462,15 @@ def build_backbone(cfg: Any) -> FrozenEncoder:
         if name == TINY_TEST_VIT:
             check_patch_grid(name, input_size, 8, cfg_patch_size)
             vit = tiny_test_vit(input_size)
+        elif name == SELF_TRAINED:
+            if cfg_patch_size:
+                raise BackboneError(
+                    f"backbone.patch_size={cfg_patch_size} is for patch-pixels only: the "
+                    f"{SELF_TRAINED} encoder's patch size comes from its encoder.json"
+                )
+            vit, path, meta = build_self_trained(input_size, get("checkpoint"), get("encoder_run"))
+            sha = checkpoints.sha256_file(path)
+            mean, std = mean or tuple(meta.get("mean", ())), std or tuple(meta.get("std", ()))
         elif name in SILICON_MODELS:
             patch, _, depth, _ = SILICON_ARCHS[name.split("_")[2]]
             check_patch_grid(name, input_size, patch, cfg_patch_size)
@@ -445,10 +518,16 @@ def check_patch_grid(name: str, input_size: int, patch: int, cfg_patch_size: int
 def _unknown_name(name: Any) -> str:
     import timm
 
-    known = ["patch-pixels", TINY_TEST_VIT, *sorted(SILICON_MODELS), *timm.list_models()]
+    known = [
+        "patch-pixels",
+        TINY_TEST_VIT,
+        SELF_TRAINED,
+        *sorted(SILICON_MODELS),
+        *timm.list_models(),
+    ]
     close = difflib.get_close_matches(str(name), known, n=6, cutoff=0.6)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
     return (
-        f"unknown backbone.name={name}: not patch-pixels, {TINY_TEST_VIT}, a silicon-menagerie ViT "
-        f"or a timm model{hint}"
+        f"unknown backbone.name={name}: not patch-pixels, {TINY_TEST_VIT}, {SELF_TRAINED} (the "
+        f"encoder `egoslots pretrain-encoder` trains), a silicon-menagerie ViT or a timm model{hint}"
     )

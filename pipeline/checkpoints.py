@@ -1,10 +1,15 @@
-"""Reading frozen-encoder weight files: find them locally, hash them, load them without
+"""Reading frozen-encoder weight files: find or fetch them, hash them, load them without
 unpickling code, unwrap training layouts and check their keys.
 
-egoslots never downloads weights. A file is found in this order:
-``backbone.checkpoint`` (a path), ``$EGOSLOTS_WEIGHTS/<name>.pth`` (or ``.safetensors``), and
-for timm models also timm's local caches (Hugging Face hub cache, torch hub cache), looked up
-on disk only.
+A file is found in this order: ``backbone.checkpoint`` (a path), ``$EGOSLOTS_WEIGHTS/<name>.pth``
+(or ``.safetensors``), for timm models timm's local caches (Hugging Face hub cache, torch hub
+cache), and last, by name (:func:`fetch_by_name`): a silicon-menagerie name fetches
+``<name>.pth`` from the Hugging Face repo ``eminorhan/<name>`` into the Hugging Face cache with
+``hf_hub_download``, as silicon-menagerie's own ``load_model`` does; a timm name fetches what
+timm's pretrained mechanism would (its ``hf_hub_id``, else its ``url`` into the torch hub cache).
+``HF_HUB_OFFLINE=1`` is respected: then only the caches are read, and a file not there is one
+error saying what to fetch and where to put it. Whatever the place, the file's sha256 feeds the
+extraction fingerprint.
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``: tensors and plain containers
 only, plus the few harmless globals that training scripts store next to the weights
@@ -110,15 +115,80 @@ def timm_cache_candidates(pretrained_cfg: Mapping[str, Any]) -> list[tuple[str, 
     return found
 
 
+def hub_offline_mode() -> bool:
+    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it only once, at import)."""
+    import huggingface_hub.constants as hub
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return bool(hub.HF_HUB_OFFLINE) or env in ("1", "on", "yes", "true")
+
+
+def hub_sources(name: str, timm_cfg: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """Where weights of ``name`` come from by name: [(hub repo id or "url", file name or URL)].
+
+    silicon-menagerie: ``eminorhan/<name>``, file ``<name>.pth`` (its ``load_model``). timm, as
+    its pretrained mechanism resolves it: ``hf_hub_id`` (``hf_hub_filename``, else
+    model.safetensors then pytorch_model.bin), else ``url``.
+    """
+    if timm_cfg is None:
+        return [(f"eminorhan/{name}", f"{name}.pth")]
+    hub_id = timm_cfg.get("hf_hub_id")
+    if hub_id:
+        if timm_cfg.get("hf_hub_filename"):
+            return [(hub_id, timm_cfg["hf_hub_filename"])]
+        return [(hub_id, "model.safetensors"), (hub_id, "pytorch_model.bin")]
+    return [("url", timm_cfg["url"])] if timm_cfg.get("url") else []
+
+
+def fetch_by_name(name: str, timm_cfg: Mapping[str, Any] | None = None) -> Path:
+    """The weights of backbone ``name`` from the Hugging Face cache (or the torch hub cache for a
+    timm URL), downloaded into it first unless ``HF_HUB_OFFLINE=1``. Raises CheckpointError
+    saying what to fetch and where to put it when neither works."""
+    from huggingface_hub import hf_hub_download
+
+    offline = hub_offline_mode()
+    sources = hub_sources(name, timm_cfg)
+    failures = []
+    for repo, filename in sources:
+        try:
+            if repo == "url":
+                if offline:
+                    raise FileNotFoundError("HF_HUB_OFFLINE=1 and not in the torch hub cache")
+                from timm.models._hub import download_cached_file
+
+                return Path(download_cached_file(filename))
+            repo_id, _, revision = repo.partition("@")
+            return Path(
+                hf_hub_download(
+                    repo_id, filename, revision=revision or None, local_files_only=offline
+                )
+            )
+        except Exception as err:  # hub, HTTP and file errors all become one message below
+            failures.append(f"{repo}/{filename}: {type(err).__name__}")
+    if not sources:
+        raise CheckpointError(f"backbone.name={name} names no pretrained weights to fetch")
+    repo, filename = sources[0]
+    fetch = (
+        f"fetch {filename}"
+        if repo == "url"
+        else f"fetch it with `hf download {repo.partition('@')[0]} {filename}`"
+    )
+    why = "HF_HUB_OFFLINE=1 and it is not in the cache" if offline else "download failed"
+    raise CheckpointError(
+        f"no weights for backbone.name={name}: {why} ({'; '.join(failures)}). On a machine with "
+        f"network, {fetch} (into the Hugging Face cache, $HF_HUB_CACHE), or put the file at "
+        f"$EGOSLOTS_WEIGHTS/{name}{Path(filename).suffix or '.pth'}, or pass backbone.checkpoint=PATH"
+    )
+
+
 def locate(
     name: str,
     checkpoint: str | None,
     timm_cfg: Mapping[str, Any] | None = None,
-    download_hint: str = "",
 ) -> Path:
     """The weights file for backbone ``name``: ``backbone.checkpoint``, else
-    ``$EGOSLOTS_WEIGHTS/<name>.pth|.safetensors``, else (timm models) timm's local caches.
-    None found is an error listing every place looked in."""
+    ``$EGOSLOTS_WEIGHTS/<name>.pth|.safetensors``, else (timm models) timm's local caches, else
+    :func:`fetch_by_name`. An error lists every place looked in."""
     path = explicit_checkpoint(checkpoint)
     if path is not None:
         return path
@@ -130,11 +200,11 @@ def locate(
     for _, candidate in places:
         if candidate is not None and candidate.is_file():
             return candidate
-    looked = "; ".join(["backbone.checkpoint (not set)"] + [label for label, _ in places])
-    raise CheckpointError(
-        f"no weights for backbone.name={name}: set backbone.checkpoint=PATH or put {name}.pth in "
-        f"$EGOSLOTS_WEIGHTS (looked in: {looked}). egoslots never downloads weights.{download_hint}"
-    )
+    try:
+        return fetch_by_name(name, timm_cfg)
+    except CheckpointError as err:
+        looked = "; ".join(["backbone.checkpoint (not set)"] + [label for label, _ in places])
+        raise CheckpointError(f"{err} (looked in: {looked})") from err
 
 
 def read_weights_file(path: Path) -> Any:

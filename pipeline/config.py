@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config_schema import Config
+from pipeline.config_schema import DECODER_MIXINGS, DVAE_ARCHS, Config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -211,10 +211,19 @@ def _validate(cfg: DictConfig) -> None:
         )
     if g.NUM_SLOTS < 1:
         raise ConfigError(f"globals.NUM_SLOTS must be >= 1, got {g.NUM_SLOTS}")
+    if cfg.dvae.arch not in DVAE_ARCHS:
+        raise ConfigError(f"dvae.arch={cfg.dvae.arch} is not one of {', '.join(DVAE_ARCHS)}")
+    if cfg.decoder.mixing not in DECODER_MIXINGS:
+        raise ConfigError(
+            f"decoder.mixing={cfg.decoder.mixing} is not one of {', '.join(DECODER_MIXINGS)}"
+        )
     if g.VOCAB_SIZE > 65536:
         raise ConfigError(
             f"globals.VOCAB_SIZE={g.VOCAB_SIZE} is over 65536: token ids are cached as uint16."
         )
+    if cfg.backbone.name == "self" and cfg.backbone.encoder_run is None:
+        # the encoder this config's `pretrain-encoder` trains (stage 0)
+        cfg.backbone.encoder_run = "${work_dir}/runs/${pretrain_encoder.run_name}"
 
 
 def resolve(cfg: DictConfig) -> dict:

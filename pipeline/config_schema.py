@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# dvae.arch: whose conv block the dVAE's hidden layers use (see pipeline/dvae.py).
+DVAE_ARCHS = ("steve", "slate")
+# decoder.mixing: what mixes the per-slot reconstructions (see pipeline/decoders.py).
+DECODER_MIXINGS = ("alpha", "attention")
+
 
 @dataclass
 class Globals:
@@ -54,6 +59,20 @@ class Hdf5Keys:
 
 
 @dataclass
+class WebdatasetShards:
+    # Tar shards as SlotContrast's data/save_movi.py and save_ytvis2021.py write them: members
+    # <key>.video.npy (T, H, W, 3) uint8 and <key>.segmentations.npy (T, H, W, 1) label maps
+    # (MOVi) or (T, H, W, I) one channel per instance (YT-VIS). Brace patterns as in
+    # SlotContrast's configs ("movi_c/movi_c-train-{000000..000304}.tar"), relative to
+    # dataset.path (a folder or an fsspec URL) unless absolute. The pattern gives the split.
+    train_shards: str | None = None
+    val_shards: str | None = None
+    test_shards: str | None = None
+    video_key: str = "video"  # member <key>.<video_key>.npy
+    mask_key: str | None = "segmentations"  # null: no masks (SlotContrast's --only-video shards)
+
+
+@dataclass
 class SplitFractions:
     val: float = 0.1
     test: float = 0.1
@@ -61,10 +80,11 @@ class SplitFractions:
 
 @dataclass
 class Dataset:
-    source: str = "synthetic"  # frames | video | hdf5 | synthetic
+    source: str = "synthetic"  # frames | video | hdf5 | webdataset | synthetic
     path: str = "${work_dir}/data/synthetic"
     fps: float | None = None  # video files: subsample to this frame rate
     hdf5: Hdf5Keys = field(default_factory=Hdf5Keys)
+    webdataset: WebdatasetShards = field(default_factory=WebdatasetShards)
     split: SplitFractions = field(default_factory=SplitFractions)
     synthetic: SyntheticData = field(default_factory=SyntheticData)
     max_videos: int | None = None
@@ -82,7 +102,9 @@ class Dataset:
 @dataclass
 class Backbone:
     name: str = "${globals.BACKBONE}"
-    checkpoint: str | None = None  # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth
+    # local .pth; else $EGOSLOTS_WEIGHTS/<name>.pth; else fetched by name into the Hugging Face
+    # cache (eminorhan/<name>, timm's hub id) unless HF_HUB_OFFLINE=1
+    checkpoint: str | None = None
     block: int | None = (
         None  # block whose output is the feature: 0-based (timm blocks.N), <0 from the end; None = last
     )
@@ -92,6 +114,9 @@ class Backbone:
     proj_dim: int | None = None  # patch-pixels: fixed random projection to this dim
     mean: list[float] | None = None  # default: ImageNet, unless the backbone says otherwise
     std: list[float] | None = None
+    # name=self: the pretrain-encoder run whose encoder.pth to load; None = this config's run,
+    # <work_dir>/runs/<pretrain_encoder.run_name> (filled in when the config is loaded).
+    encoder_run: str | None = None
 
 
 @dataclass
@@ -133,6 +158,9 @@ class Dvae:
     run_name: str = "dvae"
     vocab_size: int = "${globals.VOCAB_SIZE}"  # type: ignore[assignment]
     hidden: int = 64
+    # steve: STEVE's conv blocks (conv with bias -> ReLU); slate: SLATE's (conv -> GroupNorm ->
+    # ReLU), what egoslots used before this key existed. Part of the dVAE's identity.
+    arch: str = "steve"
     lr: float = 3.0e-4
     batch_size: int = 32
     max_steps: int = 30000
@@ -152,6 +180,75 @@ class Dvae:
     precision: str = "auto"
     # Multi-GPU / multi-node pretraining (Lightning DDP, as trainer.* for stage 3): batch_size is
     # per device, the global batch is batch_size x devices x num_nodes. Tokenization runs on rank 0.
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+
+
+@dataclass
+class PretrainEncoder:
+    """Stage 0, `egoslots pretrain-encoder`: DINO self-distillation of a ViT on the dataset's own
+    train frames (silicon-menagerie's recipe). Defaults are DINO's (facebookresearch/dino
+    main_dino.py, ViT-S/16 at 224 px); DINO's epoch counts are steps here. `backbone.name: self`
+    extracts features with the result; `egoslots run` trains it first."""
+
+    run_name: str = "encoder"
+    # The ViT (DINO's vision_transformer.py shape; vit_tiny 192/12/3, vit_small 384/12/6,
+    # vit_base 768/12/12).
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1  # stochastic depth of the student
+    # Global crop size: frames are cached at this size (shorter side + centre crop, as stage 1).
+    image_size: int = "${globals.IMAGE_SIZE}"  # type: ignore[assignment]
+    frame_step: int = 1  # train on every k-th frame of each train video (neighbours look alike)
+    # Projection head (DINOHead): 3-layer MLP, l2-normalised bottleneck, weight-normed last layer.
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    # Multi-crop: 2 global crops (image_size) + num_local_crops local crops (local_size).
+    # crops: batched = the whole batch at once in torch on the training device (3x faster on a
+    # CPU, see docs/benchmarks.md); lightly = DINO's PIL pipeline per image in DataLoader workers.
+    crops: str = "batched"
+    num_local_crops: int = 8
+    local_size: int = 96
+    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    hflip: float = 0.5
+    color_jitter: float = 0.8  # probability; strength DINO's (0.4, 0.4, 0.2, 0.1)
+    color_strength: float = 1.0  # multiplies DINO's jitter strengths (0 = no jitter)
+    grayscale: float = 0.2
+    blur: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, local
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # px, at 224 px crops
+    solarize: float = 0.2  # second global crop only
+    # Loss: centering and sharpening.
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # EMA, cosine to 1 over max_steps
+    # Optimisation: AdamW, lr = lr * global batch / 256 after warm-up, cosine to min_lr.
+    batch_size: int = 64  # per device
+    max_steps: int = 100000
+    lr: float = 5.0e-4
+    min_lr: float = 1.0e-6
+    warmup_steps: int = 10000
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per-parameter gradient norm (0 = off)
+    freeze_last_layer_steps: int = 1000
+    # Machinery, as dvae.*.
+    ckpt_every: int = 1000
+    log_every: int = 50
+    image_every: int = 1000  # teacher attention maps in TensorBoard (0 = never)
+    num_workers: int = 2
+    accelerator: str = "auto"
+    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/runtime.py) | 32 | bf16-mixed
+    precision: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
@@ -198,6 +295,10 @@ class Predictor:
 @dataclass
 class Decoder:
     hidden_dims: list[int] = field(default_factory=lambda: [1024, 1024, 1024])
+    # How the per-slot reconstructions are mixed: "alpha" (SlotContrast: the decoder's own alpha
+    # channel, softmax over slots) or "attention" (the slot-attention masks; an egoslots option
+    # that discovers objects much sooner at small scale, see docs/discovery.md).
+    mixing: str = "alpha"
 
 
 @dataclass
@@ -282,6 +383,7 @@ class Config:
     globals: Globals = field(default_factory=Globals)
     dataset: Dataset = field(default_factory=Dataset)
     backbone: Backbone = field(default_factory=Backbone)
+    pretrain_encoder: PretrainEncoder = field(default_factory=PretrainEncoder)
     augment: Augment = field(default_factory=Augment)
     extract: Extract = field(default_factory=Extract)
     dvae: Dvae = field(default_factory=Dvae)

@@ -1,21 +1,31 @@
 """STEVE's discrete VAE: frames -> a grid of token ids from a vocabulary, and back.
 
 The dVAE is pretrained on its own in stage 2 (`egoslots pretrain-dvae`); its hard tokens are
-what stage 3's STEVE decoder learns to predict from the slots. It is faithful to STEVE/SLATE:
+what stage 3's STEVE decoder learns to predict from the slots. The layer list is STEVE's
+(``singhgautam/steve``, ``dvae.py``; Singh et al. 2022):
 
 - Encoder: conv 4x4 stride 4 (3 -> C), six conv 1x1 (C -> C), conv 1x1 -> vocabulary logits,
   log-softmax over the vocabulary. A frame of S px gives an (S/4, S/4) token grid.
 - Decoder: conv 1x1 (V -> C), conv 3x3, two conv 1x1, conv 1x1 (-> 4C), PixelShuffle(2), conv 3x3,
   two conv 1x1, conv 1x1 (-> 4C), PixelShuffle(2), conv 1x1 -> 3. No output activation.
-- Each hidden conv is STEVE's ``Conv2dBlock``: conv without bias (Kaiming-uniform init), a
-  one-group GroupNorm with affine weights, ReLU. The two output convs have Xavier-uniform init
-  and zero bias, as in STEVE's ``conv2d`` helper.
-- Training draws a relaxed Gumbel-softmax sample ``z_soft`` (tau cosine-annealed 1.0 -> 0.1
-  over 30k steps; noise from the global RNG or from one seed per frame) that feeds the decoder; the hard tokens are the argmax of that same noisy
-  sample, detached. (STEVE draws fresh noise for its hard sample; each is a sample of the same
-  categorical distribution, so this saves a second pass over (B, V, h, w) for no change in law.)
-- Reconstruction loss: squared error **summed over pixels and channels, divided by the number
-  of frames** (STEVE's ``dvae_mse``), on frames in [0, 1] without mean/std normalisation.
+- The two output convs have Xavier-uniform init and zero bias (STEVE's ``conv2d`` helper).
+
+Each hidden conv is a block whose kind ``arch`` chooses (``dvae.arch``):
+
+- ``steve`` (default): STEVE's ``Conv2dBlock``, conv **with bias** (Kaiming-uniform weights, zero
+  bias) -> ReLU. No normalisation layer anywhere in the network.
+- ``slate``: SLATE's block (Singh et al. 2021, STEVE's predecessor; ``singhgautam/slate``), conv
+  without bias (Kaiming-uniform) -> one-group GroupNorm with affine weights -> ReLU. This is what
+  egoslots built before ``dvae.arch`` existed; its runs keep loading as ``slate``. The two nets
+  give different tokens for the same conv weights, so the arch is part of every dVAE's identity
+  (the weights file, whose hash names the token cache, has different tensors).
+
+Training draws a relaxed Gumbel-softmax sample ``z_soft`` (tau cosine-annealed 1.0 -> 0.1 over
+30k steps; noise from the global RNG or from one seed per frame) that feeds the decoder; the hard tokens are the argmax of that same noisy sample,
+detached. (STEVE draws fresh noise for its hard sample; each is a sample of the same categorical
+distribution, so this saves a second pass over (B, V, h, w) for no change in law.)
+Reconstruction loss: squared error **summed over pixels and channels, divided by the number of
+frames** (STEVE's ``dvae_mse``), on frames in [0, 1] without mean/std normalisation.
 
 Optional, off by default: a KL term to a uniform prior over codes (DALL-E's dVAE),
 ``kl_weight * KL(q || U)``, and GECO (EfficientMORL) to balance it against reconstruction.
@@ -36,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config_schema import DVAE_ARCHS
+
 MAX_VOCAB = 65536  # token ids are cached as uint16
 PATCH = 4  # pixels per token side: two PixelShuffle(2) in the decoder
 
@@ -43,8 +55,37 @@ PATCH = 4  # pixels per token side: two PixelShuffle(2) in the decoder
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
+ARCHS = DVAE_ARCHS  # dvae.arch: which paper's conv block the hidden layers use
+
+
 class ConvBlock(nn.Module):
-    """STEVE's Conv2dBlock: conv (no bias, Kaiming) -> GroupNorm(1 group) -> ReLU."""
+    """A conv and what follows it (:meth:`activate`); ``decode_ids`` uses the two parts apart."""
+
+    conv: nn.Conv2d
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.conv(x))
+
+
+class SteveConvBlock(ConvBlock):
+    """STEVE's Conv2dBlock: conv with bias (Kaiming-uniform weights, zero bias) -> ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 1, stride: int = 1, padding: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=True)
+        nn.init.kaiming_uniform_(self.conv.weight, nonlinearity="relu")
+        nn.init.zeros_(self.conv.bias)
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """What follows the conv (the bias is inside it)."""
+        return F.relu(x)
+
+
+class SlateConvBlock(ConvBlock):
+    """SLATE's conv block: conv without bias (Kaiming-uniform) -> GroupNorm(1 group) -> ReLU."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int = 1, stride: int = 1, padding: int = 0):
         super().__init__()
@@ -52,8 +93,23 @@ class ConvBlock(nn.Module):
         nn.init.kaiming_uniform_(self.conv.weight, nonlinearity="relu")
         self.norm = nn.GroupNorm(1, c_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.norm(self.conv(x)))
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """What follows the conv: normalisation, then ReLU."""
+        return F.relu(self.norm(x))
+
+
+BLOCKS = {"steve": SteveConvBlock, "slate": SlateConvBlock}
+
+
+def check_arch(arch: str) -> str:
+    if arch not in BLOCKS:
+        raise ValueError(f"dvae.arch={arch!r} is not one of {', '.join(ARCHS)}")
+    return arch
+
+
+def infer_arch(state: dict) -> str:
+    """The arch a dVAE state dict was saved from: SLATE's blocks have GroupNorm weights."""
+    return "slate" if any(".norm." in key for key in state) else "steve"
 
 
 def output_conv(c_in: int, c_out: int) -> nn.Conv2d:
@@ -93,9 +149,12 @@ class DVAEOutput:
 # The dVAE
 # --------------------------------------------------------------------------------------------
 class DVAE(nn.Module):
-    """STEVE's dVAE. ``forward(frames, tau)`` trains; ``encode_ids``/``decode_ids`` for use."""
+    """STEVE's dVAE (``arch="slate"``: SLATE's blocks). ``forward(frames, tau)`` trains;
+    ``encode_ids``/``decode_ids`` for use."""
 
-    def __init__(self, vocab_size: int = 4096, hidden: int = 64, channels: int = 3):
+    def __init__(
+        self, vocab_size: int = 4096, hidden: int = 64, channels: int = 3, arch: str = "steve"
+    ):
         super().__init__()
         if not 2 <= vocab_size <= MAX_VOCAB:
             raise ValueError(
@@ -103,23 +162,25 @@ class DVAE(nn.Module):
             )
         self.vocab_size = vocab_size
         self.hidden = hidden
+        self.arch = check_arch(arch)
+        block = BLOCKS[arch]
         c = hidden
         self.encoder = nn.Sequential(
-            ConvBlock(channels, c, kernel=PATCH, stride=PATCH),
-            *[ConvBlock(c, c) for _ in range(6)],
+            block(channels, c, kernel=PATCH, stride=PATCH),
+            *[block(c, c) for _ in range(6)],
             output_conv(c, vocab_size),
         )
         self.decoder = nn.Sequential(
-            ConvBlock(vocab_size, c),
-            ConvBlock(c, c, kernel=3, padding=1),
-            ConvBlock(c, c),
-            ConvBlock(c, c),
-            ConvBlock(c, 4 * c),
+            block(vocab_size, c),
+            block(c, c, kernel=3, padding=1),
+            block(c, c),
+            block(c, c),
+            block(c, 4 * c),
             nn.PixelShuffle(2),
-            ConvBlock(c, c, kernel=3, padding=1),
-            ConvBlock(c, c),
-            ConvBlock(c, c),
-            ConvBlock(c, 4 * c),
+            block(c, c, kernel=3, padding=1),
+            block(c, c),
+            block(c, c),
+            block(c, 4 * c),
             nn.PixelShuffle(2),
             output_conv(c, channels),
         )
@@ -154,13 +215,16 @@ class DVAE(nn.Module):
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, h, w) token ids -> (B, 3, 4h, 4w) pictures (unclamped; clamp to [0, 1] to show).
 
-        The decoder's first conv is 1x1 without bias, so on a one-hot input it picks one column
-        of its weight: an embedding lookup, which avoids building a (B, V, h, w) one-hot tensor.
+        The decoder's first conv is 1x1, so on a one-hot input it picks one column of its weight
+        (plus its bias, STEVE's block): an embedding lookup, which avoids building a
+        (B, V, h, w) one-hot tensor.
         """
-        first = self.decoder[0]  # ConvBlock(V, C): 1x1 conv without bias, GroupNorm, ReLU
+        first = self.decoder[0]  # block(V, C) with a 1x1 conv
         table = first.conv.weight.flatten(1).t()  # (V, C)
-        x = F.embedding(ids.long(), table).permute(0, 3, 1, 2)  # (B, C, h, w) = conv(one_hot(ids))
-        x = F.relu(first.norm(x))
+        x = F.embedding(ids.long(), table).permute(0, 3, 1, 2)  # (B, C, h, w) = W @ one_hot(ids)
+        if first.conv.bias is not None:
+            x = x + first.conv.bias.view(1, -1, 1, 1)  # (B, C, h, w) = conv(one_hot(ids))
+        x = first.activate(x)
         return self.decoder[1:](x)  # (B, 3, S, S)
 
 
@@ -251,8 +315,11 @@ def load_dvae(run_dir: str | Path, map_location: str | torch.device = "cpu") -> 
             f"{run_dir} holds no trained dVAE (dvae.json / dvae.pt missing): run `egoslots pretrain-dvae CONFIG`"
         )
     info = json.loads(info_path.read_text())
-    model = DVAE(vocab_size=int(info["vocab_size"]), hidden=int(info.get("hidden", 64)))
-    model.load_state_dict(torch.load(weights, map_location=map_location, weights_only=True))
+    state = torch.load(weights, map_location=map_location, weights_only=True)
+    # Runs from before dvae.arch existed have no "arch" in dvae.json: their weights say which.
+    arch = info.get("arch") or infer_arch(state)
+    model = DVAE(vocab_size=int(info["vocab_size"]), hidden=int(info.get("hidden", 64)), arch=arch)
+    model.load_state_dict(state)
     return model.eval()
 
 

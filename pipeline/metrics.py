@@ -19,8 +19,14 @@ label c and predicted slot k (a ``bincount``), per video or per frame:
 - mIoU: Hungarian one-to-one matching of objects to slots maximising total IoU (scipy's
   ``linear_sum_assignment``); mean IoU over present objects, an unmatched object counts 0.
 
-Video metrics put all t, h, w pixels of a video into one table; "frame" metrics average the
-per-frame values over the frames of a video. All functions are pure (no I/O).
+Video metrics put all t, h, w pixels of a video into one table, one value per video; their
+dataset mean is over videos. "Frame" metrics score each frame on its own; their dataset mean is
+over **all frames** of all videos (frames without an object left out of frame mBO), as
+SlotContrast's ``ImageARI`` / ``ImageIoU(video_input=True)`` accumulate them, so a long video
+weighs more than a short one. The mean of per-video frame means, what egoslots reported before,
+is kept as ``<metric>_per_video`` (:func:`summarize_videos`); the two differ only when videos
+have different lengths (or different numbers of frames with objects). All functions are pure
+(no I/O).
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ METRICS = (
     "video_ari",
     "frame_ari",
 )
+FRAME_METRICS = ("frame_fg_ari", "frame_mbo", "frame_ari")  # dataset mean over all frames
+# The mean over videos of each video's frame mean, under its own name.
+PER_VIDEO_MEANS = {f"{name}_per_video": name for name in FRAME_METRICS}
 
 
 # ---------------------------------------------------------------------------------- masks
@@ -188,7 +197,9 @@ def video_metrics(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slot
 
     Returns floats: video_fg_ari, video_mbo, video_miou, frame_fg_ari, frame_mbo (mean over
     frames; frame_mbo over frames with an object), video_ari and frame_ari (background
-    included), plus ``num_objects`` and ``empty_frames``.
+    included), plus ``num_objects``, ``empty_frames``, and ``frame_stats``: for each frame
+    metric ``[frames scored, sum, sum of squares]``, from which :func:`summarize_videos` takes
+    the mean and std over all frames of a data set.
     """
     if pred_labels.shape != true_labels.shape:
         raise ValueError(
@@ -202,6 +213,7 @@ def video_metrics(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slot
     video = per_frame.sum(dim=0, keepdim=True)  # (1, C, K)
     frame_ari = ari_from_table(per_frame[:, 1:, :])
     frame_mbo = mbo_from_table(per_frame)
+    frame_ari_bg = ari_from_table(per_frame)
     empty = per_frame[:, 1:, :].sum(dim=(1, 2)) == 0
     return {
         "video_fg_ari": float(ari_from_table(video[:, 1:, :])[0]),
@@ -209,13 +221,24 @@ def video_metrics(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_slot
         "video_miou": float(hungarian_miou_from_table(video)[0]),
         "frame_fg_ari": float(frame_ari.mean()),
         "video_ari": float(ari_from_table(video)[0]),  # background included
-        "frame_ari": float(ari_from_table(per_frame).mean()),
+        "frame_ari": float(frame_ari_bg.mean()),
         "frame_mbo": float(np.nanmean(frame_mbo.numpy()))
         if (~torch.isnan(frame_mbo)).any()
         else float("nan"),
         "num_objects": int((video.sum(dim=2)[0, 1:] > 0).sum()),
         "empty_frames": int(empty.sum()),
+        "frame_stats": {
+            "frame_fg_ari": frame_sums(frame_ari),
+            "frame_mbo": frame_sums(frame_mbo),
+            "frame_ari": frame_sums(frame_ari_bg),
+        },
     }
+
+
+def frame_sums(values: torch.Tensor) -> list[float]:
+    """[count, sum, sum of squares] of the finite per-frame values (NaN: frame not scored)."""
+    v = values[torch.isfinite(values)].double()
+    return [float(v.numel()), float(v.sum()), float((v * v).sum())]
 
 
 def evaluate_masks(
@@ -233,3 +256,40 @@ def summarize(values: list[float]) -> dict:
     if arr.size == 0:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
     return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size)}
+
+
+def summarize_frames(stats: list) -> dict:
+    """mean, std (population) and count over all frames, from per-video ``frame_sums``."""
+    count, total, squares = (
+        np.asarray([s for s in stats if s is not None], dtype=np.float64).reshape(-1, 3).sum(axis=0)
+    )
+    if count == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    mean = total / count
+    return {
+        "mean": mean,
+        "std": math.sqrt(max(squares / count - mean * mean, 0.0)),
+        "n": int(count),
+    }
+
+
+def summarize_videos(values: dict[str, list]) -> dict[str, dict]:
+    """Data-set summaries of one method from its per-video :func:`video_metrics` lists.
+
+    Video metrics: over videos. Frame metrics: over all frames (SlotContrast), from
+    ``frame_stats``; ``<metric>_per_video``: the mean of the per-video frame means. Lists from
+    before ``frame_stats`` existed fall back to the per-video mean for frame metrics.
+    """
+    out = {}
+    stats = values.get("frame_stats")
+    for key in METRICS:
+        if key not in values:
+            continue
+        if key in FRAME_METRICS and stats:
+            out[key] = summarize_frames([s.get(key) if s else None for s in stats])
+        else:
+            out[key] = summarize(values[key])
+    for name, key in PER_VIDEO_MEANS.items():
+        if key in values:
+            out[name] = summarize(values[key])
+    return out

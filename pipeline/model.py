@@ -60,6 +60,7 @@ class SlotModelConfig:
     predictor_ffn_ratio: int = 4
     predictor_attn_scale: str = "published"
     decoder_hidden_dims: tuple[int, ...] = (1024, 1024, 1024)
+    decoder_mixing: str = "alpha"
     steve: bool = False
     vocab_size: int = 4096
     token_grid: tuple[int, int] | None = None
@@ -93,6 +94,7 @@ class SlotModelConfig:
             predictor_ffn_ratio=int(p.ffn_ratio),
             predictor_attn_scale=str(p.attn_scale),
             decoder_hidden_dims=tuple(int(h) for h in cfg.decoder.hidden_dims),
+            decoder_mixing=str(cfg.decoder.mixing),
             steve=bool(sd.enabled),
             vocab_size=int(cfg.dvae.vocab_size),
             token_grid=None if token_grid is None else (int(token_grid[0]), int(token_grid[1])),
@@ -124,7 +126,7 @@ class SlotModel(nn.Module):
             n_iters_first=c.n_iters_first,
         )
         self.decoder = MLPBroadcastDecoder(
-            c.slot_dim, c.feature_dim, c.num_tokens, c.decoder_hidden_dims
+            c.slot_dim, c.feature_dim, c.num_tokens, c.decoder_hidden_dims, c.decoder_mixing
         )
         self.steve = None
         self.token_grid = None
@@ -172,7 +174,9 @@ class SlotModel(nn.Module):
         state, state_predicted, sa_masks = self.processor(
             init, inputs, carried=init_state is not None
         )  # (B, T, K, D), (B, T, K, D), (B, T, K, N)
-        reconstruction, dec_masks = self.decoder(state)  # (B, T, N, F), (B, T, K, N)
+        reconstruction, dec_masks = self.decoder(
+            state, sa_masks if self.decoder.mixing == "attention" else None
+        )  # (B, T, N, F), (B, T, K, N)
         outputs = {
             "encoder": {"backbone_features": features},
             "processor": {

@@ -11,6 +11,13 @@ kaiming for the FFN's first layer, gain (3 * num_blocks)^-0.5 on the attention o
 and the FFN's second layer; the first block's residual stream starts from the LayerNormed input;
 dropout after the positional embedding, on attention weights and on sublayer outputs.
 
+Initialisation of the inputs, as in STEVE's ``steve.py``:
+- token embeddings: ``nn.Embedding``'s default, N(0, 1) (STEVE's ``OneHotDictionary``);
+- BOS: ``xavier_uniform_`` on a (1, 1, d) tensor, i.e. U(-sqrt(3/d), sqrt(3/d));
+- positional embedding: ``trunc_normal_`` with its defaults, std 1 truncated to [-2, 2]
+  (``LearnedPositionalEmbedding1D``), not the 0.02 of ViTs;
+- ``slot_proj`` and the output head: xavier-uniform, no bias.
+
 Implementation choices:
 - Token ids index an ``nn.Embedding`` (vocab + 1 rows, the last one is BOS) -- STEVE multiplies
   one-hot vectors instead; same maths, no (B, L, vocab) one-hot tensor.
@@ -130,10 +137,13 @@ class SteveDecoder(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.num_tokens = num_tokens
-        self.embed = nn.Embedding(vocab_size + 1, d_model)  # last row: BOS
-        nn.init.xavier_uniform_(self.embed.weight)
+        self.embed = nn.Embedding(vocab_size + 1, d_model)  # rows 0..V-1 N(0, 1); last row: BOS
+        bos = torch.empty(1, 1, d_model)
+        nn.init.xavier_uniform_(bos)  # STEVE's BOS parameter (1, 1, d)
+        with torch.no_grad():
+            self.embed.weight[vocab_size].copy_(bos.view(d_model))
         self.pos_emb = nn.Parameter(torch.zeros(1, 1 + num_tokens, d_model))
-        nn.init.trunc_normal_(self.pos_emb, std=0.02)
+        nn.init.trunc_normal_(self.pos_emb, std=1.0, a=-2.0, b=2.0)  # STEVE: trunc_normal_ defaults
         self.pos_dropout = nn.Dropout(dropout)
         self.slot_proj = _linear(slot_dim, d_model, bias=False)
         gain = (3 * num_blocks) ** -0.5

@@ -34,10 +34,11 @@ class DVAETask(L.LightningModule):
         kl_weight: float = 0.0,
         geco: dict | None = None,
         seed: int = 0,
+        arch: str = "steve",
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.dvae = DVAE(vocab_size, hidden)
+        self.dvae = DVAE(vocab_size, hidden, arch=arch)
         self.geco = None
         if geco and geco.get("enabled"):
             self.geco = Geco(

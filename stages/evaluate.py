@@ -10,7 +10,9 @@ as they would online. The masks are scored against the store's ground truth with
 - ``model_attention``: slot-attention masks of the corrector.
 - ``model_steve``: the STEVE decoder's masks on the token grid (runs with a dVAE only).
 - baselines on the same videos: ``kmeans_frame``, ``kmeans_video`` (K = number of slots, on
-  the cached features) and ``grid`` (a fixed K-cell partition).
+  the cached features), ``colour_kmeans_video`` (K = number of slots, on the pixel colours of
+  the cached frames, per video: the bar a slot model must clear to show it found more than
+  colour, see docs/discovery.md) and ``grid`` (a fixed K-cell partition).
 
 Writes ``<run>/metrics.json`` (means, stds, counts, per-video values, property probe) and
 ``<run>/metrics.md`` (the table, every method shown, best per column in bold) and prints the
@@ -58,6 +60,7 @@ METHOD_LABELS = {
     "model_steve": "slots: STEVE decoder masks",
     "kmeans_frame": "k-means per frame",
     "kmeans_video": "k-means per video",
+    "colour_kmeans_video": "colour k-means per video (pixels)",
     "grid": "fixed grid",
 }
 METRIC_LABELS = {
@@ -95,6 +98,10 @@ def score_video(
         scores["kmeans_video"] = metrics.evaluate_masks(
             baselines.kmeans_masks(feats, num_slots, "video", seed=seed), true, grid
         )
+        if "frames" in item:  # (T, S, S, 3) uint8, the label maps' resolution
+            scores["colour_kmeans_video"] = metrics.evaluate_masks(
+                baselines.colour_kmeans_masks(item["frames"], num_slots, seed=seed), true
+            )
         scores["grid"] = metrics.evaluate_masks(
             baselines.grid_masks(t, num_slots, grid), true, grid
         )
@@ -129,7 +136,7 @@ def evaluate_model(
     if total == 0:
         raise StageError(f"store {store.path} has no videos in split '{split}'")
     for item in tqdm(
-        iter_videos(store, split, tokens_hash, max_videos),
+        iter_videos(store, split, tokens_hash, max_videos, fields=("features", "masks", "frames")),
         total=total,
         desc=f"evaluate {split}",
         unit="video",
@@ -146,11 +153,9 @@ def evaluate_model(
 
 
 def summarize_scores(per_video: dict) -> dict:
-    """{method: {metric: {mean, std, n}}} over videos (NaN values, e.g. no objects, left out)."""
-    return {
-        method: {key: metrics.summarize(values[key]) for key in metrics.METRICS if key in values}
-        for method, values in per_video.items()
-    }
+    """{method: {metric: {mean, std, n}}}: video metrics over videos, frame metrics over all
+    frames (``pipeline.metrics.summarize_videos``); NaN values (e.g. no objects) left out."""
+    return {method: metrics.summarize_videos(values) for method, values in per_video.items()}
 
 
 def evaluate_run(
@@ -345,7 +350,8 @@ def format_table(result: dict) -> str:
             else ""
         )
         + f": {result['num_videos']} video{'' if result['num_videos'] == 1 else 's'}, "
-        f"checkpoint step {result.get('checkpoint_step')}. Mean ± std over videos, x100; best per column in bold. "
+        f"checkpoint step {result.get('checkpoint_step')}. Mean ± std, x100: video metrics over videos, "
+        "frame metrics over all frames (as SlotContrast); best per column in bold. "
         f"Primary: {METHOD_LABELS.get(result.get('primary', PRIMARY), PRIMARY)}.",
         "",
         "| method | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |",

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,9 +50,9 @@ from stages.common import TrainingDiverged, config_command, output_writes
 from stages.datamodules import FrameData
 from stages.dvae_task import DVAETask, precision_probe
 from stages.rundirs import (
-    find_resume_checkpoint,
     read_checkpoint,
     read_json,
+    resume_checkpoint,
     run_dir_of,
     saved_config,
     write_json,
@@ -66,7 +65,9 @@ from stages.training import fit, is_rank_zero, make_trainer, stored_precision
 log = logging.getLogger("egoslots")
 
 # dvae.* keys that change the network: a run directory cannot resume with other values.
-ARCHITECTURE_KEYS = ("vocab_size", "hidden")
+ARCHITECTURE_KEYS = ("vocab_size", "hidden", "arch")
+# What a run or checkpoint from before a key existed had (dvae.arch came later: SLATE's blocks).
+ARCHITECTURE_BEFORE = {"arch": "slate"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,11 +96,15 @@ def check_run_dir(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> None:
             f"({store.path}): choose another dvae.run_name, or pass --overwrite to start this run "
             "again"
         )
-    old = (saved_config(run_dir) or {}).get("dvae", {})
+    saved = saved_config(run_dir)
+    if saved is None:
+        return
+    old = saved.get("dvae", {})
     for key in ARCHITECTURE_KEYS:
-        if key in old and old[key] != cfg.dvae[key]:
+        was = old.get(key, ARCHITECTURE_BEFORE.get(key))
+        if was is not None and str(was) != str(cfg.dvae[key]):
             raise ConfigError(
-                f"the dVAE run directory {run_dir} holds a dVAE with dvae.{key}={old[key]}, this "
+                f"the dVAE run directory {run_dir} holds a dVAE with dvae.{key}={was}, this "
                 f"config asks for {cfg.dvae[key]}: choose another dvae.run_name, or pass "
                 "--overwrite"
             )
@@ -119,16 +124,17 @@ def finished(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> bool:
 
 
 def check_resume_checkpoint(path: Path, cfg: DictConfig) -> None:
-    """A ``--resume`` checkpoint must be a pretrain-dvae checkpoint of this vocab_size / hidden."""
+    """A ``--resume`` checkpoint must be a pretrain-dvae checkpoint of this vocab_size / hidden / arch."""
     hp = read_checkpoint(path).get("hyper_parameters") or {}
     if "vocab_size" not in hp or "hidden" not in hp:
         raise StoreError(
             f"--resume {path} is not a pretrain-dvae checkpoint (no dVAE vocab_size / hidden in it)"
         )
+    held = {key: hp.get(key, ARCHITECTURE_BEFORE.get(key)) for key in ARCHITECTURE_KEYS}
     wrong = [
-        f"dvae.{key}={hp[key]} (checkpoint) vs {cfg.dvae[key]}"
+        f"dvae.{key}={held[key]} (checkpoint) vs {cfg.dvae[key]}"
         for key in ARCHITECTURE_KEYS
-        if int(hp[key]) != int(cfg.dvae[key])
+        if str(held[key]) != str(cfg.dvae[key])
     ]
     if wrong:
         raise ConfigError(
@@ -152,6 +158,7 @@ def export_weights(run_dir: Path, task: DVAETask, store: FeatureStore, steps: in
             "store_path": str(store.path),
             "vocab_size": task.dvae.vocab_size,
             "hidden": task.dvae.hidden,
+            "arch": task.dvae.arch,
             "frame_size": size,
             "token_grid": [size // PATCH, size // PATCH],
             "steps": steps,
@@ -177,6 +184,7 @@ def make_task(cfg: DictConfig, frame_size: int) -> DVAETask:
         kl_weight=float(d.kl_weight),
         geco=OmegaConf.to_container(d.geco, resolve=True),
         seed=int(cfg.seed),
+        arch=str(d.arch),
     )
 
 
@@ -237,18 +245,8 @@ def _train(
 ) -> str | None:
     """Fit the dVAE (on every DDP rank); rank 0 exports dvae.pt and returns its hash."""
     d = cfg.dvae
-    # Lightning warnings that are expected here: resuming mid-"epoch" is fine with random frames,
-    # and a resumed run's checkpoint directory is of course not empty.
-    warnings.filterwarnings(
-        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*"
-    )
-    warnings.filterwarnings(
-        "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
-    )
     ckpt_dir = run_dir / "checkpoints"
-    if resume and not Path(resume).is_file():
-        raise StoreError(f"--resume {resume}: no such checkpoint file")
-    ckpt = Path(resume) if resume else find_resume_checkpoint(ckpt_dir)
+    ckpt = resume_checkpoint(ckpt_dir, resume)
     if resume:
         check_resume_checkpoint(Path(resume), cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)

@@ -1,6 +1,7 @@
 """`egoslots run CONFIG`: the whole pipeline in order, skipping work that is already done.
 
-synthetic data (if the config asks for it) -> extract-features -> pretrain-dvae + tokenize
+synthetic data (if the config asks for it) -> pretrain-encoder (if backbone.name is `self`)
+-> extract-features -> pretrain-dvae + tokenize
 (if globals.USE_DVAE) -> train-slots -> evaluate -> visualize. Each stage does no work again
 when its output exists and matches (visualize: when a picture is newer than the checkpoint),
 and resumes when it was interrupted, so running the same command again after a crash (or
@@ -58,8 +59,19 @@ def _current_picture(run_dir: Path):
     return None
 
 
+def trains_own_encoder(cfg: DictConfig) -> bool:
+    """Whether the config extracts with the encoder its own `pretrain-encoder` trains
+    (``backbone.name: self``, no other run or weights file named)."""
+    b = cfg.backbone
+    if b.name != "self" or b.get("checkpoint"):
+        return False
+    own = Path(cfg.work_dir) / "runs" / cfg.pretrain_encoder.run_name
+    return b.get("encoder_run") is None or Path(b.encoder_run).resolve() == own.resolve()
+
+
 def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
-    """Run every stage; returns {"store", "dvae_run", "run_dir", "metrics", "picture"}."""
+    """Run every stage; returns {"store", "dvae_run", "run_dir", "metrics", "picture"} (and
+    "encoder_run" when stage 0 ran)."""
     from stages.evaluate import evaluate_run, format_table
     from stages.extract import extract
     from stages.pretrain_dvae import pretrain
@@ -73,6 +85,14 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
         t = _stage("synthetic data")
         root = ensure_synthetic_data(cfg)
         _done(t, f"videos in {root}")
+
+    if trains_own_encoder(cfg):
+        from stages.pretrain_encoder import pretrain as pretrain_encoder
+
+        t = _stage("stage 0: pretrain-encoder")
+        encoder_run = pretrain_encoder(cfg)
+        result["encoder_run"] = str(encoder_run)
+        _done(t, f"encoder {encoder_run / 'encoder.pth'}")
 
     t = _stage("stage 1: extract-features")
     store = extract(cfg, skip_bad=skip_bad)
@@ -115,7 +135,7 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False) -> dict:
     help="Skip unreadable videos (counted and reported) instead of stopping.",
 )
 def run(cfg: DictConfig, skip_bad: bool = False):
-    """Run the whole pipeline (data, extract, dVAE, slots, evaluate, visualize) in order.
+    """Run the whole pipeline (data, [encoder], extract, dVAE, slots, evaluate, visualize) in order.
 
     Stages whose outputs already exist and match the config are skipped; an interrupted
     stage resumes where it stopped. Rerun the same command after a crash.

@@ -21,6 +21,7 @@ import logging
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,25 @@ def checkpoint_path(run_dir: Path, checkpoint: str | int | Path = "last") -> Pat
             f"train it with `egoslots train-slots {run_dir / 'config.yaml'}`"
         )
     return path
+
+
+def resume_checkpoint(ckpt_dir: Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint a training stage resumes from: ``--resume`` (which must exist), else the
+    newest one in ``ckpt_dir`` that loads (:func:`find_resume_checkpoint`), else None.
+
+    Also silences the two Lightning warnings every such resume triggers and that mean nothing
+    here: resuming mid-"epoch" (the samplers are resumable) and a non-empty checkpoint folder."""
+    warnings.filterwarnings(
+        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*"
+    )
+    warnings.filterwarnings(
+        "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
+    )
+    if resume is not None:
+        if not Path(resume).is_file():
+            raise StageError(f"--resume {resume}: no such checkpoint file")
+        return Path(resume)
+    return find_resume_checkpoint(ckpt_dir)
 
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:

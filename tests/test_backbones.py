@@ -153,8 +153,12 @@ def reg_weights(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def no_weights_dir(monkeypatch):
+def no_weights_dir(monkeypatch, tmp_path):
+    """No $EGOSLOTS_WEIGHTS and an empty Hugging Face cache, whatever the machine has."""
+    import huggingface_hub
+
     monkeypatch.delenv("EGOSLOTS_WEIGHTS", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
 
 
 # ------------------------------------------------------------------------------ silicon ViTs
@@ -334,19 +338,22 @@ def test_pos_embed_interpolated_bicubic_for_another_input_size(vits16, tmp_path)
 # ------------------------------------------------------------------------------ timm ViTs
 
 
-def fake_hf_cache(root: Path, repo_id: str, weights: Path) -> Path:
+def fake_hf_cache(
+    root: Path, repo_id: str, weights: Path, filename: str = "model.safetensors"
+) -> Path:
     """The on-disk layout huggingface_hub's cache uses for one file."""
     repo = root / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
-    (snapshot / "model.safetensors").symlink_to(weights)
+    (snapshot / filename).symlink_to(weights)
     return root
 
 
 def forbid_network(monkeypatch):
-    """Every download entry point timm or egoslots could reach raises."""
+    """Every download entry point timm or egoslots could reach raises; hf_hub_download may only
+    read the cache (``local_files_only=True``, what egoslots passes under HF_HUB_OFFLINE=1)."""
     import huggingface_hub
     import timm.models._builder
     import timm.models._hub
@@ -354,10 +361,17 @@ def forbid_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args} {kwargs}")
 
+    real = huggingface_hub.file_download.hf_hub_download
+
+    def cache_only(*args, **kwargs):
+        if not kwargs.get("local_files_only"):
+            refuse(*args, **kwargs)
+        return real(*args, **kwargs)
+
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
-    monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", refuse)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+    monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", cache_only)
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", refuse)
     monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
@@ -493,3 +507,178 @@ def test_patch_pixels_shapes_and_determinism():
         BackboneError, match="backbone.input_size=30 is not divisible by backbone.patch_size=8"
     ):
         PatchPixels(30, 8)
+
+
+# ------------------------------------------------------------------------------ weights by name
+
+
+@pytest.fixture(scope="module")
+def vits16_file(vits16, tmp_path_factory):
+    """dino_say_vits16.pth as silicon-menagerie hosts it (DINO layout, teacher only here)."""
+    path = tmp_path_factory.mktemp("served") / "dino_say_vits16.pth"
+    torch.save(
+        {"teacher": {f"module.backbone.{k}": v for k, v in vits16.state_dict().items()}}, path
+    )
+    return path
+
+
+def test_silicon_weights_by_name_from_a_prefilled_hf_cache_offline(
+    vits16, vits16_file, tmp_path, monkeypatch
+):
+    """dino_say_vits16 with no file given: eminorhan/dino_say_vits16 from the Hugging Face cache
+    (HF_HUB_OFFLINE=1, no network); $EGOSLOTS_WEIGHTS and backbone.checkpoint still win."""
+    import huggingface_hub
+
+    forbid_network(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hf_cache(tmp_path / "hub", "eminorhan/dino_say_vits16", vits16_file, "dino_say_vits16.pth")
+    enc = build_backbone({"name": "dino_say_vits16", "input_size": 224})
+    assert enc.checkpoint_sha256 == checkpoints.sha256_file(vits16_file)  # feeds the fingerprint
+    images = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(enc(images), block_output(vits16, normalise(images), 11)[:, 1:])
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "dino_say_vits16.pth").write_bytes(b"another file")
+    monkeypatch.setenv("EGOSLOTS_WEIGHTS", str(tmp_path / "weights"))
+    assert (
+        checkpoints.locate("dino_say_vits16", None) == tmp_path / "weights" / "dino_say_vits16.pth"
+    )
+    assert checkpoints.locate("dino_say_vits16", str(vits16_file)) == vits16_file
+
+
+def test_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    forbid_network(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(BackboneError) as err:
+        build_backbone({"name": "mae_say_vits16", "input_size": 32})
+    message = str(err.value)
+    assert "\n" not in message
+    assert (
+        "no weights for backbone.name=mae_say_vits16: HF_HUB_OFFLINE=1 and it is not in the cache"
+        in message
+    )
+    assert "`hf download eminorhan/mae_say_vits16 mae_say_vits16.pth`" in message
+    assert (
+        "$EGOSLOTS_WEIGHTS/mae_say_vits16.pth" in message and "backbone.checkpoint=PATH" in message
+    )
+    with pytest.raises(
+        BackboneError, match=r"hf download timm/test_vit.r160_in1k model.safetensors"
+    ):
+        build_backbone({"name": "test_vit", "input_size": 32})
+
+
+def test_hub_sources_follow_silicon_menagerie_and_timm():
+    assert checkpoints.hub_sources("dino_say_vitb14", None) == [
+        ("eminorhan/dino_say_vitb14", "dino_say_vitb14.pth")
+    ]
+    timm_cfg = timm.models.get_pretrained_cfg("vit_small_patch14_dinov2").to_dict()
+    assert checkpoints.hub_sources("vit_small_patch14_dinov2", timm_cfg) == [
+        ("timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors"),
+        ("timm/vit_small_patch14_dinov2.lvd142m", "pytorch_model.bin"),
+    ]
+    assert checkpoints.hub_sources("x", {"url": "http://h/x.pth"}) == [("url", "http://h/x.pth")]
+
+
+class HubStandIn:
+    """The two Hugging Face hub requests hf_hub_download makes (HEAD, then GET of
+    /<repo>/resolve/<revision>/<file>), served from local files on loopback."""
+
+    COMMIT = "c" * 40
+
+    def __init__(self, files: dict[str, Path]):
+        import http.server
+        import threading
+
+        self.files, self.requests = files, []
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self, body: bool):
+                stand_in.requests.append((self.command, self.path))
+                repo, _, rest = self.path.lstrip("/").partition("/resolve/")
+                path = stand_in.files.get(f"{repo}/{rest.partition('/')[2]}")
+                if path is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", stand_in.COMMIT)
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_HEAD(self):
+                self.answer(False)
+
+            def do_GET(self):
+                self.answer(True)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def downloads(self) -> list[str]:
+        return [p for method, p in self.requests if method == "GET" and "/resolve/" in p]
+
+
+def test_weights_by_name_download_into_the_hf_cache_from_a_hub_stand_in(
+    tmp_path, vits16_file, monkeypatch
+):
+    """First use downloads eminorhan/<name>/<name>.pth (and a timm name's model.safetensors)
+    into the Hugging Face cache; later uses read the cache, offline too."""
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    silicon = vits16_file
+    tiny = meta_random(lambda: timm.create_model("test_vit", pretrained=False, num_classes=0), 2)
+    timm_file = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(timm_file))
+    hub = HubStandIn(
+        {
+            "eminorhan/dino_say_vits16/dino_say_vits16.pth": silicon,
+            "timm/test_vit.r160_in1k/model.safetensors": timm_file,
+        }
+    )
+    # huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE once, at import: point it here
+    constants = huggingface_hub.constants
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    silicon_cfg = {"name": "dino_say_vits16", "input_size": 32}
+    timm_cfg = {"name": "test_vit", "input_size": 32}
+    try:
+        first = build_backbone(silicon_cfg)
+        assert first.checkpoint_sha256 == checkpoints.sha256_file(silicon)
+        assert build_backbone(timm_cfg).checkpoint_sha256 == checkpoints.sha256_file(timm_file)
+        assert hub.downloads() == [
+            "/eminorhan/dino_say_vits16/resolve/main/dino_say_vits16.pth",
+            "/timm/test_vit.r160_in1k/resolve/main/model.safetensors",
+        ]
+        cached = list((tmp_path / "hub").glob("models--eminorhan--dino_say_vits16/snapshots/*/*"))
+        assert [p.name for p in cached] == ["dino_say_vits16.pth"]
+    finally:
+        hub.server.shutdown()
+    forbid_network(monkeypatch)  # the hub is gone: offline, the cache alone serves both
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = build_backbone(silicon_cfg)
+    assert again.checkpoint_sha256 == first.checkpoint_sha256
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(images), first(images))
+    assert build_backbone(timm_cfg).checkpoint_sha256 == checkpoints.sha256_file(timm_file)

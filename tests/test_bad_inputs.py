@@ -421,7 +421,6 @@ def _mark_loaded():
 
 
 def test_pretrain_dvae_resume_from_another_dvae_is_refused(tmp_path):
-
     frames_store(tmp_path / "store.zarr")
     base = _dvae_overrides(tmp_path, tmp_path / "store.zarr")
     run_dir = stage_dvae.pretrain(load_config(None, [*base, "dvae.max_steps=2"]), tokenize=False)
@@ -434,6 +433,32 @@ def test_pretrain_dvae_resume_from_another_dvae_is_refused(tmp_path):
     ):
         stage_dvae.pretrain(cfg, resume=ckpt, tokenize=False)
     assert not (tmp_path / "runs" / "wide" / "checkpoints").exists()
+
+
+def test_pretrain_dvae_refuses_another_arch(tmp_path):
+    """dvae.arch is part of the network: no resume or run-directory reuse across archs; runs
+    and checkpoints from before the key existed count as SLATE's (what they were)."""
+    frames_store(tmp_path / "store.zarr")
+    base = _dvae_overrides(tmp_path, tmp_path / "store.zarr")
+    run_dir = stage_dvae.pretrain(load_config(None, [*base, "dvae.max_steps=2"]), tokenize=False)
+    assert json.loads((run_dir / "dvae.json").read_text())["arch"] == "steve"
+    slate = load_config(None, [*base, "dvae.max_steps=3", "dvae.arch=slate"])
+    with pytest.raises(
+        ConfigError, match=r"holds a dVAE with dvae.arch=steve, this config asks for slate"
+    ):
+        stage_dvae.pretrain(slate, tokenize=False)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    other = load_config(None, [*base, "dvae.run_name=other", "dvae.arch=slate"])
+    with pytest.raises(ConfigError, match=r"dvae\.arch=steve \(checkpoint\) vs slate"):
+        stage_dvae.pretrain(other, resume=ckpt, tokenize=False)
+    old = torch.load(ckpt, weights_only=False)
+    del old["hyper_parameters"]["arch"]  # a checkpoint written before dvae.arch existed
+    torch.save(old, tmp_path / "old.ckpt")
+    steve = load_config(None, [*base, "dvae.run_name=third"])
+    with pytest.raises(ConfigError, match=r"dvae\.arch=slate \(checkpoint\) vs steve"):
+        stage_dvae.pretrain(steve, resume=tmp_path / "old.ckpt", tokenize=False)
+    with pytest.raises(ConfigError, match=r"dvae.arch=vqvae is not one of steve, slate"):
+        load_config(None, [*base, "dvae.arch=vqvae"])
 
 
 def test_checkpoint_writer_round_trips_locally_and_on_object_stores(tmp_path):

@@ -135,3 +135,13 @@ def test_every_command_help_has_an_example():
         result = runner.invoke(cli.main, [name, "--help"])
         assert result.exit_code == 0, (name, result.output)
         assert "Example" in result.output or "example" in result.output, name
+
+
+def test_decoder_mixing_is_checked_and_reaches_the_model_config():
+    from pipeline.model import SlotModelConfig
+
+    cfg = load_config(REPO / "configs" / "base.yaml", ["decoder.mixing=attention"])
+    assert SlotModelConfig.from_config(cfg, 8, 4).decoder_mixing == "attention"
+    assert load_config(REPO / "configs" / "base.yaml").decoder.mixing == "alpha"  # SlotContrast
+    with pytest.raises(ConfigError, match="decoder.mixing=softmax is not one of alpha, attention"):
+        load_config(REPO / "configs" / "base.yaml", ["decoder.mixing=softmax"])

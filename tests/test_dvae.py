@@ -29,6 +29,92 @@ def one_thread():
 # --------------------------------------------------------------------------------------------
 # Tests
 # --------------------------------------------------------------------------------------------
+# STEVE's dvae.py (singhgautam/steve), C = 64: (kernel, stride, padding, in, out) of each conv,
+# "shuffle" for PixelShuffle(2). V = the vocabulary.
+V = 64
+STEVE_ENCODER = [(4, 4, 0, 3, 64), *[(1, 1, 0, 64, 64)] * 6, (1, 1, 0, 64, V)]
+STEVE_DECODER = [
+    (1, 1, 0, V, 64),
+    (3, 1, 1, 64, 64),
+    (1, 1, 0, 64, 64),
+    (1, 1, 0, 64, 64),
+    (1, 1, 0, 64, 256),
+    "shuffle",
+    (3, 1, 1, 64, 64),
+    (1, 1, 0, 64, 64),
+    (1, 1, 0, 64, 64),
+    (1, 1, 0, 64, 256),
+    "shuffle",
+    (1, 1, 0, 64, 3),
+]
+
+
+def layer_list(seq: torch.nn.Module) -> list:
+    out = []
+    for m in seq.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            out.append((m.kernel_size[0], m.stride[0], m.padding[0], m.in_channels, m.out_channels))
+        elif isinstance(m, torch.nn.PixelShuffle):
+            out.append("shuffle" if m.upscale_factor == 2 else m.upscale_factor)
+    return out
+
+
+def test_default_dvae_has_steves_layers():
+    model = DVAE(vocab_size=V)
+    assert model.arch == "steve"
+    assert layer_list(model.encoder) == STEVE_ENCODER
+    assert layer_list(model.decoder) == STEVE_DECODER
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.bias is not None for c in convs)  # STEVE's conv2d(bias=True) everywhere
+    norms = (torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.InstanceNorm2d)
+    assert not any(isinstance(m, norms) for m in model.modules())
+    assert sorted(n for n, p in model.named_parameters() if n.endswith("bias")) == sorted(
+        n.replace("weight", "bias") for n, p in model.named_parameters() if n.endswith("weight")
+    )
+    # each hidden block is conv -> ReLU, biases start at zero (STEVE's conv2d helper)
+    block = model.encoder[1]
+    assert float(block.conv.bias.detach().abs().sum()) == 0.0
+    x = torch.randn(2, 64, 4, 4)
+    assert torch.equal(block(x), F.relu(F.conv2d(x, block.conv.weight, block.conv.bias)))
+
+
+def test_slate_arch_keeps_the_groupnorm_network():
+    model = DVAE(vocab_size=V, arch="slate")
+    assert layer_list(model.encoder) == STEVE_ENCODER and layer_list(model.decoder) == STEVE_DECODER
+    hidden = [m for m in model.modules() if hasattr(m, "activate")]
+    assert len(hidden) == 7 + 9  # every conv but the two output convs
+    assert all(b.conv.bias is None and b.norm.num_groups == 1 for b in hidden)
+    x = torch.randn(2, 64, 4, 4)
+    block = model.encoder[1]
+    assert torch.equal(block(x), F.relu(block.norm(F.conv2d(x, block.conv.weight))))
+    # The same conv weights give other tokens than STEVE's network: the arch is part of the dVAE.
+    steve = DVAE(vocab_size=V)
+    steve.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if ".norm." not in k}, strict=False
+    )
+    frames = torch.rand(2, 3, 32, 32)
+    assert not torch.equal(steve.encode_ids(frames), model.encode_ids(frames))
+    with pytest.raises(ValueError, match="dvae.arch='vqvae' is not one of steve, slate"):
+        DVAE(vocab_size=V, arch="vqvae")
+
+
+@pytest.mark.parametrize("arch", ["steve", "slate"])
+def test_load_dvae_reads_the_arch_and_old_runs_without_it(tmp_path, arch):
+    import json
+
+    from pipeline.dvae import load_dvae
+
+    model = DVAE(vocab_size=16, hidden=8, arch=arch)
+    torch.save(model.state_dict(), tmp_path / "dvae.pt")
+    info = {"hash": "x", "vocab_size": 16, "hidden": 8}  # a run from before dvae.arch: no "arch"
+    (tmp_path / "dvae.json").write_text(json.dumps(info))
+    assert load_dvae(tmp_path).arch == arch
+    (tmp_path / "dvae.json").write_text(json.dumps({**info, "arch": arch}))
+    loaded = load_dvae(tmp_path)
+    frames = torch.rand(1, 3, 16, 16)
+    assert loaded.arch == arch and torch.equal(loaded.encode_ids(frames), model.encode_ids(frames))
+
+
 def test_shapes_and_token_grid():
     model = DVAE(vocab_size=48, hidden=16)
     x = torch.rand(3, 3, 32, 32)
@@ -44,8 +130,11 @@ def test_shapes_and_token_grid():
     assert model.token_grid(128) == (32, 32)
 
 
-def test_decode_ids_equals_decoder_on_one_hot():
-    model = DVAE(vocab_size=32, hidden=16)
+@pytest.mark.parametrize("arch", ["steve", "slate"])
+def test_decode_ids_equals_decoder_on_one_hot(arch):
+    model = DVAE(vocab_size=32, hidden=16, arch=arch)
+    for p in model.parameters():  # non-zero biases, so the lookup must add them
+        torch.nn.init.normal_(p, std=0.1) if p.dim() == 1 else None
     ids = torch.randint(0, 32, (2, 8, 8))
     one_hot = F.one_hot(ids, 32).permute(0, 3, 1, 2).float()
     assert torch.allclose(model.decode_ids(ids), model.decoder(one_hot), atol=1e-5)
@@ -108,11 +197,19 @@ def test_code_usage():
     assert float(perplexity) == pytest.approx(1.0) and float(used) == pytest.approx(1 / 8)
 
 
-def test_training_cuts_reconstruction_error_fivefold():
+@pytest.mark.parametrize("arch", ["steve", "slate"])
+def test_training_learns_to_reconstruct(arch):
+    """200 steps (lr 1e-3, as the demo) cut the error fourfold and well below the mean colour.
+
+    STEVE's blocks start from a smaller error than SLATE's (no GroupNorm rescaling), so the
+    bar is both relative to the start and absolute (the per-channel mean frame's error).
+    """
     torch.manual_seed(0)
     data = as_input(synthetic_frames(128, 32, seed=1))
-    model = DVAE(vocab_size=32, hidden=32)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+    model = DVAE(vocab_size=32, hidden=32, arch=arch)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    mean_frame = data[:64].mean(dim=(0, 2, 3), keepdim=True).expand_as(data[:64])
+    mean_colour = float(reconstruction_loss(mean_frame, data[:64]))
 
     @torch.no_grad()
     def error() -> tuple[float, float]:
@@ -130,8 +227,9 @@ def test_training_cuts_reconstruction_error_fivefold():
         loss.backward()
         opt.step()
     soft, hard = error()
-    assert soft <= soft0 / 5, (soft0, soft)
-    assert hard <= hard0 / 5, (hard0, hard)  # the argmax tokens reconstruct too
+    assert soft <= min(soft0 / 4, 0.6 * mean_colour), (soft0, soft, mean_colour)
+    # the argmax tokens reconstruct too
+    assert hard <= min(hard0 / 4, 0.6 * mean_colour), (hard0, hard, mean_colour)
 
 
 @pytest.mark.parametrize("direction", ["above", "below"])

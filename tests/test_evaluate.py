@@ -19,6 +19,7 @@ METHODS = {
     "model_steve",
     "kmeans_frame",
     "kmeans_video",
+    "colour_kmeans_video",
     "grid",
 }
 
@@ -35,9 +36,16 @@ def test_evaluate_run_writes_metrics(run):
     assert saved["primary"] == "model_decoder" and saved["checkpoint_step"] == RUN_STEPS
     assert set(saved["methods"]) == METHODS
     for method, values in saved["methods"].items():
-        assert set(values) == set(ev.metrics.METRICS), method
-        for stat in values.values():
-            assert stat["n"] == 3 and -1 <= stat["mean"] <= 1 and stat["std"] >= 0  # ARI can be < 0
+        assert set(values) == set(ev.metrics.METRICS) | set(ev.metrics.PER_VIDEO_MEANS), method
+        for key, stat in values.items():
+            # frame metrics count frames (all of them for ARI), the others videos
+            if key in ev.metrics.FRAME_METRICS:
+                frames = sum(s[key][0] for s in saved["per_video"][method]["frame_stats"])
+                assert stat["n"] == frames, key
+            else:
+                assert stat["n"] == 3, key
+            assert -1 <= stat["mean"] <= 1 and stat["std"] >= 0  # ARI can be < 0
+        assert values["frame_fg_ari"]["n"] > 3
     # per-video values are what the summary averages
     per = saved["per_video"]["grid"]["video_mbo"]
     assert saved["methods"]["grid"]["video_mbo"]["mean"] == pytest.approx(np.mean(per))

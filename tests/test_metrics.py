@@ -165,6 +165,65 @@ def test_summarize_ignores_nan():
     assert s == {"mean": 0.75, "std": 0.25, "n": 2}
 
 
+def test_frame_metrics_average_over_all_frames_as_slotcontrast():
+    """Two videos of 1 and 3 frames: the data-set frame FG-ARI is the mean over the 4 frames
+    (SlotContrast's ImageARI); the mean of the two per-video means has its own name."""
+    rng = np.random.default_rng(7)
+    videos = []
+    for t in (1, 3):
+        true = torch.from_numpy(rng.integers(0, 4, (t, 12, 12)))
+        pred = torch.from_numpy(rng.integers(0, 5, (t, 12, 12)))
+        pred = torch.where(torch.from_numpy(rng.random((t, 12, 12)) < 0.5), true, pred)
+        videos.append((true, pred))
+    true_last = videos[1][0].clone()
+    true_last[1] = 0  # one frame without any object: counts in FG-ARI (= 1), not in mBO
+    videos[1] = (true_last, videos[1][1])
+    per_video: dict[str, list] = {}
+    for true, pred in videos:
+        for key, value in metrics.video_metrics(pred, true, 5).items():
+            per_video.setdefault(key, []).append(value)
+    summary = metrics.summarize_videos(per_video)
+
+    def fg_ari(true, pred):
+        fg = true.numpy() > 0
+        if not fg.any():
+            return 1.0
+        return adjusted_rand_score(true.numpy()[fg], pred.numpy()[fg])
+
+    def mbo(true, pred):
+        ious = []
+        for c in np.unique(true.numpy()):
+            if c == 0:
+                continue
+            t = true.numpy() == c
+            ious.append(
+                max(
+                    ((t & (pred.numpy() == k)).sum() / (t | (pred.numpy() == k)).sum())
+                    for k in range(5)
+                )
+            )
+        return np.mean(ious) if ious else None
+
+    frames = [(true[i], pred[i]) for true, pred in videos for i in range(true.shape[0])]
+    per_frame_ari = [fg_ari(t, p) for t, p in frames]
+    per_frame_mbo = [m for m in (mbo(t, p) for t, p in frames) if m is not None]
+    assert len(per_frame_ari) == 4 and len(per_frame_mbo) == 3
+    assert summary["frame_fg_ari"]["mean"] == pytest.approx(np.mean(per_frame_ari), abs=1e-9)
+    assert summary["frame_fg_ari"]["std"] == pytest.approx(np.std(per_frame_ari), abs=1e-9)
+    assert summary["frame_fg_ari"]["n"] == 4
+    assert summary["frame_mbo"]["mean"] == pytest.approx(np.mean(per_frame_mbo), abs=1e-9)
+    assert summary["frame_mbo"]["n"] == 3
+    video_means = [np.mean(per_frame_ari[:1]), np.mean(per_frame_ari[1:])]
+    assert summary["frame_fg_ari_per_video"]["mean"] == pytest.approx(np.mean(video_means))
+    assert summary["frame_fg_ari_per_video"]["n"] == 2
+    assert abs(summary["frame_fg_ari"]["mean"] - np.mean(video_means)) > 1e-3  # they differ here
+    # video metrics stay one value per video
+    assert summary["video_fg_ari"]["n"] == 2
+    assert summary["video_fg_ari"]["mean"] == pytest.approx(
+        np.mean([fg_ari(t, p) for t, p in videos])
+    )
+
+
 # ---------------------------------------------------------------------------------- baselines
 def test_kmeans_separates_clusters_and_is_seeded():
     gen = torch.Generator().manual_seed(0)

@@ -1,5 +1,7 @@
 """Stage-3 building blocks: shapes, mask normalisation, equivalences, causality."""
 
+import math
+
 import pytest
 import torch
 
@@ -122,6 +124,43 @@ def test_decoder_factored_first_layer_equals_naive_broadcast():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_attention_mixing_uses_the_slot_attention_masks_and_trains_the_grouping():
+    """decoder.mixing=attention: masks are the given slot-attention masks, the reconstruction is
+    their mix of the per-slot outputs (no alpha channel), and its error reaches the masks."""
+    torch.manual_seed(0)
+    dec = MLPBroadcastDecoder(D, F, N, hidden_dims=[64, 64], mixing="attention")
+    assert dec.layers[-1].out_features == F  # no alpha channel
+    slots = torch.randn(B, T, K, D)
+    logits = torch.randn(B, T, K, N, requires_grad=True)
+    attn = logits.softmax(dim=2)  # (B, T, K, N)
+    recon, masks = dec(slots, attn)
+    assert masks is attn or torch.equal(masks, attn)
+    per_slot = dec.layers[0](slots).unsqueeze(-2) + torch.nn.functional.linear(
+        dec.pos_emb[0, 0], dec.layers[0].weight
+    )
+    for layer in dec.layers[1:]:
+        per_slot = layer(torch.relu(per_slot))  # (B, T, K, N, F)
+    torch.testing.assert_close(recon, (attn.unsqueeze(-1) * per_slot).sum(2))
+    torch.testing.assert_close(dec.forward_naive(slots, attn)[0], recon, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(recon.square().sum(), logits)
+    assert grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs the slot-attention masks"):
+        dec(slots)
+    with pytest.raises(ValueError, match="decoder.mixing='bogus' is not one of alpha, attention"):
+        MLPBroadcastDecoder(D, F, N, hidden_dims=[64], mixing="bogus")
+
+
+def test_slot_model_with_attention_mixing_reports_the_attention_masks_as_decoder_masks():
+    from pipeline.model import SlotModel, SlotModelConfig
+
+    cfg = SlotModelConfig(
+        feature_dim=F, num_tokens=N, num_slots=K, slot_dim=D, decoder_hidden_dims=(32,),
+        decoder_mixing="attention",
+    )  # fmt: skip
+    out = SlotModel(cfg)(torch.randn(B, T, N, F))
+    torch.testing.assert_close(out["decoder"]["masks"], out["processor"]["corrector"]["masks"])
+
+
 def _steve(vocab=16, grid=(4, 4)):
     return SteveDecoder(
         D, vocab, grid[0] * grid[1], num_blocks=2, num_heads=4, d_model=32, dropout=0.1
@@ -170,3 +209,21 @@ def test_steve_dropout_only_in_training():
     assert not torch.allclose(steve(slots, tokens)[0], steve(slots, tokens)[0])
     steve.eval()
     torch.testing.assert_close(steve(slots, tokens)[0], steve(slots, tokens)[0])
+
+
+def test_steve_decoder_initialisation_follows_steves_code():
+    """STEVE's steve.py: token embeddings nn.Embedding's N(0, 1); BOS xavier_uniform_ on a
+    (1, 1, d) tensor, U(+-sqrt(3/d)); positions trunc_normal_ with std 1 in [-2, 2]."""
+    torch.manual_seed(0)
+    vocab, d, tokens = 64, 64, 256
+    dec = SteveDecoder(slot_dim=16, vocab_size=vocab, num_tokens=tokens, num_blocks=1, d_model=d)
+    table = dec.embed.weight.detach()
+    assert float(table[:vocab].std()) == pytest.approx(1.0, rel=0.05)
+    assert float(table[:vocab].mean()) == pytest.approx(0.0, abs=0.05)
+    bos = table[vocab]
+    assert float(bos.abs().max()) <= math.sqrt(3 / d) + 1e-6
+    assert float(bos.std()) == pytest.approx(math.sqrt(3 / d) / math.sqrt(3), rel=0.3)
+    pos = dec.pos_emb.detach()
+    assert pos.shape == (1, 1 + tokens, d) and float(pos.abs().max()) <= 2.0
+    # std of N(0, 1) truncated to [-2, 2] is 0.880
+    assert float(pos.std()) == pytest.approx(0.880, rel=0.03)

@@ -14,26 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.runs import PIPELINE_TINY
+from tests.helpers.runs import PIPELINE_TINY, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(
-    work_dir: Path, *extra: str, check: bool = True, **kwargs
-) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "cli.py",
-        "run",
-        "configs/demo.yaml",
-        f"work_dir={work_dir}",
-        *PIPELINE_TINY,
-        *extra,
-    ]
-    return subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, check=check, timeout=600, **kwargs
-    )
 
 
 def snapshot(root: Path) -> dict[str, int]:

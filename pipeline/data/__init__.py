@@ -1,4 +1,5 @@
-"""Video sources: frame folders, video files, HDF5 arrays and the synthetic data set.
+"""Video sources: frame folders, video files, HDF5 arrays, webdataset tar shards (SlotContrast's
+MOVi / YT-VIS) and the synthetic data set.
 
 ``make_source(cfg)`` builds the source ``dataset.source`` names; every source meets the
 :class:`pipeline.data.base.VideoSource` contract. The file-based sources share
@@ -25,7 +26,7 @@ from pipeline.data.base import SPLITS, SourceError, VideoInfo, split_of
 
 log = logging.getLogger("egoslots")
 
-SOURCE_KINDS = ("frames", "video", "hdf5", "synthetic")
+SOURCE_KINDS = ("frames", "video", "hdf5", "webdataset", "synthetic")
 
 
 class ListedSource:
@@ -87,6 +88,10 @@ class ListedSource:
     def _has_masks(self) -> bool:
         return False
 
+    def _check_root(self) -> None:
+        if not self.root.exists():
+            raise SourceError(f"dataset.path {self.root} does not exist")
+
     def split_for(self, video_id: str, given: str | None = None, where: str = "") -> str:
         """The split metadata gives, else the deterministic hash split of the id."""
         if given is None:
@@ -108,8 +113,7 @@ class ListedSource:
         self.skipped.append((video_id, str(err)))
 
     def _list(self) -> list[VideoInfo]:
-        if not self.root.exists():
-            raise SourceError(f"dataset.path {self.root} does not exist")
+        self._check_root()
         rows: list[VideoInfo] = []
         self.skipped = []
         for video_id, candidate in self._candidates():
@@ -171,6 +175,17 @@ def make_source(cfg, skip_bad: bool | None = None):
             image_key=str(h.image_key),
             mask_key=None if h.mask_key is None else str(h.mask_key),
             layout=str(h.layout),
+            **common,
+        )
+    if kind == "webdataset":
+        from pipeline.data.webdataset import WebdatasetSource
+
+        w = ds.webdataset
+        return WebdatasetSource(
+            str(ds.path) if "://" in str(ds.path) else path,
+            {"train": w.train_shards, "val": w.val_shards, "test": w.test_shards},
+            video_key=str(w.video_key),
+            mask_key=None if w.mask_key is None else str(w.mask_key),
             **common,
         )
     raise SourceError(f"dataset.source '{kind}' is not one of {', '.join(SOURCE_KINDS)}")

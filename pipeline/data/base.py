@@ -124,6 +124,16 @@ def binary_masks_to_labels(masks: np.ndarray, where: str) -> np.ndarray:
     return labels
 
 
+def frame_range(video_id: str, start: int, stop: int | None, num_frames: int) -> int:
+    """``stop`` (None: the end) after checking ``start..stop`` lies within the video."""
+    stop = num_frames if stop is None else stop
+    if not 0 <= start <= stop <= num_frames:
+        raise SourceError(
+            f"video '{video_id}': frames {start}..{stop} out of range (it has {num_frames})"
+        )
+    return stop
+
+
 def check_same_size(shape: Sequence[int], expected: Sequence[int], where: str) -> None:
     if tuple(shape[:2]) != tuple(expected[:2]):
         raise SourceError(

@@ -39,6 +39,7 @@ from pipeline.data.base import (
     SourceError,
     VideoInfo,
     binary_masks_to_labels,
+    frame_range,
     to_rgb_uint8,
 )
 
@@ -247,11 +248,7 @@ class Hdf5Source(ListedSource):
         node = node[arrays.group] if arrays.group else node
         images = node[self.image_key]
         n = images.shape[1] if lead == 2 else 1
-        stop = n if stop is None else stop
-        if not 0 <= start <= stop <= n:
-            raise SourceError(
-                f"video '{video_id}': frames {start}..{stop} out of range (it has {n})"
-            )
+        stop = frame_range(video_id, start, stop, n)
         if start == stop:
             return
         where = f"{arrays.file}:{'/' + arrays.group if arrays.group else ''}"

@@ -28,7 +28,14 @@ import numpy as np
 from natsort import natsorted, ns
 
 from pipeline.data import ListedSource
-from pipeline.data.base import FileIdentity, Frame, SourceError, VideoInfo, check_same_size
+from pipeline.data.base import (
+    FileIdentity,
+    Frame,
+    SourceError,
+    VideoInfo,
+    check_same_size,
+    frame_range,
+)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 _AV_ERRORS = (av.FFmpegError, OSError, ValueError, IndexError)
@@ -146,11 +153,7 @@ class VideoFileSource(ListedSource):
     ) -> Iterator[Frame]:
         tl = self._timeline(video_id)
         n = len(tl.ranks)
-        stop = n if stop is None else stop
-        if not 0 <= start <= stop <= n:
-            raise SourceError(
-                f"video '{video_id}': frames {start}..{stop} out of range (it has {n})"
-            )
+        stop = frame_range(video_id, start, stop, n)
         if start == stop:
             return
         cursor = self._take_cursor(video_id, start)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -262,3 +264,24 @@ def _replace(value, old: str, new: str):
     if isinstance(value, list):
         return [_replace(v, old, new) for v in value]
     return value
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(
+    work_dir: Path, *extra: str, check: bool = True, **kwargs
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "cli.py",
+        "run",
+        "configs/demo.yaml",
+        f"work_dir={work_dir}",
+        *PIPELINE_TINY,
+        *extra,
+    ]
+    """`egoslots run configs/demo.yaml` at the tiny sizes, in a subprocess (cwd: the repository)."""
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, check=check, timeout=600, **kwargs
+    )
