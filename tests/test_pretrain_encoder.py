@@ -489,7 +489,6 @@ def test_killed_at_random_point_then_rerun_is_bit_identical(
 ):
     """seed None: killed while the frames are being decoded (before any checkpoint)."""
     from tests.helpers.crashkit import KillPoint, cli, count_files, kill_mid_run, run_to_end
-
     from tests.test_crash import assert_same_checkpoints, check_resume, files_under, readable_steps
 
     config_path = write_config(

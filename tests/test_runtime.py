@@ -92,11 +92,12 @@ def test_cache_defaults_to_the_users_cache_dir(monkeypatch, tmp_path):
     assert runtime.PrecisionCache.default().path == tmp_path / "egoslots" / "precision.json"
 
 
-def test_never_slower_than_fp32_on_a_tie(cache_file):
+@pytest.mark.parametrize("bf16, picked", [(1.0, "32-true"), (0.97, "32-true"), (0.9, "bf16-mixed")])
+def test_a_mixed_precision_must_win_by_more_than_noise(cache_file, bf16, picked):
     probe = sleeping_probe("nothing", [])
     cache = runtime.PrecisionCache(cache_file)
-    cache.put(runtime.precision_key("cpu", probe), {"32-true": 1.0, "bf16-mixed": 1.0})
-    assert choose_precision("auto", "cpu", refusing_probe()) == "32-true"
+    cache.put(runtime.precision_key("cpu", probe), {"32-true": 1.0, "bf16-mixed": bf16})
+    assert choose_precision("auto", "cpu", refusing_probe()) == picked
 
 
 def test_explicit_precision_and_stored_precision_skip_the_probe(cache_file):
