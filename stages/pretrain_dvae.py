@@ -58,7 +58,13 @@ from stages.rundirs import (
     write_json,
     write_run_files,
 )
-from stages.runtime import choose_precision, configure_threads, device_type, set_fast_math
+from stages.runtime import (
+    choose_precision,
+    configure_threads,
+    device_type,
+    set_fast_math,
+    several_processes,
+)
 from stages.tokenize import check_frames, sha256_16, tokenize_run
 from stages.training import fit, is_rank_zero, make_trainer, stored_precision
 
@@ -256,9 +262,9 @@ def _train(
     configure_threads(cfg.num_threads, busy_workers=0)  # cache readers: see runtime.py
     task = make_task(cfg, frame_size)
     stored = stored_precision(read_checkpoint(ckpt)) if ckpt else None
-    precision = choose_precision(
-        d.precision, device, precision_probe(task, int(d.batch_size), device), stored
-    )
+    probe = precision_probe(task, int(d.batch_size), device)
+    several = several_processes(d.devices, d.num_nodes)
+    precision = choose_precision(d.precision, device, probe, stored, several)
     data = FrameData(store, cfg)
     guard = LossGuard(
         d.log_every,

@@ -67,7 +67,12 @@ from stages.rundirs import (
     write_json,
     write_run_files,
 )
-from stages.runtime import choose_precision, configure_threads, device_type
+from stages.runtime import (
+    choose_precision,
+    configure_threads,
+    device_type,
+    several_processes,
+)
 from stages.tokenize import sha256_16
 from stages.training import RaisingCheckpointIO, RecordPrecision, is_rank_zero, stored_precision
 
@@ -295,7 +300,10 @@ def _train(cfg, arch, run_dir, frames_path, rows, inputs, resume, callbacks) -> 
     # lightly crops are made by PIL in the DataLoader workers: those keep cores busy
     configure_threads(cfg.num_threads, int(p.num_workers) if p.crops == "lightly" else 0)
     stored = stored_precision(read_checkpoint(Path(ckpt))) if ckpt else None
-    precision = choose_precision(p.precision, device, precision_probe(task, device), stored)
+    several = several_processes(p.devices, p.num_nodes)
+    precision = choose_precision(
+        p.precision, device, precision_probe(task, device), stored, several
+    )
     trainer = L.Trainer(
         default_root_dir=run_dir,
         accelerator=accelerator,

@@ -126,8 +126,19 @@ def lightning_precision(setting: str, device: str) -> str:
     return setting
 
 
+def several_processes(devices, num_nodes) -> bool:
+    """Whether a training stage runs as several processes (DDP): its ranks must then agree on
+    the precision, which separate probes cannot promise."""
+    launched = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1) > 1
+    return launched or int(num_nodes) > 1 or str(devices) not in ("1", "[0]", "cpu")
+
+
 def choose_precision(
-    setting: str, device: str, probe: PrecisionProbe | None, stored: str | None = None
+    setting: str,
+    device: str,
+    probe: PrecisionProbe | None,
+    stored: str | None = None,
+    several: bool = False,
 ) -> str:
     """A training stage's ``precision`` setting -> the Lightning precision it trains in.
 
@@ -136,6 +147,7 @@ def choose_precision(
     where no faster candidate exists (no native bf16 on a CPU), bf16-mixed on a GPU with native
     bf16; else whichever of fp32 and the candidate (bf16-mixed on a CPU, 16-mixed on an older
     GPU) ``probe`` measures faster, from the cache when this machine measured this shape before.
+    ``several`` processes (:func:`several_processes`) skip the probe and train in fp32 there.
     """
     if str(setting) != "auto":
         return lightning_precision(setting, device)
@@ -148,6 +160,14 @@ def choose_precision(
     candidate = FP16 if device == "cuda" else BF16 if bf16_native(device) else None
     if candidate is None or probe is None:
         log.info("precision auto -> %s (no native bf16 on this %s)", FP32, device)
+        return FP32
+    if several:
+        log.info(
+            "precision auto -> %s (several processes: their precision must agree, so no probe; "
+            "set the precision to %s to try it)",
+            FP32,
+            candidate,
+        )
         return FP32
     cache = PrecisionCache.default()
     key = precision_key(device, probe)

@@ -52,7 +52,13 @@ from stages.rundirs import (
     saved_config,
     write_run_files,
 )
-from stages.runtime import choose_precision, configure_threads, device_type, set_fast_math
+from stages.runtime import (
+    choose_precision,
+    configure_threads,
+    device_type,
+    set_fast_math,
+    several_processes,
+)
 from stages.slot_task import SlotTrainingModule, precision_probe
 from stages.training import fit, is_rank_zero, make_trainer, stored_precision
 
@@ -210,7 +216,8 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
             "or train without --resume.",
         )
     probe = precision_probe(module, int(cfg.dataset.batch_size), int(cfg.dataset.ep_length), device)
-    precision = choose_precision(tc.precision, device, probe, stored_precision(checkpoint))
+    several = several_processes(tc.devices, tc.num_nodes)
+    precision = choose_precision(tc.precision, device, probe, stored_precision(checkpoint), several)
     store = inputs.store
     log.info(
         "stage 3: %s on %s, precision %s, store %s%s",

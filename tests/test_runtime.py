@@ -107,6 +107,17 @@ def test_explicit_precision_and_stored_precision_skip_the_probe(cache_file):
     assert not cache_file.exists()
 
 
+def test_several_processes_do_not_probe(cache_file, monkeypatch):
+    """DDP ranks probing apart could train in different precisions: they skip the probe."""
+    assert choose_precision("auto", "cpu", refusing_probe(), several=True) == "32-true"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert not runtime.several_processes(1, 1)
+    assert runtime.several_processes(2, 1) and runtime.several_processes(1, 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert runtime.several_processes(1, 1)
+
+
 def test_no_native_bf16_means_fp32_without_a_probe(cache_file, monkeypatch):
     monkeypatch.setattr(runtime, "bf16_native", lambda device: False)
     assert choose_precision("auto", "cpu", refusing_probe()) == "32-true"
