@@ -244,7 +244,9 @@ def precision_probe(task: EncoderTask, device: str) -> PrecisionProbe:
         views = crops(*batch) if isinstance(crops, BatchMultiCrop) else batch
         views = [v.to(device) for v in views]
         temperature = task.schedules(0)["teacher_temp"]
-        return training_step_timer(task.model, lambda m: m(views, temperature)[0], device)
+        # a fresh DINO of the same shape: its weight-normed head cannot be deep-copied
+        model = EncoderTask(**task.hparams).model
+        return training_step_timer(model, lambda m: m(views, temperature)[0], device, False)
 
     s = task.s
     crops = {k: s[k] for k in ("batch_size", "num_local_crops", "local_size", "crops")}

@@ -70,12 +70,17 @@ def _cuda_devices() -> list[int]:
 
 
 def training_step_timer(
-    model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], device: str
+    model: torch.nn.Module,
+    loss_of: Callable[[torch.nn.Module], torch.Tensor],
+    device: str,
+    copy_model: bool = True,
 ) -> Callable[[str], None]:
     """A function that runs one training step of a copy of ``model`` (``loss_of(model)``
     forward, backward, an Adam step) in a given Lightning precision: autocast to bf16 / fp16 for
-    the mixed ones, as Lightning does. The copy keeps the real model's weights untouched."""
-    model = copy.deepcopy(model).to(device).train()
+    the mixed ones, as Lightning does. The copy keeps the real model's weights untouched
+    (``copy_model=False``: ``model`` is a fresh one built for the probe, trained as it is).
+    """
+    model = (copy.deepcopy(model) if copy_model else model).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-6)
     dtypes = {BF16: torch.bfloat16, FP16: torch.float16}
 

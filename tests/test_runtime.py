@@ -213,3 +213,30 @@ def test_thread_overrides(monkeypatch):
             runtime.configure_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_stages_probes_run_their_own_steps_on_copies():
+    """The probes of train-slots and pretrain-dvae build their real models' steps (copies: the
+    run's weights do not move) and key the cache by model and batch shape."""
+    from pipeline.config import load_config, resolve
+    from stages.dvae_task import DVAETask
+    from stages.dvae_task import precision_probe as dvae_probe
+    from stages.slot_task import SlotTrainingModule
+    from stages.slot_task import precision_probe as slot_probe
+    from tests.helpers.runs import TINY_SLOT_MODEL
+
+    cfg = load_config(None, ["globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", "globals.VOCAB_SIZE=16",
+                             *TINY_SLOT_MODEL])  # fmt: skip
+    slots = SlotTrainingModule(resolve(cfg), feature_dim=8, num_tokens=16, token_grid=(4, 4))
+    dvae = DVAETask(16, 8, 16, 1e-3, 1.0, 0.1, 10)
+    probes = [slot_probe(slots, 2, 3, "cpu"), dvae_probe(dvae, 2, "cpu")]
+    for module, probe in zip((slots, dvae), probes):
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        step = probe.make_step()
+        for precision in ("32-true", "bf16-mixed"):
+            step(precision)
+        assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    assert probes[0].shape["features"] == (2, 3, 16, 8) and probes[0].shape["tokens"] == (4, 4)
+    assert probes[1].shape["frames"] == [2, 3, 16, 16]
+    bigger = slot_probe(slots, 4, 3, "cpu")
+    assert runtime.precision_key("cpu", bigger) != runtime.precision_key("cpu", probes[0])
