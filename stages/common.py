@@ -46,6 +46,9 @@ def config_command(name: str, example: str, **command_kwargs):
             setup_logging()
             try:
                 cfg = load_config(config, overrides)
+            except ConfigError as err:  # before any work, and without importing torch for it
+                raise StageError(str(err)) from err
+            try:
                 return func(cfg, **options)
             except user_errors() as err:
                 raise StageError(str(err)) from err

@@ -234,10 +234,18 @@ def test_named_settings_end_in_one_line_before_any_work(tmp_path):
     frames = ["dataset.source=frames", f"dataset.path={tmp_path / 'data'}"]
     one_error_line(cli(*base, *frames, "extract.frames_per_chunk=0"), "extract.frames_per_chunk=0")
     assert not list((tmp_path / "w").rglob("*.tmp-*"))  # no orphan .zarr.tmp-*
-    one_error_line(cli(*base, "globals.SLOT_DIM=0"), "globals.SLOT_DIM=0", "must be")
-    one_error_line(cli(*base, "run_name=../../x"), "run_name='../../x'", "plain folder name")
+    # every config command checks the config the same way first: inspect-data is the light one
+    light = ["inspect-data", *base[1:]]
+    for setting in (
+        "globals.SLOT_DIM=0",
+        "globals.BATCH_SIZE_PER_GPU=0",
+        "trainer.max_steps=-1",
+        "optimizer.lr=.nan",
+    ):
+        one_error_line(cli(*light, setting), setting.split("=")[0], "must be")
+    one_error_line(cli(*light, "run_name=../../x"), "run_name='../../x'", "plain folder name")
     (tmp_path / "a_file").write_text("")
-    one_error_line(cli(*base, f"work_dir={tmp_path / 'a_file'}"), "work_dir=", "is a file")
+    one_error_line(cli(*light, f"work_dir={tmp_path / 'a_file'}"), "work_dir=", "is a file")
     assert not (REPO / "$HOME").exists()
 
 
