@@ -121,8 +121,9 @@ def test_stored_feature_dtype_widens_to_the_float32_values(tmp_path, dtype, torc
         assert torch.equal(a, b.float())
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize(
+    "dtype,context", [("float16", "spawn"), ("bfloat16", "fork"), ("int8", "fork")]
+)
 def test_whole_batches_equal_stacked_clips(tmp_path, dtype, context):
     """ClipBatches (train-slots' loader: each batch read straight into one shared-memory
     tensor) gives what stacking ClipDataset's items gives, in DataLoader workers too; frames
