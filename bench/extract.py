@@ -4,7 +4,7 @@ speed vs `dd`, and peak memory as the dataset grows. Prints figures; records not
     python bench/extract.py all                # everything (minutes on 2 CPU cores)
     python bench/extract.py extraction --frames 192 --size 224
     python bench/extract.py bytes
-    python bench/extract.py read --frames 3072 --inner 1 2 4 8 16
+    python bench/extract.py read --frames 2048 --clips 300 --inner 1
     python bench/extract.py rss --videos 20
 
 Figures go to docs/benchmarks.md ("## Stage 1: extraction") with the machine they ran on.
@@ -30,21 +30,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cache.location import size_bytes as directory_size  # noqa: E402
 from cache.reader import ClipDataset  # noqa: E402
-from cache.store import FeatureStore, VideoRecord, directory_size  # noqa: E402
+from cache.store import FeatureStore, VideoRecord  # noqa: E402
 from pipeline.backbones import FrozenEncoder  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.memory import InMemorySource  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- helpers
-def TimmViT(name: str = "vit_small_patch14_dinov2", input_size: int = 224) -> FrozenEncoder:
-    """egoslots' ViT encoder around a randomly initialised timm ViT (no weights needed)."""
+def TimmViT(
+    name: str = "vit_small_patch14_dinov2", input_size: int = 224, **kwargs
+) -> FrozenEncoder:
+    """egoslots' ViT encoder around a randomly initialised timm ViT (no weights needed);
+    ``kwargs`` go to timm (depth=..., embed_dim=... for a tiny one)."""
     import timm
 
     from pipeline.backbones import ViTEncoder
 
-    vit = timm.create_model(name, pretrained=False, img_size=input_size, num_classes=0)
+    vit = timm.create_model(name, pretrained=False, img_size=input_size, num_classes=0, **kwargs)
     return ViTEncoder(vit, name).freeze()
 
 
@@ -91,7 +95,7 @@ def bench_cfg(work_dir: Path, *overrides: str):
 
 
 # ---------------------------------------------------------------------------- 1. extraction vs bare forward
-def bench_extraction(args) -> None:
+def bench_extraction(args) -> tuple[float, float]:
     import stages.extract as extract_stage
     from pipeline.preprocess import preprocess_frame
     from stages.extract import extract
@@ -105,11 +109,12 @@ def bench_extraction(args) -> None:
     source = InMemorySource(videos)
     device = pick_device("auto")
     compute = extraction_compute("auto", device)
-    encoder = TimmViT(input_size=args.size).to(device)
+    vit = getattr(args, "vit", "vit_small_patch14_dinov2")
+    encoder = TimmViT(vit, args.size, **getattr(args, "vit_kwargs", {})).to(device)
     extract_stage.build_backbone = lambda cfg: encoder  # extract() builds its backbone with this
     print(f"machine: {machine()}; device {device}, compute {compute}")
     print(
-        f"{args.videos} videos x {per_video} frames of {args.height}x{args.width} -> ViT-S/14 at {args.size} px, "
+        f"{args.videos} videos x {per_video} frames of {args.height}x{args.width} -> {vit} at {args.size} px, "
         f"batch {args.batch}, chunk {args.chunk}, {args.workers} decode worker(s)"
     )
 
@@ -157,6 +162,7 @@ def bench_extraction(args) -> None:
     print(
         f"median: bare {b:.1f} frames/s, extraction {f:.1f} frames/s, ratio {f / b:.2f} (target >= 0.9)"
     )
+    return float(b), float(f)
 
 
 # ---------------------------------------------------------------------------- 2. bytes per frame
@@ -270,19 +276,66 @@ def dd_read(paths: list[Path]) -> float:
     return total / (time.perf_counter() - start) / 1e6
 
 
+def read_paths(root: Path, T: int, clips: int, rng) -> dict:
+    """The ways a store is read, each a function of no arguments that reads and returns the
+    number of stored bytes it read: single clip items (float32 = widened in the reader, stored
+    = float16 tensors), and the training DataLoaders exactly as train-slots (``ClipData``: batch
+    4 clips, 2 workers) and pretrain-dvae (``FrameData``: batch 32 frames, 2 workers) build them."""
+    from stages.datamodules import ClipData, FrameData
+
+    path = root / "s.zarr"
+    store = FeatureStore.open(path)
+    per_frame = int(np.prod(store.group["features"].shape[1:])) * 2  # float16
+    frame_bytes = int(np.prod(store.group["frames"].shape[1:]))
+    cfg = load_config(
+        None,
+        [
+            "globals.BATCH_SIZE_PER_GPU=4",
+            f"globals.NUM_FRAMES={T}",
+            "dataset.num_workers=2",
+            f"trainer.max_steps={max(1, clips // 4)}",
+            "dvae.batch_size=32",
+            "dvae.num_workers=2",
+            f"dvae.max_steps={max(1, clips * T // 32)}",
+            f"seed={int(rng.integers(1 << 30))}",
+        ],
+    )
+
+    def items(dtype):
+        ds = ClipDataset(path, split="train", clip_length=T, feature_dtype=dtype)
+        order = rng.permutation(len(ds))[:clips]
+        return lambda: sum(ds[int(i)]["features"].shape[0] for i in order) * per_frame
+
+    clip_batches = ClipData(store, cfg, None).train_dataloader()
+    frame_batches = FrameData(store, cfg).train_dataloader()
+    return {
+        "clip items, float32": ("features", items("float32")),
+        "clip items, stored": ("features", items("stored")),
+        "train-slots loader": (
+            "features",
+            lambda: sum(b["features"].shape[:2].numel() for b in clip_batches) * per_frame,
+        ),
+        "pretrain-dvae loader": (
+            "frames",
+            lambda: sum(len(b) for b in frame_batches) * frame_bytes,
+        ),
+    }
+
+
 def bench_read(args) -> None:
     rng = np.random.default_rng(0)
     n, tokens, dim, T = args.frames, 256, 384, args.clip
     print(f"machine: {machine()}")
     print(
-        f"store: {n} frames of float16 features 256 x 384 ({tokens * dim * 2 / 1e3:.0f} kB/frame), "
-        f"64-frame chunks; {args.clips} random clips of T={T} frames per measurement; features field only; "
-        "MB/s counts the stored (float16) bytes of the clips; features float32 = widened in the reader, "
-        "stored = float16 tensors"
+        f"store: {n} frames of float16 features 256 x 384 ({tokens * dim * 2 / 1e3:.0f} kB/frame) "
+        f"and {args.frame_size} px uint8 frames, 64-frame chunks; {args.clips} random clips of "
+        f"T={T} frames per measurement (dVAE: {args.clips * T} random frames); MB/s counts "
+        "stored bytes; `dd` reads the same array's shard files in sequence"
     )
     feats = rng.normal(size=(64, tokens, dim)).astype(np.float16)
+    frames = rng.integers(0, 256, (64, args.frame_size, args.frame_size, 3), dtype=np.uint8)
     print(
-        f"{'inner':>5} {'features':<8} {'cache':<5} {'clips MB/s':>11} {'dd MB/s':>8} {'ratio':>6}  cold via"
+        f"{'inner':>5} {'path':<22} {'cache':<5} {'MB/s':>7} {'dd MB/s':>8} {'ratio':>6}  cold via"
     )
     for inner in args.inner:
         root = Path(tempfile.mkdtemp(prefix="egoslots-read-", dir=args.dir))
@@ -299,39 +352,25 @@ def bench_read(args) -> None:
                 num_tokens=tokens,
                 feature_dim=dim,
                 grid=(16, 16),
-                frame_size=8,
+                frame_size=args.frame_size,
                 chunk_len=64,
                 inner_chunk_len=inner,
             )
             for c in range(n // 64):
-                store.write_chunk(
-                    c,
-                    {"features": feats, "frames": np.zeros((64, 8, 8, 3), np.uint8)},
-                    durable=False,
-                )
+                store.write_chunk(c, {"features": feats, "frames": frames}, durable=False)
             store.mark_complete_if_done()
-            files = sorted((root / "s.zarr" / "features").rglob("c/*/0/0"))
-            clip_bytes = T * tokens * dim * 2
-            for dtype in ("float32", "stored"):
-                ds = ClipDataset(
-                    root / "s.zarr",
-                    split="train",
-                    clip_length=T,
-                    fields=("features",),
-                    feature_dtype=dtype,
-                )
-                order = rng.permutation(len(ds))[: args.clips]
+            for name, (array, read) in read_paths(root, T, args.clips, rng).items():
+                files = sorted(f for f in (root / "s.zarr" / array / "c").rglob("*") if f.is_file())
+                read()  # start the workers, open the files
                 for cache in ("cold", "warm"):
                     how = drop_cache(files) if cache == "cold" else ""
                     start = time.perf_counter()
-                    for i in order:
-                        ds[int(i)]
-                    clips = len(order) * clip_bytes / (time.perf_counter() - start) / 1e6
+                    mb = read() / (time.perf_counter() - start) / 1e6
                     if cache == "cold":
                         drop_cache(files)
                     dd = dd_read(files)
                     print(
-                        f"{inner:5d} {dtype:<8} {cache:<5} {clips:11.0f} {dd:8.0f} {clips / dd:6.2f}  {how}"
+                        f"{inner:5d} {name:<22} {cache:<5} {mb:7.0f} {dd:8.0f} {mb / dd:6.2f}  {how}"
                     )
         finally:
             shutil.rmtree(root, ignore_errors=True)
@@ -406,6 +445,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clip", type=int, default=4)
     parser.add_argument("--clips", type=int, default=300)
+    parser.add_argument("--frame-size", type=int, default=128, help="read: cached frame size")
     parser.add_argument("--inner", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
     parser.add_argument(
         "--dir", default=None, help="where the read benchmark writes its store (default: tmp)"

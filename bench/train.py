@@ -2,6 +2,7 @@
 
     python bench/train.py                 # MOVi-C setting + STEVE path, a few steps each
     python bench/train.py --steps 8 --equal-steps 40
+    python bench/train.py --stage-defaults  # train-slots / pretrain-dvae defaults vs fp32
 
 MOVi-C setting (SlotContrast's own): ViT-S/14 at 224 px -> 256 tokens x 384, 11 slots x 64,
 batch 4 clips x 4 frames, no STEVE decoder. Three ways to run the same SlotModel step:
@@ -417,6 +418,175 @@ def movi_c(args, tmp: Path):
     return results
 
 
+# ------------------------------------------------------------------------------ stage defaults
+def step_timer():
+    """A Lightning callback: wall time between the ends of consecutive training steps, and the
+    precision the trainer ran in."""
+    import lightning as L
+
+    class Timer(L.Callback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.precision = "?"
+
+        def on_train_start(self, trainer, *args):
+            self.precision = str(trainer.precision)
+
+        def on_train_batch_end(self, trainer, *args):
+            self.ends.append(time.perf_counter())
+
+        def step_s(self, skip: int) -> float:
+            gaps = np.diff(self.ends)[skip:]  # the first steps pay for warm-up
+            return float(np.median(gaps))
+
+    return Timer()
+
+
+def stage_runs(store: Path, work: Path, overrides: list[str], run: str, steps: int, stage: str):
+    """One real train-slots / pretrain-dvae run of ``steps`` steps (the stage's own code, its
+    precision and thread defaults); returns (median s/step after 2 warm-up steps, precision)."""
+    from stages import pretrain_dvae, train_slots
+
+    timer = step_timer()
+    if stage == "dvae":
+        run_keys = [f"dvae.run_name={run}", f"dvae.max_steps={steps}", "dvae.ckpt_every=1000000"]
+    else:
+        run_keys = [f"run_name={run}", f"trainer.max_steps={steps}"]
+    cfg = load_config(
+        ROOT / "configs" / "slotcontrast_movi_c.yaml",
+        [f"work_dir={work}", f"store={store}", *overrides, *run_keys],
+    )
+    if stage == "dvae":
+        pretrain_dvae.pretrain(cfg, callbacks=[timer], tokenize=False)
+    else:
+        real = train_slots.make_trainer
+        train_slots.make_trainer = lambda *a, callbacks, **k: real(
+            *a, callbacks=[*callbacks, timer], **k
+        )
+        try:
+            train_slots.train(cfg)
+        finally:
+            train_slots.make_trainer = real
+    return timer.step_s(2), timer.precision
+
+
+def stage_defaults(args, tmp: Path):
+    """Done-when of issue 15, side by side in one process, rounds interleaved (A B C A B C):
+    `train-slots` with its defaults vs trainer.precision=32 vs the same model with the ViT
+    online in fp32 (SlotContrast's way), at the MOVi-C setting; then the dVAE stage with its
+    defaults vs dvae.precision=32."""
+    import lightning as L  # noqa: F401 - the timers are Lightning callbacks
+
+    from stages.common import setup_logging
+    from stages.runtime import configure_threads
+
+    setup_logging()  # the stages' own lines: "precision auto -> ...", "torch threads: ..."
+    tokens, dim = 256, 384
+    store = make_store(
+        tmp / "movi.zarr", videos=8, frames=8, tokens=tokens, dim=dim, frame_size=224
+    )
+    common = [
+        "globals.BATCH_SIZE_PER_GPU=4",
+        "globals.NUM_FRAMES=4",
+        "trainer.val_batches=0",
+        "trainer.log_every=1",
+        "trainer.image_every=1000000",
+        "trainer.ckpt_every=1000000",
+        "optimizer.warmup_steps=0",
+    ]
+    cfg = load_config(ROOT / "configs" / "slotcontrast_movi_c.yaml", [f"work_dir={tmp}", *common])
+    print(
+        f"# stage defaults, MOVi-C setting: {tokens} tokens x {dim}, {cfg.model.num_slots} slots x "
+        f"{cfg.model.slot_dim}, batch 4 clips x 4 frames; {args.default_steps} steps per run, "
+        f"median step after 2; {args.rounds} rounds interleaved"
+    )
+    import timm
+
+    vit = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=0
+    ).eval()
+    vit.requires_grad_(False)
+    times: dict[str, list[float]] = defaultdict(list)
+    chosen = {}
+    for r in range(args.rounds):
+        for name, extra in (
+            ("train-slots default", []),
+            ("train-slots trainer.precision=32", ["trainer.precision=32"]),
+        ):
+            s, precision = stage_runs(
+                tmp / "movi.zarr",
+                tmp,
+                [*common, *extra],
+                f"r{r}-{len(extra)}",
+                args.default_steps,
+                "slots",
+            )
+            times[name].append(s)
+            chosen[name] = precision
+            print(
+                f"  round {r}: {name}: {s:.3f} s/step ({precision}, {torch.get_num_threads()} threads)",
+                flush=True,
+            )
+        configure_threads(0)  # the same thread default as the stage runs
+        model, opt = build(cfg, dim, tokens)
+        online = run_variant(
+            "online-fp32",
+            cfg,
+            model,
+            opt,
+            loader(store, cfg, ("frames",), None, 0),
+            args.default_steps - 2,
+            vit=vit,
+            warmup=2,
+        )
+        times["online fp32 (SlotContrast's way)"].append(online["step_s"])
+        print(f"  round {r}: online fp32: {online['step_s']:.3f} s/step", flush=True)
+    base = float(np.median(times["online fp32 (SlotContrast's way)"]))
+    print("\n| run | precision | s/step (median of rounds) | ratio to the online fp32 step |")
+    print("|---|---|---|---|")
+    for name, values in times.items():
+        m = float(np.median(values))
+        print(f"| {name} | {chosen.get(name, '32-true')} | {m:.3f} | {base / m:.2f} |")
+
+    if args.dvae_batch:
+        frames_store = tmp / "frames.zarr"
+        make_store(frames_store, videos=8, frames=16, tokens=16, dim=8, frame_size=args.dvae_size)
+        dv = [
+            f"dvae.batch_size={args.dvae_batch}",
+            "dvae.log_every=1",
+            "dvae.image_every=1000000",
+            "dvae.num_workers=2",
+        ]
+        print(
+            f"\n# dVAE stage: {args.dvae_size} px frames, vocab {cfg.dvae.vocab_size}, "
+            f"hidden {cfg.dvae.hidden}, batch {args.dvae_batch}"
+        )
+        dtimes: dict[str, list[float]] = defaultdict(list)
+        for r in range(args.rounds):
+            for name, extra in (
+                ("pretrain-dvae default", []),
+                ("pretrain-dvae dvae.precision=32", ["dvae.precision=32"]),
+            ):
+                s, precision = stage_runs(
+                    frames_store,
+                    tmp,
+                    [*dv, *extra],
+                    f"d{r}-{len(extra)}",
+                    args.default_steps,
+                    "dvae",
+                )
+                dtimes[name].append(s)
+                chosen[name] = precision
+                print(f"  round {r}: {name}: {s:.3f} s/step ({precision})", flush=True)
+        base = float(np.median(dtimes["pretrain-dvae dvae.precision=32"]))
+        print(
+            "\n| run | precision | s/step (median of rounds) | ratio to fp32 |\n|---|---|---|---|"
+        )
+        for name, values in dtimes.items():
+            m = float(np.median(values))
+            print(f"| {name} | {chosen[name]} | {m:.3f} | {base / m:.2f} |")
+
+
 # ------------------------------------------------------------------------------ STEVE path
 class SteveDVAEEncoder(torch.nn.Module):
     """STEVE's dVAE encoder (4x down-sampling conv stack -> vocab logits), as in its code."""
@@ -555,11 +725,22 @@ def main():
         help="steps for the fp32-vs-fast loss comparison (0: skip)",
     )
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers for the fast path")
+    ap.add_argument(
+        "--stage-defaults",
+        action="store_true",
+        help="only the stages' defaults vs fp32 vs the online fp32 step (issue 15's done-when)",
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="--stage-defaults: interleaved rounds")
+    ap.add_argument("--default-steps", type=int, default=6, help="--stage-defaults: steps per run")
+    ap.add_argument("--dvae-batch", type=int, default=8, help="--stage-defaults: 0 skips the dVAE")
+    ap.add_argument("--dvae-size", type=int, default=128, help="--stage-defaults: dVAE frame px")
     ap.add_argument("--skip-steve", action="store_true")
     ap.add_argument("--skip-movi", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if args.stage_defaults:
+            return stage_defaults(args, tmp)
         if not args.skip_movi:
             movi_c(args, tmp)
         if not args.skip_steve:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from cache.store import FeatureStore, StoreError, VideoRecord
 from pipeline.data.clips import Clip, build_clip_index, span
@@ -96,17 +96,19 @@ class ClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, index: int) -> dict:
+    def _rows(self, index: int) -> tuple[VideoRecord, int, int, int]:
+        """Clip ``index``: its video, first row, stop row and frame step in the store."""
         clip = self.clips[index]
         video = self.videos[clip.video]
         if self.clip_length is None:
-            lo, hi, step = video.first, video.stop, 1
-        else:
-            lo = video.first + clip.start
-            hi = lo + span(self.clip_length, self.frame_step)
-            step = self.frame_step
+            return video, video.first, video.stop, 1
+        lo = video.first + clip.start
+        return video, lo, lo + span(self.clip_length, self.frame_step), self.frame_step
+
+    def __getitem__(self, index: int) -> dict:
+        video, lo, hi, step = self._rows(index)
         st = self.store
-        item: dict = {"video_id": video.id, "start": clip.start, "hflip": video.hflip}
+        item: dict = {"video_id": video.id, "start": self.clips[index].start, "hflip": video.hflip}
         for name in self.fields:
             if name == "features":
                 item[name] = self._features(st, lo, hi, step)
@@ -127,3 +129,68 @@ class ClipDataset(Dataset):
                 raw.view(torch.bfloat16) if stored == "bfloat16" else raw
             )  # uint16 bits -> bfloat16
         return torch.from_numpy(np.ascontiguousarray(st.read_features(lo, hi)[::step]))
+
+    def read_batch(self, indices: Sequence[int]) -> dict:
+        """Clips ``indices`` as one batch: what stacking their items gives (tensors (B, ...),
+        ids / starts / flips as lists), read faster. Read-ahead is asked for every clip first
+        (a cold disk reads them in parallel), then rows kept as stored (frames, masks, stored
+        float16 / bfloat16 features) are read straight into the batch tensor, which lives in
+        shared memory inside a DataLoader worker: no copy between the kernel's and the GPU's.
+        """
+        if self.clip_length is None:
+            raise ValueError("read_batch needs clips of one length (clip_length is None)")
+        spans = [self._rows(int(i)) for i in indices]
+        st = self.store
+        direct = {name: self._direct_dtype(name) for name in self.fields}
+        for name, dtype in direct.items():
+            if dtype is not None:
+                for _, lo, hi, _ in spans:
+                    st.advise_rows(name, lo, hi)
+        batch: dict = {
+            "video_id": [v.id for v, *_ in spans],
+            "start": [self.clips[int(i)].start for i in indices],
+            "hflip": [v.hflip for v, *_ in spans],
+        }
+        for name, dtype in direct.items():
+            if dtype is None:  # widened or converted per clip (float32 / int8 features, ids)
+                batch[name] = torch.stack([self[int(i)][name] for i in indices])
+                continue
+            shape = (len(spans), self.clip_length, *st.row_shape(name))
+            out = batch_tensor(shape, dtype)
+            rows = (out.view(torch.uint16) if dtype == torch.bfloat16 else out).numpy()
+            for b, (_, lo, hi, step) in enumerate(spans):
+                if step == 1:
+                    st.read_rows(name, lo, hi, out=rows[b])
+                else:
+                    for t, row in enumerate(range(lo, hi, step)):
+                        st.read_rows(name, row, row + 1, out=rows[b, t : t + 1])
+            batch[name] = out
+        return batch
+
+    def _direct_dtype(self, name: str) -> torch.dtype | None:
+        """The tensor dtype of field ``name`` where its rows go into a batch as stored."""
+        if name in ("frames", "masks"):
+            return torch.uint8
+        if name == "features" and self.feature_dtype == "stored":
+            return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+                self.store.meta["feature_dtype"]
+            )
+        return None
+
+
+class ClipBatches(ClipDataset):
+    """A :class:`ClipDataset` whose DataLoader reads each batch with :meth:`read_batch`
+    (``__getitems__``): its collate function receives the finished batch (a dict)."""
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        return self.read_batch(indices)
+
+
+def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in shared memory inside a DataLoader worker (as torch's own
+    collate does), so the main process maps it instead of receiving a copy."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    storage = torch.UntypedStorage._new_shared(nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))

@@ -317,16 +317,39 @@ class FeatureStore:
             return raw.astype(np.float32) * scale[..., None]
         return raw.astype(np.float32)
 
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop-1 of array ``name`` (e.g. ``frames``, ``tokens/<hash>/ids``).
+    def read_rows(
+        self, name: str, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Rows start..stop-1 of array ``name`` (e.g. ``frames``, ``tokens/<hash>/ids``), into
+        ``out`` if given (C-contiguous, of their shape and the array's dtype).
 
-        Complete local stores with uncompressed shards are read with one ``pread`` per shard
-        straight from the shard index (zarr's own read path costs ~1 ms per call, more than
-        the disk for a short clip); anything else goes through zarr. Both give the same values.
+        Complete local stores with uncompressed shards are read with one ``preadv`` per shard
+        straight from the shard index into place (zarr's own read path costs ~1 ms per call,
+        more than the disk for a short clip); anything else goes through zarr. Both give the
+        same values.
         """
         reader = self._fast_reader(name)
-        values = None if reader is None else reader.read(start, stop)
-        return self.group[name][start:stop] if values is None else values
+        values = None if reader is None else reader.read(start, stop, out)
+        if values is None:
+            values = self.group[name][start:stop]
+            if out is not None:
+                out[...] = values
+                values = out
+        return values
+
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of one row of array ``name`` (remembered: a zarr lookup costs ~1 ms)."""
+        shapes = self.__dict__.setdefault("_row_shapes", {})
+        if name not in shapes:
+            shapes[name] = tuple(self.group[name].shape[1:])
+        return shapes[name]
+
+    def advise_rows(self, name: str, start: int, stop: int) -> None:
+        """Tell the kernel that rows start..stop-1 of ``name`` are read soon (a cold disk then
+        reads a batch's clips in parallel); nothing where the fast reader does not apply."""
+        reader = self._fast_reader(name)
+        if reader is not None:
+            reader.advise(start, stop)
 
     def _fast_reader(self, name: str) -> ShardReader | None:
         cache = self.__dict__.setdefault("_readers", {})

@@ -94,7 +94,9 @@ class Dataset:
     clip_stride: int = 1
     frame_step: int = 1
     batch_size: int = "${globals.BATCH_SIZE_PER_GPU}"  # type: ignore[assignment]
-    num_workers: int = 2
+    # 0: read ahead in a thread of the training process (fastest from a local store: a batch is
+    # a few preadv calls); N > 0: N worker processes (a remote store, where each clip is a request).
+    num_workers: int = 0
 
 
 @dataclass
@@ -170,11 +172,12 @@ class Dvae:
     ckpt_every: int = 1000
     log_every: int = 50
     image_every: int = 1000
-    num_workers: int = 2
+    num_workers: int = 0  # as dataset.num_workers: 0 = a read-ahead thread, N = N processes
     tokenize_batch_size: int = 64
     tokenize_device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     accelerator: str = "auto"  # Lightning accelerator for pretraining: auto | cpu | gpu
-    precision: str = "auto"  # auto (bf16-mixed on GPUs that support it, else 32) | 32 | bf16-mixed
+    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/runtime.py) | 32 | bf16-mixed
+    precision: str = "auto"
     # Multi-GPU / multi-node pretraining (Lightning DDP, as trainer.* for stage 3): batch_size is
     # per device, the global batch is batch_size x devices x num_nodes. Tokenization runs on rank 0.
     devices: Any = 1
@@ -244,7 +247,8 @@ class PretrainEncoder:
     image_every: int = 1000  # teacher attention maps in TensorBoard (0 = never)
     num_workers: int = 2
     accelerator: str = "auto"
-    precision: str = "auto"  # auto (bf16-mixed on GPUs that support it, else 32) | 32 | bf16-mixed
+    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/runtime.py) | 32 | bf16-mixed
+    precision: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
@@ -336,7 +340,8 @@ class Optimizer:
 class Trainer:
     max_steps: int = 100000
     gradient_clip_val: float = 0.05
-    precision: str = "auto"  # auto (bf16 where supported) | 32 | bf16-mixed
+    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/runtime.py) | 32 | bf16-mixed
+    precision: str = "auto"
     tf32: bool = True
     compile: bool = False
     accelerator: str = "auto"
@@ -372,6 +377,9 @@ class Config:
     store_dir: str | None = None
     # dVAE run whose tokens stage 3 reads: a run directory; None = work_dir/runs/<dvae.run_name>.
     dvae_run: str | None = None
+    # torch intra-op threads; 0 = EGOSLOTS_NUM_THREADS if set, else the CPUs this process may
+    # use (affinity mask, cgroup CPU quota) less extraction's decode workers (stages/runtime.py).
+    num_threads: int = 0
     globals: Globals = field(default_factory=Globals)
     dataset: Dataset = field(default_factory=Dataset)
     backbone: Backbone = field(default_factory=Backbone)
@@ -464,6 +472,7 @@ LIMITS: dict[str, Limit] = {
     "work_dir": Limit(kind="folder"),
     "run_name": Limit(kind="name"),
     "seed": at_least(0, 2**32 - 1),
+    "num_threads": at_least(0, 4096),
     "store": Limit(kind="path"),
     "store_dir": Limit(kind="path"),
     "dvae_run": Limit(kind="folder"),

@@ -8,20 +8,24 @@
 Training batches follow one seeded stream of samples (:class:`ResumableRandomSampler`): rank r of
 W takes its slice of each global batch, and a resumed run continues the stream at its step, so
 W ranks with batch B read what one process with batch B*W reads, and a resumed run what the
-uninterrupted run read. DataLoader workers ignore SIGTERM and run one torch thread each.
+uninterrupted run read. Batches are read ahead in a thread of the training process
+(``num_workers: 0``, :class:`ReadAheadLoader`) or in worker processes, which ignore SIGTERM and
+run one torch thread each.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 
 import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from cache.reader import ClipDataset
+from cache.reader import ClipBatches, ClipDataset, batch_tensor
 from cache.store import FeatureStore
 from stages.common import StageError
 from stages.interrupts import ignore_sigterm_in_worker
@@ -40,20 +44,76 @@ def init_worker(worker_id: int) -> None:
 def loader(
     dataset, batch: int, sampler, workers: int, drop_last: bool, collate_fn=None, prefetch: int = 2
 ) -> DataLoader:
-    """A DataLoader that reads ahead in ``workers`` processes (pinned memory where there is a GPU)."""
-    return DataLoader(
-        dataset,
+    """A DataLoader that reads ahead (pinned memory where there is a GPU): in ``workers``
+    processes, or with ``workers=0`` in a thread of this process (:class:`ReadAheadLoader`)."""
+    kwargs = dict(
         batch_size=batch,
         sampler=sampler,
         shuffle=False,
         drop_last=drop_last,
-        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        prefetch_factor=prefetch if workers > 0 else None,
         collate_fn=collate_fn,
-        worker_init_fn=init_worker if workers > 0 else None,
     )
+    if workers == 0:
+        return ReadAheadLoader(dataset, ahead=prefetch, **kwargs)
+    return DataLoader(
+        dataset,
+        num_workers=workers,
+        persistent_workers=True,
+        prefetch_factor=prefetch,
+        worker_init_fn=init_worker,
+        **kwargs,
+    )
+
+
+class ReadAheadLoader(DataLoader):
+    """A DataLoader without worker processes that reads ``ahead`` batches ahead in a thread.
+
+    Reading a local store is a few ``preadv`` calls per batch (they release the GIL) into one
+    tensor: a thread keeps up with the disk, where handing each batch from a worker process to
+    this one (shared memory, file descriptors over a socket, two wake-ups) cost more than the
+    read itself: 2.7 GB/s in-process vs 0.25-0.5 GB/s through two workers, docs/benchmarks.md.
+    Errors of the reading thread are raised here, at the batch they concern.
+    """
+
+    def __init__(self, dataset, *, ahead: int = 2, **kwargs):
+        super().__init__(dataset, num_workers=0, **kwargs)
+        self.ahead = max(1, int(ahead))
+
+    def __iter__(self):
+        batches = queue.Queue(self.ahead)
+        stop = threading.Event()
+        source = super().__iter__()
+
+        def read() -> None:
+            try:
+                for batch in source:
+                    while not stop.is_set():
+                        try:
+                            batches.put((batch, None), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                batches.put((_END, None))
+            except BaseException as err:  # noqa: BLE001 - raised in the consumer below
+                batches.put((None, err))
+
+        threading.Thread(target=read, name="egoslots-read-ahead", daemon=True).start()
+        try:
+            while True:
+                batch, err = batches.get()
+                if err is not None:
+                    raise err
+                if batch is _END:
+                    return
+                yield batch
+        finally:
+            stop.set()
+
+
+_END = object()
 
 
 def stream_sampler(trainer, size: int, batch: int, max_steps: int, seed: int):
@@ -88,13 +148,30 @@ class FrameDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    @property
+    def store(self) -> FeatureStore:
         if self._store is None:
             self._store = FeatureStore.open(self.path)
+        return self._store
+
+    def __getitem__(self, index: int) -> torch.Tensor:
         row = int(self.rows[index])
         return torch.from_numpy(
-            np.ascontiguousarray(self._store.read_rows("frames", row, row + 1)[0])
+            np.ascontiguousarray(self.store.read_rows("frames", row, row + 1)[0])
         )
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        """A DataLoader batch (B, S, S, 3) uint8: read-ahead asked for every frame first (a
+        cold disk reads them in parallel), then each read straight into one batch tensor
+        (shared memory in a worker). The loader's collate passes it on (:func:`as_batch`)."""
+        rows = [int(self.rows[i]) for i in indices]
+        for row in rows:
+            self.store.advise_rows("frames", row, row + 1)
+        out = batch_tensor((len(rows), *self.store.row_shape("frames")), torch.uint8)
+        frames = out.numpy()
+        for b, row in enumerate(rows):
+            self.store.read_rows("frames", row, row + 1, out=frames[b : b + 1])
+        return out
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -128,7 +205,7 @@ class FrameData(L.LightningDataModule):
         sampler = stream_sampler(
             self.trainer, len(self.frames), self.batch, self.max_steps, self.seed
         )
-        return loader(self.frames, self.batch, sampler, self.workers, drop_last=True)
+        return loader(self.frames, self.batch, sampler, self.workers, True, as_batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,12 +216,21 @@ def clip_fields(tokens_hash: str | None) -> tuple[str, ...]:
     return ("features", "tokens") if tokens_hash else ("features",)
 
 
-def collate_clips(items: list[dict]) -> dict:
-    """Stack tensors; keep ids as lists (the default collate would also work, this is explicit)."""
+def as_batch(batch):
+    """The collate function of datasets that read whole batches (``__getitems__``)."""
+    return batch
+
+
+def collate_clips(items: list[dict] | dict) -> dict:
+    """Stack tensors, keep ids as lists; a batch read whole (:class:`ClipBatches`) passes as
+    it is. Tensors go through torch's ``default_collate``: in a DataLoader worker it stacks
+    straight into shared memory, where ``torch.stack`` would be copied there once more."""
+    if isinstance(items, dict):
+        return items
     out: dict = {}
     for key in items[0]:
         values = [it[key] for it in items]
-        out[key] = torch.stack(values) if torch.is_tensor(values[0]) else values
+        out[key] = default_collate(values) if torch.is_tensor(values[0]) else values
     return out
 
 
@@ -178,7 +264,7 @@ class ClipData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         cfg, d = self.cfg, self.cfg.dataset
-        dataset = ClipDataset(
+        dataset = ClipBatches(
             self.path,
             "train",
             d.ep_length,

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.dvae import DVAE, Geco, code_usage, gumbel_tau, kl_to_uniform, reconstruction_loss
 from stages.callbacks import add_loss_watch, watch_loss
+from stages.speed_probe import PrecisionProbe, model_signature, training_step_timer
 
 
 class DVAETask(L.LightningModule):
@@ -117,3 +118,21 @@ class DVAETask(L.LightningModule):
         mean = value.detach().clone()
         dist.all_reduce(mean)
         return value + (mean / self.world - value.detach())
+
+
+def precision_probe(task: DVAETask, batch: int, device: str) -> PrecisionProbe:
+    """``dvae.precision: auto``'s probe: this run's own dVAE step (a copy of its dVAE, random
+    frames of its batch shape) in each precision (``stages/runtime.choose_precision``)."""
+    size = int(task.hparams.frame_size)
+
+    def make_step():
+        frames = torch.rand(batch, 3, size, size, device=device)
+        seeds = list(range(batch))
+
+        def loss_of(dvae):
+            return reconstruction_loss(dvae(frames, 1.0, frame_seeds=seeds).recon, frames)
+
+        return training_step_timer(task.dvae, loss_of, device)
+
+    shape = {"model": model_signature(task.dvae), "frames": [batch, 3, size, size]}
+    return PrecisionProbe("pretrain-dvae", shape, make_step)

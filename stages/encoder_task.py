@@ -23,6 +23,7 @@ from stages.encoder_frames import (
     open_frames,
 )
 from stages.interrupts import ignore_sigterm_in_worker
+from stages.speed_probe import PrecisionProbe, model_signature, training_step_timer
 from stages.training import ResumableRandomSampler
 
 
@@ -230,3 +231,25 @@ class EncoderTask(L.LightningModule):
         rows = [images] + [maps[:, h : h + 1].expand(-1, 3, -1, -1) for h in range(maps.shape[1])]
         grid = make_grid(torch.cat(rows).float().cpu(), nrow=len(images), padding=1)
         experiment.add_image("train/attention", grid, step)
+
+
+def precision_probe(task: EncoderTask, device: str) -> PrecisionProbe:
+    """``pretrain_encoder.precision: auto``'s probe: this run's own DINO step (a copy of its
+    student and teacher on one real batch of its crops) in each precision
+    (``stages/runtime.choose_precision``)."""
+
+    def make_step():
+        batch = next(iter(task.train_dataloader()))
+        crops = task.data.crops if task.data is not None else None
+        views = crops(*batch) if isinstance(crops, BatchMultiCrop) else batch
+        views = [v.to(device) for v in views]
+        temperature = task.schedules(0)["teacher_temp"]
+        # a fresh DINO of the same shape: its weight-normed head cannot be deep-copied
+        model = EncoderTask(**task.hparams).model
+        return training_step_timer(model, lambda m: m(views, temperature)[0], device, False)
+
+    s = task.s
+    crops = {k: s[k] for k in ("batch_size", "num_local_crops", "local_size", "crops")}
+    return PrecisionProbe(
+        "pretrain-encoder", {"model": model_signature(task.model), **crops}, make_step
+    )

@@ -49,7 +49,7 @@ from stages.inference import (
     split_size,
     window_length,
 )
-from stages.runtime import pick_device
+from stages.runtime import configure_threads, pick_device
 
 log = logging.getLogger("egoslots")
 
@@ -213,6 +213,7 @@ def evaluate_run(
         write_text(run_dir / "metrics.md", format_table(result) + "\n")
         log.warning(result["skipped"])
         return result
+    configure_threads(cfg.num_threads)
     device = pick_device()
     model = model.to(device).eval()
     seed = int(cfg.seed)

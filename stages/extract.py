@@ -51,7 +51,12 @@ from pipeline.preprocess import describe_preprocessing
 from stages.common import config_command
 from stages.extract_chunks import ChunkFrames, ChunkWriter, start_storage_copy, video_rows
 from stages.locks import check_unlocked
-from stages.runtime import extraction_compute, one_thread_per_worker, pick_device
+from stages.runtime import (
+    configure_threads,
+    extraction_compute,
+    one_thread_per_worker,
+    pick_device,
+)
 
 log = logging.getLogger("egoslots")
 
@@ -117,6 +122,7 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
             f"no videos found in {cfg.dataset.path} (dataset.source={cfg.dataset.source})"
         )
 
+    configure_threads(cfg.num_threads, busy_workers=int(cfg.extract.num_workers))  # decoders
     compute = extraction_compute(cfg.extract.compute, device)
     if cfg.backbone.name == "self":  # the encoder of a pretrain-encoder run: not while it trains
         check_unlocked(

@@ -47,7 +47,7 @@ from pipeline.dvae import MAX_VOCAB, PATCH
 from stages.callbacks import LossGuard, ReconstructionPictures
 from stages.common import TrainingDiverged, config_command, output_writes
 from stages.datamodules import FrameData
-from stages.dvae_task import DVAETask
+from stages.dvae_task import DVAETask, precision_probe
 from stages.locks import writing_run
 from stages.rundirs import (
     check_checkpoint_files,
@@ -59,9 +59,15 @@ from stages.rundirs import (
     write_json,
     write_run_files,
 )
-from stages.runtime import device_type, lightning_precision, set_fast_math
+from stages.runtime import (
+    choose_precision,
+    configure_threads,
+    device_type,
+    set_fast_math,
+    several_processes,
+)
 from stages.tokenize import check_frames, sha256_16, tokenize_run
-from stages.training import fit, is_rank_zero, make_trainer
+from stages.training import fit, is_rank_zero, make_trainer, stored_precision
 
 log = logging.getLogger("egoslots")
 
@@ -261,9 +267,13 @@ def _train(
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     device = device_type(d.accelerator)
-    precision = lightning_precision(d.precision, device, cpu_bf16=False)
     set_fast_math(device == "cuda")
+    configure_threads(cfg.num_threads, busy_workers=0)  # cache readers: see runtime.py
     task = make_task(cfg, frame_size)
+    stored = stored_precision(read_checkpoint(ckpt)) if ckpt else None
+    probe = precision_probe(task, int(d.batch_size), device)
+    several = several_processes(d.devices, d.num_nodes)
+    precision = choose_precision(d.precision, device, probe, stored, several)
     data = FrameData(store, cfg)
     guard = LossGuard(
         d.log_every,

@@ -57,7 +57,7 @@ from stages.encoder_frames import (
     training_videos,
     wait_for_frame_cache,
 )
-from stages.encoder_task import CropDataset, EncoderTask
+from stages.encoder_task import CropDataset, EncoderTask, precision_probe
 from stages.interrupts import CheckpointOnSigterm, SIGTERMException
 from stages.locks import writing_run
 from stages.rundirs import (
@@ -67,8 +67,14 @@ from stages.rundirs import (
     write_json,
     write_run_files,
 )
+from stages.runtime import (
+    choose_precision,
+    configure_threads,
+    device_type,
+    several_processes,
+)
 from stages.tokenize import sha256_16
-from stages.training import RaisingCheckpointIO, is_rank_zero
+from stages.training import RaisingCheckpointIO, RecordPrecision, is_rank_zero, stored_precision
 
 log = logging.getLogger("egoslots")
 
@@ -235,19 +241,6 @@ def export_encoder(run_dir: Path, task: EncoderTask, inputs: dict, steps: int) -
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-def _device_settings(p: DictConfig) -> tuple[str, str]:
-    """(accelerator, precision): ``auto`` is bf16-mixed on GPUs that have it, else fp32 (on
-    this project's CPUs bf16 autocast made the step slower: docs/benchmarks.md)."""
-    accelerator = str(p.accelerator)
-    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    setting = str(p.precision)
-    if setting == "auto":
-        return accelerator, "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true"
-    return accelerator, {"32": "32-true", "fp32": "32-true", "bf16": "bf16-mixed"}.get(
-        setting, setting
-    )
-
-
 def pretrain(
     cfg: DictConfig,
     resume: str | Path | None = None,
@@ -306,7 +299,15 @@ def _train(cfg, arch, run_dir, frames_path, rows, inputs, resume, callbacks) -> 
     task.data = CropDataset(frames_path, multicrop_of(p, int(cfg.seed)))
     picks = [v.first for v in rows[:4]]
     task.picture_frames = torch.from_numpy(np.stack([task.data.frames[i] for i in picks]))
-    accelerator, precision = _device_settings(p)
+    accelerator = str(p.accelerator)
+    device = device_type(accelerator)
+    # lightly crops are made by PIL in the DataLoader workers: those keep cores busy
+    configure_threads(cfg.num_threads, int(p.num_workers) if p.crops == "lightly" else 0)
+    stored = stored_precision(read_checkpoint(Path(ckpt))) if ckpt else None
+    several = several_processes(p.devices, p.num_nodes)
+    precision = choose_precision(
+        p.precision, device, precision_probe(task, device), stored, several
+    )
     trainer = L.Trainer(
         default_root_dir=run_dir,
         accelerator=accelerator,
@@ -330,6 +331,7 @@ def _train(cfg, arch, run_dir, frames_path, rows, inputs, resume, callbacks) -> 
                 save_top_k=-1,
                 save_last=True,
             ),
+            RecordPrecision(),  # a resumed precision: auto run keeps it
             sigterm := CheckpointOnSigterm(ckpt_dir, COMMAND),
             *callbacks,
         ],

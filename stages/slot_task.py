@@ -22,6 +22,7 @@ from pipeline.model import SlotModel
 from pipeline.schedules import lr_factor
 from stages.callbacks import add_loss_watch, watch_loss
 from stages.common import StageError
+from stages.speed_probe import PrecisionProbe, model_signature, training_step_timer
 from stages.training import gather_with_grad
 
 
@@ -223,3 +224,26 @@ def clip_metrics(outputs: dict, masks: torch.Tensor, key: str, grid) -> dict:
         mbo.append(m["video_mbo"])
     to_t = lambda v: torch.tensor([x for x in v if x == x] or [float("nan")])  # noqa: E731 (drop NaN)
     return {"fg_ari": to_t(ari), "mbo": to_t(mbo)}
+
+
+def precision_probe(module: SlotTrainingModule, batch: int, frames: int, device: str):
+    """``trainer.precision: auto``'s probe: this run's own training step (a copy of its model,
+    random clips of its batch shape) in each precision (``stages/runtime.choose_precision``)."""
+    hp, model = module.hparams, module.model
+    feature_shape = (batch, frames, int(hp.num_tokens), int(hp.feature_dim))
+    grid = tuple(hp.token_grid) if hp.token_grid is not None else None
+
+    def make_step():
+        features = torch.randn(feature_shape, device=device)
+        vocab = int(module.cfg.dvae.vocab_size)
+        tokens = (
+            None if grid is None else torch.randint(vocab, (batch, frames, *grid), device=device)
+        )
+
+        def loss_of(m):
+            return m.losses(m(features, tokens))["loss"]
+
+        return training_step_timer(model, loss_of, device)
+
+    shape = {"model": model_signature(model), "features": feature_shape, "tokens": grid}
+    return PrecisionProbe("train-slots", shape, make_step)

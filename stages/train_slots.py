@@ -12,8 +12,10 @@ store. Everything about one run lives in ``<work_dir>/runs/<run_name>/``::
 Running the same command again resumes from ``checkpoints/last.ckpt`` (or ``--resume PATH``)
 and continues the same data order, so an interrupted run ends where an uninterrupted one would.
 
-Speed: bf16 autocast where the hardware supports it natively (``stages/runtime.py``), TF32 on
-GPUs, no host-device synchronisation inside a step (losses are logged as tensors; NaN checks
+Speed: ``trainer.precision: auto`` trains in whichever of fp32 and bf16-mixed a short probe of
+this run's step measures faster on this machine (``stages/runtime.py``; stored in the
+checkpoints, so a resumed run keeps it), torch threads follow the CPUs this process may use,
+TF32 on GPUs, no host-device synchronisation inside a step (losses are logged as tensors; NaN checks
 and progress bars look only every few steps), and DataLoader workers that read ahead.
 
 The pieces: ``slot_task.py`` (the LightningModule), ``datamodules.py`` (the clips),
@@ -52,9 +54,15 @@ from stages.rundirs import (
     saved_config,
     write_run_files,
 )
-from stages.runtime import device_type, lightning_precision, set_fast_math
-from stages.slot_task import SlotTrainingModule
-from stages.training import fit, is_rank_zero, make_trainer
+from stages.runtime import (
+    choose_precision,
+    configure_threads,
+    device_type,
+    set_fast_math,
+    several_processes,
+)
+from stages.slot_task import SlotTrainingModule, precision_probe
+from stages.training import fit, is_rank_zero, make_trainer, stored_precision
 
 log = logging.getLogger("egoslots")
 
@@ -211,8 +219,22 @@ def _train_locked(
             write_run_files(run_dir, cfg, inputs.describe())
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     set_fast_math(tc.tf32)
+    configure_threads(cfg.num_threads, busy_workers=0)  # cache readers: see runtime.py
     device = device_type(tc.accelerator)
-    precision = lightning_precision(tc.precision, device)
+    module = build_module(cfg_dict, inputs)
+    checkpoint = read_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if checkpoint is not None:
+        check_checkpoint_fits(
+            ckpt_path,
+            checkpoint,
+            module,
+            "this config",
+            "Set these keys as they were for the checkpoint (its config is saved in it), "
+            "or train without --resume.",
+        )
+    probe = precision_probe(module, int(cfg.dataset.batch_size), int(cfg.dataset.ep_length), device)
+    several = several_processes(tc.devices, tc.num_nodes)
+    precision = choose_precision(tc.precision, device, probe, stored_precision(checkpoint), several)
     store = inputs.store
     log.info(
         "stage 3: %s on %s, precision %s, store %s%s",
@@ -222,17 +244,6 @@ def _train_locked(
         store.fingerprint,
         f", dVAE {inputs.tokens_hash}" if inputs.tokens_hash else "",
     )
-
-    module = build_module(cfg_dict, inputs)
-    if ckpt_path is not None:
-        check_checkpoint_fits(
-            ckpt_path,
-            read_checkpoint(ckpt_path),
-            module,
-            "this config",
-            "Set these keys as they were for the checkpoint (its config is saved in it), "
-            "or train without --resume.",
-        )
     if tc.compile:
         module.model.compile()
     data = ClipData(store, cfg, inputs.tokens_hash)

@@ -8,7 +8,8 @@ here knows which model is trained.
   exists.
 - The Trainer: :func:`make_trainer` with what both stages want (periodic and last checkpoints,
   SIGTERM checkpoints, TensorBoard, atomic checkpoint writes that raise when they fail:
-  :class:`RaisingCheckpointIO`), and :func:`fit` that turns a SIGTERM stop into exit 143.
+  :class:`RaisingCheckpointIO`, the precision recorded for a resume: :class:`RecordPrecision`),
+  and :func:`fit` that turns a SIGTERM stop into exit 143.
 
 Run directories and checkpoint files are ``stages/rundirs.py``; the NaN guard (with its
 agreement across DDP ranks) and pictures are ``stages/callbacks.py``; the data
@@ -155,6 +156,22 @@ class RaisingCheckpointIO(TorchCheckpointIO):
         write_file(as_location(path), lambda f: torch.save(checkpoint, f))
 
 
+PRECISION_KEY = "egoslots_precision"
+
+
+class RecordPrecision(Callback):
+    """Stores the precision a run trains in inside each checkpoint: a resumed ``precision:
+    auto`` run keeps it instead of measuring again (:func:`stored_precision`)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[PRECISION_KEY] = str(trainer.precision)
+
+
+def stored_precision(checkpoint: dict | None) -> str | None:
+    """The precision a checkpoint's run trained in (None: no checkpoint, or an older one)."""
+    return (checkpoint or {}).get(PRECISION_KEY)
+
+
 def is_rank_zero() -> bool:
     """Whether this process is global rank 0 of a DDP launch (or not under DDP at all).
 
@@ -195,7 +212,7 @@ def make_trainer(
             max_steps=int(max_steps),
             max_epochs=-1,
             logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
-            callbacks=[*callbacks, periodic, sigterm],
+            callbacks=[*callbacks, RecordPrecision(), periodic, sigterm],
             log_every_n_steps=int(log_every),
             use_distributed_sampler=False,  # the datamodules slice the sample stream by rank
             num_sanity_val_steps=0,

@@ -1,14 +1,23 @@
 """Shared test settings (small thread counts keep the suite fast and steady on 2 cores) and the
 fixtures several test modules use."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may download anything
-# One thread: small convs and matmuls run several times faster than with two on a busy 2-core box.
+# One thread: small convs and matmuls run several times faster than with two on a busy 2-core box
+# (EGOSLOTS_NUM_THREADS: also in the stages and the egoslots subprocesses the tests start).
 torch.set_num_threads(1)
+os.environ.setdefault("EGOSLOTS_NUM_THREADS", "1")
+# precision: auto measures into a cache of this test session, never the user's own.
+_PRECISION_DIR = tempfile.mkdtemp(prefix="egoslots-test-precision-")
+atexit.register(shutil.rmtree, _PRECISION_DIR, True)
+os.environ.setdefault("EGOSLOTS_PRECISION_CACHE", os.path.join(_PRECISION_DIR, "precision.json"))
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

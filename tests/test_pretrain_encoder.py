@@ -521,3 +521,24 @@ def test_killed_at_random_point_then_rerun_is_bit_identical(
         json.loads((d / "encoder.json").read_text()) for d in (run_dir, reference_encoder)
     )
     assert ours["sha256"] == theirs["sha256"]  # encoder.pth: bit-identical teacher
+
+
+def test_precision_auto_probes_the_dino_step_and_records_its_choice(
+    data, tmp_path, monkeypatch, caplog
+):
+    """pretrain-encoder's precision: auto times its own DINO step in both precisions (the real
+    probe, not a stand-in) and its checkpoints record the choice for a resume."""
+    import torch
+
+    from stages import runtime
+    from stages.pretrain_encoder import pretrain
+
+    monkeypatch.setenv("EGOSLOTS_PRECISION_CACHE", "off")
+    monkeypatch.setattr(runtime, "bf16_native", lambda device: True)
+    with caplog.at_level("INFO", logger="egoslots"):
+        run_dir = pretrain(config(tmp_path, data, precision="auto", max_steps=2, image_every=0))
+    line = next(r.getMessage() for r in caplog.records if "precision auto" in r.getMessage())
+    assert line.endswith("probe)") and "fp32 " in line and "bf16 " in line
+    chosen = line.split("-> ")[1].split(" ")[0]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["egoslots_precision"] == chosen

@@ -119,3 +119,48 @@ def test_stored_feature_dtype_widens_to_the_float32_values(tmp_path, dtype, torc
         a, b = wide[i]["features"], narrow[i]["features"]
         assert a.dtype == torch.float32 and b.dtype == torch_dtype
         assert torch.equal(a, b.float())
+
+
+@pytest.mark.parametrize(
+    "dtype,context", [("float16", "spawn"), ("bfloat16", "fork"), ("int8", "fork")]
+)
+def test_whole_batches_equal_stacked_clips(tmp_path, dtype, context):
+    """ClipBatches (train-slots' loader: each batch read straight into one shared-memory
+    tensor) gives what stacking ClipDataset's items gives, in DataLoader workers too; frames
+    read whole by FrameDataset equal the frames read one by one."""
+    from cache.reader import ClipBatches
+    from stages.datamodules import FrameDataset, as_batch, collate_clips
+
+    path = extract(
+        extract_cfg(tmp_path, f"extract.dtype={dtype}"), source=memory_source(num_videos=2)
+    )
+    fields = ("features", "frames", "masks")
+    kw = dict(split=None, clip_length=3, frame_step=2, fields=fields, feature_dtype="stored")
+    items, batched = ClipDataset(path, **kw), ClipBatches(path, **kw)
+    order = [int(i) for i in np.random.default_rng(0).permutation(len(items))]
+    loader = DataLoader(
+        batched,
+        batch_size=3,
+        sampler=order,
+        num_workers=2,
+        multiprocessing_context=context,
+        collate_fn=collate_clips,
+    )
+    got = list(loader)
+    for b, batch in enumerate(got):
+        expected = collate_clips([items[i] for i in order[3 * b : 3 * b + 3]])
+        assert batch.keys() == expected.keys()
+        for key, value in expected.items():
+            if torch.is_tensor(value):
+                assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
+            else:
+                assert batch[key] == value, key
+    assert sum(len(b["video_id"]) for b in got) == len(order)
+
+    store = FeatureStore.open(path)
+    frames = FrameDataset(store, np.arange(store.num_frames))
+    loader = DataLoader(
+        frames, batch_size=4, sampler=order, num_workers=1, collate_fn=as_batch, drop_last=True
+    )
+    for b, batch in enumerate(loader):
+        assert torch.equal(batch, torch.stack([frames[i] for i in order[4 * b : 4 * b + 4]]))

@@ -460,8 +460,12 @@ def test_store_for_config_by_name_or_matching_settings(tmp_path):
 
 
 # ---------------------------------------------------------------------------- fast shard reads
-@pytest.mark.parametrize("inner,frames", [(1, 37), (4, 37), (3, 40), (8, 64)])
-def test_shard_reader_matches_zarr(tmp_path, inner, frames):
+@pytest.mark.parametrize(
+    "inner,frames,chunk_len", [(1, 37, 8), (4, 37, 8), (3, 40, 9), (8, 64, 8), (1, 1100, 1100)]
+)
+def test_shard_reader_matches_zarr(tmp_path, inner, frames, chunk_len):
+    """Rows read straight from the shard files equal zarr's, across inner chunks and shards,
+    also when one shard's rows need more preadv buffers than one call takes (1100 rows)."""
     rng = np.random.default_rng(inner)
     videos = [VideoRecord("a", 0, frames, "train")]
     store = FeatureStore.create(
@@ -472,7 +476,7 @@ def test_shard_reader_matches_zarr(tmp_path, inner, frames):
         feature_dim=3,
         grid=(1, 5),
         frame_size=4,
-        chunk_len=8 if inner != 3 else 9,
+        chunk_len=chunk_len,
         inner_chunk_len=inner,
         has_masks=True,
     )

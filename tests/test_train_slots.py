@@ -318,16 +318,28 @@ def test_cli_train_slots_help_and_run(work, repo_root):
     assert res.exit_code != 0 and "nope.ckpt" in res.output
 
 
-def test_precision_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
+def test_resumed_auto_run_keeps_the_precision_stored_in_its_checkpoint(work, monkeypatch):
+    """precision auto measures once: the resumed run trains in what its checkpoint recorded,
+    even when a new measurement would now pick the other precision."""
     from stages import runtime
+    from stages.train_slots import train
 
-    monkeypatch.setattr(runtime, "bf16_native", lambda device: False)
-    assert runtime.lightning_precision("auto", "cpu") == "32-true"
+    monkeypatch.setenv("EGOSLOTS_PRECISION_CACHE", "off")
     monkeypatch.setattr(runtime, "bf16_native", lambda device: True)
-    assert runtime.lightning_precision("auto", "cpu") == "bf16-mixed"
-    assert runtime.lightning_precision("auto", "cpu", cpu_bf16=False) == "32-true"  # stage 2
-    assert runtime.lightning_precision("auto", "cuda", cpu_bf16=False) == "bf16-mixed"
-    assert runtime.lightning_precision("32", "cpu") == "32-true"
+    monkeypatch.setattr(
+        runtime, "measure_precisions", lambda probe, ps: {"32-true": 2.0, "bf16-mixed": 1.0}
+    )
+    args = ("trainer.precision=auto", "trainer.val_every=100", "trainer.image_every=100")
+    run = train(slot_cfg(work, "trainer.max_steps=2", *args))
+    assert _weights(run / "checkpoints" / "last.ckpt")["egoslots_precision"] == "bf16-mixed"
+
+    def measured_again(probe, ps):
+        raise AssertionError("a resumed run must not measure again")
+
+    monkeypatch.setattr(runtime, "measure_precisions", measured_again)
+    run = train(slot_cfg(work, "trainer.max_steps=4", *args))
+    last = _weights(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4 and last["egoslots_precision"] == "bf16-mixed"
 
 
 def test_training_step_never_syncs_host_and_device(work, monkeypatch):
@@ -368,11 +380,11 @@ def test_bf16_mixed_trains_where_native(work):
     from stages.train_slots import train
 
     if not bf16_native("cpu"):
-        pytest.skip("this CPU has no native bf16 (AVX-512 BF16 / AMX): auto falls back to fp32")
+        pytest.skip("this CPU has no native bf16 (AVX-512 BF16 / AMX): bf16 would be emulated")
     run = train(
         slot_cfg(
             work,
-            "trainer.precision=auto",
+            "trainer.precision=bf16-mixed",
             "trainer.max_steps=2",
             "trainer.val_every=100",
             "trainer.image_every=100",
