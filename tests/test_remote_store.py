@@ -146,7 +146,8 @@ def test_unreachable_or_missing_remote_store_is_a_clear_error(s3, tmp_path):
         store_for_config(cfg)
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
+@pytest.mark.slow  # like test_crash.py's kill -9 tests: `-m slow` (CI runs it)
+@pytest.mark.parametrize("seed", [0, 1])
 def test_s3_extraction_killed_with_9_resumes_to_the_same_bytes(s3, dataset, tmp_path, seed):  # noqa: F811
     """The real command writing to S3, SIGKILLed at a seeded random chunk, finishes on rerun and
     equals the local uninterrupted run byte for byte."""
@@ -173,6 +174,7 @@ def test_s3_extraction_killed_with_9_resumes_to_the_same_bytes(s3, dataset, tmp_
     assert np.asarray(FeatureStore.open(url).group["done"][:]).all()
 
 
+@pytest.mark.slow  # the whole pipeline end to end: minutes on 2 cores
 def test_whole_pipeline_runs_on_an_s3_store(s3, tmp_path):
     """`egoslots run` with store_dir on S3: every stage reads and writes the remote store (tokens
     included), and a second run finds every stage done."""
