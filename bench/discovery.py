@@ -27,9 +27,11 @@ Training is the stage-3 model (``pipeline.model.SlotModel``), its losses, Adam w
 product's warm-up/decay schedule and gradient-norm clipping, on random clips of the train
 videos, in a plain loop (no Lightning, no store) so many variants run quickly. Scores are the
 project's metrics (``pipeline.metrics.evaluate_masks``: video FG-ARI and video mBO at the frame
-resolution) on whole videos, for the decoder's masks and the slot-attention masks, beside
-per-video k-means on colours (per pixel, and per token at the slot grid), per-video k-means on
-the encoder's features (what ``egoslots evaluate`` reports as "k-means per video") and the grid.
+resolution) on whole videos, for the decoder's masks and the slot-attention masks, raw and
+refined to pixels with the video's colours (``pipeline/refine.py``, as ``egoslots evaluate``
+reports them), beside per-video k-means on colours (per pixel, and per token at the slot grid),
+per-video k-means on the encoder's features (what ``egoslots evaluate`` reports as "k-means per
+video", raw and refined) and the grid.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import baselines, metrics  # noqa: E402
 from pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
+from pipeline.refine import refine_masks  # noqa: E402
 from pipeline.schedules import warmup_exp_decay  # noqa: E402
 from stages.pictures import PALETTE  # noqa: E402
 
@@ -363,6 +366,14 @@ def baseline_scores(split: dict, feats: torch.Tensor, k: int, patch: int, seed: 
                 baselines.kmeans_masks(feats[v], k, "video", seed=seed),
                 grid,
             ),
+            "feature k-means / video, refined": (
+                refine_masks(
+                    baselines.kmeans_masks(feats[v], k, "video", seed=seed),
+                    split["frames"][v],
+                    grid,
+                ),
+                (size, size),
+            ),
             "grid": (baselines.grid_masks(t, k, grid), grid),
         }
         for name, (masks, g) in cands.items():
@@ -372,18 +383,25 @@ def baseline_scores(split: dict, feats: torch.Tensor, k: int, patch: int, seed: 
 
 @torch.no_grad()
 def model_scores(model: SlotModel, split: dict, feats: torch.Tensor, patch: int) -> dict:
-    """{"decoder": [...], "attention": [...]} video_metrics of whole videos, one pass each."""
+    """{"decoder": [...], "attention": [...], "decoder_refined": [...], "attention_refined":
+    [...]}: video_metrics of whole videos, one pass each; ``_refined``: the masks taken to pixels
+    with the video's colours (pipeline/refine.py)."""
     model.eval()
     size = split["frames"].shape[2]
     grid = (size // patch, size // patch)
-    out: dict[str, list] = {"decoder": [], "attention": []}
+    out: dict[str, list] = {}
     for v in range(len(feats)):
         o = model(feats[v : v + 1])
         true = torch.from_numpy(split["masks"][v]).long()
-        out["decoder"].append(metrics.evaluate_masks(o["decoder"]["masks"][0], true, grid))
-        out["attention"].append(
-            metrics.evaluate_masks(o["processor"]["corrector"]["masks"][0], true, grid)
-        )
+        for name, masks in (
+            ("decoder", o["decoder"]["masks"][0]),
+            ("attention", o["processor"]["corrector"]["masks"][0]),
+        ):
+            out.setdefault(name, []).append(metrics.evaluate_masks(masks, true, grid))
+            fine = refine_masks(masks.float(), split["frames"][v], grid)
+            out.setdefault(f"{name}_refined", []).append(
+                metrics.evaluate_masks(fine, true, (size, size))
+            )
     model.train()
     return out
 
@@ -460,6 +478,7 @@ def train_curve(
             f"  step {step:6d} {spent:7.0f}s  loss {loss_value:.4f}  "
             f"dec {100 * row['decoder_fg_ari']:5.1f}/{100 * row['decoder_mbo']:5.1f}  "
             f"att {100 * row['attention_fg_ari']:5.1f}/{100 * row['attention_mbo']:5.1f}  "
+            f"att refined {100 * row['attention_refined_fg_ari']:5.1f}/{100 * row['attention_refined_mbo']:5.1f}  "
             f"frame FG-ARI dec {100 * row['decoder_frame_fg_ari']:5.1f} att {100 * row['attention_frame_fg_ari']:5.1f}"
         )
 
@@ -567,11 +586,11 @@ def cmd_curve(args, data: DataSpec) -> None:
         Path(args.out).write_text(json.dumps(record, indent=1))
     finals = [c[-1] for c in curves]
     print("\n| method | video FG-ARI | video mBO |\n|---|---|---|")
-    for name in ("decoder", "attention"):
+    for name in ("decoder", "attention", "decoder_refined", "attention_refined"):
         fa = [100 * f[f"{name}_fg_ari"] for f in finals]
         mb = [100 * f[f"{name}_mbo"] for f in finals]
         print(
-            f"| slots: {name} masks | {np.mean(fa):.1f} ± {np.std(fa):.1f} | {np.mean(mb):.1f} ± {np.std(mb):.1f} |"
+            f"| slots: {name.replace('_refined', '')} masks{', refined' * name.endswith('refined')} | {np.mean(fa):.1f} ± {np.std(fa):.1f} | {np.mean(mb):.1f} ± {np.std(mb):.1f} |"
         )
     for name, per_video in base.items():
         print(
@@ -581,7 +600,7 @@ def cmd_curve(args, data: DataSpec) -> None:
 
 def cmd_plot(args, data: DataSpec) -> None:
     """Learning curves of finished runs (their --out JSON files) as one PNG: video FG-ARI and
-    video mBO of the slot-attention masks against steps (mean over seeds), with per-video
+    video mBO of the slot masks (``--masks``) against steps (mean over seeds), with per-video
     colour k-means as a dashed line. Pillow only, so the bench needs no plotting library."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -618,7 +637,7 @@ def cmd_plot(args, data: DataSpec) -> None:
         for i, run in enumerate(runs):
             points = []
             for j, row in enumerate(run["curves"][0]):
-                vals = [c[j][f"attention_{metric}"] for c in run["curves"] if len(c) > j]
+                vals = [c[j][f"{args.masks}_{metric}"] for c in run["curves"] if len(c) > j]
                 points.append(xy(row["step"], float(np.mean(vals))))
             draw.line(points, fill=colours[i % len(colours)], width=3)
     for i, label in enumerate([*labels, "colour k-means per video (dashed)"]):
@@ -637,6 +656,12 @@ def main() -> None:
     ap.add_argument("command", choices=("render", "baselines", "curve", "plot"))
     ap.add_argument("files", nargs="*", help="plot: the JSON files of finished curves")
     ap.add_argument("--labels", nargs="*", default=None, help="plot: one label per file")
+    ap.add_argument(
+        "--masks",
+        default="attention",
+        choices=("attention", "decoder", "attention_refined", "decoder_refined"),
+        help="plot: which slot masks the curves show",
+    )
     ap.add_argument("--encoder", default="oracle")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--videos", type=int, default=96, help="train videos (val/test: a quarter)")

@@ -361,6 +361,9 @@ class Evaluate:
     probe: bool = True  # property probe (needs per-object attributes, e.g. synthetic meta.json)
     max_videos: int | None = None  # evaluate only the first N videos of the split
     probe_train_videos: int | None = 200  # train videos the probe is fit on (None = all)
+    # also score masks refined from the token grid to pixels with the video's colours
+    # (pipeline/refine.py), beside the raw masks; needs the store's frames
+    refine: bool = True
 
 
 @dataclass

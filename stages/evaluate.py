@@ -13,6 +13,9 @@ as they would online. The masks are scored against the store's ground truth with
   the cached features), ``colour_kmeans_video`` (K = number of slots, on the pixel colours of
   the cached frames, per video: the bar a slot model must clear to show it found more than
   colour, see docs/discovery.md) and ``grid`` (a fixed K-cell partition).
+- ``*_refined`` (``evaluate.refine``, on by default): the same masks taken from the token grid to
+  pixels with the video's colours (``pipeline/refine.py``), for the model's masks and for
+  k-means per video, so the table shows what refinement alone buys. The raw rows stay.
 
 Writes ``<run>/metrics.json`` (means, stds, counts, per-video values, property probe) and
 ``<run>/metrics.md`` (the table, every method shown, best per column in bold) and prints the
@@ -33,12 +36,14 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from cache.location import write_text
 from pipeline import baselines, metrics
 from pipeline import probe as probe_lib
 from pipeline.data import make_source
+from pipeline.refine import refine_masks
 from stages.common import StageError, setup_logging
 from stages.inference import (
     available_split,
@@ -58,8 +63,12 @@ METHOD_LABELS = {
     "model_decoder": "slots: decoder masks (primary)",
     "model_attention": "slots: attention masks",
     "model_steve": "slots: STEVE decoder masks",
+    "model_decoder_refined": "slots: decoder masks, colour-refined",
+    "model_attention_refined": "slots: attention masks, colour-refined",
+    "model_steve_refined": "slots: STEVE decoder masks, colour-refined",
     "kmeans_frame": "k-means per frame",
     "kmeans_video": "k-means per video",
+    "kmeans_video_refined": "k-means per video, colour-refined",
     "colour_kmeans_video": "colour k-means per video (pixels)",
     "grid": "fixed grid",
 }
@@ -82,22 +91,32 @@ def score_video(
     grid: tuple[int, int],
     seed: int = 0,
     with_baselines: bool = True,
+    refine: bool = False,
 ) -> dict[str, dict]:
-    """{method: video_metrics} of the model's masks and the baselines on one video."""
+    """{method: video_metrics} of the model's masks and the baselines on one video.
+
+    ``refine``: also score every token-grid mask refined to pixels with the video's colours
+    (needs ``item["frames"]``), under ``<method>_refined``."""
     true = item["masks"].long()  # (T, H, W)
+    frames = item.get("frames") if refine else None  # (T, H, W, 3) uint8
     scores = {}
-    for name, masks in result["masks"].items():
-        mask_grid = grid if masks.shape[-1] == grid[0] * grid[1] else None
+
+    def score(name: str, masks: torch.Tensor, mask_grid: tuple[int, int] | None) -> None:
         scores[name] = metrics.evaluate_masks(masks, true, mask_grid)
+        if frames is not None:
+            token_grid = metrics.infer_grid(masks.shape[-1], mask_grid)
+            fine = refine_masks(masks, frames, token_grid)
+            scores[f"{name}_refined"] = metrics.evaluate_masks(fine, true, tuple(frames.shape[1:3]))
+
+    for name, masks in result["masks"].items():
+        score(name, masks, grid if masks.shape[-1] == grid[0] * grid[1] else None)
     if with_baselines:
         feats = item["features"]
         t = feats.shape[0]
         scores["kmeans_frame"] = metrics.evaluate_masks(
             baselines.kmeans_masks(feats, num_slots, "frame", seed=seed), true, grid
         )
-        scores["kmeans_video"] = metrics.evaluate_masks(
-            baselines.kmeans_masks(feats, num_slots, "video", seed=seed), true, grid
-        )
+        score("kmeans_video", baselines.kmeans_masks(feats, num_slots, "video", seed=seed), grid)
         if "frames" in item:  # (T, S, S, 3) uint8, the label maps' resolution
             scores["colour_kmeans_video"] = metrics.evaluate_masks(
                 baselines.colour_kmeans_masks(item["frames"], num_slots, seed=seed), true
@@ -117,10 +136,12 @@ def evaluate_model(
     max_videos: int | None = None,
     keep: Callable[[dict, dict], None] | None = None,
     seed: int = 0,
+    refine: bool = False,
 ) -> dict:
     """Per-video scores of a model and the baselines on a split: {"video_ids", "per_video"}.
 
     ``keep(item, result)`` is called for every video (the property probe collects slots with it).
+    ``refine``: add the colour-refined rows (``score_video``).
     """
     if not store.has_masks:
         raise StageError(
@@ -142,7 +163,7 @@ def evaluate_model(
         unit="video",
     ):
         result = infer_video(model, item["features"], item.get("tokens"), window)
-        scores = score_video(item, result, num_slots, grid, seed=seed)
+        scores = score_video(item, result, num_slots, grid, seed=seed, refine=refine)
         ids.append(item["video_id"])
         for method, values in scores.items():
             for key, value in values.items():
@@ -175,6 +196,7 @@ def evaluate_run(
         max_videos = cfg.evaluate.max_videos
     if probe is None:
         probe = bool(cfg.evaluate.probe)
+    refine = bool(cfg.evaluate.get("refine", True))
     key = {
         "split": split,
         "checkpoint": ident,
@@ -182,6 +204,7 @@ def evaluate_run(
         "tokens": tokens_hash,
         "max_videos": max_videos,
         "probe": probe,
+        "refine": refine,
     }
     if out_json.exists() and not overwrite:
         try:
@@ -233,6 +256,7 @@ def evaluate_run(
         max_videos,
         keep=None if collector is None else collector.test,
         seed=seed,
+        refine=refine,
     )
     probe_result = {"skipped": "disabled (evaluate.probe=false)"}
     if collector is not None:

@@ -21,6 +21,10 @@ METHODS = {
     "kmeans_video",
     "colour_kmeans_video",
     "grid",
+    "model_decoder_refined",
+    "model_attention_refined",
+    "model_steve_refined",
+    "kmeans_video_refined",
 }
 
 
@@ -212,3 +216,18 @@ def test_table_of_metrics_read_back_from_json_with_nan():
     }
     table = ev.format_table(json.loads(json.dumps(result)))
     assert "n/a" in table and "**50.0 ± 0.0**" in table
+
+
+def test_score_video_adds_refined_rows_only_when_asked():
+    from tests.test_refine import GRID, scene, token_fractions
+
+    frames, labels = scene()
+    item = {"masks": labels, "frames": frames, "features": torch.randn(3, 16, 4)}
+    result = {"masks": {"model_attention": token_fractions(labels, 2)}}
+    plain = ev.score_video(item, result, 2, GRID, with_baselines=False)
+    assert set(plain) == {"model_attention"}
+    both = ev.score_video(item, result, 2, GRID, with_baselines=False, refine=True)
+    assert set(both) == {"model_attention", "model_attention_refined"}
+    assert both["model_attention"] == plain["model_attention"]  # the raw row is unchanged
+    assert both["model_attention_refined"]["video_mbo"] == pytest.approx(1.0)
+    assert plain["model_attention"]["video_mbo"] < 0.9

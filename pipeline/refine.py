@@ -1,0 +1,93 @@
+"""Colour-guided refinement of slot masks from the token grid to pixels.
+
+Why: slot masks live on the encoder's token grid (16x16 for 64 px frames with 4 px tokens, 8x8
+with 8 px tokens). Objects in egocentric and synthetic video are often a few tokens wide, so
+even perfect token masks, upsampled bilinearly, lose most of their boundary: on the discovery
+bench's validation videos the ground truth itself, averaged into 8x8 tokens, scores only
+video FG-ARI 39.7 / mBO 35.7 (16x16: 79.4 / 69.6). Refinement gives the pixels back.
+
+How: the bilinearly upsampled masks are a prior; each slot gets a colour model (a diagonal
+Gaussian in RGB, fitted over the whole video to the pixels it holds) and a pixel's slot is the
+posterior of prior times colour likelihood, refitted a few times (EM). A slot may only claim a
+pixel within ``reach`` tokens of a token where it holds at least ``floor`` of the mass, so
+refinement moves boundaries near where the slot already is; it never groups distant pixels by
+colour alone (that would be colour k-means wearing a slot's name).
+
+The idea is that of joint bilateral upsampling (Kopf et al. 2007) and of the DenseCRF
+post-processing unsupervised segmenters report beside raw masks (STEGO, Hamilton et al. 2022);
+this is neither of those algorithms, and nothing published computes exactly this. evaluate
+reports refined and raw masks side by side.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOG_FLOOR = -1e4  # log-prior of a slot outside its reach: it never wins a pixel
+
+
+def refine_masks(
+    masks: torch.Tensor,
+    frames: torch.Tensor,
+    grid: tuple[int, int],
+    iterations: int = 3,
+    prior_weight: float = 1.0,
+    reach: int = 1,
+    floor: float = 0.05,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """Soft slot masks of one video on the token grid -> soft masks per pixel.
+
+    masks: (T, K, N) with N = grid[0] * grid[1], any non-negative weights (normalised over K).
+    frames: (T, H, W, 3) uint8, the video at the resolution wanted.
+    Returns (T, K, H * W) float32 posteriors (sum 1 over K), scoreable with ``grid=(H, W)``.
+    Frames are processed ``chunk`` at a time so long videos at full size fit in memory.
+    """
+    t, k, n = masks.shape
+    h, w = grid
+    if h * w != n:
+        raise ValueError(f"grid {h}x{w} does not hold {n} tokens")
+    if frames.shape[0] != t or frames.shape[-1] != 3:
+        raise ValueError(f"frames {tuple(frames.shape)} do not match {t} frames of RGB")
+    size = tuple(frames.shape[1:3])
+    m = masks.float().reshape(t, k, h, w).clamp_min(0)
+    m = m / m.sum(1, keepdim=True).clamp_min(1e-6)
+
+    def prior(lo: int, hi: int) -> torch.Tensor:  # (t', K, H, W) log-prior of frames lo..hi
+        part = m[lo:hi]
+        near = F.max_pool2d(part, 2 * reach + 1, stride=1, padding=reach) >= floor
+        near = F.interpolate(near.float(), size=size, mode="nearest") > 0
+        up = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+        return torch.log(up.clamp_min(1e-4)).masked_fill(~near, LOG_FLOOR)
+
+    def colours(lo: int, hi: int) -> torch.Tensor:  # (t', 3, H, W) in [0, 1]
+        return torch.as_tensor(frames[lo:hi]).float().div(255).permute(0, 3, 1, 2)
+
+    spans = [(lo, min(lo + chunk, t)) for lo in range(0, t, chunk)]
+    mean = var = None
+    for step in range(iterations + 1):
+        weight = torch.zeros(k)
+        first = torch.zeros(k, 3)
+        second = torch.zeros(k, 3)
+        outs = []
+        for lo, hi in spans:
+            logp = prior(lo, hi) * prior_weight
+            c = colours(lo, hi)
+            if mean is not None:  # E-step with the current colour models
+                diff = c[:, None] - mean[None, :, :, None, None]  # (t', K, 3, H, W)
+                ll = -0.5 * (diff.square() / var[None, :, :, None, None]).sum(2)
+                logp = logp - 0.5 * torch.log(var).sum(-1)[None, :, None, None] + ll
+            post = logp.softmax(1)  # (t', K, H, W)
+            if step == iterations:
+                outs.append(post.flatten(2))
+                continue
+            weight += post.sum((0, 2, 3))
+            first += torch.einsum("tkhw,tchw->kc", post, c)
+            second += torch.einsum("tkhw,tchw->kc", post, c * c)
+        if step == iterations:
+            return torch.cat(outs)
+        # M-step: per-slot colour mean and variance over the whole video
+        mean = first / weight.clamp_min(1e-6)[:, None]
+        var = (second / weight.clamp_min(1e-6)[:, None] - mean.square()).clamp_min(1e-3)
+    raise AssertionError("unreachable")
