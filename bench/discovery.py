@@ -376,6 +376,14 @@ def baseline_scores(split: dict, feats: torch.Tensor, k: int, patch: int, seed: 
             ),
             "grid": (baselines.grid_masks(t, k, grid), grid),
         }
+        # what the token grid allows: each label's share of each token, as soft masks
+        labels = int(split["masks"][v].max()) + 1
+        ceiling = patch_label_fractions(true[None], patch, labels)[0].transpose(1, 2)
+        cands["ceiling: ground truth per token"] = (ceiling, grid)
+        cands["ceiling: ground truth per token, refined"] = (
+            refine_masks(ceiling, split["frames"][v], grid),
+            (size, size),
+        )
         for name, (masks, g) in cands.items():
             out.setdefault(name, []).append(metrics.evaluate_masks(masks, true, g))
     return out

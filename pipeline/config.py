@@ -2,7 +2,8 @@
 
 Configs compose: a file may list ``defaults: [base.yaml, ...]`` (paths relative to the file)
 that are merged first, in order, and the file's own keys override them. ``${...}``
-interpolation works across the whole tree (OmegaConf), and ``key=value`` overrides from the
+interpolation works across the whole tree (OmegaConf; ``${configs:PATH}`` is a file shipped in
+configs/, e.g. the demo's encoder weights), and ``key=value`` overrides from the
 command line are merged last. Every key is checked against the typed schema in
 :mod:`pipeline.config_schema`; a misspelt key is an error that names it and suggests the
 closest valid key, and keys that the users' integrated-model docs use for concepts the staged
@@ -62,10 +63,18 @@ def _if_resolver(cond, a, b):
     return a if cond else b
 
 
+def _configs_resolver(relative: str) -> str:
+    """A file shipped in configs/ as an absolute path, wherever egoslots runs from."""
+    return str(CONFIG_DIR / relative)
+
+
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("if"):
         # ${if:${globals.USE_SILICON_VIT},${globals.SILICON_MODEL},vit_base_patch14_dinov2}
         OmegaConf.register_resolver("if", _if_resolver)
+    if not OmegaConf.has_resolver("configs"):
+        # ${configs:encoders/synthetic-p8/encoder.safetensors}
+        OmegaConf.register_resolver("configs", _configs_resolver)
 
 
 _register_resolvers()

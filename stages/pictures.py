@@ -56,10 +56,11 @@ def overlay(frames: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.n
 
 
 def masks_overlay(
-    frames: np.ndarray, masks: torch.Tensor, grid: tuple[int, int] | None
+    frames: np.ndarray, masks: torch.Tensor, grid: tuple[int, int] | None, alpha: float = 0.55
 ) -> np.ndarray:
     """Frames (T, S, S, 3) uint8 and soft slot masks (T, K, N) on ``grid`` (None: square) ->
-    (T, S, S, 3) uint8, each pixel in the colour of its arg-max slot (masks resized bilinearly)."""
+    (T, S, S, 3) uint8, each pixel in the colour of its arg-max slot (masks resized bilinearly),
+    blended over the frame with ``alpha`` (1: solid slot colours, identities easiest to follow)."""
     size = frames.shape[1:3]
     labels = masks_to_labels(masks.detach().float().cpu(), size, grid).numpy()
-    return overlay(frames, labels)
+    return overlay(frames, labels, alpha)

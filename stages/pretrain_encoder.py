@@ -20,6 +20,10 @@ Everything about one encoder lives in ``<work_dir>/runs/<pretrain_encoder.run_na
                     "head.*"}}, tensors only (torch.load(weights_only=True)), no `args`
     encoder.json    its architecture (arch), mean/std, steps, sha256 of encoder.pth
 
+``--export-safetensors DIR`` also writes DIR/encoder.safetensors (the teacher's backbone only,
+no DINO head: what extraction needs, small enough to ship, no pickle) and DIR/encoder.json;
+``backbone.checkpoint=DIR/encoder.safetensors`` loads it exactly as encoder.pth.
+
 Running the same command again resumes from the newest checkpoint (or ``--resume PATH``); once
 encoder.pth holds ``max_steps`` steps on the same frames it returns at once. A kill -9 at any
 point, then the same command, ends bit-identical to an uninterrupted run (CPU, fp32): the sample
@@ -238,6 +242,40 @@ def export_encoder(run_dir: Path, task: EncoderTask, inputs: dict, steps: int) -
     return weights
 
 
+def export_encoder_safetensors(run_dir: Path, out_dir: Path) -> Path:
+    """DIR/encoder.safetensors (the teacher's ``backbone.*`` tensors of run_dir/encoder.pth,
+    head left out) then DIR/encoder.json (run_dir's, with this file's sha256)."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from pipeline.checkpoints import read_weights_file
+
+    info = read_json(run_dir / "encoder.json")
+    if not info or not (run_dir / "encoder.pth").is_file():
+        raise StageError(
+            f"{run_dir} has no finished encoder (encoder.pth and encoder.json) to export"
+        )
+    teacher = read_weights_file(run_dir / "encoder.pth")["teacher"]
+    backbone = {k: v.contiguous() for k, v in teacher.items() if k.startswith("backbone.")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / "encoder.safetensors"
+    tmp = out_dir / "encoder.safetensors.tmp"
+    save_file(backbone, str(tmp), metadata={"format": "egoslots pretrain-encoder teacher backbone"})
+    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    tmp.replace(weights)
+    write_json(
+        out_dir / "encoder.json",
+        {
+            **info,
+            "format": "egoslots pretrain-encoder (DINO teacher backbone, no head; safetensors)",
+            "sha256": sha,
+            "exported_from": {"run": str(run_dir), "encoder.pth sha256": info.get("sha256")},
+        },
+    )
+    return weights
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
@@ -378,7 +416,18 @@ def _train(cfg, arch, run_dir, frames_path, rows, inputs, resume, callbacks) -> 
     is_flag=True,
     help="Delete the run directory <work_dir>/runs/<pretrain_encoder.run_name> first.",
 )
-def pretrain_encoder(cfg: DictConfig, resume: Path | None = None, overwrite: bool = False):
+@click.option(
+    "--export-safetensors",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write DIR/encoder.safetensors (backbone only) and DIR/encoder.json.",
+)
+def pretrain_encoder(
+    cfg: DictConfig,
+    resume: Path | None = None,
+    overwrite: bool = False,
+    export_safetensors: Path | None = None,
+):
     """Stage 0: train a ViT with DINO on the dataset's own train frames and export it.
 
     Writes <work_dir>/runs/<pretrain_encoder.run_name>/encoder.pth (silicon-menagerie's DINO
@@ -388,3 +437,6 @@ def pretrain_encoder(cfg: DictConfig, resume: Path | None = None, overwrite: boo
     run_dir = pretrain(cfg, resume=resume, overwrite=overwrite)
     click.echo(f"encoder run: {run_dir}")
     click.echo(f"encoder: {run_dir / 'encoder.pth'}   (extract with backbone.name=self)")
+    if export_safetensors is not None:
+        path = export_encoder_safetensors(run_dir, export_safetensors)
+        click.echo(f"exported: {path}   (backbone.checkpoint={path})")

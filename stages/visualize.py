@@ -2,8 +2,9 @@
 
 Each frame shows, side by side: the cached frame, the frame with the slot masks overlaid
 (decoder masks, argmax, each slot in its own colour; colours are fixed by slot index, so a
-slot keeps its colour over time and a colour change means the object changed slot), and,
-for runs with a dVAE, the dVAE's reconstruction of the cached tokens. The GIF has one image
+slot keeps its colour over time and a colour change means the object changed slot), the same
+masks refined to pixels with the video's colours (``evaluate.refine``, ``pipeline/refine.py``),
+drawn in solid slot colours, and, for runs with a dVAE, the dVAE's reconstruction of the cached tokens. The GIF has one image
 per frame; the PNG strip stacks the same panels as rows with up to ``max_columns`` frames.
 Default video: the first test video. Outputs go to ``RUN/viz/<video>.gif|.png``.
 """
@@ -20,6 +21,8 @@ import torch
 
 from cache.reader import ClipDataset
 from pipeline.dvae import load_dvae
+from pipeline.metrics import infer_grid
+from pipeline.refine import refine_masks
 from stages.common import StageError, setup_logging
 from stages.inference import infer_video, load_trained, window_length
 from stages.pictures import masks_overlay
@@ -104,6 +107,10 @@ def visualize_run(
     size = frames.shape[1]
     grid = tuple(store.grid) if masks.shape[-1] == store.grid[0] * store.grid[1] else None
     panels = [frames, masks_overlay(frames, masks, grid)]
+    if cfg.evaluate.get("refine", True):
+        token_grid = grid or tuple(infer_grid(masks.shape[-1]))
+        fine = refine_masks(masks.detach().float().cpu(), frames, token_grid)
+        panels.append(masks_overlay(frames, fine, (size, size), alpha=1.0))
     recon, why = dvae_reconstructions(run_dir, tokens_hash, item.get("tokens"), size)
     if recon is not None:
         panels.append(recon)

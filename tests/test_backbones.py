@@ -478,7 +478,9 @@ def test_every_silicon_name_has_the_published_shape():
 def test_tiny_test_vit_is_a_deterministic_real_vit():
     from pipeline.config import load_config
 
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["globals.BACKBONE=vit-tiny-test"])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml", ["globals.BACKBONE=vit-tiny-test", "globals.IMAGE_SIZE=64"]
+    )
     a, b = build_backbone(cfg.backbone), build_backbone(cfg.backbone)
     x = torch.rand(3, 3, 64, 64)
     assert torch.equal(a(x), b(x)) and a(x).shape == (3, 64, 32)

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A 2-block, 32-wide ViT on 32 px frames (4x4 patches of 8 px), 2 local crops of 16 px.
 TINY_ENCODER = {
+    "run_name": "encoder",  # the schema default (the demo names its own encoder-demo)
     "patch_size": 8,
     "embed_dim": 32,
     "depth": 2,
@@ -55,7 +56,7 @@ def write_config(root: Path, data: Path, **encoder) -> Path:
         "work_dir": str(root / "work"),
         "dataset": {"source": "frames", "path": str(data), "num_workers": 0},
         "globals": {"IMAGE_SIZE": 32, "FRAME_SIZE": 32, "BACKBONE": "self"},
-        "backbone": {"patch_size": None},
+        "backbone": {"patch_size": None, "checkpoint": None},  # the demo's shipped one: off
         "pretrain_encoder": {**TINY_ENCODER, **encoder},
     }
     path = root / "encoder.yaml"
@@ -270,6 +271,36 @@ def test_exported_encoder_loads_in_silicon_layout_and_gives_the_teachers_feature
         described["checkpoint_sha256"]
         == json.loads((run_dir / "encoder.json").read_text())["sha256"]
     )
+
+
+def test_safetensors_export_holds_the_backbone_and_loads_to_the_same_features(trained, tmp_path):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from pipeline.backbones import build_backbone
+    from stages.pretrain_encoder import export_encoder_safetensors
+
+    cfg, run_dir = trained
+    path = export_encoder_safetensors(run_dir, tmp_path / "shipped")
+    tensors = load_file(str(path))
+    assert tensors and all(k.startswith("backbone.") for k in tensors)  # no DINO head
+    info = json.loads((tmp_path / "shipped" / "encoder.json").read_text())
+    assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info["arch"] == json.loads((run_dir / "encoder.json").read_text())["arch"]
+    frames = torch.rand(2, 3, 32, 32)
+    from_pth = build_backbone(cfg.backbone)
+    backbone = {**dict(cfg.backbone), "checkpoint": str(path)}
+    assert torch.equal(build_backbone(backbone)(frames), from_pth(frames))
+
+
+def test_safetensors_export_of_an_unfinished_run_is_refused(tmp_path):
+    from stages.common import StageError
+    from stages.pretrain_encoder import export_encoder_safetensors
+
+    with pytest.raises(StageError, match="no finished encoder"):
+        export_encoder_safetensors(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_finished_run_returns_at_once(trained):

@@ -117,6 +117,7 @@ def extract_cfg(work_dir: Path, *overrides: str):
         REPO / "configs" / "demo.yaml",
         [
             f"work_dir={work_dir}",
+            "globals.BACKBONE=patch-pixels",
             "globals.IMAGE_SIZE=32",
             "globals.FRAME_SIZE=16",
             "backbone.patch_size=8",
@@ -158,7 +159,7 @@ def write_extract_config(tmp_path: Path, data: Path, **extract) -> Path:
     cfg = {
         "defaults": [str(REPO / "configs" / "demo.yaml")],
         "dataset": {"source": "frames", "path": str(data)},
-        "globals": {"IMAGE_SIZE": 64, "FRAME_SIZE": 32},
+        "globals": {"IMAGE_SIZE": 64, "FRAME_SIZE": 32, "BACKBONE": "patch-pixels"},
         "backbone": {"patch_size": 8},
         "augment": {"hflip": "cache"},
         "extract": {
