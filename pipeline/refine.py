@@ -8,10 +8,12 @@ video FG-ARI 39.7 / mBO 35.7 (16x16: 79.4 / 69.6). Refinement gives the pixels b
 
 How: the bilinearly upsampled masks are a prior; each slot gets a colour model (a diagonal
 Gaussian in RGB, fitted over the whole video to the pixels it holds) and a pixel's slot is the
-posterior of prior times colour likelihood, refitted a few times (EM). A slot may only claim a
-pixel within ``reach`` tokens of a token where it holds at least ``floor`` of the mass, so
-refinement moves boundaries near where the slot already is; it never groups distant pixels by
-colour alone (that would be colour k-means wearing a slot's name).
+posterior of prior times colour likelihood, refitted for eight EM rounds (chosen on validation
+videos: soft slot masks need more rounds than hard ones, see docs/discovery.md). A slot may
+only claim a pixel within ``reach`` tokens of a token where it holds at least ``floor`` of the
+mass (where no slot does, all compete), so refinement moves boundaries near where the slot
+already is; it never groups distant pixels by colour alone (that would be colour k-means
+wearing a slot's name).
 
 The idea is that of joint bilateral upsampling (Kopf et al. 2007) and of the DenseCRF
 post-processing unsupervised segmenters report beside raw masks (STEGO, Hamilton et al. 2022);
@@ -31,7 +33,7 @@ def refine_masks(
     masks: torch.Tensor,
     frames: torch.Tensor,
     grid: tuple[int, int],
-    iterations: int = 3,
+    iterations: int = 8,
     prior_weight: float = 1.0,
     reach: int = 1,
     floor: float = 0.05,
@@ -57,6 +59,7 @@ def refine_masks(
     def prior(lo: int, hi: int) -> torch.Tensor:  # (t', K, H, W) log-prior of frames lo..hi
         part = m[lo:hi]
         near = F.max_pool2d(part, 2 * reach + 1, stride=1, padding=reach) >= floor
+        near |= ~near.any(1, keepdim=True)  # no slot near enough: every slot may compete
         near = F.interpolate(near.float(), size=size, mode="nearest") > 0
         up = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
         return torch.log(up.clamp_min(1e-4)).masked_fill(~near, LOG_FLOOR)
