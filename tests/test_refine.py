@@ -78,3 +78,16 @@ def test_no_iterations_is_the_bilinear_upsampled_prior():
 def test_mismatched_inputs_are_named(masks, frames, match):
     with pytest.raises(ValueError, match=match):
         refine_masks(masks, frames, GRID)
+
+
+def test_where_no_slot_holds_the_floor_the_upsampled_masks_still_decide():
+    frames, _ = scene()
+    share = 0.3 + 0.4 * torch.rand(
+        3, 1, GRID[0] * GRID[1], generator=torch.Generator().manual_seed(0)
+    )
+    masks = torch.cat([share, 1 - share], 1)  # every slot between 0.3 and 0.7 everywhere
+    prior = refine_masks(masks, frames, GRID, iterations=0, floor=0.9).argmax(1)
+    assert torch.equal(
+        prior.reshape(3, SIZE, SIZE), metrics.masks_to_labels(masks, (SIZE, SIZE), GRID)
+    )
+    assert bool((prior == 1).any())  # not everything in slot 0, as a flat prior would give
