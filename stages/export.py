@@ -44,6 +44,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from cache.location import write_file
@@ -119,6 +120,7 @@ def export_slots_run(
                 pending.append(toks)
                 yield feats, toks
 
+        torch.manual_seed(0)  # a Gaussian initializer's first slots: as evaluate's (infer_video)
         for result in infer_windows(model, windows()):
             toks = pending.pop(0)
             arrays = {"slots": result["slots"].numpy().astype(np.float32)}

@@ -165,22 +165,32 @@ def infer_windows(
 
 
 def infer_video(
-    model: torch.nn.Module, features: torch.Tensor, tokens: torch.Tensor | None, window: int
+    model: torch.nn.Module,
+    features: torch.Tensor,
+    tokens: torch.Tensor | None,
+    window: int,
+    seed: int | None = 0,
 ) -> dict:
     """The model over one whole video in windows of ``window`` frames, slots carried across.
 
     features (T, N, D), tokens (T, h, w) | None -> {"slots": (T, K, D), "masks": {method: (T, K, N)}}.
+    ``seed``: random numbers (the first slots of a Gaussian initializer) come from this seed,
+    so scores and pictures repeat; the caller's random state is left as it was. None: unseeded.
     """
     starts = range(0, features.shape[0], window)
-    parts = list(
-        infer_windows(
-            model,
-            (
-                (features[s : s + window], None if tokens is None else tokens[s : s + window])
-                for s in starts
-            ),
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        parts = list(
+            infer_windows(
+                model,
+                (
+                    (features[s : s + window], None if tokens is None else tokens[s : s + window])
+                    for s in starts
+                ),
+            )
         )
-    )
     return {
         "slots": torch.cat([p["slots"] for p in parts]),
         "masks": {k: torch.cat([p["masks"][k] for p in parts]) for k in parts[0]["masks"]},

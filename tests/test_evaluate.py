@@ -231,3 +231,20 @@ def test_score_video_adds_refined_rows_only_when_asked():
     assert both["model_attention"] == plain["model_attention"]  # the raw row is unchanged
     assert both["model_attention_refined"]["video_mbo"] == pytest.approx(1.0)
     assert plain["model_attention"]["video_mbo"] < 0.9
+
+
+def test_a_gaussian_initializer_gives_the_same_scores_twice(run):
+    model = load_trained(run)[0]
+    feats = torch.randn(5, SQ_GRID * SQ_GRID, SQ_DIM, generator=torch.Generator().manual_seed(1))
+    from pipeline.slots import GaussianInit
+
+    model.initializer = GaussianInit(RUN_SLOTS, RUN_SLOT_DIM)
+    with torch.no_grad():
+        torch.nn.init.constant_(model.initializer.log_std, 0.0)  # unit noise: draws differ
+    state = torch.random.get_rng_state()
+    first = ev.infer_video(model, feats, None, window=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's stream is untouched
+    again = ev.infer_video(model, feats, None, window=3)
+    assert torch.equal(first["slots"], again["slots"])
+    other = ev.infer_video(model, feats, None, window=3, seed=1)
+    assert not torch.equal(first["slots"], other["slots"])
