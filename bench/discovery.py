@@ -399,7 +399,9 @@ def model_scores(model: SlotModel, split: dict, feats: torch.Tensor, patch: int)
     grid = (size // patch, size // patch)
     out: dict[str, list] = {}
     for v in range(len(feats)):
-        o = model(feats[v : v + 1])
+        with torch.random.fork_rng():  # a Gaussian initializer's draws: the same every time
+            torch.manual_seed(0)
+            o = model(feats[v : v + 1])
         true = torch.from_numpy(split["masks"][v]).long()
         for name, masks in (
             ("decoder", o["decoder"]["masks"][0]),
@@ -574,6 +576,9 @@ def cmd_curve(args, data: DataSpec) -> None:
                 setting, train_feats, split, eval_feats, seed, args.minutes, args.steps, args.every
             )
         )
+        if args.save:  # the trained model, to score other mask post-processing without retraining
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            torch.save(train_curve.last_model.state_dict(), Path(args.save) / f"seed{seed}.pt")
     base = baseline_scores(split, eval_feats, setting.num_slots, setting.patch)
     if args.picture:
         picture(train_curve.last_model, split, eval_feats, setting, args.picture)
@@ -686,6 +691,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None, help="curve: JSON of the curves; plot: the PNG")
     ap.add_argument("--picture", default=None, help="PNG of masks on 3 eval videos (last seed)")
+    ap.add_argument("--save", default=None, help="curve: folder for each seed's final state dict")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = ap.parse_args()
