@@ -18,7 +18,8 @@ Encoders (features per token, computed once per split and cached in memory):
   group these, no encoder will help.
 - ``patch-pixels``: the parameter-free encoder of the old demo (normalised RGB of each patch).
 - ``vit:PATH[@SIZE]``: a frozen ViT loaded through the product's backbone factory: an
-  ``encoder.pth`` that ``egoslots pretrain-encoder`` exports, or a backbone name; ``@SIZE``
+  ``encoder.pth`` or ``encoder.safetensors`` that ``egoslots pretrain-encoder`` exports (e.g.
+  the demo's ``configs/encoders/synthetic-p8/encoder.safetensors``), or a backbone name; ``@SIZE``
   resizes the frames to SIZE px first (e.g. a patch-8 encoder at 128 px gives 16x16 tokens).
 - ``file:PATH``: precomputed (V, T, N, D) features, ``{split}`` in the path (a cache of the
   above, to run many settings without recomputing them).
@@ -165,7 +166,7 @@ def encoder_features(name: str, frames: np.ndarray, patch: int, batch: int = 64)
     elif name.startswith("vit:"):  # vit:PATH or vit:PATH@INPUT_SIZE (frames resized to it)
         path, _, resize = name[4:].partition("@")
         size = int(resize or size)
-        if path.endswith(".pth") and Path(path).is_file():  # a pretrain-encoder export
+        if path.endswith((".pth", ".safetensors")) and Path(path).is_file():  # pretrain-encoder
             cfg = {"name": "self", "checkpoint": path, "input_size": size}
         else:  # a backbone name
             cfg = {"name": path, "checkpoint": None, "input_size": size}
