@@ -643,7 +643,7 @@ def cmd_plot(args, data: DataSpec) -> None:
         for v in (0.2, 0.4, 0.6):
             draw.line([xy(0, v), xy(max_step, v)], fill="#dddddd")
             draw.text((x0 - 24, xy(0, v)[1] - 7), f"{100 * v:.0f}", fill="black", font=font)
-        draw.text((xy(max_step, 0)[0] - 40, xy(0, 0)[1] + 4), f"{max_step} steps", fill="black",
+        draw.text((xy(max_step, 0)[0] - 70, xy(0, 0)[1] + 4), f"{max_step} steps", fill="black",
                   font=font)  # fmt: skip
         bar = runs[0]["baselines"]["colour k-means / pixel"][f"video_{metric}"]
         for sx in range(0, max_step, max(1, max_step // 40)):
