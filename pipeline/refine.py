@@ -65,14 +65,14 @@ def refine_masks(
         return torch.log(up.clamp_min(1e-4)).masked_fill(~near, LOG_FLOOR)
 
     def colours(lo: int, hi: int) -> torch.Tensor:  # (t', 3, H, W) in [0, 1]
-        return torch.as_tensor(frames[lo:hi]).float().div(255).permute(0, 3, 1, 2)
+        return torch.as_tensor(frames[lo:hi], device=m.device).float().div(255).permute(0, 3, 1, 2)
 
     spans = [(lo, min(lo + chunk, t)) for lo in range(0, t, chunk)]
     mean = var = None
     for step in range(iterations + 1):
-        weight = torch.zeros(k)
-        first = torch.zeros(k, 3)
-        second = torch.zeros(k, 3)
+        weight = torch.zeros(k, device=m.device)
+        first = torch.zeros(k, 3, device=m.device)
+        second = torch.zeros(k, 3, device=m.device)
         outs = []
         for lo, hi in spans:
             logp = prior(lo, hi) * prior_weight
