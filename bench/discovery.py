@@ -354,6 +354,7 @@ def baseline_scores(split: dict, feats: torch.Tensor, k: int, patch: int, seed: 
     for v in range(len(split["frames"])):
         true = torch.from_numpy(split["masks"][v]).long()
         t = true.shape[0]
+        feature_kmeans = baselines.kmeans_masks(feats[v], k, "video", seed=seed)
         cands = {
             "colour k-means / pixel": (
                 baselines.colour_kmeans_masks(torch.from_numpy(split["frames"][v]), k, seed=seed),
@@ -363,16 +364,9 @@ def baseline_scores(split: dict, feats: torch.Tensor, k: int, patch: int, seed: 
                 colour_kmeans_token_masks(split["frames"][v], k, patch, seed),
                 grid,
             ),
-            "feature k-means / video": (
-                baselines.kmeans_masks(feats[v], k, "video", seed=seed),
-                grid,
-            ),
+            "feature k-means / video": (feature_kmeans, grid),
             "feature k-means / video, refined": (
-                refine_masks(
-                    baselines.kmeans_masks(feats[v], k, "video", seed=seed),
-                    split["frames"][v],
-                    grid,
-                ),
+                refine_masks(feature_kmeans, split["frames"][v], grid),
                 (size, size),
             ),
             "grid": (baselines.grid_masks(t, k, grid), grid),

@@ -69,28 +69,27 @@ def refine_masks(
 
     spans = [(lo, min(lo + chunk, t)) for lo in range(0, t, chunk)]
     mean = var = None
-    for step in range(iterations + 1):
+
+    def posterior(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """E-step on frames lo..hi: (t', K, H, W) slot posteriors and the (t', 3, H, W) colours."""
+        logp = prior(lo, hi) * prior_weight
+        c = colours(lo, hi)
+        if mean is not None:  # with the current colour models
+            diff = c[:, None] - mean[None, :, :, None, None]  # (t', K, 3, H, W)
+            ll = -0.5 * (diff.square() / var[None, :, :, None, None]).sum(2)
+            logp = logp - 0.5 * torch.log(var).sum(-1)[None, :, None, None] + ll
+        return logp.softmax(1), c
+
+    for _ in range(iterations):
         weight = torch.zeros(k, device=m.device)
         first = torch.zeros(k, 3, device=m.device)
         second = torch.zeros(k, 3, device=m.device)
-        outs = []
         for lo, hi in spans:
-            logp = prior(lo, hi) * prior_weight
-            c = colours(lo, hi)
-            if mean is not None:  # E-step with the current colour models
-                diff = c[:, None] - mean[None, :, :, None, None]  # (t', K, 3, H, W)
-                ll = -0.5 * (diff.square() / var[None, :, :, None, None]).sum(2)
-                logp = logp - 0.5 * torch.log(var).sum(-1)[None, :, None, None] + ll
-            post = logp.softmax(1)  # (t', K, H, W)
-            if step == iterations:
-                outs.append(post.flatten(2))
-                continue
+            post, c = posterior(lo, hi)
             weight += post.sum((0, 2, 3))
             first += torch.einsum("tkhw,tchw->kc", post, c)
             second += torch.einsum("tkhw,tchw->kc", post, c * c)
-        if step == iterations:
-            return torch.cat(outs)
         # M-step: per-slot colour mean and variance over the whole video
         mean = first / weight.clamp_min(1e-6)[:, None]
         var = (second / weight.clamp_min(1e-6)[:, None] - mean.square()).clamp_min(1e-3)
-    raise AssertionError("unreachable")
+    return torch.cat([posterior(lo, hi)[0].flatten(2) for lo, hi in spans])
