@@ -398,10 +398,12 @@ def model_scores(model: SlotModel, split: dict, feats: torch.Tensor, patch: int)
             torch.manual_seed(0)
             o = model(feats[v : v + 1])
         true = torch.from_numpy(split["masks"][v]).long()
-        for name, masks in (
-            ("decoder", o["decoder"]["masks"][0]),
-            ("attention", o["processor"]["corrector"]["masks"][0]),
-        ):
+        attention, decoder = o["processor"]["corrector"]["masks"][0], o["decoder"]["masks"][0]
+        for name, masks in (("attention", attention), ("decoder", decoder)):
+            if name == "decoder" and torch.equal(decoder, attention):  # attention mixing
+                out.setdefault("decoder", []).append(out["attention"][-1])
+                out.setdefault("decoder_refined", []).append(out["attention_refined"][-1])
+                continue
             out.setdefault(name, []).append(metrics.evaluate_masks(masks, true, grid))
             fine = refine_masks(masks.float(), split["frames"][v], grid)
             out.setdefault(f"{name}_refined", []).append(

@@ -101,7 +101,17 @@ def score_video(
     frames = item.get("frames") if refine else None  # (T, H, W, 3) uint8
     scores = {}
 
+    scored: list[tuple[str, torch.Tensor]] = []  # masks already scored (attention mixing
+    # makes the decoder's masks the attention masks: score and refine them once)
+
     def score(name: str, masks: torch.Tensor, mask_grid: tuple[int, int] | None) -> None:
+        for other, other_masks in scored:
+            if other_masks.shape == masks.shape and torch.equal(other_masks, masks):
+                scores[name] = scores[other]
+                if f"{other}_refined" in scores:
+                    scores[f"{name}_refined"] = scores[f"{other}_refined"]
+                return
+        scored.append((name, masks))
         scores[name] = metrics.evaluate_masks(masks, true, mask_grid)
         if frames is not None:
             token_grid = metrics.infer_grid(masks.shape[-1], mask_grid)

@@ -233,6 +233,27 @@ def test_score_video_adds_refined_rows_only_when_asked():
     assert plain["model_attention"]["video_mbo"] < 0.9
 
 
+def test_identical_masks_are_scored_and_refined_once(monkeypatch):
+    """Attention mixing makes the decoder's masks the attention masks: one refinement, same rows."""
+    from tests.test_refine import GRID, scene, token_fractions
+
+    frames, labels = scene()
+    item = {"masks": labels, "frames": frames, "features": torch.randn(3, 16, 4)}
+    masks = token_fractions(labels, 2)
+    other = masks.roll(1, dims=1)  # different masks: scored separately
+    calls = []
+    real = ev.refine_masks
+    monkeypatch.setattr(ev, "refine_masks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = {"masks": {"model_decoder": masks, "model_attention": masks.clone(), "x": other}}
+    scores = ev.score_video(item, result, 2, GRID, with_baselines=False, refine=True)
+    assert len(calls) == 2
+    assert scores["model_decoder"] == scores["model_attention"]
+    assert scores["model_decoder_refined"] == scores["model_attention_refined"]
+    assert set(scores) == {
+        f"{n}{r}" for n in ("model_decoder", "model_attention", "x") for r in ("", "_refined")
+    }
+
+
 def test_a_gaussian_initializer_gives_the_same_scores_twice(run):
     model = load_trained(run)[0]
     feats = torch.randn(5, SQ_GRID * SQ_GRID, SQ_DIM, generator=torch.Generator().manual_seed(1))
