@@ -220,6 +220,7 @@ class Setting:
     seed_init: bool = False  # first-frame slots from farthest-point seeds of that frame's keys
     eye_qkv: bool = False  # slot attention's q, k, v projections start as the identity
     mix: str = "alpha"  # decoder mixing weights: its own alpha masks | the slot-attention masks
+    ema: float = 0.0  # > 0: score an exponential moving average of the weights (this decay)
     extra: dict = field(default_factory=dict)
 
     def model(self, feature_dim: int, num_tokens: int) -> SlotModel:
@@ -473,8 +474,15 @@ def train_curve(
     step = 0
     spent = 0.0  # training seconds only (evaluation excluded)
 
+    averaged = None
+    if setting.ema > 0:  # Polyak averaging: the scored model is the weights' moving average
+        averaged = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(setting.ema)
+        )
+
     def record():
-        scores = model_scores(model, eval_split, eval_feats, setting.patch)
+        scored = model if averaged is None else averaged.module
+        scores = model_scores(scored, eval_split, eval_feats, setting.patch)
         row = {"step": step, "seconds": round(spent, 1)}
         for name, per_video in scores.items():
             row[f"{name}_fg_ari"] = mean_of(per_video, "video_fg_ari")
@@ -510,6 +518,8 @@ def train_curve(
         if setting.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), setting.clip)
         opt.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         loss_value = float(losses["loss"].detach())
         step += 1
         spent += time.perf_counter() - tick
@@ -517,7 +527,7 @@ def train_curve(
             record()
     if curve[-1]["step"] != step:
         record()
-    train_curve.last_model = model
+    train_curve.last_model = model if averaged is None else averaged.module
     log(f"  ({step} steps, {time.perf_counter() - start:.0f} s wall with evaluation)")
     return curve
 
