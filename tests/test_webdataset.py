@@ -195,7 +195,8 @@ def test_egoslots_run_end_to_end_on_shards(movi, tmp_path):
         "movi_c/movi_c-validation-000000/1",
         "movi_c/movi_c-validation-000001/2",
     ]
-    assert 0 <= metrics["methods"]["model_decoder"]["video_fg_ari"]["mean"] <= 1
+    # a score, not NaN; adjusted Rand index lies in [-1, 1] (slightly negative below chance)
+    assert -1 <= metrics["methods"]["model_decoder"]["video_fg_ari"]["mean"] <= 1
     assert metrics["methods"]["model_decoder"]["frame_fg_ari"]["n"] == 3 * 6
     assert (work / "runs" / "dvae" / "dvae.json").is_file()
     assert json.loads((work / "runs" / "dvae" / "dvae.json").read_text())["arch"] == "steve"
