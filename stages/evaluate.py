@@ -101,12 +101,12 @@ def score_video(
     frames = item.get("frames") if refine else None  # (T, H, W, 3) uint8
     scores = {}
 
-    scored: list[tuple[str, torch.Tensor]] = []  # masks already scored (attention mixing
-    # makes the decoder's masks the attention masks: score and refine them once)
+    # Attention mixing makes the decoder's masks the attention masks: score and refine them once.
+    scored: list[tuple[str, torch.Tensor]] = []  # (name, masks) already scored
 
     def score(name: str, masks: torch.Tensor, mask_grid: tuple[int, int] | None) -> None:
         for other, other_masks in scored:
-            if other_masks.shape == masks.shape and torch.equal(other_masks, masks):
+            if torch.equal(other_masks, masks):  # False for different shapes too
                 scores[name] = scores[other]
                 if f"{other}_refined" in scores:
                     scores[f"{name}_refined"] = scores[f"{other}_refined"]
