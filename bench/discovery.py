@@ -56,6 +56,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import baselines, metrics  # noqa: E402
+from pipeline.dvae import DVAE, gumbel_tau, reconstruction_loss  # noqa: E402
 from pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
 from pipeline.refine import refine_masks  # noqa: E402
 from pipeline.schedules import warmup_exp_decay  # noqa: E402
@@ -195,6 +196,44 @@ def features_for(encoder: str, split: dict, patch: int, seed: int) -> torch.Tens
     return encoder_features(encoder, split["frames"], patch)
 
 
+DVAE_GRID = 16  # the dVAE's token grid on the bench's 64 px frames (4 px per token)
+
+
+def dvae_tokens(data: DataSpec, vocab: int, steps: int, cache: Path, seed: int = 0) -> dict:
+    """{split: (V, T, 16, 16) token ids} of a dVAE trained on the train split's frames with the
+    demo's recipe (configs/demo.yaml: lr 1e-3, batch 32, tau 1 -> 0.1 over the run), cached."""
+    key = f"dvae-v{vocab}-s{steps}-seed{seed}-{data.videos}-{data.frames}-{data.size}-{data.min_objects}-{data.max_objects}.pt"
+    path = cache / key
+    if path.exists():
+        return torch.load(path)
+    torch.manual_seed(seed)
+    frames = torch.from_numpy(render_split("train", data, cache)["frames"]).flatten(0, 1)
+    dvae = DVAE(vocab, 64)
+    opt = torch.optim.Adam(dvae.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(steps):
+        x = frames[torch.randint(len(frames), (32,), generator=gen)]
+        x = x.permute(0, 3, 1, 2).float() / 255.0  # (32, 3, S, S)
+        out = dvae(x, gumbel_tau(step, 1.0, 0.1, steps))
+        loss = reconstruction_loss(out.recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    tokens = {}
+    for split in ("train", "val", "test"):
+        f = torch.from_numpy(render_split(split, data, cache)["frames"])  # (V, T, S, S, 3)
+        x = f.flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
+        ids = torch.cat([dvae.encode_ids(x[i : i + 256]) for i in range(0, len(x), 256)])
+        tokens[split] = ids.reshape(*f.shape[:2], *ids.shape[1:]).to(torch.int16)
+    print(
+        f"# dVAE: {steps} steps in {time.perf_counter() - start:.0f} s, last loss {float(loss):.1f}"
+        f", codes used on train {len(torch.unique(tokens['train']))}/{vocab}"
+    )
+    torch.save(tokens, path)
+    return tokens
+
+
 # -------------------------------------------------------------------------------------- model
 @dataclass
 class Setting:
@@ -221,6 +260,13 @@ class Setting:
     eye_qkv: bool = False  # slot attention's q, k, v projections start as the identity
     mix: str = "alpha"  # decoder mixing weights: its own alpha masks | the slot-attention masks
     ema: float = 0.0  # > 0: score an exponential moving average of the weights (this decay)
+    steve: bool = False  # STEVE's token decoder on the tokens of a dVAE trained here (the demo's)
+    steve_blocks: int = 2
+    steve_d_model: int = 64
+    steve_detach: bool = False  # its cross-entropy trains the decoder only, not the slots
+    loss_steve: float = 1.0
+    vocab: int = 64
+    dvae_steps: int = 400
     extra: dict = field(default_factory=dict)
 
     def model(self, feature_dim: int, num_tokens: int) -> SlotModel:
@@ -250,8 +296,18 @@ class Setting:
             predictor=self.predictor,
             decoder_hidden_dims=tuple(self.decoder_hidden),
             decoder_mixing=self.mix,
-            steve=False,
-            loss_weights={"loss_featrec": self.loss_featrec, "loss_ss": self.loss_ss},
+            steve=self.steve,
+            vocab_size=self.vocab,
+            token_grid=(DVAE_GRID, DVAE_GRID) if self.steve else None,
+            steve_blocks=self.steve_blocks,
+            steve_d_model=self.steve_d_model,
+            steve_dropout=0.0,
+            steve_detach_slots=self.steve_detach,
+            loss_weights={
+                "loss_featrec": self.loss_featrec,
+                "loss_ss": self.loss_ss,
+                "loss_steve_ce": self.loss_steve,
+            },
             **self.extra,
         )
         return SlotModel(config)
@@ -461,12 +517,18 @@ def train_curve(
     steps: int | None,
     every: int,
     log=print,
+    train_tokens: torch.Tensor | None = None,
 ) -> list[dict]:
-    """Train one model; score it on the eval split every ``every`` steps. Returns the curve."""
+    """Train one model; score it on the eval split every ``every`` steps. Returns the curve.
+    ``train_tokens`` (V, T, h, w): dVAE ids for the STEVE decoder (``setting.steve``)."""
     torch.manual_seed(seed)
     v, t, n, d = train_feats.shape
     model = setting.model(d, n)
     opt = torch.optim.Adam(model.parameters(), lr=setting.lr)
+    parts = [  # the slot model, the STEVE decoder
+        [p for n, p in model.named_parameters() if not n.startswith("steve.")],
+        [p for n, p in model.named_parameters() if n.startswith("steve.")],
+    ]
     total = steps or 10**9
     gen = torch.Generator().manual_seed(seed)
     curve = []
@@ -505,17 +567,21 @@ def train_curve(
         starts = torch.randint(t - setting.clip_length + 1, (setting.batch,), generator=gen)
         idx = starts[:, None] + torch.arange(setting.clip_length)
         batch = train_feats[vids[:, None], idx]  # (B, T, N, D)
+        tokens = None if train_tokens is None else train_tokens[vids[:, None], idx].long()
         factor = warmup_exp_decay(
             step, setting.warmup, max(total, setting.warmup + 1), decay=steps is not None
         )
         for g in opt.param_groups:
             g["lr"] = setting.lr * factor
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting.bf16):
-            out = model(batch)
+            out = model(batch, tokens)
         losses = model.losses(out)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        if setting.clip:
+        if setting.clip and setting.steve_detach:  # each part clipped on its own gradient
+            for part in parts:
+                torch.nn.utils.clip_grad_norm_(part, setting.clip)
+        elif setting.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), setting.clip)
         opt.step()
         if averaged is not None:
@@ -572,15 +638,29 @@ def cmd_curve(args, data: DataSpec) -> None:
     train = render_split("train", data, args.cache)
     split = render_split(args.split, data, args.cache)
     train_feats = features_for(args.encoder, train, setting.patch, seed=SPLIT_SEEDS["train"])
+    if args.train_videos:  # a smaller training set (the demo trains on 32 videos)
+        train_feats = train_feats[: args.train_videos]
     eval_feats = features_for(args.encoder, split, setting.patch, seed=SPLIT_SEEDS[args.split])
     print(f"# {machine()}")
     print(f"# encoder {args.encoder} {tuple(train_feats.shape)}; eval on {args.split}; {setting}")
+    train_tokens = None
+    if setting.steve:
+        train_tokens = dvae_tokens(data, setting.vocab, setting.dvae_steps, args.cache)["train"]
+        train_tokens = train_tokens[: len(train_feats)]
     curves = []
     for seed in args.seeds:
         print(f"# seed {seed}")
         curves.append(
             train_curve(
-                setting, train_feats, split, eval_feats, seed, args.minutes, args.steps, args.every
+                setting,
+                train_feats,
+                split,
+                eval_feats,
+                seed,
+                args.minutes,
+                args.steps,
+                args.every,
+                train_tokens=train_tokens,
             )
         )
         if args.save:  # the trained model, to score other mask post-processing without retraining
@@ -595,6 +675,7 @@ def cmd_curve(args, data: DataSpec) -> None:
             "split": args.split,
             "setting": asdict(setting),
             "data": asdict(data),
+            "train_videos": len(train_feats),
             "machine": machine(),
             "curves": curves,
             "baselines": {
@@ -685,6 +766,9 @@ def main() -> None:
     ap.add_argument("--encoder", default="oracle")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--videos", type=int, default=96, help="train videos (val/test: a quarter)")
+    ap.add_argument(
+        "--train-videos", type=int, default=None, help="curve: train on the first N train videos"
+    )
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--min-objects", type=int, default=3)

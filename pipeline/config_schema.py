@@ -308,6 +308,9 @@ class SteveDecoder:
     num_heads: int = 4
     d_model: int = 192
     dropout: float = 0.1
+    # true: the decoder's cross-entropy trains the decoder only, not the slots (STEVE's gradient
+    # reaches slot attention: false). The slots are then shaped by SlotContrast's losses alone.
+    detach_slots: bool = False
 
 
 @dataclass

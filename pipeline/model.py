@@ -68,6 +68,7 @@ class SlotModelConfig:
     steve_heads: int = 4
     steve_d_model: int = 192
     steve_dropout: float = 0.1
+    steve_detach_slots: bool = False
     loss_weights: dict[str, float] = field(default_factory=dict)
     ss_temperature: float = 0.1
     ss_batch_contrast: bool = True
@@ -102,6 +103,7 @@ class SlotModelConfig:
             steve_heads=int(sd.num_heads),
             steve_d_model=int(sd.d_model),
             steve_dropout=float(sd.dropout),
+            steve_detach_slots=bool(sd.detach_slots),
             loss_weights={k: float(v) for k, v in dict(m.loss_weights).items()},
             ss_temperature=float(cfg.losses.loss_ss.temperature),
             ss_batch_contrast=bool(cfg.losses.loss_ss.batch_contrast),
@@ -190,7 +192,9 @@ class SlotModel(nn.Module):
         if tokens is not None:
             outputs["dvae"] = {"z_hard": tokens}
         if self.steve is not None and tokens is not None:  # no tokens: slots only (evaluation)
-            logits, masks = self.steve(state.flatten(0, 1), tokens.flatten(0, 1))
+            # detach_slots: the decoder learns to read the slots but does not shape them
+            slots = state.detach() if self.config.steve_detach_slots else state  # (B, T, K, D)
+            logits, masks = self.steve(slots.flatten(0, 1), tokens.flatten(0, 1))
             outputs["steve"] = {
                 "logits": logits.unflatten(0, (B, T)),  # (B, T, h*w, V)
                 "masks": masks.unflatten(0, (B, T)),  # (B, T, K, h*w)

@@ -187,6 +187,24 @@ class SlotTrainingModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """trainer.gradient_clip_val over all parameters at once, as SlotContrast clips; with
+        steve_decoder.detach_slots, the slot model and the STEVE decoder are clipped each on
+        its own norm, so the decoder's (much larger) gradient does not shrink the slots' step."""
+        if not gradient_clip_val:
+            return
+        separate = self.model.steve is not None and self.model.config.steve_detach_slots
+        if not separate or gradient_clip_algorithm == "value":  # value clipping: per element
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        steve = [p for p in self.model.steve.parameters() if p.grad is not None]
+        ids = {id(p) for p in self.model.steve.parameters()}
+        slots = [p for p in self.model.parameters() if id(p) not in ids and p.grad is not None]
+        for part in (slots, steve):
+            torch.nn.utils.clip_grad_norm_(part, float(gradient_clip_val))
+
     def on_train_start(self):
         # A run resumed with a new optimizer.lr / param-group lr uses the new rates: the restored
         # scheduler would otherwise keep the checkpoint's base rates.

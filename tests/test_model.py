@@ -77,6 +77,20 @@ def test_ablation_no_steve_removes_its_outputs_and_loss():
     assert set(model.losses(out)) == {"loss_featrec", "loss_ss", "loss"}
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_steve_detach_slots_keeps_its_loss_out_of_the_slots(detach):
+    """steve_decoder.detach_slots: STEVE's cross-entropy trains its own decoder; the slot
+    encoder's gradient then comes from the other losses only (STEVE's own: it reaches them)."""
+    model = _model(f"steve_decoder.detach_slots={str(detach).lower()}")
+    out = model(*_batch())
+    model.losses(out)["loss_steve_ce"].backward()
+    slot_side = [p.grad for n, p in model.named_parameters() if not n.startswith("steve.")]
+    decoder_side = [p.grad for n, p in model.named_parameters() if n.startswith("steve.")]
+    assert all(g is not None and g.any() for g in decoder_side)
+    reached = any(g is not None and g.any() for g in slot_side)
+    assert reached is not detach
+
+
 def test_ablation_no_contrast_skips_the_loss():
     model = _model("model.loss_weights.loss_ss=0.0")
     losses = model.losses(model(*_batch()))
