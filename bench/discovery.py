@@ -227,7 +227,7 @@ def dvae_tokens(data: DataSpec, vocab: int, steps: int, cache: Path, seed: int =
         ids = torch.cat([dvae.encode_ids(x[i : i + 256]) for i in range(0, len(x), 256)])
         tokens[split] = ids.reshape(*f.shape[:2], *ids.shape[1:]).to(torch.int16)
     print(
-        f"# dVAE: {steps} steps in {time.perf_counter() - start:.0f} s, last loss {float(loss):.1f}"
+        f"# dVAE: {steps} steps in {time.perf_counter() - start:.0f} s, last loss {float(loss.detach()):.1f}"
         f", codes used on train {len(torch.unique(tokens['train']))}/{vocab}"
     )
     torch.save(tokens, path)
@@ -526,8 +526,8 @@ def train_curve(
     model = setting.model(d, n)
     opt = torch.optim.Adam(model.parameters(), lr=setting.lr)
     parts = [  # the slot model, the STEVE decoder
-        [p for n, p in model.named_parameters() if not n.startswith("steve.")],
-        [p for n, p in model.named_parameters() if n.startswith("steve.")],
+        [p for name, p in model.named_parameters() if not name.startswith("steve.")],
+        [p for name, p in model.named_parameters() if name.startswith("steve.")],
     ]
     total = steps or 10**9
     gen = torch.Generator().manual_seed(seed)
