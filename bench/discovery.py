@@ -267,6 +267,7 @@ class Setting:
     loss_steve: float = 1.0
     vocab: int = 64
     dvae_steps: int = 400
+    salient: float = 0.0  # > 0: feature loss weighted towards tokens far from the frame's mean
     extra: dict = field(default_factory=dict)
 
     def model(self, feature_dim: int, num_tokens: int) -> SlotModel:
@@ -576,6 +577,11 @@ def train_curve(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting.bf16):
             out = model(batch, tokens)
         losses = model.losses(out)
+        if setting.salient > 0:  # (1 - a) + a * distance to the frame's mean feature, mean 1
+            weighted = salient_featrec(out["decoder"]["reconstruction"], batch, setting.salient)
+            losses["loss"] = losses["loss"] + setting.loss_featrec * (
+                weighted - losses["loss_featrec"]
+            )
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if setting.clip and setting.steve_detach:  # each part clipped on its own gradient
@@ -596,6 +602,17 @@ def train_curve(
     train_curve.last_model = model if averaged is None else averaged.module
     log(f"  ({step} steps, {time.perf_counter() - start:.0f} s wall with evaluation)")
     return curve
+
+
+def salient_featrec(recon: torch.Tensor, feats: torch.Tensor, a: float) -> torch.Tensor:
+    """The feature loss with each token's squared error weighted by (1 - a) + a * w, w its
+    squared distance to its frame's mean feature over that distance's frame mean: tokens unlike
+    the rest of the frame (small objects) count more than the floor. recon, feats (B, T, N, D)."""
+    feats = feats.float()
+    err = (recon.float() - feats).pow(2).mean(-1)  # (B, T, N)
+    dist = (feats - feats.mean(2, keepdim=True)).pow(2).sum(-1)  # (B, T, N)
+    w = dist / dist.mean(2, keepdim=True).clamp_min(1e-8)
+    return ((1 - a + a * w) * err).mean()
 
 
 # ------------------------------------------------------------------------------------ commands
