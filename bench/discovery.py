@@ -207,7 +207,8 @@ def dvae_tokens(data: DataSpec, vocab: int, steps: int, cache: Path, seed: int =
     if path.exists():
         return torch.load(path)
     torch.manual_seed(seed)
-    frames = torch.from_numpy(render_split("train", data, cache)["frames"]).flatten(0, 1)
+    videos = {split: render_split(split, data, cache)["frames"] for split in SPLIT_SEEDS}
+    frames = torch.from_numpy(videos["train"]).flatten(0, 1)  # (V*T, S, S, 3)
     dvae = DVAE(vocab, 64)
     opt = torch.optim.Adam(dvae.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -221,8 +222,8 @@ def dvae_tokens(data: DataSpec, vocab: int, steps: int, cache: Path, seed: int =
         loss.backward()
         opt.step()
     tokens = {}
-    for split in ("train", "val", "test"):
-        f = torch.from_numpy(render_split(split, data, cache)["frames"])  # (V, T, S, S, 3)
+    for split, clips in videos.items():
+        f = torch.from_numpy(clips)  # (V, T, S, S, 3)
         x = f.flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
         ids = torch.cat([dvae.encode_ids(x[i : i + 256]) for i in range(0, len(x), 256)])
         tokens[split] = ids.reshape(*f.shape[:2], *ids.shape[1:]).to(torch.int16)
@@ -526,10 +527,6 @@ def train_curve(
     v, t, n, d = train_feats.shape
     model = setting.model(d, n)
     opt = torch.optim.Adam(model.parameters(), lr=setting.lr)
-    parts = [  # the slot model, the STEVE decoder
-        [p for name, p in model.named_parameters() if not name.startswith("steve.")],
-        [p for name, p in model.named_parameters() if name.startswith("steve.")],
-    ]
     total = steps or 10**9
     gen = torch.Generator().manual_seed(seed)
     curve = []
@@ -585,7 +582,7 @@ def train_curve(
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if setting.clip and setting.steve_detach:  # each part clipped on its own gradient
-            for part in parts:
+            for part in model.parameter_parts():
                 torch.nn.utils.clip_grad_norm_(part, setting.clip)
         elif setting.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), setting.clip)

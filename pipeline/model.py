@@ -201,6 +201,13 @@ class SlotModel(nn.Module):
             }
         return outputs
 
+    def parameter_parts(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(the slot model's parameters, the STEVE decoder's): clipped apart when the decoder is
+        detached from the slots (``steve_decoder.detach_slots``)."""
+        steve = list(self.steve.parameters()) if self.steve is not None else []
+        ids = {id(p) for p in steve}
+        return [p for p in self.parameters() if id(p) not in ids], steve
+
     def losses(
         self, outputs: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> dict:

@@ -199,10 +199,7 @@ class SlotTrainingModule(L.LightningModule):
         if not separate or gradient_clip_algorithm == "value":  # value clipping: per element
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        steve = [p for p in self.model.steve.parameters() if p.grad is not None]
-        ids = {id(p) for p in self.model.steve.parameters()}
-        slots = [p for p in self.model.parameters() if id(p) not in ids and p.grad is not None]
-        for part in (slots, steve):
+        for part in self.model.parameter_parts():  # parameters without a gradient are skipped
             torch.nn.utils.clip_grad_norm_(part, float(gradient_clip_val))
 
     def on_train_start(self):
