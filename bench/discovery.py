@@ -251,6 +251,7 @@ class Setting:
     loss_featrec: float = 1.0
     lr: float = 4e-4
     warmup: int = 100
+    final_lr: float = 0.5  # the lr factor the decay reaches at the last step (0.5: SlotContrast's)
     clip: float = 0.05
     batch: int = 16
     clip_length: int = 4
@@ -269,6 +270,7 @@ class Setting:
     vocab: int = 64
     dvae_steps: int = 400
     salient: float = 0.0  # > 0: feature loss weighted towards tokens far from the frame's mean
+    restarts: int = 1  # scoring: best of R first-slot draws on the first window (also 1 draw)
     extra: dict = field(default_factory=dict)
 
     def model(self, feature_dim: int, num_tokens: int) -> SlotModel:
@@ -444,19 +446,38 @@ def baseline_scores(split: dict, feats: torch.Tensor, k: int, patch: int, seed: 
 
 
 @torch.no_grad()
-def model_scores(model: SlotModel, split: dict, feats: torch.Tensor, patch: int) -> dict:
+def model_scores(
+    model: SlotModel,
+    split: dict,
+    feats: torch.Tensor,
+    patch: int,
+    restarts: int = 1,
+    window: int = 4,
+) -> dict:
     """{"decoder": [...], "attention": [...], "decoder_refined": [...], "attention_refined":
     [...]}: video_metrics of whole videos, one pass each; ``_refined``: the masks taken to pixels
-    with the video's colours (pipeline/refine.py)."""
+    with the video's colours (pipeline/refine.py). ``restarts`` > 1: the first slots are the best
+    of that many draws on the first ``window`` frames (``SlotModel.best_first_slots``, as
+    evaluate does), and the one-draw scores are added as ``draw1_attention[_refined]``."""
     model.eval()
     size = split["frames"].shape[2]
     grid = (size // patch, size // patch)
     out: dict[str, list] = {}
     for v in range(len(feats)):
+        true = torch.from_numpy(split["masks"][v]).long()
+        if restarts > 1:  # the plain draw too, side by side
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                masks = model(feats[v : v + 1])["processor"]["corrector"]["masks"][0]
+            out.setdefault("draw1_attention", []).append(metrics.evaluate_masks(masks, true, grid))
+            fine = refine_masks(masks.float(), split["frames"][v], grid)
+            out.setdefault("draw1_attention_refined", []).append(
+                metrics.evaluate_masks(fine, true, (size, size))
+            )
         with torch.random.fork_rng():  # a Gaussian initializer's draws: the same every time
             torch.manual_seed(0)
-            o = model(feats[v : v + 1])
-        true = torch.from_numpy(split["masks"][v]).long()
+            first = model.best_first_slots(feats[v : v + 1, :window], restarts)
+            o = model(feats[v : v + 1], first_slots=first)
         attention, decoder = o["processor"]["corrector"]["masks"][0], o["decoder"]["masks"][0]
         for name, masks in (("attention", attention), ("decoder", decoder)):
             if name == "decoder" and torch.equal(decoder, attention):  # attention mixing
@@ -542,7 +563,9 @@ def train_curve(
 
     def record():
         scored = model if averaged is None else averaged.module
-        scores = model_scores(scored, eval_split, eval_feats, setting.patch)
+        scores = model_scores(
+            scored, eval_split, eval_feats, setting.patch, setting.restarts, setting.clip_length
+        )
         row = {"step": step, "seconds": round(spent, 1)}
         for name, per_video in scores.items():
             row[f"{name}_fg_ari"] = mean_of(per_video, "video_fg_ari")
@@ -567,7 +590,11 @@ def train_curve(
         batch = train_feats[vids[:, None], idx]  # (B, T, N, D)
         tokens = None if train_tokens is None else train_tokens[vids[:, None], idx].long()
         factor = warmup_exp_decay(
-            step, setting.warmup, max(total, setting.warmup + 1), decay=steps is not None
+            step,
+            setting.warmup,
+            max(total, setting.warmup + 1),
+            decay=steps is not None,
+            final_factor=setting.final_lr,
         )
         for g in opt.param_groups:
             g["lr"] = setting.lr * factor
@@ -701,7 +728,10 @@ def cmd_curve(args, data: DataSpec) -> None:
         Path(args.out).write_text(json.dumps(record, indent=1))
     finals = [c[-1] for c in curves]
     print("\n| method | video FG-ARI | video mBO |\n|---|---|---|")
-    for name in ("decoder", "attention", "decoder_refined", "attention_refined"):
+    names = ["decoder", "attention", "decoder_refined", "attention_refined"]
+    if setting.restarts > 1:  # the same model with one draw of the first slots
+        names += ["draw1_attention", "draw1_attention_refined"]
+    for name in names:
         fa = [100 * f[f"{name}_fg_ari"] for f in finals]
         mb = [100 * f[f"{name}_mbo"] for f in finals]
         print(

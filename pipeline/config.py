@@ -333,6 +333,13 @@ def _validate(cfg: DictConfig) -> None:
             "globals.USE_STEVE_DECODER=true needs globals.USE_DVAE=true: the STEVE decoder predicts "
             "the dVAE's tokens. Set globals.USE_STEVE_DECODER=false for a run without the dVAE."
         )
+    init = cfg.model.initializer
+    if int(init.restarts) > 1 and init.name != "gaussian":
+        raise ConfigError(
+            f"model.initializer.restarts={init.restarts} needs model.initializer.name=gaussian: "
+            f"the {init.name} initializer starts every video from the same slots, so there is "
+            "nothing to draw again. Set restarts=1, or use the gaussian initializer."
+        )
     slot_dim, heads = int(cfg.model.slot_dim), int(cfg.predictor.num_heads)
     if cfg.predictor.enabled and slot_dim % heads:
         raise ConfigError(

@@ -257,6 +257,10 @@ class PretrainEncoder:
 @dataclass
 class Initializer:
     name: str = "fixed"  # fixed (SlotContrast) | gaussian (VideoSAUR/STEVE)
+    # evaluate / export-slots / visualize with a gaussian initializer: draws of each video's first
+    # slots; the draw whose slots reconstruct the first window's features best is kept, as k-means
+    # keeps the best of n_init runs (1: one draw, the published behaviour; docs/discovery.md)
+    restarts: int = 1
 
 
 @dataclass
@@ -335,7 +339,10 @@ class ParamGroup:
 class Optimizer:
     lr: float = 4.0e-4
     warmup_steps: int = 2500
-    decay: bool = True  # 0.5 ** ((step - warmup) / (max_steps - warmup)) after warmup
+    decay: bool = True  # decay_final ** ((step - warmup) / (max_steps - warmup)) after warmup
+    # the lr factor the decay reaches at trainer.max_steps: 0.5 is SlotContrast's; a short run
+    # ends on a settled model with a smaller one (the demo: 0.02)
+    decay_final: float = 0.5
     param_groups: list[ParamGroup] = field(default_factory=list)
 
 
@@ -556,6 +563,7 @@ LIMITS: dict[str, Limit] = {
     "model.num_slots": at_least(1, 1024),
     "model.slot_dim": at_least(1, 65536),
     "model.initializer.name": one_of("fixed", "gaussian"),
+    "model.initializer.restarts": at_least(1, 4096),
     "model.loss_weights.loss_featrec": at_least(0, 1e6),
     "model.loss_weights.loss_ss": at_least(0, 1e6),
     "model.loss_weights.loss_steve_ce": at_least(0, 1e6),
@@ -576,6 +584,7 @@ LIMITS: dict[str, Limit] = {
     "optimizer.lr": above(0, 10),
     "optimizer.param_groups.lr": above(0, 10),  # every group's lr
     "optimizer.warmup_steps": at_least(0, 10**9),
+    "optimizer.decay_final": above(0, 1),
     "trainer.max_steps": at_least(1, 10**9),
     "trainer.gradient_clip_val": at_least(0, 1e6),
     "trainer.precision": PRECISIONS,

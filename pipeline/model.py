@@ -31,7 +31,7 @@ from torch import nn
 from pipeline.decoders import MLPBroadcastDecoder
 from pipeline.losses import loss_featrec, loss_slot_slot_contrast, loss_steve_ce
 from pipeline.predictor import SlotPredictor, SlotScan
-from pipeline.slots import FeatureMLP, SlotAttention, build_initializer
+from pipeline.slots import FeatureMLP, GaussianInit, SlotAttention, build_initializer
 from pipeline.steve import SteveDecoder
 
 DEFAULT_LOSS_WEIGHTS = {"loss_featrec": 1.0, "loss_ss": 0.5, "loss_steve_ce": 1.0}
@@ -51,6 +51,9 @@ class SlotModelConfig:
     num_slots: int = 7
     slot_dim: int = 128
     initializer: str = "fixed"
+    # inference: draws of a Gaussian initializer's first slots per video; the draw whose slots
+    # reconstruct the first window's features best is kept (as k-means keeps its best init)
+    restarts: int = 1
     n_iters: int = 2
     n_iters_first: int = 3
     eps: float = 1e-8
@@ -86,6 +89,7 @@ class SlotModelConfig:
             num_slots=int(m.num_slots),
             slot_dim=int(m.slot_dim),
             initializer=str(m.initializer.name),
+            restarts=int(m.initializer.get("restarts", 1)),
             n_iters=int(g.n_iters),
             n_iters_first=int(g.n_iters_first),
             eps=float(g.eps),
@@ -165,14 +169,20 @@ class SlotModel(nn.Module):
         features: torch.Tensor,
         tokens: torch.Tensor | None = None,
         init_state: torch.Tensor | None = None,
+        first_slots: torch.Tensor | None = None,
     ) -> dict:
         """features (B, T, N, F); tokens (B, T, h, w) int ids (the STEVE decoder runs only when
         they are given, so evaluation may leave them out); init_state (B, K, D): slots carried
         from the previous window (its ``next_state``). Every frame of a window that starts from
-        ``init_state`` gets ``grouper.n_iters`` iterations, so windows chain exactly."""
+        ``init_state`` gets ``grouper.n_iters`` iterations, so windows chain exactly.
+        first_slots (B, K, D): the initializer's slots for a video's first window, drawn by the
+        caller (:meth:`best_first_slots`); None: drawn here."""
         B, T = features.shape[:2]
         inputs = self.feature_mlp(features)  # (B, T, N, D)
-        init = self.initializer(B) if init_state is None else init_state  # (B, K, D)
+        if init_state is not None:
+            init = init_state  # (B, K, D) carried from the previous window
+        else:
+            init = self.initializer(B) if first_slots is None else first_slots  # (B, K, D)
         state, state_predicted, sa_masks = self.processor(
             init, inputs, carried=init_state is not None
         )  # (B, T, K, D), (B, T, K, D), (B, T, K, N)
@@ -200,6 +210,30 @@ class SlotModel(nn.Module):
                 "masks": masks.unflatten(0, (B, T)),  # (B, T, K, h*w)
             }
         return outputs
+
+    @torch.no_grad()
+    def best_first_slots(self, features: torch.Tensor, restarts: int | None = None) -> torch.Tensor:
+        """First slots (B, K, D) for videos whose first window is ``features`` (B, T, N, F).
+
+        Slot attention from random first slots is, like k-means from a random init, a local
+        search: some draws merge two objects into one slot. So, as k-means runs ``n_init``
+        times and keeps the lowest inertia, this draws ``restarts`` (default ``config.restarts``)
+        sets of first slots per video, runs the window from each (one batch), and keeps the set
+        whose reconstruction of the window's features has the lowest mean squared error. No
+        labels are used. With one restart (or a fixed initializer, whose draws are all equal)
+        this is exactly ``initializer(B)``: the first draw is the one a plain forward makes.
+        """
+        r = int(self.config.restarts if restarts is None else restarts)
+        B = features.shape[0]
+        if r <= 1 or not isinstance(self.initializer, GaussianInit):
+            return self.initializer(B)  # (B, K, D)
+        draws = self.initializer(r * B).unflatten(0, (r, B))  # (r, B, K, D): draw 0 = plain
+        x = features.repeat(r, 1, 1, 1)  # (r*B, T, N, F), restart-major like the draws
+        out = self(x, first_slots=draws.flatten(0, 1))
+        error = (out["decoder"]["reconstruction"].float() - x.float()).pow(2)
+        error = error.mean((1, 2, 3)).view(r, B)  # (r, B)
+        best = error.argmin(0)  # (B,)
+        return draws[best, torch.arange(B)]  # (B, K, D)
 
     def parameter_parts(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(the slot model's parameters, the STEVE decoder's): clipped apart when the decoder is

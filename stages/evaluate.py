@@ -147,11 +147,13 @@ def evaluate_model(
     keep: Callable[[dict, dict], None] | None = None,
     seed: int = 0,
     refine: bool = False,
+    restarts: int | None = None,
 ) -> dict:
     """Per-video scores of a model and the baselines on a split: {"video_ids", "per_video"}.
 
     ``keep(item, result)`` is called for every video (the property probe collects slots with it).
-    ``refine``: add the colour-refined rows (``score_video``).
+    ``refine``: add the colour-refined rows (``score_video``). ``restarts``: draws of a
+    Gaussian initializer's first slots (``infer_windows``; None: the run's config).
     """
     if not store.has_masks:
         raise StageError(
@@ -172,7 +174,7 @@ def evaluate_model(
         desc=f"evaluate {split}",
         unit="video",
     ):
-        result = infer_video(model, item["features"], item.get("tokens"), window)
+        result = infer_video(model, item["features"], item.get("tokens"), window, restarts=restarts)
         scores = score_video(item, result, num_slots, grid, seed=seed, refine=refine)
         ids.append(item["video_id"])
         for method, values in scores.items():
@@ -196,8 +198,12 @@ def evaluate_run(
     max_videos: int | None = None,
     probe: bool | None = None,
     overwrite: bool = False,
+    restarts: int | None = None,
 ) -> dict:
-    """Evaluate a trained run on a split; write metrics.json and metrics.md; return the metrics dict."""
+    """Evaluate a trained run on a split; write metrics.json and metrics.md; return the metrics dict.
+
+    ``restarts``: draws of a Gaussian initializer's first slots per video, the best kept
+    (None: the run's ``model.initializer.restarts``)."""
     run_dir = Path(run_dir)
     out_json = run_dir / "metrics.json"
     ident = checkpoint_identity(run_dir, checkpoint)
@@ -207,6 +213,8 @@ def evaluate_run(
     if probe is None:
         probe = bool(cfg.evaluate.probe)
     refine = bool(cfg.evaluate.get("refine", True))
+    if restarts is None:
+        restarts = int(model.config.restarts)
     key = {
         "split": split,
         "checkpoint": ident,
@@ -215,6 +223,7 @@ def evaluate_run(
         "max_videos": max_videos,
         "probe": probe,
         "refine": refine,
+        "restarts": restarts,
     }
     if out_json.exists() and not overwrite:
         try:
@@ -267,10 +276,11 @@ def evaluate_run(
         keep=None if collector is None else collector.test,
         seed=seed,
         refine=refine,
+        restarts=restarts,
     )
     probe_result = {"skipped": "disabled (evaluate.probe=false)"}
     if collector is not None:
-        probe_result = run_probe(model, cfg, store, tokens_hash, collector, split, seed)
+        probe_result = run_probe(model, cfg, store, tokens_hash, collector, split, seed, restarts)
 
     result = {
         "key": key,
@@ -294,7 +304,9 @@ def evaluate_run(
     return result
 
 
-def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) -> dict:
+def run_probe(
+    model, cfg, store, tokens_hash, collector, split: str, seed: int, restarts: int | None = None
+) -> dict:
     """Collect slots of the train videos (the test ones are in ``collector``) and fit the probes."""
     if not collector.has_attributes:
         return {"skipped": "no per-object attributes in this dataset (meta.json 'objects')"}
@@ -314,7 +326,8 @@ def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) 
         desc="probe: train slots",
         unit="video",
     ):
-        collector.train(item, infer_video(model, item["features"], item.get("tokens"), window))
+        result = infer_video(model, item["features"], item.get("tokens"), window, restarts=restarts)
+        collector.train(item, result)
     return probe_lib.fit_and_score(collector.samples["train"], collector.samples["test"], seed=seed)
 
 
@@ -362,6 +375,12 @@ def _num(value) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
+def _restarts_note(restarts: int | None) -> str:
+    if not restarts or restarts <= 1:
+        return ""
+    return f", first slots the best of {restarts} draws per video"
+
+
 def format_table(result: dict) -> str:
     """Markdown: method x metric, mean ± std over videos (x100), best per column in bold."""
     if result.get("skipped"):
@@ -384,7 +403,9 @@ def format_table(result: dict) -> str:
             else ""
         )
         + f": {result['num_videos']} video{'' if result['num_videos'] == 1 else 's'}, "
-        f"checkpoint step {result.get('checkpoint_step')}. Mean ± std, x100: video metrics over videos, "
+        f"checkpoint step {result.get('checkpoint_step')}"
+        + _restarts_note((result.get("key") or {}).get("restarts"))
+        + ". Mean ± std, x100: video metrics over videos, "
         "frame metrics over all frames (as SlotContrast); best per column in bold. "
         f"Primary: {METHOD_LABELS.get(result.get('primary', PRIMARY), PRIMARY)}.",
         "",
@@ -458,10 +479,23 @@ def _finite(value):
 )
 @click.option("--no-probe", is_flag=True, help="Skip the property probe.")
 @click.option(
+    "--restarts",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
+    "the first window best is kept (default: the run's model.initializer.restarts).",
+)
+@click.option(
     "--overwrite", is_flag=True, help="Recompute even if metrics.json matches this checkpoint."
 )
 def evaluate(
-    run: Path, split: str, checkpoint: str, max_videos: int | None, no_probe: bool, overwrite: bool
+    run: Path,
+    split: str,
+    checkpoint: str,
+    max_videos: int | None,
+    no_probe: bool,
+    restarts: int | None,
+    overwrite: bool,
 ):
     """FG-ARI, mBO and mIoU of a trained run's slot masks on whole videos, next to k-means and grid
     baselines; writes RUN/metrics.json and RUN/metrics.md and prints the table."""
@@ -473,6 +507,7 @@ def evaluate(
         max_videos=max_videos,
         probe=False if no_probe else None,
         overwrite=overwrite,
+        restarts=restarts,
     )
     click.echo(format_table(result))
     click.echo(f"\nwritten: {Path(run) / 'metrics.json'}, {Path(run) / 'metrics.md'}")

@@ -143,18 +143,24 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 @torch.no_grad()
 def infer_windows(
-    model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, torch.Tensor | None]]
+    model: torch.nn.Module,
+    windows: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    restarts: int | None = None,
 ) -> Iterator[dict]:
     """Run the model over consecutive windows of one video, carrying the slots between them.
 
     ``windows`` yields (features (t, N, D), tokens (t, h, w) | None); each result is
     {"slots": (t, K, D), "masks": {method: (t, K, N)}} on the CPU, float32. Methods the model
-    does not output (no STEVE decoder) are left out.
+    does not output (no STEVE decoder) are left out. ``restarts``: draws of a Gaussian
+    initializer's first slots, the best on the first window kept (``SlotModel.best_first_slots``;
+    None: ``model.initializer.restarts`` of the run's config).
     """
     device = model_device(model)
     state = None
     for feats, toks in windows:
-        out = model(feats[None].to(device), None if toks is None else toks[None].to(device), state)
+        x = feats[None].to(device)  # (1, t, N, D)
+        first = model.best_first_slots(x, restarts) if state is None else None  # (1, K, D)
+        out = model(x, None if toks is None else toks[None].to(device), state, first_slots=first)
         state = out.get("next_state")
         masks = {}
         for name, path in OUTPUT_KEYS.items():
@@ -170,12 +176,14 @@ def infer_video(
     tokens: torch.Tensor | None,
     window: int,
     seed: int | None = 0,
+    restarts: int | None = None,
 ) -> dict:
     """The model over one whole video in windows of ``window`` frames, slots carried across.
 
     features (T, N, D), tokens (T, h, w) | None -> {"slots": (T, K, D), "masks": {method: (T, K, N)}}.
     ``seed``: random numbers (the first slots of a Gaussian initializer) come from this seed,
     so scores and pictures repeat; the caller's random state is left as it was. None: unseeded.
+    ``restarts``: see :func:`infer_windows`.
     """
     starts = range(0, features.shape[0], window)
     device = next(model.parameters()).device
@@ -189,6 +197,7 @@ def infer_video(
                     (features[s : s + window], None if tokens is None else tokens[s : s + window])
                     for s in starts
                 ),
+                restarts,
             )
         )
     return {

@@ -179,7 +179,10 @@ class SlotTrainingModule(L.LightningModule):
         fused = self.device.type == "cuda"
         optimizer = torch.optim.Adam(groups, lr=float(opt_cfg.lr), fused=fused or None)
         factor = lr_factor(
-            int(opt_cfg.warmup_steps), int(self.cfg.trainer.max_steps), bool(opt_cfg.decay)
+            int(opt_cfg.warmup_steps),
+            int(self.cfg.trainer.max_steps),
+            bool(opt_cfg.decay),
+            float(opt_cfg.get("decay_final", 0.5)),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {

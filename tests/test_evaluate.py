@@ -269,3 +269,38 @@ def test_a_gaussian_initializer_gives_the_same_scores_twice(run):
     assert torch.equal(first["slots"], again["slots"])
     other = ev.infer_video(model, feats, None, window=3, seed=1)
     assert not torch.equal(first["slots"], other["slots"])
+
+
+def test_restarts_choose_the_first_slots_and_key_the_metrics(run, monkeypatch):
+    """evaluate --restarts R: each video's first slots are the best of R draws on its first
+    window (SlotModel.best_first_slots), later windows carry them; R is part of the metrics key."""
+    model = load_trained(run)[0]
+    from pipeline.slots import GaussianInit
+
+    model.initializer = GaussianInit(RUN_SLOTS, RUN_SLOT_DIM)
+    with torch.no_grad():
+        torch.nn.init.constant_(model.initializer.log_std, 0.0)  # unit noise: draws differ
+    feats = torch.randn(7, SQ_GRID * SQ_GRID, SQ_DIM, generator=torch.Generator().manual_seed(2))
+    one = ev.infer_video(model, feats, None, window=3, restarts=1)
+    plain = ev.infer_video(model, feats, None, window=3)  # the run's config: 1 restart
+    assert torch.equal(one["slots"], plain["slots"])
+    best = ev.infer_video(model, feats, None, window=3, restarts=8)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)  # infer_video's seed
+        first = model.best_first_slots(feats[None, :3], 8)
+        expected = model(feats[None, :3], first_slots=first)["processor"]["state"][0]
+    torch.testing.assert_close(best["slots"][:3], expected)
+    assert not torch.equal(best["slots"], one["slots"])  # another draw won on these features
+
+    seen = []
+    real = ev.infer_video
+    monkeypatch.setattr(
+        ev, "infer_video", lambda *a, **k: seen.append(k["restarts"]) or real(*a, **k)
+    )
+    first_result = ev.evaluate_run(run, split="test", probe=False)
+    assert first_result["key"]["restarts"] == 1 and set(seen) == {1}
+    seen.clear()
+    again = ev.evaluate_run(run, split="test", probe=False, restarts=4)
+    assert again["key"]["restarts"] == 4 and set(seen) == {4}  # recomputed, not the cached file
+    assert "first slots the best of 4 draws per video" in ev.format_table(again)
+    assert "draws per video" not in ev.format_table(first_result)

@@ -169,3 +169,61 @@ def test_overfits_a_tiny_cached_set():
     assert float(end["loss"]) < 0.5 * float(start["loss"]), summary
     for name in ("loss_featrec", "loss_ss", "loss_steve_ce"):
         assert float(end[name]) < float(start[name]), summary
+
+
+def _reconstruction_error(model, features, first):
+    out = model(features, first_slots=first)
+    return (out["decoder"]["reconstruction"] - features).pow(2).mean((1, 2, 3))  # (B,)
+
+
+def test_best_first_slots_keeps_the_draw_that_reconstructs_best():
+    torch.manual_seed(0)
+    model = _model("model.initializer.name=gaussian", "steve_decoder.enabled=false").eval()
+    with torch.no_grad():
+        torch.nn.init.constant_(model.initializer.log_std, 0.0)  # unit noise: draws differ
+    features, _ = _batch()
+    restarts = 6
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        best = model.best_first_slots(features, restarts)  # (B, K, D)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(3)
+        draws = model.initializer(restarts * B).unflatten(0, (restarts, B))  # (r, B, K, D)
+        errors = torch.stack([_reconstruction_error(model, features, d) for d in draws])  # (r, B)
+    assert best.shape == (B, 4, 32)
+    for b in range(B):
+        chosen = errors[:, b].argmin()
+        torch.testing.assert_close(best[b], draws[chosen, b])
+    # the one-draw slots are among the candidates, so the kept draw is never worse than them
+    with torch.no_grad():
+        kept = _reconstruction_error(model, features, best)
+    assert (kept <= errors[0] + 1e-6).all() and (kept < errors[0]).any()
+
+
+def test_one_restart_is_the_plain_forward():
+    model = _model("model.initializer.name=gaussian", "steve_decoder.enabled=false").eval()
+    features, _ = _batch()
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(5)
+        plain = model(features)["processor"]["state"]
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(5)
+        first = model.best_first_slots(features, 1)
+        again = model(features, first_slots=first)["processor"]["state"]
+    assert torch.equal(plain, again)
+
+
+def test_a_fixed_initializer_has_nothing_to_restart():
+    model = _model().eval()
+    features, _ = _batch()
+    torch.testing.assert_close(model.best_first_slots(features, 8), model.initializer(B))
+
+
+def test_restarts_need_a_gaussian_initializer():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.initializer.restarts=4 needs"):
+        load_config(None, ["model.initializer.restarts=4"])
+    cfg = load_config(None, ["model.initializer.name=gaussian", "model.initializer.restarts=4"])
+    model = SlotModel.from_config(cfg, feature_dim=F, num_tokens=N, token_grid=GRID)
+    assert model.config.restarts == 4

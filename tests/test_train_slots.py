@@ -48,6 +48,16 @@ def test_lr_schedule_warmup_then_halves_by_max_steps():
         lr_factor(-1, 10)
 
 
+def test_lr_schedule_can_decay_further_by_max_steps():
+    f = lr_factor(warmup_steps=10, max_steps=110, final_factor=0.02)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.02**0.5)
+    assert f(110) == pytest.approx(0.02)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="final_factor"):
+            lr_factor(10, 110, final_factor=bad)
+
+
 def test_param_group_regexes_first_match_wins_and_unmatched_is_an_error():
     from stages.slot_task import build_param_groups
 
@@ -394,6 +404,19 @@ def test_bf16_mixed_trains_where_native(work):
     assert all(
         v.dtype == torch.float32 for v in sd.values() if v.is_floating_point()
     )  # fp32 master weights
+
+
+def test_train_slots_schedule_reads_optimizer_decay_final():
+    from pipeline.config import load_config, resolve
+    from tests.helpers.runs import TINY_SLOT_MODEL
+
+    cfg = load_config(None, ["globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", "globals.VOCAB_SIZE=16",
+                             "optimizer.warmup_steps=10", "trainer.max_steps=110",
+                             "optimizer.decay_final=0.05", *TINY_SLOT_MODEL])  # fmt: skip
+    module = SlotTrainingModule(resolve(cfg), feature_dim=8, num_tokens=16, token_grid=(4, 4))
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    factor = scheduler.lr_lambdas[0]
+    assert factor(110) == pytest.approx(0.05) and factor(60) == pytest.approx(0.05**0.5)
 
 
 @pytest.mark.parametrize("detach", [False, True])
