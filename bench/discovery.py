@@ -421,6 +421,12 @@ def baseline_scores(split: dict, feats: torch.Tensor, k: int, patch: int, seed: 
                 baselines.colour_kmeans_masks(torch.from_numpy(split["frames"][v]), k, seed=seed),
                 (size, size),
             ),
+            "colour k-means / pixel, best of 10 inits": (  # sklearn's n_init, by inertia
+                baselines.colour_kmeans_masks(
+                    torch.from_numpy(split["frames"][v]), k, seed=seed, n_init=10
+                ),
+                (size, size),
+            ),
             "colour k-means / token": (
                 colour_kmeans_token_masks(split["frames"][v], k, patch, seed),
                 grid,

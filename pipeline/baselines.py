@@ -20,8 +20,37 @@ import torch
 import torch.nn.functional as F
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
-    """Batched k-means: points (B, P, D) -> cluster ids (B, P) int64, k-means++ init, seeded."""
+def kmeans(
+    x: torch.Tensor, k: int, iters: int = 30, seed: int = 0, n_init: int = 1
+) -> torch.Tensor:
+    """Batched k-means: points (B, P, D) -> cluster ids (B, P) int64, k-means++ init, seeded.
+
+    ``n_init`` > 1: that many runs (seeds ``seed``, ``seed + 1``, ...), keeping per batch row
+    the one with the lowest inertia (sum of squared distances to its centres), as sklearn's
+    ``n_init``; the first run is the ``n_init=1`` result."""
+    if n_init <= 1:
+        return _kmeans_once(x, k, iters, seed)
+    best, best_inertia = None, None
+    for run in range(n_init):
+        assign = _kmeans_once(x, k, iters, seed + run)
+        inertia = _inertia(x.float(), assign, k)  # (B,)
+        if best is None:
+            best, best_inertia = assign, inertia
+            continue
+        better = inertia < best_inertia
+        best = torch.where(better[:, None], assign, best)
+        best_inertia = torch.minimum(inertia, best_inertia)
+    return best
+
+
+def _inertia(x: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum over points of the squared distance to their cluster's mean: (B,)."""
+    onehot = F.one_hot(assign, k).float()  # (B, P, K)
+    centres = (onehot.transpose(1, 2) @ x) / onehot.sum(1).clamp_min(1)[..., None]  # (B, K, D)
+    return ((x - torch.gather(centres, 1, assign[..., None].expand_as(x))) ** 2).sum((1, 2))
+
+
+def _kmeans_once(x: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
     b, p, _ = x.shape
     x = x.float()
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -67,12 +96,12 @@ def kmeans_masks(
 
 
 def colour_kmeans_masks(
-    frames: torch.Tensor, k: int, iters: int = 30, seed: int = 0
+    frames: torch.Tensor, k: int, iters: int = 30, seed: int = 0, n_init: int = 1
 ) -> torch.Tensor:
     """k-means of one video's pixel colours: frames (T, H, W, 3) uint8 -> one-hot (T, K, H*W)."""
     t = frames.shape[0]
     x = frames.reshape(1, -1, 3).float() / 255.0  # (1, T*H*W, 3)
-    ids = kmeans(x, k, iters, seed).reshape(t, -1)  # (T, H*W)
+    ids = kmeans(x, k, iters, seed, n_init).reshape(t, -1)  # (T, H*W)
     return F.one_hot(ids, k).permute(0, 2, 1).float()
 
 

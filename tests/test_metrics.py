@@ -235,6 +235,19 @@ def test_kmeans_separates_clusters_and_is_seeded():
     assert torch.equal(out, baselines.kmeans(x[None], 3, seed=1)[0])
 
 
+def test_kmeans_restarts_keep_the_lowest_inertia_run():
+    """n_init: several seeded runs, the lowest inertia kept per row; run 0 is the n_init=1 result."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 200, 2, generator=g)  # no clear clusters: runs disagree
+    runs = [baselines.kmeans(x, 5, seed=s) for s in range(6)]
+    inertia = torch.stack([baselines._inertia(x, r, 5) for r in runs])  # (runs, B)
+    best = baselines.kmeans(x, 5, seed=0, n_init=6)
+    for b in range(3):
+        assert torch.equal(best[b], runs[int(inertia[:, b].argmin())][b])
+    assert torch.equal(baselines.kmeans(x, 5, seed=0, n_init=1), runs[0])
+    assert (inertia.min(0).values < inertia[0]).any()  # restarts found a better clustering
+
+
 def test_kmeans_masks_shapes_and_video_consistency():
     gen = torch.Generator().manual_seed(0)
     # token n of every frame belongs to one of 2 fixed patterns: per-video clustering keeps ids
