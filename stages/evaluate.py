@@ -51,6 +51,7 @@ from stages.inference import (
     infer_video,
     iter_videos,
     load_trained,
+    restarts_option,
     split_size,
     window_length,
 )
@@ -478,13 +479,7 @@ def _finite(value):
     help="Evaluate only the first N videos of the split.",
 )
 @click.option("--no-probe", is_flag=True, help="Skip the property probe.")
-@click.option(
-    "--restarts",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
-    "the first window best is kept (default: the run's model.initializer.restarts).",
-)
+@restarts_option
 @click.option(
     "--overwrite", is_flag=True, help="Recompute even if metrics.json matches this checkpoint."
 )

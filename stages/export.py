@@ -53,6 +53,7 @@ from stages.inference import (
     checkpoint_identity,
     infer_windows,
     load_trained,
+    restarts_option,
     split_size,
     store_windows,
     window_length,
@@ -70,8 +71,10 @@ def export_slots_run(
     checkpoint: str = "last",
     max_videos: int | None = None,
     overwrite: bool = False,
+    restarts: int | None = None,
 ) -> Path:
-    """Export slots, masks and tokens of every video of ``split``; returns the output path."""
+    """Export slots, masks and tokens of every video of ``split``; returns the output path.
+    ``restarts``: draws of a Gaussian initializer's first slots (None: the run's config)."""
     run_dir = Path(run_dir)
     out = Path(out).expanduser().absolute() if out is not None else run_dir / f"slots_{split}.zarr"
     if not out.name:
@@ -80,6 +83,8 @@ def export_slots_run(
     check_replaceable(out)
     ident = checkpoint_identity(run_dir, checkpoint)
     model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
+    if restarts is None:
+        restarts = int(model.config.restarts)
     meta = {
         "run": str(run_dir),
         "split": split,
@@ -89,6 +94,7 @@ def export_slots_run(
         "checkpoint_step": ident.get("step"),
         "grid": list(store.grid),
         "max_videos": max_videos,
+        "restarts": restarts,
     }
     if out.exists() and not overwrite:
         previous = _read_meta(out) or {}
@@ -121,7 +127,7 @@ def export_slots_run(
                 yield feats, toks
 
         torch.manual_seed(0)  # a Gaussian initializer's first slots: as evaluate's (infer_video)
-        for result in infer_windows(model, windows()):
+        for result in infer_windows(model, windows(), restarts):
             toks = pending.pop(0)
             arrays = {"slots": result["slots"].numpy().astype(np.float32)}
             masks = result["masks"]
@@ -325,13 +331,26 @@ def _remove(path: Path) -> None:
     default=None,
     help="Export only the first N videos of the split.",
 )
+@restarts_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a different export.")
 def export_slots_command(
-    run: Path, out: Path, split: str, checkpoint: str, max_videos: int | None, overwrite: bool
+    run: Path,
+    out: Path,
+    split: str,
+    checkpoint: str,
+    max_videos: int | None,
+    restarts: int | None,
+    overwrite: bool,
 ):
     """Write per-frame slots (T, K, D), masks (T, K, N) and tokens of every video of a split to OUT
     (zarr, or .npz when OUT ends with .npz), with the run's fingerprint in the attributes."""
     setup_logging()
     export_slots_run(
-        run, split=split, out=out, checkpoint=checkpoint, max_videos=max_videos, overwrite=overwrite
+        run,
+        split=split,
+        out=out,
+        checkpoint=checkpoint,
+        max_videos=max_videos,
+        overwrite=overwrite,
+        restarts=restarts,
     )

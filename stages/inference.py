@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -26,6 +27,15 @@ from cache.store import FeatureStore, StoreError
 from stages.common import StageError
 from stages.rundirs import check_checkpoint_fits, checkpoint_path, read_checkpoint
 from stages.slot_task import SlotTrainingModule
+
+# evaluate, export-slots and visualize: one --restarts option, so their masks agree
+restarts_option = click.option(
+    "--restarts",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
+    "the first window best is kept (default: the run's model.initializer.restarts).",
+)
 
 # method -> where its masks are in the model's outputs
 OUTPUT_KEYS = {

@@ -24,7 +24,7 @@ from pipeline.dvae import load_dvae
 from pipeline.metrics import infer_grid
 from pipeline.refine import refine_masks
 from stages.common import StageError, setup_logging
-from stages.inference import infer_video, load_trained, window_length
+from stages.inference import infer_video, load_trained, restarts_option, window_length
 from stages.pictures import masks_overlay
 from stages.runtime import pick_device
 
@@ -80,8 +80,10 @@ def visualize_run(
     checkpoint: str = "last",
     max_columns: int = 16,
     fps: float = 6.0,
+    restarts: int | None = None,
 ) -> Path:
-    """Render slot masks over one video; returns the PNG strip's path (the GIF is beside it)."""
+    """Render slot masks over one video; returns the PNG strip's path (the GIF is beside it).
+    ``restarts``: draws of a Gaussian initializer's first slots (None: the run's config)."""
     run_dir = Path(run_dir)
     model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
     if video_id is None:
@@ -101,7 +103,9 @@ def visualize_run(
     )
     item = data[0]
     model = model.to(pick_device()).eval()
-    result = infer_video(model, item["features"], item.get("tokens"), window_length(cfg))
+    result = infer_video(
+        model, item["features"], item.get("tokens"), window_length(cfg), restarts=restarts
+    )
     masks = result["masks"].get("model_decoder", result["masks"].get("model_attention"))
     frames = item["frames"].numpy()  # (T, S, S, 3)
     size = frames.shape[1]
@@ -167,8 +171,11 @@ def write_strip(path: Path, panels: list[np.ndarray], max_columns: int, gap: int
 @click.option(
     "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
 )
-def visualize(run: Path, video_id: str | None, out: Path | None, checkpoint: str):
+@restarts_option
+def visualize(
+    run: Path, video_id: str | None, out: Path | None, checkpoint: str, restarts: int | None
+):
     """Render a video's slot masks (colours fixed per slot) as a GIF and a PNG strip, with dVAE
     reconstructions of the cached tokens when the run uses a dVAE."""
     setup_logging()
-    visualize_run(run, video_id=video_id, out=out, checkpoint=checkpoint)
+    visualize_run(run, video_id=video_id, out=out, checkpoint=checkpoint, restarts=restarts)

@@ -108,3 +108,33 @@ def test_zarr_writer_buffers_whole_chunks(tmp_path):
         assert writer.start % 4 == 0  # only whole chunks written so far
     writer.finish({"video_first": np.array([0])}, {"ok": True})
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "w.zarr"))["slots"][:], rows)
+
+
+def test_export_restarts_are_recorded_and_change_the_first_slots(run, tmp_path, monkeypatch):
+    """--restarts R: each video's first slots are the best of R draws (as evaluate's); the export
+    records R, and an export with another R is a different export."""
+    import torch
+
+    import cli
+    from pipeline.slots import GaussianInit
+
+    real = export.load_trained
+
+    def gaussian_run(*args, **kwargs):  # the tiny run with a Gaussian initializer of unit noise
+        model, *rest = real(*args, **kwargs)
+        model.initializer = GaussianInit(RUN_SLOTS, RUN_SLOT_DIM)
+        with torch.no_grad():
+            torch.nn.init.constant_(model.initializer.log_std, 0.0)
+        return (model, *rest)
+
+    monkeypatch.setattr(export, "load_trained", gaussian_run)
+    one = export.export_slots_run(run, "test", tmp_path / "one.npz")
+    assert json.loads(str(np.load(one)["meta"]))["restarts"] == 1  # the run's config
+    out = tmp_path / "best.npz"
+    args = ["export-slots", str(run), str(out), "--split", "test", "--restarts", "6"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(str(np.load(out)["meta"]))["restarts"] == 6
+    assert not np.array_equal(np.load(one)["slots"], np.load(out)["slots"])
+    with pytest.raises(Exception, match="different export"):
+        export.export_slots_run(run, "test", out, restarts=2)

@@ -48,3 +48,18 @@ def test_cli_visualize(run):
     result = CliRunner().invoke(cli.main, ["visualize", str(run), "--video", "video_04"])
     assert result.exit_code == 0, result.output
     assert "video_04.gif" in result.output and (run / "viz" / "video_04.png").exists()
+
+
+def test_cli_visualize_passes_restarts_to_inference(run, monkeypatch):
+    import cli
+
+    seen = []
+    real = viz.infer_video
+    monkeypatch.setattr(
+        viz, "infer_video", lambda *a, **k: seen.append(k["restarts"]) or real(*a, **k)
+    )
+    result = CliRunner().invoke(cli.main, ["visualize", str(run), "--restarts", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen == [3]
+    bad = CliRunner().invoke(cli.main, ["visualize", str(run), "--restarts", "0"])
+    assert bad.exit_code != 0 and "--restarts" in bad.output
