@@ -9,7 +9,8 @@ table, to a zarr v3 group (any OUT not ending in ``.npz``) or a single ``.npz`` 
     attention_masks  (F, K, N) float16  slot-attention masks
     tokens           (F, h, w) uint16   the cached dVAE token ids (runs with a dVAE only)
     video_ids (V,) str, video_first (V,) int64, video_length (V,) int64: rows of each video
-    attrs / meta: run, split, store fingerprint, dVAE hash, checkpoint step, grid, K, D
+    attrs / meta: run, split, store fingerprint, dVAE hash, checkpoint step, grid, K, D,
+                  restarts (draws of a Gaussian initializer's first slots; the best kept)
 
 Reading it back (the same code for zarr and npz)::
 
