@@ -221,13 +221,14 @@ class SlotModel(nn.Module):
         sets of first slots per video, runs the window from each (one batch), and keeps the set
         whose reconstruction of the window's features has the lowest mean squared error. No
         labels are used. With one restart (or a fixed initializer, whose draws are all equal)
-        this is exactly ``initializer(B)``: the first draw is the one a plain forward makes.
+        this is exactly ``initializer(B)``, the draw a plain forward makes; on the CPU that draw
+        is also the first of the R candidates, so restarts never score below it there.
         """
         r = int(self.config.restarts if restarts is None else restarts)
         B = features.shape[0]
         if r <= 1 or not isinstance(self.initializer, GaussianInit):
             return self.initializer(B)  # (B, K, D)
-        draws = self.initializer(r * B).unflatten(0, (r, B))  # (r, B, K, D): draw 0 = plain
+        draws = self.initializer(r * B).unflatten(0, (r, B))  # (r, B, K, D)
         x = features.repeat(r, 1, 1, 1)  # (r*B, T, N, F), restart-major like the draws
         out = self(x, first_slots=draws.flatten(0, 1))
         error = (out["decoder"]["reconstruction"].float() - x.float()).pow(2)
