@@ -222,7 +222,7 @@ class SlotModel(nn.Module):
         whose reconstruction of the window's features has the lowest mean squared error. No
         labels are used. With one restart (or a fixed initializer, whose draws are all equal)
         this is exactly ``initializer(B)``, the draw a plain forward makes; on the CPU that draw
-        is also the first of the R candidates, so restarts never score below it there.
+        is also the first of the R candidates, so the kept draw never reconstructs worse.
         """
         r = int(self.config.restarts if restarts is None else restarts)
         B = features.shape[0]
