@@ -330,3 +330,24 @@ def test_symlink_loop_in_the_data_folder_is_named(tmp_path):
     os.unlink(root / "v" / "up")
     os.symlink(root / "v", root / "w")  # a link to a sibling is no loop
     assert [r.video_id for r in FrameFolderSource(root).videos()] == ["v", "w"]
+
+
+def test_a_write_refused_where_no_stage_expected_it_is_one_line(tmp_path, monkeypatch):
+    """A work_dir the user may not write (here: the synthetic videos' folder) ends in one line
+    naming the path and what to do, not a traceback."""
+    import errno
+
+    from stages import synthetic
+
+    def refused(out, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(out))
+
+    monkeypatch.setattr(synthetic, "generate_dataset", refused)
+    result = CliRunner().invoke(
+        main, ["run", str(REPO / "configs" / "demo.yaml"), f"work_dir={tmp_path / 'work'}"]
+    )
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # click's clean exit, not a traceback
+    assert "cannot write" in result.output and "Permission denied (EACCES)" in result.output
+    assert "set work_dir to a directory you can write" in result.output
+    assert str(tmp_path / "work" / "data" / "synthetic") in result.output
