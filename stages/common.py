@@ -49,21 +49,14 @@ def config_command(name: str, example: str, **command_kwargs):
             except ConfigError as err:  # before any work, and without importing torch for it
                 raise StageError(str(err)) from err
             try:
-                return func(cfg, **options)
+                with output_writes(  # a refused write no stage caught itself: still one line
+                    Path(cfg.work_dir),
+                    kept="Nothing already written is removed",
+                    resume="then rerun the same command; finished stages are not redone",
+                ):
+                    return func(cfg, **options)
             except user_errors() as err:
                 raise StageError(str(err)) from err
-            except OSError as err:  # a write no stage caught itself: still one line, no traceback
-                if err.errno not in WRITE_FAULTS:
-                    raise
-                where = err.filename or cfg.work_dir
-                raise StageError(
-                    write_failure(
-                        err,
-                        str(where),
-                        kept="Nothing already written is removed",
-                        resume="then rerun the same command; finished stages are not redone",
-                    )
-                ) from err
 
         return command
 
