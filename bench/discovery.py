@@ -471,30 +471,31 @@ def model_scores(
     out: dict[str, list] = {}
     for v in range(len(feats)):
         true = torch.from_numpy(split["masks"][v]).long()
-        if restarts > 1:  # the plain draw too, side by side
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                masks = model(feats[v : v + 1])["processor"]["corrector"]["masks"][0]
-            out.setdefault("draw1_attention", []).append(metrics.evaluate_masks(masks, true, grid))
-            fine = refine_masks(masks.float(), split["frames"][v], grid)
-            out.setdefault("draw1_attention_refined", []).append(
-                metrics.evaluate_masks(fine, true, (size, size))
-            )
-        with torch.random.fork_rng():  # a Gaussian initializer's draws: the same every time
-            torch.manual_seed(0)
-            first = model.best_first_slots(feats[v : v + 1, :window], restarts)
-            o = model(feats[v : v + 1], first_slots=first)
-        attention, decoder = o["processor"]["corrector"]["masks"][0], o["decoder"]["masks"][0]
-        for name, masks in (("attention", attention), ("decoder", decoder)):
-            if name == "decoder" and torch.equal(decoder, attention):  # attention mixing
-                out.setdefault("decoder", []).append(out["attention"][-1])
-                out.setdefault("decoder_refined", []).append(out["attention_refined"][-1])
-                continue
+
+        def score(name: str, masks: torch.Tensor, v=v, true=true) -> None:  # raw and refined
             out.setdefault(name, []).append(metrics.evaluate_masks(masks, true, grid))
             fine = refine_masks(masks.float(), split["frames"][v], grid)
             out.setdefault(f"{name}_refined", []).append(
                 metrics.evaluate_masks(fine, true, (size, size))
             )
+
+        if restarts > 1:  # the plain draw too, side by side
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                score(
+                    "draw1_attention", model(feats[v : v + 1])["processor"]["corrector"]["masks"][0]
+                )
+        with torch.random.fork_rng():  # a Gaussian initializer's draws: the same every time
+            torch.manual_seed(0)
+            first = model.best_first_slots(feats[v : v + 1, :window], restarts)
+            o = model(feats[v : v + 1], first_slots=first)
+        attention, decoder = o["processor"]["corrector"]["masks"][0], o["decoder"]["masks"][0]
+        score("attention", attention)
+        if torch.equal(decoder, attention):  # attention mixing: the same masks, scored once
+            out.setdefault("decoder", []).append(out["attention"][-1])
+            out.setdefault("decoder_refined", []).append(out["attention_refined"][-1])
+        else:
+            score("decoder", decoder)
     model.train()
     return out
 
