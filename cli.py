@@ -8,53 +8,59 @@ the click command and the one-line description shown in `egoslots --help`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 
 import click
 
 # name -> (module:attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-synthetic": (
-        "stages.synthetic:make_synthetic",
+        "egoslots.stages.make_synthetic:make_synthetic",
         "Generate MOVi-like synthetic videos with masks (pybullet).",
     ),
     "inspect-data": (
-        "stages.inspect_data:inspect_data",
+        "egoslots.stages.inspect_data:inspect_data",
         "Summarise a dataset: videos, frames, splits, masks.",
     ),
     "pretrain-encoder": (
-        "stages.pretrain_encoder:pretrain_encoder",
+        "egoslots.stages.pretrain_encoder:pretrain_encoder",
         "Stage 0 (optional): train a ViT with DINO on your own frames.",
     ),
     "extract-features": (
-        "stages.extract:extract_features",
+        "egoslots.stages.extract_features:extract_features",
         "Stage 1: run the frozen backbone once and cache features.",
     ),
-    "cache": ("stages.cache_cmds:cache", "List, describe, verify or remove feature stores."),
+    "cache": ("egoslots.stages.cache:cache", "List, describe, verify or remove feature stores."),
     "pretrain-dvae": (
-        "stages.pretrain_dvae:pretrain_dvae",
+        "egoslots.stages.pretrain_dvae:pretrain_dvae",
         "Stage 2: train STEVE's dVAE on cached frames, then tokenize.",
     ),
     "tokenize": (
-        "stages.tokenize:tokenize",
+        "egoslots.stages.tokenize:tokenize",
         "Stage 2: write a trained dVAE's token ids into the store.",
     ),
     "train-slots": (
-        "stages.train_slots:train_slots",
+        "egoslots.stages.train_slots:train_slots",
         "Stage 3: train the slot model from cached features and tokens.",
     ),
     "evaluate": (
-        "stages.evaluate:evaluate",
+        "egoslots.stages.evaluate:evaluate",
         "FG-ARI / mBO of a trained run against ground truth, with baselines.",
     ),
     "export-slots": (
-        "stages.export:export_slots_command",
+        "egoslots.stages.export_slots:export_slots_command",
         "Export per-frame slots, masks and tokens for downstream use.",
     ),
     "visualize": (
-        "stages.visualize:visualize",
+        "egoslots.stages.visualize:visualize",
         "Render slot masks over a video as GIF and PNG strip.",
     ),
-    "run": ("stages.run:run", "Run the whole pipeline in order, skipping finished stages."),
+    "run": (
+        "egoslots.stages.run:run",
+        "Run the whole pipeline in order, skipping finished stages.",
+    ),
 }
 
 
@@ -93,5 +99,18 @@ def main():
     """
 
 
+def _import_this_checkout() -> None:
+    """`python cli.py ...` in a checkout runs that checkout, whichever egoslots is installed:
+    this folder is imported as the package `egoslots` (the crash tests rely on it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "egoslots", os.path.join(here, "__init__.py"), submodule_search_locations=[here]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["egoslots"] = package
+    spec.loader.exec_module(package)
+
+
 if __name__ == "__main__":
+    _import_this_checkout()
     main()

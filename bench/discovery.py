@@ -6,7 +6,7 @@
     python bench/discovery.py baselines --split test
     python bench/discovery.py plot a.json b.json --labels A B --out curves.png
 
-Data: the synthetic generator (``pipeline.data.synthetic``), three disjoint generator seeds —
+Data: the synthetic generator (``egoslots.pipeline.data.synthetic``), three disjoint generator seeds —
 ``train`` (seed 1000) to train on, ``val`` (seed 2000) to choose settings on, ``test`` (seed 3000)
 only for the final figures. Nothing is ever tuned on ``test``.
 
@@ -24,10 +24,10 @@ Encoders (features per token, computed once per split and cached in memory):
 - ``file:PATH``: precomputed (V, T, N, D) features, ``{split}`` in the path (a cache of the
   above, to run many settings without recomputing them).
 
-Training is the stage-3 model (``pipeline.model.SlotModel``), its losses, Adam with the
+Training is the stage-3 model (``egoslots.pipeline.model.SlotModel``), its losses, Adam with the
 product's warm-up/decay schedule and gradient-norm clipping, on random clips of the train
 videos, in a plain loop (no Lightning, no store) so many variants run quickly. Scores are the
-project's metrics (``pipeline.metrics.evaluate_masks``: video FG-ARI and video mBO at the frame
+project's metrics (``egoslots.pipeline.metrics.evaluate_masks``: video FG-ARI and video mBO at the frame
 resolution) on whole videos, for the decoder's masks and the slot-attention masks, raw and
 refined to pixels with the video's colours (``pipeline/refine.py``, as ``egoslots evaluate``
 reports them), beside per-video k-means on colours (per pixel, and per token at the slot grid),
@@ -55,12 +55,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import baselines, metrics  # noqa: E402
-from pipeline.dvae import DVAE, gumbel_tau, reconstruction_loss  # noqa: E402
-from pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
-from pipeline.refine import refine_masks  # noqa: E402
-from pipeline.schedules import warmup_exp_decay  # noqa: E402
-from stages.pictures import PALETTE  # noqa: E402
+from egoslots.pipeline import baselines, metrics  # noqa: E402
+from egoslots.pipeline.dvae import DVAE, gumbel_tau, reconstruction_loss  # noqa: E402
+from egoslots.pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
+from egoslots.pipeline.refine import refine_masks  # noqa: E402
+from egoslots.pipeline.schedules import warmup_exp_decay  # noqa: E402
+from egoslots.stages.machinery.pictures import PALETTE  # noqa: E402
 
 SPLIT_SEEDS = {"train": 1000, "val": 2000, "test": 3000}
 DEFAULT_CACHE = Path(os.environ.get("EGOSLOTS_BENCH_CACHE", "/tmp/egoslots-discovery"))
@@ -81,7 +81,7 @@ class DataSpec:
 
 def _render_one(task):
     seed, index, frames, size, lo, hi = task
-    from pipeline.data import synthetic as syn
+    from egoslots.pipeline.data import synthetic as syn
 
     spec = syn.sample_scene(syn.video_rng(seed, index), frames, min_objects=lo, max_objects=hi)
     rgb, labels = [], []
@@ -159,7 +159,7 @@ def encoder_features(name: str, frames: np.ndarray, patch: int, batch: int = 64)
     """Features (V, T, N, D) of a frozen encoder: ``patch-pixels`` or ``vit:PATH``."""
     from omegaconf import OmegaConf
 
-    from pipeline.backbones import PatchPixels, build_backbone
+    from egoslots.pipeline.backbones import PatchPixels, build_backbone
 
     size = frames.shape[2]
     if name == "patch-pixels":

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.dvae import DVAE, reconstruction_loss  # noqa: E402
-from stages.tokenize import encode_frames  # noqa: E402
+from egoslots.pipeline.dvae import DVAE, reconstruction_loss  # noqa: E402
+from egoslots.stages.tokenize import encode_frames  # noqa: E402
 
 
 def autocast(device: torch.device, precision: str):

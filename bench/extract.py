@@ -30,12 +30,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cache.location import size_bytes as directory_size  # noqa: E402
-from cache.reader import ClipDataset  # noqa: E402
-from cache.store import FeatureStore, VideoRecord  # noqa: E402
-from pipeline.backbones import FrozenEncoder  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data.memory import InMemorySource  # noqa: E402
+from egoslots.cache.location import size_bytes as directory_size  # noqa: E402
+from egoslots.cache.reader import ClipDataset  # noqa: E402
+from egoslots.cache.store import FeatureStore, VideoRecord  # noqa: E402
+from egoslots.pipeline.backbones import FrozenEncoder  # noqa: E402
+from egoslots.pipeline.config import load_config  # noqa: E402
+from egoslots.pipeline.data.memory import InMemorySource  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -46,7 +46,7 @@ def TimmViT(
     ``kwargs`` go to timm (depth=..., embed_dim=... for a tiny one)."""
     import timm
 
-    from pipeline.backbones import ViTEncoder
+    from egoslots.pipeline.backbones import ViTEncoder
 
     vit = timm.create_model(name, pretrained=False, img_size=input_size, num_classes=0, **kwargs)
     return ViTEncoder(vit, name).freeze()
@@ -96,10 +96,10 @@ def bench_cfg(work_dir: Path, *overrides: str):
 
 # ---------------------------------------------------------------------------- 1. extraction vs bare forward
 def bench_extraction(args) -> tuple[float, float]:
-    import stages.extract as extract_stage
-    from pipeline.preprocess import preprocess_frame
-    from stages.extract import extract
-    from stages.runtime import extraction_compute, pick_device
+    import egoslots.stages.extract_features as extract_stage
+    from egoslots.pipeline.preprocess import preprocess_frame
+    from egoslots.stages.extract_features import extract
+    from egoslots.stages.machinery.runtime import extraction_compute, pick_device
 
     rng = np.random.default_rng(0)
     per_video = args.frames // args.videos
@@ -167,7 +167,7 @@ def bench_extraction(args) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------- 2. bytes per frame
 def bench_bytes(args) -> None:
-    from stages.extract_chunks import to_storage
+    from egoslots.stages.machinery.extract_chunks import to_storage
 
     rng = np.random.default_rng(0)
     frames_n = args.frames
@@ -281,7 +281,7 @@ def read_paths(root: Path, T: int, clips: int, rng) -> dict:
     number of stored bytes it read: single clip items (float32 = widened in the reader, stored
     = float16 tensors), and the training DataLoaders exactly as train-slots (``ClipData``: batch
     4 clips, 2 workers) and pretrain-dvae (``FrameData``: batch 32 frames, 2 workers) build them."""
-    from stages.datamodules import ClipData, FrameData
+    from egoslots.stages.machinery.datamodules import ClipData, FrameData
 
     path = root / "s.zarr"
     store = FeatureStore.open(path)
@@ -381,9 +381,9 @@ RSS_CHILD = r"""
 import resource, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from pipeline.config import load_config
-from pipeline.data.base import VideoInfo, FileIdentity, Frame
-from stages.extract import extract
+from egoslots.pipeline.config import load_config
+from egoslots.pipeline.data.base import VideoInfo, FileIdentity, Frame
+from egoslots.stages.extract_features import extract
 
 class Generated:
     '''Videos made on the fly (nothing held in memory), like a file source.'''

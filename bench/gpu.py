@@ -45,8 +45,8 @@ def _bench_module(name: str):
 extract_bench = _bench_module("extract")  # also puts the repository on sys.path
 train_bench = _bench_module("train")
 
-from pipeline.config import load_config  # noqa: E402
-from stages.runtime import bf16_native  # noqa: E402
+from egoslots.pipeline.config import load_config  # noqa: E402
+from egoslots.stages.machinery.runtime import bf16_native  # noqa: E402
 
 # Sizes: (full GPU run, --tiny CPU run)
 SIZES = {

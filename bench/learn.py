@@ -5,7 +5,7 @@
 
 Builds a feature store from pybullet MOVi-like videos (pipeline/data/synthetic) with the
 parameter-free patch-pixels encoder (no weights), trains the slot model through
-``stages.train_slots.train`` (SlotContrast losses, no STEVE decoder: there is no dVAE here),
+``egoslots.stages.train_slots.train`` (SlotContrast losses, no STEVE decoder: there is no dVAE here),
 and scores every checkpoint on the test split with the evaluate stage's metrics, beside its
 grid and k-means baselines (the same videos, the same metric code).
 """
@@ -23,16 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.store import FeatureStore, VideoRecord  # noqa: E402
-from pipeline.backbones import PatchPixels  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from egoslots.cache.store import FeatureStore, VideoRecord  # noqa: E402
+from egoslots.pipeline.backbones import PatchPixels  # noqa: E402
+from egoslots.pipeline.config import load_config  # noqa: E402
 
 
 def synthetic_store(
     path: Path, videos: int, frames: int, size: int, patch: int, seed: int
 ) -> FeatureStore:
     """Render videos and write frames, masks and patch-pixel features into one store."""
-    from pipeline.data import synthetic as syn
+    from egoslots.pipeline.data import synthetic as syn
 
     encoder = PatchPixels(size, patch)
     splits = ["test" if i % 5 == 0 else "val" if i % 5 == 1 else "train" for i in range(videos)]
@@ -84,9 +84,9 @@ def main():
     )
     args = ap.parse_args()
 
-    from stages.evaluate import evaluate_model, summarize_scores
-    from stages.inference import load_trained
-    from stages.train_slots import train
+    from egoslots.stages.evaluate import evaluate_model, summarize_scores
+    from egoslots.stages.machinery.inference import load_trained
+    from egoslots.stages.train_slots import train
 
     with tempfile.TemporaryDirectory() as d:
         work = args.work or Path(d)

@@ -7,7 +7,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from pipeline import baselines, metrics  # noqa: E402
+from egoslots.pipeline import baselines, metrics  # noqa: E402
 
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)

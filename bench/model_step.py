@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
+from egoslots.pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
 
 
 def build(args, naive: bool) -> SlotModel:

@@ -8,9 +8,9 @@ on a shared machine):
   floor for any training of this ViT;
 - ``dino``: one DINO step on crops already in memory: teacher on the global crops, student and
   head on all crops, the loss, AdamW, per-parameter clipping and the EMA update
-  (pipeline.dino.DINO, as stages/pretrain_encoder.py runs it);
+  (egoslots.pipeline.dino.DINO, as stages/pretrain_encoder.py runs it);
 - ``crops``: the multi-crop augmentation alone, both implementations: lightly's per-image PIL
-  pipeline (pipeline.multicrop.MultiCrop, one process: what one DataLoader worker sustains) and
+  pipeline (egoslots.pipeline.multicrop.MultiCrop, one process: what one DataLoader worker sustains) and
   the batched torch one (BatchMultiCrop, the default, run in the training step).
 
 ``frames/s`` counts source frames (each one gives 2 + N crops).
@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.dvae import autocast, sync  # noqa: E402
-from pipeline.dino import DINO, DinoArch  # noqa: E402
-from pipeline.multicrop import BatchMultiCrop, MultiCrop  # noqa: E402
+from egoslots.pipeline.dino import DINO, DinoArch  # noqa: E402
+from egoslots.pipeline.multicrop import BatchMultiCrop, MultiCrop  # noqa: E402
 
 # name: (patch, dim, depth, heads, image, local size, local crops, out_dim, hidden, bottleneck)
 PRESETS = {

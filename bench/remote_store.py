@@ -56,9 +56,9 @@ def main() -> None:
     start_server()
     import zarr
 
-    from cache.location import filesystem
-    from cache.reader import ClipDataset
-    from cache.store import FeatureStore, VideoRecord
+    from egoslots.cache.location import filesystem
+    from egoslots.cache.reader import ClipDataset
+    from egoslots.cache.store import FeatureStore, VideoRecord
 
     fs, _ = filesystem("s3://bench")
     fs.mkdir("bench")

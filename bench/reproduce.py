@@ -28,9 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.dvae import DVAE, reconstruction_loss  # noqa: E402
-from pipeline.model import SlotModel  # noqa: E402
+from egoslots.pipeline.config import load_config  # noqa: E402
+from egoslots.pipeline.dvae import DVAE, reconstruction_loss  # noqa: E402
+from egoslots.pipeline.model import SlotModel  # noqa: E402
 
 # Videos and frames per video of the data sets as SlotContrast's shard scripts write them
 # (MOVi: tfds movi_c / movi_e 128x128, 24 frames; YT-VIS 2021: SlotContrast keeps the last 300

@@ -23,8 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.synthetic import Timings  # noqa: E402
-from stages.synthetic import generate_video  # noqa: E402
+from egoslots.pipeline.data.synthetic import Timings  # noqa: E402
+from egoslots.stages.make_synthetic import generate_video  # noqa: E402
 
 
 def bench(size: int, videos: int, frames: int, seed: int) -> None:

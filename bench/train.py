@@ -39,12 +39,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.reader import ClipDataset  # noqa: E402
-from cache.store import FeatureStore, VideoRecord  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from stages.datamodules import collate_clips  # noqa: E402
-from stages.runtime import bf16_native  # noqa: E402
-from stages.slot_task import build_param_groups  # noqa: E402
+from egoslots.cache.reader import ClipDataset  # noqa: E402
+from egoslots.cache.store import FeatureStore, VideoRecord  # noqa: E402
+from egoslots.pipeline.config import load_config  # noqa: E402
+from egoslots.stages.machinery.datamodules import collate_clips  # noqa: E402
+from egoslots.stages.machinery.runtime import bf16_native  # noqa: E402
+from egoslots.stages.machinery.slot_task import build_param_groups  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def loader(store, cfg, fields, tokens, workers: int, seed: int = 0):
 
 # ------------------------------------------------------------------------------ model + step
 def build(cfg, feature_dim, num_tokens, token_grid=None, seed=0):
-    from pipeline.model import SlotModel
+    from egoslots.pipeline.model import SlotModel
 
     torch.manual_seed(seed)
     model = SlotModel.from_config(cfg, feature_dim, num_tokens, token_grid)
@@ -445,7 +445,7 @@ def step_timer():
 def stage_runs(store: Path, work: Path, overrides: list[str], run: str, steps: int, stage: str):
     """One real train-slots / pretrain-dvae run of ``steps`` steps (the stage's own code, its
     precision and thread defaults); returns (median s/step after 2 warm-up steps, precision)."""
-    from stages import pretrain_dvae, train_slots
+    from egoslots.stages import pretrain_dvae, train_slots
 
     timer = step_timer()
     if stage == "dvae":
@@ -477,8 +477,8 @@ def stage_defaults(args, tmp: Path):
     defaults vs dvae.precision=32."""
     import lightning as L  # noqa: F401 - the timers are Lightning callbacks
 
-    from stages.common import setup_logging
-    from stages.runtime import configure_threads
+    from egoslots.stages.machinery.common import setup_logging
+    from egoslots.stages.machinery.runtime import configure_threads
 
     setup_logging()  # the stages' own lines: "precision auto -> ...", "torch threads: ..."
     tokens, dim = 256, 384
@@ -615,7 +615,7 @@ class SteveDVAEEncoder(torch.nn.Module):
 def steve_path(args, tmp: Path):
     """Ours: cached ids -> embedding lookup. STEVE's: frames -> dVAE encoder -> Gumbel one-hot ->
     one-hot @ W. Both feed the same decoder; only the decoder's input side differs."""
-    from pipeline.model import SlotModel
+    from egoslots.pipeline.model import SlotModel
 
     vocab, grid, slots, batch, t = 4096, (32, 32), 15, 4, 3
     cfg = load_config(

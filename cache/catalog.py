@@ -3,7 +3,7 @@
 Stores live in a stores folder, ``store_dir`` (a folder or an fsspec URL) or else
 ``<work_dir>/stores``, each as ``<fingerprint>.zarr`` with its resolved config beside it
 (``<fingerprint>.config.yaml``). A stage asks this module once and gets a
-:class:`~cache.store.FeatureStore`:
+:class:`~egoslots.cache.store.FeatureStore`:
 
 - later stages: :func:`store_for_config` (``store=`` path, URL or fingerprint, else the one
   complete store whose recorded extraction settings match the config);
@@ -23,8 +23,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.fingerprint import describe_differences, extraction_settings, settings_mismatch
-from cache.location import (
+from egoslots.cache.fingerprint import describe_differences, extraction_settings, settings_mismatch
+from egoslots.cache.location import (
     Location,
     as_location,
     is_remote,
@@ -36,7 +36,7 @@ from cache.location import (
     store_exists,
     write_text,
 )
-from cache.store import FeatureStore, StoreError, StoreUnreachable
+from egoslots.cache.store import FeatureStore, StoreError, StoreUnreachable
 
 log = logging.getLogger("egoslots")
 

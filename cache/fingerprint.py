@@ -18,7 +18,7 @@ keeps every byte count is not noticed: re-extract with ``extract-features --over
 
 Later stages never rebuild the backbone or rescan the data to find their store: they match
 the extraction *settings* (:func:`extraction_settings`, the config keys that feed the
-fingerprint) that every store records (``cache.catalog.store_for_config``).
+fingerprint) that every store records (``egoslots.cache.catalog.store_for_config``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from cache.store import FORMAT_VERSION
-from pipeline.config import section_dict
+from egoslots.cache.store import FORMAT_VERSION
+from egoslots.pipeline.config import section_dict
 
 FINGERPRINT_CHARS = 16
 
@@ -48,7 +48,7 @@ def video_table_inputs(videos: Iterable) -> list[list]:
     """[[id, num_frames, split, files digest], ...] from a source's ``VideoInfo`` rows.
 
     A video's files (relative path, size, and a content digest where a source has one: see
-    :class:`~pipeline.data.base.FileIdentity`) are folded into one digest per video, so the
+    :class:`~egoslots.pipeline.data.base.FileIdentity`) are folded into one digest per video, so the
     recorded inputs stay small for frame folders with millions of files.
     """
     rows = []

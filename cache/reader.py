@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from cache.store import FeatureStore, StoreError, VideoRecord
-from pipeline.data.clips import Clip, build_clip_index, span
+from egoslots.cache.store import FeatureStore, StoreError, VideoRecord
+from egoslots.pipeline.data.clips import Clip, build_clip_index, span
 
 FIELDS = ("features", "frames", "masks", "tokens")
 

@@ -19,7 +19,7 @@ IOV_MAX = 1024  # buffers per preadv call (Linux's limit)
 OPEN_FILES = 64  # shard files a reader keeps open
 
 if TYPE_CHECKING:
-    from cache.store import FeatureStore
+    from egoslots.cache.store import FeatureStore
 
 
 class ShardReader:

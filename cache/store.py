@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cache.location import Location, as_location, filesystem, is_remote, store_exists
-from cache.shards import ShardReader
+from egoslots.cache.location import Location, as_location, filesystem, is_remote, store_exists
+from egoslots.cache.shards import ShardReader
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "egoslots"

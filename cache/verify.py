@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.location import is_remote, join, remote_keys, remove_file
-from cache.store import FeatureStore, chunk_bounds
+from egoslots.cache.location import is_remote, join, remote_keys, remove_file
+from egoslots.cache.store import FeatureStore, chunk_bounds
 
 
 @dataclass(frozen=True)

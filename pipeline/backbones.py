@@ -23,7 +23,7 @@ fingerprint and the store's attrs record it.
   weights from ``backbone.checkpoint``, ``$EGOSLOTS_WEIGHTS/<name>.pth``, timm's local caches,
   or fetched by name as timm's ``pretrained=True`` would.
 
-Downloads respect ``HF_HUB_OFFLINE=1`` (see :mod:`pipeline.checkpoints`). The feature is the output of block ``backbone.block`` (0-based as in
+Downloads respect ``HF_HUB_OFFLINE=1`` (see :mod:`egoslots.pipeline.checkpoints`). The feature is the output of block ``backbone.block`` (0-based as in
 timm's ``blocks.N``, negative counts from the end; default the last block, so SlotContrast's
 ``vit_block12`` is block 11), before the final norm unless ``backbone.final_norm``. Blocks after
 the chosen one are dropped from the model. For an input size other than the checkpoint's, the
@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import checkpoints
-from pipeline.checkpoints import CheckpointError
+from egoslots.pipeline import checkpoints
+from egoslots.pipeline.checkpoints import CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

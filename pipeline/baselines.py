@@ -9,7 +9,7 @@
   on colourful synthetic scenes, whatever its encoder (``kmeans_video`` changes with the encoder).
 - a fixed grid partition of the token grid into K cells (no data at all).
 
-The same metrics then apply as to the model's masks (``pipeline.metrics.evaluate_masks``).
+The same metrics then apply as to the model's masks (``egoslots.pipeline.metrics.evaluate_masks``).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ SAFE_GLOBALS = [argparse.Namespace, *_numpy_safe_globals()]
 
 
 class CheckpointError(ValueError):
-    """A weights file that cannot be found or used (pipeline.backbones re-raises as BackboneError)."""
+    """A weights file that cannot be found or used (egoslots.pipeline.backbones re-raises as BackboneError)."""
 
 
 def sha256_file(path: str | os.PathLike, block_size: int = 1 << 20) -> str:

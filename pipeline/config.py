@@ -5,7 +5,7 @@ that are merged first, in order, and the file's own keys override them. ``${...}
 interpolation works across the whole tree (OmegaConf; ``${configs:PATH}`` is a file shipped in
 configs/, e.g. the demo's encoder weights), and ``key=value`` overrides from the
 command line are merged last. Every key is checked against the typed schema in
-:mod:`pipeline.config_schema`; a misspelt key is an error that names it and suggests the
+:mod:`egoslots.pipeline.config_schema`; a misspelt key is an error that names it and suggests the
 closest valid key, and keys that the users' integrated-model docs use for concepts the staged
 design does not have get an explanation instead of a bare "unknown key".
 """
@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config_schema import LIMITS, Config, Limit
+from egoslots.pipeline.config_schema import LIMITS, Config, Limit
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -266,7 +266,7 @@ def _leaves(node: Any, key: str) -> Iterable[tuple[str, Any]]:
 
 
 def check_limits(cfg: DictConfig) -> None:
-    """Every value against its key's :class:`~pipeline.config_schema.Limit`: one ConfigError
+    """Every value against its key's :class:`~egoslots.pipeline.config_schema.Limit`: one ConfigError
     naming the first key at fault, its value and what it accepts."""
     values = OmegaConf.to_container(cfg, resolve=True)
     for key, value in _leaves(values, ""):

@@ -176,7 +176,7 @@ class Dvae:
     tokenize_batch_size: int = 64
     tokenize_device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     accelerator: str = "auto"  # Lightning accelerator for pretraining: auto | cpu | gpu
-    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/runtime.py) | 32 | bf16-mixed
+    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/machinery/runtime.py) | 32 | bf16-mixed
     precision: str = "auto"
     # Multi-GPU / multi-node pretraining (Lightning DDP, as trainer.* for stage 3): batch_size is
     # per device, the global batch is batch_size x devices x num_nodes. Tokenization runs on rank 0.
@@ -247,7 +247,7 @@ class PretrainEncoder:
     image_every: int = 1000  # teacher attention maps in TensorBoard (0 = never)
     num_workers: int = 2
     accelerator: str = "auto"
-    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/runtime.py) | 32 | bf16-mixed
+    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/machinery/runtime.py) | 32 | bf16-mixed
     precision: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
@@ -350,7 +350,7 @@ class Optimizer:
 class Trainer:
     max_steps: int = 100000
     gradient_clip_val: float = 0.05
-    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/runtime.py) | 32 | bf16-mixed
+    # auto: the faster of 32 and bf16-mixed by a probe of this step (stages/machinery/runtime.py) | 32 | bf16-mixed
     precision: str = "auto"
     tf32: bool = True
     compile: bool = False
@@ -391,7 +391,7 @@ class Config:
     # dVAE run whose tokens stage 3 reads: a run directory; None = work_dir/runs/<dvae.run_name>.
     dvae_run: str | None = None
     # torch intra-op threads; 0 = EGOSLOTS_NUM_THREADS if set, else the CPUs this process may
-    # use (affinity mask, cgroup CPU quota) less extraction's decode workers (stages/runtime.py).
+    # use (affinity mask, cgroup CPU quota) less extraction's decode workers (stages/machinery/runtime.py).
     num_threads: int = 0
     globals: Globals = field(default_factory=Globals)
     dataset: Dataset = field(default_factory=Dataset)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.config_schema import DECODER_MIXINGS as MIXINGS  # decoder.mixing
+from egoslots.pipeline.config_schema import DECODER_MIXINGS as MIXINGS  # decoder.mixing
 
 
 class MLPBroadcastDecoder(nn.Module):

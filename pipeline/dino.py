@@ -19,7 +19,7 @@ SAYCam ViTs with that code):
   (DINO's ``clip_gradients``), the head's last layer frozen for the first steps.
 
 Deliberate differences: schedules count steps, not epochs; the ViT is timm's (parameter names
-and shapes of DINO's ``vision_transformer.py``, built by :func:`pipeline.backbones.dino_vit`)
+and shapes of DINO's ``vision_transformer.py``, built by :func:`egoslots.pipeline.backbones.dino_vit`)
 and resamples its position embedding for local crops with timm's bicubic (antialiased)
 resampling instead of DINO's ``interpolate_pos_encoding``; timm initialises the CLS token with
 std 1e-6 (DINO 0.02).
@@ -100,7 +100,7 @@ class DINO(nn.Module):
     ):
         from lightly.loss import DINOLoss
 
-        from pipeline.backbones import dino_vit
+        from egoslots.pipeline.backbones import dino_vit
 
         super().__init__()
         self.arch = arch

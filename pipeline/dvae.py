@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config_schema import DVAE_ARCHS
+from egoslots.pipeline.config_schema import DVAE_ARCHS
 
 MAX_VOCAB = 65536  # token ids are cached as uint16
 PATCH = 4  # pixels per token side: two PixelShuffle(2) in the decoder

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.decoders import MLPBroadcastDecoder
-from pipeline.losses import loss_featrec, loss_slot_slot_contrast, loss_steve_ce
-from pipeline.predictor import SlotPredictor, SlotScan
-from pipeline.slots import FeatureMLP, GaussianInit, SlotAttention, build_initializer
-from pipeline.steve import SteveDecoder
+from egoslots.pipeline.decoders import MLPBroadcastDecoder
+from egoslots.pipeline.losses import loss_featrec, loss_slot_slot_contrast, loss_steve_ce
+from egoslots.pipeline.predictor import SlotPredictor, SlotScan
+from egoslots.pipeline.slots import FeatureMLP, GaussianInit, SlotAttention, build_initializer
+from egoslots.pipeline.steve import SteveDecoder
 
 DEFAULT_LOSS_WEIGHTS = {"loss_featrec": 1.0, "loss_ss": 0.5, "loss_steve_ce": 1.0}
 

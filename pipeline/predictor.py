@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.slots import SlotAttention
+from egoslots.pipeline.slots import SlotAttention
 
 
 class SlotPredictor(nn.Module):

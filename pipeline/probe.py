@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline import metrics
+from egoslots.pipeline import metrics
 
 SKIP_KEYS = {"id", "label", "name"}
 

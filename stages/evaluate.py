@@ -2,9 +2,9 @@
 
 The trained model runs over every whole video of the split (never only training-length clips):
 the video is cut into windows of the training clip length and the slots are carried from one
-window to the next (``stages/inference.py``), so slot identities persist over the whole video
+window to the next (``stages/machinery/inference.py``), so slot identities persist over the whole video
 as they would online. The masks are scored against the store's ground truth with
-``pipeline.metrics``:
+``egoslots.pipeline.metrics``:
 
 - ``model_decoder``: the feature decoder's alpha masks. **Primary** (SlotContrast reports these).
 - ``model_attention``: slot-attention masks of the corrector.
@@ -22,7 +22,7 @@ Writes ``<run>/metrics.json`` (means, stds, counts, per-video values, property p
 table. It returns at once when metrics.json exists for the same checkpoint, split and store.
 
 One job, scoring a run and reporting the scores (the windowed inference is
-``stages/inference.py``, the metrics and probe ``pipeline/``); the table is most of its length.
+``stages/machinery/inference.py``, the metrics and probe ``pipeline/``); the table is most of its length.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.location import write_text
-from pipeline import baselines, metrics
-from pipeline import probe as probe_lib
-from pipeline.data import make_source
-from pipeline.refine import refine_masks
-from stages.common import StageError, setup_logging
-from stages.inference import (
+from egoslots.cache.location import write_text
+from egoslots.pipeline import baselines, metrics
+from egoslots.pipeline import probe as probe_lib
+from egoslots.pipeline.data import make_source
+from egoslots.pipeline.refine import refine_masks
+from egoslots.stages.machinery.common import StageError, setup_logging
+from egoslots.stages.machinery.inference import (
     available_split,
     checkpoint_identity,
     infer_video,
@@ -55,7 +55,7 @@ from stages.inference import (
     split_size,
     window_length,
 )
-from stages.runtime import configure_threads, pick_device
+from egoslots.stages.machinery.runtime import configure_threads, pick_device
 
 log = logging.getLogger("egoslots")
 
@@ -188,7 +188,7 @@ def evaluate_model(
 
 def summarize_scores(per_video: dict) -> dict:
     """{method: {metric: {mean, std, n}}}: video metrics over videos, frame metrics over all
-    frames (``pipeline.metrics.summarize_videos``); NaN values (e.g. no objects) left out."""
+    frames (``egoslots.pipeline.metrics.summarize_videos``); NaN values (e.g. no objects) left out."""
     return {method: metrics.summarize_videos(values) for method, values in per_video.items()}
 
 
@@ -335,7 +335,7 @@ def run_probe(
 def attribute_reader(cfg, store) -> Callable[[str], dict | None]:
     """video id -> per-video attributes dict (with 'objects') or None.
 
-    Uses the data source of the run's config (``pipeline.data.make_source``) when available,
+    Uses the data source of the run's config (``egoslots.pipeline.data.make_source``) when available,
     else ``<dataset.path>/<video>/meta.json`` (the frame-folder / make-synthetic layout).
     """
     source = None

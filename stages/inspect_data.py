@@ -13,10 +13,10 @@ from collections import Counter
 import click
 from tqdm import tqdm
 
-from pipeline.data import make_source
-from pipeline.data.base import SPLITS, SourceError
-from pipeline.data.clips import clip_starts, span
-from stages.common import config_command
+from egoslots.pipeline.data import make_source
+from egoslots.pipeline.data.base import SPLITS, SourceError
+from egoslots.pipeline.data.clips import clip_starts, span
+from egoslots.stages.machinery.common import config_command
 
 SAMPLE_VIDEOS = 8  # videos whose first frame is decoded for the size summary
 

@@ -1,6 +1,6 @@
 """Stage 2, `egoslots pretrain-dvae CONFIG`: train STEVE's dVAE on cached frames, then tokenize.
 
-Trains :class:`pipeline.dvae.DVAE` (one step: ``stages/dvae_task.py``) on the frames that stage
+Trains :class:`egoslots.pipeline.dvae.DVAE` (one step: ``stages/machinery/dvae_task.py``) on the frames that stage
 1 cached in the feature store (no video is decoded here), then tokenizes every cached frame
 (``stages/tokenize.py``). Everything about one dVAE lives in ``<work_dir>/runs/<dvae.run_name>/``::
 
@@ -9,7 +9,7 @@ Trains :class:`pipeline.dvae.DVAE` (one step: ``stages/dvae_task.py``) on the fr
     checkpoints/    step=N.ckpt every dvae.ckpt_every steps, and last.ckpt (Lightning)
     tb/             TensorBoard: train/loss_dvae_recon, train/tau, train/perplexity,
                     train/codes_used, train/geco_beta, frames vs reconstructions
-    dvae.pt         the trained weights only (state dict of pipeline.dvae.DVAE)
+    dvae.pt         the trained weights only (state dict of egoslots.pipeline.dvae.DVAE)
     dvae.json       hash (sha256 of dvae.pt, 16 hex), store fingerprint, vocab_size, token_grid
 
 Running the same command again resumes from ``checkpoints/last.ckpt`` (or ``--resume PATH``);
@@ -39,17 +39,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cache.catalog import store_for_config
-from cache.location import write_file
-from cache.store import FeatureStore, StoreError
-from pipeline.config import ConfigError
-from pipeline.dvae import MAX_VOCAB, PATCH
-from stages.callbacks import LossGuard, ReconstructionPictures
-from stages.common import TrainingDiverged, config_command, output_writes
-from stages.datamodules import FrameData
-from stages.dvae_task import DVAETask, precision_probe
-from stages.locks import writing_run
-from stages.rundirs import (
+from egoslots.cache.catalog import store_for_config
+from egoslots.cache.location import write_file
+from egoslots.cache.store import FeatureStore, StoreError
+from egoslots.pipeline.config import ConfigError
+from egoslots.pipeline.dvae import MAX_VOCAB, PATCH
+from egoslots.stages.machinery.callbacks import LossGuard, ReconstructionPictures
+from egoslots.stages.machinery.common import TrainingDiverged, config_command, output_writes
+from egoslots.stages.machinery.datamodules import FrameData
+from egoslots.stages.machinery.dvae_task import DVAETask, precision_probe
+from egoslots.stages.machinery.locks import writing_run
+from egoslots.stages.machinery.rundirs import (
     check_checkpoint_files,
     read_checkpoint,
     read_json,
@@ -59,15 +59,15 @@ from stages.rundirs import (
     write_json,
     write_run_files,
 )
-from stages.runtime import (
+from egoslots.stages.machinery.runtime import (
     choose_precision,
     configure_threads,
     device_type,
     set_fast_math,
     several_processes,
 )
-from stages.tokenize import check_frames, sha256_16, tokenize_run
-from stages.training import fit, is_rank_zero, make_trainer, stored_precision
+from egoslots.stages.machinery.training import fit, is_rank_zero, make_trainer, stored_precision
+from egoslots.stages.tokenize import check_frames, sha256_16, tokenize_run
 
 log = logging.getLogger("egoslots")
 

@@ -1,7 +1,7 @@
 """Stage 0: `egoslots pretrain-encoder CONFIG` - train a ViT on the dataset's own frames with DINO.
 
 silicon-menagerie's SAYCam encoders are DINO ViTs trained on a child's head-camera video; this
-stage runs that recipe (:mod:`pipeline.dino`, multi-crop in :mod:`pipeline.multicrop`) on the
+stage runs that recipe (:mod:`egoslots.pipeline.dino`, multi-crop in :mod:`egoslots.pipeline.multicrop`) on the
 train videos of the configured dataset, so a lab without those checkpoints, or with its own
 recordings, gets an encoder whose patch features slot models can group. ``backbone.name: self``
 then extracts features with it, and ``egoslots run`` trains it first when the config asks for it.
@@ -11,7 +11,7 @@ Everything about one encoder lives in ``<work_dir>/runs/<pretrain_encoder.run_na
     config.yaml     the fully resolved config of the last invocation
     inputs.json     the data it trains on: dataset path and the identity of its frames
     frames/         frames.npy (N, S, S, 3) uint8, the train frames decoded once (see
-                    stages/encoder_frames.py for why), and frames.json
+                    stages/machinery/encoder_frames.py for why), and frames.json
     checkpoints/    step=N.ckpt every pretrain_encoder.ckpt_every steps, and last.ckpt
     tb/             TensorBoard: train/loss, train/teacher_entropy, train/teacher_batch_entropy,
                     train/lr, train/weight_decay, train/momentum, train/teacher_temp, and the
@@ -51,34 +51,39 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ConfigError
-from pipeline.dino import DinoArch
-from pipeline.multicrop import IMAGENET, BatchMultiCrop, MultiCrop
-from stages.common import StageError, config_command, output_writes
-from stages.encoder_frames import (
+from egoslots.pipeline.config import ConfigError
+from egoslots.pipeline.dino import DinoArch
+from egoslots.pipeline.multicrop import IMAGENET, BatchMultiCrop, MultiCrop
+from egoslots.stages.machinery.common import StageError, config_command, output_writes
+from egoslots.stages.machinery.encoder_frames import (
     build_frame_cache,
     cache_identity,
     training_videos,
     wait_for_frame_cache,
 )
-from stages.encoder_task import CropDataset, EncoderTask, precision_probe
-from stages.interrupts import CheckpointOnSigterm, SIGTERMException
-from stages.locks import writing_run
-from stages.rundirs import (
+from egoslots.stages.machinery.encoder_task import CropDataset, EncoderTask, precision_probe
+from egoslots.stages.machinery.interrupts import CheckpointOnSigterm, SIGTERMException
+from egoslots.stages.machinery.locks import writing_run
+from egoslots.stages.machinery.rundirs import (
     read_checkpoint,
     read_json,
     resume_checkpoint,
     write_json,
     write_run_files,
 )
-from stages.runtime import (
+from egoslots.stages.machinery.runtime import (
     choose_precision,
     configure_threads,
     device_type,
     several_processes,
 )
-from stages.tokenize import sha256_16
-from stages.training import RaisingCheckpointIO, RecordPrecision, is_rank_zero, stored_precision
+from egoslots.stages.machinery.training import (
+    RaisingCheckpointIO,
+    RecordPrecision,
+    is_rank_zero,
+    stored_precision,
+)
+from egoslots.stages.tokenize import sha256_16
 
 log = logging.getLogger("egoslots")
 
@@ -249,7 +254,7 @@ def export_encoder_safetensors(run_dir: Path, out_dir: Path) -> Path:
 
     from safetensors.torch import save_file
 
-    from pipeline.checkpoints import read_weights_file
+    from egoslots.pipeline.checkpoints import read_weights_file
 
     info = read_json(run_dir / "encoder.json")
     if not info or not (run_dir / "encoder.pth").is_file():
@@ -288,7 +293,7 @@ def pretrain(
 ) -> Path:
     """Train (or finish training) the encoder this config describes and export it; returns the
     run directory. Returns at once when encoder.pth already holds the finished training."""
-    from pipeline.data import make_source
+    from egoslots.pipeline.data import make_source
 
     p = cfg.pretrain_encoder
     arch = check_settings(p)

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 from omegaconf import DictConfig, OmegaConf
 
-from stages.common import StageError, config_command, user_errors
+from egoslots.stages.machinery.common import StageError, config_command, user_errors
 
 log = logging.getLogger("egoslots")
 
@@ -33,7 +33,7 @@ def _done(start: float, what: str) -> None:
 
 def ensure_synthetic_data(cfg: DictConfig) -> Path:
     """Generate the synthetic dataset the config names, unless it is already there."""
-    from stages.synthetic import generate_dataset
+    from egoslots.stages.make_synthetic import generate_dataset
 
     root = Path(cfg.dataset.path)
     s = cfg.dataset.synthetic
@@ -72,8 +72,8 @@ def trains_own_encoder(cfg: DictConfig) -> bool:
 def pinned_store(cfg: DictConfig):
     """The complete store ``store=`` names, used as it is (not re-extracted); None when
     ``store=`` is unset or names no complete store yet (extraction then writes it there)."""
-    from cache.catalog import store_for_config
-    from cache.store import StoreError
+    from egoslots.cache.catalog import store_for_config
+    from egoslots.cache.store import StoreError
 
     if not cfg.store:
         return None
@@ -85,9 +85,9 @@ def pinned_store(cfg: DictConfig):
 
 def _dvae_run_fits(cfg: DictConfig) -> bool:
     """Whether the dVAE run directory is absent or belongs to this config's store and vocabulary."""
-    from cache.catalog import store_for_config
-    from stages.pretrain_dvae import check_run_dir
-    from stages.rundirs import run_dir_of
+    from egoslots.cache.catalog import store_for_config
+    from egoslots.stages.machinery.rundirs import run_dir_of
+    from egoslots.stages.pretrain_dvae import check_run_dir
 
     try:
         check_run_dir(run_dir_of(cfg, cfg.dvae.run_name), cfg, store_for_config(cfg))
@@ -98,9 +98,9 @@ def _dvae_run_fits(cfg: DictConfig) -> bool:
 
 def _slot_run_fits(cfg: DictConfig) -> bool:
     """Whether the slot run directory is absent or holds this config's run on these inputs."""
-    from pipeline.config import resolve
-    from stages.rundirs import run_dir_of
-    from stages.train_slots import check_same_run, resolve_inputs
+    from egoslots.pipeline.config import resolve
+    from egoslots.stages.machinery.rundirs import run_dir_of
+    from egoslots.stages.train_slots import check_same_run, resolve_inputs
 
     run_dir = run_dir_of(cfg, cfg.run_name)
     if not run_dir.is_dir():
@@ -120,12 +120,12 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False, overwrite: bool = Fals
     what belongs to other inputs (a store of other settings at the target, a dVAE or slot run of
     another store or config; only what egoslots wrote) and keeps what matches.
     """
-    from stages.evaluate import evaluate_run, format_table
-    from stages.extract import extract
-    from stages.pretrain_dvae import pretrain
-    from stages.tokenize import tokenize_run
-    from stages.train_slots import train
-    from stages.visualize import visualize_run
+    from egoslots.stages.evaluate import evaluate_run, format_table
+    from egoslots.stages.extract_features import extract
+    from egoslots.stages.pretrain_dvae import pretrain
+    from egoslots.stages.tokenize import tokenize_run
+    from egoslots.stages.train_slots import train
+    from egoslots.stages.visualize import visualize_run
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # a copy we can fill in
     result: dict = {}
@@ -136,7 +136,7 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False, overwrite: bool = Fals
         _done(t, f"videos in {root}")
 
     if pinned is None and trains_own_encoder(cfg):  # (a pinned store needs no encoder)
-        from stages.pretrain_encoder import pretrain as pretrain_encoder
+        from egoslots.stages.pretrain_encoder import pretrain as pretrain_encoder
 
         t = _stage("stage 0: pretrain-encoder")
         encoder_run = pretrain_encoder(cfg)

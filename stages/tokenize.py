@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cache.catalog import find_recorded_store
-from cache.store import FeatureStore, StoreError, chunk_bounds
-from pipeline.config import ConfigError
-from pipeline.dvae import DVAE, PATCH, load_dvae
-from stages.common import StageError, setup_logging, write_failure
-from stages.locks import run_lock
-from stages.rundirs import read_json, saved_config
-from stages.runtime import pick_device
+from egoslots.cache.catalog import find_recorded_store
+from egoslots.cache.store import FeatureStore, StoreError, chunk_bounds
+from egoslots.pipeline.config import ConfigError
+from egoslots.pipeline.dvae import DVAE, PATCH, load_dvae
+from egoslots.stages.machinery.common import StageError, setup_logging, write_failure
+from egoslots.stages.machinery.locks import run_lock
+from egoslots.stages.machinery.rundirs import read_json, saved_config
+from egoslots.stages.machinery.runtime import pick_device
 
 log = logging.getLogger("egoslots")
 
@@ -77,7 +77,7 @@ def tokenize_run(
 
     Writes ``tokens/<hash>/ids`` (F, h, w) uint16 chunk by chunk, each chunk's done flag after its
     ids; resumes with the pending chunks only and returns at once when the tokens are complete.
-    Holds the run directory's lock meanwhile (:mod:`stages.locks`).
+    Holds the run directory's lock meanwhile (:mod:`egoslots.stages.machinery.locks`).
     """
     with run_lock(Path(run_dir), "egoslots tokenize"):
         return _tokenize_locked(Path(run_dir), batch_size, device)

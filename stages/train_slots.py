@@ -13,7 +13,7 @@ Running the same command again resumes from ``checkpoints/last.ckpt`` (or ``--re
 and continues the same data order, so an interrupted run ends where an uninterrupted one would.
 
 Speed: ``trainer.precision: auto`` trains in whichever of fp32 and bf16-mixed a short probe of
-this run's step measures faster on this machine (``stages/runtime.py``; stored in the
+this run's step measures faster on this machine (``stages/machinery/runtime.py``; stored in the
 checkpoints, so a resumed run keeps it), torch threads follow the CPUs this process may use,
 TF32 on GPUs, no host-device synchronisation inside a step (losses are logged as tensors; NaN checks
 and progress bars look only every few steps), and DataLoader workers that read ahead.
@@ -34,14 +34,14 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 
-from cache.catalog import store_for_config
-from cache.store import FeatureStore, StoreError
-from pipeline.config import resolve
-from stages.callbacks import FinalCheckpoint, LossGuard, SlotPictures
-from stages.common import StageError, config_command, output_writes
-from stages.datamodules import ClipData, example_clip
-from stages.locks import check_unlocked, writing_run
-from stages.rundirs import (
+from egoslots.cache.catalog import store_for_config
+from egoslots.cache.store import FeatureStore, StoreError
+from egoslots.pipeline.config import resolve
+from egoslots.stages.machinery.callbacks import FinalCheckpoint, LossGuard, SlotPictures
+from egoslots.stages.machinery.common import StageError, config_command, output_writes
+from egoslots.stages.machinery.datamodules import ClipData, example_clip
+from egoslots.stages.machinery.locks import check_unlocked, writing_run
+from egoslots.stages.machinery.rundirs import (
     catch_up_last,
     check_checkpoint_files,
     check_checkpoint_fits,
@@ -54,15 +54,15 @@ from stages.rundirs import (
     saved_config,
     write_run_files,
 )
-from stages.runtime import (
+from egoslots.stages.machinery.runtime import (
     choose_precision,
     configure_threads,
     device_type,
     set_fast_math,
     several_processes,
 )
-from stages.slot_task import SlotTrainingModule, precision_probe
-from stages.training import fit, is_rank_zero, make_trainer, stored_precision
+from egoslots.stages.machinery.slot_task import SlotTrainingModule, precision_probe
+from egoslots.stages.machinery.training import fit, is_rank_zero, make_trainer, stored_precision
 
 log = logging.getLogger("egoslots")
 

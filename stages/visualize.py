@@ -19,14 +19,19 @@ import click
 import numpy as np
 import torch
 
-from cache.reader import ClipDataset
-from pipeline.dvae import load_dvae
-from pipeline.metrics import infer_grid
-from pipeline.refine import refine_masks
-from stages.common import StageError, setup_logging
-from stages.inference import infer_video, load_trained, restarts_option, window_length
-from stages.pictures import masks_overlay
-from stages.runtime import pick_device
+from egoslots.cache.reader import ClipDataset
+from egoslots.pipeline.dvae import load_dvae
+from egoslots.pipeline.metrics import infer_grid
+from egoslots.pipeline.refine import refine_masks
+from egoslots.stages.machinery.common import StageError, setup_logging
+from egoslots.stages.machinery.inference import (
+    infer_video,
+    load_trained,
+    restarts_option,
+    window_length,
+)
+from egoslots.stages.machinery.pictures import masks_overlay
+from egoslots.stages.machinery.runtime import pick_device
 
 log = logging.getLogger("egoslots")
 

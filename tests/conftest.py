@@ -47,7 +47,7 @@ def dataset(tmp_path_factory):
 def trained_dvae(tmp_path_factory):
     """A finished 6-step dVAE run on a small store, not yet tokenized (tests copy it with
     :func:`tests.helpers.runs.copy_dvae_run`); returns (root, run dir)."""
-    import stages.pretrain_dvae as stage
+    import egoslots.stages.pretrain_dvae as stage
     from tests.helpers.runs import dvae_cfg
     from tests.helpers.stores import frames_store
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline import backbones, checkpoints
-from pipeline.backbones import BackboneError, PatchPixels, build_backbone, silicon_vit
+from egoslots.pipeline import backbones, checkpoints
+from egoslots.pipeline.backbones import BackboneError, PatchPixels, build_backbone, silicon_vit
 
 REPO = Path(__file__).resolve().parents[1]
 REG_MODEL = "vit_small_patch14_reg4_dinov2"
@@ -476,7 +476,7 @@ def test_every_silicon_name_has_the_published_shape():
 
 
 def test_tiny_test_vit_is_a_deterministic_real_vit():
-    from pipeline.config import load_config
+    from egoslots.pipeline.config import load_config
 
     cfg = load_config(
         REPO / "configs" / "demo.yaml", ["globals.BACKBONE=vit-tiny-test", "globals.IMAGE_SIZE=64"]

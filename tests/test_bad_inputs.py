@@ -14,15 +14,15 @@ import torch
 import zarr
 from PIL import Image
 
-import stages.pretrain_dvae as stage_dvae
-from cache.store import FeatureStore, StoreError
-from pipeline.config import ConfigError, load_config
-from pipeline.data.base import SourceError
-from pipeline.data.frames import FrameFolderSource
-from pipeline.dvae import load_dvae
-from stages import dvae_task
-from stages.common import StageError
-from stages.tokenize import TokenWriteError, tokenize_run
+import egoslots.stages.pretrain_dvae as stage_dvae
+from egoslots.cache.store import FeatureStore, StoreError
+from egoslots.pipeline.config import ConfigError, load_config
+from egoslots.pipeline.data.base import SourceError
+from egoslots.pipeline.data.frames import FrameFolderSource
+from egoslots.pipeline.dvae import load_dvae
+from egoslots.stages.machinery import dvae_task
+from egoslots.stages.machinery.common import StageError
+from egoslots.stages.tokenize import TokenWriteError, tokenize_run
 from tests.helpers.data import extract_cfg, memory_source
 from tests.helpers.runs import make_dvae_run, slot_args, slot_cfg
 from tests.helpers.stores import assert_same_store, frames_store, slot_store
@@ -55,7 +55,7 @@ def test_zarr_group_that_is_not_an_egoslots_store(tmp_path):
 
 
 def test_nan_features_stop_train_slots_naming_the_step(tmp_path):
-    from stages.train_slots import train
+    from egoslots.stages.train_slots import train
 
     store = slot_store(tmp_path)
     make_dvae_run(tmp_path)
@@ -107,7 +107,7 @@ def test_extraction_store_on_read_only_or_forbidden_disk_keeps_chunks_and_resume
     meaning; finished chunks kept; the rerun after the fix equals a one-shot extraction."""
     import zarr.storage._local as zarr_local
 
-    from stages.extract import extract
+    from egoslots.stages.extract_features import extract
 
     source = memory_source()
     clean = extract(extract_cfg(tmp_path / "clean"), source=source)
@@ -167,7 +167,7 @@ def test_unwritable_dvae_run_dir_names_the_file_and_keeps_checkpoints(tmp_path, 
     step 2 stays intact and the rerun after the fix resumes from it."""
     from click.testing import CliRunner
 
-    import cli
+    from egoslots import cli
 
     frames_store(tmp_path / "store.zarr")
     args = [
@@ -218,7 +218,7 @@ def test_tokenize_disk_full_or_read_only_store_is_one_clear_error_and_resumes(
     and the command to rerun; finished token chunks kept; the rerun writes only the rest."""
     from click.testing import CliRunner
 
-    import cli
+    from egoslots import cli
 
     frames_store(tmp_path / "store.zarr")
     run_dir = stage_dvae.pretrain(
@@ -280,7 +280,7 @@ def test_unwritable_train_slots_run_dir_names_the_file_and_keeps_checkpoints(tmp
     one line each naming the file and the errno's meaning; step 2 intact; the rerun resumes."""
     from click.testing import CliRunner
 
-    import cli
+    from egoslots import cli
 
     slot_store(tmp_path)
     make_dvae_run(tmp_path)
@@ -329,9 +329,9 @@ def test_checkpoint_of_another_architecture_is_refused_by_resume_and_evaluate(tm
 
     from click.testing import CliRunner
 
-    import cli
-    from stages.inference import load_trained
-    from stages.train_slots import train
+    from egoslots import cli
+    from egoslots.stages.machinery.inference import load_trained
+    from egoslots.stages.train_slots import train
 
     slot_store(tmp_path)
     make_dvae_run(tmp_path)
@@ -382,7 +382,7 @@ def test_checkpoint_of_another_architecture_is_refused_by_resume_and_evaluate(tm
 def test_resume_from_a_dvae_or_pickled_object_checkpoint_is_refused(tmp_path):
     """--resume with a pretrain-dvae .ckpt, or a .ckpt carrying arbitrary pickled objects (loaded
     with weights_only=True, so never executed): one error naming the file."""
-    from stages.train_slots import train
+    from egoslots.stages.train_slots import train
 
     slot_store(tmp_path)
     make_dvae_run(tmp_path)
@@ -467,7 +467,7 @@ def test_checkpoint_writer_round_trips_locally_and_on_object_stores(tmp_path):
     """RaisingCheckpointIO writes what torch.load reads back, on disk (atomic rename) and through fsspec."""
     import fsspec
 
-    from stages.training import RaisingCheckpointIO
+    from egoslots.stages.machinery.training import RaisingCheckpointIO
 
     state = {"state_dict": {"w": torch.arange(6.0)}, "global_step": 7}
     io = RaisingCheckpointIO()

@@ -18,15 +18,15 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from cache.catalog import NewStore, _matching_store
-from cache.store import StoreError
-from cli import main
-from pipeline.config import ConfigError
-from pipeline.data.frames import FrameFolderSource
-from pipeline.data.hdf5 import Hdf5Source
-from stages.common import StageError
-from stages.locks import check_unlocked, run_lock
-from stages.rundirs import LOCK_NAME, RUN_MARKER, remove_run_dir
+from egoslots.cache.catalog import NewStore, _matching_store
+from egoslots.cache.store import StoreError
+from egoslots.cli import main
+from egoslots.pipeline.config import ConfigError
+from egoslots.pipeline.data.frames import FrameFolderSource
+from egoslots.pipeline.data.hdf5 import Hdf5Source
+from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.locks import check_unlocked, run_lock
+from egoslots.stages.machinery.rundirs import LOCK_NAME, RUN_MARKER, remove_run_dir
 from tests.helpers.runs import make_dvae_run, slot_args, slot_cfg
 from tests.helpers.stores import slot_store
 
@@ -170,7 +170,7 @@ def test_train_slots_refuses_a_dvae_run_still_being_written_and_stale_locks_are_
                 }
             )
         )
-        from stages.train_slots import resolve_inputs
+        from egoslots.stages.train_slots import resolve_inputs
 
         with pytest.raises(StageError) as err:
             resolve_inputs(slot_cfg(tmp_path))
@@ -270,7 +270,7 @@ def test_named_options_are_range_checked_by_click(tmp_path):
 
 
 def test_lightning_refusing_the_trainer_settings_is_one_config_error(tmp_path):
-    from stages.training import make_trainer
+    from egoslots.stages.machinery.training import make_trainer
 
     for command, section in (("train-slots", "trainer"), ("pretrain-dvae", "dvae")):
         with pytest.raises(ConfigError, match=rf"^{section}.accelerator / devices .*'bogus'"):
@@ -286,7 +286,7 @@ def test_lightning_refusing_the_trainer_settings_is_one_config_error(tmp_path):
 
 
 def test_extract_device_cuda_without_a_gpu_is_one_config_error(monkeypatch):
-    from stages.runtime import pick_device
+    from egoslots.stages.machinery.runtime import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"extract.device=cuda: torch sees no GPU"):
@@ -296,7 +296,7 @@ def test_extract_device_cuda_without_a_gpu_is_one_config_error(monkeypatch):
 
 
 def test_damaged_run_files_and_a_last_ckpt_folder_are_one_line(tmp_path):
-    from stages.train_slots import train
+    from egoslots.stages.train_slots import train
 
     slot_store(tmp_path)
     make_dvae_run(tmp_path)
@@ -315,7 +315,7 @@ def test_damaged_run_files_and_a_last_ckpt_folder_are_one_line(tmp_path):
 
 
 def test_symlink_loop_in_the_data_folder_is_named(tmp_path):
-    from pipeline.data.base import SourceError
+    from egoslots.pipeline.data.base import SourceError
 
     root = tmp_path / "data"
     (root / "v").mkdir(parents=True)
@@ -337,7 +337,7 @@ def test_a_write_refused_where_no_stage_expected_it_is_one_line(tmp_path, monkey
     naming the path and what to do, not a traceback."""
     import errno
 
-    from stages import synthetic
+    from egoslots.stages import make_synthetic as synthetic
 
     def refused(out, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(out))

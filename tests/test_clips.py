@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from pipeline.data.clips import Clip, build_clip_index, clip_starts, span
+from egoslots.pipeline.data.clips import Clip, build_clip_index, clip_starts, span
 
 
 def test_last_clip_ends_exactly_at_the_last_frame():
@@ -49,7 +49,7 @@ def test_invalid_clip_settings(args):
 
 def test_clip_index_over_a_real_source(tmp_path):
     """The source's video table feeds the clip index as the store reader does."""
-    from pipeline.data.frames import FrameFolderSource
+    from egoslots.pipeline.data.frames import FrameFolderSource
     from tests.helpers.data import write_frames
 
     write_frames(tmp_path / "a", 6, size=(4, 4))

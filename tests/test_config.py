@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config
-from stages.rundirs import write_config
+from egoslots.pipeline.config import ConfigError, load_config
+from egoslots.stages.machinery.rundirs import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_saved_config_is_fully_resolved_and_reloads(tmp_path):
 def test_every_command_help_has_an_example():
     from click.testing import CliRunner
 
-    import cli
+    from egoslots import cli
 
     runner = CliRunner()
     for name in cli.COMMANDS:
@@ -138,7 +138,7 @@ def test_every_command_help_has_an_example():
 
 
 def test_decoder_mixing_is_checked_and_reaches_the_model_config():
-    from pipeline.model import SlotModelConfig
+    from egoslots.pipeline.model import SlotModelConfig
 
     cfg = load_config(REPO / "configs" / "base.yaml", ["decoder.mixing=attention"])
     assert SlotModelConfig.from_config(cfg, 8, 4).decoder_mixing == "attention"

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.config import ConfigError, load_config
-from pipeline.config_schema import LIMITS, Config
+from egoslots.pipeline.config import ConfigError, load_config
+from egoslots.pipeline.config_schema import LIMITS, Config
 
 HUGE_INT = 10**15
 HUGE_FLOAT = 1.0e300
@@ -166,7 +166,7 @@ def test_work_dir_with_home_or_a_variable_is_expanded_and_a_file_is_refused(tmp_
 
 
 def test_shipped_configs_pass_the_limits():
-    from pipeline.config import CONFIG_DIR
+    from egoslots.pipeline.config import CONFIG_DIR
 
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         load_config(path)

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache.store import FeatureStore
+from egoslots.cache.store import FeatureStore
 from tests.helpers.crashkit import (
     KillPoint,
     cli,
@@ -195,7 +195,7 @@ def assert_resumed_like_uninterrupted(full: Path, resumed: Path, live: Path) -> 
 def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
     from lightning.pytorch.callbacks import Callback
 
-    import stages.pretrain_dvae as stage
+    import egoslots.stages.pretrain_dvae as stage
 
     class CrashAt(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -229,8 +229,8 @@ def test_dvae_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path):
 
 
 def test_train_slots_resumed_early_ends_bit_identical_to_uninterrupted(tmp_path, monkeypatch):
-    from stages import train_slots
-    from stages.slot_task import SlotTrainingModule
+    from egoslots.stages import train_slots
+    from egoslots.stages.machinery.slot_task import SlotTrainingModule
 
     def cfg(work):
         return slot_cfg(
@@ -361,8 +361,8 @@ def write_dvae_config(work: Path, store: Path, **dvae) -> Path:
 @pytest.fixture(scope="module")
 def dvae_for_tokens(tmp_path_factory):
     """A 2-step dVAE (64 px frames, 48 chunks of 8) trained in this process, not yet tokenized."""
-    import stages.pretrain_dvae as stage
-    from pipeline.config import load_config
+    import egoslots.stages.pretrain_dvae as stage
+    from egoslots.pipeline.config import load_config
 
     root = tmp_path_factory.mktemp("tokens")
     frames_store(root / "store.zarr", frames_per_video=64, chunk_len=8, size=64)
@@ -412,7 +412,7 @@ def test_tokenize_killed_at_random_chunk_then_rerun_is_byte_identical(
 def test_tokenize_removes_partial_files_of_killed_writes(dvae_for_tokens, tmp_path):
     """zarr writes a chunk to NAME.<uuid>.partial and renames it: a kill -9 mid-write leaves the
     .partial file (found by the test above). Finishing the tokens removes them."""
-    import stages.pretrain_dvae as stage
+    import egoslots.stages.pretrain_dvae as stage
 
     _, run_dir = copy_dvae_run(dvae_for_tokens, tmp_path / "w")
     dvae_hash = json.loads((run_dir / "dvae.json").read_text())["hash"]

@@ -111,8 +111,8 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
 
     # 1 process, batch 4, in this process
-    from pipeline.config import load_config
-    from stages.train_slots import train
+    from egoslots.pipeline.config import load_config
+    from egoslots.stages.train_slots import train
 
     single = train(
         load_config(REPO / "configs/base.yaml", overrides(tmp_path, "single", 2 * PER_DEVICE))
@@ -129,7 +129,7 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
 
 
 def test_ranks_draw_disjoint_slices_whose_union_is_the_one_process_stream():
-    from stages.training import ResumableRandomSampler
+    from egoslots.stages.machinery.training import ResumableRandomSampler
 
     batch, world, steps = 3, 4, 30_000  # crosses the sampler's 65,536-draw blocks
     single = list(ResumableRandomSampler(50, total=steps * batch * world, seed=7))
@@ -158,9 +158,9 @@ def test_pretrain_dvae_two_processes_equal_one_process_with_the_global_batch(tmp
     """`pretrain-dvae` under torchrun (2 gloo ranks, batch 4 each) == 1 process with batch 8; rank 0
     alone writes the run directory and tokenizes the store."""
 
-    from cache.store import FeatureStore
-    from pipeline.config import load_config
-    from stages.pretrain_dvae import pretrain
+    from egoslots.cache.store import FeatureStore
+    from egoslots.pipeline.config import load_config
+    from egoslots.stages.pretrain_dvae import pretrain
 
     frames_store(tmp_path / "store.zarr")
     dvae = [
@@ -251,10 +251,10 @@ def test_pretrain_dvae_two_processes_equal_one_process_with_the_global_batch(tmp
 NAN_DRIVER = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import stages.dvae_task as task
-import stages.pretrain_dvae as stage
-from pipeline.config import load_config
-from stages.common import TrainingDiverged
+import egoslots.stages.machinery.dvae_task as task
+import egoslots.stages.pretrain_dvae as stage
+from egoslots.pipeline.config import load_config
+from egoslots.stages.machinery.common import TrainingDiverged
 
 rank, calls, real = int(os.environ["RANK"]), [0], task.reconstruction_loss
 
@@ -325,10 +325,10 @@ def test_pretrain_dvae_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
 SLOTS_NAN_DRIVER = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import stages.train_slots as stage
-from pipeline.config import load_config
-from stages.common import StageError
-from stages.slot_task import SlotTrainingModule
+import egoslots.stages.train_slots as stage
+from egoslots.pipeline.config import load_config
+from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.slot_task import SlotTrainingModule
 
 rank, real = int(os.environ["RANK"]), SlotTrainingModule._step
 

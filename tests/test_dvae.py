@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.dvae import DVAE, Geco, code_usage, gumbel_tau, kl_to_uniform, reconstruction_loss
+from egoslots.pipeline.dvae import (
+    DVAE,
+    Geco,
+    code_usage,
+    gumbel_tau,
+    kl_to_uniform,
+    reconstruction_loss,
+)
 from tests.helpers.stores import synthetic_frames
 
 
@@ -102,7 +109,7 @@ def test_slate_arch_keeps_the_groupnorm_network():
 def test_load_dvae_reads_the_arch_and_old_runs_without_it(tmp_path, arch):
     import json
 
-    from pipeline.dvae import load_dvae
+    from egoslots.pipeline.dvae import load_dvae
 
     model = DVAE(vocab_size=16, hidden=8, arch=arch)
     torch.save(model.state_dict(), tmp_path / "dvae.pt")

@@ -13,16 +13,16 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-import stages.pretrain_dvae as stage
-from cache.reader import ClipDataset
-from cache.store import FeatureStore, StoreError
-from pipeline.config import ConfigError
-from pipeline.dvae import load_dvae
-from stages import dvae_task
-from stages.common import TrainingDiverged
-from stages.datamodules import FrameDataset, training_rows
-from stages.rundirs import find_resume_checkpoint
-from stages.tokenize import sha256_16, tokenize_run
+import egoslots.stages.pretrain_dvae as stage
+from egoslots.cache.reader import ClipDataset
+from egoslots.cache.store import FeatureStore, StoreError
+from egoslots.pipeline.config import ConfigError
+from egoslots.pipeline.dvae import load_dvae
+from egoslots.stages.machinery import dvae_task
+from egoslots.stages.machinery.common import TrainingDiverged
+from egoslots.stages.machinery.datamodules import FrameDataset, training_rows
+from egoslots.stages.machinery.rundirs import find_resume_checkpoint
+from egoslots.stages.tokenize import sha256_16, tokenize_run
 from tests.helpers.runs import copy_dvae_run, dvae_cfg
 from tests.helpers.stores import frames_store
 
@@ -210,7 +210,7 @@ def test_geco_state_is_trained_and_checkpointed(tmp_path):
 
 
 def test_cli_commands(trained_dvae, tmp_path):
-    from cli import main
+    from egoslots.cli import main
 
     store_path, run_dir = copy_dvae_run(trained_dvae[0], tmp_path / "w")
     runner = CliRunner()

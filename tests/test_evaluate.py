@@ -7,9 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import probe
-from stages import evaluate as ev
-from stages.inference import load_trained
+from egoslots.pipeline import probe
+from egoslots.stages import evaluate as ev
+from egoslots.stages.machinery.inference import load_trained
 from tests.helpers.runs import RUN_SLOT_DIM, RUN_SLOTS, RUN_STEPS, slot_run
 from tests.helpers.stores import SQ_DIM, SQ_GRID, SQ_TOKEN_GRID, SQ_VOCAB
 
@@ -148,7 +148,7 @@ def test_store_without_masks_is_skipped_with_a_note(tmp_path_factory, tmp_path):
 
 
 def test_cli_prints_table(run):
-    import cli
+    from egoslots import cli
 
     result = CliRunner().invoke(cli.main, ["evaluate", str(run), "--split", "test", "--no-probe"])
     assert result.exit_code == 0, result.output
@@ -257,7 +257,7 @@ def test_identical_masks_are_scored_and_refined_once(monkeypatch):
 def test_a_gaussian_initializer_gives_the_same_scores_twice(run):
     model = load_trained(run)[0]
     feats = torch.randn(5, SQ_GRID * SQ_GRID, SQ_DIM, generator=torch.Generator().manual_seed(1))
-    from pipeline.slots import GaussianInit
+    from egoslots.pipeline.slots import GaussianInit
 
     model.initializer = GaussianInit(RUN_SLOTS, RUN_SLOT_DIM)
     with torch.no_grad():
@@ -275,7 +275,7 @@ def test_restarts_choose_the_first_slots_and_key_the_metrics(run, monkeypatch):
     """evaluate --restarts R: each video's first slots are the best of R draws on its first
     window (SlotModel.best_first_slots), later windows carry them; R is part of the metrics key."""
     model = load_trained(run)[0]
-    from pipeline.slots import GaussianInit
+    from egoslots.pipeline.slots import GaussianInit
 
     model.initializer = GaussianInit(RUN_SLOTS, RUN_SLOT_DIM)
     with torch.no_grad():

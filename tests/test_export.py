@@ -8,7 +8,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from stages import export
+from egoslots.stages import export_slots as export
 from tests.helpers.runs import RUN_SLOT_DIM, RUN_SLOTS, RUN_STEPS, slot_run
 from tests.helpers.stores import SQ_DVAE_HASH as DVAE_HASH
 from tests.helpers.stores import SQ_FRAMES as FRAMES
@@ -55,7 +55,7 @@ def test_export_shapes_and_fingerprint(run, tmp_path, name):
     )
     assert meta["grid"] == [GRID, GRID] and meta["num_frames"] == 3 * FRAMES
     # tokens are the store's cached ids
-    from cache.store import FeatureStore
+    from egoslots.cache.store import FeatureStore
 
     store = FeatureStore.open(tmp_path / "work" / "stores" / "tinyfp.zarr")
     v = store.videos_in("test")[1]
@@ -89,7 +89,7 @@ def test_failed_export_leaves_previous_output_intact(run, tmp_path, monkeypatch)
 
 
 def test_cli_export(run, tmp_path):
-    import cli
+    from egoslots import cli
 
     out = tmp_path / "cli.npz"
     result = CliRunner().invoke(cli.main, ["export-slots", str(run), str(out), "--split", "test"])
@@ -115,8 +115,8 @@ def test_export_restarts_are_recorded_and_change_the_first_slots(run, tmp_path, 
     records R, and an export with another R is a different export."""
     import torch
 
-    import cli
-    from pipeline.slots import GaussianInit
+    from egoslots import cli
+    from egoslots.pipeline.slots import GaussianInit
 
     real = export.load_trained
 

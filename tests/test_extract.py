@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from cache.store import FeatureStore
-from pipeline.config import ConfigError
-from stages.extract import shard_identity
+from egoslots.cache.store import FeatureStore
+from egoslots.pipeline.config import ConfigError
+from egoslots.stages.extract_features import shard_identity
 from tests.helpers.crashkit import REPO, extract_cli, run_to_end
 from tests.helpers.data import write_extract_config, write_frame_folder
 from tests.helpers.stores import assert_same_store, only_store
@@ -27,7 +27,7 @@ from tests.helpers.stores import assert_same_store, only_store
 def test_uninterrupted_store_is_complete_and_verifies(dataset):
     from click.testing import CliRunner
 
-    from stages.cache_cmds import cache
+    from egoslots.stages.cache import cache
 
     _, _, store = dataset
     st = FeatureStore.open(store)
@@ -102,7 +102,7 @@ def test_torchrun_two_processes_write_one_store(dataset, tmp_path):
     shard from RANK/WORLD_SIZE; the store equals one process's and `cache verify` passes."""
     from click.testing import CliRunner
 
-    from stages.cache_cmds import cache
+    from egoslots.stages.cache import cache
 
     _, config, reference = dataset
     work = tmp_path / "torchrun"
@@ -153,9 +153,9 @@ def test_shard_identity_from_flags_torchrun_or_slurm(monkeypatch):
 
 
 def test_corrupt_frame_file_is_named_and_skip_bad_finishes(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.data.base import SourceError
-    from stages.extract import extract
+    from egoslots.pipeline.config import load_config
+    from egoslots.pipeline.data.base import SourceError
+    from egoslots.stages.extract_features import extract
 
     data = write_frame_folder(tmp_path / "frames", videos=3, frames=12, size=(32, 40))
     bad = data / "clip01" / "0005.png"

@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import loss_featrec, loss_slot_slot_contrast, loss_steve_ce
+from egoslots.pipeline.losses import loss_featrec, loss_slot_slot_contrast, loss_steve_ce
 
 TAU = 0.1
 

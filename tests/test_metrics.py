@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from pipeline import baselines, metrics
+from egoslots.pipeline import baselines, metrics
 
 
 def onehot_masks(labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.model import SlotModel
+from egoslots.pipeline.config import load_config
+from egoslots.pipeline.model import SlotModel
 
 B, T, N, F, GRID, V = 2, 3, 16, 32, (8, 8), 16
 TINY = [
@@ -220,7 +220,7 @@ def test_a_fixed_initializer_has_nothing_to_restart():
 
 
 def test_restarts_need_a_gaussian_initializer():
-    from pipeline.config import ConfigError
+    from egoslots.pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.initializer.restarts=4 needs"):
         load_config(None, ["model.initializer.restarts=4"])

@@ -5,10 +5,16 @@ import math
 import pytest
 import torch
 
-from pipeline.decoders import MLPBroadcastDecoder
-from pipeline.predictor import SlotPredictor, SlotScan
-from pipeline.slots import FeatureMLP, FixedInit, GaussianInit, SlotAttention, build_initializer
-from pipeline.steve import SteveDecoder
+from egoslots.pipeline.decoders import MLPBroadcastDecoder
+from egoslots.pipeline.predictor import SlotPredictor, SlotScan
+from egoslots.pipeline.slots import (
+    FeatureMLP,
+    FixedInit,
+    GaussianInit,
+    SlotAttention,
+    build_initializer,
+)
+from egoslots.pipeline.steve import SteveDecoder
 
 B, T, N, F, K, D = 2, 3, 16, 24, 4, 32
 
@@ -151,7 +157,7 @@ def test_attention_mixing_uses_the_slot_attention_masks_and_trains_the_grouping(
 
 
 def test_slot_model_with_attention_mixing_reports_the_attention_masks_as_decoder_masks():
-    from pipeline.model import SlotModel, SlotModelConfig
+    from egoslots.pipeline.model import SlotModel, SlotModelConfig
 
     cfg = SlotModelConfig(
         feature_dim=F, num_tokens=N, num_slots=K, slot_dim=D, decoder_hidden_dims=(32,),

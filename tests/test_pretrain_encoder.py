@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.config import ConfigError, load_config
-from pipeline.multicrop import IMAGENET
+from egoslots.pipeline.config import ConfigError, load_config
+from egoslots.pipeline.multicrop import IMAGENET
 from tests.test_extract import write_frame_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def config(root: Path, data: Path, *overrides: str, **encoder):
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     """A finished 6-step run (in this process); tests read it, never change it."""
-    from stages.pretrain_encoder import pretrain
+    from egoslots.stages.pretrain_encoder import pretrain
 
     cfg = config(tmp_path_factory.mktemp("trained"), data)
     return cfg, pretrain(cfg)
@@ -88,7 +88,7 @@ def trained(data, tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 def test_schedules_are_dinos_cosine_scheduler():
     """utils.cosine_scheduler: np.linspace warm-up, then final + (base-final)(1+cos(pi i/n))/2."""
-    from pipeline.dino import cosine_schedule, teacher_temperature
+    from egoslots.pipeline.dino import cosine_schedule, teacher_temperature
 
     base, final, total, warmup = 0.5, 0.01, 50, 10
     warm = np.linspace(0, base, warmup)
@@ -104,7 +104,7 @@ def test_schedules_are_dinos_cosine_scheduler():
 
 def test_dino_loss_is_dinos_loss_and_centre_update():
     """The loss DINO's DINOLoss.forward computes with its loops, and its EMA centre."""
-    from pipeline.dino import DINO, DinoArch
+    from egoslots.pipeline.dino import DINO, DinoArch
 
     torch.manual_seed(0)
     model = DINO(DinoArch(8, 32, 1, 2, 4.0, 16, 24, 16, 8), center_momentum=0.8)
@@ -127,7 +127,7 @@ def test_dino_loss_is_dinos_loss_and_centre_update():
 
 
 def test_per_parameter_clipping_ema_and_weight_decay_groups():
-    from pipeline.dino import DINO, DinoArch
+    from egoslots.pipeline.dino import DINO, DinoArch
 
     torch.manual_seed(0)
     model = DINO(DinoArch(8, 32, 1, 2, 4.0, 16, 24, 16, 8))
@@ -150,8 +150,8 @@ def test_per_parameter_clipping_ema_and_weight_decay_groups():
 
 def test_attention_maps_are_the_last_blocks_cls_attention():
     """cls_attention against timm's own (unfused) attention matrix of the last block."""
-    from pipeline.backbones import dino_vit
-    from pipeline.dino import cls_attention
+    from egoslots.pipeline.backbones import dino_vit
+    from egoslots.pipeline.dino import cls_attention
 
     torch.manual_seed(0)
     vit = dino_vit(32, 8, 32, 2, 2).eval()
@@ -166,7 +166,7 @@ def test_attention_maps_are_the_last_blocks_cls_attention():
 
 
 def test_multicrop_depends_only_on_the_sample_position():
-    from pipeline.multicrop import MultiCrop
+    from egoslots.pipeline.multicrop import MultiCrop
 
     crops = MultiCrop(32, 16, 2, blur_sigma=(0.1, 0.3), seed=4)
     frame = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -181,7 +181,7 @@ def test_multicrop_depends_only_on_the_sample_position():
 def test_batched_crops_draw_per_position_and_compute_torchvisions_colour_ops():
     from torchvision.transforms.v2 import functional as TF
 
-    from pipeline.multicrop import BatchMultiCrop, _adjust_hue, _jitter_op
+    from egoslots.pipeline.multicrop import BatchMultiCrop, _adjust_hue, _jitter_op
 
     x = torch.rand(4, 3, 8, 8)
     x[1, 0] = x[1, 1]  # ties between channels
@@ -211,7 +211,7 @@ def test_batched_crops_draw_per_position_and_compute_torchvisions_colour_ops():
 
 
 def test_lightly_crops_train_too(data, tmp_path):
-    from stages.pretrain_encoder import pretrain
+    from egoslots.stages.pretrain_encoder import pretrain
 
     run_dir = pretrain(config(tmp_path, data, crops="lightly", max_steps=2, image_every=0))
     assert json.loads((run_dir / "encoder.json").read_text())["steps"] == 2
@@ -237,8 +237,8 @@ def test_run_directory_holds_checkpoints_tensorboard_and_the_encoder(trained):
 
 
 def test_exported_encoder_loads_in_silicon_layout_and_gives_the_teachers_features(trained):
-    from pipeline.backbones import ViTEncoder, build_backbone, dino_vit
-    from stages.encoder_task import EncoderTask
+    from egoslots.pipeline.backbones import ViTEncoder, build_backbone, dino_vit
+    from egoslots.stages.machinery.encoder_task import EncoderTask
 
     cfg, run_dir = trained
     saved = torch.load(run_dir / "encoder.pth", map_location="cpu", weights_only=True)
@@ -278,8 +278,8 @@ def test_safetensors_export_holds_the_backbone_and_loads_to_the_same_features(tr
 
     from safetensors.torch import load_file
 
-    from pipeline.backbones import build_backbone
-    from stages.pretrain_encoder import export_encoder_safetensors
+    from egoslots.pipeline.backbones import build_backbone
+    from egoslots.stages.pretrain_encoder import export_encoder_safetensors
 
     cfg, run_dir = trained
     path = export_encoder_safetensors(run_dir, tmp_path / "shipped")
@@ -295,8 +295,8 @@ def test_safetensors_export_holds_the_backbone_and_loads_to_the_same_features(tr
 
 
 def test_safetensors_export_of_an_unfinished_run_is_refused(tmp_path):
-    from stages.common import StageError
-    from stages.pretrain_encoder import export_encoder_safetensors
+    from egoslots.stages.machinery.common import StageError
+    from egoslots.stages.pretrain_encoder import export_encoder_safetensors
 
     with pytest.raises(StageError, match="no finished encoder"):
         export_encoder_safetensors(tmp_path, tmp_path / "out")
@@ -304,7 +304,7 @@ def test_safetensors_export_of_an_unfinished_run_is_refused(tmp_path):
 
 
 def test_a_finished_run_returns_at_once(trained):
-    from stages.pretrain_encoder import pretrain
+    from egoslots.stages.pretrain_encoder import pretrain
 
     cfg, run_dir = trained
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
@@ -313,7 +313,7 @@ def test_a_finished_run_returns_at_once(trained):
 
 
 def test_run_directory_of_another_vit_or_other_frames_is_refused(trained, data, tmp_path):
-    from stages.pretrain_encoder import pretrain
+    from egoslots.stages.pretrain_encoder import pretrain
 
     cfg, _ = trained
     wider = load_config(
@@ -354,7 +354,7 @@ def _flat(cfg) -> list[tuple[str, object]]:
 def test_bad_settings_are_one_line_errors(data, tmp_path, override, message):
     from click.testing import CliRunner
 
-    from cli import main
+    from egoslots.cli import main
 
     result = CliRunner().invoke(
         main, ["pretrain-encoder", str(write_config(tmp_path, data)), override]
@@ -365,7 +365,7 @@ def test_bad_settings_are_one_line_errors(data, tmp_path, override, message):
 
 
 def test_extracting_with_self_before_training_says_what_to_run(data, tmp_path):
-    from pipeline.backbones import BackboneError, build_backbone
+    from egoslots.pipeline.backbones import BackboneError, build_backbone
 
     cfg = config(tmp_path, data)
     with pytest.raises(BackboneError, match="run `egoslots pretrain-encoder CONFIG` first"):
@@ -377,7 +377,7 @@ def test_extracting_with_self_before_training_says_what_to_run(data, tmp_path):
 # style below, marked slow)
 # --------------------------------------------------------------------------------------------
 def test_resumed_early_ends_bit_identical_to_uninterrupted(data, tmp_path, monkeypatch):
-    from stages import pretrain_encoder as stage
+    from egoslots.stages import pretrain_encoder as stage
     from tests.test_crash import assert_resumed_like_uninterrupted, leave_kill_debris
 
     class Crash(RuntimeError):
@@ -437,7 +437,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes(data, tmp_path):
 
 def test_cli_encoder_then_extract_then_train_slots(data, tmp_path):
     """Done-when of issue 11: a tiny encoder trained, exported, extracted with, slots trained."""
-    from cache.store import FeatureStore
+    from egoslots.cache.store import FeatureStore
 
     config_path = write_config(tmp_path, data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -471,7 +471,7 @@ SLOTS = [
 
 @pytest.mark.slow  # the whole pipeline twice: ~3 min on a shared 2-core machine
 def test_egoslots_run_trains_the_encoder_first_and_skips_it_when_done(data, tmp_path):
-    from stages.run import trains_own_encoder
+    from egoslots.stages.run import trains_own_encoder
 
     config_path = write_config(tmp_path, data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -561,8 +561,8 @@ def test_precision_auto_probes_the_dino_step_and_records_its_choice(
     probe, not a stand-in) and its checkpoints record the choice for a resume."""
     import torch
 
-    from stages import runtime
-    from stages.pretrain_encoder import pretrain
+    from egoslots.stages.machinery import runtime
+    from egoslots.stages.pretrain_encoder import pretrain
 
     monkeypatch.setenv("EGOSLOTS_PRECISION_CACHE", "off")
     monkeypatch.setattr(runtime, "bf16_native", lambda device: True)

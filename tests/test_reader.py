@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cache.reader import ClipDataset
-from cache.store import FeatureStore, StoreError
-from pipeline.backbones import build_backbone
-from pipeline.preprocess import preprocess_frame
-from stages.extract import extract
+from egoslots.cache.reader import ClipDataset
+from egoslots.cache.store import FeatureStore, StoreError
+from egoslots.pipeline.backbones import build_backbone
+from egoslots.pipeline.preprocess import preprocess_frame
+from egoslots.stages.extract_features import extract
 from tests.helpers.data import extract_cfg, memory_source
 
 
@@ -128,8 +128,8 @@ def test_whole_batches_equal_stacked_clips(tmp_path, dtype, context):
     """ClipBatches (train-slots' loader: each batch read straight into one shared-memory
     tensor) gives what stacking ClipDataset's items gives, in DataLoader workers too; frames
     read whole by FrameDataset equal the frames read one by one."""
-    from cache.reader import ClipBatches
-    from stages.datamodules import FrameDataset, as_batch, collate_clips
+    from egoslots.cache.reader import ClipBatches
+    from egoslots.stages.machinery.datamodules import FrameDataset, as_batch, collate_clips
 
     path = extract(
         extract_cfg(tmp_path, f"extract.dtype={dtype}"), source=memory_source(num_videos=2)

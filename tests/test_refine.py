@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import metrics
-from pipeline.refine import refine_masks
+from egoslots.pipeline import metrics
+from egoslots.pipeline.refine import refine_masks
 
 SIZE, PATCH = 32, 8  # 4x4 token grid
 GRID = (SIZE // PATCH, SIZE // PATCH)

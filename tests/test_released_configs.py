@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.config import load_config
+from egoslots.pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

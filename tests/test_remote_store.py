@@ -17,12 +17,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache.catalog import store_for_config
-from cache.location import filesystem
-from cache.reader import ClipDataset
-from cache.store import FeatureStore, StoreError
-from stages.cache_cmds import cache
-from stages.extract import extract
+from egoslots.cache.catalog import store_for_config
+from egoslots.cache.location import filesystem
+from egoslots.cache.reader import ClipDataset
+from egoslots.cache.store import FeatureStore, StoreError
+from egoslots.stages.cache import cache
+from egoslots.stages.extract_features import extract
 from tests.helpers.crashkit import REPO, KillPoint, extract_cli, kill_mid_run, run_to_end
 from tests.helpers.data import extract_cfg, memory_source
 from tests.helpers.runs import PIPELINE_TINY
@@ -246,7 +246,7 @@ def test_remote_store_whose_creation_was_killed_is_recreated(s3, tmp_path):
     the rerun recognises that and recreates the store; a foreign zarr group is never touched."""
     import zarr
 
-    from cache.store import ATTRS_KEY
+    from egoslots.cache.store import ATTRS_KEY
 
     cfg = extract_cfg(tmp_path, f"store_dir=s3://{BUCKET}/stores")
     url = extract(cfg, source=memory_source())

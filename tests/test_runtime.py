@@ -1,4 +1,4 @@
-"""stages/runtime.py: precision ``auto`` by measurement (probe, cache, explicit settings) and
+"""stages/machinery/runtime.py: precision ``auto`` by measurement (probe, cache, explicit settings) and
 torch's thread count from the affinity mask and the cgroup CPU quota."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from stages import runtime, speed_probe
-from stages.runtime import PrecisionProbe, choose_precision
+from egoslots.stages.machinery import runtime, speed_probe
+from egoslots.stages.machinery.runtime import PrecisionProbe, choose_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,7 +188,7 @@ import os, sys
 sys.path.insert(0, sys.argv[1])
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 import torch
-from stages.runtime import configure_threads
+from egoslots.stages.machinery.runtime import configure_threads
 configure_threads(0, busy_workers=0)
 print(torch.get_num_threads())
 """
@@ -218,11 +218,11 @@ def test_thread_overrides(monkeypatch):
 def test_the_stages_probes_run_their_own_steps_on_copies():
     """The probes of train-slots and pretrain-dvae build their real models' steps (copies: the
     run's weights do not move) and key the cache by model and batch shape."""
-    from pipeline.config import load_config, resolve
-    from stages.dvae_task import DVAETask
-    from stages.dvae_task import precision_probe as dvae_probe
-    from stages.slot_task import SlotTrainingModule
-    from stages.slot_task import precision_probe as slot_probe
+    from egoslots.pipeline.config import load_config, resolve
+    from egoslots.stages.machinery.dvae_task import DVAETask
+    from egoslots.stages.machinery.dvae_task import precision_probe as dvae_probe
+    from egoslots.stages.machinery.slot_task import SlotTrainingModule
+    from egoslots.stages.machinery.slot_task import precision_probe as slot_probe
     from tests.helpers.runs import TINY_SLOT_MODEL
 
     cfg = load_config(None, ["globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", "globals.VOCAB_SIZE=16",

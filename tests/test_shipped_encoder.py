@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbones import build_backbone
-from pipeline.config import load_config
+from egoslots.pipeline.backbones import build_backbone
+from egoslots.pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "configs" / "encoders" / "synthetic-p8"

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from cache.store import FeatureStore
+from egoslots.cache.store import FeatureStore
 from tests.helpers.crashkit import REPO, extract_cli, run_to_end
 from tests.helpers.data import write_extract_config, write_frame_folder
 from tests.helpers.stores import assert_same_store, only_store

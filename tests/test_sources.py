@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.config import ConfigError
-from pipeline.data import make_source
-from pipeline.data.base import SourceError, split_of
-from pipeline.data.frames import FrameFolderSource
-from pipeline.data.hdf5 import Hdf5Source
-from pipeline.data.video import VideoFileSource, subsample
+from egoslots.pipeline.config import ConfigError
+from egoslots.pipeline.data import make_source
+from egoslots.pipeline.data.base import SourceError, split_of
+from egoslots.pipeline.data.frames import FrameFolderSource
+from egoslots.pipeline.data.hdf5 import Hdf5Source
+from egoslots.pipeline.data.video import VideoFileSource, subsample
 from tests.helpers.data import (
     cfg_for,
     frame_image,
@@ -335,7 +335,7 @@ def test_split_is_deterministic_and_roughly_80_10_10():
 
 # ---------------------------------------------------------------------------------- inspect-data
 def test_inspect_data_command(tmp_path):
-    from cli import main
+    from egoslots.cli import main
 
     write_frames(
         tmp_path / "a", 5, masks=True, meta={"objects": [{"id": 1, "mesh": "duck", "size": 0.1}]}

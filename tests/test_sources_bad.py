@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import make_source
-from pipeline.data.base import SourceError
-from pipeline.data.frames import FrameFolderSource
-from pipeline.data.hdf5 import Hdf5Source
-from pipeline.data.video import VideoFileSource
+from egoslots.pipeline.data import make_source
+from egoslots.pipeline.data.base import SourceError
+from egoslots.pipeline.data.frames import FrameFolderSource
+from egoslots.pipeline.data.hdf5 import Hdf5Source
+from egoslots.pipeline.data.video import VideoFileSource
 from tests.helpers.data import cfg_for, write_emorl_h5, write_frames, write_video
 
 

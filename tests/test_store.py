@@ -14,16 +14,16 @@ import zarr
 import zarr.storage._local as zarr_local
 from click.testing import CliRunner
 
-import cache.fingerprint as fingerprint_mod
-from cache.catalog import store_for_config
-from cache.fingerprint import fingerprint_inputs, fingerprint_of
-from cache.store import FeatureStore, StoreError, VideoRecord
-from cache.verify import Finding, forget_chunks
-from pipeline.data.base import FileIdentity, SourceError, VideoInfo
-from pipeline.data.memory import InMemorySource
-from pipeline.preprocess import preprocess_frame, resize_mask, resize_rgb
-from stages.extract import extract, plan_extraction
-from stages.extract_chunks import to_storage
+import egoslots.cache.fingerprint as fingerprint_mod
+from egoslots.cache.catalog import store_for_config
+from egoslots.cache.fingerprint import fingerprint_inputs, fingerprint_of
+from egoslots.cache.store import FeatureStore, StoreError, VideoRecord
+from egoslots.cache.verify import Finding, forget_chunks
+from egoslots.pipeline.data.base import FileIdentity, SourceError, VideoInfo
+from egoslots.pipeline.data.memory import InMemorySource
+from egoslots.pipeline.preprocess import preprocess_frame, resize_mask, resize_rgb
+from egoslots.stages.extract_features import extract, plan_extraction
+from egoslots.stages.machinery.extract_chunks import to_storage
 from tests.helpers.data import extract_cfg, memory_source
 from tests.helpers.stores import assert_same_store, snapshot
 
@@ -344,7 +344,7 @@ def test_skip_bad_drops_the_video_and_keeps_the_rest(tmp_path):
 
 # ---------------------------------------------------------------------------- verify
 def test_verify_finds_corrupted_and_non_finite_chunks(tmp_path):
-    from stages.cache_cmds import cache
+    from egoslots.stages.cache import cache
 
     path = extract(extract_cfg(tmp_path), source=memory_source())
     runner = CliRunner()
@@ -373,7 +373,7 @@ def test_verify_finds_corrupted_and_non_finite_chunks(tmp_path):
 def test_verify_repair_then_rerun_rewrites_exactly_the_bad_chunks(tmp_path):
     """Corrupt one finished chunk: verify names it, --repair unflags it (later stages refuse the
     now-incomplete store), and rerunning extraction rewrites it back to the original bytes."""
-    from stages.cache_cmds import cache
+    from egoslots.stages.cache import cache
 
     cfg = extract_cfg(tmp_path)
     path = extract(cfg, source=memory_source())
@@ -415,7 +415,7 @@ def test_verify_repair_then_rerun_rewrites_exactly_the_bad_chunks(tmp_path):
 
 
 def test_cache_ls_info_rm(tmp_path):
-    from stages.cache_cmds import cache
+    from egoslots.stages.cache import cache
 
     path = extract(extract_cfg(tmp_path), source=memory_source())
     runner = CliRunner()

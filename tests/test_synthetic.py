@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.data import synthetic
-from pipeline.data.synthetic import Simulation, sample_scene, video_rng
-from stages import synthetic as writer
-from stages.synthetic import generate_dataset, generate_video
+from egoslots.pipeline.data import synthetic
+from egoslots.pipeline.data.synthetic import Simulation, sample_scene, video_rng
+from egoslots.stages import make_synthetic as writer
+from egoslots.stages.make_synthetic import generate_dataset, generate_video
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(videos=2, frames=4, size=32, seed=3, progress=False)
@@ -282,8 +282,8 @@ def test_cli_refuses_to_mix_settings_in_one_folder(tmp_path):
 
 def test_the_frame_folder_loader_reads_what_it_wrote(tmp_path):
     """End to end through the loader users' data goes through (dataset.source=synthetic)."""
-    from pipeline.config import load_config
-    from pipeline.data import make_source
+    from egoslots.pipeline.config import load_config
+    from egoslots.pipeline.data import make_source
 
     out = generate_dataset(
         tmp_path / "synthetic", videos=3, frames=4, size=32, seed=0, progress=False
@@ -304,6 +304,6 @@ def test_the_frame_folder_loader_reads_what_it_wrote(tmp_path):
 
 
 def _cli():
-    from cli import main
+    from egoslots.cli import main
 
     return main

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache.store import FeatureStore, StoreError
-from stages.cache_cmds import cache
-from stages.tokenize import tokenize_run
+from egoslots.cache.store import FeatureStore, StoreError
+from egoslots.stages.cache import cache
+from egoslots.stages.tokenize import tokenize_run
 from tests.helpers.runs import copy_dvae_run
 
 

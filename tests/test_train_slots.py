@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache.store import FeatureStore
-from pipeline.schedules import lr_factor, warmup_exp_decay
-from stages.common import StageError
-from stages.slot_task import SlotTrainingModule
+from egoslots.cache.store import FeatureStore
+from egoslots.pipeline.schedules import lr_factor, warmup_exp_decay
+from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.slot_task import SlotTrainingModule
 from tests.helpers.runs import make_dvae_run, slot_cfg, slot_cfg_args
 from tests.helpers.stores import SLOT_DVAE_HASH as DVAE_HASH
 from tests.helpers.stores import SLOT_VOCAB as VOCAB
@@ -59,7 +59,7 @@ def test_lr_schedule_can_decay_further_by_max_steps():
 
 
 def test_param_group_regexes_first_match_wins_and_unmatched_is_an_error():
-    from stages.slot_task import build_param_groups
+    from egoslots.stages.machinery.slot_task import build_param_groups
 
     net = torch.nn.ModuleDict(
         {
@@ -86,7 +86,7 @@ def test_param_group_regexes_first_match_wins_and_unmatched_is_an_error():
 
 
 def test_resumable_sampler_continues_the_same_stream():
-    from stages.training import ResumableRandomSampler
+    from egoslots.stages.machinery.training import ResumableRandomSampler
 
     full = list(ResumableRandomSampler(10, total=200_000, seed=3))
     tail = list(ResumableRandomSampler(10, total=200_000, seed=3, start=70_000))
@@ -97,8 +97,8 @@ def test_resumable_sampler_continues_the_same_stream():
 
 # ------------------------------------------------------------------------------- training
 def test_train_end_to_end_writes_run_dir_and_loads(work):
-    from stages.inference import load_trained
-    from stages.train_slots import train
+    from egoslots.stages.machinery.inference import load_trained
+    from egoslots.stages.train_slots import train
 
     run = train(slot_cfg(work))
     ck = run / "checkpoints"
@@ -130,7 +130,7 @@ def test_train_end_to_end_writes_run_dir_and_loads(work):
     module = SlotTrainingModule.load_from_checkpoint(ck / "last.ckpt", map_location="cpu").eval()
     model, cfg, store, token_hash = load_trained(run)
     assert not model.training and token_hash == DVAE_HASH and store.fingerprint == "fp0"
-    from cache.reader import ClipDataset
+    from egoslots.cache.reader import ClipDataset
 
     ds = ClipDataset(store, "val", 3, fields=("features", "tokens"), tokens=token_hash)
     batch = torch.utils.data.default_collate([ds[0], ds[1]])
@@ -148,15 +148,15 @@ def test_train_end_to_end_writes_run_dir_and_loads(work):
 def test_never_runs_the_vit(work, monkeypatch):
     import timm
 
-    import pipeline.backbones
-    from stages.train_slots import train
+    import egoslots.pipeline.backbones
+    from egoslots.stages.train_slots import train
 
     def forbidden(*a, **k):
         raise AssertionError("stage 3 must not build or run a backbone")
 
     monkeypatch.setattr(timm, "create_model", forbidden)
     monkeypatch.setattr(torch.hub, "load", forbidden)
-    monkeypatch.setattr(pipeline.backbones, "build_backbone", forbidden)
+    monkeypatch.setattr(egoslots.pipeline.backbones, "build_backbone", forbidden)
     run = train(
         slot_cfg(work, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100")
     )
@@ -172,7 +172,7 @@ def test_never_runs_the_vit(work, monkeypatch):
     ],
 )
 def test_ablations_train_from_the_same_store(tmp_path, toggles):
-    from stages.train_slots import train
+    from egoslots.stages.train_slots import train
 
     slot_store(tmp_path, tokens="USE_STEVE_DECODER=false" not in toggles[0])
     if "USE_STEVE_DECODER=false" not in toggles[0]:
@@ -193,7 +193,7 @@ def test_ablations_train_from_the_same_store(tmp_path, toggles):
 
 def test_overfits_a_tiny_cached_set(tmp_path):
     """Through the Lightning stage: the total loss on the training clips at least halves."""
-    from stages.train_slots import train
+    from egoslots.stages.train_slots import train
 
     slot_store(tmp_path, videos=(("a", 4, "train"),), masks=False)
     make_dvae_run(tmp_path)
@@ -210,7 +210,7 @@ def test_overfits_a_tiny_cached_set(tmp_path):
         "trainer.gradient_clip_val=1.0",
     )
     store = FeatureStore.open(tmp_path / "stores" / "fp0.zarr")
-    from cache.reader import ClipDataset
+    from egoslots.cache.reader import ClipDataset
 
     batch = torch.utils.data.default_collate(
         [ClipDataset(store, "train", 4, fields=("features", "tokens"), tokens=DVAE_HASH)[0]] * 2
@@ -221,8 +221,8 @@ def test_overfits_a_tiny_cached_set(tmp_path):
         with torch.no_grad():
             return float(module.model.losses(module(batch["features"], batch["tokens"]))["loss"])
 
-    from pipeline.config import resolve
-    from stages.train_slots import build_module, resolve_inputs
+    from egoslots.pipeline.config import resolve
+    from egoslots.stages.train_slots import build_module, resolve_inputs
 
     torch.manual_seed(0)
     before = total_loss(build_module(resolve(cfg), resolve_inputs(cfg)))
@@ -234,7 +234,7 @@ def test_overfits_a_tiny_cached_set(tmp_path):
 
 # ------------------------------------------------------------------------------- errors
 def test_missing_caches_name_the_stage_to_run(tmp_path):
-    from stages.train_slots import train
+    from egoslots.stages.train_slots import train
 
     with pytest.raises(StageError, match="extract-features"):
         train(slot_cfg(tmp_path))
@@ -254,7 +254,7 @@ def test_missing_caches_name_the_stage_to_run(tmp_path):
 
 
 def test_changed_config_in_same_run_dir_is_refused(work):
-    from stages.train_slots import train
+    from egoslots.stages.train_slots import train
 
     train(slot_cfg(work, "trainer.max_steps=2", "trainer.image_every=100", "trainer.val_every=100"))
     with pytest.raises(StageError, match="globals.NUM_SLOTS|model.num_slots"):
@@ -262,7 +262,7 @@ def test_changed_config_in_same_run_dir_is_refused(work):
 
 
 def test_config_changes_name_what_is_trained_and_ignore_retired_keys():
-    from stages.rundirs import config_changes
+    from egoslots.stages.machinery.rundirs import config_changes
 
     old = {"globals": {"NUM_SLOTS": 3, "NUM_GPUS": 1}, "trainer": {"max_steps": 2}}
     assert config_changes(old, {"globals": {"NUM_SLOTS": 3}, "trainer": {"max_steps": 9}}) == []
@@ -271,7 +271,7 @@ def test_config_changes_name_what_is_trained_and_ignore_retired_keys():
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(work, monkeypatch):
-    from stages import train_slots
+    from egoslots.stages import train_slots
 
     real = SlotTrainingModule._step
     calls = {"n": 0}
@@ -303,7 +303,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(work, monke
 def test_cli_train_slots_help_and_run(work, repo_root):
     from click.testing import CliRunner
 
-    import cli
+    from egoslots import cli
 
     runner = CliRunner()
     res = runner.invoke(cli.main, ["train-slots", "--help"])
@@ -331,8 +331,8 @@ def test_cli_train_slots_help_and_run(work, repo_root):
 def test_resumed_auto_run_keeps_the_precision_stored_in_its_checkpoint(work, monkeypatch):
     """precision auto measures once: the resumed run trains in what its checkpoint recorded,
     even when a new measurement would now pick the other precision."""
-    from stages import runtime
-    from stages.train_slots import train
+    from egoslots.stages.machinery import runtime
+    from egoslots.stages.train_slots import train
 
     monkeypatch.setenv("EGOSLOTS_PRECISION_CACHE", "off")
     monkeypatch.setattr(runtime, "bf16_native", lambda device: True)
@@ -354,7 +354,7 @@ def test_resumed_auto_run_keeps_the_precision_stored_in_its_checkpoint(work, mon
 
 def test_training_step_never_syncs_host_and_device(work, monkeypatch):
     """No .item()/bool()/float() of a tensor inside the step (they would stall a GPU)."""
-    from stages import train_slots
+    from egoslots.stages import train_slots
 
     inside = {"on": False}
     real_step = SlotTrainingModule.training_step
@@ -386,8 +386,8 @@ def test_training_step_never_syncs_host_and_device(work, monkeypatch):
 
 
 def test_bf16_mixed_trains_where_native(work):
-    from stages.runtime import bf16_native
-    from stages.train_slots import train
+    from egoslots.stages.machinery.runtime import bf16_native
+    from egoslots.stages.train_slots import train
 
     if not bf16_native("cpu"):
         pytest.skip("this CPU has no native bf16 (AVX-512 BF16 / AMX): bf16 would be emulated")
@@ -407,7 +407,7 @@ def test_bf16_mixed_trains_where_native(work):
 
 
 def test_train_slots_schedule_reads_optimizer_decay_final():
-    from pipeline.config import load_config, resolve
+    from egoslots.pipeline.config import load_config, resolve
     from tests.helpers.runs import TINY_SLOT_MODEL
 
     cfg = load_config(None, ["globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", "globals.VOCAB_SIZE=16",
@@ -424,7 +424,7 @@ def test_detached_steve_decoder_is_clipped_apart_from_the_slots(detach):
     """steve_decoder.detach_slots: the decoder's large gradient must not shrink the slots' step
     through a shared clipping norm; each part is clipped on its own norm. Without it, Lightning
     clips one norm over all parameters (SlotContrast's clipping)."""
-    from pipeline.config import load_config, resolve
+    from egoslots.pipeline.config import load_config, resolve
     from tests.helpers.runs import TINY_SLOT_MODEL
 
     cfg = load_config(None, ["globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", "globals.VOCAB_SIZE=16",

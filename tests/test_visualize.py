@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from stages import pictures
-from stages import visualize as viz
+from egoslots.stages import visualize as viz
+from egoslots.stages.machinery import pictures
 from tests.helpers.runs import slot_run
 from tests.helpers.stores import SQ_FRAMES as FRAMES
 from tests.helpers.stores import SQ_SIZE as SIZE
@@ -43,7 +43,7 @@ def test_slot_colours_are_fixed_by_index():
 
 
 def test_cli_visualize(run):
-    import cli
+    from egoslots import cli
 
     result = CliRunner().invoke(cli.main, ["visualize", str(run), "--video", "video_04"])
     assert result.exit_code == 0, result.output
@@ -51,7 +51,7 @@ def test_cli_visualize(run):
 
 
 def test_cli_visualize_passes_restarts_to_inference(run, monkeypatch):
-    import cli
+    from egoslots import cli
 
     seen = []
     real = viz.infer_video

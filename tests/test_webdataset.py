@@ -11,10 +11,10 @@ import fsspec
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
-from pipeline.data import make_source
-from pipeline.data.base import SourceError
-from pipeline.data.webdataset import WebdatasetSource, expand_braces
+from egoslots.pipeline.config import load_config
+from egoslots.pipeline.data import make_source
+from egoslots.pipeline.data.base import SourceError
+from egoslots.pipeline.data.webdataset import WebdatasetSource, expand_braces
 from tests.helpers.runs import run_cli
 from tests.helpers.shards import movi_like, write_shards, ytvis_like
 

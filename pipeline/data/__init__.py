@@ -2,7 +2,7 @@
 MOVi / YT-VIS) and the synthetic data set.
 
 ``make_source(cfg)`` builds the source ``dataset.source`` names; every source meets the
-:class:`pipeline.data.base.VideoSource` contract. The file-based sources share
+:class:`egoslots.pipeline.data.base.VideoSource` contract. The file-based sources share
 :class:`ListedSource` below: the video table is listed once per process on first use (so that
 building a source is instant and ``attributes()`` never has to list a SAYCam-sized folder),
 ``dataset.max_videos`` stops the listing early, and ``dataset.skip_bad`` turns a bad video into a
@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.base import SPLITS, SourceError, VideoInfo, split_of
+from egoslots.pipeline.data.base import SPLITS, SourceError, VideoInfo, split_of
 
 log = logging.getLogger("egoslots")
 
@@ -152,7 +152,7 @@ def make_source(cfg, skip_bad: bool | None = None):
         skip_bad=bool(skip_bad) or bool(ds.skip_bad),
     )
     if kind in ("frames", "synthetic"):
-        from pipeline.data.frames import FrameFolderSource
+        from egoslots.pipeline.data.frames import FrameFolderSource
 
         if kind == "synthetic" and not path.is_dir():
             raise SourceError(
@@ -163,11 +163,11 @@ def make_source(cfg, skip_bad: bool | None = None):
         source.kind = kind
         return source
     if kind == "video":
-        from pipeline.data.video import VideoFileSource
+        from egoslots.pipeline.data.video import VideoFileSource
 
         return VideoFileSource(path, fps=None if ds.fps is None else float(ds.fps), **common)
     if kind == "hdf5":
-        from pipeline.data.hdf5 import Hdf5Source
+        from egoslots.pipeline.data.hdf5 import Hdf5Source
 
         h = ds.hdf5
         return Hdf5Source(
@@ -178,7 +178,7 @@ def make_source(cfg, skip_bad: bool | None = None):
             **common,
         )
     if kind == "webdataset":
-        from pipeline.data.webdataset import WebdatasetSource
+        from egoslots.pipeline.data.webdataset import WebdatasetSource
 
         w = ds.webdataset
         return WebdatasetSource(

@@ -30,8 +30,8 @@ import numpy as np
 from natsort import natsorted, ns
 from PIL import Image
 
-from pipeline.data import ListedSource
-from pipeline.data.base import (
+from egoslots.pipeline.data import ListedSource
+from egoslots.pipeline.data.base import (
     FileIdentity,
     Frame,
     SourceError,

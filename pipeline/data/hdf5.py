@@ -32,8 +32,8 @@ import h5py
 import numpy as np
 from natsort import natsorted, ns
 
-from pipeline.data import ListedSource
-from pipeline.data.base import (
+from egoslots.pipeline.data import ListedSource
+from egoslots.pipeline.data.base import (
     FileIdentity,
     Frame,
     SourceError,

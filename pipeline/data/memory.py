@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.base import FileIdentity, Frame, SourceError, VideoInfo, split_of
+from egoslots.pipeline.data.base import FileIdentity, Frame, SourceError, VideoInfo, split_of
 
 
 class InMemorySource:

@@ -15,7 +15,7 @@ independent.
 
 One job, the generator: scenes (:func:`sample_scene`), their simulation and pictures
 (:func:`render_video`) and what a video shows (:func:`video_meta`). Writing videos as a dataset
-on disk is the ``make-synthetic`` stage's (``stages/synthetic.py``): nothing here writes an
+on disk is the ``make-synthetic`` stage's (``stages/make_synthetic.py``): nothing here writes an
 output (pybullet reads its textures from a temporary folder that is deleted after the video).
 """
 

@@ -27,8 +27,8 @@ import av
 import numpy as np
 from natsort import natsorted, ns
 
-from pipeline.data import ListedSource
-from pipeline.data.base import (
+from egoslots.pipeline.data import ListedSource
+from egoslots.pipeline.data.base import (
     FileIdentity,
     Frame,
     SourceError,

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import ListedSource
-from pipeline.data.base import (
+from egoslots.pipeline.data import ListedSource
+from egoslots.pipeline.data.base import (
     FileIdentity,
     Frame,
     SourceError,

@@ -12,8 +12,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from pipeline.config import load_config
-from pipeline.data.memory import InMemorySource
+from egoslots.pipeline.config import load_config
+from egoslots.pipeline.data.memory import InMemorySource
 
 REPO = Path(__file__).resolve().parents[2]
 

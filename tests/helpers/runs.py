@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_config
+from egoslots.pipeline.config import load_config
 from tests.helpers.stores import (
     SLOT_DVAE_HASH,
     SLOT_TOKEN_GRID,
@@ -187,8 +187,8 @@ _TEMPLATE: dict[str, Path] = {}
 
 def _train_template(root: Path) -> Path:
     """``root/work``: the squares store, an (untrained) dVAE run and a 3-step slot run."""
-    from pipeline.dvae import DVAE
-    from stages.train_slots import train
+    from egoslots.pipeline.dvae import DVAE
+    from egoslots.stages.train_slots import train
 
     work = root / "work"
     squares_store(work / "stores" / "tinyfp.zarr", work / "data")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import FeatureStore, VideoRecord
+from egoslots.cache.store import FeatureStore, VideoRecord
 
 
 def write_store(

@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.location import write_file
-from stages.common import StageError, setup_logging
-from stages.inference import (
+from egoslots.cache.location import write_file
+from egoslots.stages.machinery.common import StageError, setup_logging
+from egoslots.stages.machinery.inference import (
     checkpoint_identity,
     infer_windows,
     load_trained,
@@ -59,7 +59,7 @@ from stages.inference import (
     store_windows,
     window_length,
 )
-from stages.runtime import pick_device
+from egoslots.stages.machinery.runtime import pick_device
 
 log = logging.getLogger("egoslots")
 ATTRS_KEY = "egoslots_export"

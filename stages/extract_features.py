@@ -3,9 +3,9 @@ cache patch features, resized frames and masks in a feature store.
 
 Three things run at once so the model never waits: DataLoader workers decode and preprocess
 one store chunk per item (``ChunkFrames``), the main thread runs batched inference under
-``torch.inference_mode`` (bf16 autocast where native: ``stages/runtime.py``), and a writer
+``torch.inference_mode`` (bf16 autocast where native: ``stages/machinery/runtime.py``), and a writer
 thread (``ChunkWriter``, bounded queue) writes each finished chunk and only then flags it done
-(both in ``stages/extract_chunks.py``).
+(both in ``stages/machinery/extract_chunks.py``).
 
 Work is split in store chunks: a chunk is the unit of resume (a rerun redoes exactly the
 chunks not flagged done) and of sharding (shard i of k owns chunks c with c % k == i). Every
@@ -19,7 +19,7 @@ video's rows (original and flipped) are dropped from the video table, so no read
 The store keeps its original row layout; the dropped rows are simply unreferenced.
 
 Shards: every process computes the same fingerprint and path; the first to finish creating
-the store (``cache.catalog.open_or_create``: a temporary folder renamed into place, which is
+the store (``egoslots.cache.catalog.open_or_create``: a temporary folder renamed into place, which is
 atomic) wins and the others open it. ``--overwrite`` replaces a store of other settings; with several shards only shard 0
 removes it and the others wait for the new one (to redo a store that *matches*, remove it
 first with ``egoslots cache rm``).
@@ -39,19 +39,24 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cache.catalog import NewStore, extraction_target, open_or_create
-from cache.fingerprint import extraction_settings, fingerprint_inputs, fingerprint_of
-from cache.location import Location
-from cache.store import FORMAT_VERSION, FeatureStore, StoreError, chunk_bounds
-from pipeline.backbones import build_backbone
-from pipeline.config import ConfigError, resolve, to_yaml
-from pipeline.data import make_source
-from pipeline.data.base import SourceError
-from pipeline.preprocess import describe_preprocessing
-from stages.common import config_command
-from stages.extract_chunks import ChunkFrames, ChunkWriter, start_storage_copy, video_rows
-from stages.locks import check_unlocked
-from stages.runtime import (
+from egoslots.cache.catalog import NewStore, extraction_target, open_or_create
+from egoslots.cache.fingerprint import extraction_settings, fingerprint_inputs, fingerprint_of
+from egoslots.cache.location import Location
+from egoslots.cache.store import FORMAT_VERSION, FeatureStore, StoreError, chunk_bounds
+from egoslots.pipeline.backbones import build_backbone
+from egoslots.pipeline.config import ConfigError, resolve, to_yaml
+from egoslots.pipeline.data import make_source
+from egoslots.pipeline.data.base import SourceError
+from egoslots.pipeline.preprocess import describe_preprocessing
+from egoslots.stages.machinery.common import config_command
+from egoslots.stages.machinery.extract_chunks import (
+    ChunkFrames,
+    ChunkWriter,
+    start_storage_copy,
+    video_rows,
+)
+from egoslots.stages.machinery.locks import check_unlocked
+from egoslots.stages.machinery.runtime import (
     configure_threads,
     extraction_compute,
     one_thread_per_worker,
@@ -108,7 +113,7 @@ class ExtractionPlan:
 def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> ExtractionPlan:
     """Source, backbone, compute dtype, fingerprint and store layout for a config.
 
-    ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests). With
+    ``source`` overrides ``egoslots.pipeline.data.make_source(cfg)`` (programmatic use and tests). With
     ``skip_bad`` the source leaves out videos it cannot even list (they never enter the store).
     """
     device = pick_device(cfg.extract.device, "extract.device")  # before any work
@@ -203,7 +208,7 @@ def extract(
 ) -> Location:
     """Extract (or finish extracting) the store this config describes; returns its path.
 
-    ``source`` overrides ``pipeline.data.make_source(cfg)`` (programmatic use and tests).
+    ``source`` overrides ``egoslots.pipeline.data.make_source(cfg)`` (programmatic use and tests).
     """
     shard_id, num_shards = shard_identity(num_shards, shard_id)
     skip_bad = bool(skip_bad or cfg.dataset.skip_bad)

@@ -3,7 +3,7 @@
 - :class:`LossGuard` is the one NaN/inf guard. A training step records the first step whose loss
   is not finite with :func:`watch_loss` (on the device: no host sync per step); the guard reads
   it on the CPU after every step, elsewhere every ``every`` steps, at the last step and before
-  every checkpoint is saved, and raises :class:`~stages.common.TrainingDiverged`, so no
+  every checkpoint is saved, and raises :class:`~egoslots.stages.machinery.common.TrainingDiverged`, so no
   checkpoint ever holds the damage. Under DDP every rank checks at the same steps and they agree
   on the first bad step of any rank, so all stop together.
 - :class:`FinalCheckpoint`: train-slots ends with ``step=N.ckpt`` and ``last.ckpt`` of its last
@@ -22,9 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from stages.common import TrainingDiverged
-from stages.pictures import masks_overlay
-from stages.rundirs import checkpoint_step
+from egoslots.stages.machinery.common import TrainingDiverged
+from egoslots.stages.machinery.pictures import masks_overlay
+from egoslots.stages.machinery.rundirs import checkpoint_step
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.metrics import masks_to_labels
+from egoslots.pipeline.metrics import masks_to_labels
 
 # 20 distinct colours (tab20 order, strong ones first); slot k always gets PALETTE[k % 20].
 PALETTE = np.array(

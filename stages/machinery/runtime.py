@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError
-from stages.speed_probe import (
+from egoslots.pipeline.config import ConfigError
+from egoslots.stages.machinery.speed_probe import (
     BF16,
     FP16,
     FP32,

@@ -31,9 +31,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cache.location import remove_orphans, write_file, write_text
-from pipeline.config import to_yaml
-from stages.common import StageError
+from egoslots.cache.location import remove_orphans, write_file, write_text
+from egoslots.pipeline.config import to_yaml
+from egoslots.stages.machinery.common import StageError
 
 log = logging.getLogger("egoslots")
 
@@ -84,7 +84,7 @@ def write_run_files(run_dir: Path, cfg: DictConfig, inputs: dict) -> None:
 # What egoslots writes at the top of a run directory (stages 0, 2 and 3, evaluate, visualize,
 # export's default OUT, Lightning's hparams) and its own temporary files.
 RUN_MARKER = ".egoslots-run"
-LOCK_NAME = ".egoslots-lock"  # held by a stage writing into the run (stages/locks.py)
+LOCK_NAME = ".egoslots-lock"  # held by a stage writing into the run (stages/machinery/locks.py)
 RUN_ENTRIES = (
     RUN_MARKER,
     "config.yaml",

@@ -38,7 +38,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from stages.common import StageError
+from egoslots.stages.machinery.common import StageError
 
 log = logging.getLogger("egoslots")
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cache.store import FeatureStore, StoreError, VideoRecord, chunk_bounds
-from pipeline.config import ConfigError
-from pipeline.data.base import SourceError
-from pipeline.preprocess import preprocess_frame
-from stages.common import write_failure
+from egoslots.cache.store import FeatureStore, StoreError, VideoRecord, chunk_bounds
+from egoslots.pipeline.config import ConfigError
+from egoslots.pipeline.data.base import SourceError
+from egoslots.pipeline.preprocess import preprocess_frame
+from egoslots.stages.machinery.common import write_failure
 
 log = logging.getLogger("egoslots")
 

@@ -8,7 +8,7 @@ trained there, stop with one line naming the holder instead of silently reading 
 A lock whose process is gone (killed, the machine rebooted) is stale: the next command takes it
 over and says so in the log. A lock held on another host (a shared disk) cannot be checked
 from here: the message names the host and the file to delete if that job is gone. Under DDP
-only rank 0 takes the lock (:func:`stages.training.is_rank_zero`).
+only rank 0 takes the lock (:func:`egoslots.stages.machinery.training.is_rank_zero`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cache.location import process_running
-from stages.common import StageError
-from stages.rundirs import LOCK_NAME, remove_run_dir
+from egoslots.cache.location import process_running
+from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.rundirs import LOCK_NAME, remove_run_dir
 
 log = logging.getLogger("egoslots")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 
-from cache import catalog
-from cache.location import Location, name_of, size_bytes
-from cache.store import FeatureStore, StoreError
-from cache.verify import forget_chunks, verify_store
+from egoslots.cache import catalog
+from egoslots.cache.location import Location, name_of, size_bytes
+from egoslots.cache.store import FeatureStore, StoreError
+from egoslots.cache.verify import forget_chunks, verify_store
 
 DEFAULT_WORK_DIR = "./egoslots-work"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ConfigError, load_config
+from egoslots.pipeline.config import ConfigError, load_config
 
 log = logging.getLogger("egoslots")
 
@@ -66,9 +66,9 @@ def config_command(name: str, example: str, **command_kwargs):
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input the user can fix: shown as one line, not a traceback. (Imported
     when a command fails, so that a light command never loads torch or zarr for them.)"""
-    from cache.store import StoreError
-    from pipeline.backbones import BackboneError
-    from pipeline.data.base import SourceError
+    from egoslots.cache.store import StoreError
+    from egoslots.pipeline.backbones import BackboneError
+    from egoslots.pipeline.data.base import SourceError
 
     return (ConfigError, SourceError, StoreError, BackboneError)
 

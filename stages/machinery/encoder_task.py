@@ -2,8 +2,8 @@
 
 The data (crops keyed by their place in one seeded sample stream, so a resumed or multi-rank run
 draws exactly the crops an uninterrupted single process would) and the LightningModule that
-computes one DINO step (:mod:`pipeline.dino`); the command and its run directory live in
-:mod:`stages.pretrain_encoder`, as :mod:`stages.dvae_task` beside :mod:`stages.pretrain_dvae`.
+computes one DINO step (:mod:`egoslots.pipeline.dino`); the command and its run directory live in
+:mod:`egoslots.stages.pretrain_encoder`, as :mod:`egoslots.stages.machinery.dvae_task` beside :mod:`egoslots.stages.pretrain_dvae`.
 """
 
 from __future__ import annotations
@@ -15,16 +15,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.dino import DINO, DinoArch, cosine_schedule, teacher_temperature
-from pipeline.multicrop import IMAGENET, BatchMultiCrop, MultiCrop
-from stages.callbacks import first_bad_step_of_all_ranks
-from stages.common import TrainingDiverged
-from stages.encoder_frames import (
+from egoslots.pipeline.dino import DINO, DinoArch, cosine_schedule, teacher_temperature
+from egoslots.pipeline.multicrop import IMAGENET, BatchMultiCrop, MultiCrop
+from egoslots.stages.machinery.callbacks import first_bad_step_of_all_ranks
+from egoslots.stages.machinery.common import TrainingDiverged
+from egoslots.stages.machinery.encoder_frames import (
     open_frames,
 )
-from stages.interrupts import ignore_sigterm_in_worker
-from stages.speed_probe import PrecisionProbe, model_signature, training_step_timer
-from stages.training import ResumableRandomSampler
+from egoslots.stages.machinery.interrupts import ignore_sigterm_in_worker
+from egoslots.stages.machinery.speed_probe import (
+    PrecisionProbe,
+    model_signature,
+    training_step_timer,
+)
+from egoslots.stages.machinery.training import ResumableRandomSampler
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +211,7 @@ class EncoderTask(L.LightningModule):
     @torch.no_grad()
     def _log_attention(self, step: int) -> None:
         """Rows: frames, the teacher's last-block CLS attention (mean over heads), each head."""
-        from pipeline.dino import cls_attention
+        from egoslots.pipeline.dino import cls_attention
 
         experiment = getattr(self.logger, "experiment", None)
         if (

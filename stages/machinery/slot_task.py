@@ -1,11 +1,11 @@
 """The LightningModule of train-slots: the slot model, its optimizer, schedule and logging.
 
-:class:`SlotTrainingModule` wraps :class:`pipeline.model.SlotModel` (built from the config saved
+:class:`SlotTrainingModule` wraps :class:`egoslots.pipeline.model.SlotModel` (built from the config saved
 as its hyperparameters, with the store's shapes) and trains it on batches of cached clips
 (``stages/datamodules.ClipData``): losses to TensorBoard (``train/loss*``, ``train/lr``,
 ``val/*`` with validation FG-ARI / mBO where masks exist), Adam with per-module learning rates
 (:func:`build_param_groups`) and warmup + decay. The data, the NaN guard and the pictures are
-not here (``stages/datamodules.py``, ``stages/callbacks.py``).
+not here (``stages/machinery/datamodules.py``, ``stages/machinery/callbacks.py``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,17 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.metrics import evaluate_masks
-from pipeline.model import SlotModel
-from pipeline.schedules import lr_factor
-from stages.callbacks import add_loss_watch, watch_loss
-from stages.common import StageError
-from stages.speed_probe import PrecisionProbe, model_signature, training_step_timer
-from stages.training import gather_with_grad
+from egoslots.pipeline.metrics import evaluate_masks
+from egoslots.pipeline.model import SlotModel
+from egoslots.pipeline.schedules import lr_factor
+from egoslots.stages.machinery.callbacks import add_loss_watch, watch_loss
+from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.speed_probe import (
+    PrecisionProbe,
+    model_signature,
+    training_step_timer,
+)
+from egoslots.stages.machinery.training import gather_with_grad
 
 
 def build_param_groups(named_parameters, groups_cfg, base_lr: float) -> list[dict]:

@@ -22,11 +22,15 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from cache.reader import ClipDataset
-from cache.store import FeatureStore, StoreError
-from stages.common import StageError
-from stages.rundirs import check_checkpoint_fits, checkpoint_path, read_checkpoint
-from stages.slot_task import SlotTrainingModule
+from egoslots.cache.reader import ClipDataset
+from egoslots.cache.store import FeatureStore, StoreError
+from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.rundirs import (
+    check_checkpoint_fits,
+    checkpoint_path,
+    read_checkpoint,
+)
+from egoslots.stages.machinery.slot_task import SlotTrainingModule
 
 # evaluate, export-slots and visualize: one --restarts option, so their masks agree
 restarts_option = click.option(

@@ -25,12 +25,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from cache.reader import ClipBatches, ClipDataset, batch_tensor
-from cache.store import FeatureStore
-from stages.common import StageError
-from stages.interrupts import ignore_sigterm_in_worker
-from stages.runtime import one_thread_per_worker
-from stages.training import ResumableRandomSampler
+from egoslots.cache.reader import ClipBatches, ClipDataset, batch_tensor
+from egoslots.cache.store import FeatureStore
+from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.interrupts import ignore_sigterm_in_worker
+from egoslots.stages.machinery.runtime import one_thread_per_worker
+from egoslots.stages.machinery.training import ResumableRandomSampler
 
 log = logging.getLogger("egoslots")
 

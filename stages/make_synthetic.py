@@ -1,6 +1,6 @@
 """`egoslots make-synthetic OUT`: MOVi-like videos with ground-truth masks, written as a dataset.
 
-The scenes and their pictures come from :mod:`pipeline.data.synthetic` (pybullet); this module
+The scenes and their pictures come from :mod:`egoslots.pipeline.data.synthetic` (pybullet); this module
 writes them in the frame-folder format of ``docs/architecture.md``, and is the command line and
 the stage entry point ``generate_dataset`` that ``egoslots run`` calls::
 
@@ -30,8 +30,8 @@ import click
 import numpy as np
 from PIL import Image
 
-from cache.location import remove_orphans, write_text
-from pipeline.data.synthetic import (
+from egoslots.cache.location import remove_orphans, write_text
+from egoslots.pipeline.data.synthetic import (
     DEFAULT_FPS,
     GENERATOR_VERSION,
     PHYSICS_HZ,
@@ -41,7 +41,7 @@ from pipeline.data.synthetic import (
     video_meta,
     video_rng,
 )
-from stages.common import StageError, setup_logging
+from egoslots.stages.machinery.common import StageError, setup_logging
 
 log = logging.getLogger("egoslots")
 

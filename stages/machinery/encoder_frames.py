@@ -2,7 +2,7 @@
 
 Stage 0 cannot read the feature store's cached frames: a store is named by a fingerprint that
 includes the encoder, which is what stage 0 is about to train. It reads the source instead
-(``pipeline.data.make_source``: the same video table and splits as every stage) and keeps the
+(``egoslots.pipeline.data.make_source``: the same video table and splits as every stage) and keeps the
 train videos' frames, every ``frame_step``-th, resized to ``image_size`` exactly as stage 1
 resizes them (shorter side, centre crop). DINO draws thousands of random frames per minute, and
 decoding a PNG or seeking in a video for each would cost more than the training step on a
@@ -29,10 +29,10 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cache.fingerprint import canonical_json, video_table_inputs
-from pipeline.data.base import SourceError
-from pipeline.preprocess import describe_preprocessing, resize_rgb
-from stages.rundirs import write_json
+from egoslots.cache.fingerprint import canonical_json, video_table_inputs
+from egoslots.pipeline.data.base import SourceError
+from egoslots.pipeline.preprocess import describe_preprocessing, resize_rgb
+from egoslots.stages.machinery.rundirs import write_json
 
 log = logging.getLogger("egoslots")
 

@@ -1,12 +1,12 @@
 """The LightningModule of pretrain-dvae: one training step of STEVE's dVAE.
 
-:class:`DVAETask` wraps :class:`pipeline.dvae.DVAE`: the relaxed Gumbel-softmax reconstruction
-(tau annealed by :func:`pipeline.dvae.gumbel_tau`), the optional KL prior and GECO, Adam, and
+:class:`DVAETask` wraps :class:`egoslots.pipeline.dvae.DVAE`: the relaxed Gumbel-softmax reconstruction
+(tau annealed by :func:`egoslots.pipeline.dvae.gumbel_tau`), the optional KL prior and GECO, Adam, and
 the logged statistics (``train/loss_dvae_recon``, ``train/tau``, ``train/perplexity``,
 ``train/codes_used``, ``train/geco_beta``). Each frame's Gumbel noise comes from its own seed
 (:meth:`DVAETask.frame_seeds`), so any number of ranks, and a resumed run, train the weights of
 one uninterrupted process. The frames, the NaN guard and the pictures are not here
-(``stages/datamodules.py``, ``stages/callbacks.py``).
+(``stages/machinery/datamodules.py``, ``stages/machinery/callbacks.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,20 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from pipeline.dvae import DVAE, Geco, code_usage, gumbel_tau, kl_to_uniform, reconstruction_loss
-from stages.callbacks import add_loss_watch, watch_loss
-from stages.speed_probe import PrecisionProbe, model_signature, training_step_timer
+from egoslots.pipeline.dvae import (
+    DVAE,
+    Geco,
+    code_usage,
+    gumbel_tau,
+    kl_to_uniform,
+    reconstruction_loss,
+)
+from egoslots.stages.machinery.callbacks import add_loss_watch, watch_loss
+from egoslots.stages.machinery.speed_probe import (
+    PrecisionProbe,
+    model_signature,
+    training_step_timer,
+)
 
 
 class DVAETask(L.LightningModule):

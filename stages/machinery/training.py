@@ -11,9 +11,9 @@ here knows which model is trained.
   :class:`RaisingCheckpointIO`, the precision recorded for a resume: :class:`RecordPrecision`),
   and :func:`fit` that turns a SIGTERM stop into exit 143.
 
-Run directories and checkpoint files are ``stages/rundirs.py``; the NaN guard (with its
-agreement across DDP ranks) and pictures are ``stages/callbacks.py``; the data
-``stages/datamodules.py``.
+Run directories and checkpoint files are ``stages/machinery/rundirs.py``; the NaN guard (with its
+agreement across DDP ranks) and pictures are ``stages/machinery/callbacks.py``; the data
+``stages/machinery/datamodules.py``.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import Sampler
 
-from cache.location import as_location, write_file
-from pipeline.config import ConfigError
-from stages.interrupts import CheckpointOnSigterm, SIGTERMException
+from egoslots.cache.location import as_location, write_file
+from egoslots.pipeline.config import ConfigError
+from egoslots.stages.machinery.interrupts import CheckpointOnSigterm, SIGTERMException
 
 log = logging.getLogger("egoslots")
 
@@ -145,9 +145,9 @@ class RaisingCheckpointIO(TorchCheckpointIO):
     Lightning 2.6's ``_atomic_save`` swallows PermissionError (EACCES/EPERM): the run would go on
     for days with no checkpoint saved and no word said. Its local "atomic" write also stages the
     whole file in the system temp dir and moves it over (a copy when /tmp is another disk). Here
-    every checkpoint goes through egoslots' one atomic writer (``cache.location.write_file``: a
+    every checkpoint goes through egoslots' one atomic writer (``egoslots.cache.location.write_file``: a
     hidden temporary beside it, fsynced and renamed; one upload for a remote path), so last.ckpt
-    is either the old or the new one, and every OSError reaches ``stages.common.output_writes``.
+    is either the old or the new one, and every OSError reaches ``egoslots.stages.machinery.common.output_writes``.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:

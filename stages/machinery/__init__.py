@@ -1,0 +1,1 @@
+"""What the commands share: run directories, the training scaffold, devices, inference."""
