@@ -21,6 +21,17 @@ os.environ.setdefault("EGOSLOTS_PRECISION_CACHE", os.path.join(_PRECISION_DIR, "
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The tests (and the egoslots subprocesses they start) import the installed package `egoslots`:
+# it must be this checkout, or they would test another one.
+import egoslots  # noqa: E402
+
+if os.path.dirname(os.path.abspath(egoslots.__file__)) != REPO_ROOT:
+    pytest.exit(
+        f"egoslots is installed from {os.path.dirname(egoslots.__file__)}, not this checkout "
+        f"({REPO_ROOT}): run `pip install -e .` here first",
+        returncode=4,
+    )
+
 
 @pytest.fixture
 def repo_root() -> str:
