@@ -65,7 +65,9 @@ def trains_own_encoder(cfg: DictConfig) -> bool:
     b = cfg.backbone
     if b.name != "self" or b.get("checkpoint"):
         return False
-    own = Path(cfg.work_dir) / "runs" / cfg.pretrain_encoder.run_name
+    from egoslots.stages.machinery.rundirs import run_dir_of
+
+    own = run_dir_of(cfg, cfg.pretrain_encoder.run_name)
     return b.get("encoder_run") is None or Path(b.encoder_run).resolve() == own.resolve()
 
 

@@ -10,7 +10,6 @@ check a store's frames here (:func:`check_frames`) and name a dVAE by the hash o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from egoslots.cache.catalog import find_recorded_store
 from egoslots.cache.store import FeatureStore, StoreError, chunk_bounds
+from egoslots.pipeline.checkpoints import sha256_file
 from egoslots.pipeline.config import ConfigError
 from egoslots.pipeline.dvae import DVAE, PATCH, load_dvae
 from egoslots.stages.machinery.common import StageError, setup_logging, write_failure
@@ -63,11 +63,8 @@ def check_frames(store: FeatureStore) -> int:
 
 
 def sha256_16(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    """A dVAE's hash: the first 16 hex digits of its dvae.pt's sha256."""
+    return sha256_file(path)[:16]
 
 
 def tokenize_run(

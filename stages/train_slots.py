@@ -55,14 +55,12 @@ from egoslots.stages.machinery.rundirs import (
     write_run_files,
 )
 from egoslots.stages.machinery.runtime import (
-    choose_precision,
     configure_threads,
     device_type,
     set_fast_math,
-    several_processes,
 )
 from egoslots.stages.machinery.slot_task import SlotTrainingModule, precision_probe
-from egoslots.stages.machinery.training import fit, is_rank_zero, make_trainer, stored_precision
+from egoslots.stages.machinery.training import fit, is_rank_zero, make_trainer, run_precision
 
 log = logging.getLogger("egoslots")
 
@@ -233,8 +231,7 @@ def _train_locked(
             "or train without --resume.",
         )
     probe = precision_probe(module, int(cfg.dataset.batch_size), int(cfg.dataset.ep_length), device)
-    several = several_processes(tc.devices, tc.num_nodes)
-    precision = choose_precision(tc.precision, device, probe, stored_precision(checkpoint), several)
+    precision = run_precision(tc, device, probe, checkpoint)
     store = inputs.store
     log.info(
         "stage 3: %s on %s, precision %s, store %s%s",
@@ -266,17 +263,12 @@ def _train_locked(
     trainer, sigterm = make_trainer(
         run_dir,
         command="egoslots train-slots",
-        max_steps=tc.max_steps,
-        ckpt_every=tc.ckpt_every,
-        log_every=tc.log_every,
+        section="trainer",
+        settings=tc,
+        precision=precision,
         callbacks=[guard, pictures, FinalCheckpoint(ckpt_dir, guard), progress],
         gradient_clip_val=float(tc.gradient_clip_val) or None,
         gradient_clip_algorithm="norm",
-        precision=precision,
-        accelerator=str(tc.accelerator),
-        devices=tc.devices,
-        num_nodes=int(tc.num_nodes),
-        strategy=str(tc.strategy),
         val_check_interval=int(tc.val_every) if val_batches else None,
         check_val_every_n_epoch=None,
         limit_val_batches=val_batches,
