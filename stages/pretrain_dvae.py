@@ -51,6 +51,7 @@ from egoslots.stages.machinery.dvae_task import DVAETask, precision_probe
 from egoslots.stages.machinery.locks import writing_run
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_files,
+    path_for_run_file,
     read_checkpoint,
     read_json,
     resume_checkpoint,
@@ -167,7 +168,7 @@ def export_weights(run_dir: Path, task: DVAETask, store: FeatureStore, steps: in
         {
             "hash": dvae_hash,
             "store": store.fingerprint,
-            "store_path": str(store.path),
+            "store_path": path_for_run_file(run_dir, store.path),
             "vocab_size": task.dvae.vocab_size,
             "hidden": task.dvae.hidden,
             "arch": task.dvae.arch,
@@ -246,7 +247,10 @@ def _pretrain_locked(
         # an unwritable or full run directory: one error naming the file, checkpoints kept
         with output_writes(run_dir):
             if zero:
-                inputs = {"store": str(store.path), "store_fingerprint": store.fingerprint}
+                inputs = {
+                    "store": path_for_run_file(run_dir, store.path),
+                    "store_fingerprint": store.fingerprint,
+                }
                 write_run_files(run_dir, cfg, inputs)
             _train(cfg, store, frame_size, vocab, run_dir, resume, callbacks)
     if tokenize and zero:  # tokenization is one encoder pass over the store: rank 0 alone does it

@@ -48,6 +48,7 @@ from egoslots.stages.machinery.rundirs import (
     checkpoint_step,
     config_changes,
     find_resume_checkpoint,
+    path_for_run_file,
     read_checkpoint,
     read_json,
     run_dir_of,
@@ -80,11 +81,12 @@ class TrainingInputs:
             return None
         return tuple(self.store.tokens(self.tokens_hash).shape[1:])  # type: ignore[return-value]
 
-    def describe(self) -> dict:
+    def describe(self, run_dir: Path) -> dict:
+        """inputs.json of the run in ``run_dir`` (paths relative to it)."""
         return {
-            "store": str(self.store.path),
+            "store": path_for_run_file(run_dir, self.store.path),
             "store_fingerprint": self.store.fingerprint,
-            "dvae_run": str(self.dvae_run) if self.dvae_run else None,
+            "dvae_run": path_for_run_file(run_dir, self.dvae_run) if self.dvae_run else None,
             "dvae_hash": self.tokens_hash,
             "feature_dim": self.store.feature_dim,
             "num_tokens": int(self.store.meta["num_tokens"]),
@@ -158,7 +160,7 @@ def check_same_run(run_dir: Path, cfg_dict: dict, inputs: TrainingInputs) -> Non
             )
     old = read_json(run_dir / "inputs.json")
     if old is not None:
-        new = inputs.describe()
+        new = inputs.describe(run_dir)
         for key in ("store_fingerprint", "dvae_hash"):
             if old.get(key) != new.get(key):
                 raise StageError(
@@ -214,7 +216,7 @@ def _train_locked(
     with output_writes(run_dir):
         if is_rank_zero():
             ckpt_dir.mkdir(parents=True, exist_ok=True)  # marks the directory as this run's
-            write_run_files(run_dir, cfg, inputs.describe())
+            write_run_files(run_dir, cfg, inputs.describe(run_dir))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     set_fast_math(tc.tf32)
     configure_threads(cfg.num_threads, busy_workers=0)  # cache readers: see runtime.py

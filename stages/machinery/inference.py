@@ -28,7 +28,9 @@ from egoslots.stages.machinery.common import StageError
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_fits,
     checkpoint_path,
+    path_from_run_file,
     read_checkpoint,
+    store_of_run,
 )
 from egoslots.stages.machinery.slot_task import SlotTrainingModule
 
@@ -67,8 +69,10 @@ def load_trained(
     if not inputs_path.is_file():
         raise StageError(f"{run_dir} has no inputs.json: it is not a train-slots run directory")
     inputs = json.loads(inputs_path.read_text())
+    # the store in the run's own work directory (a copied or moved one), else where it was
+    found = store_of_run(run_dir, inputs["store_fingerprint"], [inputs["store"]])
     try:
-        store = FeatureStore.open(inputs["store"])
+        store = FeatureStore.open(found or path_from_run_file(run_dir, inputs["store"]))
     except StoreError as err:
         raise StageError(f"{err} (the store run {run_dir} was trained on)") from err
     if store.fingerprint != inputs["store_fingerprint"]:
