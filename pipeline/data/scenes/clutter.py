@@ -1,9 +1,9 @@
 """The ``clutter`` family: many objects heaped close together and seen from low down, so they
 overlap in view and hide parts of one another (occlusion is the rule, not the exception).
 
-10-20 objects of 8-25 cm are dropped into a pile 20-35 cm across (those that do not fit are
-stacked on top), on a textured ground with two textured walls forming a corner behind it. The
-camera looks at the pile from 15-35 degrees above the ground and 0.6-0.95 m away, so objects
+10-20 objects of 7-22 cm are stood in a pile 30-50 cm across (those that do not fit stand
+on top of others and topple), on a textured ground with two textured walls forming a corner behind it. The
+camera looks at the pile from 15-35 degrees above the ground and 0.75-1.1 m away, so objects
 in front cover those behind. Pushes are rare and gentle, so the heap stays a heap.
 """
 
@@ -17,9 +17,10 @@ from .assets import (
     NAMED_MESHES,
     NUM_BLOBS,
     TEXTURE_PATTERNS,
+    mesh,
 )
 from .room import WALL_PATTERNS
-from .spec import ObjectSpec, Poke, SceneSpec, StaticSpec, random_color, random_quaternion
+from .spec import ObjectSpec, Poke, SceneSpec, StaticSpec, random_color
 from .tabletop import sample_camera_path
 
 OBJECTS = (10, 20)  # default (min, max) objects per video
@@ -31,17 +32,21 @@ def sample(
 ) -> SceneSpec:
     """Draw one heap: objects, backdrop walls, light and a low camera."""
     n = int(rng.integers(min_objects, max_objects + 1))
-    pile = rng.uniform(0.1, 0.18)  # radius of the pile, metres
+    pile = rng.uniform(0.15, 0.25)  # radius of the pile, metres
     objects, placed = [], []
     for _ in range(n):
         if rng.random() < NAMED_MESH_PROBABILITY:
             mesh_id = int(rng.integers(len(NAMED_MESHES)))
         else:
             mesh_id = len(NAMED_MESHES) + int(rng.integers(NUM_BLOBS))
-        size = float(np.exp(rng.uniform(np.log(0.08), np.log(0.25))))
-        radius = 0.5 * np.sqrt(3) * size
-        position = _heap_position(rng, placed, pile, radius)
-        placed.append((position, radius))
+        size = float(np.exp(rng.uniform(np.log(0.07), np.log(0.22))))
+        m = mesh(mesh_id)
+        half_height = 0.5 * size * m.sides[2] / m.extent
+        radius = 0.5 * size * float(np.hypot(m.sides[0], m.sides[1])) / m.extent
+        x, y, bottom = _heap_position(rng, placed, pile, radius)
+        position = np.array([x, y, bottom + half_height + 0.003])
+        placed.append((position[:2], radius, bottom + 2 * half_height))
+        yaw = rng.uniform(0, 2 * np.pi)
         pushed = rng.random() < 0.2
         speed = rng.uniform(0.2, 0.6) if pushed else 0.0
         heading = -position[:2] / (np.linalg.norm(position[:2]) + 1e-6) * speed
@@ -55,7 +60,7 @@ def sample(
                 friction=float(rng.uniform(0.5, 0.9)),
                 restitution=float(rng.uniform(0.05, 0.3)),
                 position=[float(c) for c in position],
-                orientation=[float(c) for c in random_quaternion(rng)],
+                orientation=[0.0, 0.0, float(np.sin(yaw / 2)), float(np.cos(yaw / 2))],
                 linear_velocity=[float(heading[0]), float(heading[1]), 0.0],
                 angular_velocity=[float(c) for c in rng.normal(0.0, 1.0, 3)],
             )
@@ -67,9 +72,9 @@ def sample(
         frames,
         fps,
         elevation_range=(15, 35),
-        distance_range=(0.6, 0.95),
+        distance_range=(0.75, 1.1),
         gaze_spread=0.05,
-        gaze_height=0.08,
+        gaze_height=0.1,
     )
     spec = SceneSpec(
         objects=objects,
@@ -106,15 +111,21 @@ def sample(
     return spec
 
 
-def _heap_position(rng, placed, pile: float, radius: float, tries: int = 30) -> np.ndarray:
-    """A start position in the pile; when it is full, on top of what is there (they fall in)."""
+def _heap_position(rng, placed, pile: float, radius: float, tries: int = 24) -> np.ndarray:
+    """(x, y, bottom) of an object standing in the pile, as low as it goes: of ``tries``
+    random spots in the pile, the one where it rests lowest, on the ground or on the tops of
+    the objects whose footprints (circles of ``radius``) it overlaps. The heap starts compact
+    and upright; what stands on others topples as the video starts."""
+    best = None
     for _ in range(tries):
         r, a = pile * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
-        pos = np.array([r * np.cos(a), r * np.sin(a), radius + rng.uniform(0.0, 0.05)])
-        if all(np.linalg.norm(pos - c) > radius + rc for c, rc in placed):
-            return pos
-    near = [c[2] + rc for c, rc in placed if np.linalg.norm(c[:2] - pos[:2]) < radius + rc]
-    return np.array([pos[0], pos[1], max(near, default=0.0) + radius + 0.01])
+        xy = np.array([r * np.cos(a), r * np.sin(a)])
+        bottom = max(
+            (top for c, rc, top in placed if np.linalg.norm(xy - c) < radius + rc), default=0.0
+        )
+        if best is None or bottom < best[2]:
+            best = np.array([xy[0], xy[1], bottom])
+    return best
 
 
 def _backdrop(rng, eye) -> list[StaticSpec]:
