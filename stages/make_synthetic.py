@@ -152,17 +152,8 @@ def dataset_args(
 
 
 def check_args(
-    videos: int,
-    frames: int,
-    size: int,
-    seed: int,
-    min_objects: int,
-    max_objects: int,
-    fps: float,
-    scene: str = DEFAULT_SCENE,
+    videos: int, frames: int, size: int, seed: int, min_objects: int, max_objects: int, fps: float
 ) -> None:
-    if scene not in SCENES:
-        raise ValueError(f"unknown scene {scene!r}: choose one of {', '.join(SCENES)}")
     if videos < 0 or frames < 1 or size < 8:
         raise ValueError(
             f"need videos >= 0, frames >= 1 and size >= 8 (got {videos}, {frames}, {size})"
@@ -245,10 +236,8 @@ def generate_dataset(
     """
     from tqdm import tqdm
 
-    if scene not in SCENES:
-        raise ValueError(f"unknown scene {scene!r}: choose one of {', '.join(SCENES)}")
-    min_objects, max_objects = object_range(scene, min_objects, max_objects)
-    check_args(videos, frames, size, seed, min_objects, max_objects, fps, scene)
+    min_objects, max_objects = object_range(scene, min_objects, max_objects)  # checks scene
+    check_args(videos, frames, size, seed, min_objects, max_objects, fps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = dataset_args(videos, frames, size, seed, min_objects, max_objects, fps, scene)

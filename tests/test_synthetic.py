@@ -492,6 +492,9 @@ def test_folder_made_before_scene_families_resumes_as_tabletop(tmp_path):
     assert json.loads((out / "dataset.json").read_text())["args"]["scene"] == "tabletop"
     with pytest.raises(ValueError, match="scene tabletop != room"):
         generate_dataset(out, **dict(TINY, videos=3), scene="room")
+    with pytest.raises(ValueError, match="unknown scene 'kitchen': choose one of tabletop, room"):
+        generate_dataset(tmp_path / "k", **TINY, scene="kitchen")
+    assert not (tmp_path / "k").exists(), "nothing is written for a bad name"
 
 
 def test_config_key_picks_the_scene(tmp_path):
