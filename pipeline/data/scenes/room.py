@@ -123,7 +123,7 @@ def sample(
         scene="room",
         statics=statics,
         center=[float(c) for c in focus],
-        ground_tile=float(rng.uniform(0.4, 1.2)),
+        ground_tile=float(rng.uniform(0.9, 2.0)),  # coarse: fine stripes shimmer at 128 px
         extra={
             "room": {
                 "half_size": [round(float(c), 4) for c in half],
@@ -160,7 +160,7 @@ def _walls(rng, half, height: float) -> list[StaticSpec]:
     accent = random_color(rng, saturation=(0.4, 1.0), value=(0.4, 0.9))
     pattern = str(rng.choice(WALL_PATTERNS)) if rng.random() < 0.7 else None
     accent_wall = int(rng.integers(4)) if rng.random() < 0.5 else -1
-    tile = float(rng.uniform(0.4, 1.0))
+    tile = float(rng.uniform(0.6, 1.2))
     walls = []
     t = WALL_THICKNESS / 2
     for k, (centre, extents) in enumerate(
