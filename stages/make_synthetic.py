@@ -248,9 +248,7 @@ def generate_dataset(
         return out
     log.info("make-synthetic: %d of %d %s videos to make in %s", len(todo), videos, scene, out)
     total = Timings()
-    bar = tqdm(
-        total=len(todo) * frames, unit="frame", desc="synthetic videos", disable=not progress
-    )
+    bar = tqdm(total=len(todo) * frames, unit="frame", desc=f"{scene} videos", disable=not progress)
     job = dict(
         seed=seed,
         frames=frames,

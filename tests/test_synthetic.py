@@ -517,3 +517,18 @@ def test_config_key_picks_the_scene(tmp_path):
     assert load_config(REPO / "configs" / "demo.yaml", []).dataset.synthetic.scene == "tabletop"
     with pytest.raises(ConfigError, match="dataset.synthetic.scene"):
         load_config(REPO / "configs" / "demo.yaml", ["dataset.synthetic.scene=kitchen"])
+
+
+@pytest.mark.parametrize("scene", ["tabletop", "room", "clutter"])
+def test_each_family_varies_its_look_from_video_to_video(scene):
+    """Textures, light and object sets are drawn per video: six videos of one family do not
+    share a floor, a light or a set of meshes."""
+    specs = [sample_scene(video_rng(0, i), frames=2, scene=scene) for i in range(6)]
+    assert len({s.ground_pattern for s in specs}) >= 2
+    assert len({tuple(np.round(s.ground_colors[0], 3)) for s in specs}) == 6
+    assert np.ptp([s.ambient for s in specs]) > 0.05 and np.ptp([s.diffuse for s in specs]) > 0.05
+    assert len({tuple(np.round(s.light_direction, 3)) for s in specs}) == 6
+    assert len({tuple(o.mesh_id for o in s.objects) for s in specs}) == 6
+    sizes = [o.size for s in specs for o in s.objects]
+    assert max(sizes) > 1.5 * min(sizes)
+    assert len({len(s.objects) for s in specs}) >= 2
