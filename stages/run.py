@@ -46,6 +46,7 @@ def ensure_synthetic_data(cfg: DictConfig) -> Path:
         min_objects=s.min_objects,
         max_objects=s.max_objects,
         fps=s.fps,
+        scene=s.scene,
     )
     return root
 
