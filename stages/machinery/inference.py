@@ -25,12 +25,11 @@ from omegaconf import OmegaConf
 from egoslots.cache.reader import ClipDataset
 from egoslots.cache.store import FeatureStore, StoreError
 from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.run_paths import path_from_run_file, store_of_run
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_fits,
     checkpoint_path,
-    path_from_run_file,
     read_checkpoint,
-    store_of_run,
 )
 from egoslots.stages.machinery.slot_task import SlotTrainingModule
 
