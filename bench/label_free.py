@@ -1,0 +1,135 @@
+"""Which label-free number predicts video FG-ARI / mBO? (docs/label-free.md's table)
+
+Evaluates a COPY of a trained run (the source run is only read) on its test split, then
+correlates every label-free number of every (method, video) with that video's FG-ARI and mBO:
+Pearson's r and Spearman's rho, pooled over the methods the two tables share (slots, k-means,
+grid), and within the primary model's masks alone (across videos). Single-threaded.
+
+    python bench/label_free.py [RUN] [--work egoslots-work/label-free-bench] [--max-videos N]
+
+RUN defaults to the demo run (``egoslots run configs/demo.yaml``'s ``runs/demo``). Prints a
+Markdown table and writes it, with the raw per-video values, to ``WORK/label_free.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy import stats
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from egoslots.pipeline import label_free as lf  # noqa: E402
+from egoslots.stages import evaluate as ev  # noqa: E402
+
+TARGETS = {"video_fg_ari": "FG-ARI", "video_mbo": "mBO"}
+DEFAULT_RUN = "/tmp/base/egoslots-work/demo/runs/demo"
+
+
+def copy_run(src: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
+    """The run's files copied under ``work/runs`` (inputs.json keeps the store's absolute path)."""
+    dest = work / "runs" / src.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("metrics.*", ".egoslots-lock", "viz"))
+    return dest
+
+
+def pairs(result: dict, methods: list[str]) -> dict:
+    """{number: {target: (x list, y list)}} over (method, video) of the given methods."""
+    out: dict = {}
+    for method in methods:
+        masked = result["per_video"][method]
+        free = result["label_free"]["per_video"][method]
+        for number in lf.NUMBERS:
+            for target in TARGETS:
+                xs, ys = out.setdefault(number, {}).setdefault(target, ([], []))
+                for x, y in zip(free.get(number, []), masked.get(target, [])):
+                    if x is not None and y is not None and math.isfinite(x) and math.isfinite(y):
+                        xs.append(x)
+                        ys.append(y)
+    return out
+
+
+def correlate(xs: list, ys: list) -> tuple[float, float, int]:
+    """(Pearson r, Spearman rho, n); NaN where a side is constant or n < 3."""
+    if len(xs) < 3 or np.std(xs) == 0 or np.std(ys) == 0:
+        return float("nan"), float("nan"), len(xs)
+    return float(stats.pearsonr(xs, ys)[0]), float(stats.spearmanr(xs, ys)[0]), len(xs)
+
+
+def table(result: dict) -> tuple[str, dict]:
+    shared = [m for m in ev.LABEL_FREE_METHODS if m in result["per_video"]]
+    scopes = {
+        f"pooled over {', '.join(shared)}": shared,
+        f"within {ev.PRIMARY}": [ev.PRIMARY],
+    }
+    lines, raw = [], {}
+    for scope, methods in scopes.items():
+        found = pairs(result, methods)
+        lines += [
+            "",
+            f"Correlation with per-video scores, {scope}: Pearson r / Spearman rho (n pairs).",
+            "",
+            "| label-free number | " + " | ".join(TARGETS.values()) + " |",
+            "|---|" + "---|" * len(TARGETS),
+        ]
+        for number in lf.NUMBERS:
+            cells = []
+            for target in TARGETS:
+                r, rho, n = correlate(*found[number][target])
+                raw.setdefault(scope, {}).setdefault(number, {})[target] = [r, rho, n]
+                cells.append("n/a" if n < 3 or math.isnan(r) else f"{r:+.2f} / {rho:+.2f} ({n})")
+            label = ev.LABEL_FREE_LABELS.get(number, number.replace("_", " "))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), raw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", nargs="?", default=DEFAULT_RUN, type=pathlib.Path)
+    parser.add_argument("--work", default="egoslots-work/label-free-bench", type=pathlib.Path)
+    parser.add_argument("--max-videos", type=int, default=None)
+    args = parser.parse_args()
+    if not (args.run / "inputs.json").is_file():
+        sys.exit(f"{args.run} is not a train-slots run directory (no inputs.json)")
+    torch.set_num_threads(1)
+    ev.configure_threads = lambda _n: torch.set_num_threads(1)  # the run's setting: one thread here
+    run = copy_run(args.run, args.work)
+    started = time.perf_counter()
+    result = ev.evaluate_run(run, split="test", max_videos=args.max_videos, probe=False)
+    seconds = time.perf_counter() - started
+    text, raw = table(result)
+    print(ev.format_table(result))
+    print(text)
+    print(f"\n{result['num_videos']} test videos of {args.run}, {seconds:.0f} s on one thread")
+    (args.work / "label_free.json").write_text(
+        json.dumps(
+            ev._finite(
+                {
+                    "run": str(args.run),
+                    "correlations": raw,
+                    "methods": result["methods"],
+                    "label_free": result["label_free"],
+                    "video_ids": result["video_ids"],
+                    "per_video": {
+                        m: {t: result["per_video"][m][t] for t in TARGETS}
+                        for m in result["per_video"]
+                    },
+                    "seconds": seconds,
+                }
+            ),
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
