@@ -107,12 +107,12 @@ def best_matchings(labels: torch.Tensor, k: int) -> np.ndarray:
     return out
 
 
-def identity_best(labels: torch.Tensor, k: int) -> float:
+def identity_best(labels: torch.Tensor, k: int, matchings: np.ndarray | None = None) -> float:
     """Share of consecutive frame pairs whose best slot matching is the identity; NaN with one
-    frame."""
+    frame. ``matchings``: :func:`best_matchings` of these labels when already computed."""
     if labels.shape[0] < 2:
         return float("nan")
-    match = best_matchings(labels, k)
+    match = best_matchings(labels, k) if matchings is None else matchings
     return float((match == np.arange(k)).all(axis=1).mean())
 
 
@@ -127,10 +127,16 @@ def active_slots(labels: torch.Tensor, k: int, min_share: float = ACTIVE_SHARE) 
     return float(active(labels, k, min_share).sum(dim=1).double().mean())
 
 
-def run_lengths(labels: torch.Tensor, k: int, min_share: float = ACTIVE_SHARE) -> list[int]:
+def run_lengths(
+    labels: torch.Tensor,
+    k: int,
+    min_share: float = ACTIVE_SHARE,
+    matchings: np.ndarray | None = None,
+) -> list[int]:
     """Lengths in frames of every run of every slot on one object (module docstring)."""
     on = active(labels, k, min_share).numpy()  # (T, K)
-    keeps = best_matchings(labels, k) == np.arange(k)  # (T-1, K): slot k matched to itself
+    match = best_matchings(labels, k) if matchings is None else matchings
+    keeps = match == np.arange(k)  # (T-1, K): slot k matched to itself
     runs = []
     for slot in range(k):
         length = 0
@@ -149,9 +155,14 @@ def run_lengths(labels: torch.Tensor, k: int, min_share: float = ACTIVE_SHARE) -
     return runs
 
 
-def run_length(labels: torch.Tensor, k: int, min_share: float = ACTIVE_SHARE) -> float:
+def run_length(
+    labels: torch.Tensor,
+    k: int,
+    min_share: float = ACTIVE_SHARE,
+    matchings: np.ndarray | None = None,
+) -> float:
     """Mean of :func:`run_lengths`; NaN when no slot is ever active."""
-    runs = run_lengths(labels, k, min_share)
+    runs = run_lengths(labels, k, min_share, matchings)
     return float(np.mean(runs)) if runs else float("nan")
 
 
@@ -174,9 +185,10 @@ def reconstruction_error(reconstruction: torch.Tensor, features: torch.Tensor) -
             f"reconstruction {tuple(reconstruction.shape)} and features {tuple(features.shape)} "
             "differ in shape"
         )
-    x = features.double()
-    err = (reconstruction.double() - x).pow(2).sum()
-    spread = (x - x.reshape(-1, x.shape[-1]).mean(dim=0)).pow(2).sum()
+    x = features.float()  # float32 arithmetic, float64 sums: large videos stay fast
+    err = (reconstruction.float() - x).pow(2).sum(dtype=torch.float64)
+    spread = (x - x.reshape(-1, x.shape[-1]).mean(dim=0, dtype=torch.float64).float()).pow(2)
+    spread = spread.sum(dtype=torch.float64)
     return {
         "feature_rec_mse": float(err / x.numel()),
         "feature_rec_rel": float(err / spread) if spread > 0 else float("nan"),
@@ -186,11 +198,11 @@ def reconstruction_error(reconstruction: torch.Tensor, features: torch.Tensor) -
 def partition_reconstruction(features: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """A partition's reconstruction of features (T, N, D): each token replaced by the mean feature
     of its cluster over the whole video (k-means' centroids, in the cached features' own space)."""
-    x = features.double().reshape(-1, features.shape[-1])
+    x = features.reshape(-1, features.shape[-1])
     ids = labels.reshape(-1).long()
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, ids, x)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, ids, x.double())
     counts = torch.bincount(ids, minlength=k).clamp_min(1).double()
-    return (sums / counts[:, None])[ids].reshape(features.shape).to(features.dtype)
+    return (sums / counts[:, None]).to(features.dtype)[ids].reshape(features.shape)
 
 
 def unflip_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -224,10 +236,11 @@ def video_numbers(
     _check_masks(masks)
     k = masks.shape[1]
     labels = labels_of(masks)
+    match = best_matchings(labels, k)  # (T-1, K), shared by the two numbers below
     out = {
         "token_stability": token_stability(labels),
-        "identity_best": identity_best(labels, k),
-        "run_length": run_length(labels, k, min_share),
+        "identity_best": identity_best(labels, k, match),
+        "run_length": run_length(labels, k, min_share, match),
         "active_slots": active_slots(labels, k, min_share),
         "mask_entropy": mask_entropy(masks),
     }
