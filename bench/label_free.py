@@ -34,49 +34,75 @@ DEFAULT_RUN = "/tmp/base/egoslots-work/demo/runs/demo"
 
 
 def copy_run(src: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
-    """The run's files copied under ``work/runs`` (inputs.json keeps the store's absolute path)."""
+    """The run's files copied under ``work/runs``. A relative store path in inputs.json (relative
+    to the directory the run was trained from) is made absolute: the first folder above the run
+    that holds it."""
+    src = src.resolve()
     dest = work / "runs" / src.name
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("metrics.*", ".egoslots-lock", "viz"))
+    inputs = json.loads((dest / "inputs.json").read_text())
+    store = pathlib.Path(inputs["store"])
+    if not store.is_absolute():
+        found = [p / store for p in src.parents if (p / store).is_dir()]
+        if not found:
+            sys.exit(f"{src / 'inputs.json'}: store {store} is not under any folder above the run")
+        inputs["store"] = str(found[0])
+        (dest / "inputs.json").write_text(json.dumps(inputs, indent=2))
     return dest
 
 
-def pairs(result: dict, methods: list[str]) -> dict:
-    """{number: {target: (x list, y list)}} over (method, video) of the given methods."""
+def pairs(result: dict, methods: list[str], demean: bool = False) -> dict:
+    """{number: {target: (x list, y list)}} over (method, video) of the given methods;
+    ``demean``: each method's own mean taken off both sides (what varies across videos only)."""
     out: dict = {}
     for method in methods:
         masked = result["per_video"][method]
         free = result["label_free"]["per_video"][method]
         for number in lf.NUMBERS:
             for target in TARGETS:
-                xs, ys = out.setdefault(number, {}).setdefault(target, ([], []))
+                xs, ys = [], []
                 for x, y in zip(free.get(number, []), masked.get(target, [])):
                     if x is not None and y is not None and math.isfinite(x) and math.isfinite(y):
                         xs.append(x)
                         ys.append(y)
+                if demean and xs:
+                    xs = list(np.asarray(xs) - np.mean(xs))
+                    ys = list(np.asarray(ys) - np.mean(ys))
+                all_x, all_y = out.setdefault(number, {}).setdefault(target, ([], []))
+                all_x += xs
+                all_y += ys
     return out
 
 
 def correlate(xs: list, ys: list) -> tuple[float, float, int]:
     """(Pearson r, Spearman rho, n); NaN where a side is constant or n < 3."""
-    if len(xs) < 3 or np.std(xs) == 0 or np.std(ys) == 0:
+    if len(xs) < 3 or np.ptp(xs) < 1e-12 or np.ptp(ys) < 1e-12:
         return float("nan"), float("nan"), len(xs)
     return float(stats.pearsonr(xs, ys)[0]), float(stats.spearmanr(xs, ys)[0]), len(xs)
 
 
 def table(result: dict) -> tuple[str, dict]:
+    """The correlation tables (Markdown) and their figures {scope: {number: {target: [r, rho, n]}}}."""
     shared = [m for m in ev.LABEL_FREE_METHODS if m in result["per_video"]]
     scopes = {
-        f"pooled over {', '.join(shared)}": shared,
-        f"within {ev.PRIMARY}": [ev.PRIMARY],
+        "across methods and videos: every (method, video) pair of " + ", ".join(shared): (
+            shared,
+            False,
+        ),
+        "across videos within each method: each method's mean taken off both sides, then pooled": (
+            shared,
+            True,
+        ),
+        f"across videos, {ev.PRIMARY} alone": ([ev.PRIMARY], False),
     }
     lines, raw = [], {}
-    for scope, methods in scopes.items():
-        found = pairs(result, methods)
+    for scope, (methods, demean) in scopes.items():
+        found = pairs(result, methods, demean)
         lines += [
             "",
-            f"Correlation with per-video scores, {scope}: Pearson r / Spearman rho (n pairs).",
+            f"Correlation with per-video scores, {scope}. Pearson r / Spearman rho (n pairs).",
             "",
             "| label-free number | " + " | ".join(TARGETS.values()) + " |",
             "|---|" + "---|" * len(TARGETS),
@@ -87,7 +113,7 @@ def table(result: dict) -> tuple[str, dict]:
                 r, rho, n = correlate(*found[number][target])
                 raw.setdefault(scope, {}).setdefault(number, {})[target] = [r, rho, n]
                 cells.append("n/a" if n < 3 or math.isnan(r) else f"{r:+.2f} / {rho:+.2f} ({n})")
-            label = ev.LABEL_FREE_LABELS.get(number, number.replace("_", " "))
+            label = ev.LABEL_FREE_LABELS.get(number, "feature rec. error (MSE)")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines), raw
 
