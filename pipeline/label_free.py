@@ -32,9 +32,9 @@ Definitions (hard labels = argmax over slots):
   deviation from the video's mean feature (0 perfect, 1 = no better than one mean feature for the
   video). For a partition (k-means, grid) the reconstruction is each token's cluster mean over the
   video (:func:`partition_reconstruction`).
-- ``flip_agreement``: ARI between the labels of the frames and the mirrored-back labels of the same
-  frames flipped horizontally (a method run on the store's flipped rows), over all tokens of the
-  video; slot indices need not agree, only the grouping.
+- ``flip_agreement``: mean over frames of the ARI between a frame's labels and the mirrored-back
+  labels of the same frame flipped horizontally (the method run on the store's flipped rows);
+  slot indices need not agree, only each frame's grouping.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from egoslots.pipeline.metrics import adjusted_rand_index
+from egoslots.pipeline.metrics import ari_from_table, contingency
 
 ACTIVE_SHARE = 0.02  # a slot is active in a frame when it wins at least this share of its tokens
 
@@ -214,9 +214,15 @@ def unflip_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def flip_agreement(labels: torch.Tensor, flipped: torch.Tensor, grid: tuple[int, int]) -> float:
-    """ARI between labels (T, N) of the frames and labels (T, N) of their horizontal flips,
-    mirrored back (:func:`unflip_labels`); 1 = the same grouping whatever the slot indices."""
-    return adjusted_rand_index(labels, unflip_labels(flipped, grid))
+    """Mean over frames of the ARI between labels (T, N) of a frame and labels (T, N) of its
+    horizontal flip, mirrored back (:func:`unflip_labels`): 1 = the same grouping whatever the
+    slot indices (per frame, so ids that change over time, as k-means per frame's, do not count)."""
+    back = unflip_labels(flipped, grid).long()
+    t = labels.shape[0]
+    _, back = torch.unique(back.reshape(-1), return_inverse=True)
+    frame = torch.arange(t)[:, None].expand(t, labels.shape[1])
+    table, _ = contingency(labels, back, int(back.max()) + 1, frame, t)
+    return float(ari_from_table(table).mean())
 
 
 def video_numbers(

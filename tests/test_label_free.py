@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from egoslots.pipeline import label_free as lf
+from egoslots.pipeline.metrics import adjusted_rand_index
 
 
 def one_hot(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -109,6 +110,17 @@ def test_flip_agreement_ignores_slot_indices():
     relabelled = (mirrored + 1) % 3  # the flipped run numbered its slots differently
     assert lf.flip_agreement(labels, relabelled, grid) == pytest.approx(1.0)
     assert lf.flip_agreement(labels, labels, grid) < 1.0  # not mirrored back: disagrees
+    # per frame: slot ids that change from frame to frame (k-means per frame) still agree
+    per_frame = relabelled.clone()
+    per_frame[1] = (per_frame[1] + 1) % 3
+    assert lf.flip_agreement(labels, per_frame, grid) == pytest.approx(1.0)
+    # one frame grouped differently: the mean of 1 and that frame's ARI
+    other = relabelled.clone()
+    other[1] = torch.tensor([0, 0, 0, 1, 1, 1])
+    half = lf.flip_agreement(labels, other, grid)
+    assert half == pytest.approx(
+        (1 + adjusted_rand_index(labels[1], lf.unflip_labels(other, grid)[1])) / 2
+    )
     out = lf.video_numbers(one_hot(labels, 3), flipped_masks=one_hot(relabelled, 3), grid=grid)
     assert out["flip_agreement"] == pytest.approx(1.0)
     assert "feature_rec_rel" not in out  # no features given: left out
