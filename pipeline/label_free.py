@@ -47,7 +47,9 @@ from scipy.optimize import linear_sum_assignment
 
 from egoslots.pipeline.metrics import ari_from_table, contingency
 
-ACTIVE_SHARE = 0.02  # a slot is active in a frame when it wins at least this share of its tokens
+ACTIVE_SHARE = (
+    0.02  # a slot is active in a frame when it wins at least this share of the frame's tokens
+)
 
 # the label-free numbers, in the order of evaluate's table
 NUMBERS = (
