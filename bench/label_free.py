@@ -83,9 +83,33 @@ def correlate(xs: list, ys: list) -> tuple[float, float, int]:
     return float(stats.pearsonr(xs, ys)[0]), float(stats.spearmanr(xs, ys)[0]), len(xs)
 
 
+def distinct_methods(result: dict) -> list[str]:
+    """The methods of both tables, less those whose masks were another's (attention mixing makes
+    the decoder's masks the attention masks): counted once, not twice."""
+    kept: list[str] = []
+    for method in ev.LABEL_FREE_METHODS:
+        if method not in result["per_video"]:
+            continue
+        same = [
+            m
+            for m in kept
+            if result["per_video"][m] == result["per_video"][method]
+            and _same_numbers(result["label_free"]["per_video"], m, method)
+        ]
+        if not same:
+            kept.append(method)
+    return kept
+
+
+def _same_numbers(per_video: dict, a: str, b: str) -> bool:
+    """The label-free numbers of a and b agree (the reconstruction error is the decoder row's)."""
+    keys = [k for k in lf.NUMBERS if not k.startswith("feature_rec")]
+    return all(per_video[a].get(k) == per_video[b].get(k) for k in keys)
+
+
 def table(result: dict) -> tuple[str, dict]:
     """The correlation tables (Markdown) and their figures {scope: {number: {target: [r, rho, n]}}}."""
-    shared = [m for m in ev.LABEL_FREE_METHODS if m in result["per_video"]]
+    shared = distinct_methods(result)
     scopes = {
         "across methods and videos: every (method, video) pair of " + ", ".join(shared): (
             shared,
@@ -123,7 +147,18 @@ def main() -> None:
     parser.add_argument("run", nargs="?", default=DEFAULT_RUN, type=pathlib.Path)
     parser.add_argument("--work", default="egoslots-work/label-free-bench", type=pathlib.Path)
     parser.add_argument("--max-videos", type=int, default=None)
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="Recompute the correlation tables from WORK/label_free.json (no evaluation).",
+    )
     args = parser.parse_args()
+    saved = args.work / "label_free.json"
+    if args.tables_only:
+        if not saved.is_file():
+            sys.exit(f"no {saved}: run without --tables-only first")
+        print(table(json.loads(saved.read_text()))[0])
+        return
     if not (args.run / "inputs.json").is_file():
         sys.exit(f"{args.run} is not a train-slots run directory (no inputs.json)")
     torch.set_num_threads(1)
@@ -136,7 +171,7 @@ def main() -> None:
     print(ev.format_table(result))
     print(text)
     print(f"\n{result['num_videos']} test videos of {args.run}, {seconds:.0f} s on one thread")
-    (args.work / "label_free.json").write_text(
+    saved.write_text(
         json.dumps(
             ev._finite(
                 {
@@ -149,6 +184,7 @@ def main() -> None:
                         m: {t: result["per_video"][m][t] for t in TARGETS}
                         for m in result["per_video"]
                     },
+                    "num_videos": result["num_videos"],
                     "seconds": seconds,
                 }
             ),
