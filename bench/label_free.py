@@ -1,14 +1,17 @@
 """Which label-free number predicts video FG-ARI / mBO? (docs/label-free.md's table)
 
-Evaluates a COPY of a trained run (the source run is only read) on its test split, then
-correlates every label-free number of every (method, video) with that video's FG-ARI and mBO:
-Pearson's r and Spearman's rho, pooled over the methods the two tables share (slots, k-means,
-grid), and within the primary model's masks alone (across videos). Single-threaded.
+Evaluates a COPY of a trained run (the source run is only read) on its test split, one torch
+thread, then correlates every label-free number of every (method, video) with that video's raw
+video FG-ARI and mBO: Pearson's r and Spearman's rho across methods and videos, across videos
+within each method (each method's mean taken off), and for the primary model alone. Methods whose
+masks are another's (attention mixing) count once.
 
     python bench/label_free.py [RUN] [--work egoslots-work/label-free-bench] [--max-videos N]
+    python bench/label_free.py --tables-only [--work ...]   # the tables again, no evaluation
 
-RUN defaults to the demo run (``egoslots run configs/demo.yaml``'s ``runs/demo``). Prints a
-Markdown table and writes it, with the raw per-video values, to ``WORK/label_free.json``.
+RUN defaults to the demo run (``egoslots run configs/demo.yaml``'s ``runs/demo``). Prints the
+evaluation and correlation tables and writes them, with the per-video values, to
+``WORK/label_free.json``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from egoslots.pipeline import label_free as lf  # noqa: E402
 from egoslots.stages import evaluate as ev  # noqa: E402
 
 TARGETS = {"video_fg_ari": "FG-ARI", "video_mbo": "mBO"}
-DEFAULT_RUN = "/tmp/base/egoslots-work/demo/runs/demo"
+DEFAULT_RUN = "egoslots-work/demo/runs/demo"  # what `egoslots run configs/demo.yaml` trains
 
 
 def copy_run(src: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
