@@ -149,6 +149,7 @@ def saved_config(run_dir: Path) -> dict | None:
 RESUMABLE_CHANGES = (
     "trainer.",
     "evaluate.",
+    "inference.",  # read only where a trained model is applied
     "dataset.num_workers",
     "store",
     "dvae_run",
