@@ -132,8 +132,12 @@ def _is_open_dict(schema: DictConfig, path: str) -> bool:
     )
 
 
-def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """Load one YAML file and, first, the files its ``defaults`` list names."""
+def _load_yaml(
+    path: Path, seen: tuple[Path, ...] = (), renamed: dict[str, str] | None = None
+) -> DictConfig:
+    """Load one YAML file and, first, the files its ``defaults`` list names; each file's
+    deprecated keys take their new names before it is merged (:func:`_rename`)."""
+    renamed = {} if renamed is None else renamed
     path = path.resolve()
     if path in seen:
         raise ConfigError(
@@ -160,8 +164,8 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
                 if shipped.exists():
                     parent = shipped
                     break
-        merged = OmegaConf.merge(merged, _load_yaml(parent, seen + (path,)))
-    return OmegaConf.merge(merged, node)
+        merged = OmegaConf.merge(merged, _load_yaml(parent, seen + (path,), renamed))
+    return OmegaConf.merge(merged, _rename(node, str(path), renamed))
 
 
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
@@ -270,12 +274,12 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """
     schema = _schema()
     layers: list[tuple[str, DictConfig]] = []
+    renamed: dict[str, str] = {}  # new key -> the deprecated name the user wrote
     if path is not None:
-        layers.append((str(path), _load_yaml(Path(path))))
+        layers.append((str(path), _load_yaml(Path(path), renamed=renamed)))
     if overrides:
         layers.append(("command-line override", parse_overrides(overrides)))
     cfg = copy.deepcopy(schema)  # (the checks below fill values in: never into the template)
-    renamed: dict[str, str] = {}
     for source, layer in layers:
         layer = _rename(layer, source, renamed)
         raw = OmegaConf.to_container(layer, resolve=False)
