@@ -39,7 +39,7 @@ restarts_option = click.option(
     type=click.IntRange(min=1),
     default=None,
     help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
-    "the first window best is kept (default: the run's model.initializer.restarts).",
+    "the first window best is kept (default: the run's inference.restarts).",
 )
 
 # method -> where its masks are in the model's outputs
