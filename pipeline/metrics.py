@@ -86,16 +86,6 @@ def masks_to_labels(
     return torch.cat(out).reshape(*lead, *size)
 
 
-def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Ground-truth label maps (..., H, W) to ``size`` with nearest-exact (no new labels)."""
-    if tuple(labels.shape[-2:]) == tuple(size):
-        return labels
-    lead = labels.shape[:-2]
-    x = labels.reshape(-1, 1, *labels.shape[-2:]).float()
-    x = F.interpolate(x, size=tuple(size), mode="nearest-exact")
-    return x.reshape(*lead, *size).to(labels.dtype)
-
-
 # ---------------------------------------------------------------------------------- tables
 def contingency(
     true: torch.Tensor,
