@@ -66,11 +66,34 @@ def config_command(name: str, example: str, **command_kwargs):
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input the user can fix: shown as one line, not a traceback. (Imported
     when a command fails, so that a light command never loads torch or zarr for them.)"""
+    from egoslots.cache.location import DamagedFile
     from egoslots.cache.store import StoreError
     from egoslots.pipeline.backbones import BackboneError
+    from egoslots.pipeline.checkpoints import CheckpointError
     from egoslots.pipeline.data.base import SourceError
 
-    return (ConfigError, SourceError, StoreError, BackboneError)
+    return (ConfigError, SourceError, StoreError, BackboneError, CheckpointError, DamagedFile)
+
+
+# What a command that takes a RUN (evaluate, visualize, export-slots, tokenize, cache ...) says
+# after a refused write: every file egoslots writes is replaced whole or not at all.
+KEPT_ON_FAILED_WRITE = (
+    "Files written before are kept as they were (each file is replaced whole or not at all)"
+)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Every command runs inside this (``egoslots.cli.LazyGroup.invoke``): a refused write
+    (EACCES, EPERM, EROFS, ENOSPC, EDQUOT, also behind torch's zip writer: see
+    ``egoslots.cache.location.write_file``) or an error in the user's input that no stage
+    caught itself is one ``Error:`` line naming the file and what to do, not a traceback. The
+    config commands word theirs first (:func:`config_command`); this is the net under all."""
+    try:
+        with output_writes(None, kept=KEPT_ON_FAILED_WRITE, resume="then rerun the same command"):
+            yield
+    except user_errors() as err:
+        raise StageError(str(err)) from err
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -119,15 +142,20 @@ def write_failure(
 
 @contextmanager
 def output_writes(
-    out_dir: Path, kept: str = "", resume: str = "then rerun the same command to resume"
+    out_dir: Path | None, kept: str = "", resume: str = "then rerun the same command to resume"
 ) -> Iterator[None]:
     """Turn a permission / read-only / disk-full OSError inside the block into one StageError
-    naming the file and the errno's meaning (no traceback); other errors pass unchanged."""
+    naming the file and the errno's meaning (no traceback); other errors pass unchanged.
+    ``out_dir``: where the block writes (a path outside it is named as one that could not be
+    accessed); None: anywhere (a command's own outputs)."""
     try:
         yield
     except OSError as err:
         if err.errno not in WRITE_FAULTS:
             raise
+        if out_dir is None:
+            target = err.filename or "a file"
+            raise StageError(write_failure(err, str(target), kept=kept, resume=resume)) from err
         target = Path(err.filename) if err.filename else out_dir
         try:
             inside = target.resolve().is_relative_to(out_dir.resolve())

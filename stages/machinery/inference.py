@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-import json
+import functools
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -24,22 +25,87 @@ from omegaconf import OmegaConf
 
 from egoslots.cache.reader import ClipDataset
 from egoslots.cache.store import FeatureStore, StoreError
+from egoslots.pipeline.checkpoints import CheckpointError, load_weights
 from egoslots.stages.machinery.common import StageError
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_fits,
     checkpoint_path,
     read_checkpoint,
+    read_json,
 )
 from egoslots.stages.machinery.slot_task import SlotTrainingModule
 
-# evaluate, export-slots and visualize: one --restarts option, so their masks agree
-restarts_option = click.option(
-    "--restarts",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
-    "the first window best is kept (default: the run's model.initializer.restarts).",
-)
+
+def restarts_option(command):
+    """``--restarts`` of evaluate, export-slots and visualize (one option, so their masks
+    agree), checked against the memory available before any work (:func:`check_restarts`)."""
+
+    @functools.wraps(command)
+    def checked(*args, **kwargs):
+        if kwargs.get("restarts") is not None:
+            check_restarts(kwargs["restarts"], kwargs.get("run"))
+        return command(*args, **kwargs)
+
+    return click.option(
+        "--restarts",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
+        "the first window best is kept (default: the run's model.initializer.restarts). At most "
+        "what fits in the memory available.",
+    )(checked)
+
+
+def check_restarts(restarts: int, run: str | Path | None) -> None:
+    """Refuse a ``--restarts`` whose draws (one batch over the run's first window) would not fit
+    in the memory available: one usage error naming the option, the estimate and the bound,
+    instead of an allocation of many GB failing (or swapping) mid-run."""
+    per_draw = restart_bytes(run)
+    if per_draw is None:  # not a readable run: loading it says why
+        return
+    available, where = available_memory()
+    bound = max(1, available // per_draw)
+    if restarts > bound:
+        raise click.BadParameter(
+            f"{restarts} draws need about {_gb(restarts * per_draw)} of memory "
+            f"({_gb(per_draw)} each, on the run's first window), more than the "
+            f"{_gb(available)} of {where} available now: use at most --restarts {bound}",
+            param_hint="'--restarts'",
+        )
+
+
+def restart_bytes(run: str | Path | None) -> int | None:
+    """Bytes one restart draw needs (float32): the window's features, reconstruction and error,
+    and the MLP decoder's two largest activations over every slot and token of every frame."""
+    try:
+        run_dir = Path(run)
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        meta = FeatureStore.open(read_json(run_dir / "inputs.json")["store"]).meta
+        frames, slots = int(cfg.dataset.ep_length), int(cfg.model.num_slots)
+        widest = max([int(h) for h in cfg.decoder.hidden_dims] + [int(cfg.model.slot_dim)])
+        tokens, dim = int(meta["num_tokens"]), int(meta["feature_dim"])
+    except Exception:  # noqa: BLE001 - no run to size: the loader reports what is wrong with it
+        return None
+    return 4 * frames * tokens * (slots * 2 * (widest + dim + 1) + 3 * dim)
+
+
+def available_memory() -> tuple[int, str]:
+    """(bytes, where): memory available now, the GPU's if one is used, else the host's
+    (``MemAvailable`` of /proc/meminfo, else free pages)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0]), "GPU memory"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "memory"
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "memory"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
 
 # method -> where its masks are in the model's outputs
 OUTPUT_KEYS = {
@@ -66,7 +132,7 @@ def load_trained(
     inputs_path = run_dir / "inputs.json"
     if not inputs_path.is_file():
         raise StageError(f"{run_dir} has no inputs.json: it is not a train-slots run directory")
-    inputs = json.loads(inputs_path.read_text())
+    inputs = read_json(inputs_path, "the run's record of its store and dVAE")
     try:
         store = FeatureStore.open(inputs["store"])
     except StoreError as err:
@@ -120,9 +186,9 @@ def checkpoint_identity(run_dir: str | Path, checkpoint: str = "last") -> dict:
     stat = path.stat()
     step = None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_weights(path)
         step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
-    except Exception:  # an unreadable file is reported by the loader, not here
+    except CheckpointError:  # an unreadable file is reported by the loader, not here
         pass
     return {
         "checkpoint": path.name,
