@@ -235,7 +235,7 @@ def read_json(location: Location, what: str = "", recover: str = REWRITE_HINT) -
     ``metrics.json``, ...): a damaged one, or one holding no JSON object, is one
     :class:`DamagedFile` error naming the file, ``what`` it is and how to ``recover``, not
     json's bare JSONDecodeError."""
-    label = f"{location} ({what})" if what else str(location)
+    label = f"{what} {location}" if what else str(location)
     try:
         if isinstance(location, Path):
             if not location.is_file():
@@ -253,11 +253,11 @@ def read_json(location: Location, what: str = "", recover: str = REWRITE_HINT) -
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise DamagedFile(f"cannot read {label}: {reason}: it is damaged; {recover}") from err
+        raise DamagedFile(f"cannot read {label} ({reason}): it is damaged; {recover}") from err
     if not isinstance(data, dict):
         raise DamagedFile(
-            f"cannot read {label}: it holds a JSON {type(data).__name__}, not an object: "
-            f"it is damaged; {recover}"
+            f"cannot read {label}: it holds a JSON {type(data).__name__}, not an object: it is "
+            f"damaged; {recover}"
         )
     return data
 

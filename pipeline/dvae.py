@@ -315,7 +315,7 @@ def load_dvae(run_dir: str | Path, map_location: str | torch.device = "cpu") -> 
         raise FileNotFoundError(
             f"{run_dir} holds no trained dVAE (dvae.json / dvae.pt missing): run `egoslots pretrain-dvae CONFIG`"
         )
-    info = read_json(info_path, "the dVAE's vocabulary and architecture")
+    info = read_json(info_path, "the dVAE's record")
     state = load_weights(
         weights,
         map_location,
@@ -331,4 +331,4 @@ def load_dvae(run_dir: str | Path, map_location: str | torch.device = "cpu") -> 
 
 def read_dvae_info(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / "dvae.json"
-    return read_json(path, "the dVAE's vocabulary and architecture")
+    return read_json(path, "the dVAE's record")

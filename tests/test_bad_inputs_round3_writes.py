@@ -85,7 +85,7 @@ def one_line(result, *expected: str) -> str:
     assert result.exit_code != 0, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)  # click's clean exit
     assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    errors = re.findall(r"Error: [^\n]*", result.output)  # a progress bar may precede it
     assert len(errors) == 1, result.output[-3000:]
     for text in expected:
         assert text in errors[0], errors[0]
@@ -315,9 +315,8 @@ def test_every_weights_file_loads_weights_only_with_one_line(run_dir, tmp_path):
     assert not Payload.loaded
 
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    data = bytearray(ckpt.read_bytes())
-    data[len(data) // 3 : len(data) // 3 + 64] = b"\0" * 64  # a damaged member inside the zip
-    ckpt.write_bytes(bytes(data))
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) * 2 // 3])  # a write cut short: no zip directory
     result = CliRunner().invoke(main, ["evaluate", str(run_dir), "--no-probe"])
     one_line(result, f"cannot read checkpoint {ckpt}", "truncated or damaged")
     assert checkpoint_identity(run_dir)["step"] is None  # unreadable: no step, no traceback

@@ -132,7 +132,12 @@ def load_trained(
     inputs_path = run_dir / "inputs.json"
     if not inputs_path.is_file():
         raise StageError(f"{run_dir} has no inputs.json: it is not a train-slots run directory")
-    inputs = read_json(inputs_path, "the run's record of its store and dVAE")
+    inputs = read_json(
+        inputs_path,
+        "the run's inputs record",
+        f"restore it from a copy, or train the run again (`egoslots train-slots "
+        f"{run_dir / 'config.yaml'} --overwrite`)",
+    )
     try:
         store = FeatureStore.open(inputs["store"])
     except StoreError as err:

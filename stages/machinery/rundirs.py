@@ -30,7 +30,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from egoslots.cache.location import DamagedFile, remove_orphans, write_file, write_text
+from egoslots.cache.location import (
+    REWRITE_HINT,
+    DamagedFile,
+    remove_orphans,
+    write_file,
+    write_text,
+)
 from egoslots.cache.location import read_json as location_read_json
 from egoslots.pipeline.checkpoints import CheckpointError, load_weights
 from egoslots.pipeline.config import to_yaml
@@ -56,11 +62,12 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def read_json(path: Path, what: str = "") -> dict | None:
-    """A run file (None when absent); a damaged one is one error naming it, not a traceback
-    (``egoslots.cache.location.read_json``, the one reader of run files)."""
+def read_json(path: Path, what: str = "", recover: str = REWRITE_HINT) -> dict | None:
+    """A run file (None when absent); a damaged one is one error naming it, ``what`` it is and
+    how to ``recover``, not a traceback (``egoslots.cache.location.read_json``, the one reader of
+    run files)."""
     try:
-        return location_read_json(path, what)
+        return location_read_json(path, what, recover)
     except DamagedFile as err:
         raise StageError(str(err)) from err
 
