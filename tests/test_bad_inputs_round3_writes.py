@@ -67,17 +67,19 @@ def disk_fills_while_writing(monkeypatch, suffix: str, err: int = errno.ENOSPC, 
     monkeypatch.setattr(builtins, "open", opening)
 
 
-def refuse_write_open(monkeypatch, suffix: str, err: int):
-    """The open-for-write of files named ``*suffix`` fails with ``err`` (a read-only mount)."""
+def refuse_write_open(monkeypatch, part: str, err: int):
+    """The open-for-write of files whose name holds ``part`` fails with ``err`` (a read-only
+    mount). Also ``io.open``, which TensorBoard's writer calls."""
     real = builtins.open
 
     def opening(file, mode="r", *args, **kwargs):
         target = _target(file)
-        if any(c in str(mode) for c in "wax") and target and target.endswith(suffix):
+        if any(c in str(mode) for c in "wax") and target and part in target:
             raise OSError(err, os.strerror(err), str(file))
         return real(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", opening)
+    monkeypatch.setattr(io, "open", opening)
 
 
 def one_line(result, *expected: str) -> str:
@@ -179,6 +181,35 @@ def test_full_disk_at_a_checkpoint_ends_train_slots_in_one_line(tmp_path, monkey
     assert re.search(r"cannot write .*step=4\.ckpt: ", line), line
     assert _step(ckpts / "step=2.ckpt") == _step(ckpts / "last.ckpt") == 2
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step=2.ckpt"]
+
+
+def test_a_write_fault_re_raised_by_a_library_is_still_one_line(tmp_path):
+    """Row 83: Lightning's TensorBoard logger re-raises the writer's OSError as
+    ``ValueError(...) from`` it: the handler sees through to the refused write. Errors egoslots
+    already worded (click's, the user-error types) and other OSErrors pass unchanged."""
+    from egoslots.pipeline.config import ConfigError
+    from egoslots.stages.machinery.common import StageError, one_line_errors, output_writes
+
+    events = tmp_path / "runs" / "t" / "tb" / "events.out.tfevents.1.host"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(events))
+    with pytest.raises(StageError) as caught, output_writes(tmp_path / "runs" / "t"):
+        raise ValueError("you tried to log 1.0 which is currently not supported") from full
+    assert str(caught.value).startswith(f"cannot write {events}: No space left on device")
+    with pytest.raises(StageError, match=r"cannot write .*events.* \(ENOSPC\)"), one_line_errors():
+        raise ValueError("logging failed") from full
+    for error in (
+        StageError("already worded"),
+        ConfigError("a key"),
+        OSError(errno.EIO, "Input/output error", "x"),
+    ):
+        try:
+            raise error from full
+        except Exception as err:  # noqa: BLE001
+            chained = err
+        with pytest.raises(type(error) if not isinstance(error, ConfigError) else StageError) as c:
+            with one_line_errors():
+                raise chained
+        assert "cannot write" not in str(c.value)
 
 
 def test_full_disk_at_the_dvae_weights_ends_pretrain_dvae_in_one_line(tmp_path, monkeypatch):

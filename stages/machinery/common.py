@@ -147,15 +147,17 @@ def output_writes(
     """Turn a permission / read-only / disk-full OSError inside the block into one StageError
     naming the file and the errno's meaning (no traceback); other errors pass unchanged.
     ``out_dir``: where the block writes (a path outside it is named as one that could not be
-    accessed); None: anywhere (a command's own outputs)."""
+    accessed); None: anywhere (a command's own outputs). A library that re-raises the OSError
+    as its own error (Lightning's loggers: ``ValueError(...) from OSError``) is seen through."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in WRITE_FAULTS:
+    except Exception as raised:
+        err = write_fault(raised)
+        if err is None:
             raise
         if out_dir is None:
             target = err.filename or "a file"
-            raise StageError(write_failure(err, str(target), kept=kept, resume=resume)) from err
+            raise StageError(write_failure(err, str(target), kept=kept, resume=resume)) from raised
         target = Path(err.filename) if err.filename else out_dir
         try:
             inside = target.resolve().is_relative_to(out_dir.resolve())
@@ -165,4 +167,19 @@ def output_writes(
         message = write_failure(err, str(target), kept=kept, resume=resume)
         if err.filename and not inside:  # e.g. a folder above the run directory
             message = message.replace("cannot write", "cannot access", 1)
-        raise StageError(message) from err
+        raise StageError(message) from raised
+
+
+def write_fault(err: BaseException) -> OSError | None:
+    """The refused write (an OSError of :data:`WRITE_FAULTS`) that ``err`` is, or that a
+    library's own error was raised from (``raise ... from`` it); None for anything else, and
+    for errors egoslots already worded for the user (click's, :func:`user_errors`)."""
+    if isinstance(err, click.ClickException):
+        return None
+    while err is not None:
+        if isinstance(err, OSError):
+            return err if err.errno in WRITE_FAULTS else None
+        if isinstance(err, user_errors()):
+            return None
+        err = err.__cause__
+    return None
