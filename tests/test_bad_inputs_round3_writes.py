@@ -263,7 +263,7 @@ def test_evaluate_visualize_export_on_a_full_or_read_only_disk_are_one_line(
     with monkeypatch.context() as m:
         refuse_write_open(m, ".gif", errno.EROFS)
         result = runner.invoke(main, ["visualize", str(run_dir), "--out", str(out)])
-    line = one_line(result, "Read-only file system (EROFS)", "set work_dir to a writable disk")
+    line = one_line(result, "Read-only file system (EROFS): make it writable, or write elsewhere")
     assert re.search(rf"cannot write {re.escape(str(out))}/\S+\.gif", line), line
     assert not list(out.glob("*.gif")) and not list(out.glob(".*"))
 

@@ -77,6 +77,10 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 # What a command that takes a RUN (evaluate, visualize, export-slots, tokenize, cache ...) says
 # after a refused write: every file egoslots writes is replaced whole or not at all.
+NOT_WRITABLE_OUTPUT = (
+    "make it writable, or write elsewhere (OUT / --out where the command takes one, else a copy "
+    "of the run on a writable disk)"
+)
 KEPT_ON_FAILED_WRITE = (
     "Files written before are kept as they were (each file is replaced whole or not at all)"
 )
@@ -90,7 +94,12 @@ def one_line_errors() -> Iterator[None]:
     caught itself is one ``Error:`` line naming the file and what to do, not a traceback. The
     config commands word theirs first (:func:`config_command`); this is the net under all."""
     try:
-        with output_writes(None, kept=KEPT_ON_FAILED_WRITE, resume="then rerun the same command"):
+        with output_writes(
+            None,
+            kept=KEPT_ON_FAILED_WRITE,
+            resume="then rerun the same command",
+            not_writable=NOT_WRITABLE_OUTPUT,
+        ):
             yield
     except user_errors() as err:
         raise StageError(str(err)) from err
@@ -142,12 +151,16 @@ def write_failure(
 
 @contextmanager
 def output_writes(
-    out_dir: Path | None, kept: str = "", resume: str = "then rerun the same command to resume"
+    out_dir: Path | None,
+    kept: str = "",
+    resume: str = "then rerun the same command to resume",
+    not_writable: str | None = None,
 ) -> Iterator[None]:
     """Turn a permission / read-only / disk-full OSError inside the block into one StageError
     naming the file and the errno's meaning (no traceback); other errors pass unchanged.
     ``out_dir``: where the block writes (a path outside it is named as one that could not be
-    accessed); None: anywhere (a command's own outputs). A library that re-raises the OSError
+    accessed); None: anywhere (a command's own outputs). ``not_writable``: the advice for a
+    read-only or forbidden place (:func:`write_failure`). A library that re-raises the OSError
     as its own error (Lightning's loggers: ``ValueError(...) from OSError``) is seen through."""
     try:
         yield
@@ -157,14 +170,19 @@ def output_writes(
             raise
         if out_dir is None:
             target = err.filename or "a file"
-            raise StageError(write_failure(err, str(target), kept=kept, resume=resume)) from raised
+            message = write_failure(
+                err, str(target), kept=kept, resume=resume, not_writable=not_writable
+            )
+            raise StageError(message) from raised
         target = Path(err.filename) if err.filename else out_dir
         try:
             inside = target.resolve().is_relative_to(out_dir.resolve())
         except (OSError, ValueError):
             inside = False
         kept = kept or f"Checkpoints already in {out_dir / 'checkpoints'} are kept"
-        message = write_failure(err, str(target), kept=kept, resume=resume)
+        message = write_failure(
+            err, str(target), kept=kept, resume=resume, not_writable=not_writable
+        )
         if err.filename and not inside:  # e.g. a folder above the run directory
             message = message.replace("cannot write", "cannot access", 1)
         raise StageError(message) from raised
