@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.dvae import autocast, sync  # noqa: E402
 from egoslots.pipeline.dino import DINO, DinoArch  # noqa: E402
-from egoslots.pipeline.multicrop import BatchMultiCrop, MultiCrop  # noqa: E402
+from egoslots.pipeline.multicrop import BatchMultiCrop, CropRecipe, MultiCrop  # noqa: E402
 
 # name: (patch, dim, depth, heads, image, local size, local crops, out_dim, hidden, bottleneck)
 PRESETS = {
@@ -99,11 +99,8 @@ def crop_figures(preset: str, batch: int, frames: int, device) -> dict[str, floa
     """frames/s of the two crop implementations: lightly's per-image PIL pipeline (one process,
     as one DataLoader worker runs it) and the batched torch one (as the training step runs it)."""
     patch, dim, depth, heads, image, local, n_local, *_ = PRESETS[preset]
-    kwargs = dict(blur_sigma=(0.1, 2.0 * image / 224))
-    pil, batched = (
-        MultiCrop(image, local, n_local, **kwargs),
-        BatchMultiCrop(image, local, n_local, **kwargs),
-    )
+    recipe = CropRecipe(image, local, n_local, blur_sigma=(0.1, 2.0 * image / 224))
+    pil, batched = MultiCrop(recipe), BatchMultiCrop(recipe)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, image, image, 3), dtype=np.uint8)
     start = time.perf_counter()

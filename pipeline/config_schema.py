@@ -45,6 +45,7 @@ class SyntheticData:
     min_objects: int = 3
     max_objects: int = 10
     fps: float = 12.0
+    scene: str = "tabletop"  # tabletop | room | clutter (docs/synthetic.md)
 
 
 @dataclass
@@ -509,6 +510,7 @@ LIMITS: dict[str, Limit] = {
     "dataset.synthetic.min_objects": at_least(1, 64),
     "dataset.synthetic.max_objects": at_least(1, 64),
     "dataset.synthetic.fps": above(0, 1000),
+    "dataset.synthetic.scene": one_of("tabletop", "room", "clutter"),
     "dataset.max_videos": COUNT,
     "dataset.ep_length": at_least(1, 100000),
     "dataset.clip_stride": at_least(1, 100000),

@@ -18,6 +18,7 @@ import math
 import random
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,52 +45,78 @@ def seeded_global_rngs(seed: int, position: int):
             random.setstate(py_state)
 
 
+@dataclass(frozen=True)
+class CropRecipe:
+    """What DINO's multi-crop draws: sizes, scale ranges and probabilities (DINO's defaults).
+
+    ``blur`` holds the blur probabilities of (global 1, global 2, local); ``solarize`` applies to
+    the second global crop only; ``color_strength`` multiplies DINO's jitter strengths
+    (0.4, 0.4, 0.2, 0.1); ``normalize`` is the mean and std (ImageNet's by default)."""
+
+    image_size: int
+    local_size: int
+    num_local: int
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    hflip: float = 0.5
+    color_jitter: float = 0.8
+    color_strength: float = 1.0
+    grayscale: float = 0.2
+    blur: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize: float = 0.2
+    normalize: dict | None = None
+
+    @classmethod
+    def from_config(cls, p) -> CropRecipe:
+        """The recipe of a ``pretrain_encoder`` config section."""
+        return cls(
+            int(p.image_size),
+            int(p.local_size),
+            int(p.num_local_crops),
+            global_scale=tuple(p.global_scale),
+            local_scale=tuple(p.local_scale),
+            hflip=float(p.hflip),
+            color_jitter=float(p.color_jitter),
+            color_strength=float(p.color_strength),
+            grayscale=float(p.grayscale),
+            blur=tuple(p.blur),
+            blur_sigma=tuple(p.blur_sigma),
+            solarize=float(p.solarize),
+        )
+
+
 class MultiCrop:
     """uint8 frame (S, S, 3) + stream position -> [global 1, global 2, local 1, ...] float
     tensors (3, s, s), normalised."""
 
-    def __init__(
-        self,
-        image_size: int,
-        local_size: int,
-        num_local: int,
-        global_scale=(0.4, 1.0),
-        local_scale=(0.05, 0.4),
-        hflip: float = 0.5,
-        color_jitter: float = 0.8,
-        color_strength: float = 1.0,
-        grayscale: float = 0.2,
-        blur=(1.0, 0.1, 0.5),
-        blur_sigma=(0.1, 2.0),
-        solarize: float = 0.2,
-        seed: int = 0,
-        normalize: dict | None = None,
-    ):
+    def __init__(self, recipe: CropRecipe, seed: int = 0):
         from lightly.transforms import DINOTransform
 
+        r = recipe
         self.seed = int(seed)
-        self.num_views = 2 + int(num_local)
+        self.num_views = 2 + int(r.num_local)
         # lightly scales DINO's jitter strengths (0.8, 0.8, 0.4, 0.2) by cj_strength=0.5, except
         # for the second global view (its cj_strength is not passed on): scale the four instead.
         strengths = {
-            f"cj_{k}": v * float(color_strength)
+            f"cj_{k}": v * float(r.color_strength)
             for k, v in {"bright": 0.8, "contrast": 0.8, "sat": 0.4, "hue": 0.2}.items()
         }
         self.transform = DINOTransform(
-            global_crop_size=int(image_size),
-            global_crop_scale=tuple(float(v) for v in global_scale),
-            local_crop_size=int(local_size),
-            local_crop_scale=tuple(float(v) for v in local_scale),
-            n_local_views=int(num_local),
-            hf_prob=float(hflip),
-            cj_prob=float(color_jitter),
+            global_crop_size=int(r.image_size),
+            global_crop_scale=tuple(float(v) for v in r.global_scale),
+            local_crop_size=int(r.local_size),
+            local_crop_scale=tuple(float(v) for v in r.local_scale),
+            n_local_views=int(r.num_local),
+            hf_prob=float(r.hflip),
+            cj_prob=float(r.color_jitter),
             cj_strength=0.5,
             **strengths,
-            random_gray_scale=float(grayscale),
-            gaussian_blur=tuple(float(v) for v in blur),
-            sigmas=tuple(float(v) for v in blur_sigma),
-            solarization_prob=float(solarize),
-            normalize=normalize or IMAGENET,
+            random_gray_scale=float(r.grayscale),
+            gaussian_blur=tuple(float(v) for v in r.blur),
+            sigmas=tuple(float(v) for v in r.blur_sigma),
+            solarization_prob=float(r.solarize),
+            normalize=r.normalize or IMAGENET,
         )
 
     def __call__(self, frame: np.ndarray, position: int) -> list[torch.Tensor]:
@@ -173,34 +200,24 @@ class BatchMultiCrop:
     operation works on float images instead of rounding to uint8 after each step.
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        local_size: int,
-        num_local: int,
-        global_scale=(0.4, 1.0),
-        local_scale=(0.05, 0.4),
-        hflip: float = 0.5,
-        color_jitter: float = 0.8,
-        color_strength: float = 1.0,
-        grayscale: float = 0.2,
-        blur=(1.0, 0.1, 0.5),
-        blur_sigma=(0.1, 2.0),
-        solarize: float = 0.2,
-        seed: int = 0,
-        normalize: dict | None = None,
-    ):
-        norm = normalize or IMAGENET
+    def __init__(self, recipe: CropRecipe, seed: int = 0):
+        r = recipe
+        norm = r.normalize or IMAGENET
         self.mean, self.std = norm["mean"], norm["std"]
-        self.seed, self.hflip, self.jitter, self.gray = int(seed), hflip, color_jitter, grayscale
-        s = float(color_strength)
+        self.seed, self.hflip, self.jitter, self.gray = (
+            int(seed),
+            r.hflip,
+            r.color_jitter,
+            r.grayscale,
+        )
+        s = float(r.color_strength)
         self.strength = (0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)  # brightness, contrast, sat, hue
-        self.sigma = tuple(float(v) for v in blur_sigma)
+        self.sigma = tuple(float(v) for v in r.blur_sigma)
         # (size, scale range, blur probability, solarize probability) per view
         self.views = [
-            (int(image_size), tuple(global_scale), float(blur[0]), 0.0),
-            (int(image_size), tuple(global_scale), float(blur[1]), float(solarize)),
-        ] + [(int(local_size), tuple(local_scale), float(blur[2]), 0.0)] * int(num_local)
+            (int(r.image_size), tuple(r.global_scale), float(r.blur[0]), 0.0),
+            (int(r.image_size), tuple(r.global_scale), float(r.blur[1]), float(r.solarize)),
+        ] + [(int(r.local_size), tuple(r.local_scale), float(r.blur[2]), 0.0)] * int(r.num_local)
         self.num_views = len(self.views)
 
     @staticmethod

@@ -1,6 +1,7 @@
 """Slot building blocks of SlotContrast: feature MLP, slot initializers, slot attention.
 
-Follows SlotContrast / VideoSAUR (see ``shared/reference.md``, "Slots (stage 3)"):
+Follows the released code of SlotContrast (github.com/martius-lab/slotcontrast) and VideoSAUR
+(github.com/martius-lab/videosaur):
 
 - :class:`FeatureMLP` maps cached ViT features (F) to the slot dimension (D).
 - :class:`FixedInit` is SlotContrast's learned fixed initial slots; :class:`GaussianInit` is the

@@ -1,6 +1,6 @@
 """STEVE's transformer decoder: predicts each frame's dVAE tokens from its slots.
 
-Follows STEVE (Singh et al. 2022, ``shared/reference.md``): ``num_blocks`` pre-LayerNorm blocks
+Follows STEVE (Singh et al. 2022, github.com/singhgautam/steve): ``num_blocks`` pre-LayerNorm blocks
 of causal self-attention over tokens, cross-attention to ``slot_proj(slots)`` (Linear without
 bias, D -> d) and a 4d ReLU FFN, dropout 0.1, a final LayerNorm and an output head
 Linear(d, vocab) without bias. The input is [BOS, embedding(token ids)] plus a learned positional

@@ -1,6 +1,7 @@
 """`egoslots make-synthetic OUT`: MOVi-like videos with ground-truth masks, written as a dataset.
 
-The scenes and their pictures come from :mod:`egoslots.pipeline.data.synthetic` (pybullet); this module
+The scenes (families ``tabletop``, ``room``, ``clutter``: ``--scene``) and their pictures come
+from :mod:`egoslots.pipeline.data.synthetic` (pybullet); this module
 writes them in the frame-folder format of ``docs/architecture.md``, and is the command line and
 the stage entry point ``generate_dataset`` that ``egoslots run`` calls::
 
@@ -33,9 +34,12 @@ from PIL import Image
 from egoslots.cache.location import remove_orphans, write_text
 from egoslots.pipeline.data.synthetic import (
     DEFAULT_FPS,
+    DEFAULT_SCENE,
     GENERATOR_VERSION,
     PHYSICS_HZ,
+    SCENES,
     Timings,
+    object_range,
     render_video,
     sample_scene,
     video_meta,
@@ -64,11 +68,13 @@ def generate_video(
     seed: int,
     frames: int,
     size: int,
-    min_objects: int = 3,
-    max_objects: int = 10,
+    min_objects: int | None = None,
+    max_objects: int | None = None,
     fps: float = DEFAULT_FPS,
+    scene: str = DEFAULT_SCENE,
 ) -> Timings:
     """Make ``OUT/video_<index>`` (frames, masks, meta.json) unless it exists; returns timings.
+    ``min_objects``/``max_objects`` None: the scene family's own range.
 
     The video is written to a hidden ``OUT/.partial-video_<index>-<pid>`` folder and renamed
     when complete, so the folder ``video_<index>`` is either whole or absent.
@@ -79,7 +85,7 @@ def generate_video(
     if final.is_dir():
         return timings
     rng = video_rng(seed, index)
-    spec = sample_scene(rng, frames, fps, min_objects, max_objects)
+    spec = sample_scene(rng, frames, fps, min_objects, max_objects, scene=scene)
     temp = out / f"{TEMP_PREFIX}{video_name(index)}-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     (temp / "masks").mkdir(parents=True)
@@ -124,7 +130,14 @@ def to_json(obj) -> str:
 
 
 def dataset_args(
-    videos: int, frames: int, size: int, seed: int, min_objects: int, max_objects: int, fps: float
+    videos: int,
+    frames: int,
+    size: int,
+    seed: int,
+    min_objects: int,
+    max_objects: int,
+    fps: float,
+    scene: str = DEFAULT_SCENE,
 ) -> dict:
     return {
         "videos": videos,
@@ -134,6 +147,7 @@ def dataset_args(
         "min_objects": min_objects,
         "max_objects": max_objects,
         "fps": fps,
+        "scene": scene,
     }
 
 
@@ -167,6 +181,7 @@ def _write_dataset_json(out: Path, args: dict) -> None:
                 f"{path}: unreadable ({err}); delete it or choose another folder"
             ) from err
         old_args = dict(old.get("args", {}))
+        old_args.setdefault("scene", DEFAULT_SCENE)  # folders made before scene families
         if old.get("version") != GENERATOR_VERSION:
             raise ValueError(
                 f"{path}: made by generator version {old.get('version')}, this is "
@@ -205,13 +220,15 @@ def generate_dataset(
     frames: int,
     size: int,
     seed: int,
-    min_objects: int = 3,
-    max_objects: int = 10,
+    min_objects: int | None = None,
+    max_objects: int | None = None,
     fps: float = DEFAULT_FPS,
     progress: bool = True,
     workers: int = 1,
+    scene: str = DEFAULT_SCENE,
 ) -> Path:
-    """Make ``videos`` synthetic videos in ``out`` (frame-folder format); returns ``out``.
+    """Make ``videos`` synthetic videos of scene family ``scene`` in ``out`` (frame-folder
+    format); returns ``out``. ``min_objects``/``max_objects`` None: the family's own range.
 
     Videos already there are kept, so an interrupted run resumes, and a finished one returns at
     once. Raises ValueError if ``out`` holds videos made with other settings.
@@ -219,20 +236,19 @@ def generate_dataset(
     """
     from tqdm import tqdm
 
+    min_objects, max_objects = object_range(scene, min_objects, max_objects)  # checks scene
     check_args(videos, frames, size, seed, min_objects, max_objects, fps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    args = dataset_args(videos, frames, size, seed, min_objects, max_objects, fps)
+    args = dataset_args(videos, frames, size, seed, min_objects, max_objects, fps, scene)
     _write_dataset_json(out, args)
     remove_orphans(out.glob(f"{TEMP_PREFIX}*"))  # half-written videos of killed runs
     todo = [i for i in range(videos) if not (out / video_name(i)).is_dir()]
     if not todo:
         return out
-    log.info("make-synthetic: %d of %d videos to make in %s", len(todo), videos, out)
+    log.info("make-synthetic: %d of %d %s videos to make in %s", len(todo), videos, scene, out)
     total = Timings()
-    bar = tqdm(
-        total=len(todo) * frames, unit="frame", desc="synthetic videos", disable=not progress
-    )
+    bar = tqdm(total=len(todo) * frames, unit="frame", desc=f"{scene} videos", disable=not progress)
     job = dict(
         seed=seed,
         frames=frames,
@@ -240,6 +256,7 @@ def generate_dataset(
         min_objects=min_objects,
         max_objects=max_objects,
         fps=fps,
+        scene=scene,
     )
     try:
         if workers <= 1:
@@ -271,11 +288,12 @@ def _generate_one(task) -> Timings:
 
 
 EXAMPLE = "egoslots make-synthetic data/synthetic --videos 24 --frames 24 --size 128 --seed 0"
+ROOM_EXAMPLE = "egoslots make-synthetic data/rooms --scene room --videos 24 --frames 16"
 
 
 @click.command(
     name="make-synthetic",
-    epilog=f"\b\nExample:\n  {EXAMPLE}\n  egoslots extract-features configs/base.yaml dataset.source=frames dataset.path=data/synthetic",
+    epilog=f"\b\nExample:\n  {EXAMPLE}\n  {ROOM_EXAMPLE}\n  egoslots extract-features configs/base.yaml dataset.source=frames dataset.path=data/synthetic",
 )
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -298,8 +316,26 @@ EXAMPLE = "egoslots make-synthetic data/synthetic --videos 24 --frames 24 --size
     show_default=True,
     help="Same seed, same bytes.",
 )
-@click.option("--min-objects", type=click.IntRange(1, 255), default=3, show_default=True)
-@click.option("--max-objects", type=click.IntRange(1, 255), default=10, show_default=True)
+@click.option(
+    "--scene",
+    type=click.Choice(list(SCENES)),
+    default=DEFAULT_SCENE,
+    show_default=True,
+    help="Scene family: tabletop (objects dropped on a floor), room (egocentric rooms with "
+    "furniture, walking camera), clutter (heaps of objects hiding one another).",
+)
+@click.option(
+    "--min-objects",
+    type=click.IntRange(1, 255),
+    default=None,
+    help="Fewest objects per video [default: the scene's: tabletop 3, room 4, clutter 10].",
+)
+@click.option(
+    "--max-objects",
+    type=click.IntRange(1, 255),
+    default=None,
+    help="Most objects per video [default: the scene's: tabletop 10, room 8, clutter 20].",
+)
 @click.option(
     "--fps",
     type=click.FloatRange(min=0, min_open=True, max=1000),
@@ -315,19 +351,26 @@ EXAMPLE = "egoslots make-synthetic data/synthetic --videos 24 --frames 24 --size
     help="Processes rendering videos in parallel (output is the same).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def make_synthetic(out, videos, frames, size, seed, min_objects, max_objects, fps, workers, quiet):
+def make_synthetic(
+    out, videos, frames, size, seed, scene, min_objects, max_objects, fps, workers, quiet
+):
     """Generate MOVi-like synthetic videos with masks into OUT (frame-folder format).
 
-    Each video holds 3-10 pybullet objects (cubes, spheres, ducks, mugs, ... and random blobs)
-    with random colours, textures and sizes, dropped and pushed onto a textured ground and
-    filmed by a moving head-mounted camera: OUT/video_0000/00000.png ..., masks/00000.png
-    (uint8 labels, 0 = background) and meta.json (per-object mesh, colour, size, positions).
-    Finished videos are kept: rerun the same command to resume an interrupted run.
+    Each video holds pybullet objects (cubes, spheres, ducks, mugs, ... and random blobs) with
+    random colours, textures and sizes, in a scene family (--scene): tabletop (3-10 objects
+    dropped and pushed onto a textured ground, filmed by a head-mounted camera), room (a room
+    with textured walls and furniture, 4-8 small objects, a camera walking at head height) or
+    clutter (10-20 objects heaped together, seen from low down). Writes
+    OUT/video_0000/00000.png ..., masks/00000.png (uint8 labels, 0 = background) and meta.json
+    (per-object mesh, colour, size, positions). Finished videos are kept: rerun the same
+    command to resume an interrupted run.
     """
     setup_logging()
-    if min_objects > max_objects:
+    lo, hi = object_range(scene, min_objects, max_objects)
+    if lo > hi:
         raise click.BadParameter(
-            f"--min-objects {min_objects} is more than --max-objects {max_objects}"
+            f"--min-objects {lo} is more than --max-objects {hi} (scene {scene}); "
+            "give both, with min <= max"
         )
     try:
         generate_dataset(
@@ -341,7 +384,8 @@ def make_synthetic(out, videos, frames, size, seed, min_objects, max_objects, fp
             fps=fps,
             progress=not quiet,
             workers=workers,
+            scene=scene,
         )
     except (ValueError, OSError) as err:  # bad arguments, a folder of other settings, disk full
         raise StageError(str(err)) from err
-    click.echo(f"{videos} videos in {out}")
+    click.echo(f"{videos} {scene} videos in {out}")

@@ -51,6 +51,7 @@ from egoslots.stages.machinery.dvae_task import DVAETask, precision_probe
 from egoslots.stages.machinery.locks import writing_run
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_files,
+    path_for_run_file,
     read_checkpoint,
     read_json,
     resume_checkpoint,
@@ -60,13 +61,17 @@ from egoslots.stages.machinery.rundirs import (
     write_run_files,
 )
 from egoslots.stages.machinery.runtime import (
-    choose_precision,
     configure_threads,
     device_type,
     set_fast_math,
-    several_processes,
 )
-from egoslots.stages.machinery.training import fit, is_rank_zero, make_trainer, stored_precision
+from egoslots.stages.machinery.training import (
+    fit,
+    is_rank_zero,
+    make_trainer,
+    require_steps,
+    run_precision,
+)
 from egoslots.stages.tokenize import check_frames, sha256_16, tokenize_run
 
 log = logging.getLogger("egoslots")
@@ -163,7 +168,7 @@ def export_weights(run_dir: Path, task: DVAETask, store: FeatureStore, steps: in
         {
             "hash": dvae_hash,
             "store": store.fingerprint,
-            "store_path": str(store.path),
+            "store_path": path_for_run_file(run_dir, store.path),
             "vocab_size": task.dvae.vocab_size,
             "hidden": task.dvae.hidden,
             "arch": task.dvae.arch,
@@ -242,7 +247,10 @@ def _pretrain_locked(
         # an unwritable or full run directory: one error naming the file, checkpoints kept
         with output_writes(run_dir):
             if zero:
-                inputs = {"store": str(store.path), "store_fingerprint": store.fingerprint}
+                inputs = {
+                    "store": path_for_run_file(run_dir, store.path),
+                    "store_fingerprint": store.fingerprint,
+                }
                 write_run_files(run_dir, cfg, inputs)
             _train(cfg, store, frame_size, vocab, run_dir, resume, callbacks)
     if tokenize and zero:  # tokenization is one encoder pass over the store: rank 0 alone does it
@@ -270,10 +278,8 @@ def _train(
     set_fast_math(device == "cuda")
     configure_threads(cfg.num_threads, busy_workers=0)  # cache readers: see runtime.py
     task = make_task(cfg, frame_size)
-    stored = stored_precision(read_checkpoint(ckpt)) if ckpt else None
     probe = precision_probe(task, int(d.batch_size), device)
-    several = several_processes(d.devices, d.num_nodes)
-    precision = choose_precision(d.precision, device, probe, stored, several)
+    precision = run_precision(d, device, probe, read_checkpoint(ckpt) if ckpt else None)
     data = FrameData(store, cfg)
     guard = LossGuard(
         d.log_every,
@@ -284,15 +290,10 @@ def _train(
     trainer, sigterm = make_trainer(
         run_dir,
         command="egoslots pretrain-dvae",
-        max_steps=d.max_steps,
-        ckpt_every=d.ckpt_every,
-        log_every=d.log_every,
-        callbacks=[guard, ReconstructionPictures(d.image_every), *callbacks],
-        accelerator=str(d.accelerator),
-        devices=d.devices,
-        num_nodes=int(d.num_nodes),
-        strategy=str(d.strategy),
+        section="dvae",
+        settings=d,
         precision=precision,
+        callbacks=[guard, ReconstructionPictures(d.image_every), *callbacks],
     )
     log.info(
         "dVAE: %d train frames of %d px, vocab %d, %d steps, %s, %s -> %s%s",
@@ -307,10 +308,7 @@ def _train(
     )
     fit(trainer, sigterm, task, data, ckpt)
     guard.check(task, all_ranks=False)  # the ranks agreed at every check during training
-    if trainer.global_step < int(d.max_steps):
-        raise TrainingDiverged(
-            f"dVAE training stopped at step {trainer.global_step} of {d.max_steps}; rerun to resume"
-        )
+    require_steps(trainer, d.max_steps, "dVAE", TrainingDiverged)
     if not trainer.is_global_zero:
         return None
     dvae_hash = export_weights(run_dir, task, store, trainer.global_step)

@@ -47,13 +47,14 @@ import click
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from egoslots.cache.location import write_file
+from egoslots.pipeline.checkpoints import sha256_file
 from egoslots.pipeline.config import ConfigError
 from egoslots.pipeline.dino import DinoArch
-from egoslots.pipeline.multicrop import IMAGENET, BatchMultiCrop, MultiCrop
+from egoslots.pipeline.multicrop import IMAGENET, BatchMultiCrop, CropRecipe, MultiCrop
 from egoslots.stages.machinery.common import StageError, config_command, output_writes
 from egoslots.stages.machinery.encoder_frames import (
     build_frame_cache,
@@ -62,28 +63,23 @@ from egoslots.stages.machinery.encoder_frames import (
     wait_for_frame_cache,
 )
 from egoslots.stages.machinery.encoder_task import CropDataset, EncoderTask, precision_probe
-from egoslots.stages.machinery.interrupts import CheckpointOnSigterm, SIGTERMException
 from egoslots.stages.machinery.locks import writing_run
 from egoslots.stages.machinery.rundirs import (
     read_checkpoint,
     read_json,
     resume_checkpoint,
+    run_dir_of,
     write_json,
     write_run_files,
 )
-from egoslots.stages.machinery.runtime import (
-    choose_precision,
-    configure_threads,
-    device_type,
-    several_processes,
-)
+from egoslots.stages.machinery.runtime import configure_threads, device_type
 from egoslots.stages.machinery.training import (
-    RaisingCheckpointIO,
-    RecordPrecision,
+    fit,
     is_rank_zero,
-    stored_precision,
+    make_trainer,
+    require_steps,
+    run_precision,
 )
-from egoslots.stages.tokenize import sha256_16
 
 log = logging.getLogger("egoslots")
 
@@ -141,28 +137,10 @@ def check_settings(p: DictConfig) -> DinoArch:
     return arch
 
 
-def run_dir_of(cfg: DictConfig) -> Path:
-    return Path(cfg.work_dir) / "runs" / cfg.pretrain_encoder.run_name
-
-
 def multicrop_of(p: DictConfig, seed: int) -> MultiCrop | BatchMultiCrop:
     """The crops ``pretrain_encoder.crops`` names, with the config's probabilities and ranges."""
     kind = {"batched": BatchMultiCrop, "lightly": MultiCrop}[str(p.crops)]
-    return kind(
-        int(p.image_size),
-        int(p.local_size),
-        int(p.num_local_crops),
-        global_scale=list(p.global_scale),
-        local_scale=list(p.local_scale),
-        hflip=float(p.hflip),
-        color_jitter=float(p.color_jitter),
-        color_strength=float(p.color_strength),
-        grayscale=float(p.grayscale),
-        blur=list(p.blur),
-        blur_sigma=list(p.blur_sigma),
-        solarize=float(p.solarize),
-        seed=seed,
-    )
+    return kind(CropRecipe.from_config(p), seed=seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,19 +195,15 @@ def finished(run_dir: Path, inputs: dict, max_steps: int) -> bool:
         and weights.is_file()
         and info.get("frames") == inputs["frames"]
         and int(info.get("steps", -1)) >= int(max_steps)
-        and sha256_16(weights) == info.get("sha256", "")[:16]
+        and sha256_file(weights) == info.get("sha256", "")
     )
 
 
 def export_encoder(run_dir: Path, task: EncoderTask, inputs: dict, steps: int) -> Path:
     """encoder.pth (the teacher, silicon-menagerie layout) then encoder.json (architecture)."""
-    import hashlib
-
     weights = run_dir / "encoder.pth"
-    tmp = weights.with_suffix(".pth.tmp")
-    torch.save(task.model.teacher_checkpoint(), tmp)
-    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    tmp.replace(weights)
+    write_file(weights, lambda f: torch.save(task.model.teacher_checkpoint(), f))
+    sha = sha256_file(weights)
     write_json(
         run_dir / "encoder.json",
         {
@@ -250,9 +224,7 @@ def export_encoder(run_dir: Path, task: EncoderTask, inputs: dict, steps: int) -
 def export_encoder_safetensors(run_dir: Path, out_dir: Path) -> Path:
     """DIR/encoder.safetensors (the teacher's ``backbone.*`` tensors of run_dir/encoder.pth,
     head left out) then DIR/encoder.json (run_dir's, with this file's sha256)."""
-    import hashlib
-
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from egoslots.pipeline.checkpoints import read_weights_file
 
@@ -265,10 +237,9 @@ def export_encoder_safetensors(run_dir: Path, out_dir: Path) -> Path:
     backbone = {k: v.contiguous() for k, v in teacher.items() if k.startswith("backbone.")}
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "encoder.safetensors"
-    tmp = out_dir / "encoder.safetensors.tmp"
-    save_file(backbone, str(tmp), metadata={"format": "egoslots pretrain-encoder teacher backbone"})
-    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    tmp.replace(weights)
+    metadata = {"format": "egoslots pretrain-encoder teacher backbone"}
+    write_file(weights, lambda f: f.write(save(backbone, metadata=metadata)))
+    sha = sha256_file(weights)
     write_json(
         out_dir / "encoder.json",
         {
@@ -303,7 +274,7 @@ def pretrain(
         "dataset": str(source.root),
         "frames": cache_identity(videos, arch.image_size, int(p.frame_step)),
     }
-    run_dir = run_dir_of(cfg)
+    run_dir = run_dir_of(cfg, p.run_name)
     zero = is_rank_zero()
     with writing_run(run_dir, "egoslots pretrain-encoder", overwrite, zero):
         if zero:
@@ -346,41 +317,18 @@ def _train(cfg, arch, run_dir, frames_path, rows, inputs, resume, callbacks) -> 
     device = device_type(accelerator)
     # lightly crops are made by PIL in the DataLoader workers: those keep cores busy
     configure_threads(cfg.num_threads, int(p.num_workers) if p.crops == "lightly" else 0)
-    stored = stored_precision(read_checkpoint(Path(ckpt))) if ckpt else None
-    several = several_processes(p.devices, p.num_nodes)
-    precision = choose_precision(
-        p.precision, device, precision_probe(task, device), stored, several
-    )
-    trainer = L.Trainer(
-        default_root_dir=run_dir,
-        accelerator=accelerator,
-        devices=p.devices,
-        num_nodes=int(p.num_nodes),
-        strategy=str(p.strategy),
-        use_distributed_sampler=False,  # the sampler slices the stream by rank itself
+    checkpoint = read_checkpoint(Path(ckpt)) if ckpt else None
+    precision = run_precision(p, device, precision_probe(task, device), checkpoint)
+    # save_on_epoch_end=None: Lightning also saves last.ckpt when the sample stream's one
+    # "epoch" ends, which stage 0's checkpoints have always included
+    trainer, sigterm = make_trainer(
+        run_dir,
+        command=COMMAND,
+        section="pretrain_encoder",
+        settings=p,
         precision=precision,
-        max_steps=int(p.max_steps),
-        max_epochs=-1,
-        logger=TensorBoardLogger(
-            save_dir=str(run_dir), name="tb", version="", default_hp_metric=False
-        ),
-        log_every_n_steps=int(p.log_every),
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=ckpt_dir,
-                filename="step={step}",
-                auto_insert_metric_name=False,
-                every_n_train_steps=int(p.ckpt_every),
-                save_top_k=-1,
-                save_last=True,
-            ),
-            RecordPrecision(),  # a resumed precision: auto run keeps it
-            sigterm := CheckpointOnSigterm(ckpt_dir, COMMAND),
-            *callbacks,
-        ],
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        plugins=[RaisingCheckpointIO()],
+        callbacks=callbacks,
+        save_on_epoch_end=None,
     )
     log.info(
         "encoder: DINO ViT (patch %d, dim %d, depth %d, heads %d) on %d frames of %d px, "
@@ -389,15 +337,9 @@ def _train(cfg, arch, run_dir, frames_path, rows, inputs, resume, callbacks) -> 
         arch.image_size, arch.image_size, p.num_local_crops, p.local_size, p.max_steps,
         accelerator, precision, run_dir, f" (resuming {ckpt})" if ckpt else "",
     )  # fmt: skip
-    try:
-        trainer.fit(task, ckpt_path=ckpt, weights_only=True)
-    except SIGTERMException:
-        raise sigterm.stopped() from None
+    fit(trainer, sigterm, task, None, ckpt)
     task.check_finite(all_ranks=False)
-    if trainer.global_step < int(p.max_steps):
-        raise StageError(
-            f"encoder training stopped at step {trainer.global_step} of {p.max_steps}; rerun to resume"
-        )
+    require_steps(trainer, p.max_steps, "encoder", StageError)
     if trainer.is_global_zero:
         path = export_encoder(run_dir, task, inputs, trainer.global_step)
         log.info("encoder written to %s (backbone.name=self loads it)", path)

@@ -46,6 +46,7 @@ def ensure_synthetic_data(cfg: DictConfig) -> Path:
         min_objects=s.min_objects,
         max_objects=s.max_objects,
         fps=s.fps,
+        scene=s.scene,
     )
     return root
 
@@ -65,7 +66,9 @@ def trains_own_encoder(cfg: DictConfig) -> bool:
     b = cfg.backbone
     if b.name != "self" or b.get("checkpoint"):
         return False
-    own = Path(cfg.work_dir) / "runs" / cfg.pretrain_encoder.run_name
+    from egoslots.stages.machinery.rundirs import run_dir_of
+
+    own = run_dir_of(cfg, cfg.pretrain_encoder.run_name)
     return b.get("encoder_run") is None or Path(b.encoder_run).resolve() == own.resolve()
 
 

@@ -10,7 +10,6 @@ check a store's frames here (:func:`check_frames`) and name a dVAE by the hash o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +20,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from egoslots.cache.catalog import find_recorded_store
 from egoslots.cache.store import FeatureStore, StoreError, chunk_bounds
+from egoslots.pipeline.checkpoints import sha256_file
 from egoslots.pipeline.config import ConfigError
 from egoslots.pipeline.dvae import DVAE, PATCH, load_dvae
 from egoslots.stages.machinery.common import StageError, setup_logging, write_failure
 from egoslots.stages.machinery.locks import run_lock
-from egoslots.stages.machinery.rundirs import read_json, saved_config
+from egoslots.stages.machinery.rundirs import read_json, saved_config, store_of_run
 from egoslots.stages.machinery.runtime import pick_device
 
 log = logging.getLogger("egoslots")
@@ -63,11 +62,8 @@ def check_frames(store: FeatureStore) -> int:
 
 
 def sha256_16(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    """A dVAE's hash: the first 16 hex digits of its dvae.pt's sha256."""
+    return sha256_file(path)[:16]
 
 
 def tokenize_run(
@@ -175,13 +171,11 @@ def _tokenize_locked(run_dir: Path, batch_size: int | None, device: str | None) 
 
 
 def _store_of_run(run_dir: Path, info: dict):
-    """The store a dVAE run trained on: inputs.json's path, else work_dir/stores/<fingerprint>."""
+    """The store a dVAE run trained on: the one in the run's own work directory, else where
+    inputs.json / dvae.json recorded it (``rundirs.store_of_run``)."""
     inputs = read_json(run_dir / "inputs.json") or {}
     recorded = [inputs.get("store"), info.get("store_path")]
-    saved = saved_config(run_dir) or {}
-    path = find_recorded_store(
-        info["store"], recorded, saved.get("work_dir"), saved.get("store_dir")
-    )
+    path = store_of_run(run_dir, info["store"], recorded)
     if path is None:
         raise StoreError(
             f"the store dVAE run {run_dir} was trained on ({info['store']}) is not at "

@@ -48,6 +48,7 @@ from egoslots.stages.machinery.rundirs import (
     checkpoint_step,
     config_changes,
     find_resume_checkpoint,
+    path_for_run_file,
     read_checkpoint,
     read_json,
     run_dir_of,
@@ -55,14 +56,12 @@ from egoslots.stages.machinery.rundirs import (
     write_run_files,
 )
 from egoslots.stages.machinery.runtime import (
-    choose_precision,
     configure_threads,
     device_type,
     set_fast_math,
-    several_processes,
 )
 from egoslots.stages.machinery.slot_task import SlotTrainingModule, precision_probe
-from egoslots.stages.machinery.training import fit, is_rank_zero, make_trainer, stored_precision
+from egoslots.stages.machinery.training import fit, is_rank_zero, make_trainer, run_precision
 
 log = logging.getLogger("egoslots")
 
@@ -82,11 +81,12 @@ class TrainingInputs:
             return None
         return tuple(self.store.tokens(self.tokens_hash).shape[1:])  # type: ignore[return-value]
 
-    def describe(self) -> dict:
+    def describe(self, run_dir: Path) -> dict:
+        """inputs.json of the run in ``run_dir`` (paths relative to it)."""
         return {
-            "store": str(self.store.path),
+            "store": path_for_run_file(run_dir, self.store.path),
             "store_fingerprint": self.store.fingerprint,
-            "dvae_run": str(self.dvae_run) if self.dvae_run else None,
+            "dvae_run": path_for_run_file(run_dir, self.dvae_run) if self.dvae_run else None,
             "dvae_hash": self.tokens_hash,
             "feature_dim": self.store.feature_dim,
             "num_tokens": int(self.store.meta["num_tokens"]),
@@ -160,7 +160,7 @@ def check_same_run(run_dir: Path, cfg_dict: dict, inputs: TrainingInputs) -> Non
             )
     old = read_json(run_dir / "inputs.json")
     if old is not None:
-        new = inputs.describe()
+        new = inputs.describe(run_dir)
         for key in ("store_fingerprint", "dvae_hash"):
             if old.get(key) != new.get(key):
                 raise StageError(
@@ -216,7 +216,7 @@ def _train_locked(
     with output_writes(run_dir):
         if is_rank_zero():
             ckpt_dir.mkdir(parents=True, exist_ok=True)  # marks the directory as this run's
-            write_run_files(run_dir, cfg, inputs.describe())
+            write_run_files(run_dir, cfg, inputs.describe(run_dir))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     set_fast_math(tc.tf32)
     configure_threads(cfg.num_threads, busy_workers=0)  # cache readers: see runtime.py
@@ -233,8 +233,7 @@ def _train_locked(
             "or train without --resume.",
         )
     probe = precision_probe(module, int(cfg.dataset.batch_size), int(cfg.dataset.ep_length), device)
-    several = several_processes(tc.devices, tc.num_nodes)
-    precision = choose_precision(tc.precision, device, probe, stored_precision(checkpoint), several)
+    precision = run_precision(tc, device, probe, checkpoint)
     store = inputs.store
     log.info(
         "stage 3: %s on %s, precision %s, store %s%s",
@@ -266,17 +265,12 @@ def _train_locked(
     trainer, sigterm = make_trainer(
         run_dir,
         command="egoslots train-slots",
-        max_steps=tc.max_steps,
-        ckpt_every=tc.ckpt_every,
-        log_every=tc.log_every,
+        section="trainer",
+        settings=tc,
+        precision=precision,
         callbacks=[guard, pictures, FinalCheckpoint(ckpt_dir, guard), progress],
         gradient_clip_val=float(tc.gradient_clip_val) or None,
         gradient_clip_algorithm="norm",
-        precision=precision,
-        accelerator=str(tc.accelerator),
-        devices=tc.devices,
-        num_nodes=int(tc.num_nodes),
-        strategy=str(tc.strategy),
         val_check_interval=int(tc.val_every) if val_batches else None,
         check_val_every_n_epoch=None,
         limit_val_batches=val_batches,

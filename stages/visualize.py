@@ -32,7 +32,7 @@ from egoslots.stages.machinery.inference import (
     window_length,
 )
 from egoslots.stages.machinery.pictures import masks_overlay
-from egoslots.stages.machinery.rundirs import read_json
+from egoslots.stages.machinery.rundirs import path_from_run_file, read_json
 from egoslots.stages.machinery.runtime import pick_device
 
 log = logging.getLogger("egoslots")
@@ -71,7 +71,8 @@ def find_dvae_run(run_dir: Path, tokens_hash: str) -> Path | None:
     """The dVAE run directory whose dvae.json hash is ``tokens_hash``: the one the run's
     inputs.json names (``dvae_run``)."""
     inputs = read_json(run_dir / "inputs.json") or {}
-    meta = Path(inputs["dvae_run"]) / "dvae.json" if inputs.get("dvae_run") else None
+    dvae_run = path_from_run_file(run_dir, inputs.get("dvae_run"))
+    meta = Path(dvae_run) / "dvae.json" if dvae_run else None
     try:
         if meta and meta.is_file() and json.loads(meta.read_text()).get("hash") == tokens_hash:
             return meta.parent

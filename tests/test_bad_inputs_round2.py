@@ -270,18 +270,27 @@ def test_named_options_are_range_checked_by_click(tmp_path):
 
 
 def test_lightning_refusing_the_trainer_settings_is_one_config_error(tmp_path):
+    from omegaconf import OmegaConf
+
     from egoslots.stages.machinery.training import make_trainer
 
-    for command, section in (("train-slots", "trainer"), ("pretrain-dvae", "dvae")):
+    settings = OmegaConf.create(
+        {"max_steps": 1, "ckpt_every": 1, "log_every": 1, "accelerator": "cpu", "devices": 1,
+         "num_nodes": 1, "strategy": "bogus"}
+    )  # fmt: skip
+    for command, section in (
+        ("train-slots", "trainer"),
+        ("pretrain-dvae", "dvae"),
+        ("pretrain-encoder", "pretrain_encoder"),
+    ):
         with pytest.raises(ConfigError, match=rf"^{section}.accelerator / devices .*'bogus'"):
             make_trainer(
                 tmp_path,
                 command=f"egoslots {command}",
-                max_steps=1,
-                ckpt_every=1,
-                log_every=1,
+                section=section,
+                settings=settings,
+                precision="32-true",
                 callbacks=[],
-                strategy="bogus",
             )
 
 

@@ -166,9 +166,9 @@ def test_attention_maps_are_the_last_blocks_cls_attention():
 
 
 def test_multicrop_depends_only_on_the_sample_position():
-    from egoslots.pipeline.multicrop import MultiCrop
+    from egoslots.pipeline.multicrop import CropRecipe, MultiCrop
 
-    crops = MultiCrop(32, 16, 2, blur_sigma=(0.1, 0.3), seed=4)
+    crops = MultiCrop(CropRecipe(32, 16, 2, blur_sigma=(0.1, 0.3)), seed=4)
     frame = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     state = torch.get_rng_state()
     a, b, c = crops(frame, 7), crops(frame, 7), crops(frame, 8)
@@ -181,7 +181,7 @@ def test_multicrop_depends_only_on_the_sample_position():
 def test_batched_crops_draw_per_position_and_compute_torchvisions_colour_ops():
     from torchvision.transforms.v2 import functional as TF
 
-    from egoslots.pipeline.multicrop import BatchMultiCrop, _adjust_hue, _jitter_op
+    from egoslots.pipeline.multicrop import BatchMultiCrop, CropRecipe, _adjust_hue, _jitter_op
 
     x = torch.rand(4, 3, 8, 8)
     x[1, 0] = x[1, 1]  # ties between channels
@@ -192,7 +192,7 @@ def test_batched_crops_draw_per_position_and_compute_torchvisions_colour_ops():
     frames = torch.from_numpy(
         np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     )
-    crops = BatchMultiCrop(32, 16, 2, blur_sigma=(0.1, 0.3), seed=4)
+    crops = BatchMultiCrop(CropRecipe(32, 16, 2, blur_sigma=(0.1, 0.3)), seed=4)
     params = torch.stack([crops.params(100 + i, 32) for i in range(6)])
     views = crops(frames, params)
     assert [tuple(v.shape) for v in views] == [(6, 3, 32, 32)] * 2 + [(6, 3, 16, 16)] * 2
@@ -200,8 +200,8 @@ def test_batched_crops_draw_per_position_and_compute_torchvisions_colour_ops():
     assert all(torch.allclose(v[2:3], a, atol=1e-5) for v, a in zip(views, alone))
     assert not torch.equal(crops.params(102, 32), crops.params(103, 32))
 
-    plain = BatchMultiCrop(32, 16, 0, global_scale=(1, 1), hflip=0, color_jitter=0, grayscale=0,
-                           blur=(0, 0, 0), solarize=0)  # fmt: skip
+    plain = BatchMultiCrop(CropRecipe(32, 16, 0, global_scale=(1, 1), hflip=0, color_jitter=0,
+                                      grayscale=0, blur=(0, 0, 0), solarize=0))  # fmt: skip
     first = plain(frames, torch.stack([plain.params(i, 32) for i in range(6)]))[0]
     mean, std = (
         torch.tensor(IMAGENET["mean"]).view(1, 3, 1, 1),

@@ -6,6 +6,7 @@ killed inside a stage resumes that stage instead of starting over.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,44 @@ def test_second_run_does_no_work(finished_run):
     assert not [
         a for a in added if not a.startswith("runs/demo/tb") and "lightning_logs" not in a
     ], added
+
+
+def test_moved_or_copied_work_dir_goes_on_without_recomputing(finished_run):
+    """Issue 26: run files name their store and dVAE relative to the run directory, and a run
+    looks for its store in its own work directory first. A moved work directory resumes with
+    no work redone; a copy reads and writes its own store, never the original's."""
+    from egoslots.stages.machinery.inference import load_trained
+    from egoslots.stages.tokenize import _store_of_run
+
+    work, _ = finished_run
+    inputs = json.loads((work / "runs" / "demo" / "inputs.json").read_text())
+    assert not Path(inputs["store"]).is_absolute() and not Path(inputs["dvae_run"]).is_absolute()
+    assert not Path(
+        json.loads((work / "runs" / "dvae" / "dvae.json").read_text())["store_path"]
+    ).is_absolute()
+
+    moved = work.parent / "moved-work"
+    os.rename(work, moved)
+    try:
+        before = snapshot(moved)
+        again = run_cli(moved)
+        after = snapshot(moved)
+        assert "Traceback" not in again.stderr
+        assert [k for k in before if after.get(k) != before[k]] == []
+    finally:
+        os.rename(moved, work)
+
+    copy = work.parent / "copied-work"
+    shutil.copytree(work, copy, symlinks=True)
+    original = snapshot(work)
+    run = copy / "runs" / "demo"
+    _, _, store, _ = load_trained(run)
+    assert Path(str(store.path)).resolve().is_relative_to(copy.resolve())
+    dvae_run = copy / "runs" / "dvae"
+    info = json.loads((dvae_run / "dvae.json").read_text())
+    assert Path(str(_store_of_run(dvae_run, info))).resolve().is_relative_to(copy.resolve())
+    run_cli(copy)
+    assert snapshot(work) == original  # the original work directory was not touched
 
 
 def test_touched_frame_keeps_the_store_and_changed_data_has_ways_forward(finished_run):
@@ -141,3 +180,19 @@ def test_run_killed_inside_a_stage_resumes_it(tmp_path):
     } == dvae_files
     assert (ckpt_dir / "step=40.ckpt").exists()
     assert "resum" in (second.stdout + second.stderr).lower()
+
+
+def test_readme_python_snippet_runs_on_a_finished_run(finished_run):
+    """README's "Using a trained model from Python" block, as written, on a finished run."""
+    work, _ = finished_run
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python\n", readme.index("## Using a trained model from Python"))
+    code = readme[start + len("```python\n") : readme.index("```", start + 10)]
+    run_dir = work / "runs" / "demo"
+    split = json.loads((run_dir / "metrics.json").read_text())["split"]
+    code = code.replace('"egoslots-work/demo/runs/demo"', repr(str(run_dir)))
+    code = code.replace('"val"', repr(split))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    slots, masks = scope["slots"], scope["masks"]
+    assert slots.shape[:2] == masks.shape[:2] == (2, 4) and masks.shape[2] == slots.shape[2]

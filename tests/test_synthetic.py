@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import signal
 import subprocess
@@ -114,11 +115,15 @@ def test_frame_folder_layout_and_meta(tmp_path):
             assert set(np.unique(labels)) <= set(range(len(objects) + 1))
 
 
-def test_every_masked_object_is_really_there():
+@pytest.mark.parametrize(
+    "scene, seed, objects",
+    [("tabletop", 11, (6, 8)), ("room", 2, (6, 8)), ("clutter", 4, (10, 14))],
+)
+def test_every_masked_object_is_really_there(scene, seed, objects):
     """Hiding object k must change (nearly) every pixel its mask claims: masks and renders agree,
-    and labels map to the right bodies."""
-    rng = video_rng(11, 0)
-    spec = sample_scene(rng, frames=6, min_objects=6, max_objects=8)
+    and labels map to the right bodies, in every scene family."""
+    rng = video_rng(seed, 0)
+    spec = sample_scene(rng, frames=6, min_objects=objects[0], max_objects=objects[1], scene=scene)
     checked = 0
     with Simulation(spec, size=64) as sim:
         for t in range(6):
@@ -153,13 +158,14 @@ def test_every_masked_object_is_really_there():
     assert checked >= 4
 
 
-def test_meta_positions_project_into_their_masks(tmp_path):
+@pytest.mark.parametrize("scene", ["tabletop", "room", "clutter"])
+def test_meta_positions_project_into_their_masks(tmp_path, scene):
     """The object listed as id k in meta.json is the one labelled k: its 3-D centre, projected
     with the recorded camera, lands on (or next to) the pixels labelled k."""
     import pybullet as p
 
     size = 64
-    generate_dataset(tmp_path, videos=2, frames=6, size=size, seed=1, progress=False)
+    generate_dataset(tmp_path, videos=2, frames=6, size=size, seed=1, progress=False, scene=scene)
     hits = total = 0
     for video in ["video_0000", "video_0001"]:
         meta = json.loads((tmp_path / video / "meta.json").read_text())
@@ -307,3 +313,222 @@ def _cli():
     from egoslots.cli import main
 
     return main
+
+
+# ---------------------------------------------------------------------------------------------
+# Scene families
+
+
+def video_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+# sha256 of whole video folders (frames, masks, meta.json) made by the generator *before* scene
+# families existed (main at c154e0e), with this pybullet build on this kind of machine.
+TABLETOP_DIGESTS = {
+    (0, 5, 5, 32): "b332a99ba099e8ac196d60c73a6eb8822ff07a9241f257dc49ec78729ec25518",
+    (3, 1234, 3, 48): "3138c7ea8431aba9f1dc9656b4d21936bf8dd9d44d4ccbf44154f91654af6e09",
+}
+
+
+def test_default_scene_still_makes_the_same_videos(tmp_path):
+    """Adding scene families changed no byte of the tabletop videos: existing configs, the demo
+    and datasets resumed with this version get what they got before."""
+    for (index, seed, frames, size), expected in TABLETOP_DIGESTS.items():
+        generate_video(tmp_path / "default", index, seed=seed, frames=frames, size=size)
+        generate_video(
+            tmp_path / "named", index, seed=seed, frames=frames, size=size, scene="tabletop"
+        )
+        name = f"video_{index:04d}"
+        assert video_digest(tmp_path / "default" / name) == expected
+        assert video_digest(tmp_path / "named" / name) == expected
+
+
+@pytest.mark.parametrize("scene", ["room", "clutter"])
+def test_scene_family_writes_masks_and_object_attributes(tmp_path, scene):
+    frames, size = 4, 48
+    out = generate_dataset(
+        tmp_path / scene, videos=2, frames=frames, size=size, seed=0, progress=False, scene=scene
+    )
+    info = json.loads((out / "dataset.json").read_text())
+    lo, hi = synthetic.object_range(scene)
+    assert info["args"]["scene"] == scene
+    assert (info["args"]["min_objects"], info["args"]["max_objects"]) == (lo, hi)
+    seen = set()
+    for video in ["video_0000", "video_0001"]:
+        folder = out / video
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["scene"] == scene and meta["background"], "background geometry is listed"
+        objects = meta["objects"]
+        assert lo <= len(objects) <= hi
+        assert [o["id"] for o in objects] == list(range(1, len(objects) + 1))
+        for o in objects:
+            assert {"id", "mesh", "color", "size", "positions"} <= set(o)
+            assert np.asarray(o["positions"]).shape == (frames, 3)
+            assert 0.05 < o["size"] < 0.5, "movable objects are small"
+        for t in range(frames):
+            frame = np.asarray(Image.open(folder / f"{t:05d}.png"))
+            labels = np.asarray(Image.open(folder / "masks" / f"{t:05d}.png"))
+            assert frame.shape == (size, size, 3) and labels.shape == (size, size)
+            assert set(np.unique(labels)) <= set(range(len(objects) + 1))
+            assert (labels == 0).mean() > 0.3, "floor, walls and furniture are background"
+            seen |= set(np.unique(labels[labels > 0]).tolist())
+    assert len(seen) >= 3
+
+
+def test_scene_families_are_deterministic_and_differ():
+    """Same seed, same pictures within a family; the families draw different scenes."""
+    pictures = {}
+    for scene in ["tabletop", "room", "clutter", "room"]:
+        spec = sample_scene(video_rng(9, 0), frames=2, scene=scene)
+        rgb = [r for r, _, _, _ in synthetic.render_video(spec, 2, 32)]
+        if scene in pictures:
+            assert all(np.array_equal(a, b) for a, b in zip(pictures[scene], rgb))
+        pictures[scene] = rgb
+    assert not np.array_equal(pictures["room"][0], pictures["tabletop"][0])
+    assert not np.array_equal(pictures["clutter"][0], pictures["room"][0])
+
+
+def test_room_background_is_label_zero_and_camera_walks_at_head_height():
+    """Walls, floor and furniture draw pictures but never labels; the camera is at head height,
+    turns its head and walks; and some objects get pushed while it moves."""
+    moved = turned = 0
+    for index in range(3):
+        spec = sample_scene(video_rng(5, index), frames=12, scene="room")
+        assert {s.name for s in spec.statics} >= {"wall"} and len(spec.statics) > 4
+        eye, target = spec.camera.eye, spec.camera.target
+        assert np.all((1.4 < eye[:, 2]) & (eye[:, 2] < 1.8))
+        forward = target - eye
+        yaw = np.unwrap(np.arctan2(forward[:, 1], forward[:, 0]))
+        turned += np.ptp(yaw) > np.radians(5)
+        assert np.all(forward[:, 2] < 0), "looking down at the floor"
+        with Simulation(spec, size=32) as sim:
+            start, _ = sim.poses()
+            for t in range(1, 12):
+                sim.step(t)
+            end, _ = sim.poses()
+            moved += int(np.sum(np.linalg.norm(end - start, axis=1) > 0.05))
+            for label in range(1, len(spec.objects) + 1):
+                sim.hide(label)
+            rgb, labels = sim.render(0)
+            assert not labels.any(), "only the movable objects are objects"
+            assert rgb.reshape(-1, 3).std(axis=0).max() > 10, "the room itself is drawn"
+    assert turned >= 2 and moved >= 1
+
+
+def _occluded_fraction(scene: str, seeds, size: int = 48) -> tuple[int, int]:
+    """(objects partly hidden by another object, objects visible) over frames 0 and 5: an
+    object is partly hidden when rendering it alone shows >= 15% more of it."""
+    hidden = visible = 0
+    for seed in seeds:
+        spec = sample_scene(video_rng(seed, 0), frames=6, scene=scene)
+        with Simulation(spec, size=size) as sim:
+            for t in range(6):
+                if t:
+                    sim.step(t)
+                if t not in (0, 5):
+                    continue
+                _, labels = sim.render(t)
+                positions, quaternions = sim.poses()
+                for k in np.unique(labels[labels > 0]):
+                    for other in range(1, len(spec.objects) + 1):
+                        if other != k:
+                            sim.hide(other)
+                    _, alone = sim.render(t)
+                    for j in range(len(spec.objects)):
+                        sim.p.resetBasePositionAndOrientation(
+                            sim.bodies[j],
+                            positions[j].tolist(),
+                            quaternions[j].tolist(),
+                            physicsClientId=sim.client,
+                        )
+                    visible += 1
+                    hidden += (alone == k).sum() >= 1.15 * (labels == k).sum()
+    return hidden, visible
+
+
+def test_clutter_hides_objects_behind_one_another():
+    """Occlusion is the rule in clutter: more of its objects are partly hidden by others, and
+    more objects are in view, than in tabletop scenes of the same seeds."""
+    hidden_c, visible_c = _occluded_fraction("clutter", [0, 1])
+    hidden_t, visible_t = _occluded_fraction("tabletop", [0, 1])
+    assert visible_c > visible_t
+    assert hidden_c / visible_c > 0.3
+    assert hidden_c / visible_c > hidden_t / max(visible_t, 1) + 0.1
+
+
+def test_cli_scene_option_and_folder_settings(tmp_path):
+    runner = CliRunner()
+    args = ["--videos", "1", "--frames", "2", "--size", "32", "--quiet"]
+    made = runner.invoke(_cli(), ["make-synthetic", str(tmp_path / "r"), "--scene", "room", *args])
+    assert made.exit_code == 0, made.output
+    meta = json.loads((tmp_path / "r" / "video_0000" / "meta.json").read_text())
+    assert meta["scene"] == "room" and 4 <= len(meta["objects"]) <= 8
+    other = runner.invoke(
+        _cli(), ["make-synthetic", str(tmp_path / "r"), "--scene", "clutter", *args]
+    )
+    assert other.exit_code != 0 and "scene room != clutter" in other.output
+    bad = runner.invoke(_cli(), ["make-synthetic", str(tmp_path / "b"), "--scene", "kitchen"])
+    assert bad.exit_code == 2 and "'kitchen' is not one of" in bad.output
+    swapped = runner.invoke(
+        _cli(),
+        ["make-synthetic", str(tmp_path / "c"), "--scene", "clutter", "--max-objects", "5", *args],
+    )
+    assert swapped.exit_code != 0 and "--min-objects 10 is more than --max-objects 5" in (
+        swapped.output
+    )
+
+
+def test_folder_made_before_scene_families_resumes_as_tabletop(tmp_path):
+    out = generate_dataset(tmp_path / "d", **TINY)
+    record = json.loads((out / "dataset.json").read_text())
+    del record["args"]["scene"]  # what older versions wrote
+    (out / "dataset.json").write_text(json.dumps(record))
+    generate_dataset(out, **dict(TINY, videos=3))
+    assert json.loads((out / "dataset.json").read_text())["args"]["scene"] == "tabletop"
+    with pytest.raises(ValueError, match="scene tabletop != room"):
+        generate_dataset(out, **dict(TINY, videos=3), scene="room")
+    with pytest.raises(ValueError, match="unknown scene 'kitchen': choose one of tabletop, room"):
+        generate_dataset(tmp_path / "k", **TINY, scene="kitchen")
+    assert not (tmp_path / "k").exists(), "nothing is written for a bad name"
+
+
+def test_config_key_picks_the_scene(tmp_path):
+    """dataset.synthetic.scene reaches the generator through `egoslots run`'s data step, and a
+    wrong name is refused naming the key."""
+    from egoslots.pipeline.config import ConfigError, load_config
+    from egoslots.stages.run import ensure_synthetic_data
+
+    small = [
+        "dataset.synthetic.videos=1",
+        "dataset.synthetic.frames=2",
+        "dataset.synthetic.size=32",
+    ]
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [f"dataset.path={tmp_path}", "dataset.synthetic.scene=clutter", *small],
+    )
+    root = ensure_synthetic_data(cfg)
+    assert json.loads((root / "video_0000" / "meta.json").read_text())["scene"] == "clutter"
+    assert load_config(REPO / "configs" / "demo.yaml", []).dataset.synthetic.scene == "tabletop"
+    with pytest.raises(ConfigError, match="dataset.synthetic.scene"):
+        load_config(REPO / "configs" / "demo.yaml", ["dataset.synthetic.scene=kitchen"])
+
+
+@pytest.mark.parametrize("scene", ["tabletop", "room", "clutter"])
+def test_each_family_varies_its_look_from_video_to_video(scene):
+    """Textures, light and object sets are drawn per video: six videos of one family do not
+    share a floor, a light or a set of meshes."""
+    specs = [sample_scene(video_rng(0, i), frames=2, scene=scene) for i in range(6)]
+    assert len({s.ground_pattern for s in specs}) >= 2
+    assert len({tuple(np.round(s.ground_colors[0], 3)) for s in specs}) == 6
+    assert np.ptp([s.ambient for s in specs]) > 0.05 and np.ptp([s.diffuse for s in specs]) > 0.05
+    assert len({tuple(np.round(s.light_direction, 3)) for s in specs}) == 6
+    assert len({tuple(o.mesh_id for o in s.objects) for s in specs}) == 6
+    sizes = [o.size for s in specs for o in s.objects]
+    assert max(sizes) > 1.5 * min(sizes)
+    assert len({len(s.objects) for s in specs}) >= 2

@@ -133,7 +133,7 @@ class DVAETask(L.LightningModule):
 
 def precision_probe(task: DVAETask, batch: int, device: str) -> PrecisionProbe:
     """``dvae.precision: auto``'s probe: this run's own dVAE step (a copy of its dVAE, random
-    frames of its batch shape) in each precision (``stages/runtime.choose_precision``)."""
+    frames of its batch shape) in each precision (``stages/machinery/runtime.choose_precision``)."""
     size = int(task.hparams.frame_size)
 
     def make_step():

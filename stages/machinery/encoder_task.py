@@ -240,7 +240,7 @@ class EncoderTask(L.LightningModule):
 def precision_probe(task: EncoderTask, device: str) -> PrecisionProbe:
     """``pretrain_encoder.precision: auto``'s probe: this run's own DINO step (a copy of its
     student and teacher on one real batch of its crops) in each precision
-    (``stages/runtime.choose_precision``)."""
+    (``stages/machinery/runtime.choose_precision``)."""
 
     def make_step():
         batch = next(iter(task.train_dataloader()))

@@ -30,8 +30,10 @@ from egoslots.stages.machinery.common import StageError
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_fits,
     checkpoint_path,
+    path_from_run_file,
     read_checkpoint,
     read_json,
+    store_of_run,
 )
 from egoslots.stages.machinery.slot_task import SlotTrainingModule
 
@@ -80,7 +82,9 @@ def restart_bytes(run: str | Path | None) -> int | None:
     try:
         run_dir = Path(run)
         cfg = OmegaConf.load(run_dir / "config.yaml")
-        meta = FeatureStore.open(read_json(run_dir / "inputs.json")["store"]).meta
+        inputs = read_json(run_dir / "inputs.json")
+        found = store_of_run(run_dir, inputs["store_fingerprint"], [inputs["store"]])
+        meta = FeatureStore.open(found or path_from_run_file(run_dir, inputs["store"])).meta
         frames, slots = int(cfg.dataset.ep_length), int(cfg.model.num_slots)
         widest = max([int(h) for h in cfg.decoder.hidden_dims] + [int(cfg.model.slot_dim)])
         tokens, dim = int(meta["num_tokens"]), int(meta["feature_dim"])
@@ -138,8 +142,10 @@ def load_trained(
         f"restore it from a copy, or train the run again (`egoslots train-slots "
         f"{run_dir / 'config.yaml'} --overwrite`)",
     )
+    # the store in the run's own work directory (a copied or moved one), else where it was
+    found = store_of_run(run_dir, inputs["store_fingerprint"], [inputs["store"]])
     try:
-        store = FeatureStore.open(inputs["store"])
+        store = FeatureStore.open(found or path_from_run_file(run_dir, inputs["store"]))
     except StoreError as err:
         raise StageError(f"{err} (the store run {run_dir} was trained on)") from err
     if store.fingerprint != inputs["store_fingerprint"]:

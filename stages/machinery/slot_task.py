@@ -2,7 +2,7 @@
 
 :class:`SlotTrainingModule` wraps :class:`egoslots.pipeline.model.SlotModel` (built from the config saved
 as its hyperparameters, with the store's shapes) and trains it on batches of cached clips
-(``stages/datamodules.ClipData``): losses to TensorBoard (``train/loss*``, ``train/lr``,
+(``stages/machinery/datamodules.ClipData``): losses to TensorBoard (``train/loss*``, ``train/lr``,
 ``val/*`` with validation FG-ARI / mBO where masks exist), Adam with per-module learning rates
 (:func:`build_param_groups`) and warmup + decay. The data, the NaN guard and the pictures are
 not here (``stages/machinery/datamodules.py``, ``stages/machinery/callbacks.py``).
@@ -250,7 +250,7 @@ def clip_metrics(outputs: dict, masks: torch.Tensor, key: str, grid) -> dict:
 
 def precision_probe(module: SlotTrainingModule, batch: int, frames: int, device: str):
     """``trainer.precision: auto``'s probe: this run's own training step (a copy of its model,
-    random clips of its batch shape) in each precision (``stages/runtime.choose_precision``)."""
+    random clips of its batch shape) in each precision (``stages/machinery/runtime.choose_precision``)."""
     hp, model = module.hparams, module.model
     feature_shape = (batch, frames, int(hp.num_tokens), int(hp.feature_dim))
     grid = tuple(hp.token_grid) if hp.token_grid is not None else None

@@ -1,4 +1,4 @@
-"""The measurements behind ``precision: auto`` (``stages/runtime.choose_precision``): timing
+"""The measurements behind ``precision: auto`` (``stages/machinery/runtime.choose_precision``): timing
 a training stage's own step in several precisions, and the per-machine cache of the results.
 
 A probe (:class:`PrecisionProbe`) names the stage and its model and batch shape, and builds on

@@ -1,15 +1,17 @@
-"""Training machinery that both training stages share: pretrain-dvae and train-slots. Nothing
-here knows which model is trained.
+"""The training scaffold all three training stages share: pretrain-encoder, pretrain-dvae and
+train-slots. Nothing here knows which model is trained.
 
 - Data order: :class:`ResumableRandomSampler`, a seeded stream of indices that a resumed run
   (or every DDP rank's slice of it) continues exactly where the uninterrupted run would be.
 - Several processes: :func:`gather_with_grad` all-gathers a batch with gradients flowing back
   to the rank that produced each row; :func:`is_rank_zero` tells rank 0 before the Trainer
   exists.
-- The Trainer: :func:`make_trainer` with what both stages want (periodic and last checkpoints,
-  SIGTERM checkpoints, TensorBoard, atomic checkpoint writes that raise when they fail:
-  :class:`RaisingCheckpointIO`, the precision recorded for a resume: :class:`RecordPrecision`),
-  and :func:`fit` that turns a SIGTERM stop into exit 143.
+- The Trainer: :func:`make_trainer` from a stage's config section (its run-machinery keys),
+  with what every stage wants (periodic and last checkpoints, SIGTERM checkpoints, TensorBoard,
+  atomic checkpoint writes that raise when they fail: :class:`RaisingCheckpointIO`, the
+  precision recorded for a resume: :class:`RecordPrecision`); :func:`run_precision`, the one
+  precision choice; :func:`fit` that turns a SIGTERM stop into exit 143; :func:`require_steps`,
+  the one "training finished" test.
 
 Run directories and checkpoint files are ``stages/machinery/rundirs.py``; the NaN guard (with its
 agreement across DDP ranks) and pictures are ``stages/machinery/callbacks.py``; the data
@@ -30,11 +32,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig
 from torch.utils.data import Sampler
 
 from egoslots.cache.location import as_location, write_file
 from egoslots.pipeline.config import ConfigError
 from egoslots.stages.machinery.interrupts import CheckpointOnSigterm, SIGTERMException
+from egoslots.stages.machinery.runtime import choose_precision, several_processes
 
 log = logging.getLogger("egoslots")
 
@@ -182,46 +186,69 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0 and node == 0
 
 
+def run_precision(settings: DictConfig, device: str, probe, checkpoint: dict | None) -> str:
+    """The precision a training stage trains in: ``settings.precision`` (``auto`` measured by
+    ``probe``, the stage's own step), the precision a resumed ``checkpoint`` recorded, or one
+    that several processes agree on (``stages/machinery/runtime.choose_precision``)."""
+    several = several_processes(settings.devices, settings.num_nodes)
+    return choose_precision(
+        settings.precision, device, probe, stored_precision(checkpoint), several
+    )
+
+
 def make_trainer(
     run_dir: Path,
     *,
     command: str,
-    max_steps: int,
-    ckpt_every: int,
-    log_every: int,
+    section: str,
+    settings: DictConfig,
+    precision: str,
     callbacks: Sequence[Callback],
+    save_on_epoch_end: bool | None = False,
     **trainer_kwargs,
 ) -> tuple[L.Trainer, CheckpointOnSigterm]:
-    """A Trainer writing into ``run_dir`` (``checkpoints/step=N.ckpt`` every ``ckpt_every`` steps
-    and ``last.ckpt``, ``tb/``), saving a checkpoint on SIGTERM (``command`` is named in the
-    message), with ``callbacks`` first; the rest (accelerator, precision, ...) as given."""
+    """The Trainer of every training stage, writing into ``run_dir``.
+
+    The run-machinery keys come from the stage's config section ``settings`` (``section`` names
+    it in errors: ``trainer``, ``dvae`` or ``pretrain_encoder``): ``max_steps``, checkpoints
+    (``checkpoints/step=N.ckpt`` every ``ckpt_every`` steps, and ``last.ckpt``), ``log_every``
+    (TensorBoard in ``tb/``), ``accelerator``, ``devices``, ``num_nodes``, ``strategy``. A SIGTERM
+    saves a checkpoint (``command`` is named in the message). ``callbacks`` run first; the rest
+    (gradient clipping, validation) as given. ``save_on_epoch_end``: Lightning's
+    ``save_on_train_epoch_end`` for the periodic checkpoint (None: Lightning decides, which
+    stage 0 relies on for its final checkpoint).
+    """
     ckpt_dir = run_dir / "checkpoints"
     sigterm = CheckpointOnSigterm(ckpt_dir, command)
     periodic = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="step={step}",
         auto_insert_metric_name=False,
-        every_n_train_steps=int(ckpt_every),
+        every_n_train_steps=int(settings.ckpt_every),
         save_top_k=-1,
         save_last=True,
-        save_on_train_epoch_end=False,
+        save_on_train_epoch_end=save_on_epoch_end,
     )
     try:
         trainer = L.Trainer(
             default_root_dir=str(run_dir),
-            max_steps=int(max_steps),
+            max_steps=int(settings.max_steps),
             max_epochs=-1,
             logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
             callbacks=[*callbacks, RecordPrecision(), periodic, sigterm],
-            log_every_n_steps=int(log_every),
+            log_every_n_steps=int(settings.log_every),
             use_distributed_sampler=False,  # the datamodules slice the sample stream by rank
             num_sanity_val_steps=0,
             enable_model_summary=False,
             plugins=[RaisingCheckpointIO()],  # a checkpoint that cannot be written stops the run
+            accelerator=str(settings.accelerator),
+            devices=settings.devices,
+            num_nodes=int(settings.num_nodes),
+            strategy=str(settings.strategy),
+            precision=precision,
             **trainer_kwargs,
         )
     except (MisconfigurationException, ValueError) as err:  # accelerator=gpu on no GPU, strategy=x
-        section = "dvae" if "pretrain-dvae" in command else "trainer"
         raise ConfigError(
             f"{section}.accelerator / devices / num_nodes / strategy / precision: this machine "
             f"cannot train with these settings ({str(err).strip().splitlines()[0]})"
@@ -240,3 +267,12 @@ def fit(
         )
     except SIGTERMException:
         raise sigterm.stopped() from None
+
+
+def require_steps(trainer: L.Trainer, max_steps: int, what: str, error: type[Exception]) -> None:
+    """After :func:`fit`: training that stopped short of ``max_steps`` (a guard stopped it) is an
+    ``error`` saying the run resumes when rerun."""
+    if trainer.global_step < int(max_steps):
+        raise error(
+            f"{what} training stopped at step {trainer.global_step} of {max_steps}; rerun to resume"
+        )
