@@ -260,6 +260,7 @@ def load_weights(
 
 def _unreadable(path: Path, err: object, damaged: str) -> str:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    reason = reason.split(". This is an internal")[0]  # torch's paragraph after miniz's reason
     if isinstance(err, BaseException):
         reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
     return (

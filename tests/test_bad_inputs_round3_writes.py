@@ -298,10 +298,16 @@ def test_evaluate_visualize_export_on_a_full_or_read_only_disk_are_one_line(
 # 2. Options that size memory
 # --------------------------------------------------------------------------------------------
 def test_restarts_beyond_the_memory_available_is_refused_before_work(run_dir, monkeypatch):
-    """Row 86: ``--restarts 100000000`` (evaluate, visualize, export-slots) is one usage error
-    naming the option, the estimate and the bound, before the run is loaded."""
+    """Row 87: ``--restarts 100000000`` (evaluate, visualize, export-slots) with a gaussian
+    initializer is one usage error naming the option, the estimate and the bound, before the run
+    is loaded; with a fixed initializer (whose draws cost nothing) it is no error."""
     from egoslots.stages.machinery import inference
 
+    assert inference.restart_bytes(run_dir) == 0  # a fixed initializer: draws cost nothing
+    inference.check_restarts(10**8, run_dir)
+    config = run_dir / "config.yaml"  # the run as one with a gaussian initializer
+    config.write_text(config.read_text().replace("name: fixed", "name: gaussian", 1))
+    assert "name: gaussian" in config.read_text()
     loaded = []
     monkeypatch.setattr(inference, "read_checkpoint", lambda p: loaded.append(p))
     for command in (["evaluate"], ["visualize"], ["export-slots"]):

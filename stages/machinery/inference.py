@@ -63,7 +63,7 @@ def check_restarts(restarts: int, run: str | Path | None) -> None:
     in the memory available: one usage error naming the option, the estimate and the bound,
     instead of an allocation of many GB failing (or swapping) mid-run."""
     per_draw = restart_bytes(run)
-    if per_draw is None:  # not a readable run: loading it says why
+    if not per_draw:  # not a readable run (loading it says why), or draws that cost nothing
         return
     available, where = available_memory()
     bound = max(1, available // per_draw)
@@ -78,10 +78,13 @@ def check_restarts(restarts: int, run: str | Path | None) -> None:
 
 def restart_bytes(run: str | Path | None) -> int | None:
     """Bytes one restart draw needs (float32): the window's features, reconstruction and error,
-    and the MLP decoder's two largest activations over every slot and token of every frame."""
+    and the MLP decoder's two largest activations over every slot and token of every frame.
+    0 for a fixed initializer (its draws are all one, made once); None when there is no run."""
     try:
         run_dir = Path(run)
         cfg = OmegaConf.load(run_dir / "config.yaml")
+        if str(cfg.model.initializer.name) != "gaussian":
+            return 0
         inputs = read_json(run_dir / "inputs.json")
         found = store_of_run(run_dir, inputs["store_fingerprint"], [inputs["store"]])
         meta = FeatureStore.open(found or path_from_run_file(run_dir, inputs["store"])).meta
