@@ -247,7 +247,7 @@ def test_full_disk_at_the_dvae_weights_ends_pretrain_dvae_in_one_line(tmp_path, 
 def test_evaluate_visualize_export_on_a_full_or_read_only_disk_are_one_line(
     run_dir, tmp_path, monkeypatch
 ):
-    """Rows 83-85: the commands that take a RUN (no config) end a refused write in one line too
+    """Rows 84-86: the commands that take a RUN (no config) end a refused write in one line too
     (the command group's handler), and what they wrote before is kept whole."""
     runner = CliRunner()
     metrics = run_dir / "metrics.json"
@@ -330,7 +330,7 @@ def test_restarts_beyond_the_memory_available_is_refused_before_work(run_dir, mo
 # 3. Weights-only loads, one line
 # --------------------------------------------------------------------------------------------
 def test_every_weights_file_loads_weights_only_with_one_line(run_dir, tmp_path):
-    """Rows 87-89: a damaged or pickled-object dvae.pt (a bare UnpicklingError / RuntimeError
+    """Rows 88-90: a damaged or pickled-object dvae.pt (a bare UnpicklingError / RuntimeError
     before), a damaged last.ckpt in evaluate, a zip whose member is cut: one line naming the
     file and what to do; the object is never run."""
     from egoslots.pipeline.dvae import load_dvae
@@ -369,7 +369,7 @@ def test_every_weights_file_loads_weights_only_with_one_line(run_dir, tmp_path):
 # 4. One reader of run JSON files
 # --------------------------------------------------------------------------------------------
 def test_damaged_run_json_ends_evaluate_and_visualize_in_one_line(run_dir, tmp_path):
-    """Rows 90-91: a damaged inputs.json ended evaluate and visualize in a bare JSONDecodeError;
+    """Rows 91-92: a damaged inputs.json ended evaluate and visualize in a bare JSONDecodeError;
     a dvae.json likewise load_dvae (tokenize). One line naming the file and how to recover."""
     from egoslots.pipeline.dvae import load_dvae
 
@@ -391,7 +391,7 @@ def test_damaged_run_json_ends_evaluate_and_visualize_in_one_line(run_dir, tmp_p
 
 
 def test_one_reader_for_run_json(tmp_path, caplog):
-    """Row 92: read_json: absent -> None, an object -> it, a folder, bad bytes or another JSON
+    """Row 93: read_json: absent -> None, an object -> it, a folder, bad bytes or another JSON
     value -> DamagedFile naming the file; the frame cache's record when damaged is rebuilt."""
     from egoslots.stages.machinery.encoder_frames import _cache_record
 
