@@ -320,7 +320,9 @@ def test_restarts_beyond_the_memory_available_is_refused_before_work(run_dir, mo
 
     per_draw = inference.restart_bytes(run_dir)
     assert per_draw and per_draw > 4 * 4 * 16  # at least the window's features
-    monkeypatch.setattr(inference, "available_memory", lambda: (5 * per_draw + 1, "memory"))
+    from egoslots.stages.machinery import common
+
+    monkeypatch.setattr(common, "available_memory", lambda: (5 * per_draw + 1, "memory"))
     with pytest.raises(Exception, match=r"use at most --restarts 5\b"):
         inference.check_restarts(6, run_dir)
     inference.check_restarts(5, run_dir)  # what fits is accepted

@@ -201,3 +201,41 @@ def write_fault(err: BaseException) -> OSError | None:
             return None
         err = err.__cause__
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Options that size memory
+# --------------------------------------------------------------------------------------------
+def check_fits_in_memory(option: str, value: int, per_item: int, items: str, note: str) -> None:
+    """Refuse ``option=value`` when ``value`` items of ``per_item`` bytes each (allocated
+    together: a batch) exceed the memory available now: one usage error naming the option,
+    the estimate and the largest value that fits (``note`` says what was sized)."""
+    available, where = available_memory()
+    bound = max(1, available // per_item)
+    if value > bound:
+        raise click.BadParameter(
+            f"{value} {items} need about {human_bytes(value * per_item)} of memory "
+            f"({human_bytes(per_item)} each, {note}), more than the {human_bytes(available)} of "
+            f"{where} available now: use at most {option} {bound}",
+            param_hint=f"'{option}'",
+        )
+
+
+def available_memory() -> tuple[int, str]:
+    """(bytes, where): memory available now, the GPU's when torch sees one, else the host's
+    (``MemAvailable`` of /proc/meminfo: free plus reclaimable; else the free pages)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0]), "GPU memory"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "memory"
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "memory"
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from omegaconf import OmegaConf
 from egoslots.cache.reader import ClipDataset
 from egoslots.cache.store import FeatureStore, StoreError
 from egoslots.pipeline.checkpoints import CheckpointError, load_weights
-from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.common import StageError, check_fits_in_memory
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_fits,
     checkpoint_path,
@@ -63,17 +62,8 @@ def check_restarts(restarts: int, run: str | Path | None) -> None:
     in the memory available: one usage error naming the option, the estimate and the bound,
     instead of an allocation of many GB failing (or swapping) mid-run."""
     per_draw = restart_bytes(run)
-    if not per_draw:  # not a readable run (loading it says why), or draws that cost nothing
-        return
-    available, where = available_memory()
-    bound = max(1, available // per_draw)
-    if restarts > bound:
-        raise click.BadParameter(
-            f"{restarts} draws need about {_gb(restarts * per_draw)} of memory "
-            f"({_gb(per_draw)} each, on the run's first window), more than the "
-            f"{_gb(available)} of {where} available now: use at most --restarts {bound}",
-            param_hint="'--restarts'",
-        )
+    if per_draw:  # None: not a readable run (loading it says why); 0: draws that cost nothing
+        check_fits_in_memory("--restarts", restarts, per_draw, "draws", "on the run's first window")
 
 
 def restart_bytes(run: str | Path | None) -> int | None:
@@ -94,24 +84,6 @@ def restart_bytes(run: str | Path | None) -> int | None:
     except Exception:  # noqa: BLE001 - no run to size: the loader reports what is wrong with it
         return None
     return 4 * frames * tokens * (slots * 2 * (widest + dim + 1) + 3 * dim)
-
-
-def available_memory() -> tuple[int, str]:
-    """(bytes, where): memory available now, the GPU's if one is used, else the host's
-    (``MemAvailable`` of /proc/meminfo, else free pages)."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[0]), "GPU memory"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, "memory"
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "memory"
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 # method -> where its masks are in the model's outputs
