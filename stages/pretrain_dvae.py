@@ -49,9 +49,9 @@ from egoslots.stages.machinery.common import TrainingDiverged, config_command, o
 from egoslots.stages.machinery.datamodules import FrameData
 from egoslots.stages.machinery.dvae_task import DVAETask, precision_probe
 from egoslots.stages.machinery.locks import writing_run
+from egoslots.stages.machinery.run_paths import path_for_run_file
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_files,
-    path_for_run_file,
     read_checkpoint,
     read_json,
     resume_checkpoint,

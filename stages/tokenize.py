@@ -26,7 +26,8 @@ from egoslots.pipeline.config import ConfigError
 from egoslots.pipeline.dvae import DVAE, PATCH, load_dvae
 from egoslots.stages.machinery.common import StageError, setup_logging, write_failure
 from egoslots.stages.machinery.locks import run_lock
-from egoslots.stages.machinery.rundirs import read_json, saved_config, store_of_run
+from egoslots.stages.machinery.run_paths import store_of_run
+from egoslots.stages.machinery.rundirs import read_json, saved_config
 from egoslots.stages.machinery.runtime import pick_device
 
 log = logging.getLogger("egoslots")

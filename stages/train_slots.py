@@ -41,6 +41,7 @@ from egoslots.stages.machinery.callbacks import FinalCheckpoint, LossGuard, Slot
 from egoslots.stages.machinery.common import StageError, config_command, output_writes
 from egoslots.stages.machinery.datamodules import ClipData, example_clip
 from egoslots.stages.machinery.locks import check_unlocked, writing_run
+from egoslots.stages.machinery.run_paths import path_for_run_file
 from egoslots.stages.machinery.rundirs import (
     catch_up_last,
     check_checkpoint_files,
@@ -48,7 +49,6 @@ from egoslots.stages.machinery.rundirs import (
     checkpoint_step,
     config_changes,
     find_resume_checkpoint,
-    path_for_run_file,
     read_checkpoint,
     read_json,
     run_dir_of,

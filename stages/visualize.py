@@ -32,7 +32,8 @@ from egoslots.stages.machinery.inference import (
     window_length,
 )
 from egoslots.stages.machinery.pictures import masks_overlay
-from egoslots.stages.machinery.rundirs import path_from_run_file, read_json
+from egoslots.stages.machinery.run_paths import path_from_run_file
+from egoslots.stages.machinery.rundirs import read_json
 from egoslots.stages.machinery.runtime import pick_device
 
 log = logging.getLogger("egoslots")

@@ -113,3 +113,19 @@ def test_each_verb_is_one_command_module_named_after_it():
     assert modules == expected
     on_disk = {f"egoslots.stages.{p.stem}" for p in (ROOT / "stages").glob("*.py")}
     assert on_disk - {"egoslots.stages.__init__"} == expected
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages by hand (the folders map under `egoslots`): a new
+    sub-package missing there would work in a checkout and be absent from a wheel."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {"egoslots"} | {
+        "egoslots." + str(p.parent.relative_to(ROOT)).replace("/", ".")
+        for package in PACKAGES
+        for p in (ROOT / package).rglob("__init__.py")
+    }
+    assert listed == folders

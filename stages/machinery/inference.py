@@ -26,13 +26,12 @@ from egoslots.cache.reader import ClipDataset
 from egoslots.cache.store import FeatureStore, StoreError
 from egoslots.pipeline.checkpoints import CheckpointError, load_weights
 from egoslots.stages.machinery.common import StageError, check_fits_in_memory
+from egoslots.stages.machinery.run_paths import path_from_run_file, store_of_run
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_fits,
     checkpoint_path,
-    path_from_run_file,
     read_checkpoint,
     read_json,
-    store_of_run,
 )
 from egoslots.stages.machinery.slot_task import SlotTrainingModule
 

@@ -4,7 +4,7 @@ A training run lives in ``<work_dir>/runs/<name>/``::
 
     config.yaml     the fully resolved config of the last invocation
     inputs.json     what it read: store fingerprint and path (and the dVAE for stage 3); paths
-                    relative to the run directory, so a copied or moved work directory goes on
+                    relative to the run directory (``run_paths.py``)
     checkpoints/    step=N.ckpt every ckpt_every steps, and last.ckpt
     tb/             TensorBoard
     .egoslots-run   the marker: egoslots created this folder (what --overwrite checks)
@@ -21,7 +21,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import os
 import re
 import shutil
 import warnings
@@ -53,47 +52,6 @@ log = logging.getLogger("egoslots")
 def run_dir_of(cfg: DictConfig, name: str) -> Path:
     """``<work_dir>/runs/<name>``: where a run of this config lives."""
     return Path(cfg.work_dir) / "runs" / str(name)
-
-
-def path_for_run_file(run_dir: Path, path) -> str:
-    """How a run file records a path it names (a store, a dVAE run): relative to the run
-    directory when both are local, so a work directory copied or moved elsewhere reads its own
-    stores and runs; a URL (``s3://...``) as it is."""
-    text = str(path)
-    if "://" in text:
-        return text
-    return os.path.relpath(Path(text).resolve(), Path(run_dir).resolve())
-
-
-def path_from_run_file(run_dir: Path, recorded: str | None) -> str | None:
-    """A path a run file recorded, as a usable path: relative ones against the run directory
-    (what :func:`path_for_run_file` writes), absolute ones and URLs (older runs) as they are."""
-    if not recorded:
-        return None
-    if "://" in recorded or Path(recorded).is_absolute():
-        return recorded
-    return os.path.normpath(Path(run_dir).absolute() / recorded)
-
-
-def store_of_run(run_dir: Path, fingerprint: str, recorded: list[str | None]):
-    """Where the store of fingerprint ``fingerprint`` that a run read is now, or None.
-
-    The run's own work directory comes first (``<work_dir>/stores/<fingerprint>.zarr`` beside
-    ``<work_dir>/runs/``): a copied work directory uses its own copy of the store, never the
-    original's, even where an older run file recorded an absolute path. Then the ``recorded``
-    paths, then the stores folder of the run's saved ``work_dir`` / ``store_dir``."""
-    from egoslots.cache.catalog import find_recorded_store
-
-    run_dir = Path(run_dir)
-    candidates = []
-    if run_dir.absolute().parent.name == "runs":
-        own = run_dir.absolute().parent.parent / "stores" / f"{fingerprint}.zarr"
-        candidates.append(str(own))
-    candidates += [path_from_run_file(run_dir, r) for r in recorded]
-    saved = saved_config(run_dir) or {}
-    return find_recorded_store(
-        fingerprint, candidates, saved.get("work_dir"), saved.get("store_dir")
-    )
 
 
 def write_config(cfg: DictConfig, path: Path) -> None:
