@@ -7,7 +7,11 @@ configs/, e.g. the demo's encoder weights), and ``key=value`` overrides from the
 command line are merged last. Every key is checked against the typed schema in
 :mod:`egoslots.pipeline.config_schema`; a misspelt key is an error that names it and suggests the
 closest valid key, and keys that the users' integrated-model docs use for concepts the staged
-design does not have get an explanation instead of a bare "unknown key".
+design does not have get an explanation instead of a bare "unknown key". The schema's
+``ALIASES`` table is applied here, and only here: globals feed their keys' defaults
+(:func:`_schema`), renamed keys move to their new names (:func:`_rename`), foreign keys are
+explained (:func:`_check_keys`). Values are checked against the limits declared beside each
+field (:func:`check_limits`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import logging
 import math
 import os
 import re
@@ -22,10 +27,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from egoslots.pipeline.config_schema import LIMITS, Config, Limit
+from egoslots.pipeline.config_schema import Config, Limit, aliases, schema_limits
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -34,29 +39,13 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file or key at fault."""
 
 
+log = logging.getLogger("egoslots")
+
 # Keys users know from the integrated model hacked into SlotContrast, whose concept lives
-# elsewhere (or nowhere) in egoslots' staged design. Checked before the schema.
-FOREIGN_KEYS = {
-    "model.loss_weights.loss_dvae_recon": (
-        "loss_dvae_recon is a stage-2 loss in egoslots: the dVAE is pretrained first by "
-        "`egoslots pretrain-dvae` and frozen, so it has no weight in the slot model. "
-        "Use dvae.* keys (e.g. dvae.lr, dvae.max_steps) to change its training."
-    ),
-    "encoder.backbone.frozen": (
-        "the backbone is always frozen in egoslots: its features are computed once by "
-        "`egoslots extract-features` and read from the cache. Fine-tuning the ViT is not supported."
-    ),
-    "encoder": (
-        "egoslots has no `encoder` section: the frozen ViT is configured under `backbone` "
-        "(backbone.name, backbone.checkpoint, backbone.block) and runs only in extract-features."
-    ),
-    "globals.NUM_GPUS": (
-        "the number of GPUs is trainer.devices (train-slots) and dvae.devices (pretrain-dvae); "
-        "globals.BATCH_SIZE_PER_GPU stays per device, so the global batch grows with the devices."
-    ),
-    "dataset.json_dir": "egoslots reads data from dataset.path (see dataset.source for the format).",
-    "dataset.img_dir": "egoslots reads data from dataset.path (see dataset.source for the format).",
-}
+# elsewhere (or nowhere) in egoslots' staged design: the "foreign" rows of ALIASES.
+FOREIGN_KEYS = {a.key: a.note for a in aliases("foreign")}
+# Deprecated key -> its new key: the "renamed" rows of ALIASES.
+RENAMED_KEYS = {a.key: a.target for a in aliases("renamed")}
 
 
 def _if_resolver(cond, a, b):
@@ -119,12 +108,19 @@ def _check_keys(raw: dict, source: str, schema: DictConfig) -> None:
             continue  # reported at the parent already
         if parent and _is_open_dict(schema, parent):
             continue
-        siblings = [k for k in valid if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
+        known = valid | set(RENAMED_KEYS)  # a near miss of an old name: suggest the new one
+        siblings = [k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
         close = difflib.get_close_matches(path, siblings, n=1, cutoff=0.5)
         if not close:
-            close = difflib.get_close_matches(path, sorted(valid), n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+            close = difflib.get_close_matches(path, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {_current(close[0])}?" if close else ""
         raise ConfigError(f"{source}: unknown config key '{path}'{hint}")
+
+
+def _current(key: str) -> str:
+    """A key's current name (a renamed key's new one, saying so)."""
+    new = RENAMED_KEYS.get(key)
+    return f"'{new}' (formerly '{key}')" if new else f"'{key}'"
 
 
 def _is_open_dict(schema: DictConfig, path: str) -> bool:
@@ -136,8 +132,12 @@ def _is_open_dict(schema: DictConfig, path: str) -> bool:
     )
 
 
-def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """Load one YAML file and, first, the files its ``defaults`` list names."""
+def _load_yaml(
+    path: Path, seen: tuple[Path, ...] = (), renamed: dict[str, str] | None = None
+) -> DictConfig:
+    """Load one YAML file and, first, the files its ``defaults`` list names; each file's
+    deprecated keys take their new names before it is merged (:func:`_rename`)."""
+    renamed = {} if renamed is None else renamed
     path = path.resolve()
     if path in seen:
         raise ConfigError(
@@ -164,8 +164,8 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
                 if shipped.exists():
                     parent = shipped
                     break
-        merged = OmegaConf.merge(merged, _load_yaml(parent, seen + (path,)))
-    return OmegaConf.merge(merged, node)
+        merged = OmegaConf.merge(merged, _load_yaml(parent, seen + (path,), renamed))
+    return OmegaConf.merge(merged, _rename(node, str(path), renamed))
 
 
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
@@ -185,8 +185,86 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
 @functools.cache
 def _schema() -> DictConfig:
     """The schema as a config, built once (half the time of a config load); read-only: every load
-    merges into a copy."""
-    return OmegaConf.structured(Config)
+    merges into a copy. The fields fed by a global get their default from ALIASES here."""
+    schema = OmegaConf.structured(Config)
+    for alias in aliases("feeds"):
+        OmegaConf.update(schema, alias.target, alias.expression, merge=False)
+    return schema
+
+
+@functools.cache
+def _schema_defaults() -> DictConfig:
+    return OmegaConf.create(OmegaConf.to_container(_schema(), resolve=True))
+
+
+def schema_default(key: str) -> Any:
+    """The default value of a dotted key, resolved (``model.num_slots`` -> 7, through
+    globals.NUM_SLOTS): for code that states defaults of its own (``SlotModelConfig``)."""
+    value = OmegaConf.select(_schema_defaults(), key, throw_on_missing=True)
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def inference_restarts(cfg: Any) -> int:
+    """``inference.restarts`` of a config: a loaded one, or a resolved dict saved beside a run or
+    in a checkpoint. Configs saved before the inference section existed hold it as
+    ``model.initializer.restarts`` (its deprecated name); neither: the default."""
+    tree = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    old_names = [old for old, new in RENAMED_KEYS.items() if new == "inference.restarts"]
+    for key in ("inference.restarts", *old_names):
+        _, value = _find(tree, key)
+        if value is not None:
+            return int(value)
+    return int(schema_default("inference.restarts"))
+
+
+def _rename(layer: DictConfig, source: str, renamed: dict[str, str]) -> DictConfig:
+    """A layer with its deprecated keys (ALIASES "renamed") moved to their new names.
+
+    ``renamed`` collects {new key: the old key written} for error messages; a later layer that
+    writes the new key itself takes it out again."""
+    raw = OmegaConf.to_container(layer, resolve=False)
+    moved = False
+    for old, new in RENAMED_KEYS.items():
+        has_new, new_value = _find(raw, new)
+        if has_new:
+            renamed.pop(new, None)
+        has_old, value = _find(raw, old)
+        if not has_old:
+            continue
+        if has_new and str(new_value) != str(value):
+            raise ConfigError(
+                f"{source}: both {old}={value} (its deprecated name) and {new}={new_value} are "
+                f"set; keep {new} only"
+            )
+        log.warning("%s: %s is deprecated; write %s instead", source, old, new)
+        _pop(raw, old)
+        _put(raw, new, value)
+        renamed[new] = old
+        moved = True
+    return OmegaConf.create(raw) if moved else layer
+
+
+def _find(tree: Any, key: str) -> tuple[bool, Any]:
+    """(present, value) of a dotted key in a plain nested dict."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
+
+
+def _pop(tree: dict, key: str) -> Any:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree[part]
+    return tree.pop(leaf)
+
+
+def _put(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
@@ -196,32 +274,34 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """
     schema = _schema()
     layers: list[tuple[str, DictConfig]] = []
+    renamed: dict[str, str] = {}  # new key -> the deprecated name the user wrote
     if path is not None:
-        layers.append((str(path), _load_yaml(Path(path))))
+        layers.append((str(path), _load_yaml(Path(path), renamed=renamed)))
     if overrides:
         layers.append(("command-line override", parse_overrides(overrides)))
     cfg = copy.deepcopy(schema)  # (the checks below fill values in: never into the template)
     for source, layer in layers:
+        layer = _rename(layer, source, renamed)
         raw = OmegaConf.to_container(layer, resolve=False)
         _check_keys(raw, source, schema)
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
-            raise ConfigError(f"{source}: {_describe(err)}") from err
+            raise ConfigError(f"{source}: {_describe(err, renamed)}") from err
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path or 'config'}: {_describe(err)}") from err
     _expand_paths(cfg)
-    check_limits(cfg)
-    _validate(cfg)
+    check_limits(cfg, renamed)
+    _validate(cfg, renamed)
     return cfg
 
 
-def _describe(err: OmegaConfBaseException) -> str:
+def _describe(err: OmegaConfBaseException, renamed: dict[str, str] | None = None) -> str:
     key = getattr(err, "full_key", None)
     msg = str(err).splitlines()[0]
-    return f"key '{key}': {msg}" if key else msg
+    return f"key '{_written(key, renamed)}': {msg}" if key else msg
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +315,7 @@ UNSET_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 def _expand_paths(cfg: DictConfig) -> None:
     """``~`` and ``$VARS`` in path keys, expanded once here (a shell would have done it; a YAML
     file or a quoted override does not), so no stage creates a literal ``./$HOME`` folder."""
-    for key, limit in LIMITS.items():
+    for key, limit in schema_limits().items():
         if limit.kind not in ("folder", "path"):
             continue
         value = OmegaConf.select(cfg, key)
@@ -265,17 +345,26 @@ def _leaves(node: Any, key: str) -> Iterable[tuple[str, Any]]:
         yield key, node
 
 
-def check_limits(cfg: DictConfig) -> None:
-    """Every value against its key's :class:`~egoslots.pipeline.config_schema.Limit`: one ConfigError
-    naming the first key at fault, its value and what it accepts."""
+def check_limits(cfg: DictConfig, renamed: dict[str, str] | None = None) -> None:
+    """Every value against the :class:`~egoslots.pipeline.config_schema.Limit` declared beside its
+    field: one ConfigError naming the first key at fault (as the user wrote it, when that was a
+    renamed key), its value and what it accepts."""
+    limits = schema_limits()
     values = OmegaConf.to_container(cfg, resolve=True)
     for key, value in _leaves(values, ""):
-        limit = LIMITS.get(key)
+        limit = limits.get(key)
         if limit is None or value is None:
             continue
         problem = _problem(limit, value)
         if problem:
-            raise ConfigError(f"{key}={value!r} {problem}: must be {limit.describe()}")
+            written = _written(key, renamed)
+            now = f" ({written} is now {key})" if written != key else ""
+            raise ConfigError(f"{written}={value!r} {problem}: must be {limit.describe()}{now}")
+
+
+def _written(key: str, renamed: dict[str, str] | None) -> str:
+    """A key as the user wrote it: its deprecated name when they used that."""
+    return (renamed or {}).get(key, key)
 
 
 def _problem(limit: Limit, value: Any) -> str | None:
@@ -325,7 +414,7 @@ def _folder_problem(path: Path) -> str | None:
     return None
 
 
-def _validate(cfg: DictConfig) -> None:
+def _validate(cfg: DictConfig, renamed: dict[str, str] | None = None) -> None:
     """Cross-field checks that a schema cannot express."""
     g = cfg.globals
     if g.USE_STEVE_DECODER and not g.USE_DVAE:
@@ -333,12 +422,13 @@ def _validate(cfg: DictConfig) -> None:
             "globals.USE_STEVE_DECODER=true needs globals.USE_DVAE=true: the STEVE decoder predicts "
             "the dVAE's tokens. Set globals.USE_STEVE_DECODER=false for a run without the dVAE."
         )
-    init = cfg.model.initializer
-    if int(init.restarts) > 1 and init.name != "gaussian":
+    init, restarts = cfg.model.initializer, int(cfg.inference.restarts)
+    if restarts > 1 and init.name != "gaussian":
+        key = _written("inference.restarts", renamed)
         raise ConfigError(
-            f"model.initializer.restarts={init.restarts} needs model.initializer.name=gaussian: "
+            f"{key}={restarts} needs model.initializer.name=gaussian: "
             f"the {init.name} initializer starts every video from the same slots, so there is "
-            "nothing to draw again. Set restarts=1, or use the gaussian initializer."
+            f"nothing to draw again. Set {key}=1, or use the gaussian initializer."
         )
     slot_dim, heads = int(cfg.model.slot_dim), int(cfg.predictor.num_heads)
     if cfg.predictor.enabled and slot_dim % heads:
@@ -397,9 +487,11 @@ def section_dict(cfg: DictConfig, key: str) -> dict:
 
 __all__ = [
     "ConfigError",
+    "inference_restarts",
     "load_config",
     "parse_overrides",
     "resolve",
+    "schema_default",
     "section_dict",
     "to_yaml",
     "CONFIG_DIR",

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from egoslots.pipeline.config_schema import LossSS
+
 
 def _no_autocast(fn):
     """Run ``fn`` with autocast off (on every device type), so its matmuls stay float32."""
@@ -33,8 +35,8 @@ def loss_featrec(reconstruction: torch.Tensor, features: torch.Tensor) -> torch.
 @_no_autocast
 def loss_slot_slot_contrast(
     slots: torch.Tensor,
-    temperature: float = 0.1,
-    batch_contrast: bool = True,
+    temperature: float = LossSS.temperature,  # losses.loss_ss.* defaults
+    batch_contrast: bool = LossSS.batch_contrast,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """SlotContrast's slot-slot contrastive loss on slots (B, T, K, D).

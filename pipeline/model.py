@@ -21,6 +21,7 @@ Long videos run in windows: pass the previous window's ``next_state`` as ``init_
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from egoslots.pipeline.config import inference_restarts, schema_default
+from egoslots.pipeline.config_schema import LossWeights
 from egoslots.pipeline.decoders import MLPBroadcastDecoder
 from egoslots.pipeline.losses import loss_featrec, loss_slot_slot_contrast, loss_steve_ce
 from egoslots.pipeline.predictor import SlotPredictor, SlotScan
 from egoslots.pipeline.slots import FeatureMLP, GaussianInit, SlotAttention, build_initializer
 from egoslots.pipeline.steve import SteveDecoder
 
-DEFAULT_LOSS_WEIGHTS = {"loss_featrec": 1.0, "loss_ss": 0.5, "loss_steve_ce": 1.0}
+# model.loss_weights' defaults (the schema's LossWeights): a weight a config leaves out
+DEFAULT_LOSS_WEIGHTS = dataclasses.asdict(LossWeights())
 
 
 @dataclass
@@ -48,40 +52,44 @@ class SlotModelConfig:
 
     feature_dim: int
     num_tokens: int
-    num_slots: int = 7
-    slot_dim: int = 128
-    initializer: str = "fixed"
+    # The defaults are the schema's (pipeline/config_schema.py, the key beside each), resolved.
+    num_slots: int = schema_default("model.num_slots")
+    slot_dim: int = schema_default("model.slot_dim")
+    initializer: str = schema_default("model.initializer.name")
     # inference: draws of a Gaussian initializer's first slots per video; the draw whose slots
     # reconstruct the first window's features best is kept (as k-means keeps its best init)
-    restarts: int = 1
-    n_iters: int = 2
-    n_iters_first: int = 3
-    eps: float = 1e-8
-    mlp_ratio: int = 4
-    predictor: bool = True
-    predictor_heads: int = 4
-    predictor_ffn_ratio: int = 4
-    predictor_attn_scale: str = "published"
-    decoder_hidden_dims: tuple[int, ...] = (1024, 1024, 1024)
-    decoder_mixing: str = "alpha"
+    restarts: int = schema_default("inference.restarts")
+    n_iters: int = schema_default("grouper.n_iters")
+    n_iters_first: int = schema_default("grouper.n_iters_first")
+    eps: float = schema_default("grouper.eps")
+    mlp_ratio: int = schema_default("grouper.mlp_ratio")
+    predictor: bool = schema_default("predictor.enabled")
+    predictor_heads: int = schema_default("predictor.num_heads")
+    predictor_ffn_ratio: int = schema_default("predictor.ffn_ratio")
+    predictor_attn_scale: str = schema_default("predictor.attn_scale")
+    decoder_hidden_dims: tuple[int, ...] = tuple(schema_default("decoder.hidden_dims"))
+    decoder_mixing: str = schema_default("decoder.mixing")
+    # Off unless asked for, unlike steve_decoder.enabled: the STEVE decoder needs the token grid
+    # and vocabulary of a tokenized store, which a bare SlotModelConfig(feature_dim, ...) lacks.
     steve: bool = False
-    vocab_size: int = 4096
-    token_grid: tuple[int, int] | None = None
-    steve_blocks: int = 8
-    steve_heads: int = 4
-    steve_d_model: int = 192
-    steve_dropout: float = 0.1
-    steve_detach_slots: bool = False
+    vocab_size: int = schema_default("dvae.vocab_size")
+    token_grid: tuple[int, int] | None = None  # from the store
+    steve_blocks: int = schema_default("steve_decoder.num_blocks")
+    steve_heads: int = schema_default("steve_decoder.num_heads")
+    steve_d_model: int = schema_default("steve_decoder.d_model")
+    steve_dropout: float = schema_default("steve_decoder.dropout")
+    steve_detach_slots: bool = schema_default("steve_decoder.detach_slots")
+    # model.loss_weights; a weight left out is DEFAULT_LOSS_WEIGHTS'
     loss_weights: dict[str, float] = field(default_factory=dict)
-    ss_temperature: float = 0.1
-    ss_batch_contrast: bool = True
+    ss_temperature: float = schema_default("losses.loss_ss.temperature")
+    ss_batch_contrast: bool = schema_default("losses.loss_ss.batch_contrast")
 
     @classmethod
     def from_config(
         cls, cfg: Any, feature_dim: int, num_tokens: int, token_grid: tuple[int, int] | None = None
     ) -> SlotModelConfig:
         """From a full egoslots config (``model``, ``grouper``, ``predictor``, ``decoder``,
-        ``steve_decoder``, ``losses``, ``dvae.vocab_size``)."""
+        ``steve_decoder``, ``losses``, ``dvae.vocab_size``, ``inference.restarts``)."""
         m, g, p, sd = cfg.model, cfg.grouper, cfg.predictor, cfg.steve_decoder
         return cls(
             feature_dim=feature_dim,
@@ -89,7 +97,7 @@ class SlotModelConfig:
             num_slots=int(m.num_slots),
             slot_dim=int(m.slot_dim),
             initializer=str(m.initializer.name),
-            restarts=int(m.initializer.get("restarts", 1)),
+            restarts=inference_restarts(cfg),
             n_iters=int(g.n_iters),
             n_iters_first=int(g.n_iters_first),
             eps=float(g.eps),

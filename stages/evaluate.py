@@ -17,9 +17,16 @@ as they would online. The masks are scored against the store's ground truth with
   pixels with the video's colours (``pipeline/refine.py``), for the model's masks and for
   k-means per video, so the table shows what refinement alone buys. The raw rows stay.
 
-Writes ``<run>/metrics.json`` (means, stds, counts, per-video values, property probe) and
-``<run>/metrics.md`` (the table, every method shown, best per column in bold) and prints the
-table. It returns at once when metrics.json exists for the same checkpoint, split and store.
+Label-free numbers (``pipeline/label_free.py``, docs/label-free.md) for every store, with or
+without masks: slot identity stability over time, slot usage, the feature reconstruction error
+and, where the store holds flipped rows (``augment.hflip: cache``), agreement under a horizontal
+flip; for the model's masks, k-means per frame and per video and the grid. On a store without
+ground-truth masks they are all that is scored.
+
+Writes ``<run>/metrics.json`` (means, stds, counts, per-video values, the ``label_free`` section,
+property probe) and ``<run>/metrics.md`` (the tables, every method shown, best per column in
+bold) and prints them. It returns at once when metrics.json exists for the same checkpoint,
+split and store. Videos are streamed: one whole video in memory at a time.
 
 One job, scoring a run and reporting the scores (the windowed inference is
 ``stages/machinery/inference.py``, the metrics and probe ``pipeline/``); the table is most of its length.
@@ -41,6 +48,7 @@ from tqdm import tqdm
 
 from egoslots.cache.location import write_text
 from egoslots.pipeline import baselines, metrics
+from egoslots.pipeline import label_free as lf
 from egoslots.pipeline import probe as probe_lib
 from egoslots.pipeline.data import make_source
 from egoslots.pipeline.refine import refine_masks
@@ -51,6 +59,7 @@ from egoslots.stages.machinery.inference import (
     infer_video,
     iter_videos,
     load_trained,
+    model_device,
     restarts_option,
     split_size,
     window_length,
@@ -82,9 +91,41 @@ METRIC_LABELS = {
     "video_ari": "video ARI (with bg)",
     "frame_ari": "frame ARI (with bg)",
 }
+LABEL_FREE_VERSION = 1  # in metrics.json's key: older files (without the section) are redone
+LABEL_FREE_METHODS = (  # in table order; the model's rows come first, those it outputs
+    "model_decoder",
+    "model_attention",
+    "model_steve",
+    "kmeans_frame",
+    "kmeans_video",
+    "grid",
+)
+LABEL_FREE_LABELS = {
+    "token_stability": "token stability",
+    "identity_best": "identity best",
+    "run_length": "run length (frames)",
+    "active_slots": "active slots",
+    "mask_entropy": "mask entropy (/log K)",
+    "feature_rec_rel": "feature rec. error (rel.)",
+    "flip_agreement": "flip agreement (ARI)",
+}
+HIGHER_IS_BETTER = {"token_stability", "identity_best", "run_length", "flip_agreement"}
+LOWER_IS_BETTER = {"feature_rec_rel"}
 
 
 # ---------------------------------------------------------------------------------- evaluation
+def baseline_masks(
+    features: torch.Tensor, num_slots: int, grid: tuple[int, int], seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """The feature baselines' masks (T, K, N) of one video, computed once for both the masked
+    metrics and the label-free numbers: k-means per frame and per video, the fixed grid."""
+    return {
+        "kmeans_frame": baselines.kmeans_masks(features, num_slots, "frame", seed=seed),
+        "kmeans_video": baselines.kmeans_masks(features, num_slots, "video", seed=seed),
+        "grid": baselines.grid_masks(features.shape[0], num_slots, grid),
+    }
+
+
 def score_video(
     item: dict,
     result: dict,
@@ -93,11 +134,13 @@ def score_video(
     seed: int = 0,
     with_baselines: bool = True,
     refine: bool = False,
+    baseline: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict]:
     """{method: video_metrics} of the model's masks and the baselines on one video.
 
     ``refine``: also score every token-grid mask refined to pixels with the video's colours
-    (needs ``item["frames"]``), under ``<method>_refined``."""
+    (needs ``item["frames"]``), under ``<method>_refined``. ``baseline``: the feature baselines'
+    masks when already computed (:func:`baseline_masks`)."""
     true = item["masks"].long()  # (T, H, W)
     frames = item.get("frames") if refine else None  # (T, H, W, 3) uint8
     scores = {}
@@ -122,20 +165,91 @@ def score_video(
     for name, masks in result["masks"].items():
         score(name, masks, grid if masks.shape[-1] == grid[0] * grid[1] else None)
     if with_baselines:
-        feats = item["features"]
-        t = feats.shape[0]
-        scores["kmeans_frame"] = metrics.evaluate_masks(
-            baselines.kmeans_masks(feats, num_slots, "frame", seed=seed), true, grid
-        )
-        score("kmeans_video", baselines.kmeans_masks(feats, num_slots, "video", seed=seed), grid)
+        if baseline is None:
+            baseline = baseline_masks(item["features"], num_slots, grid, seed)
+        scores["kmeans_frame"] = metrics.evaluate_masks(baseline["kmeans_frame"], true, grid)
+        score("kmeans_video", baseline["kmeans_video"], grid)
         if "frames" in item:  # (T, S, S, 3) uint8, the label maps' resolution
             scores["colour_kmeans_video"] = metrics.evaluate_masks(
                 baselines.colour_kmeans_masks(item["frames"], num_slots, seed=seed), true
             )
-        scores["grid"] = metrics.evaluate_masks(
-            baselines.grid_masks(t, num_slots, grid), true, grid
-        )
+        scores["grid"] = metrics.evaluate_masks(baseline["grid"], true, grid)
     return scores
+
+
+@torch.no_grad()
+def model_reconstruction(model, result: dict, window: int) -> torch.Tensor:
+    """The feature decoder's reconstruction (T, N, D) of one video from its slots (T, K, D), a
+    window at a time (the decoder reads each frame's slots alone, so windows change nothing)."""
+    device = model_device(model)
+    slots = result["slots"]
+    attention = result["masks"].get("model_attention")
+    mixing_attention = getattr(model.decoder, "mixing", "alpha") == "attention"
+    parts = []
+    for s in range(0, slots.shape[0], window):
+        att = attention[s : s + window][None].to(device) if mixing_attention else None
+        recon, _ = model.decoder(slots[s : s + window][None].to(device), att)
+        parts.append(recon[0].float().cpu())
+    return torch.cat(parts)
+
+
+def label_free_video(
+    item: dict,
+    result: dict,
+    baseline: dict[str, torch.Tensor],
+    grid: tuple[int, int],
+    reconstruction: torch.Tensor | None = None,
+    flipped: dict[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, float]]:
+    """{method: label-free numbers} of one video (``pipeline/label_free.py``).
+
+    ``result``: the model's masks; ``baseline``: :func:`baseline_masks`; ``reconstruction``: the
+    model's decoded features (T, N, D), scored on the ``model_decoder`` row; ``flipped``:
+    {method: masks (T, K, N)} of the same methods on the horizontally flipped frames."""
+    feats = item["features"]
+    flipped = flipped or {}
+    masks = {**result["masks"], **baseline}
+    out = {}
+    for method in LABEL_FREE_METHODS:
+        if method not in masks:
+            continue
+        m = masks[method]
+        on_features = m.shape[-1] == feats.shape[1]
+        rec = {}
+        if method == "model_decoder" and reconstruction is not None:
+            rec = {"features": feats, "reconstruction": reconstruction}
+        elif method in baseline and on_features:
+            rec = {"features": feats}  # a partition: each token's cluster mean
+        flip = {}
+        if method in flipped:
+            token_grid = tuple(item["tokens"].shape[-2:]) if "tokens" in item else None
+            mask_grid = grid if on_features else token_grid or metrics.infer_grid(m.shape[-1])
+            flip = {"flipped_masks": flipped[method], "grid": mask_grid}
+        out[method] = lf.video_numbers(m, **rec, **flip)
+    return out
+
+
+def flipped_masks(
+    model,
+    store,
+    record,
+    tokens_hash: str | None,
+    window: int,
+    num_slots: int,
+    seed: int,
+    restarts: int | None,
+) -> dict[str, torch.Tensor]:
+    """{method: masks (T, K, N)} of the model and k-means on a video's flipped rows, masks left
+    at the flipped positions (:func:`egoslots.pipeline.label_free.flip_agreement` mirrors back)."""
+    feats = torch.from_numpy(store.read_features(record.first, record.stop))
+    tokens = None
+    if tokens_hash:
+        ids = store.tokens(tokens_hash)[record.first : record.stop]
+        tokens = torch.from_numpy(np.asarray(ids).astype(np.int64))
+    out = dict(infer_video(model, feats, tokens, window, restarts=restarts)["masks"])
+    out["kmeans_frame"] = baselines.kmeans_masks(feats, num_slots, "frame", seed=seed)
+    out["kmeans_video"] = baselines.kmeans_masks(feats, num_slots, "video", seed=seed)
+    return out
 
 
 def evaluate_model(
@@ -149,14 +263,18 @@ def evaluate_model(
     seed: int = 0,
     refine: bool = False,
     restarts: int | None = None,
+    label_free: bool = True,
 ) -> dict:
-    """Per-video scores of a model and the baselines on a split: {"video_ids", "per_video"}.
+    """Per-video scores of a model and the baselines on a split, one video in memory at a time:
+    {"video_ids", "per_video", "label_free"} (``label_free``: {method: {number: [per video]}}).
 
-    ``keep(item, result)`` is called for every video (the property probe collects slots with it).
-    ``refine``: add the colour-refined rows (``score_video``). ``restarts``: draws of a
-    Gaussian initializer's first slots (``infer_windows``; None: the run's config).
+    Without ground-truth masks in the store, ``per_video`` is empty and only the label-free
+    numbers are computed. ``keep(item, result)`` is called for every video (the property probe
+    collects slots with it). ``refine``: add the colour-refined rows (``score_video``).
+    ``restarts``: draws of a Gaussian initializer's first slots (``infer_windows``; None: the
+    run's config). ``label_free``: compute the label-free numbers (``label_free_video``).
     """
-    if not store.has_masks:
+    if not store.has_masks and not label_free:
         raise StageError(
             f"store {store.path} has no ground-truth masks: nothing to evaluate "
             "against (export-slots and visualize still work)"
@@ -165,25 +283,53 @@ def evaluate_model(
     num_slots = int(cfg.model.num_slots)
     grid = tuple(store.grid)
     per_video: dict[str, dict[str, list]] = {}
+    free: dict[str, dict[str, list]] = {}
     ids = []
     total = split_size(store, split, max_videos)
     if total == 0:
         raise StageError(f"store {store.path} has no videos in split '{split}'")
+    flips = {v.id: v for v in store.videos_in(split, hflip=True)} if label_free else {}
+    fields = ("features",) + (("masks", "frames") if store.has_masks else ())
     for item in tqdm(
-        iter_videos(store, split, tokens_hash, max_videos, fields=("features", "masks", "frames")),
+        iter_videos(store, split, tokens_hash, max_videos, fields=fields),
         total=total,
         desc=f"evaluate {split}",
         unit="video",
     ):
         result = infer_video(model, item["features"], item.get("tokens"), window, restarts=restarts)
-        scores = score_video(item, result, num_slots, grid, seed=seed, refine=refine)
+        baseline = baseline_masks(item["features"], num_slots, grid, seed)
         ids.append(item["video_id"])
-        for method, values in scores.items():
-            for key, value in values.items():
-                per_video.setdefault(method, {}).setdefault(key, []).append(value)
+        if store.has_masks:
+            scores = score_video(
+                item, result, num_slots, grid, seed=seed, refine=refine, baseline=baseline
+            )
+            for method, values in scores.items():
+                for key, value in values.items():
+                    per_video.setdefault(method, {}).setdefault(key, []).append(value)
+        if label_free:
+            flipped = None
+            if item["video_id"] in flips:
+                flipped = flipped_masks(
+                    model,
+                    store,
+                    flips[item["video_id"]],
+                    tokens_hash,
+                    window,
+                    num_slots,
+                    seed,
+                    restarts,
+                )
+            numbers = label_free_video(
+                item, result, baseline, grid, model_reconstruction(model, result, window), flipped
+            )
+            for method, values in numbers.items():
+                for key in lf.NUMBERS:  # every video has every key: lists stay aligned with ids
+                    free.setdefault(method, {}).setdefault(key, []).append(
+                        values.get(key, float("nan"))
+                    )
         if keep is not None:
             keep(item, result)
-    return {"video_ids": ids, "per_video": per_video}
+    return {"video_ids": ids, "per_video": per_video, "label_free": free}
 
 
 def summarize_scores(per_video: dict) -> dict:
@@ -225,6 +371,7 @@ def evaluate_run(
         "probe": probe,
         "refine": refine,
         "restarts": restarts,
+        "label_free": LABEL_FREE_VERSION,
     }
     if out_json.exists() and not overwrite:
         try:
@@ -242,28 +389,21 @@ def evaluate_run(
             requested,
             split,
         )
-    if not store.has_masks:
-        result = {
-            "key": key,
-            "run": str(run_dir),
-            "split": split,
-            "num_videos": 0,
-            "methods": {},
-            "skipped": f"store {store.path} has no ground-truth masks (the source had none): nothing to "
-            "score slots against; export-slots and visualize still work",
-        }
-        write_text(out_json, json.dumps(result, indent=1))
-        write_text(run_dir / "metrics.md", format_table(result) + "\n")
-        log.warning(result["skipped"])
-        return result
     configure_threads(cfg.num_threads)
     device = pick_device()
     model = model.to(device).eval()
     seed = int(cfg.seed)
     started = time.perf_counter()
 
+    has_masks = store.has_masks
+    if not has_masks:
+        log.warning(
+            "store %s has no ground-truth masks (the source had none): label-free numbers only "
+            "(docs/label-free.md)",
+            store.path,
+        )
     collector = None
-    if probe:
+    if probe and has_masks:
         collector = probe_lib.SampleCollector(
             attribute_reader(cfg, store), int(cfg.model.num_slots)
         )
@@ -280,6 +420,8 @@ def evaluate_run(
         restarts=restarts,
     )
     probe_result = {"skipped": "disabled (evaluate.probe=false)"}
+    if not has_masks:
+        probe_result = {"skipped": "no ground-truth masks to match slots to objects"}
     if collector is not None:
         probe_result = run_probe(model, cfg, store, tokens_hash, collector, split, seed, restarts)
 
@@ -293,16 +435,41 @@ def evaluate_run(
         "store": store.fingerprint,
         "tokens": tokens_hash,
         "primary": PRIMARY,
-        "scale": "fractions in [0, 1]; metrics.md shows x100",
+        "scale": "fractions in [0, 1]; metrics.md shows x100 (the label-free table as is)",
         "methods": summarize_scores(scored["per_video"]),
         "video_ids": scored["video_ids"],
         "per_video": scored["per_video"],
+        "label_free": {
+            "methods": summarize_label_free(scored["label_free"]),
+            "per_video": scored["label_free"],
+            "active_share": lf.ACTIVE_SHARE,
+            "flip": flip_note(store, split),
+        },
         "probe": probe_result,
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_text(out_json, json.dumps(_finite(result), indent=1))
     write_text(run_dir / "metrics.md", format_table(result) + "\n")
     return result
+
+
+def summarize_label_free(per_video: dict) -> dict:
+    """{method: {number: {mean, std, n}}} over videos, NaN values (undefined numbers) left out."""
+    return {
+        method: {key: metrics.summarize(values) for key, values in numbers.items()}
+        for method, numbers in per_video.items()
+    }
+
+
+def flip_note(store, split: str) -> str:
+    """How flip agreement was measured on this store, or why it is n/a."""
+    if store.videos_in(split, hflip=True):
+        return "the store's horizontally flipped rows (augment.hflip: cache), mirrored back"
+    return (
+        "n/a: the store has no flipped rows (extract with augment.hflip=cache); cached features "
+        "are not flip-equivariant and the decoder's positional embedding fixes the token grid, "
+        "so no flip or crop can be made from the cached features alone"
+    )
 
 
 def run_probe(
@@ -383,7 +550,8 @@ def _restarts_note(restarts: int | None) -> str:
 
 
 def format_table(result: dict) -> str:
-    """Markdown: method x metric, mean ± std over videos (x100), best per column in bold."""
+    """Markdown: method x metric, mean ± std over videos (x100), best per column in bold; then
+    the label-free table (the only one on a store without masks) and the probe."""
     if result.get("skipped"):
         return f"No evaluation of {result.get('run', '?')}: {result['skipped']}."
     methods = result["methods"]
@@ -396,7 +564,7 @@ def format_table(result: dict) -> str:
             if k in m and m[k]["n"] > 0 and np.isfinite(m[k]["mean"])
         ]
         best[k] = max(means) if means else None
-    lines = [
+    head = (
         f"Evaluation of {result.get('run', '?')} on the '{result['split']}' split"
         + (
             f" (the store has no '{result['requested_split']}' videos)"
@@ -406,13 +574,22 @@ def format_table(result: dict) -> str:
         + f": {result['num_videos']} video{'' if result['num_videos'] == 1 else 's'}, "
         f"checkpoint step {result.get('checkpoint_step')}"
         + _restarts_note((result.get("key") or {}).get("restarts"))
-        + ". Mean ± std, x100: video metrics over videos, "
-        "frame metrics over all frames (as SlotContrast); best per column in bold. "
-        f"Primary: {METHOD_LABELS.get(result.get('primary', PRIMARY), PRIMARY)}.",
-        "",
-        "| method | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |",
-        "|---|" + "---|" * len(keys),
-    ]
+        + "."
+    )
+    if not methods:
+        lines = [
+            head + " The store has no ground-truth masks (the source had none): no FG-ARI or mBO "
+            "to score, label-free numbers only.",
+        ]
+    else:
+        lines = [
+            head + " Mean ± std, x100: video metrics over videos, "
+            "frame metrics over all frames (as SlotContrast); best per column in bold. "
+            f"Primary: {METHOD_LABELS.get(result.get('primary', PRIMARY), PRIMARY)}.",
+            "",
+            "| method | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
     for method, values in methods.items():
         cells = []
         for k in keys:
@@ -426,6 +603,7 @@ def format_table(result: dict) -> str:
                 text = f"**{text}**"
             cells.append(text)
         lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    lines += label_free_table(result.get("label_free"))
     probe = result.get("probe") or {}
     if probe.get("attributes"):
         lines += [
@@ -444,6 +622,38 @@ def format_table(result: dict) -> str:
     elif probe.get("skipped"):
         lines += ["", f"Property probe skipped: {probe['skipped']}."]
     return "\n".join(lines)
+
+
+def _lf_cell(stat: dict | None, key: str) -> str:
+    if not stat or stat.get("n", 0) == 0 or stat.get("mean") is None:
+        return "n/a"
+    if not np.isfinite(stat["mean"]):
+        return "n/a"
+    digits = 1 if key in ("run_length", "active_slots") else 3
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def label_free_table(section: dict | None) -> list[str]:
+    """The label-free table's lines (none without the section: metrics.json from before it)."""
+    if not section or not section.get("methods"):
+        return []
+    share = section.get("active_share", lf.ACTIVE_SHARE)
+    lines = [
+        "",
+        "Label-free numbers (no masks used; docs/label-free.md), mean ± std over videos: "
+        "token stability and identity best are shares of consecutive frame pairs, run length "
+        f"in frames, a slot active with >= {100 * share:g}% of a frame's tokens, entropy over "
+        "slots / log K, reconstruction error relative to the features' spread. No best marked: "
+        "a fixed grid is perfectly stable. Flip agreement: "
+        f"{section.get('flip', 'n/a')}.",
+        "",
+        "| method | " + " | ".join(LABEL_FREE_LABELS.values()) + " |",
+        "|---|" + "---|" * len(LABEL_FREE_LABELS),
+    ]
+    for method, numbers in section["methods"].items():
+        cells = [_lf_cell(numbers.get(key), key) for key in LABEL_FREE_LABELS]
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _finite(value):

@@ -49,7 +49,7 @@ from egoslots.stages.machinery.common import TrainingDiverged, config_command, o
 from egoslots.stages.machinery.datamodules import FrameData
 from egoslots.stages.machinery.dvae_task import DVAETask, precision_probe
 from egoslots.stages.machinery.locks import writing_run
-from egoslots.stages.machinery.run_paths import path_for_run_file
+from egoslots.stages.machinery.run_paths import path_for_run_file, path_from_run_file
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_files,
     read_checkpoint,
@@ -105,7 +105,7 @@ def check_run_dir(run_dir: Path, cfg: DictConfig, store: FeatureStore) -> None:
     if inputs and inputs.get("store_fingerprint") != store.fingerprint:
         raise StoreError(
             f"the dVAE run directory {run_dir} was trained on store "
-            f"{inputs.get('store_fingerprint')} ({inputs.get('store')}), but this config names store {store.fingerprint} "
+            f"{inputs.get('store_fingerprint')} ({path_from_run_file(run_dir, inputs.get('store'))}), but this config names store {store.fingerprint} "
             f"({store.path}): choose another dvae.run_name, or pass --overwrite to start this run "
             "again"
         )

@@ -170,7 +170,7 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False, overwrite: bool = Fals
     _done(t, f"run {run_dir}")
 
     t = _stage(f"evaluate ({cfg.evaluate.split} split)")
-    metrics = evaluate_run(run_dir, split=cfg.evaluate.split)
+    metrics = evaluate_run(run_dir, split=cfg.evaluate.split, restarts=int(cfg.inference.restarts))
     result["metrics"] = metrics
     _done(t, f"metrics in {Path(run_dir) / 'metrics.json'}")
 

@@ -148,3 +148,175 @@ def test_decoder_mixing_is_checked_and_reaches_the_model_config():
         match="decoder.mixing='softmax' is not allowed: must be one of alpha, attention",
     ):
         load_config(REPO / "configs" / "base.yaml", ["decoder.mixing=softmax"])
+
+
+# ------------------------------------------------------------------------- the alias table
+def test_every_fed_field_has_one_alias_row_and_every_row_names_real_keys():
+    """ALIASES is the one list of keys that stand for others: each field the schema leaves
+    FED gets its default from exactly one "feeds" row, and every row names keys that exist
+    (renamed and foreign keys: keys that do not)."""
+    from omegaconf import OmegaConf
+
+    from egoslots.pipeline.config import _schema_keys
+    from egoslots.pipeline.config_schema import ALIASES, FED, Config, aliases, schema_fields
+
+    bare = OmegaConf.structured(Config)  # before the table's defaults are installed
+
+    def missing(key: str) -> bool:
+        parent, _, leaf = key.rpartition(".")
+        return OmegaConf.is_missing(OmegaConf.select(bare, parent) if parent else bare, leaf)
+
+    fed = {k for k in schema_fields() if not k.startswith("optimizer.param_groups") and missing(k)}
+    targets = [a.target for a in aliases("feeds")]
+    assert sorted(targets) == sorted(fed) and len(set(targets)) == len(targets)
+    assert FED == "???"
+    keys = set(_schema_keys(bare))
+    for alias in ALIASES:
+        assert alias.kind in ("feeds", "renamed", "foreign"), alias
+        if alias.kind == "feeds":
+            assert all(k.strip() in keys for k in alias.key.split(",")), alias
+        else:
+            assert alias.key not in keys and alias.note, alias
+            assert alias.target is None or alias.target in keys, alias
+
+
+def test_four_keys_name_the_backbone_in_one_order():
+    assert load_config(None).backbone.name == "dino_say_vitb14"
+    assert (
+        load_config(None, ["globals.SILICON_MODEL=dino_s_vitb14"]).backbone.name == "dino_s_vitb14"
+    )
+    off = load_config(None, ["globals.USE_SILICON_VIT=false", "globals.SILICON_MODEL=x"])
+    assert off.backbone.name == "vit_base_patch14_dinov2"
+    assert load_config(None, ["globals.BACKBONE=vit_small_patch14_dinov2"]).backbone.name == (
+        "vit_small_patch14_dinov2"
+    )
+    both = load_config(None, ["globals.BACKBONE=a", "backbone.name=patch-pixels"])
+    assert both.backbone.name == "patch-pixels" and both.globals.BACKBONE == "a"
+
+
+def test_globals_feed_their_keys_unless_the_key_is_written():
+    cfg = load_config(None, ["globals.NUM_SLOTS=5", "globals.IMAGE_SIZE=112"])
+    assert cfg.model.num_slots == 5
+    assert cfg.backbone.input_size == cfg.pretrain_encoder.image_size == 112
+    cfg = load_config(None, ["globals.NUM_SLOTS=5", "model.num_slots=9"])
+    assert cfg.model.num_slots == 9
+
+
+# ------------------------------------------------------------- inference.restarts (renamed)
+def test_restarts_moved_to_the_inference_section_and_the_old_name_still_loads(tmp_path, caplog):
+    from egoslots.pipeline.config import inference_restarts
+
+    gaussian = "model.initializer.name=gaussian"
+    new = load_config(None, [gaussian, "inference.restarts=3"])
+    old = load_config(None, [gaussian, "model.initializer.restarts=3"])
+    assert new.inference.restarts == old.inference.restarts == 3
+    assert "restarts" not in old.model.initializer
+    assert "model.initializer.restarts is deprecated; write inference.restarts" in caplog.text
+    # a file of the old name, the new name on the command line: the later layer wins
+    path = write(
+        tmp_path, "old.yaml", {"model": {"initializer": {"name": "gaussian", "restarts": 5}}}
+    )
+    assert load_config(path).inference.restarts == 5
+    assert load_config(path, ["inference.restarts=2"]).inference.restarts == 2
+    both = write(
+        tmp_path,
+        "both.yaml",
+        {"model": {"initializer": {"restarts": 4}}, "inference": {"restarts": 6}},
+    )
+    with pytest.raises(
+        ConfigError, match=r"both model.initializer.restarts=4 .* inference.restarts=6"
+    ):
+        load_config(both)
+    with pytest.raises(
+        ConfigError, match="inference.restarts=2 needs model.initializer.name=gaussian"
+    ):
+        load_config(None, ["inference.restarts=2"])
+    with pytest.raises(
+        ConfigError, match=r"model.initializer.restarts=0 is out of range.*inference"
+    ):
+        load_config(None, ["model.initializer.restarts=0"])
+    # what runs save: the new section only; plain dicts of either age read alike
+    saved = tmp_path / "config.yaml"
+    write_config(old, saved)
+    text = saved.read_text()
+    assert "inference:\n  restarts: 3" in text and "restarts" not in text.split("inference:")[0]
+    assert inference_restarts(yaml.safe_load(text)) == 3
+    assert inference_restarts({"model": {"initializer": {"name": "gaussian", "restarts": 7}}}) == 7
+    assert inference_restarts({"model": {"initializer": {"name": "fixed"}}}) == 1
+
+
+def test_demo_restarts_are_in_the_inference_section():
+    text = (REPO / "configs" / "demo.yaml").read_text()
+    assert "inference:\n  restarts: 8" in text
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.inference.restarts == 8 and cfg.model.initializer.name == "gaussian"
+
+
+# ---------------------------------------------------- model defaults come from the schema
+def test_slot_model_config_defaults_are_the_schemas():
+    import dataclasses
+
+    from egoslots.pipeline.model import DEFAULT_LOSS_WEIGHTS, SlotModelConfig
+
+    cfg = load_config(None, ["globals.USE_STEVE_DECODER=false"])
+    bare = SlotModelConfig(feature_dim=8, num_tokens=4)
+    built = SlotModelConfig.from_config(cfg, 8, 4)
+    differ = [
+        f.name
+        for f in dataclasses.fields(SlotModelConfig)
+        if getattr(bare, f.name) != getattr(built, f.name) and f.name != "loss_weights"
+    ]
+    assert differ == [], differ  # (steve off in both: a bare config has no token grid)
+    assert DEFAULT_LOSS_WEIGHTS == dict(load_config(None).model.loss_weights)
+    assert {**DEFAULT_LOSS_WEIGHTS, **bare.loss_weights} == built.loss_weights
+
+
+# ------------------------------------- train-slots resumes whatever the inference section says
+def test_train_slots_resumes_with_other_inference_restarts(tmp_path):
+    from omegaconf import OmegaConf
+
+    from egoslots.stages.machinery.common import StageError
+    from egoslots.stages.machinery.inference import load_trained
+    from egoslots.stages.train_slots import train
+    from tests.helpers.runs import make_dvae_run, slot_cfg
+    from tests.helpers.stores import slot_store
+
+    slot_store(tmp_path)
+    make_dvae_run(tmp_path)
+    gaussian = "model.initializer.name=gaussian"
+    run = train(slot_cfg(tmp_path, gaussian, "trainer.max_steps=2", "trainer.ckpt_every=2"))
+    # another inference.restarts resumes the run (before: "a different config")
+    again = slot_cfg(tmp_path, gaussian, "inference.restarts=4", "trainer.max_steps=4")
+    assert train(again) == run
+    model, cfg, _, _ = load_trained(run)
+    assert cfg.inference.restarts == 4 and model.config.restarts == 4
+    # a finished run returns at once, whatever the restarts
+    assert train(slot_cfg(tmp_path, gaussian, "inference.restarts=6", "trainer.max_steps=4")) == run
+    # a run saved before the inference section (restarts under model.initializer) resumes too
+    saved = OmegaConf.load(run / "config.yaml")
+    del saved.inference
+    saved.model.initializer.restarts = 8
+    OmegaConf.save(saved, run / "config.yaml")
+    assert train(slot_cfg(tmp_path, gaussian, "inference.restarts=2", "trainer.max_steps=6")) == run
+    # what is trained still may not change
+    with pytest.raises(StageError, match="a different config .*grouper.n_iters"):
+        train(slot_cfg(tmp_path, gaussian, "trainer.max_steps=8", "grouper.n_iters=1"))
+
+
+def test_docs_list_every_alias_row():
+    """docs/config.md's alias table has a row for each row of ALIASES (key, kind, target)."""
+    from egoslots.pipeline.config_schema import ALIASES
+
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in (REPO / "docs" / "config.md").read_text().splitlines()
+        if line.startswith("| `") and line.count("|") == 5
+    ]
+    documented = {(r[0], r[1], r[2]) for r in rows}
+    for alias in ALIASES:
+        key = ", ".join(f"`{k.strip()}`" for k in alias.key.split(","))
+        target = f"`{alias.target}`" if alias.target and alias.kind != "foreign" else None
+        matches = [d for d in documented if d[0] == key and d[1] == alias.kind]
+        assert matches, f"docs/config.md has no row for {alias.key} ({alias.kind})"
+        if target:
+            assert any(d[2] == target for d in matches), (alias.key, alias.target)

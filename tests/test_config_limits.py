@@ -1,4 +1,5 @@
-"""Every config key's range in one place (pipeline/config_schema.LIMITS), tried with bad values.
+"""Every config key's range, declared beside its field (pipeline/config_schema.py), tried with bad
+values.
 
 Property-style: every numeric key is set to 0, -1, nan and a huge value, every path key to a
 file, a missing folder and an unwritable folder; the config check (``load_config``, in-process,
@@ -8,6 +9,7 @@ it accepts, and never any other exception.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -16,8 +18,17 @@ import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from egoslots.pipeline.config import ConfigError, load_config
-from egoslots.pipeline.config_schema import LIMITS, Config
+from egoslots.pipeline.config_schema import (
+    Config,
+    Dvae,
+    PretrainEncoder,
+    RunMachinery,
+    Trainer,
+    schema_fields,
+    schema_limits,
+)
 
+LIMITS = schema_limits()
 HUGE_INT = 10**15
 HUGE_FLOAT = 1.0e300
 
@@ -50,9 +61,25 @@ LISTS = sorted(k for k, t in LEAVES.items() if t is list)
 PATHS = sorted(k for k, lim in LIMITS.items() if lim.kind in ("folder", "path"))
 
 
+def test_every_leaf_but_a_switch_has_a_limit_or_is_free_on_purpose():
+    """Numbers, lists, paths and enumerated strings declare a Limit beside their field; a string
+    that takes any value says why (``free(..., why)``). Only booleans need neither."""
+    fields = schema_fields()
+    assert set(fields) == set(LEAVES)
+    undeclared = [
+        k
+        for k, meta in fields.items()
+        if LEAVES[k] is not bool and not meta.get("limit") and not meta.get("free")
+    ]
+    assert not undeclared, f"fields without limited(...) or free(..., why): {undeclared}"
+    assert all(meta["free"].strip() for meta in fields.values() if "free" in meta)
+    both = [k for k, meta in fields.items() if meta.get("limit") and meta.get("free")]
+    assert not both, both
+
+
 def test_every_numeric_list_and_path_key_has_a_limit():
     missing = [k for k in NUMERIC + LISTS if k not in LIMITS]
-    assert not missing, f"keys without a Limit in pipeline/config_schema.LIMITS: {missing}"
+    assert not missing, f"keys without a Limit beside their field: {missing}"
     unknown = [k for k in LIMITS if k not in LEAVES]
     assert not unknown, f"LIMITS names keys the schema does not have: {unknown}"
     # path-like strings are limited too (expanded, never a file where a folder is meant)
@@ -170,3 +197,45 @@ def test_shipped_configs_pass_the_limits():
 
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         load_config(path)
+
+
+MACHINERY = [f.name for f in dataclasses.fields(RunMachinery)]
+
+
+def test_the_run_machinery_is_one_set_of_keys_with_one_limit_each():
+    """trainer.*, dvae.* and pretrain_encoder.* share RunMachinery's nine keys and their limits;
+    only trainer.image_every keeps its own (stage 3's pictures have no "never")."""
+    assert len(MACHINERY) == 9
+    sections = {"trainer": Trainer, "dvae": Dvae, "pretrain_encoder": PretrainEncoder}
+    for section, cls in sections.items():
+        assert issubclass(cls, RunMachinery), section
+    for name in MACHINERY:
+        limits = {s: LIMITS.get(f"{s}.{name}") for s in sections}
+        if name == "image_every":
+            assert limits["dvae"] == limits["pretrain_encoder"] and limits["dvae"].low == 0
+            assert limits["trainer"].low == 1
+        else:
+            assert len(set(limits.values())) == 1, (name, limits)
+    cfg = load_config(None)  # each stage keeps its own defaults
+    assert (cfg.dvae.max_steps, cfg.pretrain_encoder.max_steps, cfg.trainer.max_steps) == (
+        30000,
+        100000,
+        100000,
+    )
+    assert (cfg.dvae.ckpt_every, cfg.pretrain_encoder.ckpt_every, cfg.trainer.ckpt_every) == (
+        1000,
+        1000,
+        2500,
+    )
+    assert (cfg.dvae.image_every, cfg.trainer.image_every) == (1000, 5000)
+    for section in sections:
+        assert cfg[section].precision == "auto" and cfg[section].devices == 1
+
+
+def test_image_every_0_means_never_where_the_stage_has_a_never(tmp_path):
+    assert load_config(None, ["dvae.image_every=0"]).dvae.image_every == 0
+    assert load_config(None, ["pretrain_encoder.image_every=0"]).pretrain_encoder.image_every == 0
+    with pytest.raises(
+        ConfigError, match=r"trainer.image_every=0 is out of range: must be .* \[1,"
+    ):
+        load_config(None, ["trainer.image_every=0"])

@@ -11,7 +11,7 @@ from egoslots.pipeline import probe
 from egoslots.stages import evaluate as ev
 from egoslots.stages.machinery.inference import load_trained
 from tests.helpers.runs import RUN_SLOT_DIM, RUN_SLOTS, RUN_STEPS, slot_run
-from tests.helpers.stores import SQ_DIM, SQ_GRID, SQ_TOKEN_GRID, SQ_VOCAB
+from tests.helpers.stores import SQ_DIM, SQ_FRAMES, SQ_GRID, SQ_TOKEN_GRID, SQ_VOCAB
 
 METHODS = {
     "model_decoder",
@@ -64,6 +64,11 @@ def test_evaluate_run_writes_metrics(run):
     assert table.count("**") >= 2 * 5  # one bold best per column
     assert "Property probe" in table
     assert result["methods"] == saved["methods"]
+    # beside the masked metrics: the label-free numbers of the same methods, per video
+    free = saved["label_free"]
+    assert set(free["methods"]) == set(ev.LABEL_FREE_METHODS)
+    assert all(len(v) == 3 for v in free["per_video"]["model_decoder"].values())
+    assert "Label-free numbers" in table and "k-means per frame" in table.split("Label-free")[1]
 
 
 def test_evaluate_returns_cached_result_and_recomputes_on_new_checkpoint(run, monkeypatch):
@@ -138,13 +143,97 @@ def test_probe_fits_linear_attributes():
     assert out["size"]["chance"] < 0.1
 
 
-def test_store_without_masks_is_skipped_with_a_note(tmp_path_factory, tmp_path):
+def test_store_without_masks_gets_the_label_free_table(tmp_path_factory, tmp_path):
     run_dir = slot_run(tmp_path_factory, tmp_path / "work", masks=False)
-    result = ev.evaluate_run(
-        run_dir, split="test"
-    )  # `egoslots run` on unlabelled data must not fail here
-    assert "no ground-truth masks" in result["skipped"] and result["methods"] == {}
-    assert "no ground-truth masks" in (run_dir / "metrics.md").read_text()
+    # `egoslots run` on unlabelled data must not fail here
+    result = ev.evaluate_run(run_dir, split="test")
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["methods"] == {} and saved["num_videos"] == 3 and "skipped" not in saved
+    free = saved["label_free"]
+    assert set(free["methods"]) == set(ev.LABEL_FREE_METHODS)
+    for method, numbers in free["methods"].items():
+        assert numbers["token_stability"]["n"] == 3, method
+        assert 0 <= numbers["token_stability"]["mean"] <= 1
+        assert 1 <= numbers["run_length"]["mean"] <= SQ_FRAMES
+        assert 0 < numbers["active_slots"]["mean"] <= RUN_SLOTS
+        assert numbers["flip_agreement"]["n"] == 0  # no flipped rows in this store
+    # the grid never changes; hard partitions have no entropy; the decoder reconstructs
+    assert free["methods"]["grid"]["token_stability"]["mean"] == 1.0
+    assert free["methods"]["grid"]["run_length"]["mean"] == SQ_FRAMES
+    assert free["methods"]["kmeans_video"]["mask_entropy"]["mean"] == 0.0
+    assert free["methods"]["model_decoder"]["mask_entropy"]["mean"] > 0
+    for method in ("model_decoder", "kmeans_video", "kmeans_frame", "grid"):
+        assert free["methods"][method]["feature_rec_rel"]["n"] == 3, method
+    assert free["methods"]["model_steve"]["feature_rec_rel"]["n"] == 0
+    # k-means on the patch features explains them better than a fixed grid
+    assert (
+        free["methods"]["kmeans_video"]["feature_rec_rel"]["mean"]
+        < free["methods"]["grid"]["feature_rec_rel"]["mean"]
+    )
+    assert len(free["per_video"]["grid"]["identity_best"]) == 3
+    assert "n/a" in free["flip"] and result["probe"]["skipped"]
+    table = (run_dir / "metrics.md").read_text()
+    assert "no ground-truth masks" in table and "Label-free numbers" in table
+    assert "| method | token stability |" in table and "| fixed grid | 1.000 ± 0.000 |" in table
+    assert "video FG-ARI" not in table
+    from egoslots import cli
+
+    out = CliRunner().invoke(cli.main, ["evaluate", str(run_dir), "--split", "test"])
+    assert out.exit_code == 0, out.output
+    assert "Label-free numbers" in out.output and "nothing to score" not in out.output
+
+
+def _add_flipped_rows(store_path):
+    """Rewrite a store with a flipped row after every video: the features, frames and masks of
+    its frames mirrored left-right (what an encoder that is flip-equivariant would cache)."""
+    from egoslots.cache.store import FeatureStore
+    from tests.helpers.stores import SQ_DVAE_HASH, add_tokens, records, write_store
+
+    old = FeatureStore.open(store_path)
+    h, w = old.grid
+    rows, feats, frames, masks, toks = [], [], [], [], []
+    ids = old.tokens(SQ_DVAE_HASH)
+    for v in old.videos:
+        f = old.read_features(v.first, v.stop)
+        fr, m = old.group["frames"][v.first : v.stop], old.group["masks"][v.first : v.stop]
+        tk = np.asarray(ids[v.first : v.stop])
+        mirrored = f.reshape(len(f), h, w, -1)[:, :, ::-1].reshape(f.shape)
+        for flip, arrays in (
+            (False, (f, fr, m, tk)),
+            (True, (mirrored, fr[:, :, ::-1], m[:, :, ::-1], tk[:, :, ::-1])),
+        ):
+            rows.append((v.id, v.length, v.split, flip))
+            for out, a in zip((feats, frames, masks, toks), arrays):
+                out.append(np.ascontiguousarray(a))
+    import shutil
+
+    shutil.rmtree(store_path)
+    store = write_store(
+        store_path,
+        records(rows),
+        features=np.concatenate(feats),
+        frames=np.concatenate(frames),
+        masks=np.concatenate(masks),
+        grid=(h, w),
+        fingerprint=old.fingerprint,
+        feature_dtype="float32",
+        chunk_len=len(np.concatenate(feats)),
+    )
+    add_tokens(store, SQ_DVAE_HASH, np.concatenate(toks), SQ_VOCAB)
+
+
+def test_flip_agreement_from_the_stores_flipped_rows(run, tmp_path):
+    _add_flipped_rows(tmp_path / "work" / "stores" / "tinyfp.zarr")
+    result = ev.evaluate_run(run, split="test", probe=False)
+    free = result["label_free"]
+    assert "flipped rows" in free["flip"] and result["num_videos"] == 3  # flips not scored twice
+    for method in ("model_decoder", "model_attention", "model_steve", "kmeans_video"):
+        stat = free["methods"][method]["flip_agreement"]
+        assert stat["n"] == 3 and -1 <= stat["mean"] <= 1, method
+    # slot attention has no positional encoding: mirrored tokens give mirrored attention masks
+    assert free["methods"]["model_attention"]["flip_agreement"]["mean"] == pytest.approx(1.0)
+    assert free["methods"]["grid"]["flip_agreement"]["n"] == 0
+    assert "flip agreement (ARI)" in (run / "metrics.md").read_text()
 
 
 def test_cli_prints_table(run):

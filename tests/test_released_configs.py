@@ -73,7 +73,7 @@ def test_slotcontrast_settings_shared_by_all_rows(row):
     assert (cfg.grouper.n_iters_first, cfg.grouper.n_iters) == (3, 2)
     assert cfg.model.initializer.name == "fixed" and cfg.optimizer.decay is True
     assert cfg.optimizer.decay_final == 0.5  # exp_decay_with_warmup halves the rate by max_steps
-    assert cfg.model.initializer.restarts == 1
+    assert cfg.inference.restarts == 1
     assert list(cfg.decoder.hidden_dims) == [1024, 1024, 1024]
     assert dict(cfg.model.loss_weights)["loss_featrec"] == 1.0
     assert dict(cfg.model.loss_weights)["loss_ss"] == 0.5
@@ -90,7 +90,7 @@ def test_steve_setting():
     sd = cfg.steve_decoder
     assert (sd.num_blocks, sd.num_heads, sd.d_model, sd.dropout) == (8, 4, 192, 0.1)
     assert cfg.model.initializer.name == "gaussian"
-    assert cfg.model.initializer.restarts == 1  # STEVE draws its first slots once
+    assert cfg.inference.restarts == 1  # STEVE draws its first slots once
     assert (cfg.grouper.n_iters_first, cfg.grouper.n_iters) == (2, 2)
     assert dict(cfg.model.loss_weights) == {
         "loss_featrec": 0.0,

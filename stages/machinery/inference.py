@@ -51,7 +51,7 @@ def restarts_option(command):
         type=click.IntRange(min=1),
         default=None,
         help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
-        "the first window best is kept (default: the run's model.initializer.restarts). At most "
+        "the first window best is kept (default: the run's inference.restarts). At most "
         "what fits in the memory available.",
     )(checked)
 

@@ -152,6 +152,7 @@ RESUMABLE_CHANGES = (
     "backbone.encoder_run",  # where the encoder run is: the store's fingerprint holds its sha256
     "trainer.",
     "evaluate.",
+    "inference.",  # read only where a trained model is applied
     "dataset.num_workers",
     "store",
     "dvae_run",
