@@ -79,6 +79,14 @@ class LazyGroup(click.Group):
         command.short_help = short
         return command
 
+    def invoke(self, ctx):
+        """Run the command inside the one handler of failed writes and bad input
+        (``egoslots.stages.machinery.common.one_line_errors``): one ``Error:`` line, no traceback."""
+        from egoslots.stages.machinery.common import one_line_errors
+
+        with one_line_errors():
+            return super().invoke(ctx)
+
     def format_commands(self, ctx, formatter):
         rows = [(name, short) for name, (_, short) in COMMANDS.items()]
         with formatter.section("Commands"):

@@ -19,7 +19,9 @@ ranks, SLURM tasks and DataLoader workers, then sees the same settings.
 
 from __future__ import annotations
 
+import errno
 import io
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -141,7 +143,9 @@ def write_file(location: Location, write: Callable[[BinaryIO], object]) -> None:
     the new one, never a part.
 
     A local file is written to a hidden temporary beside it (``.NAME.tmp-PID``), fsynced and
-    renamed over it; an OSError names the file, not its temporary. A remote file is one upload
+    renamed over it; an OSError names the file, not its temporary, and torch's zip-writer error
+    becomes the OSError it hides (:func:`hidden_errno`), so one handler
+    (``egoslots.stages.machinery.common.output_writes``) words every failed write. A remote file is one upload
     (object stores replace an object whole). Parent folders are created.
     """
     if not isinstance(location, Path):
@@ -161,8 +165,46 @@ def write_file(location: Location, write: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, location)
     except OSError as err:  # name the file, not its temporary
         raise type(err)(err.errno, err.strerror, str(location)) from err
+    except RuntimeError as err:  # torch's zip writer hides the OSError behind its own error
+        code = hidden_errno(err, location.parent)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(location)) from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Free space below which a writer's failure is taken for a full disk (one write chunk of a
+# checkpoint is at most a tensor's storage; a disk that failed a write has less than that left).
+FULL_DISK_BYTES = 64 * 2**20
+# What torch's zip writer says when a write under it failed (writing to a path, or to a file
+# object whose write raised: then the OSError is its __context__).
+TORCH_WRITER_FAILURES = ("PytorchStreamWriter failed", "file write failed", "inline_container")
+
+
+def hidden_errno(err: BaseException, folder: Path) -> int | None:
+    """The errno behind torch's zip-writer error (``RuntimeError: PytorchStreamWriter failed
+    writing file ...``, or ``[enforce fail at inline_container.cc] unexpected pos`` when the
+    file object's write raised): the OSError it was raised from or during, if any, else what
+    the file system says now: ENOSPC when ``folder``'s disk is (almost) full, EROFS when it is
+    mounted read-only. None: another error, or no write fault egoslots can name."""
+    if not any(sign in str(err) for sign in TORCH_WRITER_FAILURES):
+        return None
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return cause.errno
+        cause = cause.__cause__ or cause.__context__
+    try:
+        disk = os.statvfs(folder)
+    except OSError:
+        return None
+    if disk.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root may use reserved blocks
+    if free * disk.f_frsize < FULL_DISK_BYTES:
+        return errno.ENOSPC
+    return None
 
 
 def write_bytes(location: Location, data: bytes) -> None:
@@ -173,6 +215,51 @@ def write_bytes(location: Location, data: bytes) -> None:
 def write_text(location: Location, text: str) -> None:
     """:func:`write_file` with this text (UTF-8)."""
     write_bytes(location, text.encode("utf-8"))
+
+
+class DamagedFile(ValueError):
+    """A file egoslots wrote (a run's JSON record) that no longer reads: one line naming it."""
+
+
+# How to get a damaged run file back, unless the caller knows better.
+REWRITE_HINT = (
+    "egoslots rewrites it when the stage that made it runs again (move it away first), "
+    "or restore it from a copy"
+)
+
+
+def read_json(location: Location, what: str = "", recover: str = REWRITE_HINT) -> dict | None:
+    """The JSON object in a file egoslots wrote with :func:`write_text` (None when absent).
+
+    The one reader of run files (``inputs.json``, ``dvae.json``, ``encoder.json``,
+    ``metrics.json``, ...): a damaged one, or one holding no JSON object, is one
+    :class:`DamagedFile` error naming the file, ``what`` it is and how to ``recover``, not
+    json's bare JSONDecodeError."""
+    label = f"{what} {location}" if what else str(location)
+    try:
+        if isinstance(location, Path):
+            if not location.is_file():
+                if location.exists():
+                    raise DamagedFile(f"{label} is not a file (a folder?): {recover}")
+                return None
+            text = location.read_bytes()
+        else:
+            fs, path = filesystem(location)
+            if not fs.exists(path):
+                return None
+            text = fs.cat_file(path)
+        data = json.loads(text)
+    except DamagedFile:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise DamagedFile(f"cannot read {label} ({reason}): it is damaged; {recover}") from err
+    if not isinstance(data, dict):
+        raise DamagedFile(
+            f"cannot read {label}: it holds a JSON {type(data).__name__}, not an object: it is "
+            f"damaged; {recover}"
+        )
+    return data
 
 
 def remove_orphans(paths: Iterable[Path]) -> None:

@@ -207,6 +207,68 @@ def locate(
         raise CheckpointError(f"{err} (looked in: {looked})") from err
 
 
+# What to do about a damaged weights file, unless the caller knows better.
+DAMAGED_HINT = "it is truncated or damaged: restore it from a copy, or write it again"
+# What to do about a file holding other pickled objects, unless the caller knows better.
+FOREIGN_HINT = (
+    "egoslots never writes such a file: use the checkpoint egoslots wrote, or, if you trust "
+    "the file, re-save just its tensors"
+)
+
+
+def load_weights(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    damaged: str = DAMAGED_HINT,
+    foreign: str = FOREIGN_HINT,
+) -> Any:
+    """What a .pt / .pth / .ckpt file holds, loaded with ``torch.load(weights_only=True)``: the
+    one loader of every weights file egoslots reads (backbones, dvae.pt, Lightning checkpoints).
+
+    Tensors and plain containers only, plus :data:`SAFE_GLOBALS`; a file holding other pickled
+    objects is refused before anything in it runs. Every failure is one :class:`CheckpointError`
+    naming the file: ``foreign`` says what to do about such a file, ``damaged`` about one that
+    does not read (truncated, not a torch file: torch's UnpicklingError / RuntimeError /
+    EOFError / zip errors). Zip files are memory-mapped: a DINO or Lightning checkpoint also
+    holds optimizer state, which is then never read into memory."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(
+                path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path)
+            )
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:
+            raise CheckpointError(
+                f"refused to load {path}: it holds pickled Python objects other than tensors "
+                f"and containers (unsupported global {found.group(1)}), which were not run "
+                f"(torch.load weights_only=True allows only tensors, containers, "
+                f"argparse.Namespace and numpy scalars): {foreign}"
+            ) from err
+        reason = re.search(r"WeightsUnpickler error: (.*)", str(err))
+        raise CheckpointError(
+            _unreadable(path, reason.group(1) if reason else err, damaged)
+        ) from err
+    except IsADirectoryError as err:
+        raise CheckpointError(f"{path} is a folder, not a weights file: {damaged}") from err
+    except FileNotFoundError as err:
+        raise CheckpointError(f"no weights file {path}: {damaged}") from err
+    except Exception as err:  # noqa: BLE001 - RuntimeError, EOFError, zip, struct, ... errors
+        raise CheckpointError(_unreadable(path, err, damaged)) from err
+
+
+def _unreadable(path: Path, err: object, damaged: str) -> str:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    reason = reason.split(". This is an internal")[0]  # torch's paragraph after miniz's reason
+    if isinstance(err, BaseException):
+        reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+    return (
+        f"cannot read checkpoint {path}: {path.name} is not a readable PyTorch checkpoint "
+        f"({reason}); {damaged}"
+    )
+
+
 def read_weights_file(path: Path) -> Any:
     """The object stored in a .pth / .bin / .safetensors file, loaded without unpickling code."""
     if path.suffix == ".safetensors":
@@ -216,29 +278,12 @@ def read_weights_file(path: Path) -> Any:
             return load_file(str(path), device="cpu")
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            # mmap: a DINO checkpoint also holds the student and optimizer state; map it instead
-            # of reading it all into memory (only the zip format supports mmap).
-            return torch.load(
-                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-            )
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if not found:
-            reason = re.search(r"WeightsUnpickler error: (.*)", str(err))
-            raise CheckpointError(
-                f"{path} is not a readable PyTorch checkpoint: {reason.group(1) if reason else err}"
-            ) from err
-        raise CheckpointError(
-            f"{path}: refused to load: it holds pickled Python objects other than tensors and "
-            f"containers (unsupported global {found.group(1)}). egoslots loads weights with "
-            f"torch.load(weights_only=True) and allows only argparse.Namespace and numpy scalars. "
-            f"If you trust the file, re-save just its state dict: "
-            f"torch.save(torch.load(PATH, weights_only=False)['teacher'], 'clean.pth')"
-        ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    return load_weights(
+        path,
+        damaged="check backbone.checkpoint / $EGOSLOTS_WEIGHTS, or download the file again",
+        foreign="if you trust the file, re-save just its state dict: "
+        "torch.save(torch.load(PATH, weights_only=False)['teacher'], 'clean.pth')",
+    )
 
 
 def extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

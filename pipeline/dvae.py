@@ -36,7 +36,6 @@ For caching, :meth:`DVAE.encode_ids` gives the deterministic argmax ids (no nois
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from egoslots.cache.location import read_json
+from egoslots.pipeline.checkpoints import load_weights
 from egoslots.pipeline.config_schema import DVAE_ARCHS
 
 MAX_VOCAB = 65536  # token ids are cached as uint16
@@ -314,8 +315,13 @@ def load_dvae(run_dir: str | Path, map_location: str | torch.device = "cpu") -> 
         raise FileNotFoundError(
             f"{run_dir} holds no trained dVAE (dvae.json / dvae.pt missing): run `egoslots pretrain-dvae CONFIG`"
         )
-    info = json.loads(info_path.read_text())
-    state = torch.load(weights, map_location=map_location, weights_only=True)
+    info = read_json(info_path, "the dVAE's record")
+    state = load_weights(
+        weights,
+        map_location,
+        damaged=f"it is truncated or damaged: rerun `egoslots pretrain-dvae --overwrite` with "
+        f"{run_dir / 'config.yaml'}, or restore it from a copy",
+    )
     # Runs from before dvae.arch existed have no "arch" in dvae.json: their weights say which.
     arch = info.get("arch") or infer_arch(state)
     model = DVAE(vocab_size=int(info["vocab_size"]), hidden=int(info.get("hidden", 64)), arch=arch)
@@ -325,4 +331,4 @@ def load_dvae(run_dir: str | Path, map_location: str | torch.device = "cpu") -> 
 
 def read_dvae_info(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / "dvae.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, "the dVAE's record")

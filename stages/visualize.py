@@ -19,6 +19,7 @@ import click
 import numpy as np
 import torch
 
+from egoslots.cache.location import write_bytes
 from egoslots.cache.reader import ClipDataset
 from egoslots.pipeline.dvae import load_dvae
 from egoslots.pipeline.metrics import infer_grid
@@ -32,6 +33,7 @@ from egoslots.stages.machinery.inference import (
 )
 from egoslots.stages.machinery.pictures import masks_overlay
 from egoslots.stages.machinery.run_paths import path_from_run_file
+from egoslots.stages.machinery.rundirs import read_json
 from egoslots.stages.machinery.runtime import pick_device
 
 log = logging.getLogger("egoslots")
@@ -69,7 +71,7 @@ def dvae_reconstructions(
 def find_dvae_run(run_dir: Path, tokens_hash: str) -> Path | None:
     """The dVAE run directory whose dvae.json hash is ``tokens_hash``: the one the run's
     inputs.json names (``dvae_run``)."""
-    inputs = json.loads((run_dir / "inputs.json").read_text())
+    inputs = read_json(run_dir / "inputs.json") or {}
     dvae_run = path_from_run_file(run_dir, inputs.get("dvae_run"))
     meta = Path(dvae_run) / "dvae.json" if dvae_run else None
     try:
@@ -142,7 +144,8 @@ def write_gif(path: Path, images: np.ndarray, fps: float) -> None:
     """(T, H, W, 3) uint8 -> looping GIF, one image per frame."""
     import imageio.v2 as imageio
 
-    imageio.mimsave(path, list(images), duration=1000.0 / fps, loop=0)
+    gif = imageio.mimwrite("<bytes>", list(images), format="GIF", duration=1000.0 / fps, loop=0)
+    write_bytes(path, gif)  # encoded first: a failed write leaves no half-flushed encoder
 
 
 def write_strip(path: Path, panels: list[np.ndarray], max_columns: int, gap: int = 2) -> None:
@@ -160,7 +163,7 @@ def write_strip(path: Path, panels: list[np.ndarray], max_columns: int, gap: int
             canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = panel[
                 t_index
             ]
-    imageio.imwrite(path, canvas)
+    write_bytes(path, imageio.imwrite("<bytes>", canvas, format="PNG"))
 
 
 @click.command(

@@ -66,11 +66,43 @@ def config_command(name: str, example: str, **command_kwargs):
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input the user can fix: shown as one line, not a traceback. (Imported
     when a command fails, so that a light command never loads torch or zarr for them.)"""
+    from egoslots.cache.location import DamagedFile
     from egoslots.cache.store import StoreError
     from egoslots.pipeline.backbones import BackboneError
+    from egoslots.pipeline.checkpoints import CheckpointError
     from egoslots.pipeline.data.base import SourceError
 
-    return (ConfigError, SourceError, StoreError, BackboneError)
+    return (ConfigError, SourceError, StoreError, BackboneError, CheckpointError, DamagedFile)
+
+
+# What a command that takes a RUN (evaluate, visualize, export-slots, tokenize, cache ...) says
+# after a refused write: every file egoslots writes is replaced whole or not at all.
+NOT_WRITABLE_OUTPUT = (
+    "make it writable, or write elsewhere (OUT / --out where the command takes one, else a copy "
+    "of the run on a writable disk)"
+)
+KEPT_ON_FAILED_WRITE = (
+    "Files written before are kept as they were (each file is replaced whole or not at all)"
+)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Every command runs inside this (``egoslots.cli.LazyGroup.invoke``): a refused write
+    (EACCES, EPERM, EROFS, ENOSPC, EDQUOT, also behind torch's zip writer: see
+    ``egoslots.cache.location.write_file``) or an error in the user's input that no stage
+    caught itself is one ``Error:`` line naming the file and what to do, not a traceback. The
+    config commands word theirs first (:func:`config_command`); this is the net under all."""
+    try:
+        with output_writes(
+            None,
+            kept=KEPT_ON_FAILED_WRITE,
+            resume="then rerun the same command",
+            not_writable=NOT_WRITABLE_OUTPUT,
+        ):
+            yield
+    except user_errors() as err:
+        raise StageError(str(err)) from err
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -119,22 +151,91 @@ def write_failure(
 
 @contextmanager
 def output_writes(
-    out_dir: Path, kept: str = "", resume: str = "then rerun the same command to resume"
+    out_dir: Path | None,
+    kept: str = "",
+    resume: str = "then rerun the same command to resume",
+    not_writable: str | None = None,
 ) -> Iterator[None]:
     """Turn a permission / read-only / disk-full OSError inside the block into one StageError
-    naming the file and the errno's meaning (no traceback); other errors pass unchanged."""
+    naming the file and the errno's meaning (no traceback); other errors pass unchanged.
+    ``out_dir``: where the block writes (a path outside it is named as one that could not be
+    accessed); None: anywhere (a command's own outputs). ``not_writable``: the advice for a
+    read-only or forbidden place (:func:`write_failure`). A library that re-raises the OSError
+    as its own error (Lightning's loggers: ``ValueError(...) from OSError``) is seen through."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in WRITE_FAULTS:
+    except Exception as raised:
+        err = write_fault(raised)
+        if err is None:
             raise
+        if out_dir is None:
+            target = err.filename or "a file"
+            message = write_failure(
+                err, str(target), kept=kept, resume=resume, not_writable=not_writable
+            )
+            raise StageError(message) from raised
         target = Path(err.filename) if err.filename else out_dir
         try:
             inside = target.resolve().is_relative_to(out_dir.resolve())
         except (OSError, ValueError):
             inside = False
         kept = kept or f"Checkpoints already in {out_dir / 'checkpoints'} are kept"
-        message = write_failure(err, str(target), kept=kept, resume=resume)
+        message = write_failure(
+            err, str(target), kept=kept, resume=resume, not_writable=not_writable
+        )
         if err.filename and not inside:  # e.g. a folder above the run directory
             message = message.replace("cannot write", "cannot access", 1)
-        raise StageError(message) from err
+        raise StageError(message) from raised
+
+
+def write_fault(err: BaseException) -> OSError | None:
+    """The refused write (an OSError of :data:`WRITE_FAULTS`) that ``err`` is, or that a
+    library's own error was raised from (``raise ... from`` it); None for anything else, and
+    for errors egoslots already worded for the user (click's, :func:`user_errors`)."""
+    if isinstance(err, click.ClickException):
+        return None
+    while err is not None:
+        if isinstance(err, OSError):
+            return err if err.errno in WRITE_FAULTS else None
+        if isinstance(err, user_errors()):
+            return None
+        err = err.__cause__
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Options that size memory
+# --------------------------------------------------------------------------------------------
+def check_fits_in_memory(option: str, value: int, per_item: int, items: str, note: str) -> None:
+    """Refuse ``option=value`` when ``value`` items of ``per_item`` bytes each (allocated
+    together: a batch) exceed the memory available now: one usage error naming the option,
+    the estimate and the largest value that fits (``note`` says what was sized)."""
+    available, where = available_memory()
+    bound = max(1, available // per_item)
+    if value > bound:
+        raise click.BadParameter(
+            f"{value} {items} need about {human_bytes(value * per_item)} of memory "
+            f"({human_bytes(per_item)} each, {note}), more than the {human_bytes(available)} of "
+            f"{where} available now: use at most {option} {bound}",
+            param_hint=f"'{option}'",
+        )
+
+
+def available_memory() -> tuple[int, str]:
+    """(bytes, where): memory available now, the GPU's when torch sees one, else the host's
+    (``MemAvailable`` of /proc/meminfo: free plus reclaimable; else the free pages)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0]), "GPU memory"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "memory"
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "memory"
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

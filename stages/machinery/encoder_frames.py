@@ -18,7 +18,6 @@ A cache whose video table, size or frame step no longer matches the config is re
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from egoslots.cache.fingerprint import canonical_json, video_table_inputs
+from egoslots.cache.location import DamagedFile, read_json
 from egoslots.pipeline.data.base import SourceError
 from egoslots.pipeline.preprocess import describe_preprocessing, resize_rgb
 from egoslots.stages.machinery.rundirs import write_json
@@ -113,6 +113,15 @@ def _segments(rows: list[CachedVideo]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _cache_record(path: Path) -> dict | None:
+    """The frame cache's ``frames.json`` (None when absent or damaged: the cache is rebuilt)."""
+    try:
+        return read_json(path)
+    except DamagedFile as err:
+        log.warning("%s; rebuilding the frame cache", err)
+        return None
+
+
 def build_frame_cache(
     source, folder: Path, size: int, frame_step: int, num_workers: int = 0
 ) -> tuple[Path, list[CachedVideo]]:
@@ -124,7 +133,7 @@ def build_frame_cache(
     identity = cache_identity(videos, size, frame_step)
     folder.mkdir(parents=True, exist_ok=True)
     data, meta_path = folder / "frames.npy", folder / "frames.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    meta = _cache_record(meta_path)
     if meta and meta.get("identity") == identity and data.is_file():
         if meta.get("complete"):
             return data, rows
@@ -187,7 +196,7 @@ def wait_for_frame_cache(
     identity = cache_identity(videos, size, frame_step)
     meta_path, deadline = folder / "frames.json", time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = _cache_record(meta_path) or {}
         if meta.get("complete") and meta.get("identity") == identity:
             return folder / "frames.npy", plan_rows(videos, frame_step)
         time.sleep(2.0)

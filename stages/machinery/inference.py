@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -24,23 +24,66 @@ from omegaconf import OmegaConf
 
 from egoslots.cache.reader import ClipDataset
 from egoslots.cache.store import FeatureStore, StoreError
-from egoslots.stages.machinery.common import StageError
+from egoslots.pipeline.checkpoints import CheckpointError, load_weights
+from egoslots.stages.machinery.common import StageError, check_fits_in_memory
 from egoslots.stages.machinery.run_paths import path_from_run_file, store_of_run
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_fits,
     checkpoint_path,
     read_checkpoint,
+    read_json,
 )
 from egoslots.stages.machinery.slot_task import SlotTrainingModule
 
-# evaluate, export-slots and visualize: one --restarts option, so their masks agree
-restarts_option = click.option(
-    "--restarts",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
-    "the first window best is kept (default: the run's inference.restarts).",
-)
+
+def restarts_option(command):
+    """``--restarts`` of evaluate, export-slots and visualize (one option, so their masks
+    agree), checked against the memory available before any work (:func:`check_restarts`)."""
+
+    @functools.wraps(command)
+    def checked(*args, **kwargs):
+        if kwargs.get("restarts") is not None:
+            check_restarts(kwargs["restarts"], kwargs.get("run"))
+        return command(*args, **kwargs)
+
+    return click.option(
+        "--restarts",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
+        "the first window best is kept (default: the run's inference.restarts). At most "
+        "what fits in the memory available.",
+    )(checked)
+
+
+def check_restarts(restarts: int, run: str | Path | None) -> None:
+    """Refuse a ``--restarts`` whose draws (one batch over the run's first window) would not fit
+    in the memory available: one usage error naming the option, the estimate and the bound,
+    instead of an allocation of many GB failing (or swapping) mid-run."""
+    per_draw = restart_bytes(run)
+    if per_draw:  # None: not a readable run (loading it says why); 0: draws that cost nothing
+        check_fits_in_memory("--restarts", restarts, per_draw, "draws", "on the run's first window")
+
+
+def restart_bytes(run: str | Path | None) -> int | None:
+    """Bytes one restart draw needs (float32): the window's features, reconstruction and error,
+    and the MLP decoder's two largest activations over every slot and token of every frame.
+    0 for a fixed initializer (its draws are all one, made once); None when there is no run."""
+    try:
+        run_dir = Path(run)
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        if str(cfg.model.initializer.name) != "gaussian":
+            return 0
+        inputs = read_json(run_dir / "inputs.json")
+        found = store_of_run(run_dir, inputs["store_fingerprint"], [inputs["store"]])
+        meta = FeatureStore.open(found or path_from_run_file(run_dir, inputs["store"])).meta
+        frames, slots = int(cfg.dataset.ep_length), int(cfg.model.num_slots)
+        widest = max([int(h) for h in cfg.decoder.hidden_dims] + [int(cfg.model.slot_dim)])
+        tokens, dim = int(meta["num_tokens"]), int(meta["feature_dim"])
+    except Exception:  # noqa: BLE001 - no run to size: the loader reports what is wrong with it
+        return None
+    return 4 * frames * tokens * (slots * 2 * (widest + dim + 1) + 3 * dim)
+
 
 # method -> where its masks are in the model's outputs
 OUTPUT_KEYS = {
@@ -67,7 +110,12 @@ def load_trained(
     inputs_path = run_dir / "inputs.json"
     if not inputs_path.is_file():
         raise StageError(f"{run_dir} has no inputs.json: it is not a train-slots run directory")
-    inputs = json.loads(inputs_path.read_text())
+    inputs = read_json(
+        inputs_path,
+        "the run's inputs record",
+        f"restore it from a copy, or train the run again (`egoslots train-slots "
+        f"{run_dir / 'config.yaml'} --overwrite`)",
+    )
     # the store in the run's own work directory (a copied or moved one), else where it was
     found = store_of_run(run_dir, inputs["store_fingerprint"], [inputs["store"]])
     try:
@@ -123,9 +171,9 @@ def checkpoint_identity(run_dir: str | Path, checkpoint: str = "last") -> dict:
     stat = path.stat()
     step = None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_weights(path)
         step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
-    except Exception:  # an unreadable file is reported by the loader, not here
+    except CheckpointError:  # an unreadable file is reported by the loader, not here
         pass
     return {
         "checkpoint": path.name,

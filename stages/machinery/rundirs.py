@@ -21,7 +21,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import pickle
 import re
 import shutil
 import warnings
@@ -32,7 +31,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from egoslots.cache.location import remove_orphans, write_file, write_text
+from egoslots.cache.location import (
+    REWRITE_HINT,
+    DamagedFile,
+    remove_orphans,
+    write_file,
+    write_text,
+)
+from egoslots.cache.location import read_json as location_read_json
+from egoslots.pipeline.checkpoints import CheckpointError, load_weights
 from egoslots.pipeline.config import to_yaml
 from egoslots.stages.machinery.common import StageError
 
@@ -56,20 +63,14 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def read_json(path: Path) -> dict | None:
-    """A run file (None when absent); a damaged one is one error naming it, not a traceback."""
-    if not path.is_file():
-        return None
+def read_json(path: Path, what: str = "", recover: str = REWRITE_HINT) -> dict | None:
+    """A run file (None when absent); a damaged one is one error naming it, ``what`` it is and
+    how to ``recover``, not a traceback (``egoslots.cache.location.read_json``, the one reader of
+    run files)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StageError(
-            f"cannot read {path} ({err}): it is damaged; egoslots rewrites it when the stage that "
-            "made it runs again (move it away first), or restore it from a copy"
-        ) from err
-    if not isinstance(data, dict):
-        raise StageError(f"{path} does not hold a JSON object: move it away and rerun the stage")
-    return data
+        return location_read_json(path, what, recover)
+    except DamagedFile as err:
+        raise StageError(str(err)) from err
 
 
 def write_run_files(run_dir: Path, cfg: DictConfig, inputs: dict) -> None:
@@ -267,10 +268,8 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
         if not path.is_file():
             continue
         try:
-            step = int(
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
-            )
-        except Exception as err:  # noqa: BLE001 - a truncated file: try the next one
+            step = int(load_weights(path)["global_step"])
+        except (CheckpointError, KeyError, TypeError, ValueError) as err:  # truncated: older one
             log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
             continue
         if step > best_step:
@@ -294,6 +293,17 @@ def catch_up_last(newest: Path) -> None:
         write_file(newest.with_name("last.ckpt"), lambda dst: shutil.copyfileobj(src, dst))
 
 
+# What to do about a checkpoint that does not read, or holds other pickled objects.
+DAMAGED_CHECKPOINT = (
+    "it is truncated or damaged (a write cut short?): choose another checkpoint (--checkpoint "
+    "step=N, --resume PATH), or move it away: training resumes from the newest one that reads"
+)
+FOREIGN_CHECKPOINT = (
+    "egoslots checkpoints never hold such objects: use a checkpoints/*.ckpt file that egoslots "
+    "wrote, or move this one away"
+)
+
+
 def checkpoint_step(path: Path) -> int:
     return int(read_checkpoint(path)["global_step"])
 
@@ -302,19 +312,9 @@ def read_checkpoint(path: Path) -> dict:
     """A Lightning checkpoint, loaded with ``weights_only=True``: tensors and plain containers only
     (all a checkpoint of ours holds), so a .ckpt carrying other Python objects is refused, never run."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise StageError(
-            f"refused to load {path}: it holds Python objects other than tensors and plain "
-            f"containers, which egoslots checkpoints never do (torch.load weights_only=True: "
-            f"{reason})"
-        ) from err
-    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, ...
-        raise StageError(
-            f"cannot read checkpoint {path} ({type(err).__name__}: {err}): is it a truncated "
-            "file or not a checkpoint?"
-        ) from err
+        ckpt = load_weights(path, damaged=DAMAGED_CHECKPOINT, foreign=FOREIGN_CHECKPOINT)
+    except CheckpointError as err:
+        raise StageError(str(err)) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise StageError(
             f"{path} is not a Lightning checkpoint (no state_dict / global_step): give a "
