@@ -327,8 +327,3 @@ def load_dvae(run_dir: str | Path, map_location: str | torch.device = "cpu") -> 
     model = DVAE(vocab_size=int(info["vocab_size"]), hidden=int(info.get("hidden", 64)), arch=arch)
     model.load_state_dict(state)
     return model.eval()
-
-
-def read_dvae_info(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / "dvae.json"
-    return read_json(path, "the dVAE's record")
