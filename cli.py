@@ -79,6 +79,20 @@ class LazyGroup(click.Group):
         command.short_help = short
         return command
 
+    def invoke(self, ctx):
+        """Store, data and config errors a command met mid-run (a damaged chunk read while
+        exporting, say) end in one line, as the config commands' own do."""
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as err:
+            from egoslots.stages.machinery.common import user_errors
+
+            if isinstance(err, user_errors()):
+                raise click.ClickException(str(err)) from err
+            raise
+
     def format_commands(self, ctx, formatter):
         rows = [(name, short) for name, (_, short) in COMMANDS.items()]
         with formatter.section("Commands"):

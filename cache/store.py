@@ -42,7 +42,7 @@ import numpy as np
 import zarr
 
 from egoslots.cache.location import Location, as_location, filesystem, is_remote, store_exists
-from egoslots.cache.shards import ShardReader
+from egoslots.cache.shards import ChecksumMismatch, ShardReader
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "egoslots"
@@ -53,6 +53,10 @@ SKIPPED_GROUP = "skipped"
 
 class StoreError(RuntimeError):
     """A store that is missing, incomplete, or not what the caller needs."""
+
+
+class StoreCorrupt(StoreError):
+    """Stored bytes that fail their crc32c checksum: the data on disk is damaged."""
 
 
 class StoreUnreachable(StoreError):
@@ -329,13 +333,47 @@ class FeatureStore:
         same values.
         """
         reader = self._fast_reader(name)
-        values = None if reader is None else reader.read(start, stop, out)
+        try:
+            values = None if reader is None else reader.read(start, stop, out)
+        except ChecksumMismatch as err:
+            detail = (
+                "its shard index" if err.rows is None else f"rows {err.rows[0]}..{err.rows[1] - 1}"
+            )
+            raise self.corrupt(name, err.shard, detail) from err
         if values is None:
-            values = self.group[name][start:stop]
+            try:
+                values = self.group[name][start:stop]
+            except ValueError as err:  # zarr's crc32c codec: "Stored and computed checksum ..."
+                if "checksum" not in str(err):
+                    raise
+                chunk = self._bad_chunk(name, start, stop)
+                raise self.corrupt(name, chunk, "crc32c mismatch") from err
             if out is not None:
                 out[...] = values
                 values = out
         return values
+
+    def corrupt(self, name: str, chunk: int | None, detail: str) -> StoreCorrupt:
+        """The one error every read path raises for bytes that fail their checksum."""
+        where = "a chunk" if chunk is None else f"chunk {chunk}"
+        if chunk is not None:
+            where += f" (file {self.chunk_file(name, chunk) or self.chunk_key(name, chunk)})"
+        return StoreCorrupt(
+            f"store {self.path}: array '{name}', {where} is damaged on disk ({detail}: its "
+            f"crc32c checksum does not match); nothing from it was used. Run `egoslots cache "
+            f"verify {self.path}` to list every damaged chunk, then add --repair and rerun the "
+            "command that wrote them (extract-features / tokenize) to rewrite them"
+        )
+
+    def _bad_chunk(self, name: str, start: int, stop: int) -> int | None:
+        """The first chunk of rows start..stop-1 of ``name`` that zarr cannot decode."""
+        for chunk in range(start // self.chunk_len, -(-stop // self.chunk_len)):
+            a, b = chunk_bounds(chunk, self.chunk_len, self.num_frames)
+            try:
+                self.group[name][a:b]
+            except ValueError:
+                return chunk
+        return None
 
     def row_shape(self, name: str) -> tuple[int, ...]:
         """The shape of one row of array ``name`` (remembered: a zarr lookup costs ~1 ms)."""

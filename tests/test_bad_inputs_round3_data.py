@@ -1,0 +1,126 @@
+"""Bad inputs, round 3 (issue 26), data and store side: nothing silently wrong. Damaged store
+bytes stop every read path, frames decode upright, frame-folder layouts are detected (a
+``masks`` folder is never a video), special files are refused by name, symlinked stores are
+removed safely, and exports never land inside a store or a run. Rows 65-79 of
+docs/bad-inputs.md."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from egoslots.cache.reader import ClipBatches, ClipDataset
+from egoslots.cache.store import FeatureStore, StoreCorrupt
+from tests.helpers.runs import slot_run
+from tests.helpers.stores import frames_store, records, write_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``egoslots ARGS`` in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "cli.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *expected: str) -> str:
+    """The command failed with one ``Error:`` line holding ``expected``, and no traceback."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def flip_bytes(path: Path, offset: int, count: int = 12) -> None:
+    """Invert ``count`` bytes of a file in place from ``offset`` (a disk's silent corruption)."""
+    raw = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+# --------------------------------------------------------------------------------------------
+# 65-66: damaged store bytes stop every read path
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inner", [1, 4])
+def test_flipped_bytes_stop_the_fast_reader_naming_store_array_and_chunk(tmp_path, inner):
+    videos = records([("a", 16, "train"), ("b", 8, "train")])
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(24, 4, 8)).astype(np.float32)
+    frames = rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8)
+    store = FeatureStore.create(
+        tmp_path / "s.zarr", fingerprint="fp", videos=videos, num_tokens=4, feature_dim=8,
+        grid=(2, 2), frame_size=8, chunk_len=8, inner_chunk_len=inner,
+    )  # fmt: skip
+    for chunk in range(3):
+        rows = slice(chunk * 8, chunk * 8 + 8)
+        store.write_chunk(chunk, {**store.encode_features(feats[rows]), "frames": frames[rows]})
+    store.mark_complete_if_done()
+    store = FeatureStore.open(store.path)
+    assert store._fast_reader("features") is not None  # the path under test is the fast one
+    before = store.read_rows("frames", 9, 14)
+    flip_bytes(store.chunk_file("frames", 1), 3 * 8 * 8 * 3 + 7)  # inside row 11 (3rd of chunk 1)
+    store = FeatureStore.open(store.path)
+    assert np.array_equal(store.read_rows("frames", 0, 8), frames[:8])  # sound chunks still read
+    assert np.array_equal(store.read_rows("frames", 16, 24), frames[16:])
+    if inner == 4:  # rows 12..15 are another inner chunk than row 11's: still readable
+        assert np.array_equal(store.read_rows("frames", 12, 16), frames[12:16])
+    for start, stop in ((11, 12), (9, 14), (10, 12), (0, 24)):
+        with pytest.raises(StoreCorrupt) as err:
+            store.read_rows("frames", start, stop)
+        text = str(err.value)
+        for part in (str(store.path), "'frames'", "chunk 1", "egoslots cache verify", "--repair"):
+            assert part in text, text
+    assert before.shape == (5, 8, 8, 3)
+    # a training batch and single items stop too, not only the low-level read
+    data = ClipBatches(store, split="train", clip_length=4, fields=("frames",))
+    hit = [i for i, c in enumerate(data.clips) if data.videos[c.video].first + c.start in (8, 9)]
+    with pytest.raises(StoreCorrupt, match="chunk 1"):
+        data.read_batch(hit[:2])
+    with pytest.raises(StoreCorrupt, match="chunk 1"):
+        ClipDataset(store, split="train", clip_length=4, fields=("frames",))[hit[0]]
+
+
+def test_a_damaged_shard_index_and_a_damaged_compressed_chunk_are_named(tmp_path):
+    store = frames_store(tmp_path / "s.zarr", hflip=False)
+    index_file = store.chunk_file("features", 2)
+    flip_bytes(index_file, index_file.stat().st_size - 20)  # inside the index at the end
+    masks = records([("a", 16, "train")])
+    labels = np.arange(16 * 8 * 8, dtype=np.uint32).reshape(16, 8, 8).astype(np.uint8)
+    zstd = write_store(
+        tmp_path / "m.zarr", masks, features=np.zeros((16, 4, 8), np.float32),
+        frames=np.zeros((16, 8, 8, 3), np.uint8), masks=labels, grid=(2, 2), fingerprint="m",
+    )  # fmt: skip
+    assert zstd._fast_reader("masks") is None  # compressed: read through zarr
+    mask_file = zstd.chunk_file("masks", 1)
+    flip_bytes(mask_file, 8)
+    store, zstd = FeatureStore.open(store.path), FeatureStore.open(zstd.path)
+    with pytest.raises(StoreCorrupt, match=r"'features', chunk 2 .*shard index"):
+        store.read_features(16, 20)
+    with pytest.raises(StoreCorrupt, match=r"'masks', chunk 1 .*egoslots cache verify"):
+        zstd.read_rows("masks", 4, 12)
+    assert np.array_equal(zstd.read_rows("masks", 0, 8), labels[:8])
+
+
+def test_export_slots_on_a_damaged_store_is_one_line(tmp_path_factory, tmp_path):
+    run = slot_run(tmp_path_factory, tmp_path / "work")
+    store_path = tmp_path / "work" / "stores" / "tinyfp.zarr"
+    store = FeatureStore.open(store_path)
+    test_video = store.videos_in("test")[0]
+    chunk = test_video.first // store.chunk_len
+    row = test_video.first - chunk * store.chunk_len
+    row_bytes = store.features.nbytes // store.num_frames
+    inner = store.meta["inner_chunk_len"]
+    offset = (row // inner) * (inner * row_bytes + 4) + (row % inner) * row_bytes + 16
+    flip_bytes(store.chunk_file("features", chunk), offset)  # first row of a test video
+    proc = cli("export-slots", str(run), str(tmp_path / "out.zarr"), "--split", "test")
+    one_error_line(proc, str(store_path), "'features'", f"chunk {chunk}", "cache verify")
+    assert not (tmp_path / "out.zarr").exists()
