@@ -6,6 +6,7 @@ docs/bad-inputs.md."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,105 @@ def test_export_slots_on_a_damaged_store_is_one_line(tmp_path_factory, tmp_path)
     proc = cli("export-slots", str(run), str(tmp_path / "out.zarr"), "--split", "test")
     one_error_line(proc, str(store_path), "'features'", f"chunk {chunk}", "cache verify")
     assert not (tmp_path / "out.zarr").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 67: frames decode upright (EXIF orientation), aligned with their masks
+# --------------------------------------------------------------------------------------------
+def test_exif_rotated_jpeg_frames_are_decoded_upright_beside_their_masks(tmp_path):
+    from PIL import Image
+
+    from egoslots.pipeline.data.frames import FrameFolderSource
+
+    size = 16
+    upright = np.full((size, 24, 3), 30, np.uint8)  # wider than tall, as the viewer shows it
+    upright[:6, :8] = (250, 250, 250)  # an object at the top left
+    label = np.zeros((size, 24), np.uint8)
+    label[:6, :8] = 1
+    folder = tmp_path / "data" / "phone"
+    (folder / "masks").mkdir(parents=True)
+    for i in range(2):
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": stored turned to the left
+        sideways = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+        sideways.save(folder / f"f{i}.jpg", quality=98, exif=exif)
+        Image.fromarray(label).save(folder / "masks" / f"f{i}.png")
+    source = FrameFolderSource(tmp_path / "data")
+    assert source.has_masks
+    frames = list(source.read_frames("phone"))
+    assert [f.rgb.shape for f in frames] == [(size, 24, 3)] * 2
+    for frame in frames:
+        assert np.array_equal(frame.mask, label)
+        inside, outside = frame.rgb[frame.mask == 1], frame.rgb[frame.mask == 0]
+        assert inside.mean() > 200 and outside.mean() < 60  # the object lies under its mask
+
+
+# --------------------------------------------------------------------------------------------
+# 68-69: frame-folder layouts; a masks/ folder is never a video
+# --------------------------------------------------------------------------------------------
+def test_frames_one_folder_deeper_are_refused_naming_the_folder(tmp_path):
+    from egoslots.pipeline.data.base import SourceError
+    from egoslots.pipeline.data.frames import FrameFolderSource
+    from tests.helpers.data import write_frames
+
+    root = tmp_path / "data"
+    for video in ("kitchen", "garden"):
+        write_frames(root / video / "rgb", 3)
+        write_frames(root / video / "masks", 3)  # label maps in masks/, beside rgb/
+    with pytest.raises(SourceError) as err:
+        FrameFolderSource(root).videos()
+    text = str(err.value)
+    assert str(root / "garden") in text and "rgb" in text, text
+    assert "Frame-folder format" in text and "masks/" in text, text
+
+
+def test_a_masks_folder_beside_video_folders_never_becomes_a_video(tmp_path):
+    from egoslots.pipeline.data.base import SourceError
+    from egoslots.pipeline.data.frames import FrameFolderSource
+    from tests.helpers.data import write_frames
+
+    root = tmp_path / "data"
+    write_frames(root / "a", 3)
+    write_frames(root / "b", 3)
+    write_frames(root / "masks", 3)  # masks of... nothing beside them
+    with pytest.raises(SourceError, match=r"masks.*never read as a video"):
+        FrameFolderSource(root).videos()
+    # the documented layout still lists, masks attached and not a video
+    good = tmp_path / "good"
+    write_frames(good / "a", 3, masks=True)
+    write_frames(good / "b", 3, masks=True)
+    source = FrameFolderSource(good)
+    assert [v.video_id for v in source.videos()] == ["a", "b"] and source.has_masks
+
+
+# --------------------------------------------------------------------------------------------
+# 70: FIFOs, sockets and devices are refused by name before anything opens them
+# --------------------------------------------------------------------------------------------
+def test_a_fifo_among_frames_videos_or_as_the_dataset_is_refused_by_name(tmp_path):
+    import socket
+
+    from egoslots.pipeline.data.base import SourceError
+    from egoslots.pipeline.data.frames import FrameFolderSource
+    from egoslots.pipeline.data.hdf5 import Hdf5Source
+    from egoslots.pipeline.data.video import VideoFileSource
+    from tests.helpers.data import write_frames, write_video
+
+    root = tmp_path / "frames"
+    write_frames(root / "a", 3, masks=True)
+    os.mkfifo(root / "a" / "frame3.png")  # a reader would block on it forever
+    with pytest.raises(SourceError, match=r"frame3\.png: a FIFO \(named pipe\)"):
+        FrameFolderSource(root).videos()
+    os.unlink(root / "a" / "frame3.png")
+    os.unlink(root / "a" / "masks" / "frame2.png")
+    with socket.socket(socket.AF_UNIX) as sock:  # a socket where a mask should be
+        sock.bind(str(root / "a" / "masks" / "frame2.png"))
+        with pytest.raises(SourceError, match=r"masks/frame2\.png: a socket"):
+            FrameFolderSource(root).videos()
+    videos = tmp_path / "videos"
+    write_video(videos / "ok.mp4", 4)
+    os.mkfifo(videos / "live.mp4")
+    with pytest.raises(SourceError, match=r"live\.mp4: a FIFO"):
+        VideoFileSource(videos).videos()
+    os.mkfifo(tmp_path / "data.h5")
+    with pytest.raises(SourceError, match=r"data\.h5: a FIFO"):
+        Hdf5Source(tmp_path / "data.h5", image_key="video").videos()
