@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from egoslots.cache.reader import ClipBatches, ClipDataset
-from egoslots.cache.store import FeatureStore, StoreCorrupt
+from egoslots.cache.store import FeatureStore, StoreCorrupt, StoreError
 from tests.helpers.runs import slot_run
 from tests.helpers.stores import frames_store, records, write_store
 
@@ -227,3 +227,53 @@ def test_a_fifo_among_frames_videos_or_as_the_dataset_is_refused_by_name(tmp_pat
     os.mkfifo(tmp_path / "data.h5")
     with pytest.raises(SourceError, match=r"data\.h5: a FIFO"):
         Hdf5Source(tmp_path / "data.h5", image_key="video").videos()
+
+
+# --------------------------------------------------------------------------------------------
+# 71-72: symbolic links to stores (cache rm, extract-features --overwrite)
+# --------------------------------------------------------------------------------------------
+def test_cache_rm_of_a_linked_store_removes_the_link_and_keeps_the_store(tmp_path):
+    from click.testing import CliRunner
+
+    from egoslots.cli import main
+
+    real = frames_store(tmp_path / "disk2" / "shared.zarr", fingerprint="abcdef0123456789")
+    stores = tmp_path / "work" / "stores"
+    stores.mkdir(parents=True)
+    link = stores / "abcdef0123456789.zarr"
+    link.symlink_to(real.path, target_is_directory=True)
+    result = CliRunner().invoke(
+        main, ["cache", "rm", "abcdef", "--work-dir", str(tmp_path / "work"), "--yes"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "removed the link" in result.output and str(real.path) in result.output
+    assert "kept" in result.output and result.exception is None
+    assert not link.is_symlink() and not link.exists()
+    assert FeatureStore.open(real.path).fingerprint == "abcdef0123456789"  # untouched
+    # and the store itself, named by its real path, still goes
+    result = CliRunner().invoke(main, ["cache", "rm", str(real.path), "--yes"])
+    assert result.exit_code == 0 and "deleted" in result.output and not real.path.exists()
+
+
+def test_overwrite_of_a_linked_store_replaces_it_where_it_lives_and_keeps_the_link(tmp_path):
+    from egoslots.cache.catalog import NewStore, open_or_create
+
+    old = frames_store(tmp_path / "disk2" / "s.zarr", fingerprint="old0000000000000")
+    link = tmp_path / "work" / "stores" / "s.zarr"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(old.path, target_is_directory=True)
+    kwargs = dict(
+        videos=records([("v", 8, "train")]), num_tokens=4, feature_dim=8, grid=(2, 2),
+        frame_size=8, chunk_len=8,
+    )  # fmt: skip
+    new = NewStore(link, "new0000000000000", {}, kwargs, "config: yes\n")
+    with pytest.raises(StoreError, match="different settings"):
+        open_or_create(new, overwrite=False, shard_id=0)
+    store = open_or_create(new, overwrite=True, shard_id=0)
+    assert link.is_symlink() and Path(os.path.realpath(link)) == old.path
+    assert store.fingerprint == "new0000000000000"
+    assert FeatureStore.open(link, require_complete=False).fingerprint == "new0000000000000"
+    link.unlink()
+    link.symlink_to(tmp_path / "gone.zarr", target_is_directory=True)  # a dangling link
+    with pytest.raises(StoreError, match=r"symbolic link to .*gone\.zarr, which does not exist"):
+        open_or_create(new, overwrite=True, shard_id=0)
