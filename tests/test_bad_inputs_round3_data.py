@@ -277,3 +277,34 @@ def test_overwrite_of_a_linked_store_replaces_it_where_it_lives_and_keeps_the_li
     link.symlink_to(tmp_path / "gone.zarr", target_is_directory=True)  # a dangling link
     with pytest.raises(StoreError, match=r"symbolic link to .*gone\.zarr, which does not exist"):
         open_or_create(new, overwrite=True, shard_id=0)
+
+
+# --------------------------------------------------------------------------------------------
+# 73: export-slots never writes into a feature store or a run's checkpoints
+# --------------------------------------------------------------------------------------------
+def test_export_slots_refuses_an_output_inside_a_store_or_checkpoints(tmp_path_factory, tmp_path):
+    from click.testing import CliRunner
+
+    from egoslots.cli import main
+
+    run = slot_run(tmp_path_factory, tmp_path / "work")
+    store = tmp_path / "work" / "stores" / "tinyfp.zarr"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link").symlink_to(store, target_is_directory=True)
+    before = sorted(p.name for p in store.iterdir())
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    cases = [
+        (store / "slots.zarr", "inside the feature store"),
+        (store / "features" / "slots.npz", "inside the feature store"),
+        (store, "is a feature store"),
+        (tmp_path / "elsewhere" / "link" / "slots.zarr", "inside the feature store"),
+        (run / "checkpoints" / "slots.zarr", "inside the checkpoints folder"),
+        (run / "checkpoints", "the checkpoints folder"),
+    ]
+    for out, says in cases:
+        result = CliRunner().invoke(main, ["export-slots", str(run), str(out), "--overwrite"])
+        assert result.exit_code == 1, (out, result.output)
+        assert says in result.output and "choose a path outside it" in result.output, result.output
+    assert sorted(p.name for p in store.iterdir()) == before
+    assert FeatureStore.open(store).complete
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
