@@ -49,6 +49,19 @@ ATTRS_KEY = "egoslots"
 FEATURE_DTYPES = ("float16", "bfloat16", "int8", "float32")
 DATA_ARRAYS = ("features", "features_scale", "frames", "masks")
 SKIPPED_GROUP = "skipped"
+# attrs every store has (FeatureStore.create writes them) and the type of each
+REQUIRED_META = {
+    "fingerprint": str,
+    "complete": bool,
+    "num_frames": int,
+    "num_tokens": int,
+    "feature_dim": int,
+    "grid": list,
+    "frame_size": int,
+    "feature_dtype": str,
+    "chunk_len": int,
+    "videos": list,
+}
 
 
 class StoreError(RuntimeError):
@@ -229,6 +242,7 @@ class FeatureStore:
                 f"{path} has store format {store.meta.get('format_version')}, this egoslots reads "
                 f"format {FORMAT_VERSION}; re-extract with `egoslots extract-features CONFIG --overwrite`"
             )
+        store._check_description()
         if require_complete and not store.complete:
             done, total = store.progress()
             raise StoreError(
@@ -238,6 +252,80 @@ class FeatureStore:
         return store
 
     # ------------------------------------------------------------------ description
+    def _check_description(self) -> None:
+        """Refuse a group whose ``egoslots`` attrs or arrays are not what :meth:`create` writes
+        (attrs copied onto another group, edited by hand, or cut short): every later read
+        trusts them, so a gap here would be a KeyError or silently wrong rows later on."""
+        meta = self.meta
+        bad = [
+            f"'{key}' is {meta.get(key)!r}, expected {kind.__name__}"
+            for key, kind in REQUIRED_META.items()
+            if not isinstance(meta.get(key), kind)
+            or isinstance(meta.get(key), bool) != (kind is bool)
+        ]
+        if not bad and meta["feature_dtype"] not in FEATURE_DTYPES:
+            bad = [f"'feature_dtype' is {meta['feature_dtype']!r}, not one of {FEATURE_DTYPES}"]
+        if not bad and (
+            len(meta["grid"]) != 2 or meta["grid"][0] * meta["grid"][1] != meta["num_tokens"]
+        ):
+            bad = [f"'grid' {meta['grid']} does not hold num_tokens={meta['num_tokens']}"]
+        if not bad:
+            bad = self._table_problems(meta) or self._array_problems(meta)
+        if bad:
+            raise StoreError(
+                f"{self.path} has '{ATTRS_KEY}' attrs but is not a store egoslots wrote as "
+                f"described: {'; '.join(bad[:3])}. egoslots reads only stores it wrote: "
+                "re-extract it (`egoslots extract-features CONFIG --overwrite`, or `egoslots "
+                "cache rm` it first)"
+            )
+
+    @staticmethod
+    def _table_problems(meta: dict) -> list[str]:
+        """Rows of the video table that are not {id, first, length, split[, hflip]} inside the
+        frame axis."""
+        rows, fields = meta["videos"], {"id", "first", "length", "split", "hflip"}
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or not {"id", "first", "length", "split"} <= set(row):
+                return [f"video table row {i} is {row!r}, not {{id, first, length, split}}"]
+            if set(row) - fields:
+                return [f"video table row {i} has unknown keys {sorted(set(row) - fields)}"]
+            first, length = row["first"], row["length"]
+            if not (isinstance(first, int) and isinstance(length, int)) or first < 0 or length < 0:
+                return [f"video table row {i} ({row['id']}) has first={first!r}, length={length!r}"]
+            if first + length > meta["num_frames"]:
+                return [
+                    f"video table row {i} ({row['id']}) ends at row {first + length - 1}, past "
+                    f"the {meta['num_frames']} frames"
+                ]
+        return []
+
+    def _array_problems(self, meta: dict) -> list[str]:
+        """Arrays missing, or of other shapes or dtypes than the attrs describe."""
+        n, size = meta["num_frames"], meta["frame_size"]
+        storage = {"bfloat16": "uint16"}.get(meta["feature_dtype"], meta["feature_dtype"])
+        wanted = {
+            "features": ((n, meta["num_tokens"], meta["feature_dim"]), storage),
+            "frames": ((n, size, size, 3), "uint8"),
+            "done": ((num_chunks(n, meta["chunk_len"]),), "uint8"),
+        }
+        if meta["feature_dtype"] == "int8":
+            wanted["features_scale"] = ((n, meta["num_tokens"]), "float32")
+        if "masks" in self.group:
+            wanted["masks"] = ((n, size, size), "uint8")
+        problems = []
+        for name, (shape, dtype) in wanted.items():
+            if name not in self.group:
+                problems.append(f"no '{name}' array")
+                continue
+            array = self.group[name]
+            if not isinstance(array, zarr.Array):
+                problems.append(f"'{name}' is not an array")
+            elif tuple(array.shape) != shape or str(array.dtype) != dtype:
+                problems.append(
+                    f"'{name}' is {tuple(array.shape)} {array.dtype}, the attrs say {shape} {dtype}"
+                )
+        return problems
+
     @property
     def meta(self) -> dict:
         """The store's description (read once; :meth:`update_meta` writes through)."""
@@ -637,13 +725,21 @@ class FeatureStore:
                 "run `egoslots tokenize RUN` with that dVAE's run directory"
             )
         sub = self.group[name]
+        ids = sub["ids"] if "ids" in sub else None
+        if ids is None or ids.shape[0] != self.num_frames or str(ids.dtype) != "uint16":
+            found = "no ids array" if ids is None else f"ids {tuple(ids.shape)} {ids.dtype}"
+            raise StoreError(
+                f"tokens of dVAE {dvae_hash} in {self.path} are not what `egoslots tokenize` "
+                f"writes ({found}; expected ({self.num_frames}, h, w) uint16): rerun "
+                "`egoslots tokenize RUN` to rewrite them"
+            )
         if require_complete and not sub.attrs.get("complete", False):
             done = int(self.done_chunks(f"{name}/done").sum())
             raise StoreError(
                 f"tokens of dVAE {dvae_hash} in {self.path} are incomplete ({done}/{sub['done'].shape[0]} "
                 "chunks); rerun `egoslots tokenize RUN` to finish them"
             )
-        return sub["ids"]
+        return ids
 
     def create_tokens(self, dvae_hash: str, grid: tuple[int, int], attrs: dict) -> zarr.Group:
         """Allocate (or reopen, to resume) the token sub-group of one dVAE."""

@@ -308,3 +308,47 @@ def test_export_slots_refuses_an_output_inside_a_store_or_checkpoints(tmp_path_f
     assert sorted(p.name for p in store.iterdir()) == before
     assert FeatureStore.open(store).complete
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+
+
+# --------------------------------------------------------------------------------------------
+# 74: a group with forged or incomplete egoslots attrs is never read as a store
+# --------------------------------------------------------------------------------------------
+def test_forged_or_incomplete_store_attrs_are_refused_at_open(tmp_path):
+    import zarr
+    from click.testing import CliRunner
+
+    from egoslots.cli import main
+
+    real = frames_store(tmp_path / "real.zarr", hflip=False)
+    attrs = dict(real.meta)
+
+    def forged(name: str, meta: dict, arrays: bool = False) -> Path:
+        group = zarr.open_group(str(tmp_path / name), mode="w", zarr_format=3)
+        if arrays:
+            group.create_array("features", shape=(5, 4, 8), dtype="float16")
+        group.attrs["egoslots"] = meta
+        return tmp_path / name
+
+    cases = {
+        forged("bare.zarr", {"format_version": 1, "fingerprint": "x"}): "'complete' is None",
+        forged("empty.zarr", attrs): "no 'features' array",
+        forged("shapes.zarr", attrs, arrays=True): "'features' is (5, 4, 8) float16",
+        forged("table.zarr", {**attrs, "videos": [{"id": "v", "first": 30, "length": 9, "split": "train"}]}): "past the",
+        forged("rows.zarr", {**attrs, "videos": [["v", 0, 8]]}): "video table row 0",
+        forged("count.zarr", {**attrs, "num_frames": "32"}): "'num_frames' is '32'",
+    }  # fmt: skip
+    for path, says in cases.items():
+        with pytest.raises(StoreError) as err:
+            FeatureStore.open(path, require_complete=False)
+        assert says in str(err.value) and "egoslots reads only stores it wrote" in str(err.value)
+        result = CliRunner().invoke(main, ["cache", "info", str(path)])
+        assert result.exit_code == 1 and result.exception is not None, result.output
+        assert isinstance(result.exception, SystemExit) and says in result.output, result.output
+    # token groups: ids of another shape than the store's frame axis
+    store = FeatureStore.open(real.path, mode="r+")
+    sub = store.group.require_group("tokens/abc")
+    sub.create_array("ids", shape=(3, 2, 2), dtype="uint16")
+    sub.attrs["complete"] = True
+    with pytest.raises(StoreError, match=r"tokens of dVAE abc .*ids \(3, 2, 2\) uint16"):
+        store.tokens("abc")
+    assert FeatureStore.open(real.path).num_frames == 32  # the real store still opens
