@@ -424,9 +424,8 @@ class FeatureStore:
         try:
             values = None if reader is None else reader.read(start, stop, out)
         except ChecksumMismatch as err:
-            detail = (
-                "its shard index" if err.rows is None else f"rows {err.rows[0]}..{err.rows[1] - 1}"
-            )
+            last = None if err.rows is None else min(err.rows[1], self.num_frames) - 1
+            detail = "its shard index" if last is None else f"rows {err.rows[0]}..{last}"
             raise self.corrupt(name, err.shard, detail) from err
         if values is None:
             try:

@@ -115,20 +115,19 @@ class FrameFolderSource(ListedSource):
             if frames or not is_leaf:
                 yield from self._walk(folder / name, ancestors)
 
-    @staticmethod
-    def _layout_error(folder: Path, others: list[str]) -> str:
+    def _layout_error(self, folder: Path, others: list[str]) -> str:
         """The message for a ``masks/`` folder whose parent holds no frames: frames one folder
         deeper (``<video>/rgb/*.png`` beside ``<video>/masks/``), or masks beside videos."""
         expected = (
             "expected <root>/<video>/<frame>.jpg|png with their masks in <root>/<video>/masks/"
             '<frame stem>.png (docs/architecture.md "Frame-folder format")'
         )
-        if len(others) == 1:
+        if len(others) == 1 and folder != self.root:
             return (
                 f"{folder}: unexpected layout: it holds {others[0]}/ and masks/ but no frames; "
                 f"{expected}: move the frames of {folder / others[0]} up into {folder}"
             )
-        beside = f" beside {', '.join(sorted(others)[:3])}" if others else ""
+        beside = f" beside {', '.join(d + '/' for d in sorted(others)[:3])}" if others else ""
         return (
             f"{folder / MASK_DIR}: a masks/ folder{beside} with no frames in {folder}; "
             f"{expected}. A masks/ folder is never read as a video"
