@@ -67,6 +67,16 @@ REQUIRED_META = {
 class StoreError(RuntimeError):
     """A store that is missing, incomplete, or not what the caller needs."""
 
+    def __str__(self) -> str:
+        """The message; for one re-raised by a DataLoader worker process (torch rebuilds it from
+        "Caught X in DataLoader worker process 0. Original Traceback ..."), the original message
+        alone, so the user still reads one line."""
+        text = super().__str__()
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if text.startswith("Caught ") and marker in text:
+            return text.rsplit(marker, 1)[1].strip()
+        return text
+
 
 class StoreCorrupt(StoreError):
     """Stored bytes that fail their crc32c checksum: the data on disk is damaged."""

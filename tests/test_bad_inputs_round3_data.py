@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from egoslots.cache.reader import ClipBatches, ClipDataset
 from egoslots.cache.store import FeatureStore, StoreCorrupt, StoreError
@@ -88,6 +89,16 @@ def test_flipped_bytes_stop_the_fast_reader_naming_store_array_and_chunk(tmp_pat
         data.read_batch(hit[:2])
     with pytest.raises(StoreCorrupt, match="chunk 1"):
         ClipDataset(store, split="train", clip_length=4, fields=("frames",))[hit[0]]
+    # read in a DataLoader worker process: torch re-raises it with the worker's traceback in the
+    # message; the user still reads the one line
+    items = ClipDataset(store.path, split="train", clip_length=4, fields=("frames",))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(items, hit[:1]), batch_size=1, num_workers=1
+    )
+    with pytest.raises(StoreCorrupt) as err:
+        next(iter(loader))
+    assert str(err.value).startswith(f"store {store.path}: array 'frames', chunk 1")
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
 
 
 def test_a_damaged_shard_index_and_a_damaged_compressed_chunk_are_named(tmp_path):
