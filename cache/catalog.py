@@ -15,6 +15,7 @@ Stores live in a stores folder, ``store_dir`` (a folder or an fsspec URL) or els
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -83,10 +84,36 @@ def list_stores(folder: Location) -> list[Location]:
         ) from err
 
 
-def remove_store(path: Location) -> None:
-    """Delete a store and the config written beside it (local or remote)."""
+def remove_store(path: Location) -> str:
+    """Delete a store and the config written beside it (local or remote); returns what was
+    done, in words. A symbolic link is removed as a link: the store it points to is kept (it
+    may be a shared one on another disk), and the words say where it is and how to delete it."""
+    if isinstance(path, Path) and path.is_symlink():
+        target = Path(os.path.realpath(path))
+        path.unlink()
+        remove_file(config_path(path))
+        return (
+            f"removed the link {path}; the store it pointed to, {target}, is kept "
+            f"(delete it with `egoslots cache rm {target}`)"
+        )
     remove(path)
     remove_file(config_path(path))
+    return f"deleted {path}"
+
+
+def resolve_link(path: Path) -> Path:
+    """The folder a store path stands for: ``path`` itself, or where a symbolic link to a store
+    leads (so replacing the store keeps the link and the disk it points to). A dangling link is
+    a StoreError naming both ends."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if not target.exists():
+        raise StoreError(
+            f"{path} is a symbolic link to {target}, which does not exist: create that folder's "
+            "parent, point the link at an existing store, or remove the link"
+        )
+    return target
 
 
 def store_location(cfg, name: str | None = None) -> Location:
@@ -223,7 +250,10 @@ def open_or_create(new: NewStore, overwrite: bool, shard_id: int) -> FeatureStor
     """
     if is_remote(new.path):
         return _open_or_create_remote(new, overwrite, shard_id)
-    path, fingerprint = new.path, new.fingerprint
+    link = new.path
+    path, fingerprint = resolve_link(link), new.fingerprint
+    if path != link:  # a store linked from elsewhere: created and replaced where it lives
+        new = dataclasses.replace(new, path=path)
     deadline = time.monotonic() + CREATE_TIMEOUT_S
     while True:
         if path.exists():
@@ -240,6 +270,8 @@ def open_or_create(new: NewStore, overwrite: bool, shard_id: int) -> FeatureStor
             trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
             os.rename(path, trash)
             shutil.rmtree(trash)
+            if path != link:
+                log.info("--overwrite: replaced the store %s that %s links to", path, link)
             config_path(path).unlink(missing_ok=True)
             overwrite = False  # replaced once; a store appearing now is another shard's fresh one
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,11 @@
 zarr's own read path costs ~1 ms per call, more than the disk for a short clip; a complete
 local store with uncompressed shards is read here with one ``pread`` per shard, straight from
 the shard index. Anything this reader does not recognise goes back to zarr (``None``).
+
+Every byte this reader returns has had its crc32c checked, as zarr checks it: the shard index's
+checksum when the index is first read, each inner chunk's checksum on every read (a chunk read
+only in part is read whole into a scratch buffer and checked there). A mismatch raises
+:class:`ChecksumMismatch`; the store turns it into one error naming the store, array and chunk.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import google_crc32c
 import numpy as np
 
 IOV_MAX = 1024  # buffers per preadv call (Linux's limit)
@@ -22,6 +28,23 @@ if TYPE_CHECKING:
     from egoslots.cache.store import FeatureStore
 
 
+class ChecksumMismatch(Exception):
+    """Bytes of a shard file whose crc32c does not match the one stored beside them."""
+
+    def __init__(self, shard: int, path: str, rows: tuple[int, int] | None):
+        self.shard, self.path, self.rows = shard, path, rows  # rows None: the shard index
+        what = "its index" if rows is None else f"rows {rows[0]}..{rows[1] - 1}"
+        super().__init__(f"checksum mismatch in shard {shard} ({path}), {what}")
+
+
+def crc_ok(data, stored) -> bool:
+    """True if the crc32c of ``data`` equals the little-endian uint32 ``stored`` (4 bytes)."""
+    # as a numpy array: the C extension takes no memoryview or bytearray (and copies bytes)
+    return google_crc32c.value(np.frombuffer(data, dtype=np.uint8)) == int.from_bytes(
+        bytes(stored), "little"
+    )
+
+
 class ShardReader:
     """Reads rows of one uncompressed sharded array straight from its shard files.
 
@@ -29,7 +52,8 @@ class ShardReader:
     back to back, each ``row_bytes * inner`` data bytes followed by a 4-byte crc32c, then an
     index of (offset, nbytes) uint64 pairs per inner chunk and the index's own crc32c. Inner
     chunks are written in order, so rows of one shard are one contiguous byte range with the
-    4-byte checksums in between. Checksums are not checked here (``cache verify`` does that).
+    4-byte checksums in between. Every checksum covering returned bytes is checked (see the
+    module docstring).
     """
 
     MISSING = 2**64 - 1
@@ -47,12 +71,15 @@ class ShardReader:
         self.folder = str(root.joinpath("c"))
         self.tail = os.sep.join(["0"] * (len(self.shape) - 1))
 
+    def _path(self, shard: int) -> str:
+        return os.path.join(self.folder, str(shard), self.tail)
+
     def _fd(self, shard: int) -> int:
         """An open descriptor of a shard file: kept open (up to OPEN_FILES), since opening a
         file for every clip cost as much as reading it."""
         fd = self.files.pop(shard, None)
         if fd is None:
-            fd = os.open(os.path.join(self.folder, str(shard), self.tail), os.O_RDONLY)
+            fd = os.open(self._path(shard), os.O_RDONLY)
             if len(self.files) >= OPEN_FILES:
                 os.close(self.files.popitem(last=False)[1])
         self.files[shard] = fd
@@ -102,6 +129,8 @@ class ShardReader:
             n_inner = -(-self.shard_len // self.inner)
             size = os.fstat(fd).st_size
             raw = os.pread(fd, 16 * n_inner + 4, size - 16 * n_inner - 4)
+            if len(raw) != 16 * n_inner + 4 or not crc_ok(raw[:-4], raw[-4:]):
+                raise ChecksumMismatch(shard, self._path(shard), None)
             self.indexes[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_inner, 2)
         return self.indexes[shard]
 
@@ -151,7 +180,7 @@ class ShardReader:
             offset = self._offset(shard, fd, row, end)
             skip = (row - shard * self.shard_len) % self.inner  # rows before it in its chunk
             if offset is None or not self._read_into(
-                fd, offset, skip, flat[row - start : end - start]
+                fd, offset, skip, flat[row - start : end - start], shard, row
             ):
                 return None  # unusual layout or short file: the caller falls back to zarr
         return out
@@ -167,21 +196,42 @@ class ShardReader:
                 length = (end - row) * self.row_bytes + ((end - row) // self.inner + 1) * 4
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
-    def _read_into(self, fd: int, position: int, skip: int, dest: np.ndarray) -> bool:
-        """Read len(dest) consecutive rows starting at byte ``position``, row ``skip`` of its
-        inner chunk, into ``dest`` (rows x row_bytes uint8): one preadv per IOV_MAX buffers,
-        each inner chunk's rows into place and its checksum into a scratch buffer."""
-        rows, crc, buffers, done = len(dest), bytearray(4), [], 0
+    def _read_into(
+        self, fd: int, position: int, skip: int, dest: np.ndarray, shard: int, row: int
+    ) -> bool:
+        """Read len(dest) consecutive rows (row ``row`` of the array onwards) starting at byte
+        ``position``, row ``skip`` of its inner chunk, into ``dest`` (rows x row_bytes uint8),
+        and check every inner chunk's crc32c. One preadv per IOV_MAX buffers: whole inner chunks
+        go straight into place, their checksums into a scratch buffer; an inner chunk needed
+        only in part (the first or last, with inner chunks of several rows) is read whole into
+        a scratch buffer, checked there and its rows copied."""
+        rows, buffers, checks, partial, done = len(dest), [], [], [], 0
+        position -= skip * self.row_bytes  # the first inner chunk's start
+        crcs = bytearray(4 * (-(-(rows + skip) // self.inner)))
         while done < rows:
-            n = min(self.inner - skip if done == 0 else self.inner, rows - done)
-            buffers.append(memoryview(dest[done : done + n]).cast("B"))
+            first = skip if done == 0 else 0  # rows of this inner chunk before the wanted ones
+            n = min(self.inner - first, rows - done)
+            crc = memoryview(crcs)[4 * len(checks) : 4 * len(checks) + 4]
+            if n == self.inner:
+                data = memoryview(dest[done : done + n]).cast("B")
+            else:
+                data = memoryview(bytearray(self.inner * self.row_bytes))
+                partial.append((data, first, done, n))
+            buffers += [data, crc]
+            checks.append((data, crc, row + done - first))
             done += n
-            if done < rows:
-                buffers.append(crc)
         for i in range(0, len(buffers), IOV_MAX):
             part = buffers[i : i + IOV_MAX]
             want = sum(len(b) for b in part)
             if os.preadv(fd, part, position) != want:
                 return False  # a short shard file
             position += want
+        for data, crc, first_row in checks:
+            if not crc_ok(data, crc):
+                raise ChecksumMismatch(
+                    shard, self._path(shard), (first_row, first_row + self.inner)
+                )
+        for data, first, done, n in partial:
+            rows_of = np.frombuffer(data, dtype=np.uint8).reshape(self.inner, self.row_bytes)
+            dest[done : done + n] = rows_of[first : first + n]
         return True

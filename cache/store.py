@@ -42,17 +42,44 @@ import numpy as np
 import zarr
 
 from egoslots.cache.location import Location, as_location, filesystem, is_remote, store_exists
-from egoslots.cache.shards import ShardReader
+from egoslots.cache.shards import ChecksumMismatch, ShardReader
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "egoslots"
 FEATURE_DTYPES = ("float16", "bfloat16", "int8", "float32")
 DATA_ARRAYS = ("features", "features_scale", "frames", "masks")
 SKIPPED_GROUP = "skipped"
+# attrs every store has (FeatureStore.create writes them) and the type of each
+REQUIRED_META = {
+    "fingerprint": str,
+    "complete": bool,
+    "num_frames": int,
+    "num_tokens": int,
+    "feature_dim": int,
+    "grid": list,
+    "frame_size": int,
+    "feature_dtype": str,
+    "chunk_len": int,
+    "videos": list,
+}
 
 
 class StoreError(RuntimeError):
     """A store that is missing, incomplete, or not what the caller needs."""
+
+    def __str__(self) -> str:
+        """The message; for one re-raised by a DataLoader worker process (torch rebuilds it from
+        "Caught X in DataLoader worker process 0. Original Traceback ..."), the original message
+        alone, so the user still reads one line."""
+        text = super().__str__()
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if text.startswith("Caught ") and marker in text:
+            return text.rsplit(marker, 1)[1].strip()
+        return text
+
+
+class StoreCorrupt(StoreError):
+    """Stored bytes that fail their crc32c checksum: the data on disk is damaged."""
 
 
 class StoreUnreachable(StoreError):
@@ -225,6 +252,7 @@ class FeatureStore:
                 f"{path} has store format {store.meta.get('format_version')}, this egoslots reads "
                 f"format {FORMAT_VERSION}; re-extract with `egoslots extract-features CONFIG --overwrite`"
             )
+        store._check_description()
         if require_complete and not store.complete:
             done, total = store.progress()
             raise StoreError(
@@ -234,6 +262,80 @@ class FeatureStore:
         return store
 
     # ------------------------------------------------------------------ description
+    def _check_description(self) -> None:
+        """Refuse a group whose ``egoslots`` attrs or arrays are not what :meth:`create` writes
+        (attrs copied onto another group, edited by hand, or cut short): every later read
+        trusts them, so a gap here would be a KeyError or silently wrong rows later on."""
+        meta = self.meta
+        bad = [
+            f"'{key}' is {meta.get(key)!r}, expected {kind.__name__}"
+            for key, kind in REQUIRED_META.items()
+            if not isinstance(meta.get(key), kind)
+            or isinstance(meta.get(key), bool) != (kind is bool)
+        ]
+        if not bad and meta["feature_dtype"] not in FEATURE_DTYPES:
+            bad = [f"'feature_dtype' is {meta['feature_dtype']!r}, not one of {FEATURE_DTYPES}"]
+        if not bad and (
+            len(meta["grid"]) != 2 or meta["grid"][0] * meta["grid"][1] != meta["num_tokens"]
+        ):
+            bad = [f"'grid' {meta['grid']} does not hold num_tokens={meta['num_tokens']}"]
+        if not bad:
+            bad = self._table_problems(meta) or self._array_problems(meta)
+        if bad:
+            raise StoreError(
+                f"{self.path} has '{ATTRS_KEY}' attrs but is not a store egoslots wrote as "
+                f"described: {'; '.join(bad[:3])}. egoslots reads only stores it wrote: "
+                "re-extract it (`egoslots extract-features CONFIG --overwrite`, or `egoslots "
+                "cache rm` it first)"
+            )
+
+    @staticmethod
+    def _table_problems(meta: dict) -> list[str]:
+        """Rows of the video table that are not {id, first, length, split[, hflip]} inside the
+        frame axis."""
+        rows, fields = meta["videos"], {"id", "first", "length", "split", "hflip"}
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or not {"id", "first", "length", "split"} <= set(row):
+                return [f"video table row {i} is {row!r}, not {{id, first, length, split}}"]
+            if set(row) - fields:
+                return [f"video table row {i} has unknown keys {sorted(set(row) - fields)}"]
+            first, length = row["first"], row["length"]
+            if not (isinstance(first, int) and isinstance(length, int)) or first < 0 or length < 0:
+                return [f"video table row {i} ({row['id']}) has first={first!r}, length={length!r}"]
+            if first + length > meta["num_frames"]:
+                return [
+                    f"video table row {i} ({row['id']}) ends at row {first + length - 1}, past "
+                    f"the {meta['num_frames']} frames"
+                ]
+        return []
+
+    def _array_problems(self, meta: dict) -> list[str]:
+        """Arrays missing, or of other shapes or dtypes than the attrs describe."""
+        n, size = meta["num_frames"], meta["frame_size"]
+        storage = {"bfloat16": "uint16"}.get(meta["feature_dtype"], meta["feature_dtype"])
+        wanted = {
+            "features": ((n, meta["num_tokens"], meta["feature_dim"]), storage),
+            "frames": ((n, size, size, 3), "uint8"),
+            "done": ((num_chunks(n, meta["chunk_len"]),), "uint8"),
+        }
+        if meta["feature_dtype"] == "int8":
+            wanted["features_scale"] = ((n, meta["num_tokens"]), "float32")
+        if "masks" in self.group:
+            wanted["masks"] = ((n, size, size), "uint8")
+        problems = []
+        for name, (shape, dtype) in wanted.items():
+            if name not in self.group:
+                problems.append(f"no '{name}' array")
+                continue
+            array = self.group[name]
+            if not isinstance(array, zarr.Array):
+                problems.append(f"'{name}' is not an array")
+            elif tuple(array.shape) != shape or str(array.dtype) != dtype:
+                problems.append(
+                    f"'{name}' is {tuple(array.shape)} {array.dtype}, the attrs say {shape} {dtype}"
+                )
+        return problems
+
     @property
     def meta(self) -> dict:
         """The store's description (read once; :meth:`update_meta` writes through)."""
@@ -329,13 +431,46 @@ class FeatureStore:
         same values.
         """
         reader = self._fast_reader(name)
-        values = None if reader is None else reader.read(start, stop, out)
+        try:
+            values = None if reader is None else reader.read(start, stop, out)
+        except ChecksumMismatch as err:
+            last = None if err.rows is None else min(err.rows[1], self.num_frames) - 1
+            detail = "its shard index" if last is None else f"rows {err.rows[0]}..{last}"
+            raise self.corrupt(name, err.shard, detail) from err
         if values is None:
-            values = self.group[name][start:stop]
+            try:
+                values = self.group[name][start:stop]
+            except ValueError as err:  # zarr's crc32c codec: "Stored and computed checksum ..."
+                if "checksum" not in str(err):
+                    raise
+                chunk = self._bad_chunk(name, start, stop)
+                raise self.corrupt(name, chunk, "crc32c mismatch") from err
             if out is not None:
                 out[...] = values
                 values = out
         return values
+
+    def corrupt(self, name: str, chunk: int | None, detail: str) -> StoreCorrupt:
+        """The one error every read path raises for bytes that fail their checksum."""
+        where = "a chunk" if chunk is None else f"chunk {chunk}"
+        if chunk is not None:
+            where += f" (file {self.chunk_file(name, chunk) or self.chunk_key(name, chunk)})"
+        return StoreCorrupt(
+            f"store {self.path}: array '{name}', {where} is damaged on disk ({detail}: its "
+            f"crc32c checksum does not match); nothing from it was used. Run `egoslots cache "
+            f"verify {self.path}` to list every damaged chunk, then add --repair and rerun the "
+            "command that wrote them (extract-features / tokenize) to rewrite them"
+        )
+
+    def _bad_chunk(self, name: str, start: int, stop: int) -> int | None:
+        """The first chunk of rows start..stop-1 of ``name`` that zarr cannot decode."""
+        for chunk in range(start // self.chunk_len, -(-stop // self.chunk_len)):
+            a, b = chunk_bounds(chunk, self.chunk_len, self.num_frames)
+            try:
+                self.group[name][a:b]
+            except ValueError:
+                return chunk
+        return None
 
     def row_shape(self, name: str) -> tuple[int, ...]:
         """The shape of one row of array ``name`` (remembered: a zarr lookup costs ~1 ms)."""
@@ -599,13 +734,21 @@ class FeatureStore:
                 "run `egoslots tokenize RUN` with that dVAE's run directory"
             )
         sub = self.group[name]
+        ids = sub["ids"] if "ids" in sub else None
+        if ids is None or ids.shape[0] != self.num_frames or str(ids.dtype) != "uint16":
+            found = "no ids array" if ids is None else f"ids {tuple(ids.shape)} {ids.dtype}"
+            raise StoreError(
+                f"tokens of dVAE {dvae_hash} in {self.path} are not what `egoslots tokenize` "
+                f"writes ({found}; expected ({self.num_frames}, h, w) uint16): rerun "
+                "`egoslots tokenize RUN` to rewrite them"
+            )
         if require_complete and not sub.attrs.get("complete", False):
             done = int(self.done_chunks(f"{name}/done").sum())
             raise StoreError(
                 f"tokens of dVAE {dvae_hash} in {self.path} are incomplete ({done}/{sub['done'].shape[0]} "
                 "chunks); rerun `egoslots tokenize RUN` to finish them"
             )
-        return sub["ids"]
+        return ids
 
     def create_tokens(self, dvae_hash: str, grid: tuple[int, int], attrs: dict) -> zarr.Group:
         """Allocate (or reopen, to resume) the token sub-group of one dVAE."""

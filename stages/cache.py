@@ -238,8 +238,10 @@ def rm(store: str, work_dir: str, store_dir: str | None, yes: bool):
             "'egoslots' attrs); egoslots only deletes stores it wrote"
         )
     size = human_bytes(size_bytes(path))
-    if not yes and not click.confirm(f"delete {path} ({size})?", default=False):
+    what = f"delete {path} ({size})"
+    if isinstance(path, Path) and path.is_symlink():  # the link goes, the store it points to stays
+        what = f"remove the link {path} (the {size} store it points to is kept)"
+    if not yes and not click.confirm(f"{what}?", default=False):
         click.echo("kept")
         return
-    catalog.remove_store(path)
-    click.echo(f"deleted {path} ({size})")
+    click.echo(f"{catalog.remove_store(path)} ({size})")

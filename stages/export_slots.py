@@ -81,6 +81,7 @@ def export_slots_run(
     if not out.name:
         raise StageError(f"OUT={out} is not a file or folder name: give e.g. slots.zarr")
     as_npz = out.suffix == ".npz"
+    check_output_location(out)
     check_replaceable(out)
     ident = checkpoint_identity(run_dir, checkpoint)
     model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
@@ -276,6 +277,43 @@ EXPORT_ENTRIES = frozenset(
 def partial_path(out: Path) -> Path:
     """Where a zarr export is written before it is renamed to ``out``."""
     return out.with_name(out.name + ".partial")
+
+
+def check_output_location(out: Path) -> None:
+    """Refuse an OUT equal to or inside a feature store (the export would land among its arrays,
+    and ``cache rm`` / ``--overwrite`` would delete it with the store) or a run's checkpoints
+    folder. Links are followed: a path that leads into a store is inside it."""
+    from egoslots.cache.store import ATTRS_KEY
+    from egoslots.stages.machinery.rundirs import RUN_MARKER
+
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    real = Path(os.path.realpath(existing)) / out.relative_to(existing)
+    for folder in (real, *real.parents):
+        if _is_feature_store(folder, ATTRS_KEY):
+            raise StageError(
+                f"OUT={out} is {'a' if folder == real else 'inside the'} feature store {folder}: "
+                "an export never goes into a store (deleting or re-extracting the store would "
+                f"delete it too); choose a path outside it, e.g. {folder.parent / out.name}"
+            )
+        if folder.name == "checkpoints" and (
+            (folder.parent / RUN_MARKER).exists() or any(folder.glob("*.ckpt"))
+        ):
+            raise StageError(
+                f"OUT={out} is {'the' if folder == real else 'inside the'} checkpoints folder "
+                f"{folder} of a run: choose a path outside it, e.g. {folder.parent / out.name}"
+            )
+
+
+def _is_feature_store(folder: Path, key: str) -> bool:
+    """True if ``folder`` is a zarr group with egoslots feature-store attrs (read from its
+    zarr.json directly: cheap, and never creates anything)."""
+    try:
+        meta = json.loads((folder / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and key in (meta.get("attributes") or {})
 
 
 def check_replaceable(out: Path) -> None:

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from egoslots.pipeline.data.base import SPLITS, SourceError, VideoInfo, split_of
+from egoslots.pipeline.data.base import SPLITS, SourceError, VideoInfo, refuse_special, split_of
 
 log = logging.getLogger("egoslots")
 
@@ -91,6 +91,7 @@ class ListedSource:
     def _check_root(self) -> None:
         if not self.root.exists():
             raise SourceError(f"dataset.path {self.root} does not exist")
+        refuse_special(f"dataset.path {self.root}", self.root.stat().st_mode)
 
     def split_for(self, video_id: str, given: str | None = None, where: str = "") -> str:
         """The split metadata gives, else the deterministic hash split of the id."""

@@ -9,6 +9,8 @@ module in this package.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,34 @@ SPLITS = ("train", "val", "test")
 
 class SourceError(RuntimeError):
     """Bad input data; the message names the file (and frame) at fault."""
+
+
+SPECIAL_FILES = (
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is if it is no regular file or folder (a FIFO, socket or
+    device), else None. Opening one may block forever (a FIFO with no writer), so sources ask
+    before opening anything they listed."""
+    for test, kind in SPECIAL_FILES:
+        if test(mode):
+            return kind
+    return None
+
+
+def refuse_special(path: str | os.PathLike, mode: int) -> None:
+    """Raise a SourceError naming ``path`` if ``mode`` is a FIFO, socket or device."""
+    kind = special_file_kind(mode)
+    if kind is not None:
+        raise SourceError(
+            f"{path}: a {kind}, not a data file; egoslots reads only regular files: remove it "
+            "from the dataset folder (or replace it with the file it stands for)"
+        )
 
 
 @dataclass(frozen=True)

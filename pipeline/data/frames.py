@@ -14,6 +14,10 @@ are what :meth:`FrameFolderSource.attributes` returns (with the rest of ``meta.j
 
 Listing stats every frame and mask file (their identity feeds the extraction fingerprint) but
 decodes nothing; a corrupt frame is found when it is read, and named with its frame index.
+
+Frames and masks are decoded as a viewer shows them: an EXIF orientation (phone and action
+cameras write JPEGs sideways with a rotate-on-display tag) is applied, so a frame and its mask,
+drawn upright, stay aligned.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from natsort import natsorted, ns
-from PIL import Image
+from PIL import Image, ImageOps
 
 from egoslots.pipeline.data import ListedSource
 from egoslots.pipeline.data.base import (
@@ -37,6 +41,7 @@ from egoslots.pipeline.data.base import (
     SourceError,
     VideoInfo,
     check_same_size,
+    refuse_special,
     to_rgb_uint8,
 )
 
@@ -101,12 +106,32 @@ class FrameFolderSource(ListedSource):
                 frames.append(entry)
         if frames:
             subdirs = [d for d in subdirs if d != MASK_DIR]
+        elif MASK_DIR in subdirs:  # masks/ with no frames beside it: never a video of its own
+            raise SourceError(self._layout_error(folder, [d for d in subdirs if d != MASK_DIR]))
         is_leaf = not [d for d in subdirs if d != MASK_DIR]
         if frames or (is_leaf and folder != self.root):
             yield self._video_id(folder), (folder, frames, subdirs)
         for name in natsorted(subdirs, alg=ns.PATH):
             if frames or not is_leaf:
                 yield from self._walk(folder / name, ancestors)
+
+    def _layout_error(self, folder: Path, others: list[str]) -> str:
+        """The message for a ``masks/`` folder whose parent holds no frames: frames one folder
+        deeper (``<video>/rgb/*.png`` beside ``<video>/masks/``), or masks beside videos."""
+        expected = (
+            "expected <root>/<video>/<frame>.jpg|png with their masks in <root>/<video>/masks/"
+            '<frame stem>.png (docs/architecture.md "Frame-folder format")'
+        )
+        if len(others) == 1 and folder != self.root:
+            return (
+                f"{folder}: unexpected layout: it holds {others[0]}/ and masks/ but no frames; "
+                f"{expected}: move the frames of {folder / others[0]} up into {folder}"
+            )
+        beside = f" beside {', '.join(d + '/' for d in sorted(others)[:3])}" if others else ""
+        return (
+            f"{folder / MASK_DIR}: a masks/ folder{beside} with no frames in {folder}; "
+            f"{expected}. A masks/ folder is never read as a video"
+        )
 
     def _video_id(self, folder: Path) -> str:
         return folder.name if folder == self.root else folder.relative_to(self.root).as_posix()
@@ -143,6 +168,7 @@ class FrameFolderSource(ListedSource):
             stat = entry.stat()
         except OSError as err:
             raise SourceError(f"{entry.path}: cannot stat ({err})") from err
+        refuse_special(entry.path, stat.st_mode)  # a FIFO would block the decoder forever
         return FileIdentity(prefix + entry.name, stat.st_size)
 
     def _match_masks(
@@ -244,6 +270,8 @@ class FrameFolderSource(ListedSource):
             try:
                 with Image.open(path) as im:
                     w, h = im.size
+                    if exif_orientation(im) in SWAPS_SIDES:  # stored sideways: upright is h x w
+                        w, h = h, w
             except (OSError, SyntaxError, ValueError) as err:
                 raise SourceError(
                     f"{path}: frame 0 of video '{video_id}': cannot read image ({err})"
@@ -264,11 +292,32 @@ class FrameFolderSource(ListedSource):
         return meta if meta and meta.get("objects") is not None else None
 
 
-def load_rgb(path: Path, where: str) -> np.ndarray:
-    """Decode one frame to (H, W, 3) uint8; grayscale, palette, RGBA and 16-bit are converted."""
+EXIF_ORIENTATION = 0x0112
+SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The image's EXIF orientation tag (1 = upright as stored; 1 where there is none)."""
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so that a truncated file fails here and not later
+        return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except (AttributeError, TypeError, ValueError, SyntaxError):  # unreadable EXIF: as stored
+        return 1
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The decoded image as a viewer shows it: its EXIF orientation applied (and dropped)."""
+    if exif_orientation(im) in (1, 0):
+        return im
+    return ImageOps.exif_transpose(im)
+
+
+def load_rgb(path: Path, where: str) -> np.ndarray:
+    """Decode one frame to (H, W, 3) uint8, upright (EXIF orientation applied); grayscale,
+    palette, RGBA and 16-bit are converted."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now, so that a truncated file fails here and not later
+            im = upright(opened)
             if im.mode in ("RGB", "RGBA", "L"):
                 arr = np.array(im)  # a writable copy (asarray's view is read-only; torch warns)
             elif im.mode.startswith("I;16"):  # 16-bit grey: by the file's bit depth, so a dark
@@ -283,10 +332,12 @@ def load_rgb(path: Path, where: str) -> np.ndarray:
 
 
 def load_mask(path: Path, where: str) -> np.ndarray:
-    """Decode one label map to (H, W) uint8. Palette PNGs give their indices (DAVIS-style)."""
+    """Decode one label map to (H, W) uint8, upright as its frame (EXIF orientation applied).
+    Palette PNGs give their indices (DAVIS-style)."""
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as opened:
+            opened.load()
+            im = upright(opened)
             mode = im.mode
             arr = np.array(im)
     except (OSError, SyntaxError, ValueError) as err:

@@ -35,6 +35,7 @@ from egoslots.pipeline.data.base import (
     VideoInfo,
     check_same_size,
     frame_range,
+    refuse_special,
 )
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
@@ -90,13 +91,16 @@ class VideoFileSource(ListedSource):
         if self.root.is_file():
             yield self.root.name, self.root
             return
-        paths = [
-            p
-            for p in self.root.rglob("*")
-            if p.suffix.lower() in VIDEO_SUFFIXES
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
-        ]
+        paths = []
+        for p in self.root.rglob("*"):
+            if p.suffix.lower() not in VIDEO_SUFFIXES or any(
+                part.startswith(".") for part in p.relative_to(self.root).parts
+            ):
+                continue
+            if not p.is_file() and p.exists() and not p.is_dir():  # a FIFO would block PyAV
+                refuse_special(p, p.stat().st_mode)
+            if p.is_file():
+                paths.append(p)
         for path in natsorted(
             paths, key=lambda p: p.relative_to(self.root).as_posix(), alg=ns.PATH
         ):

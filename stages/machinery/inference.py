@@ -273,11 +273,16 @@ def infer_video(
 
 def store_windows(store, video, window: int, tokens_hash: str | None) -> Iterator[tuple]:
     """(features, tokens) windows of one video read straight from the store (long videos)."""
-    ids = store.tokens(tokens_hash) if tokens_hash else None
+    ids = None
+    if tokens_hash:
+        store.tokens(tokens_hash)  # a clear StoreError if missing or incomplete
+        ids = f"tokens/{tokens_hash}/ids"  # read by read_rows: every byte checksum-checked
     for lo in range(video.first, video.stop, window):
         hi = min(lo + window, video.stop)
         feats = torch.from_numpy(store.read_features(lo, hi))
-        toks = None if ids is None else torch.from_numpy(ids[lo:hi].astype(np.int64))
+        toks = (
+            None if ids is None else torch.from_numpy(store.read_rows(ids, lo, hi).astype(np.int64))
+        )
         yield feats, toks
 
 
