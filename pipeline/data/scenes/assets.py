@@ -61,6 +61,21 @@ def num_meshes() -> int:
     return len(NAMED_MESHES) + NUM_BLOBS
 
 
+def random_mesh_id(rng) -> int:
+    """A mesh for a new object: a named one with ``NAMED_MESH_PROBABILITY``, else a blob."""
+    if rng.random() < NAMED_MESH_PROBABILITY:
+        return int(rng.integers(len(NAMED_MESHES)))
+    return len(NAMED_MESHES) + int(rng.integers(NUM_BLOBS))
+
+
+def standing_extent(mesh_id: int, size: float) -> tuple[float, float]:
+    """(half height, footprint radius) in metres of a mesh scaled to ``size`` standing upright."""
+    m = mesh(mesh_id)
+    half_height = 0.5 * size * m.sides[2] / m.extent
+    radius = 0.5 * size * float(np.hypot(m.sides[0], m.sides[1])) / m.extent
+    return half_height, radius
+
+
 @cache
 def mesh(mesh_id: int) -> Mesh:
     """The catalogue entry ``mesh_id`` (named meshes first, then blob_000..blob_999)."""

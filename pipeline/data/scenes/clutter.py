@@ -13,14 +13,20 @@ import numpy as np
 
 from .assets import (
     GROUND_PATTERNS,
-    NAMED_MESH_PROBABILITY,
-    NAMED_MESHES,
-    NUM_BLOBS,
     TEXTURE_PATTERNS,
-    mesh,
+    random_mesh_id,
+    standing_extent,
 )
 from .room import WALL_PATTERNS
-from .spec import ObjectSpec, Poke, SceneSpec, StaticSpec, random_color
+from .spec import (
+    ObjectSpec,
+    Poke,
+    SceneSpec,
+    StaticSpec,
+    light_direction,
+    random_color,
+    random_light,
+)
 from .tabletop import sample_camera_path
 
 OBJECTS = (10, 20)  # default (min, max) objects per video
@@ -35,14 +41,9 @@ def sample(
     pile = rng.uniform(0.15, 0.25)  # radius of the pile, metres
     objects, placed = [], []
     for _ in range(n):
-        if rng.random() < NAMED_MESH_PROBABILITY:
-            mesh_id = int(rng.integers(len(NAMED_MESHES)))
-        else:
-            mesh_id = len(NAMED_MESHES) + int(rng.integers(NUM_BLOBS))
+        mesh_id = random_mesh_id(rng)
         size = float(np.exp(rng.uniform(np.log(0.07), np.log(0.22))))
-        m = mesh(mesh_id)
-        half_height = 0.5 * size * m.sides[2] / m.extent
-        radius = 0.5 * size * float(np.hypot(m.sides[0], m.sides[1])) / m.extent
+        half_height, radius = standing_extent(mesh_id, size)
         x, y, bottom = _heap_position(rng, placed, pile, radius)
         position = np.array([x, y, bottom + half_height + 0.003])
         placed.append((position[:2], radius, bottom + 2 * half_height))
@@ -80,15 +81,8 @@ def sample(
         objects=objects,
         ground_pattern=str(rng.choice(GROUND_PATTERNS)),
         ground_colors=[[float(c) for c in col] for col in ground],
-        light_direction=[
-            float(np.cos(light_elevation) * np.cos(light_azimuth)),
-            float(np.cos(light_elevation) * np.sin(light_azimuth)),
-            float(np.sin(light_elevation)),
-        ],
-        light_color=[float(c) for c in rng.uniform(0.8, 1.0, 3)],
-        ambient=float(rng.uniform(0.4, 0.7)),
-        diffuse=float(rng.uniform(0.35, 0.6)),
-        specular=float(rng.uniform(0.05, 0.25)),
+        light_direction=light_direction(light_azimuth, light_elevation),
+        **random_light(rng, 0.8, ambient=(0.4, 0.7), diffuse=(0.35, 0.6), specular=(0.05, 0.25)),
         camera=camera,
         texture_seed=int(rng.integers(2**31)),
         scene="clutter",

@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from .assets import NAMED_MESH_PROBABILITY, NAMED_MESHES, NUM_BLOBS, TEXTURE_PATTERNS, mesh
+from .assets import (
+    TEXTURE_PATTERNS,
+    random_mesh_id,
+    standing_extent,
+)
 from .spec import (
     CameraPath,
     ObjectSpec,
     Poke,
     SceneSpec,
     StaticSpec,
+    light_direction,
     random_color,
+    random_light,
     smooth_walk,
 )
 
@@ -71,14 +77,9 @@ def sample(
     objects, placed = [], []
     scatter = rng.uniform(0.5, 1.1)
     for _ in range(n):
-        if rng.random() < NAMED_MESH_PROBABILITY:
-            mesh_id = int(rng.integers(len(NAMED_MESHES)))
-        else:
-            mesh_id = len(NAMED_MESHES) + int(rng.integers(NUM_BLOBS))
+        mesh_id = random_mesh_id(rng)
         size = float(np.exp(rng.uniform(np.log(0.18), np.log(0.4))))
-        m = mesh(mesh_id)
-        half_height = 0.5 * size * m.sides[2] / m.extent
-        radius = 0.5 * size * float(np.hypot(m.sides[0], m.sides[1])) / m.extent
+        half_height, radius = standing_extent(mesh_id, size)
         xy, floor = _stand(rng, focus, scatter, radius, half, footprints, surfaces, placed)
         placed.append((xy, radius))
         yaw = rng.uniform(0, 2 * np.pi)
@@ -109,15 +110,8 @@ def sample(
         objects=objects,
         ground_pattern=str(rng.choice(FLOOR_PATTERNS)),
         ground_colors=[[float(c) for c in col] for col in floor_colors[:: rng.choice([-1, 1])]],
-        light_direction=[
-            float(np.cos(light_elevation) * np.cos(light_azimuth)),
-            float(np.cos(light_elevation) * np.sin(light_azimuth)),
-            float(np.sin(light_elevation)),
-        ],
-        light_color=[float(c) for c in rng.uniform(0.8, 1.0, 3)],
-        ambient=float(rng.uniform(0.4, 0.7)),
-        diffuse=float(rng.uniform(0.3, 0.6)),
-        specular=float(rng.uniform(0.05, 0.2)),
+        light_direction=light_direction(light_azimuth, light_elevation),
+        **random_light(rng, 0.8, ambient=(0.4, 0.7), diffuse=(0.3, 0.6), specular=(0.05, 0.2)),
         camera=_walking_camera(rng, frames, fps, focus, half, table_side),
         texture_seed=int(rng.integers(2**31)),
         scene="room",

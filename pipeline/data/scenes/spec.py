@@ -97,6 +97,26 @@ def random_quaternion(rng) -> np.ndarray:
     return q / np.linalg.norm(q)
 
 
+def light_direction(azimuth: float, elevation: float) -> list[float]:
+    """The unit vector towards a light at ``azimuth`` / ``elevation`` (radians)."""
+    return [
+        float(np.cos(elevation) * np.cos(azimuth)),
+        float(np.cos(elevation) * np.sin(azimuth)),
+        float(np.sin(elevation)),
+    ]
+
+
+def random_light(rng, color_low: float, ambient, diffuse, specular) -> dict:
+    """A light's colour (each channel in [color_low, 1)) and its ambient / diffuse / specular
+    strengths drawn from the given ranges: the SceneSpec keyword arguments, drawn in this order."""
+    return dict(
+        light_color=[float(c) for c in rng.uniform(color_low, 1.0, 3)],
+        ambient=float(rng.uniform(*ambient)),
+        diffuse=float(rng.uniform(*diffuse)),
+        specular=float(rng.uniform(*specular)),
+    )
+
+
 def random_color(rng, saturation=(0.5, 1.0), value=(0.5, 1.0)) -> np.ndarray:
     """A random RGB colour drawn in HSV, so that colours are vivid rather than muddy."""
     h, s, v = rng.random(), rng.uniform(*saturation), rng.uniform(*value)

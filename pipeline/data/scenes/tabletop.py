@@ -9,17 +9,17 @@ import numpy as np
 
 from .assets import (
     GROUND_PATTERNS,
-    NAMED_MESH_PROBABILITY,
-    NAMED_MESHES,
-    NUM_BLOBS,
     TEXTURE_PATTERNS,
+    random_mesh_id,
 )
 from .spec import (
     CameraPath,
     ObjectSpec,
     Poke,
     SceneSpec,
+    light_direction,
     random_color,
+    random_light,
     random_quaternion,
     rotate2d,
     smooth_walk,
@@ -42,10 +42,7 @@ def sample(
     n = int(rng.integers(min_objects, max_objects + 1))
     objects, placed = [], []  # placed: (centre, radius) of bounding spheres
     for _ in range(n):
-        if rng.random() < NAMED_MESH_PROBABILITY:
-            mesh_id = int(rng.integers(len(NAMED_MESHES)))
-        else:
-            mesh_id = len(NAMED_MESHES) + int(rng.integers(NUM_BLOBS))
+        mesh_id = random_mesh_id(rng)
         size = float(np.exp(rng.uniform(np.log(0.12), np.log(0.35))))
         position = _free_position(rng, placed, radius=0.5 * np.sqrt(3) * size)
         placed.append((position, 0.5 * np.sqrt(3) * size))
@@ -74,15 +71,8 @@ def sample(
         objects=objects,
         ground_pattern=str(rng.choice(GROUND_PATTERNS)),
         ground_colors=[[float(c) for c in col] for col in ground],
-        light_direction=[
-            float(np.cos(light_elevation) * np.cos(light_azimuth)),
-            float(np.cos(light_elevation) * np.sin(light_azimuth)),
-            float(np.sin(light_elevation)),
-        ],
-        light_color=[float(c) for c in rng.uniform(0.85, 1.0, 3)],
-        ambient=float(rng.uniform(0.45, 0.65)),
-        diffuse=float(rng.uniform(0.4, 0.6)),
-        specular=float(rng.uniform(0.05, 0.2)),
+        light_direction=light_direction(light_azimuth, light_elevation),
+        **random_light(rng, 0.85, ambient=(0.45, 0.65), diffuse=(0.4, 0.6), specular=(0.05, 0.2)),
         camera=sample_camera_path(rng, frames, fps),
         texture_seed=int(rng.integers(2**31)),
     )
