@@ -1,7 +1,8 @@
 """Slot masks drawn over frames: one fixed colour per slot, for TensorBoard and `visualize`.
 
 Colours are fixed by slot index (tab20, strong ones first), so a slot keeps its colour over
-time and a colour change means the object changed slot.
+time and a colour change means the object changed slot. :func:`timeline` draws each slot's
+area per frame over a whole video in the same colours, so identity switches show at a glance.
 """
 
 from __future__ import annotations
@@ -64,3 +65,77 @@ def masks_overlay(
     size = frames.shape[1:3]
     labels = masks_to_labels(masks.detach().float().cpu(), size, grid).numpy()
     return overlay(frames, labels, alpha)
+
+
+def slot_areas(masks: torch.Tensor) -> np.ndarray:
+    """Soft masks (T, K, N) -> (T, K) share of the N tokens whose arg-max slot is k."""
+    t, k, n = masks.shape
+    labels = masks.detach().float().argmax(1)  # (T, N)
+    counts = torch.zeros(t, k).scatter_add_(1, labels.cpu(), torch.ones(t, n))
+    return (counts / n).numpy()
+
+
+def timeline(
+    areas: np.ndarray,
+    ticks: list[int] | tuple[int, ...] = (),
+    lane_height: int = 22,
+    max_width: int = 1600,
+    title: str = "",
+) -> np.ndarray:
+    """Each slot's area per frame over a video, (T, K) -> an RGB picture (H, W, 3) uint8.
+
+    Top: the K areas stacked in slot order (each column one frame, each band as thick as its
+    slot's share of the frame). Below: one lane per slot, its area as a filled curve (full lane =
+    the largest area any slot reaches), labelled with the slot's index in its overlay colour. An
+    object that changes slot shows as one lane falling while another rises at the same frame.
+    ``ticks``: frame indices marked under the lanes (``visualize`` marks where each inference
+    window starts, where carried slots meet new frames). Videos longer than ``max_width`` frames
+    are sampled evenly; shorter ones get up to 8 pixels per frame.
+    """
+    from PIL import Image, ImageDraw
+
+    t, k = areas.shape
+    per_frame = max(1, min(8, max_width // max(t, 1)))
+    width = min(t * per_frame, max_width)
+    frame_of = np.minimum((np.arange(width) * t) // width, t - 1)  # frame shown in each column
+    a = areas[frame_of]  # (W, K)
+    left, top_h, gap, axis_h = 48, 64, 4, 14
+    height = top_h + gap + k * lane_height + axis_h
+    canvas = np.full((height, left + width, 3), 255, dtype=np.uint8)
+
+    # stacked shares: rows from the top, slot 0 first
+    edges = np.concatenate([np.zeros((width, 1)), np.cumsum(a, 1)], 1) * top_h  # (W, K+1)
+    rows = np.arange(top_h)[:, None] + 0.5  # (top_h, 1)
+    band = (rows[..., None] >= edges[None, :, :-1]) & (rows[..., None] < edges[None, :, 1:])
+    has = band.any(-1)  # (top_h, W)
+    canvas[:top_h, left:][has] = slot_colours(band.argmax(-1))[has]
+
+    # one lane per slot
+    scale = max(float(areas.max()), 1e-6)
+    for slot in range(k):
+        y0 = top_h + gap + slot * lane_height
+        fill = np.round(a[:, slot] / scale * (lane_height - 3)).astype(int)  # (W,)
+        ys = np.arange(lane_height - 1)[:, None]
+        inside = ys >= (lane_height - 1 - fill)[None, :]
+        lane = canvas[y0 : y0 + lane_height - 1, left:]
+        lane[inside] = PALETTE[slot % len(PALETTE)]
+        canvas[y0 + lane_height - 1, left:] = 225  # a light line under each lane
+    y_axis = top_h + gap + k * lane_height
+    for tick in ticks:
+        if 0 <= tick < t:
+            x = left + int(tick * width / t)
+            canvas[y_axis : y_axis + 4, x] = 80
+
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    draw.text((2, top_h // 2 - 6), "area", fill=(60, 60, 60))
+    for slot in range(k):
+        y0 = top_h + gap + slot * lane_height
+        colour = tuple(int(c) for c in PALETTE[slot % len(PALETTE)])
+        draw.text((2, y0 + lane_height // 2 - 6), f"slot {slot}", fill=colour)
+    draw.text((left, y_axis + 2), "frame 0", fill=(60, 60, 60))
+    end = f"{t - 1}"
+    draw.text((left + width - 6 * len(end), y_axis + 2), end, fill=(60, 60, 60))
+    if title:
+        draw.text((left + width // 2 - 3 * len(title), y_axis + 2), title, fill=(60, 60, 60))
+    return np.asarray(image)
