@@ -44,7 +44,12 @@ from egoslots.stages.export_slots import (
     check_replaceable,
     partial_path,
 )
-from egoslots.stages.machinery.common import StageError, setup_logging
+from egoslots.stages.machinery.common import (
+    StageError,
+    output_writes,
+    setup_logging,
+    user_errors,
+)
 from egoslots.stages.machinery.inference import (
     checkpoint_identity,
     infer_windows,
@@ -451,4 +456,9 @@ def infer(run: Path, video_or_folder: Path, **options):
     without building a store: slots and masks (export-slots' layout), an overlay video and a
     slot timeline per video."""
     setup_logging()
-    infer_run(run, video_or_folder, **options)
+    out = options.get("out") or run / "infer"
+    try:
+        with output_writes(Path(out), kept="Finished outputs are kept", resume="then rerun"):
+            infer_run(run, video_or_folder, **options)
+    except user_errors() as err:  # unreadable video, missing encoder weights, bad store: one line
+        raise StageError(str(err)) from err
