@@ -9,8 +9,8 @@ Clips (H.264 mp4, decoded by the project's own video source):
 
 - ``carphone``: ``carphone_pristine.mp4``, 176x144, 120 frames, a nearly static talking head in
   a car: slots should barely move.
-- ``bikes``: ``bikes.mp4``, 1280x720, 250 frames, cyclists passing a fixed camera.
-- ``bigbuckbunny``: ``bigbuckbunny.mp4``, 132 frames of the animated film, with cuts.
+- ``bikes``: ``bikes.mp4``, 640x272, 250 frames, street shots (traffic, a cyclist) joined by cuts.
+- ``bigbuckbunny``: ``bigbuckbunny.mp4``, 1280x720, 132 frames of the animated film (one static shot).
 """
 
 from __future__ import annotations
