@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -58,7 +59,7 @@ from egoslots.stages.machinery.inference import (
     track_option,
     window_length,
 )
-from egoslots.stages.machinery.pictures import masks_overlay, slot_areas, timeline
+from egoslots.stages.machinery.pictures import OverlayVideo, masks_overlay, slot_areas, timeline
 from egoslots.stages.machinery.runtime import pick_device
 
 log = logging.getLogger("egoslots")
@@ -198,45 +199,6 @@ def encoded_windows(
     yield from ready(True)
 
 
-# --------------------------------------------------------------------------------------------
-# Pictures
-# --------------------------------------------------------------------------------------------
-class OverlayVideo:
-    """Frames beside their slot masks, written as they come: GIF (imageio) or mp4 (PyAV)."""
-
-    def __init__(self, path: Path, fps: float):
-        self.path, self.fps = path, fps
-        self.gif: list[np.ndarray] = []
-        self.container = self.stream = None
-
-    def add(self, images: np.ndarray) -> None:
-        if self.path.suffix == ".gif":
-            self.gif.extend(images)
-            return
-        import av
-
-        if self.container is None:
-            self.container = av.open(str(self.path), "w")
-            self.stream = self.container.add_stream("libx264", rate=max(1, round(self.fps)))
-            self.stream.height, self.stream.width = images.shape[1:3]
-            self.stream.pix_fmt = "yuv420p"
-            self.stream.options = {"crf": "18"}
-        for image in images:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            for packet in self.stream.encode(frame):
-                self.container.mux(packet)
-
-    def close(self) -> None:
-        if self.path.suffix == ".gif":
-            import imageio.v2 as imageio
-
-            imageio.mimsave(self.path, self.gif, duration=1000.0 / self.fps, loop=0)
-        elif self.container is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-            self.container.close()
-
-
 def safe_name(video_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
 
@@ -316,14 +278,13 @@ def infer_run(
     writer = _NpzWriter(export) if export_format == "npz" else _ZarrWriter(tmp)
     row, ids, firsts, lengths = 0, [], [], []
     bar = tqdm(total=total, unit="frame", desc="infer", dynamic_ncols=True)
+    job = _Job(model, source, encoder, compute, store, window, batch_size, restarts, track)
+    job.out, job.overlay, job.bar = out, overlay, bar
     try:
         for video in videos:
             ids.append(video.video_id)
             firsts.append(row)
-            row = _infer_one(
-                model, video, source, encoder, compute, store, window, batch_size, restarts,
-                track, writer, row, total, out, overlay, bar,
-            )  # fmt: skip
+            row = _infer_one(job, video, writer, row, total)
             lengths.append(row - firsts[-1])
     except SourceError as err:
         raise StageError(str(err)) from err
@@ -354,26 +315,52 @@ def infer_run(
     return out
 
 
-def _infer_one(
-    model, video, source, encoder, compute, store, window, batch_size, restarts, track,
-    writer, row, total, out, overlay, bar,
-) -> int:  # fmt: skip
-    """One video: windows through the model, rows to ``writer``, pictures to ``out``."""
+@dataclass
+class _Job:
+    """What every video of one ``infer`` shares."""
+
+    model: torch.nn.Module
+    source: object
+    encoder: torch.nn.Module
+    compute: str  # fp32 | bf16, as the store was extracted
+    store: object
+    window: int
+    batch_size: int
+    restarts: int
+    track: str
+    out: Path = Path(".")
+    overlay: str = "gif"
+    bar: object = None
+
+
+def _infer_one(job: _Job, video, writer, row: int, total: int) -> int:
+    """One video: windows through the model, rows to ``writer`` from ``row`` on, pictures to
+    ``job.out``; returns the next free row."""
+    store = job.store
     pending: list[np.ndarray] = []  # each window's frames, handed back beside its result
 
     def windows():
         for feats, frames in encoded_windows(
-            source, video.video_id, encoder, compute, store.meta["feature_dtype"],
-            store.frame_size, window, batch_size, bar,
-        ):  # fmt: skip
+            job.source,
+            video.video_id,
+            job.encoder,
+            job.compute,
+            store.meta["feature_dtype"],
+            store.frame_size,
+            job.window,
+            job.batch_size,
+            job.bar,
+        ):
             pending.append(frames)
             yield feats, None
 
     name = safe_name(video.video_id)
-    movie = None if overlay == "none" else OverlayVideo(out / f"{name}.{overlay}", video.fps or 6.0)
+    movie = None
+    if job.overlay != "none":
+        movie = OverlayVideo(job.out / f"{name}.{job.overlay}", video.fps or 6.0)
     areas, starts, first = [], [], row
     torch.manual_seed(0)  # a Gaussian initializer's first slots: as export-slots' and evaluate's
-    for result in infer_windows(model, windows(), restarts, track):
+    for result in infer_windows(job.model, windows(), job.restarts, job.track):
         frames = pending.pop(0)
         masks = result["masks"]
         arrays = {"slots": result["slots"].numpy().astype(np.float32)}
@@ -395,7 +382,7 @@ def _infer_one(
     picture = timeline(np.concatenate(areas), ticks=starts, title=video.video_id)
     import imageio.v2 as imageio
 
-    imageio.imwrite(out / f"{name}.timeline.png", picture)
+    imageio.imwrite(job.out / f"{name}.timeline.png", picture)
     return row
 
 

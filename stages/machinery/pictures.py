@@ -2,10 +2,13 @@
 
 Colours are fixed by slot index (tab20, strong ones first), so a slot keeps its colour over
 time and a colour change means the object changed slot. :func:`timeline` draws each slot's
-area per frame over a whole video in the same colours, so identity switches show at a glance.
+area per frame over a whole video in the same colours, so identity switches show at a glance;
+:class:`OverlayVideo` writes overlays frame by frame as GIF or mp4 (``infer``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,6 +139,42 @@ def timeline(
     draw.text((left, y_axis + 2), "frame 0", fill=(60, 60, 60))
     end = f"{t - 1}"
     draw.text((left + width - 6 * len(end), y_axis + 2), end, fill=(60, 60, 60))
-    if title:
+    if title and width >= 6 * len(title) + 120:  # room between the two frame numbers
         draw.text((left + width // 2 - 3 * len(title), y_axis + 2), title, fill=(60, 60, 60))
     return np.asarray(image)
+
+
+class OverlayVideo:
+    """Frames beside their slot masks, written as they come: GIF (imageio) or mp4 (PyAV)."""
+
+    def __init__(self, path: Path, fps: float):
+        self.path, self.fps = path, fps
+        self.gif: list[np.ndarray] = []
+        self.container = self.stream = None
+
+    def add(self, images: np.ndarray) -> None:
+        if self.path.suffix == ".gif":
+            self.gif.extend(images)
+            return
+        import av
+
+        if self.container is None:
+            self.container = av.open(str(self.path), "w")
+            self.stream = self.container.add_stream("libx264", rate=max(1, round(self.fps)))
+            self.stream.height, self.stream.width = images.shape[1:3]
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.options = {"crf": "18"}
+        for image in images:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+
+    def close(self) -> None:
+        if self.path.suffix == ".gif":
+            import imageio.v2 as imageio
+
+            imageio.mimsave(self.path, self.gif, duration=1000.0 / self.fps, loop=0)
+        elif self.container is not None:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+            self.container.close()
