@@ -49,6 +49,7 @@ from egoslots.stages.machinery.inference import (  # noqa: E402
     load_trained,
     window_length,
 )
+from egoslots.stages.machinery.pictures import tied_argmax  # noqa: E402
 from egoslots.stages.train_slots import train  # noqa: E402
 from tests.helpers.footage import clip_path  # noqa: E402
 
@@ -59,6 +60,11 @@ from tests.helpers.footage import clip_path  # noqa: E402
 def labels_of(masks: torch.Tensor) -> np.ndarray:
     """(T, K, N) soft masks -> (T, N) arg-max slot per token."""
     return masks.float().argmax(1).numpy()
+
+
+def tied_labels_of(masks: torch.Tensor) -> np.ndarray:
+    """(T, K, N) -> (T, N): values within 1e-3 tie, the lower index wins (``tied_argmax``)."""
+    return tied_argmax(masks).numpy()
 
 
 def keep_share(labels: np.ndarray) -> float:
@@ -84,12 +90,21 @@ def slots_used(labels: np.ndarray, k: int) -> float:
 
 
 def scores(masks: torch.Tensor) -> dict:
+    """keep, identity, used of the plain float32 arg-max; keep16 / identity16 of the masks
+    rounded to float16, as export-slots and infer store them; keep_tied / identity_tied of
+    ``tied_argmax`` (what visualize's timeline and --track match use). Rounding and the tie
+    rule both give tokens that two slots share almost equally to the lower index, instead of
+    to float32 noise."""
     k = masks.shape[1]
-    labels = labels_of(masks)
+    labels, stored, tied = labels_of(masks), labels_of(masks.half()), tied_labels_of(masks)
     return {
         "keep": keep_share(labels),
         "identity": identity_share(labels, k),
         "used": slots_used(labels, k),
+        "keep16": keep_share(stored),
+        "identity16": identity_share(stored, k),
+        "keep_tied": keep_share(tied),
+        "identity_tied": identity_share(tied, k),
     }
 
 
@@ -163,7 +178,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    print(f"{'clip':14s} {'setting':12s} {'keep':>7s} {'identity':>9s} {'used':>5s}")
+    print(
+        f"{'clip':14s} {'K':>2s} {'setting':12s} {'keep':>7s} {'identity':>9s} {'used':>5s}"
+        f" {'keep16':>7s} {'identity16':>10s} {'keep_tied':>9s} {'identity_tied':>13s}"
+    )
+
+    def show(row):
+        print(
+            f"{row['clip']:14s} {row['slots']:2d} {row['setting']:12s} {row['keep']:7.3f} "
+            f"{row['identity']:9.3f} {row['used']:5.1f} {row['keep16']:7.3f} {row['identity16']:10.3f}"
+            f" {row['keep_tied']:9.3f} {row['identity_tied']:13.3f}"
+        )
+
     for clip in args.clips:
         run_dir = trained_run(clip, args.work, args.steps, args.slots, args.set)
         model, cfg, store, _ = load_trained(run_dir)
@@ -171,25 +197,13 @@ def main() -> None:
         window = window_length(cfg)
         k = model.num_slots
         for setting in args.settings:
-            row = {
-                "clip": clip,
-                "setting": setting,
-                **scores(run_setting(model, features, window, setting)),
-            }
-            rows.append(row)
-            print(
-                f"{clip:14s} {setting:12s} {row['keep']:7.3f} {row['identity']:9.3f} {row['used']:5.1f}"
-            )
-        base = {
-            "clip": clip,
-            "setting": "kmeans_video",
-            **scores(kmeans_masks(features, k, "video")),
-        }
-        rows.append(base)
-        print(
-            f"{clip:14s} {'kmeans_video':12s} {base['keep']:7.3f} {base['identity']:9.3f} {base['used']:5.1f}"
-        )
-    (args.work / "identity.json").write_text(json.dumps(rows, indent=1))
+            masks = run_setting(model, features, window, setting)
+            rows.append({"clip": clip, "slots": k, "setting": setting, **scores(masks)})
+            show(rows[-1])
+        base = kmeans_masks(features, k, "video")
+        rows.append({"clip": clip, "slots": k, "setting": "kmeans_video", **scores(base)})
+        show(rows[-1])
+    (args.work / f"identity-k{args.slots}-{args.steps}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

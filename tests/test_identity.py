@@ -94,3 +94,17 @@ def test_bench_scores():
     masks = _one_hot(labels, 3)
     scores = bench.scores(masks)
     assert scores["keep"] == pytest.approx(7 / 12) and scores["identity"] == pytest.approx(2 / 3)
+
+
+def test_tied_argmax_gives_near_ties_to_the_lower_index():
+    from egoslots.stages.machinery.pictures import tied_argmax
+
+    masks = torch.tensor(
+        [[[0.5004, 0.30, 0.1], [0.4996, 0.30, 0.2], [0.0, 0.40, 0.7]]]
+    )  # (T=1, K=3, N=3): token 0 is a near-tie of slots 0 and 1
+    assert masks.argmax(1).tolist() == [[0, 2, 2]]
+    assert tied_argmax(masks).tolist() == [[0, 2, 2]]
+    flipped = masks[:, [1, 0, 2]]  # the same token, slot 0 now a hair behind
+    assert flipped.argmax(1).tolist() == [[1, 2, 2]]  # plain arg-max follows the noise
+    assert tied_argmax(flipped).tolist() == [[0, 2, 2]]  # the tie rule does not
+    assert tied_argmax(flipped, tol=0.0).tolist() == [[1, 2, 2]]

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from egoslots.cache.reader import ClipDataset
 from egoslots.cache.store import FeatureStore, StoreError
 from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.pictures import tied_argmax
 from egoslots.stages.machinery.run_paths import path_from_run_file, store_of_run
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_fits,
@@ -179,7 +180,8 @@ class SlotTracker:
     trade a region back and forth, and small slots trade their few tokens, which is what the
     identity switches of ``docs/real-video.md`` are. This renames slots after the fact: frame
     t's slots are matched one-to-one to frame t-1's (already renamed) slots by how many tokens
-    they share as arg-max slot (Hungarian; on a tie the current names stay) and reordered.
+    they share as arg-max slot (``pictures.tied_argmax``: mask values within 1e-3 tie, the lower
+    index wins; Hungarian; on a tie the current names stay) and reordered.
     (Soft-mask overlaps match worse: a slot with a diffuse mask overlaps everything.) The model's own state is untouched, so its results
     (masks as sets, reconstructions, scores that ignore slot order) are exactly as without it.
     """
@@ -194,7 +196,7 @@ class SlotTracker:
         orders = []
         for frame in masks.float():
             k = frame.shape[0]
-            hard = torch.nn.functional.one_hot(frame.argmax(0), k).T.double()  # (K, N)
+            hard = torch.nn.functional.one_hot(tied_argmax(frame), k).T.double()  # (K, N)
             if self.previous is None:
                 order = torch.arange(k)
             else:
@@ -202,9 +204,9 @@ class SlotTracker:
                 overlap += torch.eye(k, dtype=torch.float64) * (0.5 / k)  # only a tie keeps names
                 _, cols = linear_sum_assignment(overlap.numpy(), maximize=True)
                 order = torch.as_tensor(cols, dtype=torch.long)
-            # the names' own arg-max (slots that collapsed onto one vector tie, and arg-max
-            # gives a tie to the lower index: the order the masks are shown in)
-            self.previous = torch.nn.functional.one_hot(frame[order].argmax(0), k).T.double()
+            # the names' own labels (slots that collapsed onto one vector tie, and a tie goes
+            # to the lower index: the order the masks are shown in)
+            self.previous = torch.nn.functional.one_hot(tied_argmax(frame[order]), k).T.double()
             orders.append(order)
         return torch.stack(orders)  # (t, K)
 

@@ -70,10 +70,29 @@ def masks_overlay(
     return overlay(frames, labels, alpha)
 
 
+# Mask values closer than this count as equal when a token's slot is chosen (see tied_argmax).
+TIE_TOLERANCE = 1e-3
+
+
+def tied_argmax(masks: torch.Tensor, tol: float = TIE_TOLERANCE) -> torch.Tensor:
+    """Soft masks (..., K, N) -> the slot of each token (..., N): the lowest-index slot among
+    those within ``tol`` of the token's largest mask value.
+
+    Slots that settle on (near-)identical vectors share their tokens almost equally, and a plain
+    arg-max then hands each token to whichever is ahead by float noise, a different one each
+    frame (docs/real-video.md: that is most of the "identity switches" on real footage). Within
+    ``tol`` the lower index wins, every frame alike; float16 exports round to about this anyway.
+    """
+    masks = masks.detach().float()
+    top = masks.max(dim=-2, keepdim=True).values
+    return (masks >= top - tol).to(torch.uint8).argmax(dim=-2)  # the first slot that ties
+
+
 def slot_areas(masks: torch.Tensor) -> np.ndarray:
-    """Soft masks (T, K, N) -> (T, K) share of the N tokens whose arg-max slot is k."""
+    """Soft masks (T, K, N) -> (T, K) share of the N tokens whose slot (:func:`tied_argmax`)
+    is k."""
     t, k, n = masks.shape
-    labels = masks.detach().float().argmax(1)  # (T, N)
+    labels = tied_argmax(masks)  # (T, N)
     counts = torch.zeros(t, k).scatter_add_(1, labels.cpu(), torch.ones(t, n))
     return (counts / n).numpy()
 
