@@ -376,7 +376,8 @@ def _infer_one(job: _Job, video, writer, row: int, total: int) -> int:
         areas.append(slot_areas(shown))
         if movie is not None:
             grid = tuple(store.grid) if shown.shape[-1] == store.grid[0] * store.grid[1] else None
-            movie.add(np.concatenate([frames, masks_overlay(frames, shown, grid)], axis=2))
+            picture = masks_overlay(frames, shown, grid, ties=job.track == "match")
+            movie.add(np.concatenate([frames, picture], axis=2))
     if movie is not None:
         movie.close()
     picture = timeline(np.concatenate(areas), ticks=starts, title=video.video_id)

@@ -10,7 +10,8 @@ Default video: the first test video. Outputs go to ``RUN/viz/<video>.gif|.png``,
 them ``<video>.timeline.png``: each slot's area per frame over the whole video in the overlay's
 colours, with the inference windows' starts marked (``pictures.timeline``), so an object that
 changes slot shows as one slot's lane falling while another's rises. ``--track match`` renames
-slots frame by frame to keep their regions (``inference.SlotTracker``).
+slots frame by frame to keep their regions (``inference.SlotTracker``) and colours pixels two
+slots share almost equally in the lower slot's colour (``pictures.tied_argmax``).
 """
 
 from __future__ import annotations
@@ -125,11 +126,12 @@ def visualize_run(
     frames = item["frames"].numpy()  # (T, S, S, 3)
     size = frames.shape[1]
     grid = tuple(store.grid) if masks.shape[-1] == store.grid[0] * store.grid[1] else None
-    panels = [frames, masks_overlay(frames, masks, grid)]
+    ties = track == "match"  # near-ties to the lower index, as the tracker labels them
+    panels = [frames, masks_overlay(frames, masks, grid, ties=ties)]
     if cfg.evaluate.get("refine", True):
         token_grid = grid or tuple(infer_grid(masks.shape[-1]))
         fine = refine_masks(masks.detach().float().cpu(), frames, token_grid)
-        panels.append(masks_overlay(frames, fine, (size, size), alpha=1.0))
+        panels.append(masks_overlay(frames, fine, (size, size), alpha=1.0, ties=ties))
     recon, why = dvae_reconstructions(run_dir, tokens_hash, item.get("tokens"), size)
     if recon is not None:
         panels.append(recon)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from egoslots.pipeline.metrics import masks_to_labels
+from egoslots.pipeline.metrics import infer_grid, masks_to_labels
 
 # 20 distinct colours (tab20 order, strong ones first); slot k always gets PALETTE[k % 20].
 PALETTE = np.array(
@@ -60,14 +61,40 @@ def overlay(frames: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.n
 
 
 def masks_overlay(
-    frames: np.ndarray, masks: torch.Tensor, grid: tuple[int, int] | None, alpha: float = 0.55
+    frames: np.ndarray,
+    masks: torch.Tensor,
+    grid: tuple[int, int] | None,
+    alpha: float = 0.55,
+    ties: bool = False,
 ) -> np.ndarray:
     """Frames (T, S, S, 3) uint8 and soft slot masks (T, K, N) on ``grid`` (None: square) ->
     (T, S, S, 3) uint8, each pixel in the colour of its arg-max slot (masks resized bilinearly),
-    blended over the frame with ``alpha`` (1: solid slot colours, identities easiest to follow)."""
+    blended over the frame with ``alpha`` (1: solid slot colours, identities easiest to follow).
+    ``ties``: near-ties go to the lower slot index (:func:`tied_argmax`; ``--track match``), so
+    pixels two slots share almost equally do not flicker between their colours."""
     size = frames.shape[1:3]
-    labels = masks_to_labels(masks.detach().float().cpu(), size, grid).numpy()
+    if ties:
+        labels = tied_labels(masks, size, grid).numpy()
+    else:
+        labels = masks_to_labels(masks.detach().float().cpu(), size, grid).numpy()
     return overlay(frames, labels, alpha)
+
+
+def tied_labels(
+    masks: torch.Tensor, size: tuple[int, int], grid: tuple[int, int] | None, chunk: int = 64
+) -> torch.Tensor:
+    """As ``metrics.masks_to_labels`` (grid, bilinear resize to ``size``), with
+    :func:`tied_argmax` instead of arg-max: (..., K, N) -> (..., H, W) int64."""
+    *lead, k, n = masks.shape
+    h, w = infer_grid(n, grid)
+    flat = masks.detach().float().cpu().reshape(-1, k, h, w)
+    out = []
+    for i in range(0, flat.shape[0], chunk):
+        part = flat[i : i + chunk]
+        if (h, w) != tuple(size):
+            part = F.interpolate(part, size=tuple(size), mode="bilinear", align_corners=False)
+        out.append(tied_argmax(part.flatten(2)).view(-1, *size))
+    return torch.cat(out).reshape(*lead, *size)
 
 
 # Mask values closer than this count as equal when a token's slot is chosen (see tied_argmax).
