@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
         "dataset.num_workers=0",
         "decoder.hidden_dims=[32]",
         "predictor.num_heads=2",
-        "model.initializer.restarts=2",
+        "inference.restarts=2",
         "optimizer.warmup_steps=1",
         "trainer.max_steps=3",
         "trainer.ckpt_every=3",

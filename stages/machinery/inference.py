@@ -231,7 +231,7 @@ def infer_windows(
     {"slots": (t, K, D), "masks": {method: (t, K, N)}} on the CPU, float32. Methods the model
     does not output (no STEVE decoder) are left out. ``restarts``: draws of a Gaussian
     initializer's first slots, the best on the first window kept (``SlotModel.best_first_slots``;
-    None: ``model.initializer.restarts`` of the run's config). ``track``: "off" keeps the
+    None: ``inference.restarts`` of the run's config). ``track``: "off" keeps the
     model's slot order; "match" renames slots frame by frame (:class:`SlotTracker`, matched on
     the decoder masks, else the attention masks; slots and every method's masks follow).
     """
