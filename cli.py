@@ -53,6 +53,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "egoslots.stages.export_slots:export_slots_command",
         "Export per-frame slots, masks and tokens for downstream use.",
     ),
+    "infer": (
+        "egoslots.stages.infer:infer",
+        "Run a trained slot model on new video (no store): slots, masks, overlay, timeline.",
+    ),
     "visualize": (
         "egoslots.stages.visualize:visualize",
         "Render slot masks over a video as GIF and PNG strip.",

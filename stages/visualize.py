@@ -6,7 +6,12 @@ slot keeps its colour over time and a colour change means the object changed slo
 masks refined to pixels with the video's colours (``evaluate.refine``, ``pipeline/refine.py``),
 drawn in solid slot colours, and, for runs with a dVAE, the dVAE's reconstruction of the cached tokens. The GIF has one image
 per frame; the PNG strip stacks the same panels as rows with up to ``max_columns`` frames.
-Default video: the first test video. Outputs go to ``RUN/viz/<video>.gif|.png``.
+Default video: the first test video. Outputs go to ``RUN/viz/<video>.gif|.png``, and beside
+them ``<video>.timeline.png``: each slot's area per frame over the whole video in the overlay's
+colours, with the inference windows' starts marked (``pictures.timeline``), so an object that
+changes slot shows as one slot's lane falling while another's rises. ``--track match`` renames
+slots frame by frame to keep their regions (``inference.SlotTracker``) and colours pixels two
+slots share almost equally in the lower slot's colour (``pictures.tied_argmax``).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from egoslots.stages.machinery.inference import (
     infer_video,
     load_trained,
     restarts_option,
+    track_option,
     window_length,
 )
-from egoslots.stages.machinery.pictures import masks_overlay
+from egoslots.stages.machinery.pictures import masks_overlay, slot_areas, timeline
 from egoslots.stages.machinery.run_paths import path_from_run_file
 from egoslots.stages.machinery.rundirs import read_json
 from egoslots.stages.machinery.runtime import pick_device
@@ -90,9 +96,11 @@ def visualize_run(
     max_columns: int = 16,
     fps: float = 6.0,
     restarts: int | None = None,
+    track: str = "off",
 ) -> Path:
-    """Render slot masks over one video; returns the PNG strip's path (the GIF is beside it).
-    ``restarts``: draws of a Gaussian initializer's first slots (None: the run's config)."""
+    """Render slot masks over one video; returns the PNG strip's path (the GIF and the slot
+    timeline are beside it). ``restarts``: draws of a Gaussian initializer's first slots (None:
+    the run's config); ``track``: "match" renames slots frame by frame (``infer_windows``)."""
     run_dir = Path(run_dir)
     model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
     if video_id is None:
@@ -112,18 +120,20 @@ def visualize_run(
     )
     item = data[0]
     model = model.to(pick_device()).eval()
+    window = window_length(cfg)
     result = infer_video(
-        model, item["features"], item.get("tokens"), window_length(cfg), restarts=restarts
+        model, item["features"], item.get("tokens"), window, restarts=restarts, track=track
     )
     masks = result["masks"].get("model_decoder", result["masks"].get("model_attention"))
     frames = item["frames"].numpy()  # (T, S, S, 3)
     size = frames.shape[1]
     grid = tuple(store.grid) if masks.shape[-1] == store.grid[0] * store.grid[1] else None
-    panels = [frames, masks_overlay(frames, masks, grid)]
+    ties = track == "match"  # near-ties to the lower index, as the tracker labels them
+    panels = [frames, masks_overlay(frames, masks, grid, ties=ties)]
     if cfg.evaluate.get("refine", True):
         token_grid = grid or tuple(infer_grid(masks.shape[-1]))
         fine = refine_masks(masks.detach().float().cpu(), frames, token_grid)
-        panels.append(masks_overlay(frames, fine, (size, size), alpha=1.0))
+        panels.append(masks_overlay(frames, fine, (size, size), alpha=1.0, ties=ties))
     recon, why = dvae_reconstructions(run_dir, tokens_hash, item.get("tokens"), size)
     if recon is not None:
         panels.append(recon)
@@ -136,8 +146,18 @@ def visualize_run(
     gif_path, png_path = out_dir / f"{safe}.gif", out_dir / f"{safe}.png"
     write_gif(gif_path, np.concatenate(panels, axis=2), fps)
     write_strip(png_path, panels, max_columns)
-    click.echo(f"GIF: {gif_path}\nPNG: {png_path}")
+    timeline_path = out_dir / f"{safe}.timeline.png"
+    ticks = list(range(0, len(frames), window))  # where carried slots meet a new window
+    write_timeline(timeline_path, timeline(slot_areas(masks), ticks=ticks, title=video_id))
+    click.echo(f"GIF: {gif_path}\nPNG: {png_path}\ntimeline: {timeline_path}")
     return png_path
+
+
+def write_timeline(path: Path, picture: np.ndarray) -> None:
+    """The slot timeline (H, W, 3) uint8 as a PNG."""
+    import imageio.v2 as imageio
+
+    imageio.imwrite(path, picture)
 
 
 def write_gif(path: Path, images: np.ndarray, fps: float) -> None:
@@ -182,10 +202,19 @@ def write_strip(path: Path, panels: list[np.ndarray], max_columns: int, gap: int
     "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
 )
 @restarts_option
+@track_option
 def visualize(
-    run: Path, video_id: str | None, out: Path | None, checkpoint: str, restarts: int | None
+    run: Path,
+    video_id: str | None,
+    out: Path | None,
+    checkpoint: str,
+    restarts: int | None,
+    track: str,
 ):
     """Render a video's slot masks (colours fixed per slot) as a GIF and a PNG strip, with dVAE
-    reconstructions of the cached tokens when the run uses a dVAE."""
+    reconstructions of the cached tokens when the run uses a dVAE, and each slot's area per
+    frame as a timeline picture."""
     setup_logging()
-    visualize_run(run, video_id=video_id, out=out, checkpoint=checkpoint, restarts=restarts)
+    visualize_run(
+        run, video_id=video_id, out=out, checkpoint=checkpoint, restarts=restarts, track=track
+    )

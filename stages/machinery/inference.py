@@ -6,7 +6,8 @@
 - :func:`infer_windows` / :func:`infer_video`: the model over consecutive windows of the
   training clip length (:func:`window_length`), carrying the slots from one window to the next
   (``init_state`` <- ``next_state``), so slot identities persist over a whole video as they
-  would online. Masks are returned per method (``OUTPUT_KEYS``).
+  would online. Masks are returned per method (``OUTPUT_KEYS``). ``track="match"`` renumbers
+  the slots of every frame to keep the regions they had in the frame before (:class:`SlotTracker`).
 - The videos of a split: :func:`iter_videos`, :func:`store_windows` (streamed from the store),
   :func:`available_split`, :func:`split_size`.
 """
@@ -26,6 +27,7 @@ from egoslots.cache.reader import ClipDataset
 from egoslots.cache.store import FeatureStore, StoreError
 from egoslots.pipeline.checkpoints import CheckpointError, load_weights
 from egoslots.stages.machinery.common import StageError, check_fits_in_memory
+from egoslots.stages.machinery.pictures import tied_argmax
 from egoslots.stages.machinery.run_paths import path_from_run_file, store_of_run
 from egoslots.stages.machinery.rundirs import (
     check_checkpoint_fits,
@@ -84,6 +86,19 @@ def restart_bytes(run: str | Path | None) -> int | None:
         return None
     return 4 * frames * tokens * (slots * 2 * (widest + dim + 1) + 3 * dim)
 
+
+# visualize and infer: one --track option (the default keeps the model's own slot order)
+TRACK_MODES = ("off", "match")
+track_option = click.option(
+    "--track",
+    type=click.Choice(TRACK_MODES),
+    default="off",
+    show_default=True,
+    help="match: renumber each frame's slots so every slot keeps the region it had in the frame "
+    "before (Hungarian matching of mask overlaps), and give tokens two slots share almost "
+    "equally to the lower slot in pictures (fewer identity switches on real video). "
+    "off: the model's own slot order and plain arg-max, as export-slots and evaluate.",
+)
 
 # method -> where its masks are in the model's outputs
 OUTPUT_KEYS = {
@@ -206,11 +221,57 @@ def _get(tree: dict, path: tuple[str, ...]):
     return tree
 
 
+class SlotTracker:
+    """Renumbers each frame's slots so that every slot keeps the region it had one frame before.
+
+    Slot attention, the predictor and the decoder treat slots alike whatever their index, so a
+    slot's index is only a name: on real footage two slots that settle on near-identical vectors
+    trade a region back and forth, and small slots trade their few tokens, which is what the
+    identity switches of ``docs/real-video.md`` are. This renames slots after the fact: frame
+    t's slots are matched one-to-one to frame t-1's (already renamed) slots by how many tokens
+    they share as arg-max slot (``pictures.tied_argmax``: mask values within 1e-3 tie, the lower
+    index wins; Hungarian; on a tie the current names stay) and reordered.
+    (Soft-mask overlaps match worse: a slot with a diffuse mask overlaps everything.) The model's own state is untouched, so its results
+    (masks as sets, reconstructions, scores that ignore slot order) are exactly as without it.
+    """
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None  # (K, N) one-hot arg-max of the last frame
+
+    def order(self, masks: torch.Tensor) -> torch.Tensor:
+        """masks (t, K, N) of one window in the model's order -> (t, K) slot index per name."""
+        from scipy.optimize import linear_sum_assignment
+
+        orders = []
+        for frame in masks.float():
+            k = frame.shape[0]
+            hard = torch.nn.functional.one_hot(tied_argmax(frame), k).T.double()  # (K, N)
+            if self.previous is None:
+                order = torch.arange(k)
+            else:
+                overlap = self.previous @ hard.T  # (K previous names, K slots): shared tokens
+                overlap += torch.eye(k, dtype=torch.float64) * (0.5 / k)  # only a tie keeps names
+                _, cols = linear_sum_assignment(overlap.numpy(), maximize=True)
+                order = torch.as_tensor(cols, dtype=torch.long)
+            # the names' own labels (slots that collapsed onto one vector tie, and a tie goes
+            # to the lower index: the order the masks are shown in)
+            self.previous = torch.nn.functional.one_hot(tied_argmax(frame[order]), k).T.double()
+            orders.append(order)
+        return torch.stack(orders)  # (t, K)
+
+
+def _reorder(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """values (t, K, ...) reordered along K per frame by ``order`` (t, K)."""
+    index = order.view(*order.shape, *([1] * (values.dim() - 2))).expand_as(values)
+    return values.gather(1, index)
+
+
 @torch.no_grad()
 def infer_windows(
     model: torch.nn.Module,
     windows: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
     restarts: int | None = None,
+    track: str = "off",
 ) -> Iterator[dict]:
     """Run the model over consecutive windows of one video, carrying the slots between them.
 
@@ -218,8 +279,13 @@ def infer_windows(
     {"slots": (t, K, D), "masks": {method: (t, K, N)}} on the CPU, float32. Methods the model
     does not output (no STEVE decoder) are left out. ``restarts``: draws of a Gaussian
     initializer's first slots, the best on the first window kept (``SlotModel.best_first_slots``;
-    None: ``model.initializer.restarts`` of the run's config).
+    None: ``inference.restarts`` of the run's config). ``track``: "off" keeps the
+    model's slot order; "match" renames slots frame by frame (:class:`SlotTracker`, matched on
+    the decoder masks, else the attention masks; slots and every method's masks follow).
     """
+    if track not in TRACK_MODES:
+        raise StageError(f"track={track!r}: choose one of {', '.join(TRACK_MODES)}")
+    tracker = SlotTracker() if track == "match" else None
     device = model_device(model)
     state = None
     for feats, toks in windows:
@@ -232,7 +298,12 @@ def infer_windows(
             value = _get(out, path)
             if value is not None:
                 masks[name] = value[0].float().cpu()
-        yield {"slots": out["processor"]["state"][0].float().cpu(), "masks": masks}
+        slots = out["processor"]["state"][0].float().cpu()
+        if tracker is not None:
+            order = tracker.order(masks.get("model_decoder", masks.get("model_attention")))
+            slots = _reorder(slots, order)
+            masks = {name: _reorder(value, order) for name, value in masks.items()}
+        yield {"slots": slots, "masks": masks}
 
 
 def infer_video(
@@ -242,13 +313,14 @@ def infer_video(
     window: int,
     seed: int | None = 0,
     restarts: int | None = None,
+    track: str = "off",
 ) -> dict:
     """The model over one whole video in windows of ``window`` frames, slots carried across.
 
     features (T, N, D), tokens (T, h, w) | None -> {"slots": (T, K, D), "masks": {method: (T, K, N)}}.
     ``seed``: random numbers (the first slots of a Gaussian initializer) come from this seed,
     so scores and pictures repeat; the caller's random state is left as it was. None: unseeded.
-    ``restarts``: see :func:`infer_windows`.
+    ``restarts``, ``track``: see :func:`infer_windows`.
     """
     starts = range(0, features.shape[0], window)
     device = next(model.parameters()).device
@@ -263,6 +335,7 @@ def infer_video(
                     for s in starts
                 ),
                 restarts,
+                track,
             )
         )
     return {

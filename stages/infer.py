@@ -1,0 +1,452 @@
+"""`egoslots infer RUN VIDEO_OR_FOLDER`: a trained run on new video, without building a store.
+
+New footage goes straight from the file to slots: frames are decoded by the project's own
+sources (a video file, a folder of video files, or a folder of frames / of frame folders, as
+``dataset.source: video | frames`` read them), preprocessed as extraction does, encoded by the
+frozen encoder the run's store was extracted with (its recorded ``backbone`` settings, checked
+against the store's encoder description), rounded to the store's feature dtype, and streamed in
+windows through the same inference as ``export-slots`` (``infer_windows``: slots carried across
+windows, the same seed per video). So on frames the store holds, ``infer`` gives export-slots'
+slots. Nothing is cached: a long video never sits in memory as features.
+
+Written to OUT (default ``RUN/infer/<input name>``):
+
+    slots.npz | slots.zarr    export-slots' layout (slots, masks, attention_masks, video table,
+                              meta), so the same reader code works on both
+    <video>.gif | .mp4        each frame beside its slot masks (colours fixed per slot)
+    <video>.timeline.png      each slot's area per frame over the whole video (switches show)
+
+Rerunning with the same run, input and settings returns at once; different settings need
+``--overwrite`` (only an earlier infer/export output is ever replaced).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from egoslots.pipeline.backbones import BackboneError, build_backbone
+from egoslots.pipeline.data.base import SourceError
+from egoslots.pipeline.preprocess import preprocess_frame
+from egoslots.stages.export_slots import (
+    _NpzWriter,
+    _read_meta,
+    _remove,
+    _ZarrWriter,
+    check_replaceable,
+    partial_path,
+)
+from egoslots.stages.machinery.common import (
+    StageError,
+    output_writes,
+    setup_logging,
+    user_errors,
+)
+from egoslots.stages.machinery.inference import (
+    checkpoint_identity,
+    infer_windows,
+    load_trained,
+    restarts_option,
+    track_option,
+    window_length,
+)
+from egoslots.stages.machinery.pictures import OverlayVideo, masks_overlay, slot_areas, timeline
+from egoslots.stages.machinery.runtime import pick_device
+
+log = logging.getLogger("egoslots")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+# --------------------------------------------------------------------------------------------
+# Input: which source reads it
+# --------------------------------------------------------------------------------------------
+def source_for(path: Path, fps: float | None):
+    """A video file, a folder of video files, or a folder of frames / frame folders -> the
+    project's source reading it (every video in split ``train``: splits mean nothing here)."""
+    common = {"val": 0.0, "test": 0.0}
+    if not path.exists():
+        raise StageError(f"{path}: no such file or folder (give a video file or a folder)")
+    if path.is_file():
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            raise StageError(
+                f"{path}: not a video file ({', '.join(VIDEO_SUFFIXES)}); for frames give "
+                "the folder that holds them"
+            )
+        from egoslots.pipeline.data.video import VideoFileSource
+
+        return VideoFileSource(path, fps=fps, **common)
+    visible = [
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in visible):
+        from egoslots.pipeline.data.frames import FrameFolderSource
+
+        return FrameFolderSource(path, **common)
+    if any(p.suffix.lower() in VIDEO_SUFFIXES for p in visible):
+        from egoslots.pipeline.data.video import VideoFileSource
+
+        return VideoFileSource(path, fps=fps, **common)
+    raise StageError(
+        f"{path}: no video files ({', '.join(VIDEO_SUFFIXES)}) and no frames "
+        f"({', '.join(IMAGE_SUFFIXES)}) in this folder"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The encoder the run's store was extracted with
+# --------------------------------------------------------------------------------------------
+def store_encoder(store, checkpoint: str | None, device: torch.device):
+    """The store's frozen encoder, rebuilt from its recorded ``backbone`` settings and checked
+    against the recorded description (same weights, input size and grid); -> (encoder, compute)."""
+    recorded = store.meta.get("config", {}).get("backbone")
+    described = store.meta.get("backbone")
+    if not recorded or not described:
+        raise StageError(
+            f"store {store.path} records no backbone settings (it was not written by "
+            "extract-features): infer needs the encoder that made its features"
+        )
+    settings = OmegaConf.create(dict(recorded))
+    if checkpoint is not None:
+        settings.checkpoint = str(checkpoint)
+    try:
+        encoder = build_backbone(settings)
+    except (BackboneError, OSError) as err:
+        raise StageError(
+            f"cannot rebuild the encoder store {store.fingerprint} was extracted with: {err} "
+            "(pass --backbone-checkpoint PATH if its weights moved)"
+        ) from err
+    mine = encoder.describe()
+    for key in ("name", "input_size", "grid", "feature_dim", "checkpoint_sha256"):
+        if mine.get(key) != described.get(key):
+            raise StageError(
+                f"the encoder built from store {store.fingerprint}'s settings differs from the "
+                f"one that extracted it ({key}: {mine.get(key)} vs {described.get(key)}); pass "
+                "--backbone-checkpoint with the weights the store was extracted with"
+            )
+    return encoder.to(device).eval(), str(store.meta.get("compute_dtype", "fp32"))
+
+
+def as_stored(features: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Round encoder output to the store's storage dtype and back to float32, as the store's
+    ``encode_features`` + ``read_features`` do: the model sees exactly what export-slots reads."""
+    x = features.float().cpu()
+    if dtype == "float16":
+        return x.half().float()
+    if dtype == "bfloat16":
+        return x.bfloat16().float()
+    if dtype == "int8":  # per-token symmetric absmax / 127, as cache.store.quantize_int8
+        from egoslots.cache.store import quantize_int8
+
+        q, scale = quantize_int8(x.numpy())
+        return torch.from_numpy(q.astype(np.float32) * scale[..., None])
+    return x
+
+
+def encoded_windows(
+    source,
+    video_id: str,
+    encoder,
+    compute: str,
+    feature_dtype: str,
+    frame_size: int,
+    window: int,
+    batch_size: int,
+    bar,
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """(features (t, N, D), frames (t, S, S, 3) uint8) windows of one video, decoded and encoded
+    ``batch_size`` frames at a time."""
+    device = next(iter(encoder.buffers())).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute == "bf16")
+    images, frames, feats = [], [], []
+
+    def encode():
+        batch = torch.stack(images).to(device).float().div_(255.0)
+        with torch.inference_mode(), autocast:
+            feats.append(as_stored(encoder(batch), feature_dtype))
+        images.clear()
+
+    def ready(final: bool):
+        while sum(len(f) for f in feats) >= window or (final and feats):
+            joined = torch.cat(feats)
+            cut = min(window, len(joined))
+            out_frames = np.stack(frames[:cut])
+            del frames[:cut]
+            feats[:] = [joined[cut:]] if len(joined) > cut else []
+            yield joined[:cut], out_frames
+
+    for frame in source.read_frames(video_id):
+        vit, small, _ = preprocess_frame(frame.rgb, None, encoder.input_size, frame_size)
+        images.append(vit)
+        frames.append(small.numpy())
+        bar.update(1)
+        if len(images) == batch_size:
+            encode()
+            yield from ready(False)
+    if images:
+        encode()
+    yield from ready(True)
+
+
+def safe_name(video_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+def infer_run(
+    run_dir: str | Path,
+    inputs: str | Path,
+    out: str | Path | None = None,
+    checkpoint: str = "last",
+    restarts: int | None = None,
+    track: str = "off",
+    batch_size: int = 32,
+    fps: float | None = None,
+    export_format: str = "npz",
+    overlay: str = "gif",
+    backbone_checkpoint: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Slots, masks and pictures of every video in ``inputs``; returns the output folder.
+
+    ``fps``: sample video files at this rate (None: the rate the run's store was extracted at,
+    ``dataset.fps``, else every frame). ``restarts``: as export-slots'; ``track``: "match"
+    renames slots frame by frame to keep their regions (``inference.SlotTracker``).
+    """
+    run_dir, inputs = Path(run_dir), Path(inputs).expanduser().absolute()
+    if export_format not in ("npz", "zarr"):
+        raise StageError(f"--format {export_format}: choose npz or zarr")
+    if overlay not in ("gif", "mp4", "none"):
+        raise StageError(f"--overlay {overlay}: choose gif, mp4 or none")
+    out = Path(out) if out is not None else run_dir / "infer" / safe_name(inputs.name)
+    export = out / f"slots.{export_format}"
+    check_replaceable(export)
+    ident = checkpoint_identity(run_dir, checkpoint)
+    model, cfg, store, _ = load_trained(run_dir, checkpoint)
+    if fps is None:
+        recorded = (store.meta.get("config", {}).get("dataset") or {}).get("fps")
+        fps = None if recorded is None else float(recorded)
+    source = source_for(inputs, fps)
+    videos = source.videos()
+    if not videos:
+        raise StageError(f"{inputs}: no videos found")
+    restarts = int(model.config.restarts if restarts is None else restarts)
+    meta = {
+        "run": str(run_dir),
+        "input": str(inputs),
+        "videos_in": [v.video_id for v in videos],
+        "store": store.fingerprint,  # the encoder and preprocessing of the features
+        "tokens": None,
+        "checkpoint": ident,
+        "checkpoint_step": ident.get("step"),
+        "grid": list(store.grid),
+        "fps": fps,
+        "restarts": restarts,
+        "track": track,
+        "overlay": overlay,
+    }
+    if export.exists() and not overwrite:
+        previous = _read_meta(export) or {}
+        if {k: previous.get(k) for k in meta} == meta:
+            click.echo(f"already inferred: {export}")
+            return out
+        raise StageError(
+            f"{export} exists and holds other results; pass --overwrite or another --out"
+        )
+
+    device = pick_device()
+    model = model.to(device).eval()
+    encoder, compute = store_encoder(store, backbone_checkpoint, device)
+    window = window_length(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum(v.num_frames for v in videos)
+    tmp = partial_path(export)
+    _remove(tmp)
+    writer = _NpzWriter(export) if export_format == "npz" else _ZarrWriter(tmp)
+    row, ids, firsts, lengths = 0, [], [], []
+    bar = tqdm(total=total, unit="frame", desc="infer", dynamic_ncols=True)
+    job = _Job(model, source, encoder, compute, store, window, batch_size, restarts, track)
+    job.out, job.overlay, job.bar = out, overlay, bar
+    try:
+        for video in videos:
+            ids.append(video.video_id)
+            firsts.append(row)
+            row = _infer_one(job, video, writer, row, total)
+            lengths.append(row - firsts[-1])
+    except SourceError as err:
+        raise StageError(str(err)) from err
+    finally:
+        bar.close()
+    slots_shape = writer.shape("slots")
+    meta.update(
+        {
+            "num_videos": len(ids),
+            "num_frames": row,
+            "num_slots": slots_shape[1],
+            "slot_dim": slots_shape[2],
+            "arrays": writer.names(),
+        }
+    )
+    writer.finish(
+        {
+            "video_ids": np.asarray(ids, dtype=str),
+            "video_first": np.asarray(firsts, dtype=np.int64),
+            "video_length": np.asarray(lengths, dtype=np.int64),
+        },
+        meta,
+    )
+    if export_format == "zarr":
+        _remove(export)
+        os.replace(tmp, export)
+    click.echo(f"inferred {len(ids)} video(s), {row} frames: {out}")
+    return out
+
+
+@dataclass
+class _Job:
+    """What every video of one ``infer`` shares."""
+
+    model: torch.nn.Module
+    source: object
+    encoder: torch.nn.Module
+    compute: str  # fp32 | bf16, as the store was extracted
+    store: object
+    window: int
+    batch_size: int
+    restarts: int
+    track: str
+    out: Path = Path(".")
+    overlay: str = "gif"
+    bar: object = None
+
+
+def _infer_one(job: _Job, video, writer, row: int, total: int) -> int:
+    """One video: windows through the model, rows to ``writer`` from ``row`` on, pictures to
+    ``job.out``; returns the next free row."""
+    store = job.store
+    pending: list[np.ndarray] = []  # each window's frames, handed back beside its result
+
+    def windows():
+        for feats, frames in encoded_windows(
+            job.source,
+            video.video_id,
+            job.encoder,
+            job.compute,
+            store.meta["feature_dtype"],
+            store.frame_size,
+            job.window,
+            job.batch_size,
+            job.bar,
+        ):
+            pending.append(frames)
+            yield feats, None
+
+    name = safe_name(video.video_id)
+    movie = None
+    if job.overlay != "none":
+        movie = OverlayVideo(job.out / f"{name}.{job.overlay}", video.fps or 6.0)
+    areas, starts, first = [], [], row
+    torch.manual_seed(0)  # a Gaussian initializer's first slots: as export-slots' and evaluate's
+    for result in infer_windows(job.model, windows(), job.restarts, job.track):
+        frames = pending.pop(0)
+        masks = result["masks"]
+        arrays = {"slots": result["slots"].numpy().astype(np.float32)}
+        if "model_decoder" in masks:
+            arrays["masks"] = masks["model_decoder"].numpy().astype(np.float16)
+        if "model_attention" in masks:
+            arrays["attention_masks"] = masks["model_attention"].numpy().astype(np.float16)
+            arrays.setdefault("masks", arrays["attention_masks"])
+        writer.write(row, total, arrays)
+        starts.append(row - first)
+        row += len(arrays["slots"])
+        shown = masks.get("model_decoder", masks.get("model_attention"))
+        areas.append(slot_areas(shown))
+        if movie is not None:
+            grid = tuple(store.grid) if shown.shape[-1] == store.grid[0] * store.grid[1] else None
+            picture = masks_overlay(frames, shown, grid, ties=job.track == "match")
+            movie.add(np.concatenate([frames, picture], axis=2))
+    if movie is not None:
+        movie.close()
+    picture = timeline(np.concatenate(areas), ticks=starts, title=video.video_id)
+    import imageio.v2 as imageio
+
+    imageio.imwrite(job.out / f"{name}.timeline.png", picture)
+    return row
+
+
+@click.command(
+    name="infer",
+    epilog="\b\nExamples:\n  egoslots infer egoslots-work/runs/slots walk.mp4\n"
+    "  egoslots infer egoslots-work/runs/slots /data/new_frames --format zarr --overlay mp4",
+)
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("video_or_folder", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (default: RUN/infer/<input name>).",
+)
+@click.option(
+    "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
+)
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["npz", "zarr"]),
+    default="npz",
+    show_default=True,
+    help="Slots and masks as one .npz file or a zarr folder (export-slots' layout).",
+)
+@click.option(
+    "--overlay",
+    type=click.Choice(["gif", "mp4", "none"]),
+    default="gif",
+    show_default=True,
+    help="Each frame beside its slot masks, per video (mp4 suits long videos).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Frames per encoder batch.",
+)
+@click.option(
+    "--fps",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Sample video files at this rate (default: the rate the run's store used).",
+)
+@click.option(
+    "--backbone-checkpoint",
+    default=None,
+    help="Encoder weights, if they moved since the run's store was extracted.",
+)
+@restarts_option
+@track_option
+@click.option("--overwrite", is_flag=True, help="Replace earlier results in the output folder.")
+def infer(run: Path, video_or_folder: Path, **options):
+    """Run a trained train-slots RUN on new video (a file, a folder of videos or of frames)
+    without building a store: slots and masks (export-slots' layout), an overlay video and a
+    slot timeline per video."""
+    setup_logging()
+    out = options.get("out") or run / "infer"
+    try:
+        with output_writes(Path(out), kept="Finished outputs are kept", resume="then rerun"):
+            infer_run(run, video_or_folder, **options)
+    except user_errors() as err:  # unreadable video, missing encoder weights, bad store: one line
+        raise StageError(str(err)) from err
