@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egoslots.cache.location import read_json
 from egoslots.pipeline.checkpoints import load_weights
 from egoslots.pipeline.config_schema import DVAE_ARCHS
+from egoslots.pipeline.records import read_json
 
 MAX_VOCAB = 65536  # token ids are cached as uint16
 PATCH = 4  # pixels per token side: two PixelShuffle(2) in the decoder

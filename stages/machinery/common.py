@@ -66,11 +66,11 @@ def config_command(name: str, example: str, **command_kwargs):
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input the user can fix: shown as one line, not a traceback. (Imported
     when a command fails, so that a light command never loads torch or zarr for them.)"""
-    from egoslots.cache.location import DamagedFile
     from egoslots.cache.store import StoreError
     from egoslots.pipeline.backbones import BackboneError
     from egoslots.pipeline.checkpoints import CheckpointError
     from egoslots.pipeline.data.base import SourceError
+    from egoslots.pipeline.records import DamagedFile
 
     return (ConfigError, SourceError, StoreError, BackboneError, CheckpointError, DamagedFile)
 

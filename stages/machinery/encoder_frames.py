@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from egoslots.cache.fingerprint import canonical_json, video_table_inputs
-from egoslots.cache.location import DamagedFile, read_json
 from egoslots.pipeline.data.base import SourceError
 from egoslots.pipeline.preprocess import describe_preprocessing, resize_rgb
+from egoslots.pipeline.records import DamagedFile, read_json
 from egoslots.stages.machinery.rundirs import write_json
 
 log = logging.getLogger("egoslots")

@@ -31,16 +31,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from egoslots.cache.location import (
-    REWRITE_HINT,
-    DamagedFile,
-    remove_orphans,
-    write_file,
-    write_text,
-)
-from egoslots.cache.location import read_json as location_read_json
+from egoslots.cache.location import remove_orphans, write_file, write_text
 from egoslots.pipeline.checkpoints import CheckpointError, load_weights
 from egoslots.pipeline.config import to_yaml
+from egoslots.pipeline.records import REWRITE_HINT, DamagedFile
+from egoslots.pipeline.records import read_json as read_record
 from egoslots.stages.machinery.common import StageError
 
 log = logging.getLogger("egoslots")
@@ -68,7 +63,7 @@ def read_json(path: Path, what: str = "", recover: str = REWRITE_HINT) -> dict |
     how to ``recover``, not a traceback (``egoslots.cache.location.read_json``, the one reader of
     run files)."""
     try:
-        return location_read_json(path, what, recover)
+        return read_record(path, what, recover)
     except DamagedFile as err:
         raise StageError(str(err)) from err
 
