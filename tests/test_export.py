@@ -9,6 +9,7 @@ import zarr
 from click.testing import CliRunner
 
 from egoslots.stages import export_slots as export
+from egoslots.stages.machinery.slot_files import ZarrWriter
 from tests.helpers.runs import RUN_SLOT_DIM, RUN_SLOTS, RUN_STEPS, slot_run
 from tests.helpers.stores import SQ_DVAE_HASH as DVAE_HASH
 from tests.helpers.stores import SQ_FRAMES as FRAMES
@@ -99,7 +100,7 @@ def test_cli_export(run, tmp_path):
 
 
 def test_zarr_writer_buffers_whole_chunks(tmp_path):
-    writer = export._ZarrWriter(tmp_path / "w.zarr", chunk_rows=4)
+    writer = ZarrWriter(tmp_path / "w.zarr", chunk_rows=4)
     rows = np.arange(11 * 2, dtype=np.float32).reshape(11, 2)
     row = 0
     for size in (3, 3, 1, 4):  # window sizes that do not line up with chunks
