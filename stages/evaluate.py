@@ -61,6 +61,7 @@ from egoslots.stages.machinery.inference import (
     load_trained,
     model_device,
     restarts_option,
+    split_options,
     split_size,
     window_length,
 )
@@ -237,7 +238,6 @@ def flipped_masks(
     window: int,
     num_slots: int,
     seed: int,
-    restarts: int | None,
 ) -> dict[str, torch.Tensor]:
     """{method: masks (T, K, N)} of the model and k-means on a video's flipped rows, masks left
     at the flipped positions (:func:`egoslots.pipeline.label_free.flip_agreement` mirrors back)."""
@@ -246,7 +246,7 @@ def flipped_masks(
     if tokens_hash:
         ids = store.tokens(tokens_hash)[record.first : record.stop]
         tokens = torch.from_numpy(np.asarray(ids).astype(np.int64))
-    out = dict(infer_video(model, feats, tokens, window, restarts=restarts)["masks"])
+    out = dict(infer_video(model, feats, tokens, window)["masks"])
     out["kmeans_frame"] = baselines.kmeans_masks(feats, num_slots, "frame", seed=seed)
     out["kmeans_video"] = baselines.kmeans_masks(feats, num_slots, "video", seed=seed)
     return out
@@ -262,7 +262,6 @@ def evaluate_model(
     keep: Callable[[dict, dict], None] | None = None,
     seed: int = 0,
     refine: bool = False,
-    restarts: int | None = None,
     label_free: bool = True,
 ) -> dict:
     """Per-video scores of a model and the baselines on a split, one video in memory at a time:
@@ -271,8 +270,8 @@ def evaluate_model(
     Without ground-truth masks in the store, ``per_video`` is empty and only the label-free
     numbers are computed. ``keep(item, result)`` is called for every video (the property probe
     collects slots with it). ``refine``: add the colour-refined rows (``score_video``).
-    ``restarts``: draws of a Gaussian initializer's first slots (``infer_windows``; None: the
-    run's config). ``label_free``: compute the label-free numbers (``label_free_video``).
+    ``label_free``: compute the label-free numbers (``label_free_video``). The model's first
+    slots are the best of ``model.config.restarts`` draws (``load_trained(restarts=)``)).
     """
     if not store.has_masks and not label_free:
         raise StageError(
@@ -296,7 +295,7 @@ def evaluate_model(
         desc=f"evaluate {split}",
         unit="video",
     ):
-        result = infer_video(model, item["features"], item.get("tokens"), window, restarts=restarts)
+        result = infer_video(model, item["features"], item.get("tokens"), window)
         baseline = baseline_masks(item["features"], num_slots, grid, seed)
         ids.append(item["video_id"])
         if store.has_masks:
@@ -317,7 +316,6 @@ def evaluate_model(
                     window,
                     num_slots,
                     seed,
-                    restarts,
                 )
             numbers = label_free_video(
                 item, result, baseline, grid, model_reconstruction(model, result, window), flipped
@@ -350,18 +348,16 @@ def evaluate_run(
     """Evaluate a trained run on a split; write metrics.json and metrics.md; return the metrics dict.
 
     ``restarts``: draws of a Gaussian initializer's first slots per video, the best kept
-    (None: the run's ``model.initializer.restarts``)."""
+    (None: the run's ``inference.restarts``)."""
     run_dir = Path(run_dir)
     out_json = run_dir / "metrics.json"
     ident = checkpoint_identity(run_dir, checkpoint)
-    model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
+    model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint, restarts=restarts)
     if max_videos is None:
         max_videos = cfg.evaluate.max_videos
     if probe is None:
         probe = bool(cfg.evaluate.probe)
     refine = bool(cfg.evaluate.get("refine", True))
-    if restarts is None:
-        restarts = int(model.config.restarts)
     key = {
         "split": split,
         "checkpoint": ident,
@@ -370,7 +366,7 @@ def evaluate_run(
         "max_videos": max_videos,
         "probe": probe,
         "refine": refine,
-        "restarts": restarts,
+        "restarts": int(model.config.restarts),
         "label_free": LABEL_FREE_VERSION,
     }
     if out_json.exists() and not overwrite:
@@ -417,13 +413,12 @@ def evaluate_run(
         keep=None if collector is None else collector.test,
         seed=seed,
         refine=refine,
-        restarts=restarts,
     )
     probe_result = {"skipped": "disabled (evaluate.probe=false)"}
     if not has_masks:
         probe_result = {"skipped": "no ground-truth masks to match slots to objects"}
     if collector is not None:
-        probe_result = run_probe(model, cfg, store, tokens_hash, collector, split, seed, restarts)
+        probe_result = run_probe(model, cfg, store, tokens_hash, collector, split, seed)
 
     result = {
         "key": key,
@@ -472,9 +467,7 @@ def flip_note(store, split: str) -> str:
     )
 
 
-def run_probe(
-    model, cfg, store, tokens_hash, collector, split: str, seed: int, restarts: int | None = None
-) -> dict:
+def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) -> dict:
     """Collect slots of the train videos (the test ones are in ``collector``) and fit the probes."""
     if not collector.has_attributes:
         return {"skipped": "no per-object attributes in this dataset (meta.json 'objects')"}
@@ -494,7 +487,7 @@ def run_probe(
         desc="probe: train slots",
         unit="video",
     ):
-        result = infer_video(model, item["features"], item.get("tokens"), window, restarts=restarts)
+        result = infer_video(model, item["features"], item.get("tokens"), window)
         collector.train(item, result)
     return probe_lib.fit_and_score(collector.samples["train"], collector.samples["test"], seed=seed)
 
@@ -672,22 +665,7 @@ def _finite(value):
     epilog="\b\nExample:\n  egoslots evaluate egoslots-work/runs/slots --split test",
 )
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--split",
-    type=click.Choice(["train", "val", "test"]),
-    default="test",
-    show_default=True,
-    help="Split to evaluate.",
-)
-@click.option(
-    "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
-)
-@click.option(
-    "--max-videos",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Evaluate only the first N videos of the split.",
-)
+@split_options("evaluate")
 @click.option("--no-probe", is_flag=True, help="Skip the property probe.")
 @restarts_option
 @click.option(

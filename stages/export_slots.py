@@ -52,6 +52,7 @@ from egoslots.stages.machinery.inference import (
     infer_windows,
     load_trained,
     restarts_option,
+    split_options,
     split_size,
     store_windows,
     window_length,
@@ -89,9 +90,7 @@ def export_slots_run(
     check_output_location(out)
     check_replaceable(out)
     ident = checkpoint_identity(run_dir, checkpoint)
-    model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
-    if restarts is None:
-        restarts = int(model.config.restarts)
+    model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint, restarts=restarts)
     meta = {
         "run": str(run_dir),
         "split": split,
@@ -101,7 +100,7 @@ def export_slots_run(
         "checkpoint_step": ident.get("step"),
         "grid": list(store.grid),
         "max_videos": max_videos,
-        "restarts": restarts,
+        "restarts": int(model.config.restarts),
     }
     if out.exists() and not overwrite:
         previous = read_export_meta(out) or {}
@@ -134,7 +133,7 @@ def export_slots_run(
                 yield feats, toks
 
         torch.manual_seed(0)  # a Gaussian initializer's first slots: as evaluate's (infer_video)
-        for result in infer_windows(model, windows(), restarts):
+        for result in infer_windows(model, windows()):
             toks = pending.pop(0)
             arrays = {"slots": result["slots"].numpy().astype(np.float32)}
             masks = result["masks"]
@@ -181,22 +180,7 @@ def export_slots_run(
 )
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option(
-    "--split",
-    type=click.Choice(["train", "val", "test"]),
-    default="test",
-    show_default=True,
-    help="Split to export.",
-)
-@click.option(
-    "--checkpoint", default="last", show_default=True, help="Checkpoint name under RUN/checkpoints."
-)
-@click.option(
-    "--max-videos",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Export only the first N videos of the split.",
-)
+@split_options("export")
 @restarts_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a different export.")
 def export_slots_command(

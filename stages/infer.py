@@ -98,7 +98,7 @@ def infer_run(
     export = out / f"slots.{export_format}"
     check_replaceable(export)
     ident = checkpoint_identity(run_dir, checkpoint)
-    model, cfg, store, _ = load_trained(run_dir, checkpoint)
+    model, cfg, store, _ = load_trained(run_dir, checkpoint, restarts=restarts)
     if fps is None:
         recorded = (store.meta.get("config", {}).get("dataset") or {}).get("fps")
         fps = None if recorded is None else float(recorded)
@@ -106,7 +106,6 @@ def infer_run(
     videos = source.videos()
     if not videos:
         raise StageError(f"{inputs}: no videos found")
-    restarts = int(model.config.restarts if restarts is None else restarts)
     meta = {
         "run": str(run_dir),
         "input": str(inputs),
@@ -117,7 +116,7 @@ def infer_run(
         "checkpoint_step": ident.get("step"),
         "grid": list(store.grid),
         "fps": fps,
-        "restarts": restarts,
+        "restarts": int(model.config.restarts),
         "track": track,
         "overlay": overlay,
     }
@@ -141,7 +140,7 @@ def infer_run(
     writer = NpzWriter(export) if export_format == "npz" else ZarrWriter(tmp)
     row, ids, firsts, lengths = 0, [], [], []
     bar = tqdm(total=total, unit="frame", desc="infer", dynamic_ncols=True)
-    job = _Job(model, source, encoder, compute, store, window, batch_size, restarts, track)
+    job = _Job(model, source, encoder, compute, store, window, batch_size, track)
     job.out, job.overlay, job.bar = out, overlay, bar
     try:
         for video in videos:
@@ -189,7 +188,6 @@ class _Job:
     store: object
     window: int
     batch_size: int
-    restarts: int
     track: str
     out: Path = Path(".")
     overlay: str = "gif"
@@ -223,7 +221,7 @@ def _infer_one(job: _Job, video, writer, row: int, total: int) -> int:
         movie = OverlayVideo(job.out / f"{name}.{job.overlay}", video.fps or 6.0)
     areas, starts, first = [], [], row
     torch.manual_seed(0)  # a Gaussian initializer's first slots: as export-slots' and evaluate's
-    for result in infer_windows(job.model, windows(), job.restarts, job.track):
+    for result in infer_windows(job.model, windows(), job.track):
         frames = pending.pop(0)
         masks = result["masks"]
         arrays = {"slots": result["slots"].numpy().astype(np.float32)}

@@ -102,7 +102,7 @@ def visualize_run(
     timeline are beside it). ``restarts``: draws of a Gaussian initializer's first slots (None:
     the run's config); ``track``: "match" renames slots frame by frame (``infer_windows``)."""
     run_dir = Path(run_dir)
-    model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint)
+    model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint, restarts=restarts)
     if video_id is None:
         rows = store.videos_in("test", hflip=False) or store.videos_in(None, hflip=False)
         video_id = rows[0].id
@@ -121,9 +121,7 @@ def visualize_run(
     item = data[0]
     model = model.to(pick_device()).eval()
     window = window_length(cfg)
-    result = infer_video(
-        model, item["features"], item.get("tokens"), window, restarts=restarts, track=track
-    )
+    result = infer_video(model, item["features"], item.get("tokens"), window, track=track)
     masks = result["masks"].get("model_decoder", result["masks"].get("model_attention"))
     frames = item["frames"].numpy()  # (T, S, S, 3)
     size = frames.shape[1]

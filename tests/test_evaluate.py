@@ -370,10 +370,12 @@ def test_restarts_choose_the_first_slots_and_key_the_metrics(run, monkeypatch):
     with torch.no_grad():
         torch.nn.init.constant_(model.initializer.log_std, 0.0)  # unit noise: draws differ
     feats = torch.randn(7, SQ_GRID * SQ_GRID, SQ_DIM, generator=torch.Generator().manual_seed(2))
-    one = ev.infer_video(model, feats, None, window=3, restarts=1)
     plain = ev.infer_video(model, feats, None, window=3)  # the run's config: 1 restart
+    model.config.restarts = 1  # what load_trained(restarts=1) sets
+    one = ev.infer_video(model, feats, None, window=3)
     assert torch.equal(one["slots"], plain["slots"])
-    best = ev.infer_video(model, feats, None, window=3, restarts=8)
+    model.config.restarts = 8
+    best = ev.infer_video(model, feats, None, window=3)
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(0)  # infer_video's seed
         first = model.best_first_slots(feats[None, :3], 8)
@@ -384,7 +386,7 @@ def test_restarts_choose_the_first_slots_and_key_the_metrics(run, monkeypatch):
     seen = []
     real = ev.infer_video
     monkeypatch.setattr(
-        ev, "infer_video", lambda *a, **k: seen.append(k["restarts"]) or real(*a, **k)
+        ev, "infer_video", lambda *a, **k: seen.append(a[0].config.restarts) or real(*a, **k)
     )
     first_result = ev.evaluate_run(run, split="test", probe=False)
     assert first_result["key"]["restarts"] == 1 and set(seen) == {1}

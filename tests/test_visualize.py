@@ -57,7 +57,7 @@ def test_cli_visualize_passes_restarts_to_inference(run, monkeypatch):
     seen = []
     real = viz.infer_video
     monkeypatch.setattr(
-        viz, "infer_video", lambda *a, **k: seen.append(k["restarts"]) or real(*a, **k)
+        viz, "infer_video", lambda *a, **k: seen.append(a[0].config.restarts) or real(*a, **k)
     )
     result = CliRunner().invoke(cli.main, ["visualize", str(run), "--restarts", "3"])
     assert result.exit_code == 0, result.output

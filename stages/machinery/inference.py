@@ -87,6 +87,39 @@ def restart_bytes(run: str | Path | None) -> int | None:
     return 4 * frames * tokens * (slots * 2 * (widest + dim + 1) + 3 * dim)
 
 
+def split_options(verb: str):
+    """``--split``, ``--checkpoint`` and ``--max-videos`` of the commands that run a trained
+    model over the videos of a split (evaluate, export-slots): one definition, one wording."""
+    options = [
+        click.option(
+            "--split",
+            type=click.Choice(["train", "val", "test"]),
+            default="test",
+            show_default=True,
+            help=f"Split to {verb}.",
+        ),
+        click.option(
+            "--checkpoint",
+            default="last",
+            show_default=True,
+            help="Checkpoint name under RUN/checkpoints.",
+        ),
+        click.option(
+            "--max-videos",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"{verb.capitalize()} only the first N videos of the split.",
+        ),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 # visualize and infer: one --track option (the default keeps the model's own slot order)
 TRACK_MODES = ("off", "match")
 track_option = click.option(
@@ -112,9 +145,16 @@ OUTPUT_KEYS = {
 # Loading a trained run
 # --------------------------------------------------------------------------------------------
 def load_trained(
-    run_dir: str | Path, checkpoint: str | int | Path = "last", map_location: str = "cpu"
+    run_dir: str | Path,
+    checkpoint: str | int | Path = "last",
+    map_location: str = "cpu",
+    restarts: int | None = None,
 ):
-    """A trained run -> (SlotModel in eval mode, resolved cfg, FeatureStore, tokens hash | None)."""
+    """A trained run -> (SlotModel in eval mode, resolved cfg, FeatureStore, tokens hash | None).
+
+    ``restarts``: draws of a Gaussian initializer's first slots per video, the best kept
+    (``SlotModel.best_first_slots``); None keeps the run's ``inference.restarts``. It is set on
+    the model's config, the one place inference reads it (``model.config.restarts``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise StageError(
@@ -147,7 +187,10 @@ def load_trained(
         path, map_location=map_location, weights_only=True
     )
     cfg = OmegaConf.create(module.hparams.config)
-    return module.model.eval(), cfg, store, inputs["dvae_hash"]
+    model = module.model.eval()
+    if restarts is not None:
+        model.config.restarts = int(restarts)
+    return model, cfg, store, inputs["dvae_hash"]
 
 
 def _check_checkpoint_of_run(
@@ -270,16 +313,14 @@ def _reorder(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 def infer_windows(
     model: torch.nn.Module,
     windows: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
-    restarts: int | None = None,
     track: str = "off",
 ) -> Iterator[dict]:
     """Run the model over consecutive windows of one video, carrying the slots between them.
 
     ``windows`` yields (features (t, N, D), tokens (t, h, w) | None); each result is
     {"slots": (t, K, D), "masks": {method: (t, K, N)}} on the CPU, float32. Methods the model
-    does not output (no STEVE decoder) are left out. ``restarts``: draws of a Gaussian
-    initializer's first slots, the best on the first window kept (``SlotModel.best_first_slots``;
-    None: ``inference.restarts`` of the run's config). ``track``: "off" keeps the
+    does not output (no STEVE decoder) are left out. The first window's slots are the best of
+    ``model.config.restarts`` draws (``SlotModel.best_first_slots``). ``track``: "off" keeps the
     model's slot order; "match" renames slots frame by frame (:class:`SlotTracker`, matched on
     the decoder masks, else the attention masks; slots and every method's masks follow).
     """
@@ -290,7 +331,7 @@ def infer_windows(
     state = None
     for feats, toks in windows:
         x = feats[None].to(device)  # (1, t, N, D)
-        first = model.best_first_slots(x, restarts) if state is None else None  # (1, K, D)
+        first = model.best_first_slots(x) if state is None else None  # (1, K, D)
         out = model(x, None if toks is None else toks[None].to(device), state, first_slots=first)
         state = out.get("next_state")
         masks = {}
@@ -312,7 +353,6 @@ def infer_video(
     tokens: torch.Tensor | None,
     window: int,
     seed: int | None = 0,
-    restarts: int | None = None,
     track: str = "off",
 ) -> dict:
     """The model over one whole video in windows of ``window`` frames, slots carried across.
@@ -320,7 +360,7 @@ def infer_video(
     features (T, N, D), tokens (T, h, w) | None -> {"slots": (T, K, D), "masks": {method: (T, K, N)}}.
     ``seed``: random numbers (the first slots of a Gaussian initializer) come from this seed,
     so scores and pictures repeat; the caller's random state is left as it was. None: unseeded.
-    ``restarts``, ``track``: see :func:`infer_windows`.
+    ``track``: see :func:`infer_windows`.
     """
     starts = range(0, features.shape[0], window)
     device = next(model.parameters()).device
@@ -334,7 +374,6 @@ def infer_video(
                     (features[s : s + window], None if tokens is None else tokens[s : s + window])
                     for s in starts
                 ),
-                restarts,
                 track,
             )
         )
