@@ -63,6 +63,7 @@ from egoslots.stages.machinery.slot_files import (
     ZarrWriter,
     check_output_location,
     check_replaceable,
+    finish_export,
     partial_path,
     read_export_meta,
     remove_export,
@@ -149,24 +150,7 @@ def export_slots_run(
         ids.append(video.id)
         firsts.append(first)
         lengths.append(row - first)
-    slots_shape = writer.shape("slots")
-    meta.update(
-        {
-            "num_videos": len(ids),
-            "num_frames": row,
-            "num_slots": slots_shape[1],
-            "slot_dim": slots_shape[2],
-            "arrays": writer.names(),
-        }
-    )
-    writer.finish(
-        {
-            "video_ids": np.asarray(ids, dtype=str),
-            "video_first": np.asarray(firsts, dtype=np.int64),
-            "video_length": np.asarray(lengths, dtype=np.int64),
-        },
-        meta,
-    )
+    finish_export(writer, meta, ids, firsts, lengths)
     if not as_npz:  # (an npz file is written atomically in place)
         remove_export(out)
         os.replace(tmp, out)

@@ -54,6 +54,7 @@ from egoslots.stages.machinery.slot_files import (
     NpzWriter,
     ZarrWriter,
     check_replaceable,
+    finish_export,
     partial_path,
     read_export_meta,
     remove_export,
@@ -152,24 +153,7 @@ def infer_run(
         raise StageError(str(err)) from err
     finally:
         bar.close()
-    slots_shape = writer.shape("slots")
-    meta.update(
-        {
-            "num_videos": len(ids),
-            "num_frames": row,
-            "num_slots": slots_shape[1],
-            "slot_dim": slots_shape[2],
-            "arrays": writer.names(),
-        }
-    )
-    writer.finish(
-        {
-            "video_ids": np.asarray(ids, dtype=str),
-            "video_first": np.asarray(firsts, dtype=np.int64),
-            "video_length": np.asarray(lengths, dtype=np.int64),
-        },
-        meta,
-    )
+    finish_export(writer, meta, ids, firsts, lengths)
     if export_format == "zarr":
         remove_export(export)
         os.replace(tmp, export)

@@ -200,3 +200,26 @@ def remove_export(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def finish_export(writer, meta: dict, ids: list, firsts: list, lengths: list) -> None:
+    """Close an export: the video table (ids, first rows, lengths) and the meta, completed with
+    the counts, shapes and array names of what ``writer`` holds."""
+    slots_shape = writer.shape("slots")
+    meta.update(
+        {
+            "num_videos": len(ids),
+            "num_frames": int(sum(lengths)),
+            "num_slots": slots_shape[1],
+            "slot_dim": slots_shape[2],
+            "arrays": writer.names(),
+        }
+    )
+    writer.finish(
+        {
+            "video_ids": np.asarray(ids, dtype=str),
+            "video_first": np.asarray(firsts, dtype=np.int64),
+            "video_length": np.asarray(lengths, dtype=np.int64),
+        },
+        meta,
+    )

@@ -13,7 +13,6 @@ import numpy as np
 
 from .assets import (
     GROUND_PATTERNS,
-    TEXTURE_PATTERNS,
     random_mesh_id,
     standing_extent,
 )
@@ -26,6 +25,7 @@ from .spec import (
     light_direction,
     random_color,
     random_light,
+    random_surface,
 )
 from .tabletop import sample_camera_path
 
@@ -54,12 +54,7 @@ def sample(
         objects.append(
             ObjectSpec(
                 mesh_id=mesh_id,
-                color=[float(c) for c in random_color(rng)],
-                size=size,
-                texture=str(rng.choice(TEXTURE_PATTERNS)) if rng.random() < 0.5 else None,
-                mass=float(400.0 * size**3 * rng.uniform(0.5, 2.0)),
-                friction=float(rng.uniform(0.5, 0.9)),
-                restitution=float(rng.uniform(0.05, 0.3)),
+                **random_surface(rng, size, 0.5, (0.5, 0.9), (0.05, 0.3)),
                 position=[float(c) for c in position],
                 orientation=[0.0, 0.0, float(np.sin(yaw / 2)), float(np.cos(yaw / 2))],
                 linear_velocity=[float(heading[0]), float(heading[1]), 0.0],

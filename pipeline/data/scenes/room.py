@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 
 from .assets import (
-    TEXTURE_PATTERNS,
     random_mesh_id,
     standing_extent,
 )
@@ -31,6 +30,7 @@ from .spec import (
     light_direction,
     random_color,
     random_light,
+    random_surface,
     smooth_walk,
 )
 
@@ -89,12 +89,7 @@ def sample(
         objects.append(
             ObjectSpec(
                 mesh_id=mesh_id,
-                color=[float(c) for c in random_color(rng)],
-                size=size,
-                texture=str(rng.choice(TEXTURE_PATTERNS)) if rng.random() < 0.75 else None,
-                mass=float(400.0 * size**3 * rng.uniform(0.5, 2.0)),
-                friction=float(rng.uniform(0.4, 0.9)),
-                restitution=float(rng.uniform(0.1, 0.4)),
+                **random_surface(rng, size, 0.75, (0.4, 0.9), (0.1, 0.4)),
                 position=[float(xy[0]), float(xy[1]), float(floor + half_height + 0.002)],
                 orientation=[0.0, 0.0, float(np.sin(yaw / 2)), float(np.cos(yaw / 2))],
                 linear_velocity=[float(heading[0]), float(heading[1]), 0.0],

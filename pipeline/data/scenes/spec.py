@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .assets import TEXTURE_PATTERNS
+
 
 @dataclass
 class ObjectSpec:
@@ -95,6 +97,20 @@ def rotate2d(v: np.ndarray, angle: float) -> np.ndarray:
 def random_quaternion(rng) -> np.ndarray:
     q = rng.normal(size=4)
     return q / np.linalg.norm(q)
+
+
+def random_surface(rng, size: float, texture_probability: float, friction, restitution) -> dict:
+    """An object's colour, texture (one of ``TEXTURE_PATTERNS`` with ``texture_probability``),
+    mass (density varied around 400 kg/m^3 of its ``size``), friction and restitution drawn
+    from the given ranges: the ObjectSpec keyword arguments, drawn in this order."""
+    return dict(
+        color=[float(c) for c in random_color(rng)],
+        size=size,
+        texture=str(rng.choice(TEXTURE_PATTERNS)) if rng.random() < texture_probability else None,
+        mass=float(400.0 * size**3 * rng.uniform(0.5, 2.0)),
+        friction=float(rng.uniform(*friction)),
+        restitution=float(rng.uniform(*restitution)),
+    )
 
 
 def light_direction(azimuth: float, elevation: float) -> list[float]:

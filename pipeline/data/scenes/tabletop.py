@@ -9,7 +9,6 @@ import numpy as np
 
 from .assets import (
     GROUND_PATTERNS,
-    TEXTURE_PATTERNS,
     random_mesh_id,
 )
 from .spec import (
@@ -21,6 +20,7 @@ from .spec import (
     random_color,
     random_light,
     random_quaternion,
+    random_surface,
     rotate2d,
     smooth_walk,
 )
@@ -53,12 +53,7 @@ def sample(
         objects.append(
             ObjectSpec(
                 mesh_id=mesh_id,
-                color=[float(c) for c in random_color(rng)],
-                size=size,
-                texture=str(rng.choice(TEXTURE_PATTERNS)) if rng.random() < 0.5 else None,
-                mass=float(400.0 * size**3 * rng.uniform(0.5, 2.0)),
-                friction=float(rng.uniform(0.3, 0.9)),
-                restitution=float(rng.uniform(0.1, 0.5)),
+                **random_surface(rng, size, 0.5, (0.3, 0.9), (0.1, 0.5)),
                 position=[float(c) for c in position],
                 orientation=[float(c) for c in random_quaternion(rng)],
                 linear_velocity=[float(heading[0] * speed), float(heading[1] * speed), 0.0],
