@@ -60,11 +60,10 @@ from egoslots.stages.machinery.inference import (
     iter_videos,
     load_trained,
     model_device,
-    restarts_option,
-    split_options,
     split_size,
     window_length,
 )
+from egoslots.stages.machinery.run_options import restarts_option, split_options
 from egoslots.stages.machinery.runtime import configure_threads, pick_device
 
 log = logging.getLogger("egoslots")

@@ -51,12 +51,11 @@ from egoslots.stages.machinery.inference import (
     checkpoint_identity,
     infer_windows,
     load_trained,
-    restarts_option,
-    split_options,
     split_size,
     store_windows,
     window_length,
 )
+from egoslots.stages.machinery.run_options import restarts_option, split_options
 from egoslots.stages.machinery.runtime import pick_device
 from egoslots.stages.machinery.slot_files import (
     NpzWriter,

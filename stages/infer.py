@@ -43,12 +43,11 @@ from egoslots.stages.machinery.inference import (
     checkpoint_identity,
     infer_windows,
     load_trained,
-    restarts_option,
-    track_option,
     window_length,
 )
 from egoslots.stages.machinery.new_footage import encoded_windows, source_for, store_encoder
 from egoslots.stages.machinery.pictures import OverlayVideo, masks_overlay, slot_areas, timeline
+from egoslots.stages.machinery.run_options import restarts_option, track_option
 from egoslots.stages.machinery.runtime import pick_device
 from egoslots.stages.machinery.slot_files import (
     NpzWriter,

@@ -33,11 +33,10 @@ from egoslots.stages.machinery.common import StageError, setup_logging
 from egoslots.stages.machinery.inference import (
     infer_video,
     load_trained,
-    restarts_option,
-    track_option,
     window_length,
 )
 from egoslots.stages.machinery.pictures import masks_overlay, slot_areas, timeline
+from egoslots.stages.machinery.run_options import restarts_option, track_option
 from egoslots.stages.machinery.run_paths import path_from_run_file
 from egoslots.stages.machinery.rundirs import read_json
 from egoslots.stages.machinery.runtime import pick_device

@@ -302,10 +302,10 @@ def test_restarts_beyond_the_memory_available_is_refused_before_work(run_dir, mo
     """Row 87: ``--restarts 100000000`` (evaluate, visualize, export-slots) with a gaussian
     initializer is one usage error naming the option, the estimate and the bound, before the run
     is loaded; with a fixed initializer (whose draws cost nothing) it is no error."""
-    from egoslots.stages.machinery import inference
+    from egoslots.stages.machinery import inference, run_options
 
-    assert inference.restart_bytes(run_dir) == 0  # a fixed initializer: draws cost nothing
-    inference.check_restarts(10**8, run_dir)
+    assert run_options.restart_bytes(run_dir) == 0  # a fixed initializer: draws cost nothing
+    run_options.check_restarts(10**8, run_dir)
     config = run_dir / "config.yaml"  # the run as one with a gaussian initializer
     config.write_text(config.read_text().replace("name: fixed", "name: gaussian", 1))
     assert "name: gaussian" in config.read_text()
@@ -319,14 +319,14 @@ def test_restarts_beyond_the_memory_available_is_refused_before_work(run_dir, mo
         assert re.search(r"available now: use at most --restarts \d+", result.output)
     assert loaded == []
 
-    per_draw = inference.restart_bytes(run_dir)
+    per_draw = run_options.restart_bytes(run_dir)
     assert per_draw and per_draw > 4 * 4 * 16  # at least the window's features
     from egoslots.stages.machinery import common
 
     monkeypatch.setattr(common, "available_memory", lambda: (5 * per_draw + 1, "memory"))
     with pytest.raises(Exception, match=r"use at most --restarts 5\b"):
-        inference.check_restarts(6, run_dir)
-    inference.check_restarts(5, run_dir)  # what fits is accepted
+        run_options.check_restarts(6, run_dir)
+    run_options.check_restarts(5, run_dir)  # what fits is accepted
 
 
 # --------------------------------------------------------------------------------------------

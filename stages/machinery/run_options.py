@@ -1,0 +1,114 @@
+"""The options of the commands that run a trained model (evaluate, export-slots, visualize,
+infer), defined once so their outputs agree: ``--split / --checkpoint / --max-videos``
+(:func:`split_options`), ``--restarts`` checked against the memory available before any work
+(:func:`restarts_option`), ``--track`` (:data:`track_option`).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+from omegaconf import OmegaConf
+
+from egoslots.cache.store import FeatureStore
+from egoslots.stages.machinery.common import check_fits_in_memory
+from egoslots.stages.machinery.run_paths import path_from_run_file, store_of_run
+from egoslots.stages.machinery.rundirs import read_json
+
+
+def restarts_option(command):
+    """``--restarts`` of evaluate, export-slots and visualize (one option, so their masks
+    agree), checked against the memory available before any work (:func:`check_restarts`)."""
+
+    @functools.wraps(command)
+    def checked(*args, **kwargs):
+        if kwargs.get("restarts") is not None:
+            check_restarts(kwargs["restarts"], kwargs.get("run"))
+        return command(*args, **kwargs)
+
+    return click.option(
+        "--restarts",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
+        "the first window best is kept (default: the run's inference.restarts). At most "
+        "what fits in the memory available.",
+    )(checked)
+
+
+def check_restarts(restarts: int, run: str | Path | None) -> None:
+    """Refuse a ``--restarts`` whose draws (one batch over the run's first window) would not fit
+    in the memory available: one usage error naming the option, the estimate and the bound,
+    instead of an allocation of many GB failing (or swapping) mid-run."""
+    per_draw = restart_bytes(run)
+    if per_draw:  # None: not a readable run (loading it says why); 0: draws that cost nothing
+        check_fits_in_memory("--restarts", restarts, per_draw, "draws", "on the run's first window")
+
+
+def restart_bytes(run: str | Path | None) -> int | None:
+    """Bytes one restart draw needs (float32): the window's features, reconstruction and error,
+    and the MLP decoder's two largest activations over every slot and token of every frame.
+    0 for a fixed initializer (its draws are all one, made once); None when there is no run."""
+    try:
+        run_dir = Path(run)
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        if str(cfg.model.initializer.name) != "gaussian":
+            return 0
+        inputs = read_json(run_dir / "inputs.json")
+        found = store_of_run(run_dir, inputs["store_fingerprint"], [inputs["store"]])
+        meta = FeatureStore.open(found or path_from_run_file(run_dir, inputs["store"])).meta
+        frames, slots = int(cfg.dataset.ep_length), int(cfg.model.num_slots)
+        widest = max([int(h) for h in cfg.decoder.hidden_dims] + [int(cfg.model.slot_dim)])
+        tokens, dim = int(meta["num_tokens"]), int(meta["feature_dim"])
+    except Exception:  # noqa: BLE001 - no run to size: the loader reports what is wrong with it
+        return None
+    return 4 * frames * tokens * (slots * 2 * (widest + dim + 1) + 3 * dim)
+
+
+def split_options(verb: str):
+    """``--split``, ``--checkpoint`` and ``--max-videos`` of the commands that run a trained
+    model over the videos of a split (evaluate, export-slots): one definition, one wording."""
+    options = [
+        click.option(
+            "--split",
+            type=click.Choice(["train", "val", "test"]),
+            default="test",
+            show_default=True,
+            help=f"Split to {verb}.",
+        ),
+        click.option(
+            "--checkpoint",
+            default="last",
+            show_default=True,
+            help="Checkpoint name under RUN/checkpoints.",
+        ),
+        click.option(
+            "--max-videos",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"{verb.capitalize()} only the first N videos of the split.",
+        ),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+# visualize and infer: one --track option (the default keeps the model's own slot order)
+TRACK_MODES = ("off", "match")
+track_option = click.option(
+    "--track",
+    type=click.Choice(TRACK_MODES),
+    default="off",
+    show_default=True,
+    help="match: renumber each frame's slots so every slot keeps the region it had in the frame "
+    "before (Hungarian matching of mask overlaps), and give tokens two slots share almost "
+    "equally to the lower slot in pictures (fewer identity switches on real video). "
+    "off: the model's own slot order and plain arg-max, as export-slots and evaluate.",
+)
