@@ -425,7 +425,8 @@ def test_every_run_file_reader_uses_the_one_reader():
         "stages/machinery/speed_probe.py",  # a damaged timing cache is empty
         "stages/make_synthetic.py",  # its own error line
         "stages/evaluate.py",  # unreadable metrics.json: recompute; meta.json: a warning
-        "stages/export_slots.py",  # the npz's meta string
+        "stages/export_slots.py",  # its docstring shows how to read an export
+        "stages/machinery/slot_files.py",  # the npz's meta string
         "stages/visualize.py",  # dvae.json: no reconstructions, a warning
         "cache/store.py",  # a string
         "pipeline/data/frames.py",  # row 8
