@@ -64,10 +64,6 @@ class FileIdentity:
     size: int
     content: int = 0
 
-    @classmethod
-    def of(cls, path: Path, root: Path) -> FileIdentity:
-        return cls(str(path.relative_to(root)), path.stat().st_size)
-
 
 @dataclass(frozen=True)
 class VideoInfo:
