@@ -72,18 +72,28 @@ class DataSpec:
     videos: int = 96
     frames: int = 16
     size: int = 64
-    min_objects: int = 3
-    max_objects: int = 5
+    min_objects: int | None = 3  # None: the scene family's own range (``scenes.object_range``)
+    max_objects: int | None = 5
+    scene: str = "tabletop"  # a scene family of the generator (``make-synthetic --scene``)
+
+    def tag(self) -> str:
+        """The part of cache file names that names the data (tabletop keeps its old names)."""
+        from egoslots.pipeline.data.scenes import object_range
+
+        lo, hi = object_range(self.scene, self.min_objects, self.max_objects)
+        family = "" if self.scene == "tabletop" else f"-{self.scene}"
+        return f"t{self.frames}-px{self.size}-o{lo}-{hi}{family}"
 
     def videos_of(self, split: str) -> int:
         return self.videos if split == "train" else max(8, self.videos // 4)
 
 
 def _render_one(task):
-    seed, index, frames, size, lo, hi = task
+    seed, index, frames, size, lo, hi, scene = task
     from egoslots.pipeline.data import synthetic as syn
 
-    spec = syn.sample_scene(syn.video_rng(seed, index), frames, min_objects=lo, max_objects=hi)
+    rng = syn.video_rng(seed, index)
+    spec = syn.sample_scene(rng, frames, min_objects=lo, max_objects=hi, scene=scene)
     rgb, labels = [], []
     for r, m, _, _ in syn.render_video(spec, frames, size):
         rgb.append(r)
@@ -94,14 +104,22 @@ def _render_one(task):
 def render_split(split: str, data: DataSpec, cache: Path = DEFAULT_CACHE) -> dict:
     """Frames (V, T, S, S, 3) uint8 and masks (V, T, S, S) uint8 of one split, cached as .npz."""
     n = data.videos_of(split)
-    name = f"{split}-s{SPLIT_SEEDS[split]}-v{n}-t{data.frames}-px{data.size}-o{data.min_objects}-{data.max_objects}.npz"
+    name = f"{split}-s{SPLIT_SEEDS[split]}-v{n}-{data.tag()}.npz"
     path = cache / name
     if path.exists():
         with np.load(path) as z:
             return {"frames": z["frames"], "masks": z["masks"], "name": split}
     cache.mkdir(parents=True, exist_ok=True)
     tasks = [
-        (SPLIT_SEEDS[split], i, data.frames, data.size, data.min_objects, data.max_objects)
+        (
+            SPLIT_SEEDS[split],
+            i,
+            data.frames,
+            data.size,
+            data.min_objects,
+            data.max_objects,
+            data.scene,
+        )
         for i in range(n)
     ]
     start = time.perf_counter()
@@ -202,7 +220,7 @@ DVAE_GRID = 16  # the dVAE's token grid on the bench's 64 px frames (4 px per to
 def dvae_tokens(data: DataSpec, vocab: int, steps: int, cache: Path, seed: int = 0) -> dict:
     """{split: (V, T, 16, 16) token ids} of a dVAE trained on the train split's frames with the
     demo's recipe (configs/demo.yaml: lr 1e-3, batch 32, tau 1 -> 0.1 over the run), cached."""
-    key = f"dvae-v{vocab}-s{steps}-seed{seed}-{data.videos}-{data.frames}-{data.size}-{data.min_objects}-{data.max_objects}.pt"
+    key = f"dvae-v{vocab}-s{steps}-seed{seed}-{data.videos}-{data.tag()}.pt"
     path = cache / key
     if path.exists():
         return torch.load(path)
@@ -548,9 +566,11 @@ def train_curve(
     every: int,
     log=print,
     train_tokens: torch.Tensor | None = None,
+    score_start: bool = True,
 ) -> list[dict]:
     """Train one model; score it on the eval split every ``every`` steps. Returns the curve.
-    ``train_tokens`` (V, T, h, w): dVAE ids for the STEVE decoder (``setting.steve``)."""
+    ``train_tokens`` (V, T, h, w): dVAE ids for the STEVE decoder (``setting.steve``);
+    ``score_start``: also score the untrained model (step 0)."""
     torch.manual_seed(seed)
     v, t, n, d = train_feats.shape
     model = setting.model(d, n)
@@ -588,7 +608,8 @@ def train_curve(
         )
 
     loss_value = float("nan")
-    record()
+    if score_start:
+        record()
     while step < total and (minutes is None or spent < minutes * 60):
         tick = time.perf_counter()
         vids = torch.randint(v, (setting.batch,), generator=gen)
@@ -628,7 +649,7 @@ def train_curve(
         spent += time.perf_counter() - tick
         if step % every == 0:
             record()
-    if curve[-1]["step"] != step:
+    if not curve or curve[-1]["step"] != step:
         record()
     train_curve.last_model = model if averaged is None else averaged.module
     log(f"  ({step} steps, {time.perf_counter() - start:.0f} s wall with evaluation)")
@@ -750,6 +771,79 @@ def cmd_curve(args, data: DataSpec) -> None:
         )
 
 
+FAMILY_ROWS = {  # the cross-family table: its row names -> (result key, where it comes from)
+    "slots, raw": "attention",
+    "slots, refined": "attention_refined",
+    "colour k-means per video": "colour k-means / pixel",
+    "colour k-means per video, best of 10 inits": "colour k-means / pixel, best of 10 inits",
+    "feature k-means per video": "feature k-means / video",
+    "feature k-means per video, refined": "feature k-means / video, refined",
+    "grid": "grid",
+    "ceiling: ground truth per token, refined": "ceiling: ground truth per token, refined",
+}
+
+
+def family_data(data: DataSpec, scene: str) -> DataSpec:
+    """The bench's data spec for one scene family: tabletop keeps 3-5 objects, the others their
+    family's own object range."""
+    lo, hi = (3, 5) if scene == "tabletop" else (None, None)
+    return DataSpec(data.videos, data.frames, data.size, lo, hi, scene)
+
+
+def cmd_families(args, data: DataSpec) -> None:
+    """One setting, every scene family: train on each family's train videos (one model per
+    seed), score on its ``--split`` videos beside the baselines, one table. The family the
+    setting was chosen on is named with ``--chosen-on``; the others are reported apart."""
+    setting = Setting(**{"patch": args.patch, "num_slots": args.slots, **parse_sets(args.set)})
+    print(f"# {machine()}")
+    print(f"# encoder {args.encoder}; {args.split} split; chosen on {args.chosen_on}; {setting}")
+    results: dict = {}
+    for scene in args.families:
+        fam = family_data(data, scene)
+        train = render_split("train", fam, args.cache)
+        split = render_split(args.split, fam, args.cache)
+        train_feats = features_for(args.encoder, train, setting.patch, seed=SPLIT_SEEDS["train"])
+        eval_feats = features_for(args.encoder, split, setting.patch, seed=SPLIT_SEEDS[args.split])
+        rows: dict[str, list[tuple[float, float]]] = {}
+        for seed in args.seeds:
+            start = time.perf_counter()
+            final = train_curve(
+                setting, train_feats, split, eval_feats, seed, None, args.steps, args.steps,
+                log=lambda *_: None, score_start=False,
+            )[-1]  # fmt: skip
+            for label, key in list(FAMILY_ROWS.items())[:2]:
+                rows.setdefault(label, []).append((final[f"{key}_fg_ari"], final[f"{key}_mbo"]))
+            print(
+                f"# {scene} seed {seed}: refined {100 * final['attention_refined_fg_ari']:.1f} / "
+                f"{100 * final['attention_refined_mbo']:.1f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+        base = baseline_scores(split, eval_feats, setting.num_slots, setting.patch)
+        for label, key in list(FAMILY_ROWS.items())[2:]:
+            rows[label] = [(mean_of(base[key], "video_fg_ari"), mean_of(base[key], "video_mbo"))]
+        results[scene] = rows
+    print(
+        f"\n| {args.split} videos, x100, video FG-ARI / mBO | "
+        + " | ".join(f"{s}{' (chosen on)' if s == args.chosen_on else ''}" for s in results)
+        + " |"
+    )
+    print("|---|" + "---|" * len(results))
+    for label in FAMILY_ROWS:
+        cells = []
+        for rows in results.values():
+            vals = np.array(rows[label]) * 100  # (seeds, 2)
+            spread = f" ± {vals[:, 0].std():.1f}" if len(vals) > 1 else ""
+            cells.append(f"{vals[:, 0].mean():.1f}{spread} / {vals[:, 1].mean():.1f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "encoder": args.encoder, "split": args.split, "chosen_on": args.chosen_on,
+            "setting": asdict(setting), "data": asdict(data), "seeds": args.seeds,
+            "machine": machine(), "results": results,
+        }, indent=1))  # fmt: skip
+
+
 def cmd_plot(args, data: DataSpec) -> None:
     """Learning curves of finished runs (their --out JSON files) as one PNG: video FG-ARI and
     video mBO of the slot masks (``--masks``) against steps (mean over seeds), with per-video
@@ -805,7 +899,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=("render", "baselines", "curve", "plot"))
+    ap.add_argument("command", choices=("render", "baselines", "curve", "families", "plot"))
+    ap.add_argument(
+        "--families", nargs="+", default=["tabletop", "room", "clutter"], help="families: scenes"
+    )
+    ap.add_argument("--chosen-on", default="room", help="families: the family settings came from")
     ap.add_argument("files", nargs="*", help="plot: the JSON files of finished curves")
     ap.add_argument("--labels", nargs="*", default=None, help="plot: one label per file")
     ap.add_argument(
@@ -822,8 +920,11 @@ def main() -> None:
     )
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--min-objects", type=int, default=3)
-    ap.add_argument("--max-objects", type=int, default=5)
+    ap.add_argument("--scene", default="tabletop", help="scene family: tabletop | room | clutter")
+    ap.add_argument(
+        "--min-objects", type=int, default=None, help="default: 3 on tabletop, else the family's"
+    )
+    ap.add_argument("--max-objects", type=int, default=None, help="default: 5 on tabletop, ...")
     ap.add_argument("--patch", type=int, default=8)
     ap.add_argument("--slots", type=int, default=6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -841,9 +942,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.minutes is None and args.steps is None:
         args.minutes = 3.0
-    data = DataSpec(args.videos, args.frames, args.size, args.min_objects, args.max_objects)
+    lo, hi = args.min_objects, args.max_objects
+    if args.scene == "tabletop":  # the bench's tabletop has always had 3-5 objects
+        lo, hi = (3 if lo is None else lo), (5 if hi is None else hi)
+    data = DataSpec(args.videos, args.frames, args.size, lo, hi, args.scene)
     commands = {"render": cmd_render, "baselines": cmd_baselines, "curve": cmd_curve}
     commands["plot"] = cmd_plot
+    commands["families"] = cmd_families
     commands[args.command](args, data)
 
 
