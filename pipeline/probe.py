@@ -7,9 +7,14 @@ frame t (a sample for every frame where its object is visible) to the object's a
 
 - categorical attributes (strings, ints, bools; e.g. ``mesh`` id, ``texture``): softmax
   regression, accuracy;
-- numeric ones (floats or lists, e.g. ``color`` RGB, ``size``, ``position`` = positions[t]):
-  ``quaternion``, ``mass``: ridge regression (strength picked on the last fifth of the train samples), R^2 (mean over
+- numeric ones (floats or lists, e.g. ``color`` RGB, ``size``, ``position`` = positions[t],
+  ``quaternion``, ``mass``): ridge regression (strength picked on the last fifth of the train samples), R^2 (mean over
   output dimensions, as scikit-learn's ``r2_score``).
+
+Beside the generator's attributes (world ``position``, physical ``size``), every object gets two
+read from its ground-truth mask in frame t, so the probe asks what a camera-bound slot can know
+with a walking camera: ``image_position`` (the mask's centroid, (y, x) in [0, 1] of the frame)
+and ``image_area`` (the share of the frame it covers, square-rooted: an apparent size).
 
 Probes are fit on train videos and scored on test videos; the ``chance`` column is the
 majority class (categorical) or the train mean (numeric) scored the same way. Pure torch.
@@ -92,8 +97,18 @@ def video_samples(
                 continue
             values = dict(static)
             values.update({name: series[i] for name, series in per_frame.items()})
+            values.update(image_geometry(true[i] == int(label)))
             out.append((slots[i, slot].numpy().astype(np.float32), values))
     return out
+
+
+def image_geometry(mask: torch.Tensor) -> dict:
+    """Where an object appears and how big, from its (H, W) boolean mask in one frame:
+    ``image_position`` = centroid (y, x) in [0, 1], ``image_area`` = sqrt(share of the frame)."""
+    h, w = mask.shape
+    ys, xs = mask.nonzero(as_tuple=True)
+    centroid = [float(ys.double().mean() + 0.5) / h, float(xs.double().mean() + 0.5) / w]
+    return {"image_position": centroid, "image_area": float(np.sqrt(len(ys) / (h * w)))}
 
 
 def split_attributes(obj: dict, num_frames: int) -> tuple[dict, dict]:

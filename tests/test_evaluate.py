@@ -395,3 +395,19 @@ def test_restarts_choose_the_first_slots_and_key_the_metrics(run, monkeypatch):
     assert again["key"]["restarts"] == 4 and set(seen) == {4}  # recomputed, not the cached file
     assert "first slots the best of 4 draws per video" in ev.format_table(again)
     assert "draws per video" not in ev.format_table(first_result)
+
+
+def test_probe_adds_where_and_how_big_each_object_appears():
+    # object 1: a 2x4 block at the top left of an 8x8 frame, then the bottom right in frame 1
+    true = torch.zeros(2, 8, 8, dtype=torch.long)
+    true[0, 0:2, 0:4] = 1
+    true[1, 6:8, 4:8] = 1
+    pred = true.clone()  # slot 1 holds it
+    slots = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # (T, K, D)
+    samples = probe.video_samples(slots, pred, true, [{"id": 1, "size": 0.2}], num_slots=3)
+    assert len(samples) == 2
+    (v0, a0), (v1, a1) = samples
+    assert a0["image_position"] == pytest.approx([1 / 8, 2 / 8])
+    assert a1["image_position"] == pytest.approx([7 / 8, 6 / 8])
+    assert a0["image_area"] == pytest.approx((8 / 64) ** 0.5) == a1["image_area"]
+    assert a0["size"] == 0.2 and torch.equal(torch.from_numpy(v1), slots[1, 1])
