@@ -48,6 +48,7 @@ from egoslots.pipeline.config import ConfigError, resolve, to_yaml
 from egoslots.pipeline.data import make_source
 from egoslots.pipeline.data.base import SourceError
 from egoslots.pipeline.preprocess import describe_preprocessing
+from egoslots.stages.machinery.batch_memory import check_extraction
 from egoslots.stages.machinery.common import config_command
 from egoslots.stages.machinery.extract_chunks import (
     ChunkFrames,
@@ -135,6 +136,7 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
             "extract-features would read its encoder.pth before that command has finished it",
         )
     backbone = build_backbone(cfg.backbone).to(device)
+    check_extraction(cfg, backbone, device.type == "cuda")  # before any chunk
     described = backbone.describe()
     frame_size, dtype, hflip = (
         int(cfg.extract.frame_size),

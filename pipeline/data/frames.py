@@ -322,7 +322,7 @@ def load_rgb(path: Path, where: str) -> np.ndarray:
                 arr = np.array(im)  # a writable copy (asarray's view is read-only; torch warns)
             elif im.mode.startswith("I;16"):  # 16-bit grey: by the file's bit depth, so a dark
                 arr = np.asarray(im).astype(np.int64) // 257  # frame scales as its neighbours do
-            elif im.mode.startswith("I"):  # 32-bit integer grey: clipped to 0..255
+            elif im.mode.startswith("I"):  # 32-bit integer grey: must hold 0..255 (to_rgb_uint8)
                 arr = np.asarray(im).astype(np.int64)
             else:  # palette, CMYK, YCbCr, LA, 1-bit: let Pillow map them to RGB
                 arr = np.array(im.convert("RGB"))
