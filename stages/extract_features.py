@@ -27,8 +27,12 @@ first with ``egoslots cache rm``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+import types
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -223,18 +227,22 @@ def extract(
         return store.path
 
     pending = store.pending_chunks(shard_id, num_shards)
-    _run_chunks(
-        store,
-        plan.backbone,
-        plan.source,
-        pending,
-        plan.device,
-        plan.compute,
-        int(cfg.extract.batch_size),
-        int(cfg.extract.num_workers),
-        skip_bad,
-        shard=(shard_id, num_shards),
-    )
+    with stop_on_signals() as stop:
+        try:
+            _run_chunks(
+                store,
+                plan.backbone,
+                plan.source,
+                pending,
+                plan.device,
+                plan.compute,
+                int(cfg.extract.batch_size),
+                int(cfg.extract.num_workers),
+                skip_bad,
+                shard=(shard_id, num_shards),
+            )
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM by stop_on_signals: chunks are whole
+            raise stopped_extraction(store, stop.signum) from None
 
     try:
         finished = store.mark_complete_if_done()
@@ -260,6 +268,57 @@ def extract(
             "chunks done and completes when every shard has finished"
         )
     return store.path
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is, so the same cleanup runs."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While extracting, SIGTERM (a scheduler, ``kill``) stops as Ctrl-C does: the chunk writer
+    finishes what it holds, and the command ends in one line saying what is kept (before:
+    SIGTERM killed the process without a word, Ctrl-C printed click's bare "Aborted!").
+    Yields a namespace whose ``signum`` says which signal came (SIGINT unless SIGTERM)."""
+    state = types.SimpleNamespace(signum=signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def on_sigterm(signum, frame):
+        state.signum = signal.SIGTERM
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_extraction(store: FeatureStore, signum: int):
+    """The one line for an extraction stopped by a signal (a ``Stopped``: exit 130 / 143):
+    what is kept, how to go on."""
+    from egoslots.stages.machinery.interrupts import Stopped  # Lightning: only when needed
+
+    try:
+        done, total = store.progress()
+        kept = f"{done} of {total} chunks of {store.path} are written and kept"
+    except Exception:  # noqa: BLE001 - the store's flags unreadable now: say less
+        kept = f"the finished chunks of {store.path} are kept"
+    how = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    return Stopped(
+        f"extraction stopped by {how}: {kept}; rerun the same command to resume with the rest",
+        signum,
+    )
+
+
+def _extract_worker(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: one torch thread, and SIGTERM / Ctrl-C left to the main
+    process (which stops cleanly; a worker killed by them made the loader raise instead)."""
+    one_thread_per_worker(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_chunks(
@@ -295,7 +354,7 @@ def _run_chunks(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=one_thread_per_worker if num_workers else None,
+        worker_init_fn=_extract_worker if num_workers else None,
         prefetch_factor=4 if num_workers else None,
     )
     bounds = [chunk_bounds(c, store.chunk_len, store.num_frames) for c in chunks]
@@ -311,9 +370,11 @@ def _run_chunks(
         desc=f"extract {store.fingerprint}"
         + (f" shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""),
     )
+    batches = None
     try:
         with torch.inference_mode(), autocast:
-            for item in loader:
+            batches = iter(loader)
+            for item in batches:
                 if item["error"]:
                     raise SourceError(
                         item["error"] + "; finished chunks are kept (rerun to resume, or pass "
@@ -338,6 +399,11 @@ def _run_chunks(
                 writer.put(item["chunk"], features, arrays, item["skipped"])
                 bar.update(len(images))
     finally:
+        # Workers ignore SIGTERM (_extract_worker), so multiprocessing's exit handler, which
+        # stops them with it and then waits, would hang: stop them here, whatever ended the loop.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
         bar.close()
         writer.close()  # writes what is queued, then raises a write error if there was one
 

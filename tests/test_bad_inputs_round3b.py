@@ -6,6 +6,7 @@ that is a file refused by the config."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,56 @@ def test_a_file_where_a_run_directory_goes_is_one_line(tmp_path):
             pass
     assert (tmp_path / "runs" / "afile").read_text() == "mine"
     assert (tmp_path / "w2" / "runs").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------------------------
+# SIGTERM / Ctrl-C during extraction
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("sig", "code", "word"), [(15, 143, "SIGTERM"), (2, 130, "Ctrl-C")])
+def test_sigterm_or_ctrl_c_during_extraction_is_one_line_and_the_rerun_resumes(
+    tmp_path, sig, code, word
+):
+    """SIGTERM killed extract-features without a word (exit -15) and Ctrl-C printed click's bare
+    "Aborted!": now both end in one line saying how many chunks are kept (exit 143 / 130, as
+    the training stages do), with DataLoader workers left alone; the rerun finishes the rest."""
+    import os
+    import time
+
+    from tests.helpers.crashkit import count_done_flags
+
+    data = write_frame_folder(tmp_path / "data", videos=4, frames=16, size=(32, 32))
+    work = tmp_path / "work"
+    args = [
+        "extract-features", "configs/demo.yaml", f"work_dir={work}", "dataset.source=frames",
+        f"dataset.path={data}", *EXTRACT, "globals.IMAGE_SIZE=256", "extract.batch_size=1",
+        "extract.frames_per_chunk=4", "extract.num_workers=1",
+    ]  # fmt: skip
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "cli.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+            stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+    done = count_done_flags(work / "stores", "*.zarr/done/c/*")
+    deadline = time.monotonic() + 60
+    while done() < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)  # the whole group, workers included, as a terminal or scheduler
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"no exit 60 s after the signal: {log.read_text()[-3000:]}") from None
+    err = log.read_text()
+    assert proc.returncode == code, err[-3000:]
+    line = one_error_line(
+        subprocess.CompletedProcess(args, proc.returncode, "", err),
+        f"extraction stopped by {word}: ",
+        "chunks of ",
+        "are written and kept; rerun the same command to resume with the rest",
+    )
+    kept = int(line.split(f"stopped by {word}: ")[1].split(" of ")[0])
+    assert 1 <= kept < 16
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "store complete" in rerun.stdout and done() == 16
