@@ -313,3 +313,47 @@ def test_sigterm_or_ctrl_c_during_extraction_is_one_line_and_the_rerun_resumes(
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "store complete" in rerun.stdout and done() == 16
+
+
+# --------------------------------------------------------------------------------------------
+# A dangling link among the frames; a hand-edited store passed over by the lookup
+# --------------------------------------------------------------------------------------------
+def test_a_dangling_link_among_the_frames_names_its_target(tmp_path):
+    """A frame that is a symbolic link whose target is gone said only ``cannot stat ([Errno 2]
+    …)``: now it names the link, its target and what to do."""
+    import os
+
+    from egoslots.pipeline.data.frames import FrameFolderSource
+
+    data = write_frame_folder(tmp_path / "data", videos=1, frames=3, size=(8, 8))
+    frame = data / "clip00" / "0001.png"
+    frame.unlink()
+    os.symlink(tmp_path / "gone" / "0001.png", frame)
+    with pytest.raises(SourceError) as err:
+        FrameFolderSource(data).videos()
+    assert str(err.value) == (
+        f"{frame}: a symbolic link to {tmp_path / 'gone' / '0001.png'}, which does not exist "
+        "(No such file or directory): restore its target, or remove the link"
+    )
+
+
+def test_a_store_edited_by_hand_is_named_when_no_store_matches(tmp_path):
+    """A store whose attrs were edited by hand (num_frames) was passed over by the lookup
+    without a word: "no feature store … matches", as if none had been extracted. Now the line
+    names the store passed over and why."""
+    import json
+
+    from egoslots.cache.catalog import store_for_config
+    from egoslots.cache.store import StoreError
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"work_dir={tmp_path}", *EXTRACT])
+    store = slot_store(tmp_path)
+    attrs = store.path / "zarr.json"
+    meta = json.loads(attrs.read_text())
+    meta["attributes"]["egoslots"]["num_frames"] = 10**6
+    attrs.write_text(json.dumps(meta))
+    with pytest.raises(StoreError) as err:
+        store_for_config(cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"no feature store in {tmp_path / 'stores'} matches"), msg
+    assert "Passed over as unreadable: fp0: " in msg and "the attrs say (1000000," in msg, msg

@@ -167,6 +167,12 @@ class FrameFolderSource(ListedSource):
         try:
             stat = entry.stat()
         except OSError as err:
+            if entry.is_symlink():  # a copy made with links (cp -s, rsync -l) lost its target
+                raise SourceError(
+                    f"{entry.path}: a symbolic link to {os.readlink(entry.path)}, which "
+                    f"{'does not exist' if err.errno == errno.ENOENT else 'cannot be read'} "
+                    f"({err.strerror}): restore its target, or remove the link"
+                ) from err
             raise SourceError(f"{entry.path}: cannot stat ({err})") from err
         refuse_special(entry.path, stat.st_mode)  # a FIFO would block the decoder forever
         return FileIdentity(prefix + entry.name, stat.st_size)
