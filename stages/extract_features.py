@@ -140,7 +140,8 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
             "extract-features would read its encoder.pth before that command has finished it",
         )
     backbone = build_backbone(cfg.backbone).to(device)
-    check_extraction(cfg, backbone, device.type == "cuda")  # before any chunk
+    frames = sum(v.num_frames for v in videos) * (2 if cfg.augment.hflip == "cache" else 1)
+    check_extraction(cfg, backbone, device.type == "cuda", frames)  # before any chunk
     described = backbone.describe()
     frame_size, dtype, hflip = (
         int(cfg.extract.frame_size),

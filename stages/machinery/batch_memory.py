@@ -63,18 +63,19 @@ def clip_bytes(frames: int, tokens: int, dim: int, slots: int, widest: int) -> i
     return FLOAT * frames * tokens * (slots * 2 * (widest + dim + 1) + 3 * dim)
 
 
-def check_extraction(cfg: DictConfig, backbone, on_gpu: bool) -> None:
-    """``extract.frames_per_chunk`` and ``extract.batch_size`` against the memory of the
-    extraction device (the backbone gives its input size, tokens and feature width)."""
+def check_extraction(cfg: DictConfig, backbone, on_gpu: bool, frames: int | None = None) -> None:
+    """``extract.frames_per_chunk`` and ``extract.batch_size`` against the memory (the chunk:
+    the host's; the batch: the extraction device's). The backbone gives its input size, tokens
+    and feature width; no chunk holds more than the store's ``frames``."""
     e = cfg.extract
     per_chunk, per_batch = extraction_bytes(
         int(backbone.input_size), int(e.frame_size), int(backbone.num_tokens),
         int(backbone.feature_dim),
     )  # fmt: skip
-    chunk = int(e.frames_per_chunk)
+    chunk = min(int(e.frames_per_chunk), frames or int(e.frames_per_chunk))
     check_key_fits_in_memory(
-        "extract.frames_per_chunk", chunk, per_chunk, "frames",
-        "one chunk's images, frames and features, held in host memory", gpu=False,
+        "extract.frames_per_chunk", int(e.frames_per_chunk), per_chunk, "frames",
+        "one chunk's images, frames and features, held in host memory", gpu=False, count=chunk,
     )  # fmt: skip
     check_key_fits_in_memory(
         "extract.batch_size", int(e.batch_size), per_batch, "frames",
