@@ -27,12 +27,8 @@ first with ``egoslots cache rm``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import threading
-import types
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -57,14 +53,16 @@ from egoslots.stages.machinery.common import config_command
 from egoslots.stages.machinery.extract_chunks import (
     ChunkFrames,
     ChunkWriter,
+    extract_worker,
     start_storage_copy,
+    stop_on_signals,
+    stopped_extraction,
     video_rows,
 )
 from egoslots.stages.machinery.locks import check_unlocked
 from egoslots.stages.machinery.runtime import (
     configure_threads,
     extraction_compute,
-    one_thread_per_worker,
     pick_device,
 )
 
@@ -271,57 +269,6 @@ def extract(
     return store.path
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as Ctrl-C is, so the same cleanup runs."""
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """While extracting, SIGTERM (a scheduler, ``kill``) stops as Ctrl-C does: the chunk writer
-    finishes what it holds, and the command ends in one line saying what is kept (before:
-    SIGTERM killed the process without a word, Ctrl-C printed click's bare "Aborted!").
-    Yields a namespace whose ``signum`` says which signal came (SIGINT unless SIGTERM)."""
-    state = types.SimpleNamespace(signum=signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def on_sigterm(signum, frame):
-        state.signum = signal.SIGTERM
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield state
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def stopped_extraction(store: FeatureStore, signum: int):
-    """The one line for an extraction stopped by a signal (a ``Stopped``: exit 130 / 143):
-    what is kept, how to go on."""
-    from egoslots.stages.machinery.interrupts import Stopped  # Lightning: only when needed
-
-    try:
-        done, total = store.progress()
-        kept = f"{done} of {total} chunks of {store.path} are written and kept"
-    except Exception:  # noqa: BLE001 - the store's flags unreadable now: say less
-        kept = f"the finished chunks of {store.path} are kept"
-    how = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-    return Stopped(
-        f"extraction stopped by {how}: {kept}; rerun the same command to resume with the rest",
-        signum,
-    )
-
-
-def _extract_worker(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: one torch thread, and SIGTERM / Ctrl-C left to the main
-    process (which stops cleanly; a worker killed by them made the loader raise instead)."""
-    one_thread_per_worker(worker_id)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _run_chunks(
     store: FeatureStore,
     backbone,
@@ -355,7 +302,7 @@ def _run_chunks(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_extract_worker if num_workers else None,
+        worker_init_fn=extract_worker if num_workers else None,
         prefetch_factor=4 if num_workers else None,
     )
     bounds = [chunk_bounds(c, store.chunk_len, store.num_frames) for c in chunks]
@@ -400,7 +347,7 @@ def _run_chunks(
                 writer.put(item["chunk"], features, arrays, item["skipped"])
                 bar.update(len(images))
     finally:
-        # Workers ignore SIGTERM (_extract_worker), so multiprocessing's exit handler, which
+        # Workers ignore SIGTERM (extract_worker), so multiprocessing's exit handler, which
         # stops them with it and then waits, would hang: stop them here, whatever ended the loop.
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
