@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
+from egoslots.cache.store import FeatureStore
 from egoslots.pipeline.config import ConfigError, load_config
 from egoslots.pipeline.data import SourceError
 from egoslots.pipeline.data.base import to_rgb_uint8
@@ -98,9 +99,14 @@ def test_extraction_chunk_beyond_memory_is_one_line_before_any_chunk(tmp_path):
     few.mkdir(parents=True)
     for i in range(3):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(few / f"{i}.png")
-    args[4] = f"dataset.path={tmp_path / 'few'}"
-    done = cli(*args[:-2], "extract.frames_per_chunk=1048576")  # at 32 px (EXTRACT)
-    assert done.returncode == 0 and "store complete" in done.stdout, done.stderr[-2000:]
+    from egoslots.stages.extract_features import extract
+
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [f"work_dir={tmp_path / 'w2'}", "dataset.source=frames", f"dataset.path={few.parent}",
+         *EXTRACT, "extract.frames_per_chunk=1048576"],
+    )  # fmt: skip
+    assert FeatureStore.open(extract(cfg)).complete  # at 32 px (EXTRACT): 3 frames fit
 
 
 def test_extraction_bounds_follow_the_backbone_and_the_chunk(monkeypatch):
