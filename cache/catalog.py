@@ -150,11 +150,12 @@ def store_for_config(cfg) -> FeatureStore:
             )
         return FeatureStore.open(path)
     wanted = extraction_settings(cfg)
-    complete, incomplete = [], []
+    complete, incomplete, unreadable = [], [], []
     for path in list_stores(folder):
         try:
             store = FeatureStore.open(path, require_complete=False)
-        except StoreError:
+        except StoreError as err:  # named below if no store matches: it may be the one meant
+            unreadable.append((path, err))
             continue
         if settings_mismatch(store.meta.get("settings", {}), wanted):
             continue
@@ -178,8 +179,18 @@ def store_for_config(cfg) -> FeatureStore:
         f"(dataset {wanted['dataset']['path']}, backbone {wanted['backbone'].get('name')}, "
         f"dtype {wanted['dtype']}, frame size {wanted['frame_size']}, hflip {wanted['hflip']}); "
         "run `egoslots extract-features CONFIG` with this config first, or set "
-        "store=PATH|FINGERPRINT"
+        "store=PATH|FINGERPRINT" + _passed_over(unreadable)
     )
+
+
+def _passed_over(unreadable: list) -> str:
+    """The stores a lookup could not read (damaged, edited by hand, a foreign zarr group), so
+    a user whose store is among them learns why it was not used (before: not a word)."""
+    if not unreadable:
+        return ""
+    path, err = unreadable[0]
+    more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+    return f". Passed over as unreadable: {name_of(path)}{more}: {err}"
 
 
 def find_store(name: str, work_dir: str, store_dir: str | None = None) -> Location:

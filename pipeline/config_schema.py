@@ -539,7 +539,7 @@ class Config:
     # Folder where extraction creates stores and later stages look for them: a local path or an
     # fsspec URL (s3://bucket/prefix, gs://..., file://...). None = work_dir/stores. Credentials
     # and endpoints come from the environment, never from configs (see docs/scaling.md).
-    store_dir: str | None = limited(None, PATH)
+    store_dir: str | None = limited(None, FOLDER)
     # dVAE run whose tokens stage 3 reads: a run directory; None = work_dir/runs/<dvae.run_name>.
     dvae_run: str | None = limited(None, FOLDER)
     # torch intra-op threads; 0 = EGOSLOTS_NUM_THREADS if set, else the CPUs this process may

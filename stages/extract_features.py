@@ -48,18 +48,21 @@ from egoslots.pipeline.config import ConfigError, resolve, to_yaml
 from egoslots.pipeline.data import make_source
 from egoslots.pipeline.data.base import SourceError
 from egoslots.pipeline.preprocess import describe_preprocessing
+from egoslots.stages.machinery.batch_memory import check_extraction
 from egoslots.stages.machinery.common import config_command
 from egoslots.stages.machinery.extract_chunks import (
     ChunkFrames,
     ChunkWriter,
+    extract_worker,
     start_storage_copy,
+    stop_on_signals,
+    stopped_extraction,
     video_rows,
 )
 from egoslots.stages.machinery.locks import check_unlocked
 from egoslots.stages.machinery.runtime import (
     configure_threads,
     extraction_compute,
-    one_thread_per_worker,
     pick_device,
 )
 
@@ -135,6 +138,8 @@ def plan_extraction(cfg: DictConfig, source=None, skip_bad: bool = False) -> Ext
             "extract-features would read its encoder.pth before that command has finished it",
         )
     backbone = build_backbone(cfg.backbone).to(device)
+    frames = sum(v.num_frames for v in videos) * (2 if cfg.augment.hflip == "cache" else 1)
+    check_extraction(cfg, backbone, device.type == "cuda", frames)  # before any chunk
     described = backbone.describe()
     frame_size, dtype, hflip = (
         int(cfg.extract.frame_size),
@@ -221,18 +226,22 @@ def extract(
         return store.path
 
     pending = store.pending_chunks(shard_id, num_shards)
-    _run_chunks(
-        store,
-        plan.backbone,
-        plan.source,
-        pending,
-        plan.device,
-        plan.compute,
-        int(cfg.extract.batch_size),
-        int(cfg.extract.num_workers),
-        skip_bad,
-        shard=(shard_id, num_shards),
-    )
+    with stop_on_signals() as stop:
+        try:
+            _run_chunks(
+                store,
+                plan.backbone,
+                plan.source,
+                pending,
+                plan.device,
+                plan.compute,
+                int(cfg.extract.batch_size),
+                int(cfg.extract.num_workers),
+                skip_bad,
+                shard=(shard_id, num_shards),
+            )
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM by stop_on_signals: chunks are whole
+            raise stopped_extraction(store, stop.signum) from None
 
     try:
         finished = store.mark_complete_if_done()
@@ -293,7 +302,7 @@ def _run_chunks(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=one_thread_per_worker if num_workers else None,
+        worker_init_fn=extract_worker if num_workers else None,
         prefetch_factor=4 if num_workers else None,
     )
     bounds = [chunk_bounds(c, store.chunk_len, store.num_frames) for c in chunks]
@@ -309,9 +318,11 @@ def _run_chunks(
         desc=f"extract {store.fingerprint}"
         + (f" shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""),
     )
+    batches = None
     try:
         with torch.inference_mode(), autocast:
-            for item in loader:
+            batches = iter(loader)
+            for item in batches:
                 if item["error"]:
                     raise SourceError(
                         item["error"] + "; finished chunks are kept (rerun to resume, or pass "
@@ -336,6 +347,11 @@ def _run_chunks(
                 writer.put(item["chunk"], features, arrays, item["skipped"])
                 bar.update(len(images))
     finally:
+        # Workers ignore SIGTERM (extract_worker), so multiprocessing's exit handler, which
+        # stops them with it and then waits, would hang: stop them here, whatever ended the loop.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
         bar.close()
         writer.close()  # writes what is queued, then raises a write error if there was one
 

@@ -44,6 +44,7 @@ from egoslots.cache.location import write_file
 from egoslots.cache.store import FeatureStore, StoreError
 from egoslots.pipeline.config import ConfigError
 from egoslots.pipeline.dvae import MAX_VOCAB, PATCH
+from egoslots.stages.machinery.batch_memory import check_dvae_batch
 from egoslots.stages.machinery.callbacks import LossGuard, ReconstructionPictures
 from egoslots.stages.machinery.common import TrainingDiverged, config_command, output_writes
 from egoslots.stages.machinery.datamodules import FrameData
@@ -217,6 +218,7 @@ def pretrain(
     vocab = check_vocab(cfg)
     store = store_for_config(cfg)
     frame_size = check_frames(store)
+    check_dvae_batch(cfg, frame_size, device_type(cfg.dvae.accelerator) == "cuda")
     run_dir = run_dir_of(cfg, cfg.dvae.run_name)
     # Under DDP (torchrun, SLURM or Lightning's own launcher) every rank runs this function;
     # only rank 0 writes into the run directory and the store. All ranks must agree on whether

@@ -24,6 +24,7 @@ from egoslots.cache.store import FeatureStore, StoreError, chunk_bounds
 from egoslots.pipeline.checkpoints import sha256_file
 from egoslots.pipeline.config import ConfigError
 from egoslots.pipeline.dvae import DVAE, PATCH, load_dvae
+from egoslots.stages.machinery.batch_memory import check_tokenize_batch
 from egoslots.stages.machinery.common import StageError, setup_logging, write_failure
 from egoslots.stages.machinery.locks import run_lock
 from egoslots.stages.machinery.run_paths import store_of_run
@@ -118,11 +119,16 @@ def _tokenize_locked(run_dir: Path, batch_size: int | None, device: str | None) 
     done = store.done_chunks(f"tokens/{dvae_hash}/done")
     pending = [c for c in range(done.size) if not done[c]]
     dcfg = (saved_config(run_dir) or {}).get("dvae", {})
+    given_batch = batch_size is not None
     batch_size = int(batch_size or dcfg.get("tokenize_batch_size", 64))
     device = pick_device(
         device or dcfg.get("tokenize_device", "auto"),
         "--device" if device else "dvae.tokenize_device",
     )
+    check_tokenize_batch(
+        batch_size, store.chunk_len, frame_size, int(info.get("hidden") or dcfg.get("hidden", 64)),
+        int(info["vocab_size"]), device.type == "cuda", "--batch-size" if given_batch else None,
+    )  # fmt: skip
     model = load_dvae(run_dir).to(device)
 
     bounds = [chunk_bounds(c, store.chunk_len, store.num_frames) for c in pending]

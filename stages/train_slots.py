@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from egoslots.cache.catalog import store_for_config
 from egoslots.cache.store import FeatureStore, StoreError
 from egoslots.pipeline.config import resolve
+from egoslots.stages.machinery.batch_memory import check_slot_batch
 from egoslots.stages.machinery.callbacks import FinalCheckpoint, LossGuard, SlotPictures
 from egoslots.stages.machinery.common import StageError, config_command, output_writes
 from egoslots.stages.machinery.datamodules import ClipData, example_clip
@@ -177,6 +178,7 @@ def train(cfg: DictConfig, resume: str | Path | None = None, overwrite: bool = F
     directory first (only if egoslots wrote all of it: :func:`remove_run_dir`).
     """
     inputs = resolve_inputs(cfg)
+    check_slot_batch(cfg, inputs.store.meta, device_type(cfg.trainer.accelerator) == "cuda")
     cfg_dict = resolve(cfg)
     run_dir = run_dir_of(cfg, cfg.run_name)
     ckpt_dir = run_dir / "checkpoints"

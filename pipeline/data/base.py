@@ -134,15 +134,31 @@ def to_rgb_uint8(image: np.ndarray, where: str, float_scale: float = 255.0) -> n
     """Grayscale, RGBA and other 8-bit layouts to (H, W, 3) uint8 (convert, don't fail).
 
     Float pixels are multiplied by ``float_scale`` (the video's :func:`float_pixel_scale`) and
-    clipped to 0..255; other integer types are clipped (16-bit frames are scaled by their
-    reader, from the file's bit depth)."""
+    clipped to 0..255 (an overshoot beyond half the range, e.g. a [0, 1000] depth map, is one
+    SourceError: clipping it would be silent); other integer types must hold values in 0..255 (one SourceError naming
+    the range otherwise: clipping made a 16-bit frame white without a word; 16-bit PNG frames
+    are scaled by their reader, from the file's bit depth)."""
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating):
             scaled = np.nan_to_num(arr) * float(float_scale)
+            low, high = (float(scaled.min()), float(scaled.max())) if arr.size else (0.0, 0.0)
+            if low < -0.5 * 255 or high > UNIT_RANGE_MAX * 255:  # no overshoot: another range
+                raise SourceError(
+                    f"{where}: {arr.dtype} pixels {low / float_scale:g}..{high / float_scale:g} "
+                    "fit neither [0, 1] nor [0, 255] (a little overshoot is clipped, not this); "
+                    "egoslots reads colour frames: scale them to [0, 1] or to uint8 0..255"
+                )
             arr = np.clip(scaled + (0.5 if float_scale != 1.0 else 0.0), 0, 255).astype(np.uint8)
         elif np.issubdtype(arr.dtype, np.integer):
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
+            low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+            if low < 0 or high > 255:  # clipping would turn a 16-bit frame white, silently
+                raise SourceError(
+                    f"{where}: {arr.dtype} pixels {low}..{high} do not fit 8-bit colour 0..255; "
+                    "egoslots reads 8-bit frames: convert them to uint8 (16-bit: divide by 257), "
+                    "or store floats in [0, 1]"
+                )
+            arr = arr.astype(np.uint8)
         else:
             raise SourceError(f"{where}: unsupported pixel type {arr.dtype}")
     if arr.ndim == 2:

@@ -167,6 +167,12 @@ class FrameFolderSource(ListedSource):
         try:
             stat = entry.stat()
         except OSError as err:
+            if entry.is_symlink():  # a copy made with links (cp -s, rsync -l) lost its target
+                raise SourceError(
+                    f"{entry.path}: a symbolic link to {os.readlink(entry.path)}, which "
+                    f"{'does not exist' if err.errno == errno.ENOENT else 'cannot be read'} "
+                    f"({err.strerror}): restore its target, or remove the link"
+                ) from err
             raise SourceError(f"{entry.path}: cannot stat ({err})") from err
         refuse_special(entry.path, stat.st_mode)  # a FIFO would block the decoder forever
         return FileIdentity(prefix + entry.name, stat.st_size)
@@ -322,7 +328,7 @@ def load_rgb(path: Path, where: str) -> np.ndarray:
                 arr = np.array(im)  # a writable copy (asarray's view is read-only; torch warns)
             elif im.mode.startswith("I;16"):  # 16-bit grey: by the file's bit depth, so a dark
                 arr = np.asarray(im).astype(np.int64) // 257  # frame scales as its neighbours do
-            elif im.mode.startswith("I"):  # 32-bit integer grey: clipped to 0..255
+            elif im.mode.startswith("I"):  # 32-bit integer grey: must hold 0..255 (to_rgb_uint8)
                 arr = np.asarray(im).astype(np.int64)
             else:  # palette, CMYK, YCbCr, LA, 1-bit: let Pillow map them to RGB
                 arr = np.array(im.convert("RGB"))

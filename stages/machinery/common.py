@@ -210,23 +210,61 @@ def check_fits_in_memory(option: str, value: int, per_item: int, items: str, not
     """Refuse ``option=value`` when ``value`` items of ``per_item`` bytes each (allocated
     together: a batch) exceed the memory available now: one usage error naming the option,
     the estimate and the largest value that fits (``note`` says what was sized)."""
-    available, where = available_memory()
+    too_much = memory_shortfall(value, per_item, items, note)
+    if too_much:
+        raise click.BadParameter(f"{too_much}: use at most {option} {too_much.bound}",
+                                 param_hint=f"'{option}'")  # fmt: skip
+
+
+def check_key_fits_in_memory(
+    key: str, value: int, per_item: int, items: str, note: str, *, gpu: bool | None = None,
+    count: int | None = None,
+) -> None:  # fmt: skip
+    """:func:`check_fits_in_memory` for a config key (a memory-sizing ``*.batch_size``): one
+    ConfigError naming the key, the estimate and the bound, before any work (instead of an
+    allocation of many GB failing, or swapping the machine, mid-run). ``gpu``: whose memory
+    (None: the GPU's when torch sees one). ``count``: the items the value makes the stage
+    hold (a batch never larger than a chunk: fewer than ``value``)."""
+    too_much = memory_shortfall(value if count is None else count, per_item, items, note, gpu=gpu)
+    if too_much:
+        raise ConfigError(f"{key}={value}: {too_much}: use at most {key}={too_much.bound}")
+
+
+class Shortfall(str):
+    """Why a batch does not fit (the words), with the largest value that does (``bound``)."""
+
+    bound: int
+
+
+def memory_shortfall(
+    value: int, per_item: int, items: str, note: str, *, gpu: bool | None = None
+) -> Shortfall | None:
+    """The words for ``value`` items of ``per_item`` bytes exceeding the memory available now
+    (with ``.bound``, the most that fit), or None when they fit."""
+    if per_item <= 0:
+        return None
+    available, where = available_memory() if gpu is None else available_memory(gpu)
     bound = max(1, available // per_item)
-    if value > bound:
-        raise click.BadParameter(
-            f"{value} {items} need about {human_bytes(value * per_item)} of memory "
-            f"({human_bytes(per_item)} each, {note}), more than the {human_bytes(available)} of "
-            f"{where} available now: use at most {option} {bound}",
-            param_hint=f"'{option}'",
-        )
+    if value <= bound:
+        return None
+    words = Shortfall(
+        f"{value} {items} need about {human_bytes(value * per_item)} of memory "
+        f"({human_bytes(per_item)} each, {note}), more than the {human_bytes(available)} of "
+        f"{where} available now"
+    )
+    words.bound = int(bound)
+    return words
 
 
-def available_memory() -> tuple[int, str]:
-    """(bytes, where): memory available now, the GPU's when torch sees one, else the host's
-    (``MemAvailable`` of /proc/meminfo: free plus reclaimable; else the free pages)."""
+def available_memory(gpu: bool | None = None) -> tuple[int, str]:
+    """(bytes, where): memory available now, the GPU's when torch sees one (``gpu=None``; True:
+    the GPU's, False: the host's), else the host's (``MemAvailable`` of /proc/meminfo: free
+    plus reclaimable; else the free pages)."""
     import torch
 
-    if torch.cuda.is_available():
+    if gpu is None:
+        gpu = torch.cuda.is_available()
+    if gpu and torch.cuda.is_available():
         return int(torch.cuda.mem_get_info()[0]), "GPU memory"
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -238,4 +276,6 @@ def available_memory() -> tuple[int, str]:
 
 
 def human_bytes(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    if n >= 1e8:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"

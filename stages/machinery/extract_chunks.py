@@ -8,14 +8,19 @@
   done flag; a write error stops the extraction with one line, finished chunks kept.
 
 The store's row layout (:func:`video_rows`): each video's rows, then its flipped rows if cached.
+Stopping (:func:`stop_on_signals`, :func:`extract_worker`): SIGTERM and Ctrl-C end the
+extraction in one line, finished chunks kept (:func:`stopped_extraction`).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import queue
+import signal
 import threading
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +32,7 @@ from egoslots.pipeline.config import ConfigError
 from egoslots.pipeline.data.base import SourceError
 from egoslots.pipeline.preprocess import preprocess_frame
 from egoslots.stages.machinery.common import write_failure
+from egoslots.stages.machinery.runtime import one_thread_per_worker
 
 log = logging.getLogger("egoslots")
 
@@ -254,3 +260,54 @@ def finish_storage(
 def to_storage(feats: torch.Tensor, dtype: str, store: FeatureStore) -> dict[str, np.ndarray]:
     """Model output (n, N, D) -> the store's storage arrays (synchronously)."""
     return finish_storage(*start_storage_copy(feats, dtype), dtype, store)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is, so the same cleanup runs."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While extracting, SIGTERM (a scheduler, ``kill``) stops as Ctrl-C does: the chunk writer
+    finishes what it holds, and the command ends in one line saying what is kept (before:
+    SIGTERM killed the process without a word, Ctrl-C printed click's bare "Aborted!").
+    Yields a namespace whose ``signum`` says which signal came (SIGINT unless SIGTERM)."""
+    state = types.SimpleNamespace(signum=signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def on_sigterm(signum, frame):
+        state.signum = signal.SIGTERM
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_extraction(store: FeatureStore, signum: int):
+    """The one line for an extraction stopped by a signal (a ``Stopped``: exit 130 / 143):
+    what is kept, how to go on."""
+    from egoslots.stages.machinery.interrupts import Stopped  # Lightning: only when needed
+
+    try:
+        done, total = store.progress()
+        kept = f"{done} of {total} chunks of {store.path} are written and kept"
+    except Exception:  # noqa: BLE001 - the store's flags unreadable now: say less
+        kept = f"the finished chunks of {store.path} are kept"
+    how = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    return Stopped(
+        f"extraction stopped by {how}: {kept}; rerun the same command to resume with the rest",
+        signum,
+    )
+
+
+def extract_worker(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: one torch thread, and SIGTERM / Ctrl-C left to the main
+    process (which stops cleanly; a worker killed by them made the loader raise instead)."""
+    one_thread_per_worker(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -69,6 +69,21 @@ def check_unlocked(run_dir: Path, what: str) -> None:
         raise StageError(_busy_message(path, holder, what))
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` (and its parents); a file in its place, or above it, is one
+    StageError naming it (before: a FileExistsError traceback from mkdir)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        place = next(
+            (p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), run_dir
+        )
+        raise StageError(
+            f"{place} is a file, not a folder: egoslots keeps each run in a folder "
+            f"<work_dir>/runs/<run_name>; choose another run_name (or work_dir), or move the file away"
+        ) from err
+
+
 @contextmanager
 def run_lock(run_dir: Path, command: str) -> Iterator[None]:
     """Hold ``run_dir``'s lock for the block (re-entrant within one process); a live holder is
@@ -80,7 +95,7 @@ def run_lock(run_dir: Path, command: str) -> Iterator[None]:
         yield  # this process holds it already (pretrain-dvae calling tokenize)
         return
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     mine = {
         "pid": os.getpid(),
         "host": socket.gethostname(),

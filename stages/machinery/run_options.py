@@ -13,6 +13,7 @@ import click
 from omegaconf import OmegaConf
 
 from egoslots.cache.store import FeatureStore
+from egoslots.stages.machinery.batch_memory import clip_bytes
 from egoslots.stages.machinery.common import check_fits_in_memory
 from egoslots.stages.machinery.run_paths import path_from_run_file, store_of_run
 from egoslots.stages.machinery.rundirs import read_json
@@ -64,7 +65,7 @@ def restart_bytes(run: str | Path | None) -> int | None:
         tokens, dim = int(meta["num_tokens"]), int(meta["feature_dim"])
     except Exception:  # noqa: BLE001 - no run to size: the loader reports what is wrong with it
         return None
-    return 4 * frames * tokens * (slots * 2 * (widest + dim + 1) + 3 * dim)
+    return clip_bytes(frames, tokens, dim, slots, widest)  # one window: a training clip's cost
 
 
 def split_options(verb: str):

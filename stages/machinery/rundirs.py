@@ -193,7 +193,20 @@ def listed(items: list[str], most: int = 4) -> str:
 # Checkpoints: naming, finding, reading, catching up
 # --------------------------------------------------------------------------------------------
 def checkpoint_path(run_dir: Path, checkpoint: str | int | Path = "last") -> Path:
-    """``last``, a step number, ``step=N`` or a path -> the checkpoint file of a run."""
+    """``last``, a step number, ``step=N`` or a path -> the checkpoint file of a run. The run
+    of another stage (pretrain-dvae, pretrain-encoder) is one error saying so: its checkpoints
+    hold no slot model (before: a ValueError traceback from deep inside the model)."""
+    for record, stage in (("dvae.json", "pretrain-dvae"), ("encoder.json", "pretrain-encoder")):
+        if (run_dir / record).is_file():
+            slot_runs = sorted(
+                p.parent.name for p in run_dir.parent.glob("*/inputs.json")
+                if not (p.parent / "dvae.json").exists() and not (p.parent / "encoder.json").exists()
+            )  # fmt: skip
+            hint = f" ({', '.join(slot_runs[:3])} in {run_dir.parent})" if slot_runs else ""
+            raise StageError(
+                f"{run_dir} is a {stage} run directory (it holds {record}), not a train-slots "
+                f"run: pass the directory of a train-slots run{hint}"
+            )
     if isinstance(checkpoint, Path) or (
         isinstance(checkpoint, str) and checkpoint.endswith(".ckpt")
     ):
