@@ -77,6 +77,8 @@ def test_infer_gives_export_slots_slots_and_writes_pictures(trained, tmp_path):
     np.testing.assert_allclose(
         got["masks"].astype(np.float32), exported["masks"][rows].astype(np.float32), atol=2e-3
     )
+    # the token labels too (both --track match, the default; near-ties at 1e-3 aside)
+    assert (got["labels"] == exported["labels"][rows]).mean() >= 0.99
     meta = json.loads(str(got["meta"]))
     assert meta["restarts"] == 2 and meta["track"] == "match" and meta["num_frames"] == FRAMES
 
