@@ -298,9 +298,9 @@ def evaluate_model(
     slots are the best of ``model.config.restarts`` draws (``load_trained(restarts=)``)).
     ``track``: the model's masks as the product outputs them by default ("match": slots renamed
     frame by frame to keep their regions, ``inference.SlotTracker``) or raw ("off"). Every
-    score sees the same masks: the per-frame ones and the label-free usage and reconstruction
-    numbers do not depend on it, the video metrics and the identity numbers do
-    (docs/real-video.md).
+    score sees the same masks: the per-frame metrics, mask entropy and reconstruction error do
+    not depend on it; the video metrics, the identity numbers and, through the tracker's tie
+    rule, active slots do (docs/real-video.md).
     """
     if track not in TRACK_MODES:
         raise StageError(f"track={track!r}: choose one of {', '.join(TRACK_MODES)}")
