@@ -18,7 +18,7 @@ as they would online. The masks are scored against the store's ground truth with
   k-means per video, so the table shows what refinement alone buys. The raw rows stay.
 
 The model's masks are scored as the product outputs them: by default (``--track match``) with
-slots renamed frame by frame to keep their regions (``inference.SlotTracker``), as visualize,
+slots the model cannot tell apart renamed to keep their regions (``inference.SlotTracker``), as visualize,
 export-slots and infer give them; ``--track off`` scores the raw model order. Per-frame metrics
 do not depend on slot names; video metrics and the identity numbers do (docs/real-video.md).
 
@@ -296,8 +296,8 @@ def evaluate_model(
     collects slots with it). ``refine``: add the colour-refined rows (``score_video``).
     ``label_free``: compute the label-free numbers (``label_free_video``). The model's first
     slots are the best of ``model.config.restarts`` draws (``load_trained(restarts=)``)).
-    ``track``: the model's masks as the product outputs them by default ("match": slots renamed
-    frame by frame to keep their regions, ``inference.SlotTracker``) or raw ("off"). Every
+    ``track``: the model's masks as the product outputs them by default ("match": slots the model
+    cannot tell apart renamed to keep their regions, ``inference.SlotTracker``) or raw ("off"). Every
     score sees the same masks: the per-frame metrics, mask entropy and reconstruction error do
     not depend on it; the video metrics, the identity numbers and, through the tracker's tie
     rule, active slots do (docs/real-video.md).
@@ -584,7 +584,7 @@ def _restarts_note(restarts: int | None) -> str:
 
 
 TRACK_NOTES = {
-    "match": "slots renamed frame by frame to keep their regions (--track match, the default: "
+    "match": "tied slots renamed to keep their regions (--track match, the default: "
     "the masks visualize, export-slots and infer give)",
     "off": "the model's raw slot order and plain arg-max (--track off)",
 }
@@ -688,7 +688,8 @@ def label_free_table(section: dict | None, track: str | None = None) -> list[str
         return []
     share = section.get("active_share", lf.ACTIVE_SHARE)
     tracked = {
-        "match": " Slot rows: --track match (slots renamed frame by frame to keep their regions; "
+        "match": " Slot rows: --track match (slots the model cannot tell apart renamed to keep "
+        "their regions; "
         f"where slots' masks are within {lf.TIE_TOLERANCE:g} a token keeps its slot of the frame "
         "before).",
         "off": " Slot rows: --track off (the model's raw slot order, plain arg-max).",

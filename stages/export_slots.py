@@ -16,10 +16,11 @@ table, to a zarr v3 group (any OUT not ending in ``.npz``) or a single ``.npz`` 
                   restarts (draws of a Gaussian initializer's first slots; the best kept),
                   track (match | off: how slots are named over time, below)
 
-Slot k of frame t is, by default (``--track match``), the slot that kept the region slot k had
-in frame t-1: the model's slots are renamed frame by frame (``inference.SlotTracker``), so an
-index follows one region through the video, as in visualize's and infer's pictures. The slot
-vectors and masks are the model's own, only their order per frame changes. ``--track off``
+By default (``--track match``) slot k of frame t is the model's slot k carried from frame t-1,
+except among slots the model cannot tell apart (their masks tie): those are renamed to keep
+the regions they had in frame t-1 (``inference.SlotTracker``), so an index follows one region
+through the video, as in visualize's and infer's pictures. The slot vectors and masks are the
+model's own, only their order per frame changes. ``--track off``
 writes the model's raw order, in which collapsed spare slots trade regions back and forth
 (docs/real-video.md).
 
@@ -99,7 +100,7 @@ def export_slots_run(
 ) -> Path:
     """Export slots, masks and tokens of every video of ``split``; returns the output path.
     ``restarts``: draws of a Gaussian initializer's first slots (None: the run's config);
-    ``track``: "match" renames slots frame by frame to keep their regions, "off" keeps the
+    ``track``: "match" renames tied slots to keep their regions, "off" keeps the
     model's order (``infer_windows``)."""
     run_dir = Path(run_dir)
     out = Path(out).expanduser().absolute() if out is not None else run_dir / f"slots_{split}.zarr"

@@ -6,7 +6,7 @@ synthetic data (if the config asks for it) -> pretrain-encoder (if backbone.name
 when its output exists and matches (visualize: when a picture is newer than the checkpoint),
 and resumes when it was interrupted, so running the same command again after a crash (or
 after it finished) does only the missing work. evaluate scores, and visualize draws, the
-masks as the commands give them by default: slots renamed frame by frame to keep their regions
+masks as the commands give them by default: tied slots renamed to keep their regions
 (``--track match``, ``stages/machinery/run_options.py``).
 """
 

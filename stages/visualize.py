@@ -10,7 +10,7 @@ Default video: the first test video. Outputs go to ``RUN/viz/<video>.gif|.png``,
 them ``<video>.timeline.png``: each slot's area per frame over the whole video in the overlay's
 colours, with the inference windows' starts marked (``pictures.timeline``), so an object that
 changes slot shows as one slot's lane falling while another's rises. By default
-(``--track match``) slots are renamed frame by frame to keep their regions
+(``--track match``) slots the model cannot tell apart are renamed to keep their regions
 (``inference.SlotTracker``) and pixels two slots share almost equally take the lower slot's
 colour (``label_free.tied_argmax``), as export-slots and infer name them; ``--track off`` draws
 the model's raw order with a plain arg-max.
@@ -101,7 +101,7 @@ def visualize_run(
 ) -> Path:
     """Render slot masks over one video; returns the PNG strip's path (the GIF and the slot
     timeline are beside it). ``restarts``: draws of a Gaussian initializer's first slots (None:
-    the run's config); ``track``: "match" renames slots frame by frame (``infer_windows``)."""
+    the run's config); ``track``: "match" renames tied slots (``infer_windows``)."""
     run_dir = Path(run_dir)
     model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint, restarts=restarts)
     if video_id is None:

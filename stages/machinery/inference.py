@@ -7,7 +7,7 @@
   training clip length (:func:`window_length`), carrying the slots from one window to the next
   (``init_state`` <- ``next_state``), so slot identities persist over a whole video as they
   would online. Masks are returned per method (``OUTPUT_KEYS``). ``track="match"`` (what the
-  commands use by default, ``run_options.DEFAULT_TRACK``) renames the slots of every frame to
+  commands use by default, ``run_options.DEFAULT_TRACK``) renames the slots the model cannot tell apart to
   keep the regions they had in the frame before (:class:`SlotTracker`); these functions
   default to the model's raw order.
 - The videos of a split: :func:`iter_videos`, :func:`store_windows` (streamed from the store),
@@ -274,7 +274,7 @@ def infer_windows(
     (labels int64). Methods the model does not output (no STEVE decoder) are left out. The first
     window's slots are the best of ``model.config.restarts`` draws (``SlotModel.best_first_slots``).
     ``track``: "off" keeps the model's slot order, labels the plain arg-max; "match" (the
-    commands' default) renames slots frame by frame (:class:`SlotTracker`, matched on the
+    commands' default) renames tied slots frame by frame (:class:`SlotTracker`, matched on the
     decoder masks, else the attention masks; slots and every method's masks follow), labels the
     tracker's. Labels are those of the decoder masks (else the attention masks): what the
     pictures draw and exports write.

@@ -109,8 +109,8 @@ track_option = click.option(
     type=click.Choice(TRACK_MODES),
     default=DEFAULT_TRACK,
     show_default=True,
-    help="match: rename each frame's slots so every slot keeps the region it had in the frame "
-    "before (Hungarian matching of the tokens they share), and give tokens two slots share "
-    "almost equally to the lower slot (slots keep their identity on real video). "
+    help="match: slots the model cannot tell apart (masks tied) are renamed to keep the "
+    "regions they had in the frame before, and a token keeps its slot while slots tie on it "
+    "(slots keep their identity on real video). "
     "off: the model's raw output, slots in its own order and a plain arg-max.",
 )
