@@ -14,6 +14,10 @@ Scores of a (T, K, N) mask video, from its arg-max label maps (no ground truth n
   ties count as identity);
 - ``used``: mean number of slots that own at least one token per frame.
 
+Each is given for the labels the product outputs (``*_out``: ``infer_video``'s labels, with
+``--track match`` the tracker's) and, for comparison, for fixed rules over the same masks
+(plain arg-max, float16 arg-max, the lower-index tie rule).
+
 Beside the model: per-video feature k-means with K = the model's slots (one clustering of all
 the clip's tokens: the ids persist by construction, the bar issue 25 sets for moving clips).
 
@@ -89,15 +93,20 @@ def slots_used(labels: np.ndarray, k: int) -> float:
     return float(np.mean([len(np.unique(frame)) for frame in labels]))
 
 
-def scores(masks: torch.Tensor) -> dict:
+def scores(masks: torch.Tensor, given: torch.Tensor | None = None) -> dict:
     """keep, identity, used of the plain float32 arg-max; keep16 / identity16 of the masks
     rounded to float16, as export-slots and infer store them; keep_tied / identity_tied of
-    ``tied_argmax`` (what visualize's timeline and --track match use). Rounding and the tie
+    ``tied_argmax`` (the lower index wins a near-tie, every frame alike). Rounding and the tie
     rule both give tokens that two slots share almost equally to the lower index, instead of
-    to float32 noise."""
+    to float32 noise. keep_out / identity_out: of ``given`` (T, N), the labels the product
+    outputs (``infer_video``'s: with --track match the tracker's, where a near-tie keeps the
+    token's slot of the frame before; else the arg-max)."""
     k = masks.shape[1]
     labels, stored, tied = labels_of(masks), labels_of(masks.half()), tied_labels_of(masks)
+    out = labels if given is None else given.numpy()
     return {
+        "keep_out": keep_share(out),
+        "identity_out": identity_share(out, k),
         "keep": keep_share(labels),
         "identity": identity_share(labels, k),
         "used": slots_used(labels, k),
@@ -143,9 +152,9 @@ def clip_config(clip: str, work: Path, steps: int, slots: int, *extra: str):
 
 def trained_run(clip: str, work: Path, steps: int, slots: int, extra: list[str]) -> Path:
     cfg = clip_config(clip, work, steps, slots, *extra)
-    extract(cfg)
     run_dir = Path(cfg.work_dir) / "runs" / str(cfg.run_name)  # reused when trained
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        extract(cfg)
         t0 = time.time()
         train(cfg)
         print(f"[{clip}] trained {steps} steps in {time.time() - t0:.0f} s", file=sys.stderr)
@@ -160,11 +169,12 @@ def whole_clip(store: FeatureStore) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Inference settings compared
 # --------------------------------------------------------------------------------------------
-def run_setting(model, features: torch.Tensor, window: int, setting: str) -> torch.Tensor:
-    """Masks (T, K, N) of one inference setting: ``infer_video``'s ``track`` (off | match)."""
+def run_setting(model, features: torch.Tensor, window: int, setting: str) -> tuple:
+    """Masks (T, K, N) and labels (T, N) of one inference setting: ``infer_video``'s ``track``
+    (off | match)."""
     result = infer_video(model, features, None, window, track=setting)
     masks = result["masks"]
-    return masks.get("model_decoder", masks.get("model_attention"))
+    return masks.get("model_decoder", masks.get("model_attention")), result["labels"]
 
 
 def main() -> None:
@@ -179,13 +189,15 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     print(
-        f"{'clip':14s} {'K':>2s} {'setting':12s} {'keep':>7s} {'identity':>9s} {'used':>5s}"
+        f"{'clip':14s} {'K':>2s} {'setting':12s} {'keep_out':>8s} {'identity_out':>12s}"
+        f" {'keep':>7s} {'identity':>9s} {'used':>5s}"
         f" {'keep16':>7s} {'identity16':>10s} {'keep_tied':>9s} {'identity_tied':>13s}"
     )
 
     def show(row):
         print(
-            f"{row['clip']:14s} {row['slots']:2d} {row['setting']:12s} {row['keep']:7.3f} "
+            f"{row['clip']:14s} {row['slots']:2d} {row['setting']:12s} {row['keep_out']:8.3f} "
+            f"{row['identity_out']:12.3f} {row['keep']:7.3f} "
             f"{row['identity']:9.3f} {row['used']:5.1f} {row['keep16']:7.3f} {row['identity16']:10.3f}"
             f" {row['keep_tied']:9.3f} {row['identity_tied']:13.3f}"
         )
@@ -197,8 +209,8 @@ def main() -> None:
         window = window_length(cfg)
         k = model.num_slots
         for setting in args.settings:
-            masks = run_setting(model, features, window, setting)
-            rows.append({"clip": clip, "slots": k, "setting": setting, **scores(masks)})
+            masks, labels = run_setting(model, features, window, setting)
+            rows.append({"clip": clip, "slots": k, "setting": setting, **scores(masks, labels)})
             show(rows[-1])
         base = kmeans_masks(features, k, "video")
         rows.append({"clip": clip, "slots": k, "setting": "kmeans_video", **scores(base)})

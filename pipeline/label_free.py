@@ -10,7 +10,8 @@ masks sum to 1 over K); labels ``(T, N)`` int, the argmax slot of every token; f
 reconstructions ``(T, N, D)``. Every number is computed per video (the caller streams videos and
 averages the per-video values). All functions are pure: tensors in, floats out, no I/O.
 
-Definitions (hard labels = argmax over slots):
+Definitions (hard labels = argmax over slots; with ``tol`` > 0 the tie rule of
+:func:`tied_argmax`, as ``--track match`` labels tokens):
 
 - ``token_stability``: share of (token position, consecutive frame pair) whose label is the same
   in both frames. 1.0 for a constant labelling.
@@ -69,10 +70,53 @@ def _check_masks(masks: torch.Tensor) -> None:
         raise ValueError(f"masks must be (T, K, N), got shape {tuple(masks.shape)}")
 
 
-def labels_of(masks: torch.Tensor) -> torch.Tensor:
-    """Masks (T, K, N) -> hard labels (T, N) int64, the argmax slot of every token."""
+# Mask values closer than this count as equal when a token's slot is chosen (:func:`tied_argmax`).
+TIE_TOLERANCE = 1e-3
+
+
+def tied_argmax(
+    masks: torch.Tensor, tol: float = TIE_TOLERANCE, prefer: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Soft masks (..., K, N) -> the slot of each token (..., N): among the slots within ``tol``
+    of the token's largest mask value, the one ``prefer`` (..., N) names if it is one of them,
+    else the lowest index.
+
+    Slots that settle on (near-)identical vectors share their tokens almost equally, and a plain
+    arg-max then hands each token to whichever is ahead by float noise, a different one each
+    frame (docs/real-video.md: that is most of the "identity switches" on real footage). Within
+    ``tol`` the choice is fixed instead: ``prefer`` is the token's slot in the frame before
+    (``inference.SlotTracker``), so a token changes slot only when another slot's mask is
+    clearly larger; without it the lower index wins. float16 exports round to about ``tol``.
+    """
+    masks = masks.detach().float()
+    top = masks.max(dim=-2, keepdim=True).values
+    tied = masks >= top - tol  # (..., K, N)
+    first = tied.to(torch.uint8).argmax(dim=-2)  # the first slot that ties
+    if prefer is None:
+        return first
+    prefer = prefer.to(first.device).long()
+    kept = tied.gather(-2, prefer.clamp(0, masks.shape[-2] - 1).unsqueeze(-2)).squeeze(-2)
+    return torch.where(kept & (prefer >= 0), prefer, first)
+
+
+def labels_of(masks: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
+    """Masks (T, K, N) -> hard labels (T, N) int64: the argmax slot of every token, or with
+    ``tol`` > 0 the lowest slot within ``tol`` of it (:func:`tied_argmax`)."""
     _check_masks(masks)
-    return masks.argmax(dim=1)
+    return tied_argmax(masks, tol).long() if tol > 0 else masks.argmax(dim=1)
+
+
+def sticky_labels(
+    masks: torch.Tensor, tol: float = TIE_TOLERANCE, previous: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Masks (T, K, N) -> labels (T, N) int64 frame by frame with :func:`tied_argmax`, each
+    frame preferring the labels of the frame before (``previous`` (N,) before the first)."""
+    _check_masks(masks)
+    out = []
+    for frame in masks:
+        previous = tied_argmax(frame, tol, previous).long()
+        out.append(previous)
+    return torch.stack(out) if out else torch.zeros(0, masks.shape[-1], dtype=torch.long)
 
 
 def token_stability(labels: torch.Tensor) -> float:
@@ -234,16 +278,21 @@ def video_numbers(
     flipped_masks: torch.Tensor | None = None,
     grid: tuple[int, int] | None = None,
     min_share: float = ACTIVE_SHARE,
+    tol: float = 0.0,
+    labels: torch.Tensor | None = None,
+    flipped_labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Every label-free number of one method on one video.
 
     masks (T, K, N); with ``features`` (T, N, D) the reconstruction error of ``reconstruction``
     (T, N, D), or of the masks' hard partition when None; with ``flipped_masks`` (T, K, N) (the
-    method on the flipped frames) and ``grid`` (h, w), the flip agreement. Numbers that cannot be
-    computed are left out (the table shows n/a)."""
+    method on the flipped frames) and ``grid`` (h, w), the flip agreement. Hard labels:
+    ``labels`` (T, N) where the caller has them (``--track match``: the tracker's, which
+    :func:`sticky_labels` reproduces), else :func:`labels_of` with ``tol`` (likewise
+    ``flipped_labels``). Numbers that cannot be computed are left out (the table shows n/a)."""
     _check_masks(masks)
     k = masks.shape[1]
-    labels = labels_of(masks)
+    labels = labels_of(masks, tol) if labels is None else labels.long()
     match = best_matchings(labels, k)  # (T-1, K), shared by the two numbers below
     out = {
         "token_stability": token_stability(labels),
@@ -257,5 +306,7 @@ def video_numbers(
             reconstruction = partition_reconstruction(features, labels, k)
         out.update(reconstruction_error(reconstruction, features))
     if flipped_masks is not None and grid is not None:
-        out["flip_agreement"] = flip_agreement(labels, labels_of(flipped_masks), grid)
+        if flipped_labels is None:
+            flipped_labels = labels_of(flipped_masks, tol)
+        out["flip_agreement"] = flip_agreement(labels, flipped_labels.long(), grid)
     return out

@@ -17,6 +17,11 @@ as they would online. The masks are scored against the store's ground truth with
   pixels with the video's colours (``pipeline/refine.py``), for the model's masks and for
   k-means per video, so the table shows what refinement alone buys. The raw rows stay.
 
+The model's masks are scored as the product outputs them: by default (``--track match``) with
+slots the model cannot tell apart renamed to keep their regions (``inference.SlotTracker``), as visualize,
+export-slots and infer give them; ``--track off`` scores the raw model order. Per-frame metrics
+do not depend on slot names; video metrics and the identity numbers do (docs/real-video.md).
+
 Label-free numbers (``pipeline/label_free.py``, docs/label-free.md) for every store, with or
 without masks: slot identity stability over time, slot usage, the feature reconstruction error
 and, where the store holds flipped rows (``augment.hflip: cache``), agreement under a horizontal
@@ -63,7 +68,13 @@ from egoslots.stages.machinery.inference import (
     split_size,
     window_length,
 )
-from egoslots.stages.machinery.run_options import restarts_option, split_options
+from egoslots.stages.machinery.run_options import (
+    DEFAULT_TRACK,
+    TRACK_MODES,
+    restarts_option,
+    split_options,
+    track_option,
+)
 from egoslots.stages.machinery.runtime import configure_threads, pick_device
 
 log = logging.getLogger("egoslots")
@@ -91,7 +102,7 @@ METRIC_LABELS = {
     "video_ari": "video ARI (with bg)",
     "frame_ari": "frame ARI (with bg)",
 }
-LABEL_FREE_VERSION = 1  # in metrics.json's key: older files (without the section) are redone
+LABEL_FREE_VERSION = 2  # in metrics.json's key: older files (before --track) are redone
 LABEL_FREE_METHODS = (  # in table order; the model's rows come first, those it outputs
     "model_decoder",
     "model_attention",
@@ -200,12 +211,20 @@ def label_free_video(
     grid: tuple[int, int],
     reconstruction: torch.Tensor | None = None,
     flipped: dict[str, torch.Tensor] | None = None,
+    track: str = DEFAULT_TRACK,
 ) -> dict[str, dict[str, float]]:
     """{method: label-free numbers} of one video (``pipeline/label_free.py``).
 
     ``result``: the model's masks; ``baseline``: :func:`baseline_masks`; ``reconstruction``: the
     model's decoded features (T, N, D), scored on the ``model_decoder`` row; ``flipped``:
-    {method: masks (T, K, N)} of the same methods on the horizontally flipped frames."""
+    {method: masks (T, K, N)} of the same methods on the horizontally flipped frames.
+    ``track``: how ``result`` was inferred; "match" labels tokens as its pictures and exports
+    do (``label_free.sticky_labels``: a near-tie keeps the token's slot of the frame before; the
+    one-hot baselines are unchanged by it), "off" by the plain arg-max."""
+
+    def labels(m: torch.Tensor) -> torch.Tensor:
+        return lf.sticky_labels(m) if track == "match" else lf.labels_of(m)
+
     feats = item["features"]
     flipped = flipped or {}
     masks = {**result["masks"], **baseline}
@@ -224,8 +243,12 @@ def label_free_video(
         if method in flipped:
             token_grid = tuple(item["tokens"].shape[-2:]) if "tokens" in item else None
             mask_grid = grid if on_features else token_grid or metrics.infer_grid(m.shape[-1])
-            flip = {"flipped_masks": flipped[method], "grid": mask_grid}
-        out[method] = lf.video_numbers(m, **rec, **flip)
+            flip = {
+                "flipped_masks": flipped[method],
+                "flipped_labels": labels(flipped[method]),
+                "grid": mask_grid,
+            }
+        out[method] = lf.video_numbers(m, **rec, **flip, labels=labels(m))
     return out
 
 
@@ -237,6 +260,7 @@ def flipped_masks(
     window: int,
     num_slots: int,
     seed: int,
+    track: str = DEFAULT_TRACK,
 ) -> dict[str, torch.Tensor]:
     """{method: masks (T, K, N)} of the model and k-means on a video's flipped rows, masks left
     at the flipped positions (:func:`egoslots.pipeline.label_free.flip_agreement` mirrors back)."""
@@ -245,7 +269,7 @@ def flipped_masks(
     if tokens_hash:
         ids = store.tokens(tokens_hash)[record.first : record.stop]
         tokens = torch.from_numpy(np.asarray(ids).astype(np.int64))
-    out = dict(infer_video(model, feats, tokens, window)["masks"])
+    out = dict(infer_video(model, feats, tokens, window, track=track)["masks"])
     out["kmeans_frame"] = baselines.kmeans_masks(feats, num_slots, "frame", seed=seed)
     out["kmeans_video"] = baselines.kmeans_masks(feats, num_slots, "video", seed=seed)
     return out
@@ -262,6 +286,7 @@ def evaluate_model(
     seed: int = 0,
     refine: bool = False,
     label_free: bool = True,
+    track: str = DEFAULT_TRACK,
 ) -> dict:
     """Per-video scores of a model and the baselines on a split, one video in memory at a time:
     {"video_ids", "per_video", "label_free"} (``label_free``: {method: {number: [per video]}}).
@@ -271,7 +296,14 @@ def evaluate_model(
     collects slots with it). ``refine``: add the colour-refined rows (``score_video``).
     ``label_free``: compute the label-free numbers (``label_free_video``). The model's first
     slots are the best of ``model.config.restarts`` draws (``load_trained(restarts=)``)).
+    ``track``: the model's masks as the product outputs them by default ("match": slots the model
+    cannot tell apart renamed to keep their regions, ``inference.SlotTracker``) or raw ("off"). Every
+    score sees the same masks: the per-frame metrics, mask entropy and reconstruction error do
+    not depend on it; the video metrics, the identity numbers and, through the tracker's tie
+    rule, active slots do (docs/real-video.md).
     """
+    if track not in TRACK_MODES:
+        raise StageError(f"track={track!r}: choose one of {', '.join(TRACK_MODES)}")
     if not store.has_masks and not label_free:
         raise StageError(
             f"store {store.path} has no ground-truth masks: nothing to evaluate "
@@ -294,7 +326,7 @@ def evaluate_model(
         desc=f"evaluate {split}",
         unit="video",
     ):
-        result = infer_video(model, item["features"], item.get("tokens"), window)
+        result = infer_video(model, item["features"], item.get("tokens"), window, track=track)
         baseline = baseline_masks(item["features"], num_slots, grid, seed)
         ids.append(item["video_id"])
         if store.has_masks:
@@ -315,10 +347,10 @@ def evaluate_model(
                     window,
                     num_slots,
                     seed,
+                    track,
                 )
-            numbers = label_free_video(
-                item, result, baseline, grid, model_reconstruction(model, result, window), flipped
-            )
+            recon = model_reconstruction(model, result, window)
+            numbers = label_free_video(item, result, baseline, grid, recon, flipped, track)
             for method, values in numbers.items():
                 for key in lf.NUMBERS:  # every video has every key: lists stay aligned with ids
                     free.setdefault(method, {}).setdefault(key, []).append(
@@ -343,11 +375,16 @@ def evaluate_run(
     probe: bool | None = None,
     overwrite: bool = False,
     restarts: int | None = None,
+    track: str = DEFAULT_TRACK,
 ) -> dict:
     """Evaluate a trained run on a split; write metrics.json and metrics.md; return the metrics dict.
 
     ``restarts``: draws of a Gaussian initializer's first slots per video, the best kept
-    (None: the run's ``inference.restarts``)."""
+    (None: the run's ``inference.restarts``). ``track``: score the masks with slots renamed
+    to keep their regions ("match", what visualize, export-slots and infer output by default)
+    or the model's raw order ("off"); see :func:`evaluate_model`."""
+    if track not in TRACK_MODES:
+        raise StageError(f"track={track!r}: choose one of {', '.join(TRACK_MODES)}")
     run_dir = Path(run_dir)
     out_json = run_dir / "metrics.json"
     ident = checkpoint_identity(run_dir, checkpoint)
@@ -366,6 +403,7 @@ def evaluate_run(
         "probe": probe,
         "refine": refine,
         "restarts": int(model.config.restarts),
+        "track": track,
         "label_free": LABEL_FREE_VERSION,
     }
     if out_json.exists() and not overwrite:
@@ -412,12 +450,13 @@ def evaluate_run(
         keep=None if collector is None else collector.test,
         seed=seed,
         refine=refine,
+        track=track,
     )
     probe_result = {"skipped": "disabled (evaluate.probe=false)"}
     if not has_masks:
         probe_result = {"skipped": "no ground-truth masks to match slots to objects"}
     if collector is not None:
-        probe_result = run_probe(model, cfg, store, tokens_hash, collector, split, seed)
+        probe_result = run_probe(model, cfg, store, tokens_hash, collector, split, seed, track)
 
     result = {
         "key": key,
@@ -429,6 +468,7 @@ def evaluate_run(
         "store": store.fingerprint,
         "tokens": tokens_hash,
         "primary": PRIMARY,
+        "track": track,
         "scale": "fractions in [0, 1]; metrics.md shows x100 (the label-free table as is)",
         "methods": summarize_scores(scored["per_video"]),
         "video_ids": scored["video_ids"],
@@ -466,7 +506,9 @@ def flip_note(store, split: str) -> str:
     )
 
 
-def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) -> dict:
+def run_probe(
+    model, cfg, store, tokens_hash, collector, split: str, seed: int, track: str = DEFAULT_TRACK
+) -> dict:
     """Collect slots of the train videos (the test ones are in ``collector``) and fit the probes."""
     if not collector.has_attributes:
         return {"skipped": "no per-object attributes in this dataset (meta.json 'objects')"}
@@ -486,7 +528,7 @@ def run_probe(model, cfg, store, tokens_hash, collector, split: str, seed: int) 
         desc="probe: train slots",
         unit="video",
     ):
-        result = infer_video(model, item["features"], item.get("tokens"), window)
+        result = infer_video(model, item["features"], item.get("tokens"), window, track=track)
         collector.train(item, result)
     return probe_lib.fit_and_score(collector.samples["train"], collector.samples["test"], seed=seed)
 
@@ -541,6 +583,19 @@ def _restarts_note(restarts: int | None) -> str:
     return f", first slots the best of {restarts} draws per video"
 
 
+TRACK_NOTES = {
+    "match": "tied slots renamed to keep their regions (--track match, the default: "
+    "the masks visualize, export-slots and infer give)",
+    "off": "the model's raw slot order and plain arg-max (--track off)",
+}
+
+
+def track_note(result: dict) -> str:
+    """Which masks of the model were scored (metrics.json from before ``--track``: none said)."""
+    track = result.get("track") or (result.get("key") or {}).get("track")
+    return f" Model masks: {TRACK_NOTES[track]}." if track in TRACK_NOTES else ""
+
+
 def format_table(result: dict) -> str:
     """Markdown: method x metric, mean ± std over videos (x100), best per column in bold; then
     the label-free table (the only one on a store without masks) and the probe."""
@@ -567,6 +622,7 @@ def format_table(result: dict) -> str:
         f"checkpoint step {result.get('checkpoint_step')}"
         + _restarts_note((result.get("key") or {}).get("restarts"))
         + "."
+        + track_note(result)
     )
     if not methods:
         lines = [
@@ -595,7 +651,7 @@ def format_table(result: dict) -> str:
                 text = f"**{text}**"
             cells.append(text)
         lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
-    lines += label_free_table(result.get("label_free"))
+    lines += label_free_table(result.get("label_free"), result.get("track"))
     probe = result.get("probe") or {}
     if probe.get("attributes"):
         lines += [
@@ -625,11 +681,19 @@ def _lf_cell(stat: dict | None, key: str) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def label_free_table(section: dict | None) -> list[str]:
-    """The label-free table's lines (none without the section: metrics.json from before it)."""
+def label_free_table(section: dict | None, track: str | None = None) -> list[str]:
+    """The label-free table's lines (none without the section: metrics.json from before it).
+    ``track``: how the model's masks were inferred, said in the heading."""
     if not section or not section.get("methods"):
         return []
     share = section.get("active_share", lf.ACTIVE_SHARE)
+    tracked = {
+        "match": " Slot rows: --track match (slots the model cannot tell apart renamed to keep "
+        "their regions; "
+        f"where slots' masks are within {lf.TIE_TOLERANCE:g} a token keeps its slot of the frame "
+        "before).",
+        "off": " Slot rows: --track off (the model's raw slot order, plain arg-max).",
+    }.get(track, "")
     lines = [
         "",
         "Label-free numbers (no masks used; docs/label-free.md), mean ± std over videos: "
@@ -637,7 +701,7 @@ def label_free_table(section: dict | None) -> list[str]:
         f"in frames, a slot active with >= {100 * share:g}% of a frame's tokens, entropy over "
         "slots / log K, reconstruction error relative to the features' spread. No best marked: "
         "a fixed grid is perfectly stable. Flip agreement: "
-        f"{section.get('flip', 'n/a')}.",
+        f"{section.get('flip', 'n/a')}." + tracked,
         "",
         "| method | " + " | ".join(LABEL_FREE_LABELS.values()) + " |",
         "|---|" + "---|" * len(LABEL_FREE_LABELS),
@@ -667,6 +731,7 @@ def _finite(value):
 @split_options("evaluate")
 @click.option("--no-probe", is_flag=True, help="Skip the property probe.")
 @restarts_option
+@track_option
 @click.option(
     "--overwrite", is_flag=True, help="Recompute even if metrics.json matches this checkpoint."
 )
@@ -677,6 +742,7 @@ def evaluate(
     max_videos: int | None,
     no_probe: bool,
     restarts: int | None,
+    track: str,
     overwrite: bool,
 ):
     """FG-ARI, mBO and mIoU of a trained run's slot masks on whole videos, next to k-means and grid
@@ -690,6 +756,7 @@ def evaluate(
         probe=False if no_probe else None,
         overwrite=overwrite,
         restarts=restarts,
+        track=track,
     )
     click.echo(format_table(result))
     click.echo(f"\nwritten: {Path(run) / 'metrics.json'}, {Path(run) / 'metrics.md'}")

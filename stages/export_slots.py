@@ -7,10 +7,22 @@ table, to a zarr v3 group (any OUT not ending in ``.npz``) or a single ``.npz`` 
     slots            (F, K, D) float32  the slot vectors per frame (processor.state)
     masks            (F, K, N) float16  decoder masks (primary, as SlotContrast), N = h*w
     attention_masks  (F, K, N) float16  slot-attention masks
+    labels           (F, N)    uint8    each token's slot, as visualize and infer draw it:
+                                        with --track match the tracker's (a near-tie keeps the
+                                        token's slot of the frame before), else the arg-max
     tokens           (F, h, w) uint16   the cached dVAE token ids (runs with a dVAE only)
     video_ids (V,) str, video_first (V,) int64, video_length (V,) int64: rows of each video
     attrs / meta: run, split, store fingerprint, dVAE hash, checkpoint step, grid, K, D,
-                  restarts (draws of a Gaussian initializer's first slots; the best kept)
+                  restarts (draws of a Gaussian initializer's first slots; the best kept),
+                  track (match | off: how slots are named over time, below)
+
+By default (``--track match``) slot k of frame t is the model's slot k carried from frame t-1,
+except among slots the model cannot tell apart (their masks tie): those are renamed to keep
+the regions they had in frame t-1 (``inference.SlotTracker``), so an index follows one region
+through the video, as in visualize's and infer's pictures. The slot vectors and masks are the
+model's own, only their order per frame changes. ``--track off``
+writes the model's raw order, in which collapsed spare slots trade regions back and forth
+(docs/real-video.md).
 
 Reading it back (the same code for zarr and npz)::
 
@@ -55,7 +67,12 @@ from egoslots.stages.machinery.inference import (
     store_windows,
     window_length,
 )
-from egoslots.stages.machinery.run_options import restarts_option, split_options
+from egoslots.stages.machinery.run_options import (
+    DEFAULT_TRACK,
+    restarts_option,
+    split_options,
+    track_option,
+)
 from egoslots.stages.machinery.runtime import pick_device
 from egoslots.stages.machinery.slot_files import (
     NpzWriter,
@@ -79,9 +96,12 @@ def export_slots_run(
     max_videos: int | None = None,
     overwrite: bool = False,
     restarts: int | None = None,
+    track: str = DEFAULT_TRACK,
 ) -> Path:
     """Export slots, masks and tokens of every video of ``split``; returns the output path.
-    ``restarts``: draws of a Gaussian initializer's first slots (None: the run's config)."""
+    ``restarts``: draws of a Gaussian initializer's first slots (None: the run's config);
+    ``track``: "match" renames tied slots to keep their regions, "off" keeps the
+    model's order (``infer_windows``)."""
     run_dir = Path(run_dir)
     out = Path(out).expanduser().absolute() if out is not None else run_dir / f"slots_{split}.zarr"
     if not out.name:
@@ -101,6 +121,7 @@ def export_slots_run(
         "grid": list(store.grid),
         "max_videos": max_videos,
         "restarts": int(model.config.restarts),
+        "track": track,
     }
     if out.exists() and not overwrite:
         previous = read_export_meta(out) or {}
@@ -133,7 +154,7 @@ def export_slots_run(
                 yield feats, toks
 
         torch.manual_seed(0)  # a Gaussian initializer's first slots: as evaluate's (infer_video)
-        for result in infer_windows(model, windows()):
+        for result in infer_windows(model, windows(), track):
             toks = pending.pop(0)
             arrays = {"slots": result["slots"].numpy().astype(np.float32)}
             masks = result["masks"]
@@ -142,6 +163,8 @@ def export_slots_run(
             if "model_attention" in masks:
                 arrays["attention_masks"] = masks["model_attention"].numpy().astype(np.float16)
                 arrays.setdefault("masks", arrays["attention_masks"])
+            labels = result["labels"].numpy()
+            arrays["labels"] = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
             if toks is not None:
                 arrays["tokens"] = toks.numpy().astype(np.uint16)
             writer.write(row, num_frames, arrays)
@@ -165,6 +188,7 @@ def export_slots_run(
 @click.argument("out", type=click.Path(path_type=Path))
 @split_options("export")
 @restarts_option
+@track_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a different export.")
 def export_slots_command(
     run: Path,
@@ -173,6 +197,7 @@ def export_slots_command(
     checkpoint: str,
     max_videos: int | None,
     restarts: int | None,
+    track: str,
     overwrite: bool,
 ):
     """Write per-frame slots (T, K, D), masks (T, K, N) and tokens of every video of a split to OUT
@@ -186,4 +211,5 @@ def export_slots_command(
         max_videos=max_videos,
         overwrite=overwrite,
         restarts=restarts,
+        track=track,
     )

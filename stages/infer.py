@@ -11,8 +11,8 @@ slots. Nothing is cached: a long video never sits in memory as features.
 
 Written to OUT (default ``RUN/infer/<input name>``):
 
-    slots.npz | slots.zarr    export-slots' layout (slots, masks, attention_masks, video table,
-                              meta), so the same reader code works on both
+    slots.npz | slots.zarr    export-slots' layout (slots, masks, attention_masks, labels,
+                              video table, meta), so the same reader code works on both
     <video>.gif | .mp4        each frame beside its slot masks (colours fixed per slot)
     <video>.timeline.png      each slot's area per frame over the whole video (switches show)
 
@@ -47,7 +47,7 @@ from egoslots.stages.machinery.inference import (
 )
 from egoslots.stages.machinery.new_footage import encoded_windows, source_for, store_encoder
 from egoslots.stages.machinery.pictures import OverlayVideo, masks_overlay, slot_areas, timeline
-from egoslots.stages.machinery.run_options import restarts_option, track_option
+from egoslots.stages.machinery.run_options import DEFAULT_TRACK, restarts_option, track_option
 from egoslots.stages.machinery.runtime import pick_device
 from egoslots.stages.machinery.slot_files import (
     NpzWriter,
@@ -75,7 +75,7 @@ def infer_run(
     out: str | Path | None = None,
     checkpoint: str = "last",
     restarts: int | None = None,
-    track: str = "off",
+    track: str = DEFAULT_TRACK,
     batch_size: int = 32,
     fps: float | None = None,
     export_format: str = "npz",
@@ -86,8 +86,9 @@ def infer_run(
     """Slots, masks and pictures of every video in ``inputs``; returns the output folder.
 
     ``fps``: sample video files at this rate (None: the rate the run's store was extracted at,
-    ``dataset.fps``, else every frame). ``restarts``: as export-slots'; ``track``: "match"
-    renames slots frame by frame to keep their regions (``inference.SlotTracker``).
+    ``dataset.fps``, else every frame). ``restarts`` and ``track`` as export-slots' (default
+    "match": tied slots renamed to keep their regions, ``inference.SlotTracker``;
+    "off": the model's raw order).
     """
     run_dir, inputs = Path(run_dir), Path(inputs).expanduser().absolute()
     if export_format not in ("npz", "zarr"):
@@ -213,14 +214,17 @@ def _infer_one(job: _Job, video, writer, row: int, total: int) -> int:
         if "model_attention" in masks:
             arrays["attention_masks"] = masks["model_attention"].numpy().astype(np.float16)
             arrays.setdefault("masks", arrays["attention_masks"])
+        labels = result["labels"].numpy()
+        arrays["labels"] = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
         writer.write(row, total, arrays)
         starts.append(row - first)
         row += len(arrays["slots"])
         shown = masks.get("model_decoder", masks.get("model_attention"))
-        areas.append(slot_areas(shown))
+        areas.append(slot_areas(shown, result["labels"]))
         if movie is not None:
             grid = tuple(store.grid) if shown.shape[-1] == store.grid[0] * store.grid[1] else None
-            picture = masks_overlay(frames, shown, grid, ties=job.track == "match")
+            ties = job.track == "match"
+            picture = masks_overlay(frames, shown, grid, ties=ties, labels=result["labels"])
             movie.add(np.concatenate([frames, picture], axis=2))
     if movie is not None:
         movie.close()

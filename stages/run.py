@@ -5,7 +5,9 @@ synthetic data (if the config asks for it) -> pretrain-encoder (if backbone.name
 (if globals.USE_DVAE) -> train-slots -> evaluate -> visualize. Each stage does no work again
 when its output exists and matches (visualize: when a picture is newer than the checkpoint),
 and resumes when it was interrupted, so running the same command again after a crash (or
-after it finished) does only the missing work.
+after it finished) does only the missing work. evaluate scores, and visualize draws, the
+masks as the commands give them by default: tied slots renamed to keep their regions
+(``--track match``, ``stages/machinery/run_options.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import click
 from omegaconf import DictConfig, OmegaConf
 
 from egoslots.stages.machinery.common import StageError, config_command, user_errors
+from egoslots.stages.machinery.run_options import DEFAULT_TRACK
 
 log = logging.getLogger("egoslots")
 
@@ -170,12 +173,17 @@ def run_pipeline(cfg: DictConfig, skip_bad: bool = False, overwrite: bool = Fals
     _done(t, f"run {run_dir}")
 
     t = _stage(f"evaluate ({cfg.evaluate.split} split)")
-    metrics = evaluate_run(run_dir, split=cfg.evaluate.split, restarts=int(cfg.inference.restarts))
+    metrics = evaluate_run(
+        run_dir,
+        split=cfg.evaluate.split,
+        restarts=int(cfg.inference.restarts),
+        track=DEFAULT_TRACK,
+    )
     result["metrics"] = metrics
     _done(t, f"metrics in {Path(run_dir) / 'metrics.json'}")
 
     t = _stage("visualize")
-    picture = _current_picture(Path(run_dir)) or visualize_run(run_dir)
+    picture = _current_picture(Path(run_dir)) or visualize_run(run_dir, track=DEFAULT_TRACK)
     result["picture"] = str(picture)
     _done(t, f"picture {picture}")
 

@@ -9,9 +9,11 @@ per frame; the PNG strip stacks the same panels as rows with up to ``max_columns
 Default video: the first test video. Outputs go to ``RUN/viz/<video>.gif|.png``, and beside
 them ``<video>.timeline.png``: each slot's area per frame over the whole video in the overlay's
 colours, with the inference windows' starts marked (``pictures.timeline``), so an object that
-changes slot shows as one slot's lane falling while another's rises. ``--track match`` renames
-slots frame by frame to keep their regions (``inference.SlotTracker``) and colours pixels two
-slots share almost equally in the lower slot's colour (``pictures.tied_argmax``).
+changes slot shows as one slot's lane falling while another's rises. By default
+(``--track match``) slots the model cannot tell apart are renamed to keep their regions
+(``inference.SlotTracker``) and pixels two slots share almost equally take the lower slot's
+colour (``label_free.tied_argmax``), as export-slots and infer name them; ``--track off`` draws
+the model's raw order with a plain arg-max.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from egoslots.stages.machinery.inference import (
     window_length,
 )
 from egoslots.stages.machinery.pictures import masks_overlay, slot_areas, timeline
-from egoslots.stages.machinery.run_options import restarts_option, track_option
+from egoslots.stages.machinery.run_options import DEFAULT_TRACK, restarts_option, track_option
 from egoslots.stages.machinery.run_paths import path_from_run_file
 from egoslots.stages.machinery.rundirs import read_json
 from egoslots.stages.machinery.runtime import pick_device
@@ -95,11 +97,11 @@ def visualize_run(
     max_columns: int = 16,
     fps: float = 6.0,
     restarts: int | None = None,
-    track: str = "off",
+    track: str = DEFAULT_TRACK,
 ) -> Path:
     """Render slot masks over one video; returns the PNG strip's path (the GIF and the slot
     timeline are beside it). ``restarts``: draws of a Gaussian initializer's first slots (None:
-    the run's config); ``track``: "match" renames slots frame by frame (``infer_windows``)."""
+    the run's config); ``track``: "match" renames tied slots (``infer_windows``)."""
     run_dir = Path(run_dir)
     model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint, restarts=restarts)
     if video_id is None:
@@ -125,8 +127,9 @@ def visualize_run(
     frames = item["frames"].numpy()  # (T, S, S, 3)
     size = frames.shape[1]
     grid = tuple(store.grid) if masks.shape[-1] == store.grid[0] * store.grid[1] else None
-    ties = track == "match"  # near-ties to the lower index, as the tracker labels them
-    panels = [frames, masks_overlay(frames, masks, grid, ties=ties)]
+    ties = track == "match"  # near-ties keep the token's slot, as the tracker labels them
+    labels = result["labels"]  # (T, N): each token's slot, the tracker's with --track match
+    panels = [frames, masks_overlay(frames, masks, grid, ties=ties, labels=labels)]
     if cfg.evaluate.get("refine", True):
         token_grid = grid or tuple(infer_grid(masks.shape[-1]))
         fine = refine_masks(masks.detach().float().cpu(), frames, token_grid)
@@ -145,7 +148,8 @@ def visualize_run(
     write_strip(png_path, panels, max_columns)
     timeline_path = out_dir / f"{safe}.timeline.png"
     ticks = list(range(0, len(frames), window))  # where carried slots meet a new window
-    write_timeline(timeline_path, timeline(slot_areas(masks), ticks=ticks, title=video_id))
+    areas = slot_areas(masks, labels)
+    write_timeline(timeline_path, timeline(areas, ticks=ticks, title=video_id))
     click.echo(f"GIF: {gif_path}\nPNG: {png_path}\ntimeline: {timeline_path}")
     return png_path
 

@@ -44,21 +44,39 @@ def _one_hot(labels: np.ndarray, k: int) -> torch.Tensor:
     return hot * 0.9 + 0.1 / k
 
 
-def test_tracker_undoes_a_renaming_and_keeps_names_otherwise():
-    # frame 0: slot 0 left half, slot 1 right half, slot 2 one token; frame 1: the model swaps
-    # the names of slots 0 and 1 (same regions); frame 2: as frame 1; frame 3: slot 2 grows
+def test_tracker_renames_only_slots_the_model_cannot_tell_apart():
+    # frame 0: slot 0 left half, slot 1 right half, slot 2 one token; frame 1: slots 0 and 1
+    # trade regions while distinct (the model's own identity: kept); frame 2: slots 0 and 1
+    # are one vector (masks tie on the left half) and the region "moves" to slot 1 by noise:
+    # renamed back; frame 3: as frame 2, with the tie gone and slot 1 winning the left half
     left = np.array([0, 0, 0, 0, 1, 1, 1, 2])
     swapped = np.array([1, 1, 1, 1, 0, 0, 0, 2])
-    grown = np.array([1, 1, 1, 2, 0, 0, 0, 2])
-    masks = _one_hot(np.stack([left, swapped, swapped, grown]), 3)
+    masks = _one_hot(np.stack([left, swapped, swapped, swapped]), 3)
+    masks[2, :2, :4] = 0.45  # slots 0 and 1 tie on the left half at frame 2
+    masks[2, 0, 4:7], masks[2, 1, 4:7] = 0.46, 0.46  # ... and on the right half
     tracker = SlotTracker()
     order = tracker.order(masks[:2])  # windows: the tracker carries across calls
     order = torch.cat([order, tracker.order(masks[2:])])
-    assert order[0].tolist() == [0, 1, 2]
-    assert order[1].tolist() == order[2].tolist() == order[3].tolist() == [1, 0, 2]
-    renamed = masks.gather(1, order[..., None].expand_as(masks)).argmax(1)
-    assert renamed[1].tolist() == left.tolist()  # the regions keep their first names
-    assert renamed[3].tolist() == [0, 0, 0, 2, 1, 1, 1, 2]
+    assert order[0].tolist() == order[1].tolist() == [0, 1, 2]  # distinct slots: the model's
+    labels = masks.gather(1, order[..., None].expand_as(masks)).argmax(1)
+    assert labels[1].tolist() == swapped.tolist()
+    assert order[2].tolist() == [1, 0, 2]  # tied slots: the names follow the regions
+    assert order[3].tolist() == [1, 0, 2]  # and stay with the model's slots afterwards
+    renamed = masks.gather(1, order[..., None].expand_as(masks))
+    assert renamed[3].argmax(0).tolist() == left.tolist()
+
+
+def test_tie_groups_link_slots_that_tie_on_most_of_their_tokens():
+    from egoslots.stages.machinery.inference import tie_groups
+
+    frame = torch.tensor(
+        [[0.4, 0.4, 0.4, 0.0], [0.4, 0.4, 0.4, 0.0], [0.2, 0.2, 0.2, 0.9], [0.0, 0.0, 0.0, 0.1]]
+    )  # (K=4, N=4): slots 0 and 1 are one vector, slot 2 distinct, slot 3 owns nothing
+    assert tie_groups(frame).tolist() == [0, 0, 2, 3]
+    frame[1, 0] = 0.3  # slot 1 now loses token 0: still tied on 2 of the 3 tokens either owns
+    assert tie_groups(frame).tolist() == [0, 0, 2, 3]
+    frame[1, 1] = 0.3  # tied on 1 of 3: distinct
+    assert tie_groups(frame).tolist() == [0, 1, 2, 3]
 
 
 def test_tracker_on_a_tie_keeps_the_names():

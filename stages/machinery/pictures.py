@@ -14,6 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from egoslots.pipeline.label_free import (  # noqa: F401 - TIE_TOLERANCE re-exported
+    TIE_TOLERANCE,
+    sticky_labels,
+    tied_argmax,
+)
 from egoslots.pipeline.metrics import infer_grid, masks_to_labels
 
 # 20 distinct colours (tab20 order, strong ones first); slot k always gets PALETTE[k % 20].
@@ -66,60 +71,58 @@ def masks_overlay(
     grid: tuple[int, int] | None,
     alpha: float = 0.55,
     ties: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Frames (T, S, S, 3) uint8 and soft slot masks (T, K, N) on ``grid`` (None: square) ->
     (T, S, S, 3) uint8, each pixel in the colour of its arg-max slot (masks resized bilinearly),
     blended over the frame with ``alpha`` (1: solid slot colours, identities easiest to follow).
-    ``ties``: near-ties go to the lower slot index (:func:`tied_argmax`; ``--track match``), so
-    pixels two slots share almost equally do not flicker between their colours."""
+    ``ties`` (``--track match``): pixels two slots share almost equally are not left to float
+    noise (:func:`tied_labels`): they keep their token's slot, ``labels`` (T, N) (the tracker's;
+    None: :func:`~egoslots.pipeline.label_free.sticky_labels` of ``masks``)."""
     size = frames.shape[1:3]
     if ties:
-        labels = tied_labels(masks, size, grid).numpy()
+        if labels is None:
+            labels = sticky_labels(masks.detach().float().cpu())
+        pixels = tied_labels(masks, size, grid, labels=labels).numpy()
     else:
-        labels = masks_to_labels(masks.detach().float().cpu(), size, grid).numpy()
-    return overlay(frames, labels, alpha)
+        pixels = masks_to_labels(masks.detach().float().cpu(), size, grid).numpy()
+    return overlay(frames, pixels, alpha)
 
 
 def tied_labels(
-    masks: torch.Tensor, size: tuple[int, int], grid: tuple[int, int] | None, chunk: int = 64
+    masks: torch.Tensor,
+    size: tuple[int, int],
+    grid: tuple[int, int] | None,
+    chunk: int = 64,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """As ``metrics.masks_to_labels`` (grid, bilinear resize to ``size``), with
-    :func:`tied_argmax` instead of arg-max: (..., K, N) -> (..., H, W) int64."""
+    :func:`tied_argmax` instead of arg-max: (..., K, N) -> (..., H, W) int64. ``labels``
+    (..., N): each token's slot; a pixel keeps its nearest token's slot when that slot ties for
+    the pixel's largest value, so the picture agrees with the labels."""
     *lead, k, n = masks.shape
     h, w = infer_grid(n, grid)
     flat = masks.detach().float().cpu().reshape(-1, k, h, w)
+    tokens = None if labels is None else labels.detach().cpu().reshape(-1, 1, h, w).float()
     out = []
     for i in range(0, flat.shape[0], chunk):
         part = flat[i : i + chunk]
+        prefer = None if tokens is None else tokens[i : i + chunk]
         if (h, w) != tuple(size):
             part = F.interpolate(part, size=tuple(size), mode="bilinear", align_corners=False)
-        out.append(tied_argmax(part.flatten(2)).view(-1, *size))
+            if prefer is not None:
+                prefer = F.interpolate(prefer, size=tuple(size), mode="nearest")
+        if prefer is not None:
+            prefer = prefer.flatten(1).long()
+        out.append(tied_argmax(part.flatten(2), prefer=prefer).view(-1, *size))
     return torch.cat(out).reshape(*lead, *size)
 
 
-# Mask values closer than this count as equal when a token's slot is chosen (see tied_argmax).
-TIE_TOLERANCE = 1e-3
-
-
-def tied_argmax(masks: torch.Tensor, tol: float = TIE_TOLERANCE) -> torch.Tensor:
-    """Soft masks (..., K, N) -> the slot of each token (..., N): the lowest-index slot among
-    those within ``tol`` of the token's largest mask value.
-
-    Slots that settle on (near-)identical vectors share their tokens almost equally, and a plain
-    arg-max then hands each token to whichever is ahead by float noise, a different one each
-    frame (docs/real-video.md: that is most of the "identity switches" on real footage). Within
-    ``tol`` the lower index wins, every frame alike; float16 exports round to about this anyway.
-    """
-    masks = masks.detach().float()
-    top = masks.max(dim=-2, keepdim=True).values
-    return (masks >= top - tol).to(torch.uint8).argmax(dim=-2)  # the first slot that ties
-
-
-def slot_areas(masks: torch.Tensor) -> np.ndarray:
-    """Soft masks (T, K, N) -> (T, K) share of the N tokens whose slot (:func:`tied_argmax`)
-    is k."""
+def slot_areas(masks: torch.Tensor, labels: torch.Tensor | None = None) -> np.ndarray:
+    """Soft masks (T, K, N) -> (T, K) share of the N tokens whose slot is k: ``labels`` (T, N)
+    where given (the tracker's), else :func:`tied_argmax`."""
     t, k, n = masks.shape
-    labels = tied_argmax(masks)  # (T, N)
+    labels = tied_argmax(masks) if labels is None else labels.long()  # (T, N)
     counts = torch.zeros(t, k).scatter_add_(1, labels.cpu(), torch.ones(t, n))
     return (counts / n).numpy()
 

@@ -1,7 +1,8 @@
 """The options of the commands that run a trained model (evaluate, export-slots, visualize,
 infer), defined once so their outputs agree: ``--split / --checkpoint / --max-videos``
 (:func:`split_options`), ``--restarts`` checked against the memory available before any work
-(:func:`restarts_option`), ``--track`` (:data:`track_option`).
+(:func:`restarts_option`), ``--track`` (:data:`track_option`, ``match`` by default: what users
+see, export and score keeps slot identities; ``off`` is the model's raw output).
 """
 
 from __future__ import annotations
@@ -101,15 +102,16 @@ def split_options(verb: str):
     return decorate
 
 
-# visualize and infer: one --track option (the default keeps the model's own slot order)
+# every command that shows, exports or scores slots: one --track option, one default
 TRACK_MODES = ("off", "match")
+DEFAULT_TRACK = "match"
 track_option = click.option(
     "--track",
     type=click.Choice(TRACK_MODES),
-    default="off",
+    default=DEFAULT_TRACK,
     show_default=True,
-    help="match: renumber each frame's slots so every slot keeps the region it had in the frame "
-    "before (Hungarian matching of mask overlaps), and give tokens two slots share almost "
-    "equally to the lower slot in pictures (fewer identity switches on real video). "
-    "off: the model's own slot order and plain arg-max, as export-slots and evaluate.",
+    help="match: slots the model cannot tell apart (masks tied) are renamed to keep the "
+    "regions they had in the frame before, and a token keeps its slot while slots tie on it "
+    "(slots keep their identity on real video). "
+    "off: the model's raw output, slots in its own order and a plain arg-max.",
 )
