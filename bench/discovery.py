@@ -207,7 +207,7 @@ def encoder_features(name: str, frames: np.ndarray, patch: int, batch: int = 64)
 
 def features_for(encoder: str, split: dict, patch: int, seed: int) -> torch.Tensor:
     if encoder.startswith("file:"):  # precomputed (V, T, N, D) tensors, "{split}" in the path
-        return torch.load(encoder[5:].format(split=split["name"])).float()
+        return torch.load(encoder[5:].format(split=split["name"]), weights_only=True).float()
     if encoder in ("oracle", "oracle-semantic"):
         # one table per split and seed: the vectors of a video never leak across splits
         return oracle_features(split["masks"], patch, seed=seed, semantic=encoder != "oracle")
@@ -223,7 +223,7 @@ def dvae_tokens(data: DataSpec, vocab: int, steps: int, cache: Path, seed: int =
     key = f"dvae-v{vocab}-s{steps}-seed{seed}-{data.videos}-{data.tag()}.pt"
     path = cache / key
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     torch.manual_seed(seed)
     videos = {split: render_split(split, data, cache)["frames"] for split in SPLIT_SEEDS}
     frames = torch.from_numpy(videos["train"]).flatten(0, 1)  # (V*T, S, S, 3)
