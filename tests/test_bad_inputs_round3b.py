@@ -302,7 +302,10 @@ def test_sigterm_or_ctrl_c_during_extraction_is_one_line_and_the_rerun_resumes(
 
     from tests.helpers.crashkit import count_done_flags
 
-    data = write_frame_folder(tmp_path / "data", videos=4, frames=16, size=(32, 32))
+    # 64 chunks: enough work left after the first one that the signal lands mid-run even when
+    # the machine is busy (with 16 the run once finished before the signal reached it)
+    data = write_frame_folder(tmp_path / "data", videos=8, frames=32, size=(32, 32))
+    chunks = 8 * 32 // 4
     work = tmp_path / "work"
     args = [
         "extract-features", "configs/demo.yaml", f"work_dir={work}", "dataset.source=frames",
@@ -318,7 +321,7 @@ def test_sigterm_or_ctrl_c_during_extraction_is_one_line_and_the_rerun_resumes(
     done = count_done_flags(work / "stores", "*.zarr/done/c/*")
     deadline = time.monotonic() + 60
     while done() < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(proc.pid, sig)  # the whole group, workers included, as a terminal or scheduler
     try:
         proc.wait(timeout=60)
@@ -334,12 +337,12 @@ def test_sigterm_or_ctrl_c_during_extraction_is_one_line_and_the_rerun_resumes(
         "are written and kept; rerun the same command to resume with the rest",
     )
     kept = int(line.split(f"stopped by {word}: ")[1].split(" of ")[0])
-    assert 1 <= kept < 16
+    assert 1 <= kept < chunks
     if sig == signal.SIGINT:
         return  # the resume is the same after either signal: run it once
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "store complete" in rerun.stdout and done() == 16
+    assert "store complete" in rerun.stdout and done() == chunks
 
 
 # --------------------------------------------------------------------------------------------
