@@ -27,6 +27,7 @@ from egoslots.pipeline.data.hdf5 import Hdf5Source
 from egoslots.stages.machinery.common import StageError
 from egoslots.stages.machinery.locks import check_unlocked, run_lock
 from egoslots.stages.machinery.rundirs import LOCK_NAME, RUN_MARKER, remove_run_dir
+from tests.helpers.errors import one_error_line
 from tests.helpers.runs import make_dvae_run, slot_args, slot_cfg
 from tests.helpers.stores import slot_store
 
@@ -43,17 +44,6 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         timeout=300,
         env={**os.environ, **(env or {})},
     )
-
-
-def one_error_line(proc: subprocess.CompletedProcess, *expected: str) -> str:
-    """The command failed with one ``Error:`` line holding ``expected``, and no traceback."""
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for text in expected:
-        assert text in errors[0], errors[0]
-    return errors[0]
 
 
 def user_files(folder: Path) -> dict[str, bytes]:

@@ -17,6 +17,7 @@ import torch
 
 from egoslots.cache.reader import ClipBatches, ClipDataset
 from egoslots.cache.store import FeatureStore, StoreCorrupt, StoreError
+from tests.helpers.errors import one_error_line
 from tests.helpers.runs import slot_run
 from tests.helpers.stores import frames_store, records, write_store
 
@@ -28,17 +29,6 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "cli.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
-
-
-def one_error_line(proc: subprocess.CompletedProcess, *expected: str) -> str:
-    """The command failed with one ``Error:`` line holding ``expected``, and no traceback."""
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for text in expected:
-        assert text in errors[0], errors[0]
-    return errors[0]
 
 
 def flip_bytes(path: Path, offset: int, count: int = 12) -> None:

@@ -22,6 +22,7 @@ from egoslots.pipeline.data.base import to_rgb_uint8
 from egoslots.pipeline.data.hdf5 import Hdf5Source
 from egoslots.stages.machinery import batch_memory, common
 from tests.helpers.data import write_frame_folder
+from tests.helpers.errors import one_error_line
 from tests.helpers.runs import make_dvae_run, slot_cfg
 from tests.helpers.stores import slot_store
 
@@ -34,17 +35,6 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         [sys.executable, "cli.py", *args], cwd=REPO, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
-
-
-def one_error_line(proc: subprocess.CompletedProcess, *expected: str) -> str:
-    """The command failed with one ``Error:`` line holding ``expected``, and no traceback."""
-    assert proc.returncode != 0, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for text in expected:
-        assert text in errors[0], errors[0]
-    return errors[0]
 
 
 def memory(monkeypatch, available: int, gpu: int | None = None) -> None:
