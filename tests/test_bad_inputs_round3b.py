@@ -287,6 +287,7 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow  # real subprocesses signalled mid-run, with the crash tests
 @pytest.mark.parametrize(("sig", "code", "word"), [(15, 143, "SIGTERM"), (2, 130, "Ctrl-C")])
 def test_sigterm_or_ctrl_c_during_extraction_is_one_line_and_the_rerun_resumes(
     tmp_path, sig, code, word
