@@ -35,7 +35,9 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -48,7 +50,9 @@ from egoslots.cache.store import FeatureStore  # noqa: E402
 from egoslots.pipeline.baselines import kmeans_masks  # noqa: E402
 from egoslots.pipeline.config import load_config  # noqa: E402
 from egoslots.stages.extract_features import extract  # noqa: E402
+from egoslots.stages.machinery import inference  # noqa: E402
 from egoslots.stages.machinery.inference import (  # noqa: E402
+    SlotTracker,
     infer_video,
     load_trained,
     window_length,
@@ -171,8 +175,13 @@ def whole_clip(store: FeatureStore) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def run_setting(model, features: torch.Tensor, window: int, setting: str) -> tuple:
     """Masks (T, K, N) and labels (T, N) of one inference setting: ``infer_video``'s ``track``
-    (off | match)."""
-    result = infer_video(model, features, None, window, track=setting)
+    (off | match), or ``match-groups``: the tracker without following whole-region moves
+    (``SlotTracker(whole_moves=False)``, the default before them)."""
+    if setting == "match-groups":
+        with mock.patch.object(inference, "SlotTracker", partial(SlotTracker, whole_moves=False)):
+            result = infer_video(model, features, None, window, track="match")
+    else:
+        result = infer_video(model, features, None, window, track=setting)
     masks = result["masks"]
     return masks.get("model_decoder", masks.get("model_attention")), result["labels"]
 

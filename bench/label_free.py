@@ -38,8 +38,8 @@ DEFAULT_RUN = "egoslots-work/demo/runs/demo"  # what `egoslots run configs/demo.
 
 def copy_run(src: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
     """The run's files copied under ``work/runs``. A relative store path in inputs.json (relative
-    to the directory the run was trained from) is made absolute: the first folder above the run
-    that holds it."""
+    to the run, or in older runs to the directory it was trained from) is made absolute: the
+    run's own folder or the first folder above it that holds it."""
     src = src.resolve()
     dest = work / "runs" / src.name
     if dest.exists():
@@ -48,7 +48,7 @@ def copy_run(src: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
     inputs = json.loads((dest / "inputs.json").read_text())
     store = pathlib.Path(inputs["store"])
     if not store.is_absolute():
-        found = [p / store for p in src.parents if (p / store).is_dir()]
+        found = [(p / store).resolve() for p in (src, *src.parents) if (p / store).is_dir()]
         if not found:
             sys.exit(f"{src / 'inputs.json'}: store {store} is not under any folder above the run")
         inputs["store"] = str(found[0])
@@ -96,7 +96,7 @@ def distinct_methods(result: dict) -> list[str]:
         same = [
             m
             for m in kept
-            if result["per_video"][m] == result["per_video"][method]
+            if _same(result["per_video"][m], result["per_video"][method])
             and _same_numbers(result["label_free"]["per_video"], m, method)
         ]
         if not same:
@@ -104,10 +104,22 @@ def distinct_methods(result: dict) -> list[str]:
     return kept
 
 
+def _same(a, b) -> bool:
+    """Equal values, nested lists and dicts, NaN equal to NaN (a freshly computed result holds
+    NaN where a method has no value: NaN != NaN, so plain == kept duplicate rows)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
 def _same_numbers(per_video: dict, a: str, b: str) -> bool:
     """The label-free numbers of a and b agree (the reconstruction error is the decoder row's)."""
     keys = [k for k in lf.NUMBERS if not k.startswith("feature_rec")]
-    return all(per_video[a].get(k) == per_video[b].get(k) for k in keys)
+    return all(_same(per_video[a].get(k), per_video[b].get(k)) for k in keys)
 
 
 def table(result: dict) -> tuple[str, dict]:

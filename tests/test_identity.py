@@ -44,26 +44,47 @@ def _one_hot(labels: np.ndarray, k: int) -> torch.Tensor:
     return hot * 0.9 + 0.1 / k
 
 
-def test_tracker_renames_only_slots_the_model_cannot_tell_apart():
-    # frame 0: slot 0 left half, slot 1 right half, slot 2 one token; frame 1: slots 0 and 1
-    # trade regions while distinct (the model's own identity: kept); frame 2: slots 0 and 1
-    # are one vector (masks tie on the left half) and the region "moves" to slot 1 by noise:
-    # renamed back; frame 3: as frame 2, with the tie gone and slot 1 winning the left half
+def test_tracker_renames_tied_slots_and_follows_regions_that_move_whole():
+    # frame 0: slot 0 left half, slot 1 right half, slot 2 one token; frame 1: distinct slots 0
+    # and 1 trade a few tokens (the model's own identity: kept); frame 2: they swap whole regions
+    # (renamed: the names follow the regions); frame 3: slots 0 and 1 are one vector (masks tie)
+    # and the region "moves" back by noise: renamed again, so the names stay on their regions
+    left = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    traded = np.array([0, 0, 0, 1, 1, 1, 0, 2])  # one token each way: most of each region stays
+    swapped = np.array([1, 1, 1, 1, 0, 0, 0, 2])
+    masks = _one_hot(np.stack([left, traded, swapped, left]), 3)
+    masks[3, :2, :4] = 0.45  # slots 0 and 1 tie on the left half at frame 3
+    masks[3, 0, 4:7], masks[3, 1, 4:7] = 0.46, 0.46  # ... and on the right half
+    tracker = SlotTracker()
+    first, second = tracker.track(masks[:2]), tracker.track(masks[2:])  # windows: carried over
+    order, labels = (torch.cat(pair) for pair in zip(first, second))
+    assert order[0].tolist() == order[1].tolist() == [0, 1, 2]  # a few tokens traded: kept
+    assert labels[1].tolist() == traded.tolist()
+    assert order[2].tolist() == [1, 0, 2]  # whole regions swapped: the names follow them
+    assert order[3].tolist() == [0, 1, 2]  # tied slots: the names follow the regions back
+    assert labels[2].tolist() == labels[3].tolist() == left.tolist()
+
+
+def test_tracker_without_whole_moves_keeps_distinct_slots_that_swap():
     left = np.array([0, 0, 0, 0, 1, 1, 1, 2])
     swapped = np.array([1, 1, 1, 1, 0, 0, 0, 2])
-    masks = _one_hot(np.stack([left, swapped, swapped, swapped]), 3)
-    masks[2, :2, :4] = 0.45  # slots 0 and 1 tie on the left half at frame 2
-    masks[2, 0, 4:7], masks[2, 1, 4:7] = 0.46, 0.46  # ... and on the right half
-    tracker = SlotTracker()
-    order = tracker.order(masks[:2])  # windows: the tracker carries across calls
-    order = torch.cat([order, tracker.order(masks[2:])])
-    assert order[0].tolist() == order[1].tolist() == [0, 1, 2]  # distinct slots: the model's
-    labels = masks.gather(1, order[..., None].expand_as(masks)).argmax(1)
-    assert labels[1].tolist() == swapped.tolist()
-    assert order[2].tolist() == [1, 0, 2]  # tied slots: the names follow the regions
-    assert order[3].tolist() == [1, 0, 2]  # and stay with the model's slots afterwards
-    renamed = masks.gather(1, order[..., None].expand_as(masks))
-    assert renamed[3].argmax(0).tolist() == left.tolist()
+    masks = _one_hot(np.stack([left, swapped]), 3)
+    assert SlotTracker(whole_moves=False).order(masks)[1].tolist() == [0, 1, 2]
+    assert SlotTracker().order(masks)[1].tolist() == [1, 0, 2]
+
+
+def test_whole_moves_allow_a_region_into_an_empty_slot_and_the_name_back():
+    from egoslots.stages.machinery.inference import whole_moves
+
+    # names 0, 1, 2 sat on slots 0, 1, 2; name 0's region (5 tokens) is now all in slot 2,
+    # which held nothing; name 1 kept its 3 tokens
+    overlap = torch.tensor([[0.0, 0.0, 5.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.0]])
+    allowed = whole_moves(overlap, torch.arange(3))
+    assert allowed.nonzero().tolist() == [[0, 2], [2, 0]]  # name 0 -> slot 2, name 2 -> slot 0
+    order = SlotTracker()
+    order.previous, order.carried = torch.tensor([0] * 5 + [1] * 3), torch.arange(3)
+    frame = _one_hot(np.array([[2] * 5 + [1] * 3]), 3)[0]
+    assert order.order(frame[None])[0].tolist() == [2, 1, 0]
 
 
 def test_tie_groups_link_slots_that_tie_on_most_of_their_tokens():

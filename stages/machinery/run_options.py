@@ -111,7 +111,8 @@ track_option = click.option(
     default=DEFAULT_TRACK,
     show_default=True,
     help="match: slots the model cannot tell apart (masks tied) are renamed to keep the "
-    "regions they had in the frame before, and a token keeps its slot while slots tie on it "
+    "regions they had in the frame before, a slot's name follows its region when the region "
+    "moves whole to another slot, and a token keeps its slot while slots tie on it "
     "(slots keep their identity on real video). "
     "off: the model's raw output, slots in its own order and a plain arg-max.",
 )
