@@ -52,12 +52,12 @@ from egoslots.pipeline.config import load_config  # noqa: E402
 from egoslots.stages.extract_features import extract  # noqa: E402
 from egoslots.stages.machinery import inference  # noqa: E402
 from egoslots.stages.machinery.inference import (  # noqa: E402
-    SlotTracker,
     infer_video,
     load_trained,
     window_length,
 )
 from egoslots.stages.machinery.pictures import tied_argmax  # noqa: E402
+from egoslots.stages.machinery.tracking import SlotTracker  # noqa: E402
 from egoslots.stages.train_slots import train  # noqa: E402
 from tests.helpers.footage import clip_path  # noqa: E402
 

@@ -85,7 +85,7 @@ def tied_argmax(
     arg-max then hands each token to whichever is ahead by float noise, a different one each
     frame (docs/real-video.md: that is most of the "identity switches" on real footage). Within
     ``tol`` the choice is fixed instead: ``prefer`` is the token's slot in the frame before
-    (``inference.SlotTracker``), so a token changes slot only when another slot's mask is
+    (``tracking.SlotTracker``), so a token changes slot only when another slot's mask is
     clearly larger; without it the lower index wins. float16 exports round to about ``tol``.
     """
     masks = masks.detach().float()

@@ -18,7 +18,7 @@ as they would online. The masks are scored against the store's ground truth with
   k-means per video, so the table shows what refinement alone buys. The raw rows stay.
 
 The model's masks are scored as the product outputs them: by default (``--track match``) with
-slots the model cannot tell apart renamed to keep their regions (``inference.SlotTracker``), as visualize,
+slots the model cannot tell apart renamed to keep their regions (``tracking.SlotTracker``), as visualize,
 export-slots and infer give them; ``--track off`` scores the raw model order. Per-frame metrics
 do not depend on slot names; video metrics and the identity numbers do (docs/real-video.md).
 
@@ -297,7 +297,7 @@ def evaluate_model(
     ``label_free``: compute the label-free numbers (``label_free_video``). The model's first
     slots are the best of ``model.config.restarts`` draws (``load_trained(restarts=)``)).
     ``track``: the model's masks as the product outputs them by default ("match": slots the model
-    cannot tell apart renamed to keep their regions, ``inference.SlotTracker``) or raw ("off"). Every
+    cannot tell apart renamed to keep their regions, ``tracking.SlotTracker``) or raw ("off"). Every
     score sees the same masks: the per-frame metrics, mask entropy and reconstruction error do
     not depend on it; the video metrics, the identity numbers and, through the tracker's tie
     rule, active slots do (docs/real-video.md).

@@ -11,7 +11,7 @@ them ``<video>.timeline.png``: each slot's area per frame over the whole video i
 colours, with the inference windows' starts marked (``pictures.timeline``), so an object that
 changes slot shows as one slot's lane falling while another's rises. By default
 (``--track match``) slots the model cannot tell apart are renamed to keep their regions
-(``inference.SlotTracker``) and pixels two slots share almost equally take the lower slot's
+(``tracking.SlotTracker``) and pixels two slots share almost equally take the lower slot's
 colour (``label_free.tied_argmax``), as export-slots and infer name them; ``--track off`` draws
 the model's raw order with a plain arg-max.
 """

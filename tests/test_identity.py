@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from egoslots.pipeline.data.video import VideoFileSource
-from egoslots.stages.machinery.inference import SlotTracker, infer_video, load_trained
+from egoslots.stages.machinery.inference import infer_video, load_trained
+from egoslots.stages.machinery.tracking import SlotTracker
 from tests.helpers.footage import CLIPS, clip_path, clip_paths
 from tests.helpers.runs import slot_run
 
@@ -74,7 +75,7 @@ def test_tracker_without_whole_moves_keeps_distinct_slots_that_swap():
 
 
 def test_whole_moves_allow_a_region_into_an_empty_slot_and_the_name_back():
-    from egoslots.stages.machinery.inference import whole_moves
+    from egoslots.stages.machinery.tracking import whole_moves
 
     # names 0, 1, 2 sat on slots 0, 1, 2; name 0's region (5 tokens) is now all in slot 2,
     # which held nothing; name 1 kept its 3 tokens
@@ -88,7 +89,7 @@ def test_whole_moves_allow_a_region_into_an_empty_slot_and_the_name_back():
 
 
 def test_tie_groups_link_slots_that_tie_on_most_of_their_tokens():
-    from egoslots.stages.machinery.inference import tie_groups
+    from egoslots.stages.machinery.tracking import tie_groups
 
     frame = torch.tensor(
         [[0.4, 0.4, 0.4, 0.0], [0.4, 0.4, 0.4, 0.0], [0.2, 0.2, 0.2, 0.9], [0.0, 0.0, 0.0, 0.1]]

@@ -14,9 +14,10 @@ from click.testing import CliRunner
 from egoslots.pipeline import label_free as lf
 from egoslots.stages import evaluate as ev
 from egoslots.stages import export_slots as export
-from egoslots.stages.machinery.inference import SlotTracker, infer_video, load_trained
+from egoslots.stages.machinery.inference import infer_video, load_trained
 from egoslots.stages.machinery.pictures import masks_overlay, slot_areas
 from egoslots.stages.machinery.run_options import DEFAULT_TRACK
+from egoslots.stages.machinery.tracking import SlotTracker
 from tests.helpers.runs import slot_run
 
 
