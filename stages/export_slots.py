@@ -18,7 +18,8 @@ table, to a zarr v3 group (any OUT not ending in ``.npz``) or a single ``.npz`` 
 
 By default (``--track match``) slot k of frame t is the model's slot k carried from frame t-1,
 except among slots the model cannot tell apart (their masks tie): those are renamed to keep
-the regions they had in frame t-1 (``tracking.SlotTracker``), so an index follows one region
+the regions they had in frame t-1, and a name follows a region that moves whole to another
+slot (``tracking.SlotTracker``), so an index follows one region
 through the video, as in visualize's and infer's pictures. The slot vectors and masks are the
 model's own, only their order per frame changes. ``--track off``
 writes the model's raw order, in which collapsed spare slots trade regions back and forth

@@ -87,7 +87,8 @@ def infer_run(
 
     ``fps``: sample video files at this rate (None: the rate the run's store was extracted at,
     ``dataset.fps``, else every frame). ``restarts`` and ``track`` as export-slots' (default
-    "match": tied slots renamed to keep their regions, ``tracking.SlotTracker``;
+    "match": tied slots renamed to keep their regions, names following regions that move whole,
+    ``tracking.SlotTracker``;
     "off": the model's raw order).
     """
     run_dir, inputs = Path(run_dir), Path(inputs).expanduser().absolute()
