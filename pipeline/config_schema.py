@@ -428,6 +428,11 @@ class Grouper:
     n_iters_first: int = limited(3, at_least(1, 100))
     eps: float = limited(1.0e-8, above(0, 1))
     mlp_ratio: int = limited(4, at_least(1, 64))
+    # Invariant Slot Attention (Biza et al. 2023, translation and scale): each slot also has a
+    # position and a scale, sees the tokens in its own frame, and the decoder draws it there;
+    # exports and the probe get (y, x, scale_y, scale_x) after each slot vector. Needs a square
+    # token grid. false: SlotContrast's slot attention (published). See docs/discovery.md.
+    invariant: bool = False
 
 
 @dataclass

@@ -5,6 +5,8 @@ Reads cached features (B, T, N, F) and, when the STEVE decoder is on, cached dVA
 
     features --FeatureMLP--> (B, T, N, D) --SlotScan (slot attention + predictor)--> state (B, T, K, D)
     state --MLP broadcast decoder--> reconstruction (B, T, N, F), masks (B, T, K, N)
+    (grouper.invariant: SlotScan also gives each slot's position and scale (B, T, K, 4), and
+    the decoder draws each slot relative to them)
     state, token ids --STEVE decoder--> next-token logits (B, T, h*w, V), masks (B, T, K, h*w)
 
 The output dict uses the key names SlotContrast / integrated-model users know
@@ -22,6 +24,7 @@ Long videos run in windows: pass the previous window's ``next_state`` as ``init_
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +37,13 @@ from egoslots.pipeline.config_schema import LossWeights
 from egoslots.pipeline.decoders import MLPBroadcastDecoder
 from egoslots.pipeline.losses import loss_featrec, loss_slot_slot_contrast, loss_steve_ce
 from egoslots.pipeline.predictor import SlotPredictor, SlotScan
-from egoslots.pipeline.slots import FeatureMLP, GaussianInit, SlotAttention, build_initializer
+from egoslots.pipeline.slots import (
+    FeatureMLP,
+    GaussianInit,
+    InvariantSlotAttention,
+    SlotAttention,
+    build_initializer,
+)
 from egoslots.pipeline.steve import SteveDecoder
 
 # model.loss_weights' defaults (the schema's LossWeights): a weight a config leaves out
@@ -63,6 +72,7 @@ class SlotModelConfig:
     n_iters_first: int = schema_default("grouper.n_iters_first")
     eps: float = schema_default("grouper.eps")
     mlp_ratio: int = schema_default("grouper.mlp_ratio")
+    invariant: bool = schema_default("grouper.invariant")
     predictor: bool = schema_default("predictor.enabled")
     predictor_heads: int = schema_default("predictor.num_heads")
     predictor_ffn_ratio: int = schema_default("predictor.ffn_ratio")
@@ -102,6 +112,7 @@ class SlotModelConfig:
             n_iters_first=int(g.n_iters_first),
             eps=float(g.eps),
             mlp_ratio=int(g.mlp_ratio),
+            invariant=bool(g.invariant),
             predictor=bool(p.enabled),
             predictor_heads=int(p.num_heads),
             predictor_ffn_ratio=int(p.ffn_ratio),
@@ -129,8 +140,22 @@ class SlotModel(nn.Module):
         self.num_slots, self.slot_dim = c.num_slots, c.slot_dim
         self.feature_mlp = FeatureMLP(c.feature_dim, c.slot_dim)
         self.initializer = build_initializer(c.initializer, c.num_slots, c.slot_dim)
+        grid = None
+        if c.invariant:  # Invariant Slot Attention: slot positions on the (square) token grid
+            side = math.isqrt(c.num_tokens)
+            if side * side != c.num_tokens:
+                raise ValueError(
+                    f"grouper.invariant needs a square token grid; the store has {c.num_tokens} "
+                    "tokens per frame: set grouper.invariant=false"
+                )
+            grid = (side, side)
+        corrector = (
+            InvariantSlotAttention(c.slot_dim, grid, mlp_ratio=c.mlp_ratio, eps=c.eps)
+            if c.invariant
+            else SlotAttention(c.slot_dim, mlp_ratio=c.mlp_ratio, eps=c.eps)
+        )
         self.processor = SlotScan(
-            SlotAttention(c.slot_dim, mlp_ratio=c.mlp_ratio, eps=c.eps),
+            corrector,
             SlotPredictor(
                 c.slot_dim, c.predictor_heads, c.predictor_ffn_ratio, c.predictor_attn_scale
             )
@@ -140,7 +165,12 @@ class SlotModel(nn.Module):
             n_iters_first=c.n_iters_first,
         )
         self.decoder = MLPBroadcastDecoder(
-            c.slot_dim, c.feature_dim, c.num_tokens, c.decoder_hidden_dims, c.decoder_mixing
+            c.slot_dim,
+            c.feature_dim,
+            c.num_tokens,
+            c.decoder_hidden_dims,
+            c.decoder_mixing,
+            relative_grid=grid,
         )
         self.steve = None
         self.token_grid = None
@@ -191,11 +221,11 @@ class SlotModel(nn.Module):
             init = init_state  # (B, K, D) carried from the previous window
         else:
             init = self.initializer(B) if first_slots is None else first_slots  # (B, K, D)
-        state, state_predicted, sa_masks = self.processor(
+        state, state_predicted, sa_masks, geometry = self.processor(
             init, inputs, carried=init_state is not None
-        )  # (B, T, K, D), (B, T, K, D), (B, T, K, N)
+        )  # (B, T, K, D), (B, T, K, D), (B, T, K, N), (B, T, K, 4) | None
         reconstruction, dec_masks = self.decoder(
-            state, sa_masks if self.decoder.mixing == "attention" else None
+            state, sa_masks if self.decoder.mixing == "attention" else None, geometry
         )  # (B, T, N, F), (B, T, K, N)
         outputs = {
             "encoder": {"backbone_features": features},
@@ -207,6 +237,8 @@ class SlotModel(nn.Module):
             "decoder": {"reconstruction": reconstruction, "masks": dec_masks},
             "next_state": state_predicted[:, -1],  # (B, K, D)
         }
+        if geometry is not None:  # Invariant Slot Attention: (y, x, scale_y, scale_x) per slot
+            outputs["processor"]["geometry"] = geometry
         if tokens is not None:
             outputs["dvae"] = {"z_hard": tokens}
         if self.steve is not None and tokens is not None:  # no tokens: slots only (evaluation)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egoslots.pipeline.slots import SlotAttention
+from egoslots.pipeline.slots import InvariantSlotAttention, SlotAttention
 
 
 class SlotPredictor(nn.Module):
@@ -74,7 +74,7 @@ class SlotScan(nn.Module):
 
     def __init__(
         self,
-        corrector: SlotAttention,
+        corrector: SlotAttention | InvariantSlotAttention,
         predictor: nn.Module | None,
         n_iters: int = 2,
         n_iters_first: int = 3,
@@ -92,20 +92,29 @@ class SlotScan(nn.Module):
         """init (B, K, D) first frame's initial slots; inputs (B, T, N, D) projected features.
 
         Returns state (B, T, K, D), state_predicted (B, T, K, D) = predictor(state_t), i.e. the
-        initial slots for frame t+1, and masks (B, T, K, N).
+        initial slots for frame t+1, masks (B, T, K, N), and geometry (B, T, K, 4), each slot's
+        (y, x, scale_y, scale_x), when the corrector is Invariant Slot Attention (else None).
         """
         keys, values = self.corrector.project_inputs(inputs)  # (B, T, N, D) each
         T = inputs.shape[1]
         slots = init
-        states, predicted, masks = [], [], []
+        states, predicted, masks, geometry = [], [], [], []
         for t in range(T):
             n_iters = self.n_iters if (t > 0 or carried) else self.n_iters_first
-            slots, attn = self.corrector.iterate(slots, keys[:, t], values[:, t], n_iters)
+            out = self.corrector.iterate(slots, keys[:, t], values[:, t], n_iters)
+            slots, attn = out[0], out[1]
+            if self.corrector.invariant:
+                geometry.append(out[2])  # (B, K, 4)
             states.append(slots)  # (B, K, D)
             masks.append(attn)  # (B, K, N)
             slots = self.predict(slots)  # (B, K, D): initial slots of frame t+1
             predicted.append(slots)
-        return torch.stack(states, 1), torch.stack(predicted, 1), torch.stack(masks, 1)
+        return (
+            torch.stack(states, 1),
+            torch.stack(predicted, 1),
+            torch.stack(masks, 1),
+            torch.stack(geometry, 1) if geometry else None,
+        )
 
 
 __all__ = ["SlotPredictor", "SlotScan"]

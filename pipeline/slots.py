@@ -9,6 +9,9 @@ Follows the released code of SlotContrast (github.com/martius-lab/slotcontrast) 
 - :class:`SlotAttention` is SlotContrast's variant: single head, q/k/v without bias, softmax over
   slots, GRU update and a residual MLP. It returns the attention of the last iteration *before*
   the renormalisation over inputs as the slot masks.
+- :class:`InvariantSlotAttention` (``grouper.invariant``, an option) is Invariant Slot Attention's
+  translation-and-scale variant: every slot also has a position and a scale, and sees the tokens
+  in its own reference frame.
 """
 
 from __future__ import annotations
@@ -105,6 +108,8 @@ class SlotAttention(nn.Module):
     slots of the previous iteration.
     """
 
+    invariant = False  # no slot positions (see InvariantSlotAttention)
+
     def __init__(self, dim: int, mlp_ratio: int = 4, eps: float = 1e-8):
         super().__init__()
         self.eps = eps
@@ -145,7 +150,125 @@ class SlotAttention(nn.Module):
         return self.iterate(slots, keys, values, n_iters)
 
 
+def coordinate_grid(height: int, width: int) -> torch.Tensor:
+    """(height * width, 2) token coordinates (y, x) in [-1, 1], row-major like the tokens."""
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij"
+    )
+    return torch.stack([ys, xs], dim=-1).reshape(-1, 2)
+
+
+class InvariantSlotAttention(nn.Module):
+    """Invariant Slot Attention with slot positions and scales (ISA-TS; Biza et al., ICML 2023).
+
+    Computes what ``SlotAttentionTranslScaleEquiv`` in google-research/google-research
+    (invariant_slot_attention/modules/invariant_attention.py) computes, with its defaults
+    (slots start each frame at the centre, ``zero_position_init``, with scale 0.1,
+    ``init_with_fixed_scale``) and the settings of its CLEVRTex configs: relative positions added
+    to values too (``add_rel_pos_to_values``), ``scales_factor`` 5, and a grid encoder
+    MLP(LayerNorm, 128, ReLU). Per round, every slot k sees token n at the relative coordinate
+    ``(grid_n - position_k) / (5 * scale_k)``; keys and values get that coordinate's projection
+    and go through the grid encoder, so what a slot attends to does not depend on where its object
+    is or how big it looks. After each round the slot's position and scale are recomputed as the
+    mean and standard deviation of the token coordinates under its attention; one last round
+    only updates them, so they belong to the final slots.
+
+    Why here: with the plain module, nothing ties a slot to one place, so two objects that look
+    alike share a slot wherever they stand; and a slot vector need not say where its object is.
+    ISA keeps the position and scale beside the vector: ``iterate`` returns them (B, K, 4) as
+    (y, x, scale_y, scale_x) in the grid's [-1, 1] units, and inference appends them to each slot
+    as ISA's code does.
+
+    Faithful details of ISA's code, unlike :class:`SlotAttention` (SlotContrast's): the GRU's
+    previous state is the slots before the LayerNorm, and the renormalisation over inputs is
+    ``attn / (sum + eps)``. The masks are the softmax over slots of the last round.
+    """
+
+    invariant = True
+
+    def __init__(
+        self,
+        dim: int,
+        grid: tuple[int, int],
+        mlp_ratio: int = 4,
+        eps: float = 1e-8,
+        grid_hidden: int = 128,
+        scales_factor: float = 5.0,
+        init_scale: float = 0.1,
+        min_scale: float = 0.001,
+        max_scale: float = 2.0,
+    ):
+        super().__init__()
+        self.eps = eps
+        self.scale = dim**-0.5
+        self.scales_factor = scales_factor
+        self.init_scale = init_scale
+        self.min_scale, self.max_scale = min_scale, max_scale
+        self.register_buffer("grid", coordinate_grid(*grid), persistent=False)  # (N, 2)
+        self.norm_inputs = nn.LayerNorm(dim)
+        self.norm_slots = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.grid_proj = nn.Linear(2, dim)
+        self.grid_encoder = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, grid_hidden), nn.ReLU(), nn.Linear(grid_hidden, dim)
+        )
+        self.gru = nn.GRUCell(dim, dim)
+        self.mlp = ResidualMLP(dim, mlp_ratio * dim)
+
+    def project_inputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.norm_inputs(inputs)  # (..., N, D)
+        return self.to_k(inputs), self.to_v(inputs)  # (..., N, D) each
+
+    def relative_grid(self, positions: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """positions, scales (..., K, 2) -> each token's coordinate in each slot's frame (..., K, N, 2)."""
+        rel = self.grid - positions.unsqueeze(-2)  # (..., K, N, 2)
+        return rel / self.scales_factor / scales.unsqueeze(-2)
+
+    def step(self, slots, keys, values, positions, scales, update: bool = True):
+        """One round: attention in every slot's frame, new positions and scales, and (when
+        ``update``) the slot update. slots (B, K, D); keys, values (B, N, D); positions,
+        scales (B, K, 2)."""
+        B, K, D = slots.shape
+        rel = self.grid_proj(self.relative_grid(positions, scales))  # (B, K, N, D)
+        keys_rel = self.grid_encoder(keys.unsqueeze(1) + rel)  # (B, K, N, D)
+        values_rel = self.grid_encoder(values.unsqueeze(1) + rel)  # (B, K, N, D)
+        q = self.to_q(self.norm_slots(slots))  # (B, K, D)
+        logits = torch.einsum("bkd,bknd->bkn", q, keys_rel) * self.scale  # (B, K, N)
+        attn = logits.softmax(dim=1)  # (B, K, N), softmax over slots: the mask
+        weights = attn / (attn.sum(dim=-1, keepdim=True) + self.eps)  # over inputs
+        positions = torch.einsum("bkn,nc->bkc", weights, self.grid)  # (B, K, 2), centre of mass
+        spread = (self.grid - positions.unsqueeze(-2)).square()  # (B, K, N, 2)
+        scales = torch.einsum("bkn,bknc->bkc", weights + self.eps, spread).sqrt()
+        scales = scales.clamp(self.min_scale, self.max_scale)  # (B, K, 2)
+        if update:
+            updates = torch.einsum("bkn,bknd->bkd", weights, values_rel)  # (B, K, D)
+            slots = self.gru(updates.reshape(B * K, D), slots.reshape(B * K, D)).reshape(B, K, D)
+            slots = self.mlp(slots)
+        return slots, attn, positions, scales
+
+    def iterate(self, slots, keys, values, n_iters: int):
+        """``n_iters`` rounds and a last one for positions and scales; returns slots (B, K, D),
+        masks (B, K, N) and geometry (B, K, 4) = (y, x, scale_y, scale_x)."""
+        B, K, _ = slots.shape
+        positions = slots.new_zeros(B, K, 2)  # every slot starts at the centre ...
+        scales = slots.new_full((B, K, 2), self.init_scale)  # ... at ISA's initial scale
+        attn = None
+        for round_ in range(n_iters + 1):
+            slots, attn, positions, scales = self.step(
+                slots, keys, values, positions, scales, update=round_ < n_iters
+            )
+        return slots, attn, torch.cat([positions, scales], dim=-1)
+
+    def forward(self, slots, inputs, n_iters: int):
+        keys, values = self.project_inputs(inputs)
+        return self.iterate(slots, keys, values, n_iters)
+
+
 __all__ = [
+    "coordinate_grid",
+    "InvariantSlotAttention",
     "FeatureMLP",
     "FixedInit",
     "GaussianInit",

@@ -78,12 +78,13 @@ def test_predictor_attention_scale_options_differ():
 
 def test_scan_shapes_and_disabled_predictor_passes_state_through():
     scan = SlotScan(SlotAttention(D), None)
-    state, predicted, masks = scan(torch.randn(B, K, D), torch.randn(B, T, N, D))
+    state, predicted, masks, geometry = scan(torch.randn(B, K, D), torch.randn(B, T, N, D))
+    assert geometry is None  # only Invariant Slot Attention has slot positions
     assert state.shape == predicted.shape == (B, T, K, D)
     assert masks.shape == (B, T, K, N)
     torch.testing.assert_close(predicted, state)
     scan = SlotScan(SlotAttention(D), SlotPredictor(D))
-    state, predicted, _ = scan(torch.randn(B, K, D), torch.randn(B, T, N, D))
+    state, predicted, _, _ = scan(torch.randn(B, K, D), torch.randn(B, T, N, D))
     torch.testing.assert_close(predicted[:, 0], scan.predictor(state[:, 0]))
 
 

@@ -185,7 +185,8 @@ def infer_windows(
 
     ``windows`` yields (features (t, N, D), tokens (t, h, w) | None); each result is
     {"slots": (t, K, D), "masks": {method: (t, K, N)}, "labels": (t, N)} on the CPU, float32
-    (labels int64). Methods the model does not output (no STEVE decoder) are left out. The first
+    (labels int64); with Invariant Slot Attention (grouper.invariant) each slot is followed by its
+    position and scale, (y, x, scale_y, scale_x), as ISA's slots are: (t, K, D + 4). Methods the model does not output (no STEVE decoder) are left out. The first
     window's slots are the best of ``model.config.restarts`` draws (``SlotModel.best_first_slots``).
     ``track``: "off" keeps the model's slot order, labels the plain arg-max; "match" (the
     commands' default) renames tied slots frame by frame (:class:`SlotTracker`, matched on the
@@ -208,7 +209,9 @@ def infer_windows(
             value = _get(out, path)
             if value is not None:
                 masks[name] = value[0].float().cpu()
-        slots = out["processor"]["state"][0].float().cpu()
+        slots = out["processor"]["state"][0].float().cpu()  # (t, K, D)
+        if "geometry" in out["processor"]:  # Invariant Slot Attention: (y, x, scale_y, scale_x)
+            slots = torch.cat([slots, out["processor"]["geometry"][0].float().cpu()], dim=-1)
         shown = masks.get("model_decoder", masks.get("model_attention"))
         if tracker is not None:
             order, labels = tracker.track(shown)
