@@ -16,6 +16,9 @@ read from its ground-truth mask in frame t, so the probe asks what a camera-boun
 with a walking camera: ``image_position`` (the mask's centroid, (y, x) in [0, 1] of the frame)
 and ``image_area`` (the share of the frame it covers, square-rooted: an apparent size).
 
+With Invariant Slot Attention (``grouper.invariant``) a slot is its vector followed by its
+position and scale, as in ISA; ``egoslots evaluate`` then also scores the vector alone.
+
 Probes are fit on train videos and scored on test videos; the ``chance`` column is the
 majority class (categorical) or the train mean (numeric) scored the same way. Pure torch.
 """
@@ -100,6 +103,15 @@ def video_samples(
             values.update(image_geometry(true[i] == int(label)))
             out.append((slots[i, slot].numpy().astype(np.float32), values))
     return out
+
+
+GEOMETRY_DIMS = 4  # Invariant Slot Attention's (y, x, scale_y, scale_x) after each slot vector
+
+
+def without_geometry(samples: list) -> list:
+    """Samples whose slots end with Invariant Slot Attention's position and scale -> the slot
+    vectors alone (what the probe reads when the geometry is left out)."""
+    return [(x[:-GEOMETRY_DIMS], attrs) for x, attrs in samples]
 
 
 def image_geometry(mask: torch.Tensor) -> dict:

@@ -190,16 +190,22 @@ def score_video(
 
 @torch.no_grad()
 def model_reconstruction(model, result: dict, window: int) -> torch.Tensor:
-    """The feature decoder's reconstruction (T, N, D) of one video from its slots (T, K, D), a
-    window at a time (the decoder reads each frame's slots alone, so windows change nothing)."""
+    """The feature decoder's reconstruction (T, N, D) of one video from its slots (T, K, D; with
+    Invariant Slot Attention, (T, K, D + 4): each vector and its geometry), a window at a time (the decoder reads each frame's slots alone, so windows change nothing)."""
     device = model_device(model)
-    slots = result["slots"]
+    slots, geometry = result["slots"], None
+    if getattr(model.decoder, "relative", False):  # Invariant Slot Attention: vector, geometry
+        slots, geometry = (
+            slots[..., : -probe_lib.GEOMETRY_DIMS],
+            slots[..., -probe_lib.GEOMETRY_DIMS :],
+        )
     attention = result["masks"].get("model_attention")
     mixing_attention = getattr(model.decoder, "mixing", "alpha") == "attention"
     parts = []
     for s in range(0, slots.shape[0], window):
         att = attention[s : s + window][None].to(device) if mixing_attention else None
-        recon, _ = model.decoder(slots[s : s + window][None].to(device), att)
+        geo = None if geometry is None else geometry[s : s + window][None].to(device)
+        recon, _ = model.decoder(slots[s : s + window][None].to(device), att, geo)
         parts.append(recon[0].float().cpu())
     return torch.cat(parts)
 
@@ -530,7 +536,18 @@ def run_probe(
     ):
         result = infer_video(model, item["features"], item.get("tokens"), window, track=track)
         collector.train(item, result)
-    return probe_lib.fit_and_score(collector.samples["train"], collector.samples["test"], seed=seed)
+    train, test = collector.samples["train"], collector.samples["test"]
+    out = probe_lib.fit_and_score(train, test, seed=seed)
+    if getattr(model.processor.corrector, "invariant", False) and out.get("attributes"):
+        # Invariant Slot Attention: each slot ends with its (y, x, scale_y, scale_x); say what
+        # the vector alone carries, so a position read from the geometry is not taken for it
+        alone = probe_lib.fit_and_score(
+            probe_lib.without_geometry(train), probe_lib.without_geometry(test), seed=seed
+        )
+        for name, row in (alone.get("attributes") or {}).items():
+            if name in out["attributes"]:
+                out["attributes"][name]["score_vector_only"] = row["score"]
+    return out
 
 
 def attribute_reader(cfg, store) -> Callable[[str], dict | None]:
@@ -654,18 +671,28 @@ def format_table(result: dict) -> str:
     lines += label_free_table(result.get("label_free"), result.get("track"))
     probe = result.get("probe") or {}
     if probe.get("attributes"):
+        rows = probe["attributes"]
+        # Invariant Slot Attention: a slot is its vector and its position and scale; the
+        # "vector alone" column says what the vector carries without them
+        alone = any("score_vector_only" in row for row in rows.values())
+        what = "Hungarian-matched slots" + (
+            ": each one's vector with its position and scale, and the vector alone" if alone else ""
+        )
         lines += [
             "",
-            "Property probe (linear read-out of Hungarian-matched slots; fit on train videos, scored on "
+            f"Property probe (linear read-out of {what}; fit on train videos, scored on "
             f"{result['split']} videos):",
             "",
-            "| attribute | measure | probe | chance | train / test samples |",
-            "|---|---|---|---|---|",
+            "| attribute | measure | probe |"
+            + (" vector alone |" if alone else "")
+            + " chance | train / test samples |",
+            "|---|---|---|" + ("---|" if alone else "") + "---|---|",
         ]
-        for name, row in probe["attributes"].items():
+        for name, row in rows.items():
+            extra = f" {_num(row.get('score_vector_only'))} |" if alone else ""
             lines.append(
-                f"| {name} | {row['measure']} | {_num(row.get('score'))} | {_num(row.get('chance'))} | "
-                f"{row['n_train']} / {row['n_test']} |"
+                f"| {name} | {row['measure']} | {_num(row.get('score'))} |{extra} "
+                f"{_num(row.get('chance'))} | {row['n_train']} / {row['n_test']} |"
             )
     elif probe.get("skipped"):
         lines += ["", f"Property probe skipped: {probe['skipped']}."]

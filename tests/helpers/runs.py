@@ -185,8 +185,9 @@ RUN_SLOTS, RUN_SLOT_DIM, RUN_STEPS = 4, 16, 3
 _TEMPLATE: dict[str, Path] = {}
 
 
-def _train_template(root: Path) -> Path:
-    """``root/work``: the squares store, an (untrained) dVAE run and a 3-step slot run."""
+def _train_template(root: Path, *overrides: str) -> Path:
+    """``root/work``: the squares store, an (untrained) dVAE run and a 3-step slot run
+    (``overrides``: more config overrides for that run)."""
     from egoslots.pipeline.dvae import DVAE
     from egoslots.stages.train_slots import train
 
@@ -228,6 +229,7 @@ def _train_template(root: Path) -> Path:
             "trainer.precision=32",
             "trainer.accelerator=cpu",
             "evaluate.probe_train_videos=null",
+            *overrides,
         ],
     )
     with torch.random.fork_rng():
@@ -235,12 +237,15 @@ def _train_template(root: Path) -> Path:
     return work
 
 
-def slot_run(tmp_path_factory, dest: Path, masks: bool = True) -> Path:
+def slot_run(tmp_path_factory, dest: Path, masks: bool = True, invariant: bool = False) -> Path:
     """A copy in ``dest`` of the session's trained slot run (with its store, data and dVAE run);
-    returns the run directory. ``masks=False``: the store lost its masks (unlabelled data)."""
-    if "work" not in _TEMPLATE:
-        _TEMPLATE["work"] = _train_template(tmp_path_factory.mktemp("slot-run"))
-    template = _TEMPLATE["work"]
+    returns the run directory. ``masks=False``: the store lost its masks (unlabelled data).
+    ``invariant``: a run of its own with Invariant Slot Attention (grouper.invariant)."""
+    key = "work-invariant" if invariant else "work"
+    if key not in _TEMPLATE:
+        extra = ["grouper.invariant=true"] if invariant else []
+        _TEMPLATE[key] = _train_template(tmp_path_factory.mktemp("slot-run"), *extra)
+    template = _TEMPLATE[key]
     shutil.copytree(template, dest)
     run_dir = dest / "runs" / "slots"
     for name in ("config.yaml", "inputs.json"):
