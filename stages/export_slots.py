@@ -39,7 +39,7 @@ Reading it back (the same code for zarr and npz)::
     first, length = data["video_first"][:], data["video_length"][:]
     v = ids.index("video_0003")
     rows = slice(int(first[v]), int(first[v] + length[v]))
-    slots = data["slots"][rows]            # (T, K, D)
+    slots = data["slots"][rows]            # (T, K, D); D + 4 if meta["slot_geometry"]
     masks = data["masks"][rows]            # (T, K, N); reshape N to meta["grid"]
     print(meta["store"], meta["tokens"], meta["checkpoint_step"])
 
@@ -123,6 +123,9 @@ def export_slots_run(
         "max_videos": max_videos,
         "restarts": int(model.config.restarts),
         "track": track,
+        # Invariant Slot Attention: each slot row is its vector, then these four (grid units
+        # in [-1, 1]: centre and spread of its mask)
+        "slot_geometry": ["y", "x", "scale_y", "scale_x"] if model.config.invariant else None,
     }
     if out.exists() and not overwrite:
         previous = read_export_meta(out) or {}
@@ -202,7 +205,8 @@ def export_slots_command(
     overwrite: bool,
 ):
     """Write per-frame slots (T, K, D), masks (T, K, N) and tokens of every video of a split to OUT
-    (zarr, or .npz when OUT ends with .npz), with the run's fingerprint in the attributes."""
+    (zarr, or .npz when OUT ends with .npz), with the run's fingerprint in the attributes. With
+    Invariant Slot Attention (grouper.invariant) each slot also holds its position and scale."""
     setup_logging()
     export_slots_run(
         run,
