@@ -8,6 +8,9 @@ machine slows both variants alike; the ratio is the robust figure.
     python bench/model_step.py --device cuda --steps 50
     python bench/model_step.py --steve --vocab 4096 --grid 32   # with the STEVE decoder
     python bench/model_step.py --decoder-only --batch 1         # the feature decoder alone
+    python bench/model_step.py --invariant --batch 8 --feature-dim 128 --slots 12 --threads 1
+        # Invariant Slot Attention (grouper.invariant) against slot attention, attention mixing,
+        # decoder 64: the room setting of docs/discovery.md
 """
 
 from __future__ import annotations
@@ -26,8 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from egoslots.pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
 
 
-def build(args, naive: bool) -> SlotModel:
+def build(args, naive: bool, invariant: bool = False) -> SlotModel:
     torch.manual_seed(0)
+    extra = {}
+    if args.invariant:  # the comparison runs both with the discovery benchmark's decoder
+        extra = {
+            "invariant": invariant,
+            "decoder_mixing": "attention",
+            "decoder_hidden_dims": (64,),
+        }
     config = SlotModelConfig(
         feature_dim=args.feature_dim,
         num_tokens=args.tokens,
@@ -36,6 +46,7 @@ def build(args, naive: bool) -> SlotModel:
         steve=args.steve,
         vocab_size=args.vocab,
         token_grid=(args.grid, args.grid) if args.steve else None,
+        **extra,
     )
     model = SlotModel(config).to(args.device)
     if naive:
@@ -80,6 +91,11 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--decoder-only", action="store_true", help="time the feature decoder alone")
+    p.add_argument(
+        "--invariant",
+        action="store_true",
+        help="compare Invariant Slot Attention with slot attention instead of the decoder forms",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,7 +114,10 @@ def main():
         f"K={args.slots} D={args.slot_dim} steve={args.steve} decoder_only={args.decoder_only}"
     )
     for label, dtype in (("fp32", None), ("bf16-autocast", torch.bfloat16)):
-        models = {"factored": build(args, False), "naive": build(args, True)}
+        if args.invariant:
+            models = {"slot attention": build(args, False), "invariant": build(args, False, True)}
+        else:
+            models = {"factored": build(args, False), "naive": build(args, True)}
         times = {name: [] for name in models}
         for model in models.values():
             for _ in range(args.warmup):
@@ -111,6 +130,13 @@ def main():
                 sync(args.device)
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
+        if args.invariant:
+            a, b = med["slot attention"], med["invariant"]
+            print(
+                f"{label:14s} slot attention {a * 1e3:8.1f} ms/step   invariant {b * 1e3:8.1f} "
+                f"ms/step   invariant/slot attention {b / a:.2f}x"
+            )
+            continue
         print(
             f"{label:14s} factored {med['factored'] * 1e3:8.1f} ms/step   "
             f"naive {med['naive'] * 1e3:8.1f} ms/step   naive/factored {med['naive'] / med['factored']:.2f}x"
