@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from egoslots.pipeline.config_schema import DECODER_MIXINGS as MIXINGS  # decoder.mixing
-from egoslots.pipeline.slots import coordinate_grid
+from egoslots.pipeline.slots import coordinate_grid, slot_frame_coordinates
 
 
 class MLPBroadcastDecoder(nn.Module):
@@ -84,8 +84,9 @@ class MLPBroadcastDecoder(nn.Module):
             return self.pos_emb[0]
         if geometry is None:
             raise ValueError("a decoder with relative positions needs the slots' geometry")
-        rel = self.grid - geometry[..., None, :2]  # (B, T, K, N, 2)
-        rel = rel / self.scales_factor / geometry[..., None, 2:]
+        rel = slot_frame_coordinates(
+            self.grid, geometry[..., :2], geometry[..., 2:], self.scales_factor
+        )  # (B, T, K, N, 2)
         return self.pos_proj(rel)  # (B, T, K, N, D)
 
     def forward(

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from egoslots.pipeline import metrics
+from egoslots.pipeline.slots import GEOMETRY_DIMS
 
 SKIP_KEYS = {"id", "label", "name"}
 
@@ -103,9 +104,6 @@ def video_samples(
             values.update(image_geometry(true[i] == int(label)))
             out.append((slots[i, slot].numpy().astype(np.float32), values))
     return out
-
-
-GEOMETRY_DIMS = 4  # Invariant Slot Attention's (y, x, scale_y, scale_x) after each slot vector
 
 
 def without_geometry(samples: list) -> list:

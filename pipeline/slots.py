@@ -158,6 +158,18 @@ def coordinate_grid(height: int, width: int) -> torch.Tensor:
     return torch.stack([ys, xs], dim=-1).reshape(-1, 2)
 
 
+GEOMETRY_DIMS = 4  # Invariant Slot Attention's (y, x, scale_y, scale_x) per slot
+
+
+def slot_frame_coordinates(
+    grid: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor, scales_factor: float
+) -> torch.Tensor:
+    """Every token's coordinate in every slot's frame, as ISA computes it for attention and
+    decoding: grid (N, 2), positions and scales (..., K, 2) -> (..., K, N, 2)."""
+    rel = grid - positions.unsqueeze(-2)  # (..., K, N, 2)
+    return rel / scales_factor / scales.unsqueeze(-2)
+
+
 class InvariantSlotAttention(nn.Module):
     """Invariant Slot Attention with slot positions and scales (ISA-TS; Biza et al., ICML 2023).
 
@@ -221,17 +233,13 @@ class InvariantSlotAttention(nn.Module):
         inputs = self.norm_inputs(inputs)  # (..., N, D)
         return self.to_k(inputs), self.to_v(inputs)  # (..., N, D) each
 
-    def relative_grid(self, positions: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """positions, scales (..., K, 2) -> each token's coordinate in each slot's frame (..., K, N, 2)."""
-        rel = self.grid - positions.unsqueeze(-2)  # (..., K, N, 2)
-        return rel / self.scales_factor / scales.unsqueeze(-2)
-
     def step(self, slots, keys, values, positions, scales, update: bool = True):
         """One round: attention in every slot's frame, new positions and scales, and (when
         ``update``) the slot update. slots (B, K, D); keys, values (B, N, D); positions,
         scales (B, K, 2)."""
         B, K, D = slots.shape
-        rel = self.grid_proj(self.relative_grid(positions, scales))  # (B, K, N, D)
+        rel = slot_frame_coordinates(self.grid, positions, scales, self.scales_factor)
+        rel = self.grid_proj(rel)  # (B, K, N, D)
         keys_rel = self.grid_encoder(keys.unsqueeze(1) + rel)  # (B, K, N, D)
         values_rel = self.grid_encoder(values.unsqueeze(1) + rel)  # (B, K, N, D)
         q = self.to_q(self.norm_slots(slots))  # (B, K, D)
@@ -268,6 +276,8 @@ class InvariantSlotAttention(nn.Module):
 
 __all__ = [
     "coordinate_grid",
+    "GEOMETRY_DIMS",
+    "slot_frame_coordinates",
     "InvariantSlotAttention",
     "FeatureMLP",
     "FixedInit",

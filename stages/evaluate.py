@@ -57,6 +57,7 @@ from egoslots.pipeline import label_free as lf
 from egoslots.pipeline import probe as probe_lib
 from egoslots.pipeline.data import make_source
 from egoslots.pipeline.refine import refine_masks
+from egoslots.pipeline.slots import GEOMETRY_DIMS
 from egoslots.stages.machinery.common import StageError, setup_logging
 from egoslots.stages.machinery.inference import (
     available_split,
@@ -196,8 +197,8 @@ def model_reconstruction(model, result: dict, window: int) -> torch.Tensor:
     slots, geometry = result["slots"], None
     if getattr(model.decoder, "relative", False):  # Invariant Slot Attention: vector, geometry
         slots, geometry = (
-            slots[..., : -probe_lib.GEOMETRY_DIMS],
-            slots[..., -probe_lib.GEOMETRY_DIMS :],
+            slots[..., :-GEOMETRY_DIMS],
+            slots[..., -GEOMETRY_DIMS:],
         )
     attention = result["masks"].get("model_attention")
     mixing_attention = getattr(model.decoder, "mixing", "alpha") == "attention"
