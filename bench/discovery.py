@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from egoslots.pipeline import baselines, metrics  # noqa: E402
 from egoslots.pipeline.dvae import DVAE, gumbel_tau, reconstruction_loss  # noqa: E402
 from egoslots.pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
+from egoslots.pipeline.components import split_components  # noqa: E402
 from egoslots.pipeline.refine import refine_masks  # noqa: E402
 from egoslots.pipeline.schedules import warmup_exp_decay  # noqa: E402
 from egoslots.stages.machinery.pictures import PALETTE  # noqa: E402
@@ -456,6 +457,17 @@ def baseline_scores(split: dict, feats: torch.Tensor, k: int, patch: int, seed: 
             ),
             "grid": (baselines.grid_masks(t, k, grid), grid),
         }
+        # every connected part its own tracked segment (pipeline/components.py), as for the slots
+        split_kmeans = split_components(feature_kmeans, grid)
+        cands["feature k-means / video, split"] = (split_kmeans, grid)
+        cands["feature k-means / video, split, refined"] = (
+            refine_masks(split_kmeans, split["frames"][v], grid),
+            (size, size),
+        )
+        cands["colour k-means / pixel, split"] = (  # parts under one token's area are speckle
+            split_components(cands["colour k-means / pixel"][0], (size, size), patch * patch),
+            (size, size),
+        )
         # what the token grid allows: each label's share of each token, as soft masks
         labels = int(split["masks"][v].max()) + 1
         ceiling = patch_label_fractions(true[None], patch, labels)[0].transpose(1, 2)
@@ -496,6 +508,16 @@ def model_scores(
             out.setdefault(f"{name}_refined", []).append(
                 metrics.evaluate_masks(fine, true, (size, size))
             )
+            if name == "attention":  # every connected part its own tracked segment, then refined
+                parts = split_components(masks.float(), grid)
+                out.setdefault(f"{name}_split", []).append(
+                    metrics.evaluate_masks(parts, true, grid)
+                )
+                out.setdefault(f"{name}_split_refined", []).append(
+                    metrics.evaluate_masks(
+                        refine_masks(parts, split["frames"][v], grid), true, (size, size)
+                    )
+                )
 
         if restarts > 1:  # the plain draw too, side by side
             with torch.random.fork_rng():
@@ -604,6 +626,7 @@ def train_curve(
             f"dec {100 * row['decoder_fg_ari']:5.1f}/{100 * row['decoder_mbo']:5.1f}  "
             f"att {100 * row['attention_fg_ari']:5.1f}/{100 * row['attention_mbo']:5.1f}  "
             f"att refined {100 * row['attention_refined_fg_ari']:5.1f}/{100 * row['attention_refined_mbo']:5.1f}  "
+            f"split refined {100 * row['attention_split_refined_fg_ari']:5.1f}/{100 * row['attention_split_refined_mbo']:5.1f}  "
             f"frame FG-ARI dec {100 * row['decoder_frame_fg_ari']:5.1f} att {100 * row['attention_frame_fg_ari']:5.1f}"
         )
 
@@ -757,13 +780,14 @@ def cmd_curve(args, data: DataSpec) -> None:
     finals = [c[-1] for c in curves]
     print("\n| method | video FG-ARI | video mBO |\n|---|---|---|")
     names = ["decoder", "attention", "decoder_refined", "attention_refined"]
+    names += ["attention_split", "attention_split_refined"]
     if setting.restarts > 1:  # the same model with one draw of the first slots
         names += ["draw1_attention", "draw1_attention_refined"]
     for name in names:
         fa = [100 * f[f"{name}_fg_ari"] for f in finals]
         mb = [100 * f[f"{name}_mbo"] for f in finals]
         print(
-            f"| slots: {name.replace('_refined', '')} masks{', refined' * name.endswith('refined')} | {np.mean(fa):.1f} ± {np.std(fa):.1f} | {np.mean(mb):.1f} ± {np.std(mb):.1f} |"
+            f"| slots: {name.replace('_refined', '').replace('_split', '')} masks{', split' * ('_split' in name)}{', refined' * name.endswith('refined')} | {np.mean(fa):.1f} ± {np.std(fa):.1f} | {np.mean(mb):.1f} ± {np.std(mb):.1f} |"
         )
     for name, per_video in base.items():
         print(
@@ -774,10 +798,15 @@ def cmd_curve(args, data: DataSpec) -> None:
 FAMILY_ROWS = {  # the cross-family table: its row names -> (result key, where it comes from)
     "slots, raw": "attention",
     "slots, refined": "attention_refined",
+    "slots, split": "attention_split",
+    "slots, split, refined": "attention_split_refined",
     "colour k-means per video": "colour k-means / pixel",
     "colour k-means per video, best of 10 inits": "colour k-means / pixel, best of 10 inits",
     "feature k-means per video": "feature k-means / video",
     "feature k-means per video, refined": "feature k-means / video, refined",
+    "feature k-means per video, split": "feature k-means / video, split",
+    "feature k-means per video, split, refined": "feature k-means / video, split, refined",
+    "colour k-means per video, split": "colour k-means / pixel, split",
     "grid": "grid",
     "ceiling: ground truth per token, refined": "ceiling: ground truth per token, refined",
 }
@@ -811,7 +840,7 @@ def cmd_families(args, data: DataSpec) -> None:
                 setting, train_feats, split, eval_feats, seed, None, args.steps, args.steps,
                 log=lambda *_: None, score_start=False,
             )[-1]  # fmt: skip
-            for label, key in list(FAMILY_ROWS.items())[:2]:
+            for label, key in list(FAMILY_ROWS.items())[:4]:
                 rows.setdefault(label, []).append((final[f"{key}_fg_ari"], final[f"{key}_mbo"]))
             print(
                 f"# {scene} seed {seed}: refined {100 * final['attention_refined_fg_ari']:.1f} / "
@@ -819,7 +848,7 @@ def cmd_families(args, data: DataSpec) -> None:
                 flush=True,
             )
         base = baseline_scores(split, eval_feats, setting.num_slots, setting.patch)
-        for label, key in list(FAMILY_ROWS.items())[2:]:
+        for label, key in list(FAMILY_ROWS.items())[4:]:
             rows[label] = [(mean_of(base[key], "video_fg_ari"), mean_of(base[key], "video_mbo"))]
         results[scene] = rows
     print(
