@@ -56,9 +56,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from egoslots.pipeline import baselines, metrics  # noqa: E402
+from egoslots.pipeline.components import split_components  # noqa: E402
 from egoslots.pipeline.dvae import DVAE, gumbel_tau, reconstruction_loss  # noqa: E402
 from egoslots.pipeline.model import SlotModel, SlotModelConfig  # noqa: E402
-from egoslots.pipeline.components import split_components  # noqa: E402
 from egoslots.pipeline.refine import refine_masks  # noqa: E402
 from egoslots.pipeline.schedules import warmup_exp_decay  # noqa: E402
 from egoslots.stages.machinery.pictures import PALETTE  # noqa: E402

@@ -65,9 +65,7 @@ def centre(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(mask).mean(0)
 
 
-def split_components(
-    masks: torch.Tensor, grid: tuple[int, int], min_size: int = 1
-) -> torch.Tensor:
+def split_components(masks: torch.Tensor, grid: tuple[int, int], min_size: int = 1) -> torch.Tensor:
     """Soft masks of one video (T, K, N) on ``grid`` -> soft masks (T, K', N), one channel per
     tracked connected part (K' >= K where every slot appears; slots never argmax anywhere keep
     one channel each, so nothing is lost)."""
