@@ -520,6 +520,9 @@ class Evaluate:
     # also score masks refined from the token grid to pixels with the video's colours
     # (pipeline/refine.py), beside the raw masks; needs the store's frames
     refine: bool = True
+    # also score masks with each slot's connected parts made segments of their own, tracked
+    # over the video (pipeline/components.py), raw and refined; colour k-means split the same way
+    split_parts: bool = True
 
 
 @dataclass

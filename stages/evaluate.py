@@ -16,6 +16,10 @@ as they would online. The masks are scored against the store's ground truth with
 - ``*_refined`` (``evaluate.refine``, on by default): the same masks taken from the token grid to
   pixels with the video's colours (``pipeline/refine.py``), for the model's masks and for
   k-means per video, so the table shows what refinement alone buys. The raw rows stay.
+- ``*_parts`` and ``*_parts_refined`` (``evaluate.split_parts``, on by default): the same masks with
+  every connected part of a slot made a segment of its own and tracked over the video
+  (``pipeline/components.py``), raw and refined; colour k-means gets the same split
+  (``colour_kmeans_video_parts``), so splitting is never credited to the slots alone.
 
 The model's masks are scored as the product outputs them: by default (``--track match``) with
 slots the model cannot tell apart renamed to keep their regions (``tracking.SlotTracker``), as visualize,
@@ -55,6 +59,7 @@ from egoslots.cache.location import write_text
 from egoslots.pipeline import baselines, metrics
 from egoslots.pipeline import label_free as lf
 from egoslots.pipeline import probe as probe_lib
+from egoslots.pipeline.components import split_components
 from egoslots.pipeline.data import make_source
 from egoslots.pipeline.refine import refine_masks
 from egoslots.pipeline.slots import GEOMETRY_DIMS
@@ -91,7 +96,16 @@ METHOD_LABELS = {
     "kmeans_frame": "k-means per frame",
     "kmeans_video": "k-means per video",
     "kmeans_video_refined": "k-means per video, colour-refined",
+    "model_decoder_parts": "slots: decoder masks, split into parts",
+    "model_attention_parts": "slots: attention masks, split into parts",
+    "model_steve_parts": "slots: STEVE decoder masks, split into parts",
+    "model_decoder_parts_refined": "slots: decoder masks, split into parts, colour-refined",
+    "model_attention_parts_refined": "slots: attention masks, split into parts, colour-refined",
+    "model_steve_parts_refined": "slots: STEVE decoder masks, split into parts, colour-refined",
+    "kmeans_video_parts": "k-means per video, split into parts",
+    "kmeans_video_parts_refined": "k-means per video, split into parts, colour-refined",
     "colour_kmeans_video": "colour k-means per video (pixels)",
+    "colour_kmeans_video_parts": "colour k-means per video (pixels), split into parts",
     "grid": "fixed grid",
 }
 METRIC_LABELS = {
@@ -147,12 +161,15 @@ def score_video(
     with_baselines: bool = True,
     refine: bool = False,
     baseline: dict[str, torch.Tensor] | None = None,
+    parts: bool = False,
 ) -> dict[str, dict]:
     """{method: video_metrics} of the model's masks and the baselines on one video.
 
     ``refine``: also score every token-grid mask refined to pixels with the video's colours
     (needs ``item["frames"]``), under ``<method>_refined``. ``baseline``: the feature baselines'
-    masks when already computed (:func:`baseline_masks`)."""
+    masks when already computed (:func:`baseline_masks`). ``parts``: also score the masks with
+    each slot's connected parts as segments of their own (``pipeline/components.py``), under
+    ``<method>_parts`` (and ``<method>_parts_refined`` with ``refine``); colour k-means too."""
     true = item["masks"].long()  # (T, H, W)
     frames = item.get("frames") if refine else None  # (T, H, W, 3) uint8
     scores = {}
@@ -163,16 +180,22 @@ def score_video(
     def score(name: str, masks: torch.Tensor, mask_grid: tuple[int, int] | None) -> None:
         for other, other_masks in scored:
             if torch.equal(other_masks, masks):  # False for different shapes too
-                scores[name] = scores[other]
-                if f"{other}_refined" in scores:
-                    scores[f"{name}_refined"] = scores[f"{other}_refined"]
+                for suffix in ("", "_refined", "_parts", "_parts_refined"):
+                    if f"{other}{suffix}" in scores:
+                        scores[f"{name}{suffix}"] = scores[f"{other}{suffix}"]
                 return
         scored.append((name, masks))
-        scores[name] = metrics.evaluate_masks(masks, true, mask_grid)
-        if frames is not None:
-            token_grid = metrics.infer_grid(masks.shape[-1], mask_grid)
-            fine = refine_masks(masks, frames, token_grid)
-            scores[f"{name}_refined"] = metrics.evaluate_masks(fine, true, tuple(frames.shape[1:3]))
+        token_grid = metrics.infer_grid(masks.shape[-1], mask_grid)
+        variants = {name: masks}
+        if parts:
+            variants[f"{name}_parts"] = split_components(masks, token_grid)
+        for variant, variant_masks in variants.items():
+            scores[variant] = metrics.evaluate_masks(variant_masks, true, token_grid)
+            if frames is not None:
+                fine = refine_masks(variant_masks, frames, token_grid)
+                scores[f"{variant}_refined"] = metrics.evaluate_masks(
+                    fine, true, tuple(frames.shape[1:3])
+                )
 
     for name, masks in result["masks"].items():
         score(name, masks, grid if masks.shape[-1] == grid[0] * grid[1] else None)
@@ -182,9 +205,13 @@ def score_video(
         scores["kmeans_frame"] = metrics.evaluate_masks(baseline["kmeans_frame"], true, grid)
         score("kmeans_video", baseline["kmeans_video"], grid)
         if "frames" in item:  # (T, S, S, 3) uint8, the label maps' resolution
-            scores["colour_kmeans_video"] = metrics.evaluate_masks(
-                baselines.colour_kmeans_masks(item["frames"], num_slots, seed=seed), true
-            )
+            colour = baselines.colour_kmeans_masks(item["frames"], num_slots, seed=seed)
+            scores["colour_kmeans_video"] = metrics.evaluate_masks(colour, true)
+            if parts:  # parts smaller than one token are speckle, not objects
+                pixels = tuple(item["frames"].shape[1:3])
+                token_area = (pixels[0] // grid[0]) * (pixels[1] // grid[1])
+                colour_parts = split_components(colour, pixels, min_size=max(1, token_area))
+                scores["colour_kmeans_video_parts"] = metrics.evaluate_masks(colour_parts, true)
         scores["grid"] = metrics.evaluate_masks(baseline["grid"], true, grid)
     return scores
 
@@ -294,13 +321,15 @@ def evaluate_model(
     refine: bool = False,
     label_free: bool = True,
     track: str = DEFAULT_TRACK,
+    parts: bool = False,
 ) -> dict:
     """Per-video scores of a model and the baselines on a split, one video in memory at a time:
     {"video_ids", "per_video", "label_free"} (``label_free``: {method: {number: [per video]}}).
 
     Without ground-truth masks in the store, ``per_video`` is empty and only the label-free
     numbers are computed. ``keep(item, result)`` is called for every video (the property probe
-    collects slots with it). ``refine``: add the colour-refined rows (``score_video``).
+    collects slots with it). ``refine``: add the colour-refined rows, ``parts``: the rows with
+    each slot's connected parts as segments (``score_video``).
     ``label_free``: compute the label-free numbers (``label_free_video``). The model's first
     slots are the best of ``model.config.restarts`` draws (``load_trained(restarts=)``)).
     ``track``: the model's masks as the product outputs them by default ("match": slots the model
@@ -338,7 +367,14 @@ def evaluate_model(
         ids.append(item["video_id"])
         if store.has_masks:
             scores = score_video(
-                item, result, num_slots, grid, seed=seed, refine=refine, baseline=baseline
+                item,
+                result,
+                num_slots,
+                grid,
+                seed=seed,
+                refine=refine,
+                baseline=baseline,
+                parts=parts,
             )
             for method, values in scores.items():
                 for key, value in values.items():
@@ -401,6 +437,7 @@ def evaluate_run(
     if probe is None:
         probe = bool(cfg.evaluate.probe)
     refine = bool(cfg.evaluate.get("refine", True))
+    split_parts = bool(cfg.evaluate.get("split_parts", True))
     key = {
         "split": split,
         "checkpoint": ident,
@@ -409,6 +446,7 @@ def evaluate_run(
         "max_videos": max_videos,
         "probe": probe,
         "refine": refine,
+        "split_parts": split_parts,
         "restarts": int(model.config.restarts),
         "track": track,
         "label_free": LABEL_FREE_VERSION,
@@ -458,6 +496,7 @@ def evaluate_run(
         seed=seed,
         refine=refine,
         track=track,
+        parts=split_parts,
     )
     probe_result = {"skipped": "disabled (evaluate.probe=false)"}
     if not has_masks:

@@ -25,6 +25,16 @@ METHODS = {
     "model_attention_refined",
     "model_steve_refined",
     "kmeans_video_refined",
+    # each slot's connected parts as segments of their own (evaluate.split_parts), colour k-means too
+    "model_decoder_parts",
+    "model_attention_parts",
+    "model_steve_parts",
+    "model_decoder_parts_refined",
+    "model_attention_parts_refined",
+    "model_steve_parts_refined",
+    "kmeans_video_parts",
+    "kmeans_video_parts_refined",
+    "colour_kmeans_video_parts",
 }
 
 
