@@ -347,6 +347,23 @@ def test_score_video_adds_refined_rows_only_when_asked():
     assert plain["model_attention"]["video_mbo"] < 0.9
 
 
+def test_score_video_splits_a_slot_holding_two_objects_apart_and_colour_kmeans_too():
+    from tests.test_components import two_blob_video
+
+    masks, labels = two_blob_video(size=8)
+    frames = (torch.rand(4, 8, 8, 3) * 255).to(torch.uint8)
+    item = {"masks": labels, "frames": frames, "features": torch.randn(4, 64, 4)}
+    result = {"masks": {"model_attention": masks}}
+    scores = ev.score_video(item, result, 2, (8, 8), refine=True, parts=True)
+    assert {"model_attention_parts", "model_attention_parts_refined"} <= set(scores)
+    assert {"kmeans_video_parts", "kmeans_video_parts_refined", "colour_kmeans_video_parts"} <= set(
+        scores
+    )
+    assert scores["model_attention"]["video_fg_ari"] == pytest.approx(0.0)  # one slot, two objects
+    assert scores["model_attention_parts"]["video_fg_ari"] == pytest.approx(1.0)
+    assert "model_attention_parts" not in ev.score_video(item, result, 2, (8, 8), refine=True)
+
+
 def test_identical_masks_are_scored_and_refined_once(monkeypatch):
     """Attention mixing makes the decoder's masks the attention masks: one refinement, same rows."""
     from tests.test_refine import GRID, scene, token_fractions
