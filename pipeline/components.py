@@ -67,8 +67,8 @@ def centre(mask: np.ndarray) -> np.ndarray:
 
 def split_components(masks: torch.Tensor, grid: tuple[int, int], min_size: int = 1) -> torch.Tensor:
     """Soft masks of one video (T, K, N) on ``grid`` -> soft masks (T, K', N), one channel per
-    tracked connected part (K' >= K where every slot appears; slots never argmax anywhere keep
-    one channel each, so nothing is lost)."""
+    tracked connected part, K' >= K: channel k is slot k's first track (so a slot that is never
+    split keeps its index and its mass), and the parts split off follow after channel K - 1."""
     t, k, n = masks.shape
     h, w = grid
     if h * w != n:
@@ -77,11 +77,11 @@ def split_components(masks: torch.Tensor, grid: tuple[int, int], min_size: int =
     soft = soft / soft.sum(1, keepdim=True).clamp_min(1e-6)
     hard = soft.argmax(1).reshape(t, h, w).numpy()
     parts_of = [frame_parts(hard[f], k, min_size) for f in range(t)]  # [frame][slot] -> parts
-    channels: list[tuple[int, np.ndarray]] = []  # (slot, (T, N) share of that slot's mass)
+    # (slot, (T, N) share of that slot's mass); the first K are the slots' first tracks
+    channels = [(slot, np.zeros((t, n), np.float32)) for slot in range(k)]
     for slot in range(k):
         tracks: list[dict] = []  # each: {"mask": its last part (h, w), "channel": index}
-        first_channel = len(channels)
-        channels.append((slot, np.zeros((t, n), np.float32)))
+        first_channel = slot
         for f in range(t):
             parts = parts_of[f][slot]
             if not parts:  # the slot holds no position here: its mass stays on its first channel

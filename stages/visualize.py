@@ -4,7 +4,9 @@ Each frame shows, side by side: the cached frame, the frame with the slot masks 
 (decoder masks, argmax, each slot in its own colour; colours are fixed by slot index, so a
 slot keeps its colour over time and a colour change means the object changed slot), the same
 masks refined to pixels with the video's colours (``evaluate.refine``, ``pipeline/refine.py``),
-drawn in solid slot colours, and, for runs with a dVAE, the dVAE's reconstruction of the cached tokens. The GIF has one image
+drawn in solid slot colours, the refined masks with each slot's connected parts apart
+(``evaluate.split_parts``, ``pipeline/components.py``: a slot's first part keeps its colour,
+parts split off get the colours after the last slot's), and, for runs with a dVAE, the dVAE's reconstruction of the cached tokens. The GIF has one image
 per frame; the PNG strip stacks the same panels as rows with up to ``max_columns`` frames.
 Default video: the first test video. Outputs go to ``RUN/viz/<video>.gif|.png``, and beside
 them ``<video>.timeline.png``: each slot's area per frame over the whole video in the overlay's
@@ -28,6 +30,7 @@ import torch
 
 from egoslots.cache.location import write_bytes
 from egoslots.cache.reader import ClipDataset
+from egoslots.pipeline.components import split_components
 from egoslots.pipeline.dvae import load_dvae
 from egoslots.pipeline.metrics import infer_grid
 from egoslots.pipeline.refine import refine_masks
@@ -130,10 +133,17 @@ def visualize_run(
     ties = track == "match"  # near-ties keep the token's slot, as the tracker labels them
     labels = result["labels"]  # (T, N): each token's slot, the tracker's with --track match
     panels = [frames, masks_overlay(frames, masks, grid, ties=ties, labels=labels)]
+    token_grid = grid or tuple(infer_grid(masks.shape[-1]))
     if cfg.evaluate.get("refine", True):
-        token_grid = grid or tuple(infer_grid(masks.shape[-1]))
         fine = refine_masks(masks.detach().float().cpu(), frames, token_grid)
         panels.append(masks_overlay(frames, fine, (size, size), alpha=1.0, ties=ties))
+    if cfg.evaluate.get("split_parts", True):  # each slot's connected parts apart, refined
+        parts = split_components(masks.detach().float().cpu(), token_grid)
+        if cfg.evaluate.get("refine", True):
+            parts, part_grid = refine_masks(parts, frames, token_grid), (size, size)
+        else:
+            part_grid = token_grid
+        panels.append(masks_overlay(frames, parts, part_grid, alpha=1.0, ties=ties))
     recon, why = dvae_reconstructions(run_dir, tokens_hash, item.get("tokens"), size)
     if recon is not None:
         panels.append(recon)

@@ -24,6 +24,8 @@ def test_parts_of_one_slot_become_segments_that_keep_their_identity():
     masks, labels = two_blob_video()
     parts = split_components(masks, (8, 8))
     assert parts.shape == (4, 3, 64)  # the background slot, and one channel per blob
+    assert torch.allclose(parts[:, 1], masks[:, 1])  # an unsplit slot keeps its index and mass
+    assert torch.allclose(parts[:, 0] + parts[:, 2], masks[:, 0])  # the split one's parts after
     ids = parts.argmax(1).reshape(4, 8, 8)
     for f in range(4):  # each blob one segment, the same one in every frame
         assert ids[f][labels[f] == 1].unique().tolist() == ids[0][labels[0] == 1].unique().tolist()

@@ -22,10 +22,11 @@ def test_visualize_default_video(run):
     png = viz.visualize_run(run)
     assert png == run / "viz" / "video_03.png"  # the first test video
     gif = iio.imread(png.with_suffix(".gif"), index=None)
-    # frame | slot masks | slot masks refined to pixels | dVAE reconstruction of the tokens
-    assert gif.shape[:4] == (FRAMES, SIZE, 4 * SIZE, 3)
-    strip = iio.imread(png)  # the same four panels as rows, one column per frame
-    assert strip.shape[:2] == (4 * SIZE + 3 * 2, FRAMES * (SIZE + 2) - 2)
+    # frame | slot masks | refined to pixels | refined, each slot's connected parts apart |
+    # dVAE reconstruction of the tokens
+    assert gif.shape[:4] == (FRAMES, SIZE, 5 * SIZE, 3)
+    strip = iio.imread(png)  # the same five panels as rows, one column per frame
+    assert strip.shape[:2] == (5 * SIZE + 4 * 2, FRAMES * (SIZE + 2) - 2)
 
 
 def test_visualize_named_video_and_strip_column_limit(run, tmp_path):
