@@ -846,6 +846,10 @@ def cmd_families(args, data: DataSpec) -> None:
                 setting, train_feats, split, eval_feats, seed, None, args.steps, args.steps,
                 log=lambda *_: None, score_start=False,
             )[-1]  # fmt: skip
+            if args.save:  # each family's and seed's model, to score other post-processing later
+                Path(args.save).mkdir(parents=True, exist_ok=True)
+                model = train_curve.last_model
+                torch.save(model.state_dict(), Path(args.save) / f"{scene}-seed{seed}.pt")
             for label, key in list(FAMILY_ROWS.items())[:4]:
                 rows.setdefault(label, []).append((final[f"{key}_fg_ari"], final[f"{key}_mbo"]))
             print(
@@ -978,7 +982,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None, help="curve: JSON of the curves; plot: the PNG")
     ap.add_argument("--picture", default=None, help="PNG of masks on 3 eval videos (last seed)")
-    ap.add_argument("--save", default=None, help="curve: folder for each seed's final state dict")
+    ap.add_argument(
+        "--save", default=None, help="curve, families: folder for each seed's final state dict"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = ap.parse_args()
