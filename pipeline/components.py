@@ -73,7 +73,7 @@ def split_components(masks: torch.Tensor, grid: tuple[int, int], min_size: int =
     h, w = grid
     if h * w != n:
         raise ValueError(f"grid {h}x{w} does not hold {n} positions")
-    soft = masks.float().clamp_min(0)
+    soft = masks.detach().float().cpu().clamp_min(0)  # scipy labels parts on the CPU
     soft = soft / soft.sum(1, keepdim=True).clamp_min(1e-6)
     hard = soft.argmax(1).reshape(t, h, w).numpy()
     parts_of = [frame_parts(hard[f], k, min_size) for f in range(t)]  # [frame][slot] -> parts
@@ -105,7 +105,7 @@ def split_components(masks: torch.Tensor, grid: tuple[int, int], min_size: int =
     out = torch.zeros(t, len(channels), n)
     for c, (slot, weight) in enumerate(channels):
         out[:, c] = soft[:, slot] * torch.from_numpy(weight)
-    return out
+    return out.to(masks.device)
 
 
 def assign_parts(parts: list[np.ndarray], tracks: list[dict]) -> list[int | None]:
