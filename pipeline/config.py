@@ -447,12 +447,12 @@ def _validate(cfg: DictConfig, renamed: dict[str, str] | None = None) -> None:
             "the dVAE's tokens. Set globals.USE_STEVE_DECODER=false for a run without the dVAE."
         )
     init, restarts = cfg.model.initializer, int(cfg.inference.restarts)
-    if restarts > 1 and init.name != "gaussian":
+    if restarts > 1 and init.name == "fixed":
         key = _written("inference.restarts", renamed)
         raise ConfigError(
-            f"{key}={restarts} needs model.initializer.name=gaussian: "
+            f"{key}={restarts} needs model.initializer.name=gaussian or kmeans: "
             f"the {init.name} initializer starts every video from the same slots, so there is "
-            f"nothing to draw again. Set {key}=1, or use the gaussian initializer."
+            f"nothing to draw again. Set {key}=1, or use the gaussian or kmeans initializer."
         )
     slot_dim, heads = int(cfg.model.slot_dim), int(cfg.predictor.num_heads)
     if cfg.predictor.enabled and slot_dim % heads:

@@ -403,7 +403,9 @@ class PretrainEncoder(RunMachinery):
 
 @dataclass
 class Initializer:
-    name: str = limited("fixed", one_of("fixed", "gaussian"))  # fixed (SlotContrast) | gaussian
+    # fixed (SlotContrast) | gaussian (VideoSAUR, STEVE) | kmeans (egoslots: the first frame's
+    # feature clusters, pipeline/slots.KMeansInit)
+    name: str = limited("fixed", one_of("fixed", "gaussian", "kmeans"))
     # (restarts moved to inference.restarts; model.initializer.restarts still works: ALIASES)
 
 
@@ -530,7 +532,7 @@ class Inference:
     """Settings read only where a trained model is applied (evaluate, export-slots, visualize).
     They are not part of what is trained: train-slots resumes whatever they are."""
 
-    # Draws of a gaussian initializer's first slots per video; the draw whose slots reconstruct
+    # Draws of a gaussian or kmeans initializer's first slots per video; the draw whose slots reconstruct
     # the first window's features best is kept, as k-means keeps the best of n_init runs
     # (1: one draw, the published behaviour; docs/discovery.md). Was model.initializer.restarts.
     restarts: int = limited(1, at_least(1, 4096))

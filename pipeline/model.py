@@ -39,8 +39,9 @@ from egoslots.pipeline.losses import loss_featrec, loss_slot_slot_contrast, loss
 from egoslots.pipeline.predictor import SlotPredictor, SlotScan
 from egoslots.pipeline.slots import (
     FeatureMLP,
-    GaussianInit,
+    FixedInit,
     InvariantSlotAttention,
+    KMeansInit,
     SlotAttention,
     build_initializer,
 )
@@ -65,7 +66,7 @@ class SlotModelConfig:
     num_slots: int = schema_default("model.num_slots")
     slot_dim: int = schema_default("model.slot_dim")
     initializer: str = schema_default("model.initializer.name")
-    # inference: draws of a Gaussian initializer's first slots per video; the draw whose slots
+    # inference: draws of a Gaussian (or k-means) initializer's first slots per video; the draw whose slots
     # reconstruct the first window's features best is kept (as k-means keeps its best init)
     restarts: int = schema_default("inference.restarts")
     n_iters: int = schema_default("grouper.n_iters")
@@ -219,8 +220,10 @@ class SlotModel(nn.Module):
         inputs = self.feature_mlp(features)  # (B, T, N, D)
         if init_state is not None:
             init = init_state  # (B, K, D) carried from the previous window
+        elif first_slots is not None:
+            init = first_slots  # (B, K, D)
         else:
-            init = self.initializer(B) if first_slots is None else first_slots  # (B, K, D)
+            init = self.draw_first_slots(features, inputs)  # (B, K, D)
         state, state_predicted, sa_masks, geometry = self.processor(
             init, inputs, carried=init_state is not None
         )  # (B, T, K, D), (B, T, K, D), (B, T, K, N), (B, T, K, 4) | None
@@ -251,6 +254,17 @@ class SlotModel(nn.Module):
             }
         return outputs
 
+    def draw_first_slots(
+        self, features: torch.Tensor, inputs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The initializer's first slots (B, K, D) for videos whose first window is ``features``
+        (B, T, N, F); ``inputs``: their feature-MLP outputs (B, T, N, D) if already computed.
+        A k-means initializer clusters the first frame; the others do not look at the data."""
+        if not isinstance(self.initializer, KMeansInit):
+            return self.initializer(features.shape[0])
+        first = self.feature_mlp(features[:, 0]) if inputs is None else inputs[:, 0]
+        return self.initializer(features[:, 0], first)  # (B, K, D)
+
     @torch.no_grad()
     def best_first_slots(self, features: torch.Tensor, restarts: int | None = None) -> torch.Tensor:
         """First slots (B, K, D) for videos whose first window is ``features`` (B, T, N, F).
@@ -261,14 +275,18 @@ class SlotModel(nn.Module):
         sets of first slots per video, runs the window from each (one batch), and keeps the set
         whose reconstruction of the window's features has the lowest mean squared error. No
         labels are used. With one restart (or a fixed initializer, whose draws are all equal)
-        this is exactly ``initializer(B)``, the draw a plain forward makes; on the CPU that draw
-        is also the first of the R candidates, so the kept draw never reconstructs worse.
+        this is exactly :meth:`draw_first_slots`, the draw a plain forward makes; on the CPU that
+        draw is also the first of the R candidates, so the kept draw never reconstructs worse.
+        A k-means initializer's draws are R clusterings from different k-means++ seeds.
         """
         r = int(self.config.restarts if restarts is None else restarts)
         B = features.shape[0]
-        if r <= 1 or not isinstance(self.initializer, GaussianInit):
-            return self.initializer(B)  # (B, K, D)
-        draws = self.initializer(r * B).unflatten(0, (r, B))  # (r, B, K, D)
+        if r <= 1 or isinstance(self.initializer, FixedInit):
+            return self.draw_first_slots(features)  # (B, K, D)
+        if isinstance(self.initializer, KMeansInit):  # r clusterings, one after another
+            draws = torch.stack([self.draw_first_slots(features) for _ in range(r)])
+        else:
+            draws = self.initializer(r * B).unflatten(0, (r, B))  # (r, B, K, D)
         x = features.repeat(r, 1, 1, 1)  # (r*B, T, N, F), restart-major like the draws
         out = self(x, first_slots=draws.flatten(0, 1))
         error = (out["decoder"]["reconstruction"].float() - x.float()).pow(2)

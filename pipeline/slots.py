@@ -5,7 +5,9 @@ Follows the released code of SlotContrast (github.com/martius-lab/slotcontrast) 
 
 - :class:`FeatureMLP` maps cached ViT features (F) to the slot dimension (D).
 - :class:`FixedInit` is SlotContrast's learned fixed initial slots; :class:`GaussianInit` is the
-  VideoSAUR / STEVE alternative (learned mean and log-std, sampled per video).
+  VideoSAUR / STEVE alternative (learned mean and log-std, sampled per video);
+  :class:`KMeansInit` (egoslots' own option, in no published system) starts each video's slots
+  from k-means clusters of its first frame's features.
 - :class:`SlotAttention` is SlotContrast's variant: single head, q/k/v without bias, softmax over
   slots, GRU update and a residual MLP. It returns the attention of the last iteration *before*
   the renormalisation over inputs as the slot masks.
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from egoslots.pipeline.baselines import kmeans
 
 
 class FeatureMLP(nn.Module):
@@ -74,12 +78,51 @@ class GaussianInit(nn.Module):
         return self.mean + self.log_std.exp() * noise  # (B, K, D)
 
 
+class KMeansInit(nn.Module):
+    """First slots from the video itself: k-means of the first frame's features, one slot per
+    cluster, each starting at the mean slot input of its cluster's tokens.
+
+    Why: learned or random first slots start slot attention far from any grouping, and on
+    scenes dominated by background it settles where k-means of the same features would not
+    (docs/discovery.md). Started from the clusters, slot attention refines a grouping instead of
+    finding one. The clusters come from the frozen features (L2-normalised, k-means++ seeding,
+    Lloyd iterations; ``pipeline/baselines.kmeans``); gradients reach the feature MLP through
+    the means. The seeding draws its seed from torch's RNG, so ``inference.restarts`` draws
+    different clusterings. A cluster left empty starts at the frame's mean input.
+    egoslots' own option: SlotContrast, STEVE and VideoSAUR start from learned slots.
+    """
+
+    from_data = True  # SlotModel passes the first frame's features and inputs
+
+    def __init__(self, num_slots: int, iters: int = 30):
+        super().__init__()
+        self.num_slots = num_slots
+        self.iters = iters
+
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """features (B, N, F): one frame's cached features; inputs (B, N, D): their feature-MLP
+        outputs -> first slots (B, K, D)."""
+        seed = int(torch.randint(2**31 - 1, ()))
+        with torch.no_grad():
+            unit = nn.functional.normalize(features.float(), dim=-1)
+            ids = kmeans(unit, self.num_slots, self.iters, seed)  # (B, N)
+        members = nn.functional.one_hot(ids.to(inputs.device), self.num_slots).to(inputs.dtype)
+        counts = members.sum(1)[..., None]  # (B, K, 1)
+        means = members.transpose(1, 2) @ inputs / counts.clamp_min(1)  # (B, K, D)
+        frame_mean = inputs.mean(1, keepdim=True).expand_as(means)  # (B, K, D)
+        return torch.where(counts > 0, means, frame_mean)
+
+
 def build_initializer(name: str, num_slots: int, slot_dim: int) -> nn.Module:
     if name == "fixed":
         return FixedInit(num_slots, slot_dim)
     if name == "gaussian":
         return GaussianInit(num_slots, slot_dim)
-    raise ValueError(f"model.initializer.name must be 'fixed' or 'gaussian', got {name!r}")
+    if name == "kmeans":
+        return KMeansInit(num_slots)
+    raise ValueError(
+        f"model.initializer.name must be 'fixed', 'gaussian' or 'kmeans', got {name!r}"
+    )
 
 
 class ResidualMLP(nn.Module):
@@ -282,6 +325,7 @@ __all__ = [
     "FeatureMLP",
     "FixedInit",
     "GaussianInit",
+    "KMeansInit",
     "build_initializer",
     "ResidualMLP",
     "SlotAttention",

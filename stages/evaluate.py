@@ -422,7 +422,7 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a trained run on a split; write metrics.json and metrics.md; return the metrics dict.
 
-    ``restarts``: draws of a Gaussian initializer's first slots per video, the best kept
+    ``restarts``: draws of a Gaussian (or k-means) initializer's first slots per video, the best kept
     (None: the run's ``inference.restarts``). ``track``: score the masks with slots renamed
     to keep their regions ("match", what visualize, export-slots and infer output by default)
     or the model's raw order ("off"); see :func:`evaluate_model`."""

@@ -13,7 +13,7 @@ table, to a zarr v3 group (any OUT not ending in ``.npz``) or a single ``.npz`` 
     tokens           (F, h, w) uint16   the cached dVAE token ids (runs with a dVAE only)
     video_ids (V,) str, video_first (V,) int64, video_length (V,) int64: rows of each video
     attrs / meta: run, split, store fingerprint, dVAE hash, checkpoint step, grid, K, D,
-                  restarts (draws of a Gaussian initializer's first slots; the best kept),
+                  restarts (draws of a Gaussian (or k-means) initializer's first slots; the best kept),
                   track (match | off: how slots are named over time, below)
 
 By default (``--track match``) slot k of frame t is the model's slot k carried from frame t-1,
@@ -100,7 +100,7 @@ def export_slots_run(
     track: str = DEFAULT_TRACK,
 ) -> Path:
     """Export slots, masks and tokens of every video of ``split``; returns the output path.
-    ``restarts``: draws of a Gaussian initializer's first slots (None: the run's config);
+    ``restarts``: draws of a Gaussian (or k-means) initializer's first slots (None: the run's config);
     ``track``: "match" renames tied slots to keep their regions, "off" keeps the
     model's order (``infer_windows``)."""
     run_dir = Path(run_dir)

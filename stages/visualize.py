@@ -103,7 +103,7 @@ def visualize_run(
     track: str = DEFAULT_TRACK,
 ) -> Path:
     """Render slot masks over one video; returns the PNG strip's path (the GIF and the slot
-    timeline are beside it). ``restarts``: draws of a Gaussian initializer's first slots (None:
+    timeline are beside it). ``restarts``: draws of a Gaussian (or k-means) initializer's first slots (None:
     the run's config); ``track``: "match" renames tied slots (``infer_windows``)."""
     run_dir = Path(run_dir)
     model, cfg, store, tokens_hash = load_trained(run_dir, checkpoint, restarts=restarts)

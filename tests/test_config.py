@@ -228,7 +228,7 @@ def test_restarts_moved_to_the_inference_section_and_the_old_name_still_loads(tm
     ):
         load_config(both)
     with pytest.raises(
-        ConfigError, match="inference.restarts=2 needs model.initializer.name=gaussian"
+        ConfigError, match="inference.restarts=2 needs model.initializer.name=gaussian or kmeans"
     ):
         load_config(None, ["inference.restarts=2"])
     with pytest.raises(

@@ -227,3 +227,61 @@ def test_restarts_need_a_gaussian_initializer():
     cfg = load_config(None, ["model.initializer.name=gaussian", "model.initializer.restarts=4"])
     model = SlotModel.from_config(cfg, feature_dim=F, num_tokens=N, token_grid=GRID)
     assert model.config.restarts == 4
+
+
+def _clustered_features(b=B, t=T, k=4, seed=0):
+    """Features (b, t, N, F) whose first frame holds k tight clusters of N/k tokens around
+    orthogonal directions; returns them and each first-frame token's cluster (b, N)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(F)[:k] * 5  # (k, F), far apart
+    ids = torch.stack([torch.randperm(N, generator=g) % k for _ in range(b)])  # (b, N)
+    first = centres[ids] + 0.01 * torch.randn(b, N, F, generator=g)  # (b, N, F)
+    rest = torch.randn(b, t - 1, N, F, generator=g)
+    return torch.cat([first[:, None], rest], dim=1), ids
+
+
+def test_kmeans_initializer_starts_each_slot_at_the_mean_input_of_one_cluster():
+    model = _model("model.initializer.name=kmeans", "steve_decoder.enabled=false").eval()
+    features, ids = _clustered_features()
+    with torch.no_grad():
+        first = model.draw_first_slots(features)  # (B, K, D)
+        inputs = model.feature_mlp(features[:, 0])  # (B, N, D)
+    assert first.shape == (B, 4, 32)
+    for b in range(B):
+        means = torch.stack([inputs[b, ids[b] == c].mean(0) for c in range(4)])  # (4, D)
+        # every cluster's mean input is one slot, each slot one cluster's (order is arbitrary)
+        distance = torch.cdist(means, first[b])  # (cluster, slot)
+        assert sorted(distance.argmin(1).tolist()) == [0, 1, 2, 3]
+        assert distance.min(1).values.max() < 1e-4
+    # a plain forward starts from the same clustering (it draws the same k-means++ seed)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(1)
+        plain = model(features)["processor"]["state"]
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(1)
+        again = model(features, first_slots=model.best_first_slots(features, 1))
+    assert torch.equal(plain, again["processor"]["state"])
+
+
+def test_kmeans_initializer_passes_gradients_to_the_feature_mlp_through_the_first_slots():
+    model = _model("model.initializer.name=kmeans", "steve_decoder.enabled=false")
+    features, _ = _clustered_features()
+    model.draw_first_slots(features).sum().backward()
+    assert model.feature_mlp.net[-1].weight.grad.abs().sum() > 0
+
+
+def test_kmeans_restarts_keep_the_clustering_that_reconstructs_best():
+    model = _model(
+        "model.initializer.name=kmeans", "inference.restarts=5", "steve_decoder.enabled=false"
+    ).eval()
+    features, _ = _batch()  # no clear clusters: k-means++ seeds give different clusterings
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        best = model.best_first_slots(features)  # config.restarts = 5
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(2)
+        draws = [model.draw_first_slots(features) for _ in range(5)]
+        errors = torch.stack([_reconstruction_error(model, features, d) for d in draws])
+    assert len({tuple(d[0, 0].tolist()) for d in draws}) > 1  # the draws differ
+    for b in range(B):
+        torch.testing.assert_close(best[b], draws[errors[:, b].argmin()][b])

@@ -57,7 +57,7 @@ def load_trained(
 ):
     """A trained run -> (SlotModel in eval mode, resolved cfg, FeatureStore, tokens hash | None).
 
-    ``restarts``: draws of a Gaussian initializer's first slots per video, the best kept
+    ``restarts``: draws of a Gaussian (or k-means) initializer's first slots per video, the best kept
     (``SlotModel.best_first_slots``); None keeps the run's ``inference.restarts``. It is set on
     the model's config, the one place inference reads it (``model.config.restarts``)."""
     run_dir = Path(run_dir)

@@ -34,7 +34,7 @@ def restarts_option(command):
         "--restarts",
         type=click.IntRange(min=1),
         default=None,
-        help="Draws of a gaussian initializer's first slots per video; the one that reconstructs "
+        help="Draws of a gaussian (or kmeans) initializer's first slots per video; the one that reconstructs "
         "the first window best is kept (default: the run's inference.restarts). At most "
         "what fits in the memory available.",
     )(checked)
@@ -56,7 +56,7 @@ def restart_bytes(run: str | Path | None) -> int | None:
     try:
         run_dir = Path(run)
         cfg = OmegaConf.load(run_dir / "config.yaml")
-        if str(cfg.model.initializer.name) != "gaussian":
+        if str(cfg.model.initializer.name) == "fixed":
             return 0
         inputs = read_json(run_dir / "inputs.json")
         found = store_of_run(run_dir, inputs["store_fingerprint"], [inputs["store"]])
