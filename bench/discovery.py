@@ -495,12 +495,14 @@ def model_scores(
     patch: int,
     restarts: int = 1,
     window: int = 4,
+    draw1: bool = True,
 ) -> dict:
     """{"decoder": [...], "attention": [...], "decoder_refined": [...], "attention_refined":
     [...]}: video_metrics of whole videos, one pass each; ``_refined``: the masks taken to pixels
     with the video's colours (pipeline/refine.py). ``restarts`` > 1: the first slots are the best
     of that many draws on the first ``window`` frames (``SlotModel.best_first_slots``, as
-    evaluate does), and the one-draw scores are added as ``draw1_attention[_refined]``."""
+    evaluate does), and the one-draw scores are added as ``draw1_attention[_refined]`` (unless
+    ``draw1`` is False)."""
     model.eval()
     size = split["frames"].shape[2]
     grid = (size // patch, size // patch)
@@ -525,7 +527,7 @@ def model_scores(
                     )
                 )
 
-        if restarts > 1:  # the plain draw too, side by side
+        if restarts > 1 and draw1:  # the plain draw too, side by side
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 score(
@@ -595,10 +597,11 @@ def train_curve(
     log=print,
     train_tokens: torch.Tensor | None = None,
     score_start: bool = True,
+    draw1: bool = True,
 ) -> list[dict]:
     """Train one model; score it on the eval split every ``every`` steps. Returns the curve.
     ``train_tokens`` (V, T, h, w): dVAE ids for the STEVE decoder (``setting.steve``);
-    ``score_start``: also score the untrained model (step 0)."""
+    ``score_start``: also score the untrained model (step 0); ``draw1``: see model_scores."""
     torch.manual_seed(seed)
     v, t, n, d = train_feats.shape
     model = setting.model(d, n)
@@ -619,8 +622,9 @@ def train_curve(
     def record():
         scored = model if averaged is None else averaged.module
         scores = model_scores(
-            scored, eval_split, eval_feats, setting.patch, setting.restarts, setting.clip_length
-        )
+            scored, eval_split, eval_feats, setting.patch, setting.restarts, setting.clip_length,
+            draw1,
+        )  # fmt: skip
         row = {"step": step, "seconds": round(spent, 1)}
         for name, per_video in scores.items():
             row[f"{name}_fg_ari"] = mean_of(per_video, "video_fg_ari")
@@ -844,7 +848,7 @@ def cmd_families(args, data: DataSpec) -> None:
             start = time.perf_counter()
             final = train_curve(
                 setting, train_feats, split, eval_feats, seed, None, args.steps, args.steps,
-                log=lambda *_: None, score_start=False,
+                log=lambda *_: None, score_start=False, draw1=False,
             )[-1]  # fmt: skip
             if args.save:  # each family's and seed's model, to score other post-processing later
                 Path(args.save).mkdir(parents=True, exist_ok=True)
