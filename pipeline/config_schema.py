@@ -532,8 +532,8 @@ class Inference:
     """Settings read only where a trained model is applied (evaluate, export-slots, visualize).
     They are not part of what is trained: train-slots resumes whatever they are."""
 
-    # Draws of a gaussian or kmeans initializer's first slots per video; the draw whose slots reconstruct
-    # the first window's features best is kept, as k-means keeps the best of n_init runs
+    # Draws of a gaussian or kmeans initializer's first slots per video; the draw whose slots
+    # reconstruct the first window's features best is kept, as k-means keeps the best of n_init runs
     # (1: one draw, the published behaviour; docs/discovery.md). Was model.initializer.restarts.
     restarts: int = limited(1, at_least(1, 4096))
 

@@ -66,8 +66,8 @@ class SlotModelConfig:
     num_slots: int = schema_default("model.num_slots")
     slot_dim: int = schema_default("model.slot_dim")
     initializer: str = schema_default("model.initializer.name")
-    # inference: draws of a Gaussian (or k-means) initializer's first slots per video; the draw whose slots
-    # reconstruct the first window's features best is kept (as k-means keeps its best init)
+    # inference: draws of a Gaussian (or k-means) initializer's first slots per video; the draw
+    # whose slots reconstruct the first window's features best is kept (as k-means its best init)
     restarts: int = schema_default("inference.restarts")
     n_iters: int = schema_default("grouper.n_iters")
     n_iters_first: int = schema_default("grouper.n_iters_first")

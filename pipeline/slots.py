@@ -92,8 +92,6 @@ class KMeansInit(nn.Module):
     egoslots' own option: SlotContrast, STEVE and VideoSAUR start from learned slots.
     """
 
-    from_data = True  # SlotModel passes the first frame's features and inputs
-
     def __init__(self, num_slots: int, iters: int = 30):
         super().__init__()
         self.num_slots = num_slots
