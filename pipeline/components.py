@@ -80,7 +80,7 @@ def split_components(masks: torch.Tensor, grid: tuple[int, int], min_size: int =
     # (slot, (T, N) share of that slot's mass); the first K are the slots' first tracks
     channels = [(slot, np.zeros((t, n), np.float32)) for slot in range(k)]
     for slot in range(k):
-        tracks: list[dict] = []  # each: {"mask": its last part (h, w), "channel": index}
+        tracks: list[dict] = []  # each: {"mask": its last part (h, w), "centre", "channel"}
         first_channel = slot
         for f in range(t):
             parts = parts_of[f][slot]
@@ -93,9 +93,9 @@ def split_components(masks: torch.Tensor, grid: tuple[int, int], min_size: int =
                     idx = first_channel if not tracks else len(channels)
                     if idx != first_channel:
                         channels.append((slot, np.zeros((t, n), np.float32)))
-                    tracks.append({"mask": part, "channel": idx})
+                    tracks.append({"channel": idx})
                     track = len(tracks) - 1
-                tracks[track]["mask"] = part
+                tracks[track].update(mask=part, centre=centre(part))
                 ids.append(tracks[track]["channel"])
             # every position of the frame goes to this slot's nearest part
             dist = np.stack([ndimage.distance_transform_edt(~p) for p in parts])  # (parts, h, w)
@@ -110,15 +110,17 @@ def split_components(masks: torch.Tensor, grid: tuple[int, int], min_size: int =
 
 def assign_parts(parts: list[np.ndarray], tracks: list[dict]) -> list[int | None]:
     """Track index for each part of a slot (None: a new track), by an assignment minimising the
-    distance between a part's centre and a track's last part's centre (0 where they overlap).
+    distance between a part's centre and a track's last part's centre (0 where they overlap;
+    each track carries its last part's ``mask`` and ``centre``).
     Parts beyond the slot's track count start new tracks."""
     if not tracks:
         return [None] * len(parts)
     cost = np.zeros((len(parts), len(tracks)))
     for i, part in enumerate(parts):
+        part_centre = centre(part)
         for j, track in enumerate(tracks):
             if not (part & track["mask"]).any():
-                cost[i, j] = np.linalg.norm(centre(part) - centre(track["mask"]))
+                cost[i, j] = np.linalg.norm(part_centre - track["centre"])
     owner: list[int | None] = [None] * len(parts)
     for i, j in zip(*linear_sum_assignment(cost)):
         owner[i] = int(j)

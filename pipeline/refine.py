@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 LOG_FLOOR = -1e4  # log-prior of a slot outside its reach: it never wins a pixel
+PRIOR_CACHE_BYTES = 256 * 2**20  # log-priors kept across EM rounds up to this size
 
 
 def refine_masks(
@@ -55,41 +56,52 @@ def refine_masks(
     size = tuple(frames.shape[1:3])
     m = masks.float().reshape(t, k, h, w).clamp_min(0)
     m = m / m.sum(1, keepdim=True).clamp_min(1e-6)
+    spans = [(lo, min(lo + chunk, t)) for lo in range(0, t, chunk)]
 
-    def prior(lo: int, hi: int) -> torch.Tensor:  # (t', K, H, W) log-prior of frames lo..hi
+    def prior(lo: int, hi: int) -> torch.Tensor:  # (t', K, P) log-prior of frames lo..hi
         part = m[lo:hi]
         near = F.max_pool2d(part, 2 * reach + 1, stride=1, padding=reach) >= floor
         near |= ~near.any(1, keepdim=True)  # no slot near enough: every slot may compete
         near = F.interpolate(near.float(), size=size, mode="nearest") > 0
         up = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
-        return torch.log(up.clamp_min(1e-4)).masked_fill(~near, LOG_FLOOR)
+        logp = torch.log(up.clamp_min(1e-4)).masked_fill(~near, LOG_FLOOR)
+        return (logp * prior_weight).flatten(2)
 
-    def colours(lo: int, hi: int) -> torch.Tensor:  # (t', 3, H, W) in [0, 1]
-        return torch.as_tensor(frames[lo:hi], device=m.device).float().div(255).permute(0, 3, 1, 2)
+    # The priors do not change between EM rounds: kept when they fit in PRIOR_CACHE_BYTES.
+    cached = t * k * size[0] * size[1] * 4 <= PRIOR_CACHE_BYTES
+    priors = [prior(lo, hi) for lo, hi in spans] if cached else None
 
-    spans = [(lo, min(lo + chunk, t)) for lo in range(0, t, chunk)]
+    def pixel_features(lo: int, hi: int) -> torch.Tensor:  # (t', 6, P): [rgb^2, rgb] in [0, 1]
+        c = torch.as_tensor(frames[lo:hi], device=m.device).double().div(255)
+        c = c.flatten(1, 2).transpose(1, 2)  # (t', 3, P)
+        return torch.cat([c.square(), c], dim=1)
+
     mean = var = None
 
-    def posterior(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """E-step on frames lo..hi: (t', K, H, W) slot posteriors and the (t', 3, H, W) colours."""
-        logp = prior(lo, hi) * prior_weight
-        c = colours(lo, hi)
-        if mean is not None:  # with the current colour models
-            diff = c[:, None] - mean[None, :, :, None, None]  # (t', K, 3, H, W)
-            ll = -0.5 * (diff.square() / var[None, :, :, None, None]).sum(2)
-            logp = logp - 0.5 * torch.log(var).sum(-1)[None, :, None, None] + ll
-        return logp.softmax(1), c
+    def posterior(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """E-step on one span: (t', K, P) slot posteriors and its (t', 6, P) pixel features."""
+        lo, hi = spans[index]
+        logp = priors[index] if cached else prior(lo, hi)
+        x = pixel_features(lo, hi)
+        if mean is not None:  # with the current colour models, the Gaussian's quadratic expanded:
+            # log N(x; mu, var) = sum_c -x_c^2 / (2 var_c) + x_c mu_c / var_c + const_k,
+            # one (K, 6) x (6, P) product per frame instead of a (K, 3, P) difference tensor
+            # (float64, so the expansion's cancellation costs nothing measurable).
+            weights = torch.cat([-0.5 / var, mean / var], dim=1)  # (K, 6)
+            const = -0.5 * ((mean.square() / var) + torch.log(var)).sum(1)  # (K,)
+            ll = torch.matmul(weights, x) + const[None, :, None]  # (t', K, P)
+            logp = logp + ll.float()
+        return logp.softmax(1), x
 
     for _ in range(iterations):
-        weight = torch.zeros(k, device=m.device)
-        first = torch.zeros(k, 3, device=m.device)
-        second = torch.zeros(k, 3, device=m.device)
-        for lo, hi in spans:
-            post, c = posterior(lo, hi)
-            weight += post.sum((0, 2, 3))
-            first += torch.einsum("tkhw,tchw->kc", post, c)
-            second += torch.einsum("tkhw,tchw->kc", post, c * c)
+        weight = torch.zeros(k, dtype=torch.float64, device=m.device)
+        moments = torch.zeros(k, 6, dtype=torch.float64, device=m.device)  # [E x^2, E x] sums
+        for index in range(len(spans)):
+            post, x = posterior(index)
+            weight += post.sum((0, 2)).double()
+            moments += torch.matmul(post.double(), x.transpose(1, 2)).sum(0)  # (K, 6)
         # M-step: per-slot colour mean and variance over the whole video
-        mean = first / weight.clamp_min(1e-6)[:, None]
-        var = (second / weight.clamp_min(1e-6)[:, None] - mean.square()).clamp_min(1e-3)
-    return torch.cat([posterior(lo, hi)[0].flatten(2) for lo, hi in spans])
+        moments = moments / weight.clamp_min(1e-6)[:, None]
+        mean = moments[:, 3:]
+        var = (moments[:, :3] - mean.square()).clamp_min(1e-3)
+    return torch.cat([posterior(index)[0] for index in range(len(spans))])

@@ -91,3 +91,43 @@ def test_where_no_slot_holds_the_floor_the_upsampled_masks_still_decide():
         prior.reshape(3, SIZE, SIZE), metrics.masks_to_labels(masks, (SIZE, SIZE), GRID)
     )
     assert bool((prior == 1).any())  # not everything in slot 0, as a flat prior would give
+
+
+def plain_em(masks, frames, iterations: int = 8, reach: int = 1, floor: float = 0.05):
+    """The refinement written out directly in float64 (the Gaussian not expanded, no chunks):
+    what ``refine_masks`` must compute."""
+    t, k, _ = masks.shape
+    size = tuple(frames.shape[1:3])
+    m = masks.double().reshape(t, k, *GRID)
+    m = m / m.sum(1, keepdim=True).clamp_min(1e-6)
+    near = torch.nn.functional.max_pool2d(m, 2 * reach + 1, stride=1, padding=reach) >= floor
+    near |= ~near.any(1, keepdim=True)
+    near = torch.nn.functional.interpolate(near.double(), size=size, mode="nearest") > 0
+    up = torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    prior = torch.log(up.clamp_min(1e-4)).masked_fill(~near, -1e4)  # (T, K, H, W)
+    c = frames.double().div(255).permute(0, 3, 1, 2)  # (T, 3, H, W)
+    post = prior.softmax(1)
+    for _ in range(iterations):
+        weight = post.sum((0, 2, 3))
+        mean = torch.einsum("tkhw,tchw->kc", post, c) / weight[:, None]
+        var = (torch.einsum("tkhw,tchw->kc", post, c * c) / weight[:, None] - mean**2).clamp_min(
+            1e-3
+        )
+        diff = c[:, None] - mean[None, :, :, None, None]  # (T, K, 3, H, W)
+        ll = -0.5 * (diff**2 / var[None, :, :, None, None]).sum(2)
+        post = (prior - 0.5 * torch.log(var).sum(1)[None, :, None, None] + ll).softmax(1)
+    return post.flatten(2)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 2**30])
+def test_refinement_computes_the_plain_em(monkeypatch, cache_bytes):
+    from egoslots.pipeline import refine
+
+    monkeypatch.setattr(refine, "PRIOR_CACHE_BYTES", cache_bytes)  # priors recomputed or kept
+    g = torch.Generator().manual_seed(1)
+    frames, _ = scene(frames=4)
+    frames = (frames.float() + 25 * torch.randn(frames.shape, generator=g)).clamp(0, 255)
+    frames = frames.to(torch.uint8)
+    masks = (3 * torch.randn(4, 3, GRID[0] * GRID[1], generator=g)).softmax(1)
+    fine = refine_masks(masks, frames, GRID, chunk=3)
+    assert torch.allclose(fine.double(), plain_em(masks, frames), atol=1e-4)
