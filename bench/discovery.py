@@ -861,9 +861,11 @@ def cmd_families(args, data: DataSpec) -> None:
                 f"{100 * final['attention_refined_mbo']:.1f} ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
-        base = baseline_scores(
-            split, eval_feats, setting.num_slots, setting.patch, inits10=not args.no_inits10
-        )
+        base = {}
+        if not args.no_baselines:  # the same for every seed: one process may score them for all
+            base = baseline_scores(
+                split, eval_feats, setting.num_slots, setting.patch, inits10=not args.no_inits10
+            )
         for label, key in list(FAMILY_ROWS.items())[4:]:
             if key not in base:
                 continue
@@ -954,6 +956,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--no-inits10", action="store_true", help="families: skip colour k-means' 10-init row"
+    )
+    ap.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="families: slot rows only (the baselines do not depend on the seed: score them in "
+        "one of the processes that share a family)",
     )
     ap.add_argument("--chosen-on", default="room", help="families: the family settings came from")
     ap.add_argument("files", nargs="*", help="plot: the JSON files of finished curves")
