@@ -34,3 +34,18 @@ print(
 print(
     f"kmeans per video (6144x384, K=11): {t(lambda: baselines.kmeans_masks(feats, 11, 'video'), 3):.1f} ms/video"
 )
+
+# Refinement to pixels and the parts split, as evaluate runs them on a 16-frame 128 px video
+# with 16x16 tokens: the slots (K = 12) and their parts (K' = 48).
+from egoslots.pipeline.components import split_components  # noqa: E402
+from egoslots.pipeline.refine import refine_masks  # noqa: E402
+
+frames = torch.randint(0, 256, (16, 128, 128, 3), generator=g).to(torch.uint8)
+for k in (12, 48):
+    soft = (3 * torch.randn(16, k, 256, generator=g)).softmax(1)
+    ms = t(lambda soft=soft: refine_masks(soft, frames, (16, 16)), 3)
+    print(f"refine_masks 16x128px K={k} 16x16 tokens, 8 EM rounds: {ms:.0f} ms/video")
+pixels = torch.nn.functional.interpolate(torch.randn(16, 12, 24, 24, generator=g), size=(128, 128))
+hard = torch.nn.functional.one_hot(pixels.argmax(1), 12).permute(0, 3, 1, 2).flatten(2).float()
+ms = t(lambda: split_components(hard, (128, 128), min_size=64), 2)
+print(f"split_components 16x128px K=12 at pixels (colour k-means' split): {ms:.0f} ms/video")
