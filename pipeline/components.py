@@ -65,10 +65,13 @@ def centre(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(mask).mean(0)
 
 
-def split_components(masks: torch.Tensor, grid: tuple[int, int], min_size: int = 1) -> torch.Tensor:
+def split_components(
+    masks: torch.Tensor, grid: tuple[int, int], min_size: int = 1, with_slots: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
     """Soft masks of one video (T, K, N) on ``grid`` -> soft masks (T, K', N), one channel per
     tracked connected part, K' >= K: channel k is slot k's first track (so a slot that is never
-    split keeps its index and its mass), and the parts split off follow after channel K - 1."""
+    split keeps its index and its mass), and the parts split off follow after channel K - 1.
+    ``with_slots``: also return each channel's slot (a list of K' slot indices)."""
     t, k, n = masks.shape
     h, w = grid
     if h * w != n:
@@ -105,7 +108,22 @@ def split_components(masks: torch.Tensor, grid: tuple[int, int], min_size: int =
     out = torch.zeros(t, len(channels), n)
     for c, (slot, weight) in enumerate(channels):
         out[:, c] = soft[:, slot] * torch.from_numpy(weight)
+    if with_slots:
+        return out.to(masks.device), [slot for slot, _ in channels]
     return out.to(masks.device)
+
+
+def segment_ids(parts: torch.Tensor, slots: list[int], num_slots: int) -> torch.Tensor:
+    """Each position's segment from split masks (T, K', N) and their channels' slots: the
+    winning channel as ``slot + num_slots * part``, ``part`` counting that slot's tracks from 0,
+    so ``id % num_slots`` is the slot and ids below ``num_slots`` are the slots' first parts
+    (the ids a slot that is never split keeps). -> (T, N) int64."""
+    seen = [0] * num_slots
+    code = []
+    for slot in slots:  # the channel's code, in channel order (a slot's first track first)
+        code.append(slot + num_slots * seen[slot])
+        seen[slot] += 1
+    return torch.tensor(code, dtype=torch.int64)[parts.argmax(1).cpu()]
 
 
 def assign_parts(parts: list[np.ndarray], tracks: list[dict]) -> list[int | None]:

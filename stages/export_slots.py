@@ -11,6 +11,11 @@ table, to a zarr v3 group (any OUT not ending in ``.npz``) or a single ``.npz`` 
                                         with --track match the tracker's (a near-tie keeps the
                                         token's slot of the frame before), else the arg-max
     tokens           (F, h, w) uint16   the cached dVAE token ids (runs with a dVAE only)
+    segments         (F, S, S) uint16   with --segments: each pixel's segment, as evaluate's
+                                        "split into parts, colour-refined" row scores them:
+                                        each slot's connected parts apart, tracked through the
+                                        video, refined to the cached frames' pixels; an id is
+                                        slot + K * part, so id % K is the slot
     video_ids (V,) str, video_first (V,) int64, video_length (V,) int64: rows of each video
     attrs / meta: run, split, store fingerprint, dVAE hash, checkpoint step, grid, K, D,
                   restarts (draws of a Gaussian (or k-means) initializer's first slots; the best kept),
@@ -59,6 +64,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from egoslots.pipeline.components import segment_ids, split_components
+from egoslots.pipeline.metrics import infer_grid
+from egoslots.pipeline.refine import refine_masks
 from egoslots.stages.machinery.common import StageError, setup_logging
 from egoslots.stages.machinery.inference import (
     checkpoint_identity,
@@ -98,11 +106,13 @@ def export_slots_run(
     overwrite: bool = False,
     restarts: int | None = None,
     track: str = DEFAULT_TRACK,
+    segments: bool = False,
 ) -> Path:
     """Export slots, masks and tokens of every video of ``split``; returns the output path.
     ``restarts``: draws of a Gaussian (or k-means) initializer's first slots (None: the run's config);
     ``track``: "match" renames tied slots to keep their regions, "off" keeps the
-    model's order (``infer_windows``)."""
+    model's order (``infer_windows``); ``segments``: also each pixel's segment (the parts split
+    and the refinement need the whole video, so a video's rows are held until it is done)."""
     run_dir = Path(run_dir)
     out = Path(out).expanduser().absolute() if out is not None else run_dir / f"slots_{split}.zarr"
     if not out.name:
@@ -127,6 +137,8 @@ def export_slots_run(
         # in [-1, 1]: centre and spread of its mask)
         "slot_geometry": ["y", "x", "scale_y", "scale_x"] if model.config.invariant else None,
     }
+    if segments:  # (absent otherwise, so exports written before the option still match)
+        meta["segments"] = "slot + K * part: connected parts apart, refined to pixels"
     if out.exists() and not overwrite:
         previous = read_export_meta(out) or {}
         if {k: previous.get(k) for k in meta} == meta:
@@ -157,6 +169,7 @@ def export_slots_run(
                 pending.append(toks)
                 yield feats, toks
 
+        held = []  # with --segments: the video's rows, written once its segments are known
         torch.manual_seed(0)  # a Gaussian initializer's first slots: as evaluate's (infer_video)
         for result in infer_windows(model, windows(), track):
             toks = pending.pop(0)
@@ -171,8 +184,22 @@ def export_slots_run(
             arrays["labels"] = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
             if toks is not None:
                 arrays["tokens"] = toks.numpy().astype(np.uint16)
+            if segments:  # split and refined from the float32 masks, as evaluate does
+                primary = masks.get("model_decoder", masks.get("model_attention"))
+                held.append((arrays, primary.float()))
+                continue
             writer.write(row, num_frames, arrays)
             row += len(arrays["slots"])
+        if held:
+            video_masks = torch.cat([m for _, m in held])
+            pixels = video_segments(video_masks, store, video, model.config.num_slots)
+            for arrays, _ in held:
+                arrays["segments"], pixels = (
+                    pixels[: len(arrays["slots"])],
+                    pixels[len(arrays["slots"]) :],
+                )
+                writer.write(row, num_frames, arrays)
+                row += len(arrays["slots"])
         ids.append(video.id)
         firsts.append(first)
         lengths.append(row - first)
@@ -184,6 +211,20 @@ def export_slots_run(
     return out
 
 
+def video_segments(masks: torch.Tensor, store, video, num_slots: int) -> np.ndarray:
+    """(T, S, S) segment ids of one video from its primary masks (T, K, N): split into tracked
+    connected parts (``pipeline/components.py``) and refined to the store's cached frames
+    (``pipeline/refine.py``), as ``evaluate`` scores them."""
+    n = masks.shape[-1]
+    grid = tuple(store.grid) if n == store.grid[0] * store.grid[1] else tuple(infer_grid(n))
+    frames = store.read_rows("frames", video.first, video.stop)  # (T, S, S, 3) uint8
+    parts, slots = split_components(masks, grid, with_slots=True)
+    fine = refine_masks(parts, frames, grid)  # (T, K', S * S)
+    ids = segment_ids(fine, slots, num_slots).numpy()
+    dtype = np.uint16 if ids.max(initial=0) < 2**16 else np.uint32
+    return ids.reshape(len(frames), *frames.shape[1:3]).astype(dtype)
+
+
 @click.command(
     name="export-slots",
     epilog="\b\nExample:\n  egoslots export-slots egoslots-work/runs/slots --split test slots_test.zarr",
@@ -193,6 +234,13 @@ def export_slots_run(
 @split_options("export")
 @restarts_option
 @track_option
+@click.option(
+    "--segments",
+    is_flag=True,
+    help="Also write each pixel's segment (F, S, S): each slot's connected parts apart, refined "
+    "to the cached frames, as evaluate's 'split into parts, colour-refined' row; id % K is the "
+    "slot.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a different export.")
 def export_slots_command(
     run: Path,
@@ -202,6 +250,7 @@ def export_slots_command(
     max_videos: int | None,
     restarts: int | None,
     track: str,
+    segments: bool,
     overwrite: bool,
 ):
     """Write per-frame slots (T, K, D), masks (T, K, N) and tokens of every video of a split to OUT
@@ -217,4 +266,5 @@ def export_slots_command(
         overwrite=overwrite,
         restarts=restarts,
         track=track,
+        segments=segments,
     )

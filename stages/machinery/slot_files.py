@@ -123,7 +123,7 @@ def read_export_meta(path: Path) -> dict | None:
 
 # What an export folder holds at its top: zarr's own file and the arrays written above.
 EXPORT_ENTRIES = frozenset(
-    {"zarr.json", "slots", "masks", "attention_masks", "labels", "tokens"}
+    {"zarr.json", "slots", "masks", "attention_masks", "labels", "tokens", "segments"}
     | {"video_ids", "video_first", "video_length"}
 )
 
