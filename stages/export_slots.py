@@ -214,7 +214,9 @@ def export_slots_run(
 def video_segments(masks: torch.Tensor, store, video, num_slots: int) -> np.ndarray:
     """(T, S, S) segment ids of one video from its primary masks (T, K, N): split into tracked
     connected parts (``pipeline/components.py``) and refined to the store's cached frames
-    (``pipeline/refine.py``), as ``evaluate`` scores them."""
+    (``pipeline/refine.py``), as ``evaluate`` scores them. Like evaluate, it holds the video's
+    refined masks, frames x segments x pixels float32 (16 frames of 128 px, 50 segments: 52 MB;
+    hours of video at once would not fit: export those in shorter videos)."""
     n = masks.shape[-1]
     grid = tuple(store.grid) if n == store.grid[0] * store.grid[1] else tuple(infer_grid(n))
     frames = store.read_rows("frames", video.first, video.stop)  # (T, S, S, 3) uint8
