@@ -193,11 +193,8 @@ def export_slots_run(
         if held:
             video_masks = torch.cat([m for _, m in held])
             pixels = video_segments(video_masks, store, video, model.config.num_slots)
-            for arrays, _ in held:
-                arrays["segments"], pixels = (
-                    pixels[: len(arrays["slots"])],
-                    pixels[len(arrays["slots"]) :],
-                )
+            for arrays, _ in held:  # the video starts at row `first`
+                arrays["segments"] = pixels[row - first : row - first + len(arrays["slots"])]
                 writer.write(row, num_frames, arrays)
                 row += len(arrays["slots"])
         ids.append(video.id)
