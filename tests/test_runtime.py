@@ -240,3 +240,39 @@ def test_the_stages_probes_run_their_own_steps_on_copies():
     assert probes[1].shape["frames"] == [2, 3, 16, 16]
     bigger = slot_probe(slots, 4, 3, "cpu")
     assert runtime.precision_key("cpu", bigger) != runtime.precision_key("cpu", probes[0])
+
+
+# --------------------------------------------------------------------------------------------
+# DataLoader workers
+# --------------------------------------------------------------------------------------------
+def test_a_worker_says_nothing_when_the_main_process_hangs_up_on_its_handle_sharing(capfd):
+    """The real handle-sharing thread of multiprocessing, its caller gone mid-handshake (as a
+    main process stopped by Ctrl-C leaves it): a traceback without the hook, silence with it,
+    and any other uncaught error still printed."""
+    import socket
+    from multiprocessing import connection, resource_sharer
+
+    def hang_up_on_a_fresh_sharer() -> None:
+        sharer = resource_sharer._ResourceSharer()
+        address, _key = sharer.register(lambda conn, pid: None, lambda: None)
+        with socket.socket(socket.AF_UNIX) as caller:  # the sharer listens on a unix socket
+            caller.connect(address)  # connected, then gone before answering the challenge
+        sharer.stop(timeout=10)  # joins the serving thread, which has reported by then
+
+    usual_hook = sys.excepthook
+    try:
+        hang_up_on_a_fresh_sharer()
+        leaked = capfd.readouterr().err  # EOFError or BrokenPipeError, by timing
+        assert "Traceback" in leaked and "resource_sharer.py" in leaked, leaked
+
+        runtime.quiet_when_the_main_process_hangs_up()
+        hang_up_on_a_fresh_sharer()
+        assert capfd.readouterr().err == ""
+
+        try:
+            raise connection.AuthenticationError("elsewhere")
+        except connection.AuthenticationError:
+            sys.excepthook(*sys.exc_info())
+        assert "AuthenticationError: elsewhere" in capfd.readouterr().err
+    finally:
+        sys.excepthook = usual_hook

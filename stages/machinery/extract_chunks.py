@@ -32,7 +32,10 @@ from egoslots.pipeline.config import ConfigError
 from egoslots.pipeline.data.base import SourceError
 from egoslots.pipeline.preprocess import preprocess_frame
 from egoslots.stages.machinery.common import write_failure
-from egoslots.stages.machinery.runtime import one_thread_per_worker
+from egoslots.stages.machinery.runtime import (
+    one_thread_per_worker,
+    quiet_when_the_main_process_hangs_up,
+)
 
 log = logging.getLogger("egoslots")
 
@@ -309,5 +312,6 @@ def extract_worker(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: one torch thread, and SIGTERM / Ctrl-C left to the main
     process (which stops cleanly; a worker killed by them made the loader raise instead)."""
     one_thread_per_worker(worker_id)
+    quiet_when_the_main_process_hangs_up(worker_id)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from egoslots.stages.machinery.common import StageError
+from egoslots.stages.machinery.runtime import quiet_when_the_main_process_hangs_up
 
 log = logging.getLogger("egoslots")
 
@@ -146,6 +147,7 @@ def ignore_sigterm_in_worker(worker_id: int = 0) -> None:
     the worker as Lightning's own ``worker_init_fn`` would, which a custom one replaces)."""
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
+    quiet_when_the_main_process_hangs_up(worker_id)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pl_worker_init_function(worker_id)

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -244,6 +245,34 @@ def one_thread_per_worker(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn`` part: a worker decodes and copies with one torch thread, so
     the workers never fight the model's threads for cores."""
     torch.set_num_threads(1)
+
+
+def quiet_when_the_main_process_hangs_up(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn`` part: no traceback when the main process stops mid-batch.
+
+    A worker hands each batch's shared memory to the main process over a socket, served by
+    multiprocessing's handle-sharing thread (``multiprocessing/resource_sharer.py``). A main
+    process stopped by Ctrl-C or SIGTERM in the middle of that handshake closes the socket, and
+    the worker's thread printed an ``EOFError`` traceback beneath egoslots' one-line message. Its
+    errors are dropped here: when the main process still runs, it raises its own error for the
+    batch that did not arrive. Any other uncaught error still goes to the usual hook.
+    """
+    usual_hook = sys.excepthook
+
+    def hook(kind, value, traceback) -> None:
+        if issubclass(kind, (EOFError, OSError)) and _raised_in_handle_sharing(traceback):
+            return
+        usual_hook(kind, value, traceback)
+
+    sys.excepthook = hook
+
+
+def _raised_in_handle_sharing(traceback) -> bool:
+    while traceback is not None:
+        if Path(traceback.tb_frame.f_code.co_filename).name == "resource_sharer.py":
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 THREADS_ENV = "EGOSLOTS_NUM_THREADS"
