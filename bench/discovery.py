@@ -300,11 +300,6 @@ class Setting:
             sa = model.processor.corrector
             for lin in (sa.to_q, sa.to_k, sa.to_v):
                 torch.nn.init.eye_(lin.weight)
-        if self.pos_emb:
-            side = math.isqrt(num_tokens)
-            model.feature_mlp = torch.nn.Sequential(
-                SoftPositionEmbed(feature_dim, (side, side)), model.feature_mlp
-            )
         return model
 
     def _model(self, feature_dim: int, num_tokens: int) -> SlotModel:
@@ -319,6 +314,7 @@ class Setting:
             predictor=self.predictor,
             decoder_hidden_dims=tuple(self.decoder_hidden),
             decoder_mixing=self.mix,
+            position_embedding=self.pos_emb,
             steve=self.steve,
             vocab_size=self.vocab,
             token_grid=(DVAE_GRID, DVAE_GRID) if self.steve else None,
@@ -334,23 +330,6 @@ class Setting:
             **self.extra,
         )
         return SlotModel(config)
-
-
-class SoftPositionEmbed(torch.nn.Module):
-    """Slot Attention's (Locatello et al. 2020) soft position embedding: Linear((y, x, 1-y, 1-x))
-    added to every token, so slots can carry where their tokens are."""
-
-    def __init__(self, dim: int, grid: tuple[int, int]):
-        super().__init__()
-        ys, xs = torch.meshgrid(
-            torch.linspace(0, 1, grid[0]), torch.linspace(0, 1, grid[1]), indexing="ij"
-        )
-        coords = torch.stack([ys, xs, 1 - ys, 1 - xs], dim=-1).reshape(-1, 4)  # (N, 4)
-        self.register_buffer("coords", coords, persistent=False)
-        self.proj = torch.nn.Linear(4, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(self.coords).to(x.dtype)  # (..., N, F)
 
 
 def farthest_point_seeds(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -435,6 +435,11 @@ class Grouper:
     # exports and the probe get (y, x, scale_y, scale_x) after each slot vector. Needs a square
     # token grid. false: SlotContrast's slot attention (published). See docs/discovery.md.
     invariant: bool = False
+    # Slot Attention's soft position embedding (Locatello et al. 2020): a learned linear map of
+    # each token's grid coordinates added to the cached features before the feature MLP, so the
+    # slot vectors carry where their tokens are (the probe's position rows). Needs a square
+    # token grid. false: SlotContrast's inputs (published). See docs/discovery.md.
+    position_embedding: bool = False
 
 
 @dataclass

@@ -74,6 +74,7 @@ class SlotModelConfig:
     eps: float = schema_default("grouper.eps")
     mlp_ratio: int = schema_default("grouper.mlp_ratio")
     invariant: bool = schema_default("grouper.invariant")
+    position_embedding: bool = schema_default("grouper.position_embedding")
     predictor: bool = schema_default("predictor.enabled")
     predictor_heads: int = schema_default("predictor.num_heads")
     predictor_ffn_ratio: int = schema_default("predictor.ffn_ratio")
@@ -114,6 +115,7 @@ class SlotModelConfig:
             eps=float(g.eps),
             mlp_ratio=int(g.mlp_ratio),
             invariant=bool(g.invariant),
+            position_embedding=bool(g.position_embedding),
             predictor=bool(p.enabled),
             predictor_heads=int(p.num_heads),
             predictor_ffn_ratio=int(p.ffn_ratio),
@@ -139,17 +141,12 @@ class SlotModel(nn.Module):
         super().__init__()
         c = self.config = config
         self.num_slots, self.slot_dim = c.num_slots, c.slot_dim
-        self.feature_mlp = FeatureMLP(c.feature_dim, c.slot_dim)
+        square = self._square_grid(c)  # (side, side) when an option needs token positions
+        self.feature_mlp = FeatureMLP(
+            c.feature_dim, c.slot_dim, position_grid=square if c.position_embedding else None
+        )
         self.initializer = build_initializer(c.initializer, c.num_slots, c.slot_dim)
-        grid = None
-        if c.invariant:  # Invariant Slot Attention: slot positions on the (square) token grid
-            side = math.isqrt(c.num_tokens)
-            if side * side != c.num_tokens:
-                raise ValueError(
-                    f"grouper.invariant needs a square token grid; the store has {c.num_tokens} "
-                    "tokens per frame: set grouper.invariant=false"
-                )
-            grid = (side, side)
+        grid = square if c.invariant else None  # ISA: slot positions on the token grid
         corrector = (
             InvariantSlotAttention(c.slot_dim, grid, mlp_ratio=c.mlp_ratio, eps=c.eps)
             if c.invariant
@@ -195,6 +192,21 @@ class SlotModel(nn.Module):
             self.loss_weights.pop("loss_steve_ce")
         self.ss_temperature = c.ss_temperature
         self.ss_batch_contrast = c.ss_batch_contrast
+
+    @staticmethod
+    def _square_grid(c: SlotModelConfig) -> tuple[int, int] | None:
+        """The token grid (side, side) that ``grouper.invariant`` and
+        ``grouper.position_embedding`` place tokens on; None when neither is on."""
+        options = [key for key in ("invariant", "position_embedding") if getattr(c, key)]
+        if not options:
+            return None
+        side = math.isqrt(c.num_tokens)
+        if side * side != c.num_tokens:
+            raise ValueError(
+                f"grouper.{options[0]} needs a square token grid; the store has {c.num_tokens} "
+                f"tokens per frame: set grouper.{options[0]}=false"
+            )
+        return side, side
 
     @classmethod
     def from_config(

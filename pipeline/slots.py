@@ -3,7 +3,8 @@
 Follows the released code of SlotContrast (github.com/martius-lab/slotcontrast) and VideoSAUR
 (github.com/martius-lab/videosaur):
 
-- :class:`FeatureMLP` maps cached ViT features (F) to the slot dimension (D).
+- :class:`FeatureMLP` maps cached ViT features (F) to the slot dimension (D), optionally after
+  Slot Attention's :class:`SoftPositionEmbedding` (``grouper.position_embedding``).
 - :class:`FixedInit` is SlotContrast's learned fixed initial slots; :class:`GaussianInit` is the
   VideoSAUR / STEVE alternative (learned mean and log-std, sampled per video);
   :class:`KMeansInit` (egoslots' own option, in no published system) starts each video's slots
@@ -24,12 +25,44 @@ from torch import nn
 from egoslots.pipeline.baselines import kmeans
 
 
-class FeatureMLP(nn.Module):
-    """LayerNorm(F) -> Linear(F, 2F) -> ReLU -> Linear(2F, D), applied per token."""
+class SoftPositionEmbedding(nn.Module):
+    """Slot Attention's soft position embedding (Locatello et al. 2020; ``SoftPositionEmbed`` in
+    github.com/google-research/google-research/slot_attention): a linear map of each token's
+    (y, x, 1 - y, 1 - x), coordinates in [0, 1] on the token grid, added to the token. The
+    grouped inputs then say where each token is, so a slot's vector, a weighted mean of them,
+    says where its tokens are (egoslots' option ``grouper.position_embedding``; SlotContrast
+    adds none to its ViT features)."""
 
-    def __init__(self, feature_dim: int, slot_dim: int, hidden_dim: int | None = None):
+    def __init__(self, dim: int, grid: tuple[int, int]):
+        super().__init__()
+        ys, xs = torch.meshgrid(
+            torch.linspace(0, 1, grid[0]), torch.linspace(0, 1, grid[1]), indexing="ij"
+        )
+        coords = torch.stack([ys, xs, 1 - ys, 1 - xs], dim=-1).reshape(-1, 4)  # (N, 4)
+        self.register_buffer("coords", coords, persistent=False)
+        self.proj = nn.Linear(4, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + self.proj(self.coords).to(tokens.dtype)  # (..., N, dim)
+
+
+class FeatureMLP(nn.Module):
+    """LayerNorm(F) -> Linear(F, 2F) -> ReLU -> Linear(2F, D), applied per token; with
+    ``position_grid`` a :class:`SoftPositionEmbedding` is added to the features first (where
+    Slot Attention adds it: before the LayerNorm and the MLP)."""
+
+    def __init__(
+        self,
+        feature_dim: int,
+        slot_dim: int,
+        hidden_dim: int | None = None,
+        position_grid: tuple[int, int] | None = None,
+    ):
         super().__init__()
         hidden_dim = hidden_dim or 2 * feature_dim
+        self.position = (
+            None if position_grid is None else SoftPositionEmbedding(feature_dim, position_grid)
+        )
         self.net = nn.Sequential(
             nn.LayerNorm(feature_dim),
             nn.Linear(feature_dim, hidden_dim),
@@ -38,6 +71,8 @@ class FeatureMLP(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.position is not None:
+            features = self.position(features)  # (..., N, F) + where each token is
         return self.net(features)  # (..., N, F) -> (..., N, D)
 
 

@@ -112,5 +112,14 @@ def test_model_outputs_geometry_and_inference_appends_it_to_each_slot():
 
 
 def test_invariant_needs_a_square_token_grid():
-    with pytest.raises(ValueError, match="square token grid"):
+    with pytest.raises(ValueError, match="grouper.invariant needs a square token grid"):
         _model(tokens=6 * 4)
+
+
+def test_the_position_embedding_is_read_from_the_config_and_needs_a_square_grid():
+    model = _model("grouper.invariant=false", "grouper.position_embedding=true")
+    assert model.config.position_embedding and model.feature_mlp.position is not None
+    assert model.feature_mlp.position.coords.shape == (N, 4)
+    assert _model("grouper.invariant=false").feature_mlp.position is None  # off by default
+    with pytest.raises(ValueError, match="grouper.position_embedding needs a square token grid"):
+        _model("grouper.invariant=false", "grouper.position_embedding=true", tokens=6 * 4)

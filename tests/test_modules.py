@@ -12,6 +12,7 @@ from egoslots.pipeline.slots import (
     FixedInit,
     GaussianInit,
     SlotAttention,
+    SoftPositionEmbedding,
     build_initializer,
 )
 from egoslots.pipeline.steve import SteveDecoder
@@ -23,6 +24,34 @@ def test_feature_mlp_maps_features_to_slot_dim():
     mlp = FeatureMLP(F, D)
     assert mlp(torch.randn(B, T, N, F)).shape == (B, T, N, D)
     assert mlp.net[1].out_features == 2 * F  # hidden width 2F as in SlotContrast
+
+
+def test_soft_position_embedding_is_slot_attentions():
+    """Locatello et al.'s grid: (y, x, 1 - y, 1 - x) in [0, 1], rows first, through one
+    linear map, added to each token."""
+    embed = SoftPositionEmbedding(F, (2, 3))
+    expected_coords = torch.tensor(
+        [[y, x, 1 - y, 1 - x] for y in (0.0, 1.0) for x in (0.0, 0.5, 1.0)]
+    )  # (6, 4), row-major like the tokens
+    torch.testing.assert_close(embed.coords, expected_coords)
+    tokens = torch.randn(B, T, 6, F)
+    expected = tokens + expected_coords @ embed.proj.weight.T + embed.proj.bias
+    torch.testing.assert_close(embed(tokens), expected)
+    assert "coords" not in embed.state_dict()  # rebuilt from the grid, never stored
+
+
+def test_feature_mlp_with_positions_tells_identical_features_apart():
+    same = torch.randn(F).expand(B, T, N, F)  # every token the same feature
+    plain = FeatureMLP(F, D)(same)
+    assert torch.allclose(plain, plain[:, :, :1].expand_as(plain))
+    placed = FeatureMLP(F, D, position_grid=(4, 4))
+    inputs = placed(same)  # (B, T, N, D)
+    distances = torch.cdist(inputs[0, 0], inputs[0, 0])  # (N, N)
+    assert distances[~torch.eye(N, dtype=torch.bool)].min() > 1e-4  # every token its own place
+    assert set(placed.state_dict()) - set(FeatureMLP(F, D).state_dict()) == {
+        "position.proj.weight",
+        "position.proj.bias",
+    }
 
 
 def test_initializers():
