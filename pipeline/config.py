@@ -228,6 +228,23 @@ def schema_default(key: str) -> Any:
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
+def with_keys_added_since(saved: dict | DictConfig) -> DictConfig:
+    """A config saved by an earlier egoslots (beside a run, in a checkpoint), with every key
+    added to the schema since then at its default. New keys come with defaults that do what
+    egoslots did before them (``grouper.position_embedding: false``), so the run is rebuilt as
+    it was trained; keys the saved config holds keep their values. Before: a run trained before
+    a new key existed failed to load with "Missing key"."""
+    return OmegaConf.merge(_schema_defaults(), saved)
+
+
+def is_schema_default(key: str, value: Any) -> bool:
+    """Whether ``value`` is the default of the dotted ``key`` (False for keys not in the schema)."""
+    try:
+        return schema_default(key) == value
+    except Exception:  # noqa: BLE001 - not a schema key (OmegaConf's errors vary by node kind)
+        return False
+
+
 def inference_restarts(cfg: Any) -> int:
     """``inference.restarts`` of a config: a loaded one, or a resolved dict saved beside a run or
     in a checkpoint. Configs saved before the inference section existed hold it as

@@ -270,6 +270,45 @@ def test_config_changes_name_what_is_trained_and_ignore_retired_keys():
     assert config_changes(old, new) == ["globals.NUM_SLOTS", "seed"]
 
 
+def test_a_run_from_before_a_key_existed_loads_and_resumes(work):
+    """A run trained by an earlier egoslots has no grouper.invariant / grouper.position_embedding
+    in its config.yaml nor in its checkpoints. It loads as it was trained (those options off),
+    giving the same slots, and resumes under today's config: keys added since, at their
+    defaults, are no change; set away from them they still are."""
+    import yaml
+
+    from egoslots.stages.machinery.inference import infer_video, load_trained
+    from egoslots.stages.train_slots import train
+
+    run = train(slot_cfg(work, "trainer.max_steps=2"))
+    model, _, store, _ = load_trained(run)
+    features = torch.from_numpy(store.features[: store.videos[0].length]).float()
+    before = infer_video(model, features, None, window=3)["slots"]
+
+    def without_new_keys(config: dict) -> dict:
+        for key in ("invariant", "position_embedding"):
+            del config["grouper"][key]
+        del config["evaluate"]["split_parts"]  # added later still
+        return config
+
+    saved = run / "config.yaml"
+    saved.write_text(yaml.safe_dump(without_new_keys(yaml.safe_load(saved.read_text()))))
+    for path in (run / "checkpoints").glob("*.ckpt"):
+        ckpt = _weights(path)
+        without_new_keys(ckpt["hyper_parameters"]["config"])
+        torch.save(ckpt, path)
+
+    model, cfg, _, _ = load_trained(run)  # before: omegaconf's "Missing key invariant"
+    assert not model.config.invariant and not model.config.position_embedding
+    assert cfg.evaluate.split_parts  # what evaluate reads from the run: today's default
+    torch.testing.assert_close(infer_video(model, features, None, window=3)["slots"], before)
+
+    train(slot_cfg(work, "trainer.max_steps=4"))  # resumes: no config change
+    assert (run / "checkpoints" / "step=4.ckpt").is_file()
+    with pytest.raises(StageError, match="grouper.position_embedding"):
+        train(slot_cfg(work, "trainer.max_steps=6", "grouper.position_embedding=true"))
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(work, monkeypatch):
     from egoslots.stages import train_slots
 

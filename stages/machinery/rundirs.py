@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from egoslots.cache.location import remove_orphans, write_file, write_text
 from egoslots.pipeline.checkpoints import CheckpointError, load_weights
-from egoslots.pipeline.config import to_yaml
+from egoslots.pipeline.config import is_schema_default, to_yaml
 from egoslots.pipeline.records import REWRITE_HINT, DamagedFile
 from egoslots.pipeline.records import read_json as read_record
 from egoslots.stages.machinery.common import StageError
@@ -171,12 +171,15 @@ def flat(tree: Any, prefix: str = "") -> dict:
 
 def config_changes(old: dict, new: dict) -> list[str]:
     """Keys (dotted) whose values differ and that matter for what is trained. Keys only in
-    ``old`` are keys egoslots no longer has (e.g. globals.NUM_GPUS): they changed nothing."""
+    ``old`` are keys egoslots no longer has (e.g. globals.NUM_GPUS): they changed nothing; keys
+    only in ``new`` at their default were added to egoslots since the run began, and their
+    defaults do what it did before (``grouper.position_embedding: false``)."""
     a, b = flat(old), flat(new)
     return [
         k
         for k in sorted(b)
         if a.get(k) != b.get(k)
+        and not (k not in a and is_schema_default(k, b[k]))
         and not any(
             k == p or k.startswith(p) if p.endswith(".") else k == p for p in RESUMABLE_CHANGES
         )

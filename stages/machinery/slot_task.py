@@ -15,8 +15,8 @@ import re
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
 
+from egoslots.pipeline.config import with_keys_added_since
 from egoslots.pipeline.metrics import evaluate_masks
 from egoslots.pipeline.model import SlotModel
 from egoslots.pipeline.schedules import lr_factor
@@ -82,7 +82,7 @@ class SlotTrainingModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.cfg = OmegaConf.create(config)
+        self.cfg = with_keys_added_since(config)  # a run trained before a key existed loads
         grid = tuple(token_grid) if token_grid is not None else None
         self.model = SlotModel.from_config(self.cfg, feature_dim, num_tokens, grid)
         add_loss_watch(self)  # the first step whose loss was not finite, for the LossGuard
