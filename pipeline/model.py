@@ -4,6 +4,7 @@ Reads cached features (B, T, N, F) and, when the STEVE decoder is on, cached dVA
 (B, T, h, w); never runs the ViT or the dVAE. Forward, top to bottom:
 
     features --FeatureMLP--> (B, T, N, D) --SlotScan (slot attention + predictor)--> state (B, T, K, D)
+    (grouper.position_embedding: the FeatureMLP first adds Slot Attention's position embedding)
     state --MLP broadcast decoder--> reconstruction (B, T, N, F), masks (B, T, K, N)
     (grouper.invariant: SlotScan also gives each slot's position and scale (B, T, K, 4), and
     the decoder draws each slot relative to them)

@@ -284,12 +284,16 @@ def _train_locked(
 
 def build_module(cfg_dict: dict, inputs: TrainingInputs) -> SlotTrainingModule:
     store = inputs.store
-    return SlotTrainingModule(
-        cfg_dict,
-        store.feature_dim,
-        int(store.meta["num_tokens"]),
-        list(inputs.token_grid) if inputs.token_grid else None,
-    )
+    try:
+        return SlotTrainingModule(
+            cfg_dict,
+            store.feature_dim,
+            int(store.meta["num_tokens"]),
+            list(inputs.token_grid) if inputs.token_grid else None,
+        )
+    except ValueError as err:  # a setting this store cannot serve (a square grid's options)
+        h, w = store.grid
+        raise StageError(f"{err} (store {store.path}: {h} x {w} tokens)") from None
 
 
 @config_command(

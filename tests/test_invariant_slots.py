@@ -123,3 +123,36 @@ def test_the_position_embedding_is_read_from_the_config_and_needs_a_square_grid(
     assert _model("grouper.invariant=false").feature_mlp.position is None  # off by default
     with pytest.raises(ValueError, match="grouper.position_embedding needs a square token grid"):
         _model("grouper.invariant=false", "grouper.position_embedding=true", tokens=6 * 4)
+
+
+@pytest.mark.parametrize("option", ["grouper.invariant", "grouper.position_embedding"])
+def test_train_slots_on_a_non_square_token_grid_is_one_error_naming_the_option(tmp_path, option):
+    """A store of 2 x 6 tokens: the option that needs a square grid is named, with how to go on,
+    in one line and no traceback (before: a ValueError traceback from the model)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tests.helpers.errors import one_error_line
+    from tests.helpers.runs import REPO, slot_cfg_args
+    from tests.helpers.stores import SLOT_FEATURES, SLOT_FRAME, SLOT_VIDEOS, records, write_store
+
+    rows = records(SLOT_VIDEOS)
+    total = sum(v.length for v in rows)
+    write_store(
+        tmp_path / "stores" / "fp0.zarr",
+        rows,
+        features=np.random.default_rng(0).standard_normal((total, 12, SLOT_FEATURES)),
+        frames=np.zeros((total, SLOT_FRAME, SLOT_FRAME, 3), np.uint8),
+        grid=(2, 6),
+        fingerprint="fp0",
+    )
+    args = [*slot_cfg_args(tmp_path), "globals.USE_DVAE=false", "globals.USE_STEVE_DECODER=false",
+            "trainer.max_steps=2"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "cli.py", "train-slots", "configs/demo.yaml", *args, f"{option}=true"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    one_error_line(proc, f"{option} needs a square token grid", "2 x 6", f"{option}=false")
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))  # stopped before training
