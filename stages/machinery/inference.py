@@ -26,7 +26,6 @@ from omegaconf import OmegaConf
 from egoslots.cache.reader import ClipDataset
 from egoslots.cache.store import FeatureStore, StoreError
 from egoslots.pipeline.checkpoints import CheckpointError, load_weights
-from egoslots.pipeline.config import with_keys_added_since
 from egoslots.stages.machinery.common import StageError
 from egoslots.stages.machinery.run_options import TRACK_MODES
 from egoslots.stages.machinery.run_paths import path_from_run_file, store_of_run
@@ -92,7 +91,7 @@ def load_trained(
     module = SlotTrainingModule.load_from_checkpoint(
         path, map_location=map_location, weights_only=True
     )
-    cfg = with_keys_added_since(module.hparams.config)  # evaluate's keys added since, too
+    cfg = module.cfg  # the saved config with keys added since at their defaults
     model = module.model.eval()
     if restarts is not None:
         model.config.restarts = int(restarts)
