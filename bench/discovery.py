@@ -279,6 +279,7 @@ class Setting:
     pos_emb: bool = False  # Slot Attention's soft position embedding added to the grouped inputs
     seed_init: bool = False  # first-frame slots from farthest-point seeds of that frame's keys
     eye_qkv: bool = False  # slot attention's q, k, v projections start as the identity
+    dec_pos: bool = True  # False: the decoder gets no position (one feature per slot)
     mix: str = "alpha"  # decoder mixing weights: its own alpha masks | the slot-attention masks
     ema: float = 0.0  # > 0: score an exponential moving average of the weights (this decay)
     steve: bool = False  # STEVE's token decoder on the tokens of a dVAE trained here (the demo's)
@@ -300,6 +301,10 @@ class Setting:
             sa = model.processor.corrector
             for lin in (sa.to_q, sa.to_k, sa.to_v):
                 torch.nn.init.eye_(lin.weight)
+        if not self.dec_pos:  # a zero, frozen position embedding: the decoder paints each
+            # slot's one feature vector, so the loss is a soft k-means distortion of the features
+            model.decoder.pos_emb.data.zero_()
+            model.decoder.pos_emb.requires_grad_(False)
         return model
 
     def _model(self, feature_dim: int, num_tokens: int) -> SlotModel:
@@ -747,7 +752,9 @@ def cmd_curve(args, data: DataSpec) -> None:
         if args.save:  # the trained model, to score other mask post-processing without retraining
             Path(args.save).mkdir(parents=True, exist_ok=True)
             torch.save(train_curve.last_model.state_dict(), Path(args.save) / f"seed{seed}.pt")
-    base = baseline_scores(split, eval_feats, setting.num_slots, setting.patch)
+    base = {}
+    if not args.no_baselines:
+        base = baseline_scores(split, eval_feats, setting.num_slots, setting.patch)
     if args.picture:
         picture(train_curve.last_model, split, eval_feats, setting, args.picture)
     if args.out:
@@ -939,7 +946,7 @@ def main() -> None:
     ap.add_argument(
         "--no-baselines",
         action="store_true",
-        help="families: slot rows only (the baselines do not depend on the seed: score them in "
+        help="families, curve: slot rows only (the baselines do not depend on the seed: score them in "
         "one of the processes that share a family)",
     )
     ap.add_argument("--chosen-on", default="room", help="families: the family settings came from")
