@@ -290,6 +290,9 @@ class Setting:
     vocab: int = 64
     dvae_steps: int = 400
     salient: float = 0.0  # > 0: feature loss weighted towards tokens far from the frame's mean
+    redund: float = 0.0  # > 0: SRL's slot-redundancy warm-up loss, this weight (hynnsk/SRL)
+    redund_steps: int = 100  # ... for the first this many steps (SRL: the first tenth)
+    redund_pairs: int = 5  # ... over this many most-similar slot pairs per clip (SRL: 5)
     restarts: int = 1  # scoring: best of R first-slot draws on the first window (also 1 draw)
     extra: dict = field(default_factory=dict)
 
@@ -651,6 +654,12 @@ def train_curve(
             losses["loss"] = losses["loss"] + setting.loss_featrec * (
                 weighted - losses["loss_featrec"]
             )
+        if setting.redund > 0 and step < setting.redund_steps:
+            losses["loss"] = losses["loss"] + setting.redund * redundancy_loss(
+                out["processor"]["state"][:, -1],
+                out["processor"]["corrector"]["masks"][:, -1],
+                setting.redund_pairs,
+            )
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if setting.clip and setting.steve_detach:  # each part clipped on its own gradient
@@ -671,6 +680,32 @@ def train_curve(
     train_curve.last_model = model if averaged is None else averaged.module
     log(f"  ({step} steps, {time.perf_counter() - start:.0f} s wall with evaluation)")
     return curve
+
+
+def redundancy_loss(slots: torch.Tensor, masks: torch.Tensor, pairs: int) -> torch.Tensor:
+    """SRL's slot-redundancy warm-up (Seong, Moon, Heo, ICLR 2026; github.com/hynnsk/SRL,
+    ``Slot_Redundancy_Loss``): in each clip's last frame take the ``pairs`` most cosine-similar
+    slot pairs greedily (a slot in one pair only), keep the slot of each pair whose attention
+    over the tokens is flatter, and push that attention towards uniform: the mean KL(p || U).
+    One deliberate difference: p is the slot's attention renormalised over tokens (the weights
+    of its update), since SRL's softmax of the logits over tokens is not among our outputs.
+    slots (B, K, D), masks (B, K, N) -> scalar."""
+    b, k, n = masks.shape
+    p = masks / masks.sum(-1, keepdim=True).clamp_min(1e-12)  # (B, K, N)
+    kl = (p * p.clamp_min(1e-12).log()).sum(-1) + np.log(n)  # (B, K), 0 for a uniform slot
+    unit = F.normalize(slots.detach().float(), dim=-1)
+    sim = unit @ unit.transpose(1, 2)  # (B, K, K)
+    sim = sim.masked_fill(torch.eye(k, dtype=torch.bool), -float("inf"))
+    kept = []
+    for i in range(b):
+        s = sim[i].clone()
+        for _ in range(min(pairs, k // 2)):
+            a, c = divmod(int(s.argmax()), k)
+            kept.append((i, a if kl[i, a] <= kl[i, c] else c))
+            s[[a, c], :] = -float("inf")
+            s[:, [a, c]] = -float("inf")
+    rows, cols = zip(*kept)
+    return kl[list(rows), list(cols)].mean()
 
 
 def salient_featrec(recon: torch.Tensor, feats: torch.Tensor, a: float) -> torch.Tensor:

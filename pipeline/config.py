@@ -471,6 +471,18 @@ def _validate(cfg: DictConfig, renamed: dict[str, str] | None = None) -> None:
             f"the {init.name} initializer starts every video from the same slots, so there is "
             f"nothing to draw again. Set {key}=1, or use the gaussian or kmeans initializer."
         )
+    if cfg.decoder.positions == "none" and cfg.decoder.mixing != "attention":
+        raise ConfigError(
+            "decoder.positions=none needs decoder.mixing=attention: with the decoder's own alpha "
+            "masks and no positions, every token would get the same mixture of slots. Set "
+            "decoder.mixing=attention, or decoder.positions=learned."
+        )
+    if cfg.decoder.positions == "none" and cfg.grouper.invariant:
+        raise ConfigError(
+            "decoder.positions=none leaves the slots' positions and scales of grouper.invariant "
+            "unused (the decoder draws each slot in its own frame from them). Turn one of the "
+            "two off."
+        )
     slot_dim, heads = int(cfg.model.slot_dim), int(cfg.predictor.num_heads)
     if cfg.predictor.enabled and slot_dim % heads:
         raise ConfigError(

@@ -24,6 +24,8 @@ from typing import Any
 DVAE_ARCHS = ("steve", "slate")
 # decoder.mixing: what mixes the per-slot reconstructions (see pipeline/decoders.py).
 DECODER_MIXINGS = ("alpha", "attention")
+# decoder.positions: what the decoder knows of where a token is (see pipeline/decoders.py).
+DECODER_POSITIONS = ("learned", "none")
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,6 +461,12 @@ class Decoder:
     # channel, softmax over slots) or "attention" (the slot-attention masks; an egoslots option
     # that discovers objects much sooner at small scale, see docs/discovery.md).
     mixing: str = limited("alpha", one_of(*DECODER_MIXINGS))
+    # What the decoder knows of where a token is: "learned" (SlotContrast: a learned embedding
+    # per token; slot-relative coordinates with grouper.invariant) or "none" (an egoslots option:
+    # each slot decodes to one feature vector, so with attention mixing the feature loss is a
+    # soft k-means distortion of the features and a slot cannot paint a whole region's layout;
+    # needs decoder.mixing=attention). See docs/discovery.md.
+    positions: str = limited("learned", one_of(*DECODER_POSITIONS))
 
 
 @dataclass

@@ -19,6 +19,13 @@ is, as in Invariant Slot Attention's decoders (google-research invariant_slot_at
 coordinate in the slot's frame, ``(grid_n - position_k) / (5 * scale_k)``, instead of the learned
 embedding: the decoder then draws an object the same wherever the slot found it.
 
+``positions="none"`` (an egoslots option; needs ``mixing="attention"``): no positional input at
+all. Each slot decodes to one feature vector (B, T, K, F) and the reconstruction of token n is
+the attention-weighted mixture of those vectors, so the feature loss becomes a soft k-means
+distortion of the features around the slots' decoded means. A slot can then no longer
+reconstruct a whole region (floor around a small object, say) by painting its layout from the
+positions; it pays for every token unlike its vector. Measured in docs/discovery.md.
+
 Speed (deviation in form, not in maths): the first Linear is applied to the slots (B, T, K, D)
 and to the positional embedding (N, D) separately and the two results are broadcast-added,
 W(s + p) + b = Ws + (Wp + b). This is identical maths with N times fewer FLOPs in layer 1 and
@@ -32,6 +39,7 @@ import torch
 from torch import nn
 
 from egoslots.pipeline.config_schema import DECODER_MIXINGS as MIXINGS  # decoder.mixing
+from egoslots.pipeline.config_schema import DECODER_POSITIONS as POSITIONS  # decoder.positions
 from egoslots.pipeline.slots import coordinate_grid, slot_frame_coordinates
 
 
@@ -45,15 +53,27 @@ class MLPBroadcastDecoder(nn.Module):
         mixing: str = "alpha",
         relative_grid: tuple[int, int] | None = None,
         scales_factor: float = 5.0,
+        positions: str = "learned",
     ):
         super().__init__()
         if not hidden_dims:
             raise ValueError("decoder.hidden_dims must list at least one hidden layer")
         if mixing not in MIXINGS:
             raise ValueError(f"decoder.mixing={mixing!r} is not one of {', '.join(MIXINGS)}")
+        if positions not in POSITIONS:
+            raise ValueError(
+                f"decoder.positions={positions!r} is not one of {', '.join(POSITIONS)}"
+            )
+        if positions == "none" and (mixing != "attention" or relative_grid is not None):
+            raise ValueError(
+                "decoder.positions=none needs decoder.mixing=attention and no grouper.invariant"
+            )
         self.mixing = mixing
+        self.positionless = positions == "none"
         self.relative = relative_grid is not None
-        if self.relative:
+        if self.positionless:
+            pass  # nothing positional: one decoded vector per slot
+        elif self.relative:
             if relative_grid[0] * relative_grid[1] != num_tokens:
                 raise ValueError(f"relative_grid {relative_grid} does not hold {num_tokens} tokens")
             self.scales_factor = scales_factor
@@ -97,6 +117,14 @@ class MLPBroadcastDecoder(nn.Module):
     ):
         """slots (B, T, K, D) [, attention_masks (B, T, K, N)] [, geometry (B, T, K, 4)] ->
         reconstruction (B, T, N, F), masks (B, T, K, N)."""
+        if self.positionless:  # one vector per slot, mixed by the attention masks
+            if attention_masks is None:
+                raise ValueError("decoder.mixing=attention needs the slot-attention masks")
+            x = slots
+            for i, layer in enumerate(self.layers):
+                x = layer(x if i == 0 else torch.relu(x))  # (B, T, K, D) ... -> (B, T, K, F)
+            masks = attention_masks.to(x.dtype)  # (B, T, K, N)
+            return torch.einsum("btkn,btkf->btnf", masks, x), masks  # (B, T, N, F), masks
         first = self.layers[0]
         pos = nn.functional.linear(self.positions(geometry), first.weight)  # (.., N, H1), no bias
         x = first(slots).unsqueeze(-2) + pos  # (B, T, K, 1, H1) + (.., N, H1) -> (B, T, K, N, H1)
@@ -111,10 +139,14 @@ class MLPBroadcastDecoder(nn.Module):
         geometry: torch.Tensor | None = None,
     ):
         """Reference form: broadcast, add the positional embedding, then the full MLP."""
-        pos = self.positions(geometry)  # (1, 1, N, D) | (B, T, K, N, D)
-        N = pos.shape[-2]
-        x = slots.unsqueeze(-2).expand(*slots.shape[:-1], N, slots.shape[-1])  # (B,T,K,N,D)
-        x = x + pos  # (B, T, K, N, D)
+        if self.positionless:  # broadcast to the masks' N tokens, nothing added
+            N = attention_masks.shape[-1]
+            x = slots.unsqueeze(-2).expand(*slots.shape[:-1], N, slots.shape[-1])
+        else:
+            pos = self.positions(geometry)  # (1, 1, N, D) | (B, T, K, N, D)
+            N = pos.shape[-2]
+            x = slots.unsqueeze(-2).expand(*slots.shape[:-1], N, slots.shape[-1])  # (B,T,K,N,D)
+            x = x + pos  # (B, T, K, N, D)
         for i, layer in enumerate(self.layers):
             x = layer(x if i == 0 else torch.relu(x))
         return self._mix(x, attention_masks)

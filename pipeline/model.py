@@ -82,6 +82,7 @@ class SlotModelConfig:
     predictor_attn_scale: str = schema_default("predictor.attn_scale")
     decoder_hidden_dims: tuple[int, ...] = tuple(schema_default("decoder.hidden_dims"))
     decoder_mixing: str = schema_default("decoder.mixing")
+    decoder_positions: str = schema_default("decoder.positions")
     # Off unless asked for, unlike steve_decoder.enabled: the STEVE decoder needs the token grid
     # and vocabulary of a tokenized store, which a bare SlotModelConfig(feature_dim, ...) lacks.
     steve: bool = False
@@ -123,6 +124,7 @@ class SlotModelConfig:
             predictor_attn_scale=str(p.attn_scale),
             decoder_hidden_dims=tuple(int(h) for h in cfg.decoder.hidden_dims),
             decoder_mixing=str(cfg.decoder.mixing),
+            decoder_positions=str(cfg.decoder.positions),
             steve=bool(sd.enabled),
             vocab_size=int(cfg.dvae.vocab_size),
             token_grid=None if token_grid is None else (int(token_grid[0]), int(token_grid[1])),
@@ -170,6 +172,7 @@ class SlotModel(nn.Module):
             c.decoder_hidden_dims,
             c.decoder_mixing,
             relative_grid=grid,
+            positions=c.decoder_positions,
         )
         self.steve = None
         self.token_grid = None

@@ -186,6 +186,63 @@ def test_attention_mixing_uses_the_slot_attention_masks_and_trains_the_grouping(
         MLPBroadcastDecoder(D, F, N, hidden_dims=[64], mixing="bogus")
 
 
+def test_a_decoder_without_positions_mixes_one_vector_per_slot():
+    """decoder.positions=none: no positional parameter; each slot decodes to one vector, so a
+    token held wholly by one slot is reconstructed as that slot's vector wherever it lies, and
+    the fast form equals the broadcast reference (values and gradients)."""
+    torch.manual_seed(0)
+    dec = MLPBroadcastDecoder(D, F, N, hidden_dims=[64, 48], mixing="attention", positions="none")
+    assert not any("pos" in name for name, _ in dec.named_parameters())
+    with torch.no_grad():
+        for layer in dec.layers:
+            layer.bias.normal_()
+    slots = torch.randn(B, T, K, D, requires_grad=True)
+    owner = torch.randint(K, (B, T, N))
+    one_hot = torch.nn.functional.one_hot(owner, K).permute(0, 1, 3, 2).float()  # (B, T, K, N)
+    recon, masks = dec(slots, one_hot)
+    vectors = dec.layers[0](slots)
+    for layer in dec.layers[1:]:
+        vectors = layer(torch.relu(vectors))  # (B, T, K, F) at the end
+    expected = torch.gather(vectors, 2, owner.unsqueeze(-1).expand(B, T, N, F))  # (B, T, N, F)
+    torch.testing.assert_close(recon, expected)
+    assert torch.equal(masks, one_hot)
+    attn = torch.randn(B, T, K, N).softmax(dim=2)
+    fast, naive = dec(slots, attn)[0], dec.forward_naive(slots, attn)[0]
+    torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(fast.square().sum(), [slots, dec.layers[0].weight])
+    g2 = torch.autograd.grad(naive.square().sum(), [slots, dec.layers[0].weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="needs decoder.mixing=attention"):
+        MLPBroadcastDecoder(D, F, N, hidden_dims=[64], positions="none")  # alpha mixing
+    with pytest.raises(ValueError, match="decoder.positions='grid' is not one of learned, none"):
+        MLPBroadcastDecoder(D, F, N, hidden_dims=[64], mixing="attention", positions="grid")
+
+
+def test_decoder_positions_none_is_read_from_the_config_and_refused_where_it_cannot_work():
+    from egoslots.pipeline.config import ConfigError, load_config
+    from egoslots.pipeline.model import SlotModel, SlotModelConfig
+
+    base = ["globals.NUM_SLOTS=3", "globals.SLOT_DIM=16", "decoder.hidden_dims=[32]",
+            "steve_decoder.enabled=false"]  # fmt: skip
+    cfg = load_config(None, [*base, "decoder.mixing=attention", "decoder.positions=none"])
+    model = SlotModel(SlotModelConfig.from_config(cfg, F, N))
+    assert model.decoder.positionless and not hasattr(model.decoder, "pos_emb")
+    out = model(torch.randn(B, T, N, F))
+    model.losses(out)["loss"].backward()
+    assert model.feature_mlp.net[0].weight.grad.abs().sum() > 0
+    assert not SlotModel(
+        SlotModelConfig.from_config(load_config(None, base), F, N)
+    ).decoder.positionless
+    with pytest.raises(ConfigError, match="decoder.positions=none needs decoder.mixing=attention"):
+        load_config(None, [*base, "decoder.positions=none"])
+    with pytest.raises(ConfigError, match="leaves the slots' positions and scales"):
+        load_config(None, [*base, "decoder.mixing=attention", "decoder.positions=none",
+                           "grouper.invariant=true"])  # fmt: skip
+    with pytest.raises(ConfigError, match="decoder.positions"):
+        load_config(None, [*base, "decoder.positions=nowhere"])
+
+
 def test_slot_model_with_attention_mixing_reports_the_attention_masks_as_decoder_masks():
     from egoslots.pipeline.model import SlotModel, SlotModelConfig
 
