@@ -687,9 +687,10 @@ def redundancy_loss(slots: torch.Tensor, masks: torch.Tensor, pairs: int) -> tor
     ``Slot_Redundancy_Loss``): in each clip's last frame take the ``pairs`` most cosine-similar
     slot pairs greedily (a slot in one pair only), keep the slot of each pair whose attention
     over the tokens is flatter, and push that attention towards uniform: the mean KL(p || U).
-    One deliberate difference: p is the slot's attention renormalised over tokens (the weights
-    of its update), since SRL's softmax of the logits over tokens is not among our outputs.
-    slots (B, K, D), masks (B, K, N) -> scalar."""
+    Two deliberate differences: p is the slot's attention renormalised over tokens (the weights
+    of its update), since SRL's softmax of the logits over tokens is not among our outputs; and
+    the flatter slot and the KL are taken on the clip's last frame only (SRL: averaged over the
+    clip's frames). slots (B, K, D), masks (B, K, N) -> scalar."""
     b, k, n = masks.shape
     p = masks / masks.sum(-1, keepdim=True).clamp_min(1e-12)  # (B, K, N)
     kl = (p * p.clamp_min(1e-12).log()).sum(-1) + np.log(n)  # (B, K), 0 for a uniform slot
@@ -949,7 +950,13 @@ def cmd_plot(args, data: DataSpec) -> None:
             draw.text((x0 - 24, xy(0, v)[1] - 7), f"{100 * v:.0f}", fill="black", font=font)
         draw.text((xy(max_step, 0)[0] - 70, xy(0, 0)[1] + 4), f"{max_step} steps", fill="black",
                   font=font)  # fmt: skip
-        bar = runs[0]["baselines"]["colour k-means / pixel"][f"video_{metric}"]
+        if args.bar:  # given: the runs were scored --no-baselines
+            bar = float(args.bar.split(",")[panel]) / 100
+        else:
+            scored = [r for r in runs if r["baselines"]]
+            if not scored:
+                raise SystemExit("no run has baselines: give colour k-means' figures, --bar A,B")
+            bar = scored[0]["baselines"]["colour k-means / pixel"][f"video_{metric}"]
         for sx in range(0, max_step, max(1, max_step // 40)):
             draw.line([xy(sx, bar), xy(min(sx + max_step / 80, max_step), bar)], fill="black")
         for i, run in enumerate(runs):
@@ -988,9 +995,18 @@ def main() -> None:
     ap.add_argument("files", nargs="*", help="plot: the JSON files of finished curves")
     ap.add_argument("--labels", nargs="*", default=None, help="plot: one label per file")
     ap.add_argument(
+        "--bar", default=None, help="plot: colour k-means' FG-ARI,mBO x100 (runs without baselines)"
+    )
+    ap.add_argument(
         "--masks",
         default="attention",
-        choices=("attention", "decoder", "attention_refined", "decoder_refined"),
+        choices=(
+            "attention",
+            "decoder",
+            "attention_refined",
+            "decoder_refined",
+            "attention_split_refined",
+        ),
         help="plot: which slot masks the curves show",
     )
     ap.add_argument("--encoder", default="oracle")
