@@ -279,7 +279,7 @@ class Setting:
     pos_emb: bool = False  # Slot Attention's soft position embedding added to the grouped inputs
     seed_init: bool = False  # first-frame slots from farthest-point seeds of that frame's keys
     eye_qkv: bool = False  # slot attention's q, k, v projections start as the identity
-    dec_pos: bool = True  # False: the decoder gets no position (one feature per slot)
+    dec_pos: bool = True  # False: no decoder position (decoder.positions=none's maths, measured so)
     mix: str = "alpha"  # decoder mixing weights: its own alpha masks | the slot-attention masks
     ema: float = 0.0  # > 0: score an exponential moving average of the weights (this decay)
     steve: bool = False  # STEVE's token decoder on the tokens of a dVAE trained here (the demo's)
