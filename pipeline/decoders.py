@@ -71,15 +71,13 @@ class MLPBroadcastDecoder(nn.Module):
         self.mixing = mixing
         self.positionless = positions == "none"
         self.relative = relative_grid is not None
-        if self.positionless:
-            pass  # nothing positional: one decoded vector per slot
-        elif self.relative:
+        if self.relative:
             if relative_grid[0] * relative_grid[1] != num_tokens:
                 raise ValueError(f"relative_grid {relative_grid} does not hold {num_tokens} tokens")
             self.scales_factor = scales_factor
             self.register_buffer("grid", coordinate_grid(*relative_grid), persistent=False)
             self.pos_proj = nn.Linear(2, slot_dim)  # (N, 2) grid in the slot's frame -> D
-        else:
+        elif not self.positionless:  # (positionless: nothing positional, one vector per slot)
             self.pos_emb = nn.Parameter(torch.randn(1, 1, num_tokens, slot_dim) * slot_dim**-0.5)
         alpha = 1 if mixing == "alpha" else 0  # the alpha channel only where it is used
         dims = [slot_dim, *hidden_dims, feature_dim + alpha]
@@ -139,13 +137,10 @@ class MLPBroadcastDecoder(nn.Module):
         geometry: torch.Tensor | None = None,
     ):
         """Reference form: broadcast, add the positional embedding, then the full MLP."""
-        if self.positionless:  # broadcast to the masks' N tokens, nothing added
-            N = attention_masks.shape[-1]
-            x = slots.unsqueeze(-2).expand(*slots.shape[:-1], N, slots.shape[-1])
-        else:
-            pos = self.positions(geometry)  # (1, 1, N, D) | (B, T, K, N, D)
-            N = pos.shape[-2]
-            x = slots.unsqueeze(-2).expand(*slots.shape[:-1], N, slots.shape[-1])  # (B,T,K,N,D)
+        pos = None if self.positionless else self.positions(geometry)  # (.., N, D) | None
+        N = attention_masks.shape[-1] if pos is None else pos.shape[-2]
+        x = slots.unsqueeze(-2).expand(*slots.shape[:-1], N, slots.shape[-1])  # (B,T,K,N,D)
+        if pos is not None:
             x = x + pos  # (B, T, K, N, D)
         for i, layer in enumerate(self.layers):
             x = layer(x if i == 0 else torch.relu(x))
